@@ -1,0 +1,51 @@
+"""The list of figures and the context they are made in."""
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+MODES = ("tiny", "quick", "full")
+
+# One module per figure, in paper order; each defines FIGURE.
+MODULES = [
+]
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where and how big: ``mode`` is "tiny" (tests, seconds), "quick" (``make figures``
+    on a 2-core CPU) or "full" (paper scale, meant for a GPU). ``store`` is the run store
+    that sweeps write to and read from, so only missing runs are computed."""
+
+    mode: str = "quick"
+    out: Path = Path("figures")
+    store: Path = Path("store")
+    device: str = "cpu"
+    workers: int = 1
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is unknown; valid: {', '.join(MODES)}")
+
+    def pick(self, tiny, quick, full):
+        """The setting for this mode."""
+        return {"tiny": tiny, "quick": quick, "full": full}[self.mode]
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    summary: str  # one sentence for the README gallery
+    data: Callable[[Context], Any]
+    plot: Callable[[Any, Context], Any]
+    tags: tuple = field(default=())
+
+
+def figures():
+    """Name -> Figure for every registered module, in paper order."""
+    found = {}
+    for module in MODULES:
+        fig = importlib.import_module(f"paper_figures.{module}").FIGURE
+        found[fig.name] = fig
+    return found
