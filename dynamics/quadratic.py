@@ -170,3 +170,240 @@ def regime(method, h, momentum=0.0):
     classified by the computed sign of the discriminant.
     """
     return np.asarray(REGIMES)[regime_code(method, h, momentum)]
+
+
+# --------------------------------------------------------------------------- optima
+def optimal_hyperparameters(method, mu, L):
+    r"""``(lr, momentum, rate)`` minimising the worst-case rate :math:`\max_{\mu\le\lambda\le L}\rho`.
+
+    With :math:`\kappa = L/\mu` (THEORY.md §2):
+
+    - GD:  :math:`\alpha = 2/(L+\mu)`, rate :math:`(\kappa-1)/(\kappa+1)` (momentum 0).
+    - HB:  :math:`\alpha = (2/(\sqrt L+\sqrt\mu))^2`,
+      :math:`\beta = ((\sqrt\kappa-1)/(\sqrt\kappa+1))^2`, rate :math:`\sqrt\beta`.
+    - NAG: :math:`\alpha = 4/(3L+\mu)`, :math:`\beta = (\sqrt{3\kappa+1}-2)/(\sqrt{3\kappa+1}+2)`,
+      rate :math:`1 - 2/\sqrt{3\kappa+1}` (Lessard, Recht & Packard 2016).
+
+    Broadcasts over ``mu`` and ``L``; requires :math:`0 < \mu \le L`.
+    """
+    method = get_method(method)
+    mu = check_positive("mu", mu)
+    L = check_positive("L", L)
+    mu, L = broadcast(mu=mu, L=L)
+    if np.any(L < mu):
+        bad = L[L < mu]
+        raise ValueError(f"L={bad.min():g} is outside the valid range [mu, inf) (mu={mu[L < mu].min():g})")
+    kappa = L / mu
+    if method.name == "gd":
+        return 2.0 / (L + mu), np.zeros_like(kappa), (kappa - 1.0) / (kappa + 1.0)
+    if method.name == "hb":
+        sk = np.sqrt(kappa)
+        rate = (sk - 1.0) / (sk + 1.0)
+        return (2.0 / (np.sqrt(L) + np.sqrt(mu))) ** 2, rate**2, rate
+    s = np.sqrt(3.0 * kappa + 1.0)
+    return 4.0 / (3.0 * L + mu), (s - 2.0) / (s + 2.0), 1.0 - 2.0 / s
+
+
+# --------------------------------------------------------------------------- transient gain
+def _norm2x2(a, b, c, d, det):
+    """Largest singular value of [[a, b], [c, d]] given its determinant."""
+    f = a * a + b * b + c * c + d * d
+    return np.sqrt(0.5 * (f + np.sqrt(np.maximum(f * f - 4.0 * det * det, 0.0))))
+
+
+def max_transient_gain(method, h, momentum=0.0, max_steps=100_000, rtol=1e-12,
+                       return_step=False):
+    r"""Worst-case amplification :math:`G = \max_{k\ge0} \|T^k\|_2` (:math:`G \ge 1`, k = 0).
+
+    :math:`T` is the companion matrix of :func:`iteration_matrix`, so the gain is measured
+    on the state :math:`(x_k, x_{k-1})`. By Cayley–Hamilton
+    :math:`T^k = [[u_k, -c_0u_{k-1}], [u_{k-1}, -c_0u_{k-2}]]` with the scalar recurrence
+    :math:`u_k = c_1u_{k-1} - c_0u_{k-2}`, :math:`u_{-1} = 0`, :math:`u_0 = 1`, so each step
+    costs a few vector operations over the points still running.
+
+    The k-range is decided per point, not fixed: a point stops at step k once an upper
+    bound on :math:`\sup_{k'\ge k}\|T^{k'}\|` is within ``rtol`` of the running maximum, so
+    the result is the supremum to relative accuracy ``rtol``. Two bounds, the smaller used:
+
+    - :math:`|u_j| \le (j+1)\rho^j` (u_j is a sum of j+1 products of roots) and
+      :math:`|c_0| \le \rho^2` give :math:`\|T^k\|_F \le 2(k+1)\rho^{k-1}`, unimodal in k
+      with its peak at :math:`k^* = -1/\ln\rho - 1` (valid at double roots);
+    - for distinct roots, :math:`T^k = z_1^kP_1 + z_2^kP_2` with spectral projectors
+      :math:`P_1 = (T - z_2)/(z_1 - z_2)` etc., so
+      :math:`\|T^{k'}\| \le |z_1|^k\|P_1\|_F + |z_2|^k\|P_2\|_F` for all :math:`k' \ge k`
+      (tight once the subdominant mode has died out).
+
+    Points still undecided after ``max_steps`` steps keep the running maximum (a lower
+    bound) and a RuntimeWarning says how many. Points with :math:`\rho \ge 1` get
+    ``inf``: there is no transient, the norm does not decay. With ``return_step=True``
+    also returns the k at which the maximum is attained (-1 where ``inf``).
+    """
+    method, h, momentum = _prepare(method, h, momentum)
+    c1, c0 = (c.reshape(-1).copy() for c in method.char_coeffs(h, momentum))
+    shape = np.broadcast_shapes(h.shape, momentum.shape)
+    rho, _ = _rate_and_regime(c1, c0, want_regime=False)
+    gain = np.full(c1.shape, np.inf)
+    argmax = np.full(c1.shape, -1)
+    idx = np.flatnonzero(rho < 1.0)
+    c1, c0, rho = c1[idx], c0[idx], rho[idx]
+    z = _roots_from_coeffs(c1, c0)
+    z1, z2 = z[:, 0], z[:, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gap = np.abs(z1 - z2)
+        frob = lambda w: np.sqrt(np.abs(c1 - w) ** 2 + c0 * c0 + 1.0 + np.abs(w) ** 2)
+        p1 = np.where(gap > 0, frob(z2) / gap, np.inf)
+        p2 = np.where(gap > 0, frob(z1) / gap, np.inf)
+        kstar = np.where(rho > 0, -1.0 / np.log(rho) - 1.0, -1.0)
+    a1, a2 = np.abs(z1), np.abs(z2)
+    best, kbest = np.ones_like(rho), np.zeros(rho.shape, dtype=int)  # k = 0: ||I|| = 1
+    u_prev2, u_prev, det = np.zeros_like(rho), np.ones_like(rho), np.ones_like(rho)
+    k = 0
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        while idx.size and k < max_steps:
+            k += 1
+            u = c1 * u_prev - c0 * u_prev2
+            det = det * c0
+            norm = _norm2x2(u, -c0 * u_prev, u_prev, -c0 * u_prev2, det)
+            better = norm > best
+            best = np.where(better, norm, best)
+            kbest = np.where(better, k, kbest)
+            u_prev2, u_prev = u_prev, u
+            if k % 16 and k < max_steps:
+                continue
+            kn = k + 1.0
+            univ = 2.0 * (np.maximum(kn, kstar) + 1.0) * rho ** (np.maximum(kn, kstar) - 1.0)
+            proj = a1**kn * p1 + a2**kn * p2
+            done = np.minimum(univ, proj) <= best * (1.0 + rtol)
+            if k >= max_steps and not done.all():
+                import warnings
+
+                warnings.warn(f"max_transient_gain: {np.count_nonzero(~done)} points undecided "
+                              f"after max_steps={max_steps}; returning a lower bound there",
+                              RuntimeWarning, stacklevel=2)
+                done[:] = True
+            gain[idx[done]], argmax[idx[done]] = best[done], kbest[done]
+            keep = ~done
+            idx, c1, c0, rho, kstar, a1, a2, p1, p2 = (
+                v[keep] for v in (idx, c1, c0, rho, kstar, a1, a2, p1, p2))
+            best, kbest, u_prev2, u_prev, det = (
+                v[keep] for v in (best, kbest, u_prev2, u_prev, det))
+    gain, argmax = gain.reshape(shape)[()], argmax.reshape(shape)[()]
+    return (gain, argmax) if return_step else gain
+
+
+# --------------------------------------------------------------------------- trajectories
+class Trajectory(tuple):
+    """``(iterates, gradients)``, each of shape ``(steps + 1, *batch)``; ``gradients[k]``
+    is :math:`\\lambda x_k`, the gradient at iterate k (the last one is not applied)."""
+
+    __slots__ = ()
+
+    def __new__(cls, iterates, gradients):
+        return super().__new__(cls, (iterates, gradients))
+
+    iterates = property(lambda self: self[0])
+    gradients = property(lambda self: self[1])
+
+
+def _trajectory_inputs(method, lam, lr, momentum, x0, steps, buf0):
+    method = get_method(method)
+    if not (isinstance(steps, (int, np.integer)) and steps >= 0):
+        raise ValueError(f"steps={steps!r} is outside the valid range: integers >= 0")
+    lam, lr, momentum = _nonneg("lam", lam), _nonneg("lr", lr), _momentum(momentum)
+    buf0 = 0.0 if buf0 is None else buf0
+    lam, lr, momentum, x0, buf0 = broadcast(lam=lam, lr=lr, momentum=momentum, x0=x0, buf0=buf0)
+    return method, lam, lr, momentum, x0.copy(), buf0.copy()
+
+
+def simulate(method, lam, lr, momentum, x0, steps, buf0=None):
+    r"""Iterate the method on :math:`f(x) = \sum_i \lambda_i x_i^2/2` (a diagonal Hessian).
+
+    ``lam``, ``lr``, ``momentum``, ``x0`` (and the initial momentum buffer ``buf0``,
+    default 0 as in PyTorch) broadcast to one batch shape of any rank: a batch of problems,
+    a vector of coordinates, or both. The only Python loop is over steps; each step is
+    :meth:`dynamics.methods.Method.update`. Returns a :class:`Trajectory`
+    ``(iterates, gradients)`` of shape ``(steps + 1, *batch)``. Divergence overflows to
+    inf/nan silently: it is a result, not an error.
+
+    A state :math:`(x_0, x_{-1})` of :func:`iteration_matrix` is reached with
+    ``buf0 = state_buffer(...)``.
+    """
+    method, lam, lr, momentum, x, buf = _trajectory_inputs(method, lam, lr, momentum, x0, steps, buf0)
+    xs = np.empty((steps + 1,) + x.shape)
+    xs[0] = x
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k in range(steps):
+            step, buf = method.update(lam * x, buf, lr, momentum)
+            x = x + step
+            xs[k + 1] = x
+        return Trajectory(xs, lam * xs)
+
+
+def state_buffer(method, lam, lr, momentum, x0, x_prev):
+    r"""The momentum buffer :math:`b_{-1}` that makes :func:`simulate` start from the
+    companion state :math:`(x_0, x_{-1})`, i.e. :math:`x_1 = c_1x_0 - c_0x_{-1}`.
+
+    HB: :math:`x_0 - x_{-1} = -\alpha b_{-1}`. NAG: :math:`b_{-1} = ((x_{-1} - x_0)/\alpha
+    - \lambda x_{-1})/\beta`, which needs :math:`\beta > 0` (NAG with :math:`\beta = 0` is GD,
+    whose state is :math:`x_0` alone). Needs lr > 0.
+    """
+    method = get_method(method)
+    lam, lr, momentum = _nonneg("lam", lam), check_positive("lr", lr), _momentum(momentum)
+    x0, x_prev = np.asarray(x0, dtype=float), np.asarray(x_prev, dtype=float)
+    if method.name == "gd":
+        return np.zeros(np.broadcast_shapes(x0.shape, x_prev.shape))
+    b = (x_prev - x0) / lr
+    if method.name == "nag":
+        if np.any(momentum == 0):
+            raise ValueError("momentum=0 is outside the valid range (0, 1) for a NAG state")
+        b = (b - lam * x_prev) / momentum
+    return b
+
+
+def _power_sums(z1, z2, n):
+    r""":math:`u_j = \sum_{i=0}^j z_1^iz_2^{j-i} = z_1^j\,\mathrm{expm1}((j+1)\ell)/\mathrm{expm1}(\ell)`,
+    :math:`\ell = \log(z_2/z_1)`, for j = 0..n-1, shape ``(n, *batch)``.
+
+    The expm1 ratio is the numerically stable divided difference
+    :math:`(z_1^{j+1} - z_2^{j+1})/(z_1 - z_2)`: it tends to :math:`(j+1)z^j` at a double
+    root without cancellation, so no perturbation is needed there; ``l = 0`` (an exact
+    double root) and :math:`z_2 = 0` (GD) are the limits written out.
+    """
+    j = np.arange(n).reshape((n,) + (1,) * z1.ndim)
+    nz = z1 != 0
+    safe1 = np.where(nz, z1, 1.0)
+    r = np.where(nz, z2 / safe1, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ell = np.log(np.where(r != 0, r, 1.0))
+        denom = np.expm1(ell)
+        ratio = np.where(denom != 0, np.expm1((j + 1) * ell) / np.where(denom != 0, denom, 1.0),
+                         j + 1.0)
+    ratio = np.where(r != 0, ratio, 1.0)  # z2 = 0: u_j = z1^j
+    u = safe1**j * ratio
+    return np.where(nz, u, (j == 0) * 1.0)  # z1 = z2 = 0: u_0 = 1, u_j = 0 after
+
+
+def closed_form(method, lam, lr, momentum, x0, steps, buf0=None):
+    r"""The trajectory of :func:`simulate` from the roots, without iterating.
+
+    With :math:`x_1` from one :meth:`Method.update` and :math:`u_j` the power sums of the
+    roots (:func:`_power_sums`), Cayley–Hamilton gives
+    :math:`x_k = u_{k-1}x_1 - c_0u_{k-2}x_0` (:math:`u_{-1} = 0`), valid for distinct and
+    double roots alike. Relative error against :func:`simulate` grows like
+    :math:`k\epsilon` (powers via exp/log) plus the conditioning of the roots.
+    """
+    method, lam, lr, momentum, x0, buf = _trajectory_inputs(method, lam, lr, momentum, x0, steps, buf0)
+    step, _ = method.update(lam * x0, buf, lr, momentum)
+    x1 = x0 + step
+    h = lr * lam
+    _, c0 = method.char_coeffs(h, momentum)
+    z = _roots_from_coeffs(*method.char_coeffs(h, momentum))
+    xs = np.empty((steps + 1,) + x0.shape)
+    xs[0] = x0
+    if steps:
+        u = _power_sums(z[..., 0], z[..., 1], steps).real  # u_0 .. u_{steps-1}
+        u_before = np.concatenate([np.zeros((1,) + u.shape[1:]), u[:-1]])  # u_{k-2}
+        with np.errstate(over="ignore", invalid="ignore"):
+            xs[1:] = u * x1 - c0 * u_before * x0
+    with np.errstate(over="ignore", invalid="ignore"):
+        return Trajectory(xs, lam * xs)
