@@ -45,12 +45,15 @@ import scipy.linalg
 
 from dynamics._checks import broadcast, check_momentum, check_positive
 from dynamics.methods import get_method
+from dynamics.quadratic import stability_edge
 
 __all__ = [
     "update_coefficients", "state_space", "state_space_matrices", "check_stable",
     "check_noise_covariance", "lyapunov_covariance", "lyapunov_gradient_stats",
     "stationary_state_covariance", "stationary_iterate_variance",
     "gradient_autocorrelation", "gradient_autocovariance", "stationary_gradient_moments",
+    "mode_factors", "lr_schedule", "schedule_prediction", "LayerSpectrum", "layer_prediction",
+    "monte_carlo",
 ]
 
 
@@ -96,13 +99,7 @@ def state_space_matrices(method, hessian, lr, momentum):
 
 # ----------------------------------------------------------------------------- validation
 def _stability_edge(method, momentum):
-    try:
-        from dynamics.quadratic import stability_edge
-    except ImportError:  # TODO(stochastic): drop once dynamics.quadratic is committed
-        b = np.asarray(momentum, dtype=float)
-        name = get_method(method).name
-        return {"gd": 2.0 + 0 * b, "hb": 2 * (1 + b), "nag": 2 * (1 + b) / (1 + 2 * b)}[name]
-    return stability_edge(get_method(method).name, momentum)
+    return stability_edge(get_method(method), momentum)
 
 
 def check_stable(method, h, momentum, *, what="h = lr*lam"):
@@ -237,6 +234,17 @@ def _lag1_correlation(name, h, b):
             / (2 * (1 + b * h - b * b + 2 * b * b * h)))
 
 
+def mode_factors(method, h, momentum):
+    """(v, ρ_g) per mode, unvalidated: v = E(∇f)²/σ², ρ_g = lag-1 gradient correlation, so
+    E g² = σ²(1 + v) and E g_t g_{t+1} = ρ_g σ²(1 + v). Both are 0 at h = 0 (the limit of a
+    flat mode: the gradient is the white noise alone). Meaningful for 0 <= h < edge only."""
+    name = get_method(method).name
+    h, b = broadcast(h=h, momentum=momentum)
+    if name == "gd":
+        b = np.zeros_like(b)
+    return _full_grad_factor(name, h, b), _lag1_correlation(name, h, b)
+
+
 def stationary_iterate_variance(method, lam, lr, momentum, sigma2):
     r"""Stationary Var x per eigen-mode (THEORY §4), broadcast over all arguments.
 
@@ -286,3 +294,17 @@ def gradient_autocorrelation(method, h, momentum, lag=1):
         return _lag1_correlation(m.name, h, b)
     gam = gradient_autocovariance(m.name, 1.0, h, b, 1.0, [0, lag])
     return gam[..., 1] / gam[..., 0]
+
+
+_ELSEWHERE = {"lr_schedule": "dynamics.nqm_schedule",
+              "schedule_prediction": "dynamics.nqm_schedule",
+              "LayerSpectrum": "dynamics.nqm_layer", "layer_prediction": "dynamics.nqm_layer",
+              "monte_carlo": "dynamics.nqm_sim"}
+
+
+def __getattr__(name):  # PEP 562: the layer model and the simulator live in their own files
+    if name in _ELSEWHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

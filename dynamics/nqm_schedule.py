@@ -1,0 +1,123 @@
+r"""Non-stationary NQM: the second-moment recursion of :mod:`dynamics.stochastic` run
+forward under a learning-rate schedule (PyTorch's buffer form, THEORY.md §1), and the
+schedules themselves as pure functions of the step."""
+
+import numpy as np
+
+from dynamics._checks import check_momentum, check_positive
+from dynamics.stochastic import update_coefficients
+
+__all__ = ["lr_schedule", "schedule_prediction"]
+
+
+_SCHEDULE_PARAMS = {
+    "constant": {},
+    "step": {"gamma": 0.1, "step_size": None, "milestones": None},
+    "cosine": {"eta_min": 0.0, "t_max": None},
+    "linear": {"start_factor": 1.0, "end_factor": 0.0, "total_iters": None},
+}
+
+
+def lr_schedule(kind, lr0, steps, **params):
+    r"""Per-step learning rates :math:`\alpha_t`, t = 0..steps-1 (the lr used by step t),
+    with PyTorch's scheduler formulas stepped once per optimizer step:
+
+    - ``constant``: :math:`\alpha_0`
+    - ``step``: :math:`\alpha_0\gamma^{\#\{m \le t\}}` over ``milestones`` (MultiStepLR), or
+      :math:`\alpha_0\gamma^{\lfloor t/\mathrm{step\_size}\rfloor}` (StepLR); ``gamma`` = 0.1
+    - ``cosine``: :math:`\eta_{min} + (\alpha_0-\eta_{min})(1+\cos(\pi t/T_{max}))/2`,
+      ``t_max`` = steps (CosineAnnealingLR)
+    - ``linear``: :math:`\alpha_0 (s + (e-s)\min(t, T)/T)`, ``start_factor`` s = 1,
+      ``end_factor`` e = 0, ``total_iters`` T = steps (LinearLR)
+
+    >>> lr_schedule("step", 1.0, 5, milestones=[2, 4]).tolist()
+    [1.0, 1.0, 0.1, 0.1, 0.01]
+    """
+    if kind not in _SCHEDULE_PARAMS:
+        raise ValueError(f"kind={kind!r} is unknown; valid: {', '.join(_SCHEDULE_PARAMS)}")
+    unknown = set(params) - set(_SCHEDULE_PARAMS[kind])
+    if unknown:
+        raise ValueError(f"{sorted(unknown)} are not parameters of the {kind!r} schedule; "
+                         f"valid: {sorted(_SCHEDULE_PARAMS[kind]) or 'none'}")
+    p = {**_SCHEDULE_PARAMS[kind], **params}
+    lr0 = float(check_positive("lr0", lr0))
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps={steps!r} is outside the valid range: integers >= 1")
+    t = np.arange(int(steps), dtype=float)
+    if kind == "constant":
+        return np.full(t.shape, lr0)
+    if kind == "step":
+        if (p["milestones"] is None) == (p["step_size"] is None):
+            raise ValueError("the 'step' schedule needs exactly one of milestones, step_size")
+        if p["milestones"] is not None:
+            drops = np.searchsorted(np.sort(np.asarray(p["milestones"])), t, side="right")
+        else:
+            drops = np.floor(t / check_positive("step_size", p["step_size"]))
+        return lr0 * float(p["gamma"]) ** drops
+    if kind == "cosine":
+        t_max = float(check_positive("t_max", p["t_max"] or steps))
+        return p["eta_min"] + (lr0 - p["eta_min"]) * (1 + np.cos(np.pi * t / t_max)) / 2
+    total = float(check_positive("total_iters", p["total_iters"] or steps))
+    s, e = float(p["start_factor"]), float(p["end_factor"])
+    return lr0 * (s + (e - s) * np.minimum(t, total) / total)
+
+
+def schedule_prediction(method, lrs, momentum, lam, sigma2, x0_var=0.0, weights=None,
+                        per_mode=False):
+    r"""Second moments of the NQM run forward under a per-step lr (PyTorch's buffer form).
+
+    Step t uses ``lrs[t]`` (and ``momentum[t]`` if an array); the gradient at step t is
+    :math:`g_t = \lambda_t x_t + \xi_t`. ``lam`` and ``sigma2`` are per-mode arrays, shape
+    (n,) or (T, n) (a per-step spectrum, e.g. rising sharpness); ``x0_var`` is
+    :math:`E[x_0^2]` per mode (the mean-square distance of the start from the minimum:
+    deterministic starts give :math:`x_0^2`), and the buffer starts at 0. ``weights`` are mode
+    multiplicities (default 1). The recursion is exact (no stationarity assumed), vectorised
+    over modes and looped over steps:
+    :math:`P_{t+1} = A_t P_t A_t^\top + \sigma_t^2 B_t B_t^\top`,
+    :math:`E[s_{t+1} g_t] = A_t E[s_t g_t] + \sigma_t^2 B_t`.
+
+    Returns dict of (T,) arrays indexed like a trace's ``step``: ``grad_sq`` = E|g_t|²,
+    ``full_grad_sq`` = E|H x_t|², ``lag1`` = E[g_t . g_{t-1}] and ``grad_corr`` =
+    lag1 / sqrt(E|g_t|² E|g_{t-1}|²) (both NaN at t = 0, like the tracer's ``grad_cos``);
+    with ``per_mode`` also ``mode_grad_sq``, ``mode_lag1`` (T, n). Unstable steps are not an
+    error: the moments then grow (a divergent run is a result).
+    """
+    lrs = np.atleast_1d(check_positive("lrs", lrs, allow_zero=True))
+    if lrs.ndim != 1:
+        raise ValueError(f"lrs must be one-dimensional (one lr per step), got shape {lrs.shape}")
+    T = lrs.shape[0]
+    beta = np.broadcast_to(check_momentum(momentum), (T,))
+    sigma2 = check_positive("sigma2", sigma2, allow_zero=True)
+    try:
+        lam, sigma2 = np.broadcast_arrays(np.atleast_1d(np.asarray(lam, dtype=float)),
+                                          np.atleast_1d(sigma2))
+        if lam.ndim > 2:
+            raise ValueError
+        lam, sigma2 = (np.broadcast_to(a, (T, lam.shape[-1])) for a in (lam, sigma2))
+    except ValueError:
+        raise ValueError(f"lam {np.shape(lam)} and sigma2 {np.shape(sigma2)} must broadcast to "
+                         f"(n,) or (T={T}, n)") from None
+    n = lam.shape[1]
+    w = np.ones(n) if weights is None else np.broadcast_to(
+        check_positive("weights", weights, allow_zero=True), (n,))
+    pxx = np.broadcast_to(check_positive("x0_var", x0_var, allow_zero=True), (n,)).astype(float)
+    pxb, pbb, ux = np.zeros(n), np.zeros(n), np.zeros(n)
+    mode_gs, mode_l1 = np.empty((T, n)), np.empty((T, n))
+    for t in range(T):
+        lm, s2, alpha = lam[t], sigma2[t], lrs[t]
+        cg, cb, bb = (float(c) for c in update_coefficients(method, beta[t]))
+        mode_gs[t] = lm * lm * pxx + s2
+        mode_l1[t] = lm * ux if t else np.nan
+        a, c, d, e, p = 1 - alpha * cg * lm, -alpha * cb, lm, bb, -alpha * cg
+        ux = a * lm * pxx + c * lm * pxb + s2 * p  # first row of A E[s g] + σ² B
+        pxx, pxb, pbb = (a * a * pxx + 2 * a * c * pxb + c * c * pbb + s2 * p * p,
+                         a * d * pxx + (a * e + c * d) * pxb + c * e * pbb + s2 * p,
+                         d * d * pxx + 2 * d * e * pxb + e * e * pbb + s2)
+    grad_sq = mode_gs @ w
+    lag1 = mode_l1 @ w
+    prev = np.concatenate([[np.nan], grad_sq[:-1]])
+    out = {"grad_sq": grad_sq, "full_grad_sq": (mode_gs - sigma2) @ w, "lag1": lag1,
+           "grad_corr": lag1 / np.sqrt(grad_sq * prev)}
+    if per_mode:
+        out.update(mode_grad_sq=mode_gs, mode_lag1=mode_l1)
+    return out
