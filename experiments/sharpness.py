@@ -1,0 +1,264 @@
+"""Curvature and gradient-noise probes by Hessian-vector products (THEORY.md §5, §4).
+
+All quantities refer to the loss L(θ) = ``loss_fn(model, batch)`` of one batch at the current
+parameters θ, split into blocks (layers) θ = (θ_1, ..., θ_K) with Hessian blocks H_kl.
+
+* **Block sharpness** λ_max(H_kk): top (largest algebraic) eigenvalue of each diagonal block,
+  and λ_max(H) of the whole network. Lanczos with full reorthogonalisation and a fixed budget
+  of ``iters`` Hessian-vector products per block (capped at the block's dimension, where it is
+  exact), started from the previous probe's Ritz vector plus 10 % of a random direction (warm
+  start; the random part keeps newly dominant directions reachable). Why not one HVP for all
+  blocks: H·(v_1, ..., v_K) = (Σ_l H_kl v_l)_k mixes blocks, so H_kk v_k needs its own product.
+  Each block's product is ∂(g_k·v_k)/∂θ_k = H_kk v_k, a double backward restricted to θ_k
+  through the shared first-order graph (``create_graph=True`` once per probe), which autograd
+  prunes to the paths that reach θ_k.
+* **Hutchinson trace** tr(H_kk) ≈ mean_s z_kᵀ(H z)_k, z Rademacher over *all* parameters: one
+  full HVP per sample serves every block, and it is unbiased because the cross terms
+  z_kᵀ H_kl z_l (l ≠ k) have mean zero (Hutchinson 1990; Bekas, Kokiopoulou, Saad 2007).
+  Var = 2 Σ_{i≠j} (A_k)_ij² with A_k = (P_k H + H P_k)/2 (P_k the block's coordinate projector).
+* **Gradient noise** tr Cov(ĝ) of the mini-batch mean gradient ĝ over a batch of B examples:
+  split into M micro-batches of b = ⌊B/M⌋ examples (the remainder is dropped), micro-batch mean
+  gradients g_1..g_M, unbiased sample variance s_i² = Σ_j (g_ji − ḡ_i)²/(M−1) per element; for
+  i.i.d. examples Cov(g_j) = Σ_1/b and Cov(ĝ) = Σ_1/B, so the estimate is
+  (b/B)·Σ_{i∈block} s_i² (= (1/M)Σ s_i² when M divides B). It is the ``noise_total`` of
+  ``dynamics.stochastic.layer_prediction``.
+
+Mode, dropout, BatchNorm. ``mode="train"`` (default) probes the loss the optimizer descends:
+BatchNorm normalises with the probe batch's statistics (part of the Hessian), dropout is
+active with one mask drawn per probe — the first-order graph is built by a single forward pass
+that all HVPs reuse, so the function whose Hessian is taken is deterministic. Micro-batches
+draw their own dropout masks (dropout noise is gradient noise) and use their own BatchNorm
+statistics (as in ghost batch norm; with BatchNorm the examples are not independent and the
+noise estimate refers to micro-batch normalisation). ``mode="eval"`` probes the eval-mode loss
+(no dropout, BatchNorm running statistics). Either way the probe leaves no trace on training:
+the RNG streams are forked, module buffers (BatchNorm running statistics) restored, the modules'
+train/eval flags restored, and ``.grad`` untouched (``torch.autograd.grad`` only).
+Attention runs through the math SDPA kernel and, on CUDA, RNNs without cuDNN, because the
+fused kernels have no double backward.
+"""
+
+import contextlib
+
+import numpy as np
+import scipy.linalg
+import torch
+
+WARM_START_NOISE = 0.1
+
+
+class ProbeState:
+    """What persists between probes: warm-start vectors and the probes' own RNG."""
+
+    def __init__(self, seed=0):
+        self.seed = seed
+        self.vectors = {}
+        self._generators = {}
+
+    def generator(self, device):
+        key = str(device)
+        if key not in self._generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._generators[key] = g
+        return self._generators[key]
+
+
+@contextlib.contextmanager
+def probe_context(model, mode="train"):
+    """Run a probe without side effects on training (see module docstring)."""
+    flags = {m: m.training for m in model.modules()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    device = next(model.parameters()).device
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else []))
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if device.type == "cuda" and any(isinstance(m, torch.nn.RNNBase) for m in flags):
+            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+        stack.enter_context(torch.enable_grad())
+        if mode == "eval":
+            model.eval()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    if n in buffers:
+                        b.copy_(buffers[n])
+            for m, flag in flags.items():
+                m.training = flag
+
+
+def first_order_graph(loss, params):
+    """Gradients g(θ) with their graph, for repeated HVPs (None for unused parameters)."""
+    return list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
+
+
+def block_hvp(grads, params, block, vec):
+    """H_kk v for block k (tensor indices ``block``), v flat over the block; returns flat."""
+    outs, gos = [], []
+    vs = vec.split([params[i].numel() for i in block])
+    for i, v in zip(block, vs):
+        if grads[i] is not None and grads[i].requires_grad:
+            outs.append(grads[i])
+            gos.append(v.view_as(params[i]))
+    if not outs:
+        return torch.zeros_like(vec)
+    hv = torch.autograd.grad(outs, [params[i] for i in block], gos, retain_graph=True,
+                             allow_unused=True, materialize_grads=True)
+    return torch.cat([h.reshape(-1) for h in hv])
+
+
+def full_hvp(grads, params, vec):
+    """H v over all parameters (v flat in parameter order); returns flat."""
+    return block_hvp(grads, params, list(range(len(params))), vec)
+
+
+def lanczos_top(matvecs, starts, iters):
+    """Top eigenvalue and Ritz vector of several symmetric operators in lockstep.
+
+    ``matvecs(vectors) -> products`` applies operator k to ``vectors[k]`` (flat tensors);
+    ``starts`` are the start vectors. Lanczos with full (twice-applied) reorthogonalisation,
+    min(iters, dim_k) steps per operator; exact (to roundoff) when iters >= dim_k.
+    Returns (eigenvalues as a numpy array, list of unit Ritz vectors)."""
+    K = len(starts)
+    steps = [min(iters, s.numel()) for s in starts]
+    Q = [[s / s.norm()] for s in starts]
+    alphas = [[] for _ in range(K)]
+    betas = [[] for _ in range(K)]
+    for j in range(max(steps)):
+        active = [k for k in range(K) if j < steps[k]]
+        ws = matvecs({k: Q[k][-1] for k in active})
+        for k in active:
+            q, w = Q[k][-1], ws[k]
+            alpha = torch.dot(q, w)
+            alphas[k].append(alpha)
+            if j + 1 == steps[k]:
+                continue
+            basis = torch.stack(Q[k])
+            for _ in range(2):  # full reorthogonalisation (covers −αq − βq_prev)
+                w = w - basis.T @ (basis @ w)
+            beta = w.norm()
+            betas[k].append(beta)
+            Q[k].append(w / beta.clamp_min(torch.finfo(w.dtype).tiny))
+    # one host transfer for all tridiagonal coefficients
+    flat = torch.stack([x for k in range(K) for x in alphas[k] + betas[k]]).cpu().double().numpy()
+    values, vectors, pos = np.empty(K), [], 0
+    for k in range(K):
+        m = steps[k]
+        a, b = flat[pos:pos + m], flat[pos + m:pos + 2 * m - 1]
+        pos += 2 * m - 1
+        w, y = scipy.linalg.eigh_tridiagonal(a, b, select="i", select_range=(m - 1, m - 1))
+        values[k] = w[0]
+        ritz = torch.as_tensor(y[:, 0], dtype=starts[k].dtype, device=starts[k].device)
+        vec = ritz @ torch.stack(Q[k])
+        vectors.append(vec / vec.norm())
+    return values, vectors
+
+
+def _start(state, key, dim, like, gen):
+    r = torch.randn(dim, generator=gen, device=like.device, dtype=like.dtype)
+    r = r / r.norm()
+    prev = state.vectors.get(key)
+    if prev is None or prev.numel() != dim:
+        return r
+    return prev + WARM_START_NOISE * r
+
+
+def block_sharpness(grads, params, blocks, iters, state, include_global=True):
+    """λ_max of each diagonal block (and of H): returns (array over blocks, global or nan)."""
+    p0 = params[0]
+    gen = state.generator(p0.device)
+    dims = [sum(params[i].numel() for i in b) for b in blocks]
+    keys = [("block", tuple(b)) for b in blocks] + ([("global",)] if include_global else [])
+    all_blocks = blocks + ([list(range(len(params)))] if include_global else [])
+    dims = dims + ([sum(p.numel() for p in params)] if include_global else [])
+    starts = [_start(state, key, d, p0.detach(), gen) for key, d in zip(keys, dims)]
+
+    def matvecs(vs):
+        return {k: block_hvp(grads, params, all_blocks[k], v) for k, v in vs.items()}
+
+    values, vectors = lanczos_top(matvecs, starts, iters)
+    for key, v in zip(keys, vectors):
+        state.vectors[key] = v.detach()
+    if include_global:
+        return values[:-1], values[-1]
+    return values, np.nan
+
+
+def hutchinson_block_traces(grads, params, blocks, samples, generator):
+    """Unbiased Hutchinson estimates of tr(H_kk) for every block from ``samples`` full HVPs."""
+    sizes = [p.numel() for p in params]
+    total = torch.zeros(len(blocks), dtype=params[0].dtype, device=params[0].device)
+    for _ in range(samples):
+        z = torch.randint(0, 2, (sum(sizes),), generator=generator, device=params[0].device)
+        z = z.to(params[0].dtype) * 2 - 1
+        per_tensor = (z * full_hvp(grads, params, z)).split(sizes)
+        total += torch.stack([sum(per_tensor[i].sum() for i in b) for b in blocks])
+    return total / samples
+
+
+def split_batch(batch, parts):
+    """Split a tensor or (nested) tuple/list/dict of tensors into ``parts`` equal micro-batches
+    of ⌊B/parts⌋ examples along dim 0 (the remainder dropped). Returns (micro-batches, b, B)."""
+    sizes = []
+    _walk(batch, lambda t: sizes.append(t.shape[0]))
+    if not sizes or len(set(sizes)) != 1:
+        raise ValueError(f"batch must hold tensors with one common batch size along dim 0; "
+                         f"got sizes {sorted(set(sizes))}")
+    B = sizes[0]
+    b = B // parts
+    if b < 1:
+        raise ValueError(f"noise_microbatches={parts} is outside the valid range [2, {B}] "
+                         f"for a batch of {B} examples")
+    return [_walk(batch, lambda t, j=j: t[j * b:(j + 1) * b]) for j in range(parts)], b, B
+
+
+def _walk(x, fn):
+    if torch.is_tensor(x):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _walk(v, fn) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_walk(v, fn) for v in x)
+    return x
+
+
+def microbatch_noise(model, params, blocks, loss_fn, batch, parts):
+    """tr Cov of the mini-batch mean gradient per block from ``parts`` micro-batches."""
+    micro, b, B = split_batch(batch, parts)
+    rows = []
+    for mb in micro:
+        gs = torch.autograd.grad(loss_fn(model, mb), params, allow_unused=True,
+                                 materialize_grads=True)
+        rows.append(torch.cat([g.reshape(-1) for g in gs]))
+    var = torch.stack(rows).var(dim=0, correction=1).split([p.numel() for p in params])
+    per_tensor = torch.stack([v.sum() for v in var])
+    return torch.stack([per_tensor[b_].sum() for b_ in blocks]) * (b / B)
+
+
+def probe(model, params, blocks, loss_fn, batch, *, state, iters=20, hutchinson_samples=1,
+          microbatches=4, mode="train"):
+    """All probes at the current parameters: dict of numpy arrays over blocks (sharpness,
+    hessian_trace, grad_noise) and the float ``sharpness_global``. NaN where switched off."""
+    K = len(blocks)
+    nan = np.full(K, np.nan)
+    out = dict(sharpness=nan, hessian_trace=nan.copy(), grad_noise=nan.copy(),
+               sharpness_global=np.nan)
+    with probe_context(model, mode):
+        if iters > 0 or hutchinson_samples > 0:
+            grads = first_order_graph(loss_fn(model, batch), params)
+            if iters > 0:
+                out["sharpness"], out["sharpness_global"] = block_sharpness(
+                    grads, params, blocks, iters, state)
+            if hutchinson_samples > 0:
+                gen = state.generator(params[0].device)
+                tr = hutchinson_block_traces(grads, params, blocks, hutchinson_samples, gen)
+                out["hessian_trace"] = tr.detach().cpu().double().numpy()
+            del grads
+        if microbatches >= 2:
+            out["grad_noise"] = microbatch_noise(model, params, blocks, loss_fn, batch,
+                                                 microbatches).detach().cpu().double().numpy()
+    out["sharpness_global"] = float(out["sharpness_global"])
+    return out
