@@ -11,6 +11,8 @@ import sys
 
 # module defining add_command(subparsers) -- one line per subcommand group
 COMMAND_MODULES = [
+    "experiments.train",
+    "experiments.sweep",
 ]
 
 

@@ -1,0 +1,212 @@
+"""Where the runs of a sweep execute: one small interface, three implementations.
+
+An executor takes :class:`RunTask` s and yields one outcome dict per task, in completion
+order (``executor.run_all(tasks)``); it is a context manager that owns its workers.
+
+- :class:`InProcessExecutor` — runs in the calling process, one after another (debugging;
+  ``pdb`` works, exceptions keep their full traceback).
+- :class:`PoolExecutor` — a local :class:`concurrent.futures.ProcessPoolExecutor` with the
+  ``spawn`` start method (torch's thread pools do not survive ``fork``: a forked child can
+  deadlock on a lock held by a thread that no longer exists). Each worker uses one torch
+  thread, so ``workers`` processes use ``workers`` cores.
+- :class:`DaskExecutor` — a Dask ``distributed`` cluster, either an existing scheduler
+  (``tcp://HOST:PORT``; clusters are started with dask-jobqueue, dask-kubernetes,
+  ``dask worker --nthreads 1 ...``) or a LocalCluster on 127.0.0.1 with ``n`` worker
+  processes of one thread each. A run whose ``device`` starts with ``"cuda"`` is submitted
+  with ``resources={"GPU": 1}``, so it only lands on workers started with
+  ``dask worker ... --resources GPU=1`` (one GPU run at a time per such worker); CPU runs
+  go anywhere.
+
+Workers write their results straight into the run store (``experiments.store``), so every
+worker must see the store root at the same path: a shared filesystem on a cluster. Only a
+small outcome dict travels back to the caller.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import multiprocessing
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from experiments import store
+
+DEFAULT_RUN_FN = "experiments.executors:run_training"
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """One run to execute: ``run_fn(config, run_dir)`` with ``config`` a RunConfig dict.
+
+    ``run_fn`` is a ``"module:function"`` path rather than a function so that the task
+    pickles by value to any worker; it writes the run directory and returns the summary
+    dict (``diverged`` inside). The default is :func:`run_training`.
+    """
+
+    run_id: str
+    config: dict
+    run_dir: str
+    run_fn: str = DEFAULT_RUN_FN
+
+    @property
+    def wants_gpu(self) -> bool:
+        return str(self.config.get("device", "cpu")).startswith("cuda")
+
+
+def _resolve(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_training(config: dict, run_dir) -> dict:
+    """``experiments.train.run`` on the RunConfig built from ``config``."""
+    from experiments.train import RunConfig, run
+
+    return run(RunConfig.from_dict(config), run_dir)
+
+
+def _single_thread():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _clear_stale_temporaries(run_dir: Path):
+    """A killed writer leaves ``.tmp-*`` files; they are never a result, drop them."""
+    if run_dir.is_dir():
+        for tmp in run_dir.glob(".tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+def execute_task(task: RunTask) -> dict:
+    """Run one task in this process and record its result in the store.
+
+    Returns ``{"run_id", "status", "error"}`` with status ``"finished"``, ``"diverged"``
+    (a finished run whose summary says so), ``"failed"`` (the run raised: ``FAILED`` holds
+    the traceback) or ``"skipped"`` (someone else finished it meanwhile).
+    """
+    _single_thread()
+    run_dir = Path(task.run_dir)
+    if store.is_done(run_dir):
+        return {"run_id": task.run_id, "status": "skipped", "error": None}
+    _clear_stale_temporaries(run_dir)
+    try:
+        summary = _resolve(task.run_fn)(task.config, run_dir)
+    except Exception:
+        text = traceback.format_exc()
+        store.write_failure(run_dir, task.config, text)
+        return {"run_id": task.run_id, "status": "failed", "error": text.strip().splitlines()[-1]}
+    status = "diverged" if summary.get("diverged") else "finished"
+    return {"run_id": task.run_id, "status": status, "error": None}
+
+
+def executor_error(task: RunTask, err: BaseException) -> dict:
+    """The executor lost the task (worker killed, pool broken): the run did not raise, so
+    nothing is written to the store and the next sweep runs it again."""
+    return {"run_id": task.run_id, "status": "failed", "error": f"executor: {err!r}"}
+
+
+class InProcessExecutor:
+    name = "in-process"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def run_all(self, tasks):
+        for task in tasks:
+            yield execute_task(task)
+
+
+class PoolExecutor:
+    """``workers`` spawned processes, one torch thread each."""
+
+    name = "pool"
+
+    def __init__(self, workers: int):
+        if workers < 1:
+            raise ValueError(f"workers={workers} is outside the valid range [1, inf)")
+        self.workers = workers
+        self._pool = None
+
+    def __enter__(self):
+        self._pool = cf.ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_single_thread)
+        return self
+
+    def __exit__(self, *exc):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        return False
+
+    def run_all(self, tasks):
+        futures = {self._pool.submit(execute_task, task): task for task in tasks}
+        for future in cf.as_completed(futures):
+            try:
+                yield future.result()
+            except Exception as err:  # BrokenProcessPool: a worker died under the run
+                yield executor_error(futures[future], err)
+
+
+class DaskExecutor:
+    """A Dask distributed client: ``scheduler`` address, or ``n_local`` loopback workers."""
+
+    name = "dask"
+
+    def __init__(self, scheduler: str | None = None, n_local: int | None = None, gpu_workers=False):
+        if (scheduler is None) == (n_local is None):
+            raise ValueError("give exactly one of scheduler (an address) or dask_local (a worker count)")
+        if n_local is not None and n_local < 1:
+            raise ValueError(f"dask_local={n_local} is outside the valid range [1, inf)")
+        self.scheduler, self.n_local, self.gpu_workers = scheduler, n_local, gpu_workers
+        self._cluster = self._client = None
+
+    def __enter__(self):
+        from distributed import Client, LocalCluster
+
+        if self.scheduler is not None:
+            self._client = Client(self.scheduler)
+        else:
+            self._cluster = LocalCluster(
+                n_workers=self.n_local, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=None, resources={"GPU": 1} if self.gpu_workers else None)
+            self._client = Client(self._cluster)
+        return self
+
+    def __exit__(self, *exc):
+        self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+        return False
+
+    def run_all(self, tasks):
+        from distributed import as_completed
+
+        futures = {}
+        for task in tasks:
+            extra = {"resources": {"GPU": 1}} if task.wants_gpu else {}
+            future = self._client.submit(execute_task, task, key=f"optdyn-run-{task.run_id}",
+                                         pure=False, **extra)
+            futures[future] = task
+        for future in as_completed(futures):
+            try:
+                yield future.result()
+            except Exception as err:  # KilledWorker, lost connection
+                yield executor_error(futures[future], err)
+
+
+def make_executor(*, workers: int | None = None, scheduler: str | None = None,
+                  dask_local: int | None = None, gpu_workers: bool = False):
+    """``workers=0``: in-process; ``workers=N``: local pool; ``scheduler``/``dask_local``: Dask."""
+    if scheduler is not None or dask_local is not None:
+        if workers is not None:
+            raise ValueError("workers cannot be combined with scheduler or dask_local")
+        return DaskExecutor(scheduler, dask_local, gpu_workers)
+    workers = os.cpu_count() if workers is None else workers
+    if workers < 0:
+        raise ValueError(f"workers={workers} is outside the valid range [0, inf) (0: in-process)")
+    return InProcessExecutor() if workers == 0 else PoolExecutor(workers)
