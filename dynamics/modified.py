@@ -72,10 +72,12 @@ from dynamics.methods import get_method
 KINDS = ("first_order", "inertial", "modified_loss")
 STARTS = ("manifold", "zero")
 # The inertial ODE is stiff for small h = αλ: its fast rate 2(1-β)/(α(1+β)) dwarfs the slow
-# rate λ/(1-β). LSODA switches to BDF by itself when stiffness appears; measured on a
-# 3-D quadratic (β=0.9, rtol 1e-10) its cost stays ~600-1500 evaluations for lr from 1e-3
-# to 1e-5, where DOP853 grows like 1/lr (25000 at 1e-5) and Radau needs ~5000-8000.
-DEFAULT_ODE_METHOD = "LSODA"
+# rate λ/(1-β), so it gets an implicit method. Measured at rtol 1e-10 (3-D quadratic, β=0.9):
+# BDF's cost stays ~550-1250 evaluations for lr from 1e-3 to 1e-5 where DOP853 grows like
+# 1/lr (25000 at 1e-5); Radau needs ~5000-8000 (Newton iterations). LSODA is often cheaper
+# but its stiffness switching is erratic (650 to 14000 on the quartic loss). The two
+# first-order flows are only as stiff as the loss's condition number: LSODA.
+DEFAULT_ODE_METHOD = {"first_order": "LSODA", "inertial": "BDF", "modified_loss": "LSODA"}
 
 
 @dataclass(frozen=True)
@@ -260,7 +262,7 @@ def solve_flow(kind, loss, x0, method, lr, momentum, horizon, start="manifold",
     at t_k = k·lr (:class:`FlowSolution`, with the solver's nfev/njev).
 
     ``kind`` is one of :data:`KINDS`; ``start`` matters only for ``"inertial"``
-    (:math:`\\dot x(0)`). ``ode_method`` defaults to :data:`DEFAULT_ODE_METHOD` (any ``solve_ivp`` method).
+    (:math:`\\dot x(0)`). ``ode_method`` (any ``solve_ivp`` method) defaults to :data:`DEFAULT_ODE_METHOD` [kind].
     """
     _check_kind(kind)
     _check_start(start)
@@ -272,7 +274,7 @@ def solve_flow(kind, loss, x0, method, lr, momentum, horizon, start="manifold",
         u0 = -loss.grad(x0) / (1.0 - beta) if start == "manifold" else np.zeros_like(x0)
         y0 = np.concatenate([x0, u0])
     t = lr * np.arange(steps + 1)
-    ode_method = ode_method or DEFAULT_ODE_METHOD
+    ode_method = ode_method or DEFAULT_ODE_METHOD[kind]
     kwargs = {}
     jac = _jacobian(kind, loss, m, lr, beta)
     if jac is not None and ode_method in ("Radau", "BDF", "LSODA"):
