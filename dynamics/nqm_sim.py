@@ -38,7 +38,9 @@ def monte_carlo(method, lam, lr, momentum, sigma2, *, steps, chains, seed=0,
     starts at ``x0`` with a zero buffer, like PyTorch.
 
     ``average="time"``: per-mode means over chains and steps of ``grad_sq`` (g_t²),
-    ``full_grad_sq`` ((λx_t)²) and ``lag1`` (g_t g_{t+1}), plus ``n`` (samples per chain).
+    ``full_grad_sq`` ((λx_t)²) and ``lag1`` (g_t g_{t+1}), plus ``n`` (steps per chain) and
+    ``chain_means`` (the same per chain, (chains,) + modes: i.i.d. across chains, so their
+    spread gives the Monte-Carlo error without modelling the autocorrelation).
     ``average="chains"``: per-step chain means, arrays (steps,) + modes, ``lag1[t]`` =
     mean g_t g_{t-1} (NaN at t = 0), indexed like :func:`dynamics.stochastic.schedule_prediction`.
     """
@@ -50,6 +52,9 @@ def monte_carlo(method, lam, lr, momentum, sigma2, *, steps, chains, seed=0,
     lrs = np.broadcast_to(check_positive("lr", lr, allow_zero=True), (int(steps),))
     if average not in ("time", "chains"):
         raise ValueError(f"average={average!r} is unknown; valid: time, chains")
+    for name, value, low in (("steps", steps, 2), ("chains", chains, 1)):
+        if int(value) != value or value < low:
+            raise ValueError(f"{name}={value!r} is outside the valid range: integers >= {low}")
     rng = np.random.default_rng(seed)
     sigma = np.sqrt(sigma2)
     shape = (int(chains),) + lam.shape
@@ -63,9 +68,8 @@ def monte_carlo(method, lam, lr, momentum, sigma2, *, steps, chains, seed=0,
         raise ValueError(f"start={start!r} is unknown; valid: stationary, given")
     noise = np.empty(shape)
     prev = None
-    if average == "time":
-        acc = {"grad_sq": np.zeros(lam.shape), "full_grad_sq": np.zeros(lam.shape),
-               "lag1": np.zeros(lam.shape)}
+    if average == "time":  # per-chain sums: chains are i.i.d., so their spread is the error
+        acc = {k: np.zeros(shape) for k in ("grad_sq", "full_grad_sq", "lag1")}
     else:
         acc = {k: np.empty((int(steps),) + lam.shape) for k in ("grad_sq", "full_grad_sq", "lag1")}
     for t in range(int(steps)):
@@ -73,10 +77,10 @@ def monte_carlo(method, lam, lr, momentum, sigma2, *, steps, chains, seed=0,
         rng.standard_normal(out=noise)
         g = full + sigma * noise
         if average == "time":
-            acc["grad_sq"] += np.mean(g * g, axis=0)
-            acc["full_grad_sq"] += np.mean(full * full, axis=0)
+            acc["grad_sq"] += g * g
+            acc["full_grad_sq"] += full * full
             if prev is not None:
-                acc["lag1"] += np.mean(prev * g, axis=0)
+                acc["lag1"] += prev * g
         else:
             acc["grad_sq"][t] = np.mean(g * g, axis=0)
             acc["full_grad_sq"][t] = np.mean(full * full, axis=0)
@@ -85,8 +89,8 @@ def monte_carlo(method, lam, lr, momentum, sigma2, *, steps, chains, seed=0,
         x = x + step
         prev = g
     if average == "time":
-        acc["grad_sq"] /= steps
-        acc["full_grad_sq"] /= steps
-        acc["lag1"] /= steps - 1
-        acc["n"] = int(steps)
+        per_chain = {"grad_sq": acc["grad_sq"] / steps, "full_grad_sq": acc["full_grad_sq"] / steps,
+                     "lag1": acc["lag1"] / (steps - 1)}
+        acc = {k: v.mean(axis=0) for k, v in per_chain.items()}
+        acc.update(n=int(steps), chain_means=per_chain)
     return acc

@@ -107,14 +107,14 @@ def check_stable(method, h, momentum, *, what="h = lr*lam"):
     h, momentum = broadcast(h=h, momentum=momentum)
     bad = ~((h > 0) & (h < _stability_edge(method, momentum)))
     if np.any(bad):
-        idx = np.argwhere(bad)
-        shown = ", ".join(f"{tuple(int(j) for j in i) if len(i) > 1 else int(i[0])}: "
-                          f"h={h[tuple(i)]:.6g}" for i in idx[:8])
+        idx = [tuple(int(j) for j in i) for i in np.argwhere(bad)]
+        shown = ", ".join(f"{i[0] if len(i) == 1 else i}: h={h[i]:.6g}" for i in idx[:8])
+        shown = shown.replace("(): ", "")
         more = f" and {len(idx) - 8} more" if len(idx) > 8 else ""
-        edge = np.broadcast_to(_stability_edge(method, momentum), h.shape)[tuple(idx[0])]
+        edge = np.broadcast_to(_stability_edge(method, momentum), h.shape)[idx[0]]
         raise ValueError(
             f"{what} is outside the stability region 0 < h < {edge:.6g} of {method!r} "
-            f"(momentum={momentum[tuple(idx[0])]:g}): the dynamics diverge there and have no "
+            f"(momentum={momentum[idx[0]]:g}): the dynamics diverge there and have no "
             f"stationary state; modes {shown}{more}")
     return h
 
