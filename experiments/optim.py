@@ -1,0 +1,180 @@
+r"""Optimisers, learning-rate schedules, gradient clipping and the golden-section line
+search used by :mod:`experiments.train`.
+
+GD / HB / NAG are ``torch.optim.SGD`` with the keyword arguments from
+:meth:`dynamics.methods.Method.torch_kwargs` (the package's one convention, THEORY.md §1);
+"adam" is ``torch.optim.Adam`` with betas (momentum, 0.999).
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from dynamics.methods import get_method
+
+OPTIMIZERS = ("gd", "hb", "nag", "adam")
+SCHEDULES = ("constant", "step", "cosine", "linear")
+CLIPS = ("none", "global", "layer", "value")
+
+
+def make_optimizer(params, opt, lr, momentum=0.0, weight_decay=0.0):
+    """``torch.optim.SGD`` for gd/hb/nag (weight decay coupled, as SGD does it) or
+    ``torch.optim.Adam(betas=(momentum, 0.999))``."""
+    if opt == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+    return torch.optim.SGD(params, weight_decay=weight_decay, **get_method(opt).torch_kwargs(lr, momentum))
+
+
+def lr_factors(schedule, steps, *, warmup_steps=0, step_every=0, step_gamma=0.1, final_lr_factor=0.0):
+    r"""The learning-rate multiplier at each step k = 0..steps-1 (step k uses lr·f_k).
+
+    With p = (k − w)/(steps − w) clipped to [0, 1] (w = ``warmup_steps``) and
+    f = ``final_lr_factor``:
+
+    - constant: 1
+    - step: γ^⌊k / step_every⌋ (γ = ``step_gamma``)
+    - cosine: f + (1 − f)(1 + cos πp)/2
+    - linear: 1 − (1 − f) p
+
+    then, for k < w, times the linear warm-up (k + 1)/(w + 1).
+    """
+    k = np.arange(steps, dtype=float)
+    p = np.clip((k - warmup_steps) / max(steps - warmup_steps, 1), 0.0, 1.0)
+    if schedule == "constant":
+        f = np.ones_like(k)
+    elif schedule == "step":
+        f = step_gamma ** np.floor(k / step_every)
+    elif schedule == "cosine":
+        f = final_lr_factor + (1 - final_lr_factor) * (1 + np.cos(np.pi * p)) / 2
+    elif schedule == "linear":
+        f = 1 - (1 - final_lr_factor) * p
+    else:
+        raise ValueError(f"schedule={schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
+    return f * np.minimum(1.0, (k + 1) / (warmup_steps + 1))
+
+
+def make_scheduler(optimizer, factors):
+    """``LambdaLR`` over a precomputed factor array (the last factor after the end)."""
+    factors = [float(f) for f in factors]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: factors[min(k, len(factors) - 1)])
+
+
+def clip_gradients(groups, mode, value):
+    r"""Clip the gradients in place; return (global_factor, {layer: factor}) as tensors.
+
+    ``groups``: {layer: [parameters]}.
+    A factor is ‖g_clipped‖/‖g_raw‖ (1 when the raw norm is 0):
+
+    - "global": all gradients times min(1, c/(‖g‖ + 1e-6)) (``clip_grad_norm_``): every
+      layer's factor equals the global one.
+    - "layer": each layer's gradient times its own min(1, c/(‖g_l‖ + 1e-6)); the global
+      factor is the resulting change of the global norm.
+    - "value": every entry clamped to [−c, c] (``clip_grad_value_``); factors measured.
+    """
+    grads = {name: [p.grad for p in ps if p.grad is not None] for name, ps in groups.items()}
+    grads = {name: g for name, g in grads.items() if g}
+    norm = torch.nn.utils.get_total_norm
+    raw = {name: norm(g) for name, g in grads.items()}
+    raw_global = norm(list(raw.values()))
+    if mode == "global":
+        flat = [g for gs in grads.values() for g in gs]
+        factor = torch.clamp(value / (raw_global + 1e-6), max=1.0)
+        torch.nn.utils.clip_grads_with_norm_(flat, value, raw_global)
+        return factor, {name: factor for name in grads}
+    if mode == "layer":
+        factors = {}
+        for name, g in grads.items():
+            factors[name] = torch.clamp(value / (raw[name] + 1e-6), max=1.0)
+            torch.nn.utils.clip_grads_with_norm_(g, value, raw[name])
+    elif mode == "value":
+        torch.nn.utils.clip_grad_value_([g for gs in grads.values() for g in gs], value)
+        factors = {name: _ratio(norm(g), raw[name]) for name, g in grads.items()}
+    else:
+        raise ValueError(f"clip={mode!r} is unknown here; valid: global, layer, value")
+    new_global = norm([factors[n] * raw[n] for n in grads])
+    return _ratio(new_global, raw_global), factors
+
+
+def _ratio(new, old):
+    return torch.where(old > 0, new / torch.where(old > 0, old, 1.0), torch.ones_like(old))
+
+
+GOLDEN = (math.sqrt(5) - 1) / 2  # 1/φ ≈ 0.618
+
+
+def golden_section(phi, lo, hi, evals):
+    r"""Minimise a scalar function on [lo, hi] with exactly ``evals`` (≥ 2) evaluations.
+
+    Classic golden-section search (Kiefer 1953): interior points c = hi − τ(hi − lo),
+    d = lo + τ(hi − lo), τ = 1/φ; keep the sub-bracket around the smaller value; each
+    further evaluation shrinks the bracket by τ, so after n evaluations it is
+    τ^(n−1)(hi − lo) wide. Returns the best evaluated point and its value (the end
+    points are never evaluated; a non-finite value counts as +inf). Written out rather
+    than scipy's ``minimize_scalar(method="golden")`` because that one expands its bracket
+    with extra evaluations: here the cost is fixed and the bracket bounded.
+    """
+    value = lambda m: (v if math.isfinite(v := float(phi(m))) else math.inf)
+    c, d = hi - GOLDEN * (hi - lo), lo + GOLDEN * (hi - lo)
+    fc, fd = value(c), value(d)
+    best = min((fc, c), (fd, d))
+    for _ in range(evals - 2):
+        if fc <= fd:
+            hi, d, fd = d, c, fc
+            c = hi - GOLDEN * (hi - lo)
+            fc = value(c)
+            best = min(best, (fc, c))
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + GOLDEN * (hi - lo)
+            fd = value(d)
+            best = min(best, (fd, d))
+    return best[1], best[0]
+
+
+@torch.no_grad()
+def line_search_step(model, optimizer, loss_fn, batch, *, evals, max_multiplier, rng_state):
+    r"""Take the optimiser's step, then rescale it by the multiplier m* ∈ (0, max_multiplier)
+    that minimises the mini-batch loss along it: θ ← θ + m*·Δ, Δ = the optimiser's proposed
+    update (so the applied learning rate is m*·lr; momentum buffers and Adam moments are
+    the optimiser's own, unchanged).
+
+    m* by :func:`golden_section` with ``evals`` loss evaluations of φ(m) = L_batch(θ + mΔ),
+    each with the random state ``rng_state`` (the one the gradient's forward pass saw, so
+    dropout masks match) and the model in its current mode; BatchNorm running statistics
+    are restored afterwards. Each evaluation reads its loss on the host (a sync).
+    Returns m*.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    delta = torch._foreach_sub([p.detach() for p in params], before)
+    buffers = [b.clone() for b in model.buffers()]
+    after_rng = get_rng_state()
+
+    def phi(m):
+        for p, b, d in zip(params, before, delta):
+            p.copy_(b + m * d)
+        set_rng_state(rng_state)
+        return loss_fn(model, batch).item()
+
+    m_star, _ = golden_section(phi, 0.0, max_multiplier, evals)
+    for p, b, d in zip(params, before, delta):
+        p.copy_(b + m_star * d)
+    for b, saved in zip(model.buffers(), buffers):
+        b.copy_(saved)
+    set_rng_state(after_rng)
+    return m_star
+
+
+def get_rng_state():
+    """The CPU and (initialised) CUDA random states."""
+    cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_initialized() else []
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for i, s in enumerate(cuda):
+        torch.cuda.set_rng_state(s, i)
