@@ -9,6 +9,7 @@ MODES = ("tiny", "quick", "full")
 
 # One module per figure, in paper order; each defines FIGURE.
 MODULES = [
+    "nqm",
 ]
 
 
