@@ -9,7 +9,8 @@ along it); config keys that are the same everywhere are scalar coordinates. Poin
 run is not finished are NaN, and ``run_id`` says which run fills each point.
 
 Summary values become variables (nested dicts flattened with ``.``, lists dropped; a name
-taken by a config key or a trace variable gets the prefix ``summary.``). With
+taken by a config key or a trace variable gets the prefix ``summary.``; a trace variable
+named like a config key, e.g. the per-step ``lr``, gets the prefix ``trace.``). With
 ``traces=True`` each run's trace is added, aligned on ``step``/``layer``/``probe_step``
 by an outer join (NaN where a run lacks a step or a layer).
 """
@@ -52,13 +53,14 @@ def _flat(root: Path, ids, traces) -> xr.Dataset:
     summaries = [_flatten(store.read_json(root / rid / store.SUMMARY)) for rid in ids]
     config_keys = list(dict.fromkeys(k for c in configs for k in c))
     trace = _traces(root, ids) if traces and ids else xr.Dataset()
+    trace = trace.rename_vars({k: f"trace.{k}" for k in trace.data_vars if k in config_keys})
     taken = set(config_keys) | set(trace.variables) | {"run"}
     rows = [{**{k: _hashable(v) for k, v in c.items()},
              **{(f"summary.{k}" if k in taken else k): v for k, v in s.items()}}
             for c, s in zip(configs, summaries)]
     frame = pd.DataFrame(rows, index=pd.Index(ids, name="run", dtype=object))
     ds = xr.Dataset.from_dataframe(frame).set_coords(config_keys)
-    ds = xr.merge([ds, trace], join="outer", combine_attrs="drop") if traces and ids else ds
+    ds = xr.merge([ds, trace], join="outer", compat="no_conflicts", combine_attrs="drop") if traces and ids else ds
     ds.attrs.update(root=str(root), n_runs=len(ids))
     return ds
 

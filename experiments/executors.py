@@ -119,8 +119,14 @@ class InProcessExecutor:
         return False
 
     def run_all(self, tasks):
-        for task in tasks:
-            yield execute_task(task)
+        import torch
+
+        threads = torch.get_num_threads()  # one thread, as in the workers; then restore
+        try:
+            for task in tasks:
+                yield execute_task(task)
+        finally:
+            torch.set_num_threads(threads)
 
 
 class PoolExecutor:

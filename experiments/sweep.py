@@ -180,15 +180,24 @@ def _check_fields(table, label, fields, where):
 
 
 def _check_values(spec: Spec):
-    """Build a config for every axis value (then every run), naming the first bad one."""
+    """Build a config from the base and from each axis value, naming the first bad one.
+
+    A value is reported if it fails both on the base alone and together with the first
+    spec point (which supplies what it may need, e.g. ``step_every`` for ``schedule``);
+    what is bad only in combination is caught by ``expand``, naming the point.
+    """
     where = f"spec {spec.source}"
     first = _override_rows(spec, first_only=True)[0]
-    _build({**spec.base, **first}, f"{where}: base")
-    single = [(f"grid.{k}[{i}]", {k: v}) for k, vs in spec.grid.items() for i, v in enumerate(vs)]
-    single += [(f"zip.{k}[{i}]", {k: v}) for k, vs in spec.zip.items() for i, v in enumerate(vs)]
+    single = [("base", {})]
     single += [(f"runs[{i}]", entry) for i, entry in enumerate(spec.runs)]
+    single += [(f"zip.{k}[{i}]", {k: v}) for k, vs in spec.zip.items() for i, v in enumerate(vs)]
+    single += [(f"grid.{k}[{i}]", {k: v}) for k, vs in spec.grid.items() for i, v in enumerate(vs)]
     for label, override in single:
-        _build({**spec.base, **first, **override}, f"{where}: {label}")
+        try:
+            _build({**spec.base, **override}, f"{where}: {label}")
+        except ValueError:
+            _build({**spec.base, **first, **override}, f"{where}: {label}")
+    expand(spec)
 
 
 def _build(config_dict, label):
