@@ -66,28 +66,31 @@ def monte_carlo(method, lam, lr, momentum, sigma2, *, steps, chains, seed=0,
         x, buf = np.broadcast_to(np.asarray(x0, dtype=float), shape).copy(), np.zeros(shape)
     else:
         raise ValueError(f"start={start!r} is unknown; valid: stationary, given")
-    noise = np.empty(shape)
-    prev = None
+    # Preallocated work arrays and in-place arithmetic: large temporaries would cost a fresh
+    # allocation (and page faults) per step. Only Method.update allocates.
+    noise, full, g, prev, tmp = (np.empty(shape) for _ in range(5))
     if average == "time":  # per-chain sums: chains are i.i.d., so their spread is the error
         acc = {k: np.zeros(shape) for k in ("grad_sq", "full_grad_sq", "lag1")}
     else:
         acc = {k: np.empty((int(steps),) + lam.shape) for k in ("grad_sq", "full_grad_sq", "lag1")}
     for t in range(int(steps)):
-        full = lam * x
+        np.multiply(lam, x, out=full)
         rng.standard_normal(out=noise)
-        g = full + sigma * noise
-        if average == "time":
-            acc["grad_sq"] += g * g
-            acc["full_grad_sq"] += full * full
-            if prev is not None:
-                acc["lag1"] += prev * g
-        else:
-            acc["grad_sq"][t] = np.mean(g * g, axis=0)
-            acc["full_grad_sq"][t] = np.mean(full * full, axis=0)
-            acc["lag1"][t] = np.mean(prev * g, axis=0) if prev is not None else np.nan
+        np.multiply(sigma, noise, out=g)
+        g += full
+        for key, a, b in (("grad_sq", g, g), ("full_grad_sq", full, full), ("lag1", prev, g)):
+            if key == "lag1" and t == 0:
+                if average == "chains":
+                    acc[key][0] = np.nan
+                continue
+            np.multiply(a, b, out=tmp)
+            if average == "time":
+                acc[key] += tmp
+            else:
+                acc[key][t] = tmp.mean(axis=0)
         step, buf = m.update(g, buf, lr=lrs[t], momentum=momentum)
-        x = x + step
-        prev = g
+        x += step
+        prev, g = g, prev
     if average == "time":
         per_chain = {"grad_sq": acc["grad_sq"] / steps, "full_grad_sq": acc["full_grad_sq"] / steps,
                      "lag1": acc["lag1"] / (steps - 1)}
