@@ -115,12 +115,22 @@ def full_hvp(grads, params, vec):
     return block_hvp(grads, params, list(range(len(params))), vec)
 
 
-def lanczos_top(matvecs, starts, iters):
+def _orthonormalise(w, basis):
+    """Remove the span of ``basis`` rows from w (twice: full reorthogonalisation), normalise."""
+    for _ in range(2):
+        w = w - basis.T @ (basis @ w)
+    norm = w.norm()
+    return w / norm.clamp_min(torch.finfo(w.dtype).tiny), norm
+
+
+def lanczos_top(matvecs, starts, iters, generator=None):
     """Top eigenvalue and Ritz vector of several symmetric operators in lockstep.
 
     ``matvecs(vectors) -> products`` applies operator k to ``vectors[k]`` (flat tensors);
     ``starts`` are the start vectors. Lanczos with full (twice-applied) reorthogonalisation,
-    min(iters, dim_k) steps per operator; exact (to roundoff) when iters >= dim_k.
+    min(iters, dim_k) steps per operator; exact (to roundoff) when iters >= dim_k. On a
+    breakdown (invariant Krylov subspace) it restarts from a random orthogonal direction
+    drawn from ``generator``, without a host synchronisation.
     Returns (eigenvalues as a numpy array, list of unit Ritz vectors)."""
     K = len(starts)
     steps = [min(iters, s.numel()) for s in starts]
@@ -137,11 +147,15 @@ def lanczos_top(matvecs, starts, iters):
             if j + 1 == steps[k]:
                 continue
             basis = torch.stack(Q[k])
-            for _ in range(2):  # full reorthogonalisation (covers −αq − βq_prev)
-                w = w - basis.T @ (basis @ w)
-            beta = w.norm()
+            scale = w.norm()
+            w, beta = _orthonormalise(w, basis)
+            # breakdown (invariant subspace found, e.g. a zero block): restart from a random
+            # direction orthogonal to the basis; T keeps the true (tiny) β, so it decouples
+            r, _ = _orthonormalise(torch.randn(w.shape, generator=generator, dtype=w.dtype,
+                                               device=w.device), basis)
+            broke = beta <= 100 * torch.finfo(w.dtype).eps * scale
             betas[k].append(beta)
-            Q[k].append(w / beta.clamp_min(torch.finfo(w.dtype).tiny))
+            Q[k].append(torch.where(broke, r, w))
     # one host transfer for all tridiagonal coefficients
     flat = torch.stack([x for k in range(K) for x in alphas[k] + betas[k]]).cpu().double().numpy()
     values, vectors, pos = np.empty(K), [], 0
@@ -179,7 +193,7 @@ def block_sharpness(grads, params, blocks, iters, state, include_global=True):
     def matvecs(vs):
         return {k: block_hvp(grads, params, all_blocks[k], v) for k, v in vs.items()}
 
-    values, vectors = lanczos_top(matvecs, starts, iters)
+    values, vectors = lanczos_top(matvecs, starts, iters, gen)
     for key, v in zip(keys, vectors):
         state.vectors[key] = v.detach()
     if include_global:

@@ -195,6 +195,7 @@ class Tracer:
         self._tblock = torch.zeros(self.block_size, _N_TENSOR_STATS, n, **opts)
         self._sblock = torch.zeros(self.block_size, _N_STEP_STATS, **opts)
         self._cblock = torch.ones(self.block_size, L, **opts)
+        self._sblock[:, _CLIP_GLOBAL] = 1.0  # no clipping unless recorded
         self._row = 0
         self.step = 0
         self._phase = "idle"  # idle -> backward (after_backward) -> idle (after_step)
@@ -227,13 +228,14 @@ class Tracer:
         self._watch.start()
         cur, prev = self.step % 2, (self.step + 1) % 2
         gviews = self._gview[cur]
-        grads, views = [], []
-        for p, v in zip(self.params, gviews):
+        grads, views, present = [], [], []
+        for i, (p, v) in enumerate(zip(self.params, gviews)):
             if p.grad is None:
                 v.zero_()
             else:
                 grads.append(p.grad)
                 views.append(v)
+                present.append(i)
         if grads:
             torch._foreach_copy_(views, grads)
         row = self._row
@@ -246,7 +248,10 @@ class Tracer:
         self._tblock[row, _G_NORM:_G_MIN + 1].copy_(torch.stack(stats).view(4, n))
         self._tblock[row, _G_DOT].copy_(dots)
         # global norm exactly as torch.nn.utils.get_total_norm: norm of the per-tensor norms
-        self._sblock[row, _G_GLOBAL].copy_(torch.linalg.vector_norm(torch.stack(norms), 2))
+        # (over the tensors that have a gradient, as torch does: bit-identical)
+        present_norms = norms if len(present) == len(norms) else [norms[i] for i in present]
+        self._sblock[row, _G_GLOBAL].copy_(
+            torch.linalg.vector_norm(torch.stack(present_norms), 2) if present_norms else 0.0)
         self._sblock[row, _LOSS].copy_(loss.detach() if torch.is_tensor(loss)
                                        else torch.tensor(math.nan if loss is None else loss))
         lr = self.optimizer.param_groups[0].get("lr", math.nan)
