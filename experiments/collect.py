@@ -41,11 +41,11 @@ def collect(root, run_ids=None, traces=False, *, spec=None) -> xr.Dataset:
         return _flat(root, [rid for rid in candidates if store.is_done(root / rid)], traces)
     spec = sweep._as_spec(spec)
     root = sweep.resolve_root(spec, root)
-    points = sweep.spec_points(spec)
-    ids = [sweep.run_id(config) for _, config in points]
+    points = spec.points
+    ids = [rid for _, _, rid in points]
     wanted = [rid for rid in dict.fromkeys(ids)
               if store.is_done(root / rid) and (run_ids is None or rid in run_ids)]
-    return _onto_axes(_flat(root, wanted, traces), spec, points, ids, set(wanted))
+    return _onto_axes(_flat(root, wanted, traces), spec, points, set(wanted))
 
 
 def _flat(root: Path, ids, traces) -> xr.Dataset:
@@ -76,7 +76,7 @@ def _traces(root: Path, ids) -> xr.Dataset:
                      fill_value=np.nan)
 
 
-def _onto_axes(flat: xr.Dataset, spec, points, ids, finished) -> xr.Dataset:
+def _onto_axes(flat: xr.Dataset, spec, points, finished) -> xr.Dataset:
     """Place the flat runs at their spec points: vectorised ``sel`` with a grid of ids."""
     runs = list(spec.runs) or [{}]
     n_zip = len(next(iter(spec.zip.values()))) if spec.zip else 1
@@ -84,7 +84,7 @@ def _onto_axes(flat: xr.Dataset, spec, points, ids, finished) -> xr.Dataset:
     shape = (len(runs), n_zip, *(len(v) for v in spec.grid.values()))
     id_grid = np.full(shape, "", dtype=object)
     config_at = {}
-    for (index, config), rid in zip(points, ids):
+    for index, config, rid in points:
         id_grid[index] = rid if rid in finished else ""
         config_at[index] = config.to_dict()
     keep = [d for d, n in zip(dims, shape) if n > 1]

@@ -58,6 +58,7 @@ CSV/Parquet table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -92,6 +93,16 @@ class Spec:
     root: str = DEFAULT_ROOT
     description: str = ""
     source: str = "<spec>"
+
+    @functools.cached_property
+    def points(self) -> list:
+        """``(index, RunConfig, run_id)`` for every spec point, duplicates included (index:
+        see ``_positions``); built once per Spec (validation builds it)."""
+        out = []
+        for index, row in _positions(self):
+            config = _build({**self.base, **row}, f"spec {self.source}: point {row}")
+            out.append((index, config, run_id(config)))
+        return out
 
 
 # ---------------------------------------------------------------- parsing and validation
@@ -197,7 +208,7 @@ def _check_values(spec: Spec):
             _build({**spec.base, **override}, f"{where}: {label}")
         except ValueError:
             _build({**spec.base, **first, **override}, f"{where}: {label}")
-    expand(spec)
+    spec.points  # every point, naming the first bad combination
 
 
 def _build(config_dict, label):
@@ -230,11 +241,8 @@ def _positions(spec: Spec, first_only=False):
 
 
 def spec_points(spec):
-    """Every point of the spec as ``(index, RunConfig)``, duplicates included (see
-    ``_positions`` for the index)."""
-    spec = _as_spec(spec)
-    return [(index, _build({**spec.base, **row}, f"spec {spec.source}: point {row}"))
-            for index, row in _positions(spec)]
+    """Every point of the spec as ``(index, RunConfig, run_id)`` (:attr:`Spec.points`)."""
+    return _as_spec(spec).points
 
 
 def _as_spec(spec_or_path) -> Spec:
@@ -247,24 +255,32 @@ def _as_spec(spec_or_path) -> Spec:
 
 def expand(spec) -> list:
     """The distinct RunConfigs of a spec (path, dict or Spec), in ``runs × zip × grid`` order."""
-    configs, seen = [], set()
-    for _, config in spec_points(spec):
-        rid = run_id(config)
-        if rid not in seen:
-            seen.add(rid)
-            configs.append(config)
-    return configs
+    return [config for config, _ in _distinct(_as_spec(spec))]
+
+
+def _distinct(spec: Spec):
+    """``(config, run_id)`` pairs without repeats, in spec order."""
+    return list({rid: (config, rid) for _, config, rid in spec.points}.values())
+
+
+@functools.lru_cache(maxsize=None)
+def _float_fields(cls) -> frozenset:
+    hints = typing.get_type_hints(cls)
+    return frozenset(k for k, h in hints.items() if float in (typing.get_args(h) or (h,))
+                     and int not in (typing.get_args(h) or (h,)))
 
 
 def canonical_config(config) -> dict:
     """``config.to_dict()`` normalised so equal runs give equal JSON (see module docstring)."""
-    hints = typing.get_type_hints(type(config))
+    floats = _float_fields(type(config))
     out = {}
     for key, value in config.to_dict().items():
-        allowed = typing.get_args(hints.get(key)) or (hints.get(key),)
-        if float in allowed and int not in allowed and isinstance(value, int) and not isinstance(value, bool):
+        kind = type(value)
+        if kind is int and key in floats:
             value = float(value)
-        out[key] = _canonical_value(value)
+        elif kind is not str and kind is not int and kind is not bool and value is not None:
+            value = _canonical_value(value)  # floats, containers, numpy scalars
+        out[key] = value
     return out
 
 
@@ -275,9 +291,7 @@ def _canonical_value(value):
         return int(value)
     if isinstance(value, numbers.Real):
         value = float(value)
-        if math.isnan(value) or math.isinf(value):
-            return repr(value)
-        return value + 0.0  # -0.0 + 0.0 == 0.0
+        return value + 0.0 if math.isfinite(value) else repr(value)  # -0.0 + 0.0 == 0.0
     if isinstance(value, dict):
         return {str(k): _canonical_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -318,8 +332,7 @@ def plan(spec_or_path, *, root=None) -> Plan:
     """Expand the spec and stat each run's markers (no JSON is read)."""
     spec = _as_spec(spec_or_path)
     root = resolve_root(spec, root)
-    configs = expand(spec)
-    ids = [run_id(c) for c in configs]
+    configs, ids = (list(t) for t in zip(*_distinct(spec)))
     status = []
     for rid in ids:
         run_dir = os.path.join(root, rid)
