@@ -45,6 +45,14 @@ class QuadraticProblem:
         """The start in the eigenbasis (per-mode x0)."""
         return self.eigenvectors.T @ self.x0
 
+    def layer_spectrum(self):
+        """The problem as a one-layer :class:`dynamics.nqm_layer.LayerSpectrum`; pass
+        ``noise_model=problem.noise_eigenvalues`` and ``noise_total=problem.noise_eigenvalues.sum()``
+        to :func:`dynamics.nqm_layer.layer_prediction` for its exact noise."""
+        from dynamics.nqm_layer import LayerSpectrum
+
+        return LayerSpectrum(self.eigenvalues)
+
 
 def quadratic_deep(batch_size=128, noise_level=0.6, dim=100, seed=42):
     """The DeepOBS ``quadratic_deep`` problem (module doc): 90% of eigenvalues ~ U(0, 1),

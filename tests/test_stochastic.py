@@ -238,6 +238,19 @@ def test_schedule_recursion_matches_monte_carlo(method):
     assert np.all(np.abs(sim["lag1"][1:] - pred["mode_lag1"][1:]) < 5 * se_lag)
 
 
+def test_schedule_accepts_per_step_momentum_and_spectrum():
+    lam, s2, lrs = np.array([0.5, 2.0]), np.array([1.0, 0.5]), lr_schedule("cosine", 0.5, 50)
+    a = schedule_prediction("nag", lrs, 0.8, lam, s2, x0_var=1.0)
+    b = schedule_prediction("nag", lrs, np.full(50, 0.8), np.tile(lam, (50, 1)), s2, x0_var=1.0)
+    np.testing.assert_array_equal(a["grad_sq"], b["grad_sq"])
+    c = schedule_prediction("nag", lrs, np.r_[np.full(25, 0.8), np.full(25, 0.5)], lam, s2,
+                            x0_var=1.0)
+    np.testing.assert_array_equal(c["grad_sq"][:26], a["grad_sq"][:26])
+    assert not np.allclose(c["grad_sq"][27:], a["grad_sq"][27:])
+    with pytest.raises(ValueError, match="must broadcast"):
+        schedule_prediction("nag", lrs, 0.8, np.ones((3, 2)), s2)
+
+
 def test_lr_schedule_shapes_and_errors():
     assert lr_schedule("constant", 0.1, 3).tolist() == [0.1] * 3
     np.testing.assert_allclose(lr_schedule("step", 1.0, 6, step_size=2, gamma=0.5),
@@ -370,6 +383,10 @@ def test_quadratic_deep_spectrum_and_noise():
     per = st.stationary_gradient_moments("hb", p.eigenvalues, lr, beta, p.noise_eigenvalues)
     assert per["lag1"].sum() / per["grad_sq"].sum() == pytest.approx(
         ref["lags"][1] / ref["grad_sq"], abs=1e-9)
+    layer = layer_prediction("hb", lr, beta, p.layer_spectrum(), p.noise_eigenvalues.sum(),
+                             noise_model=p.noise_eigenvalues)
+    assert layer["grad_sq_norm"] == pytest.approx(ref["grad_sq"], rel=1e-10)
+    assert layer["grad_corr"] == pytest.approx(ref["lags"][1] / ref["grad_sq"], abs=1e-9)
 
 
 # ----------------------------------------------------------------- input validation
