@@ -146,6 +146,29 @@ def _rate_and_regime(c1, c0, want_regime=True):
     return rho.reshape(shape)[()], code.reshape(shape)[()]
 
 
+def ripple_band(method, momentum=0.0):
+    r"""``(h_lo, h_hi)``: the roots are complex (regime "ripple") iff h_lo < h < h_hi.
+
+    Where the discriminant :math:`c_1^2 - 4c_0` vanishes:
+
+    - HB: :math:`((1-\sqrt\beta)^2, (1+\sqrt\beta)^2)` (THEORY.md §2);
+    - NAG: :math:`d = (1-h)[(1+\beta)^2(1-h) - 4\beta]`, so
+      :math:`(((1-\beta)/(1+\beta))^2, 1)`; at h = 1 both roots are 0 and for
+      h > 1 they are real with opposite signs, the negative one dominant (flip);
+    - GD: no complex roots; returns (1, 1), the monotone/flip boundary.
+
+    Below h_lo the regime is monotone, above h_hi flip, until the stability edge.
+    """
+    method = get_method(method)
+    b = _momentum(momentum)
+    if method.name == "gd":
+        return np.ones_like(b), np.ones_like(b)
+    if method.name == "hb":
+        s = np.sqrt(b)
+        return (1.0 - s) ** 2, (1.0 + s) ** 2
+    return ((1.0 - b) / (1.0 + b)) ** 2, np.ones_like(b)
+
+
 def regime_code(method, h, momentum=0.0):
     """Regime as int8 codes, indices into :data:`REGIMES`."""
     return spectral_radius(method, h, momentum, return_regime=True)[1]
@@ -273,7 +296,7 @@ def max_transient_gain(method, h, momentum=0.0, max_steps=100_000, rtol=1e-12,
             kn = k + 1.0
             univ = 2.0 * (np.maximum(kn, kstar) + 1.0) * rho ** (np.maximum(kn, kstar) - 1.0)
             proj = a1**kn * p1 + a2**kn * p2
-            done = np.minimum(univ, proj) <= best * (1.0 + rtol)
+            done = np.fmin(univ, proj) <= best * (1.0 + rtol)  # fmin: 0 * inf at z1 = z2 = 0
             if k >= max_steps and not done.all():
                 import warnings
 
