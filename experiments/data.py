@@ -8,7 +8,9 @@ name       task      what
 mnist1d    classify  MNIST-1D (Greydanus 2020), generated in memory by
                      ``mnist1d.data.make_dataset`` with the package's default arguments
                      (seed 42): 4000 train / 1000 test signals of shape (1, 40). Nothing
-                     is downloaded or written (``mnist1d.get_dataset`` would do both).
+                     is downloaded (``mnist1d.get_dataset`` would download and write to
+                     the working directory); the generated arrays are cached in
+                     :func:`cache_dir` (user cache, atomic writes).
 digits     classify  scikit-learn's bundled 8x8 digits, (1, 8, 8), standardised per pixel
                      with train statistics; a fixed 80/20 split (permutation seed 0).
 pytext     lm        bytes of :data:`PYTEXT_MODULES` (Python standard-library sources),
@@ -30,6 +32,7 @@ download. Missing files raise a ValueError that says which files to put where.
 import gzip
 import hashlib
 import importlib.util
+import io
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -91,26 +94,63 @@ class Data:
 
 
 def _data(info, x_train, y_train, x_test, y_test):
-    as_x = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.long if info.task == "lm" else torch.float32)
-    as_y = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32 if info.task == "regress" else torch.long)
+    x_dtype = np.int64 if info.task == "lm" else np.float32
+    y_dtype = np.float32 if info.task == "regress" else np.int64
+    as_x = lambda a: torch.from_numpy(np.array(a, dtype=x_dtype, order="C"))  # noqa: E731 (a writable copy)
+    as_y = lambda a: torch.from_numpy(np.array(a, dtype=y_dtype, order="C"))  # noqa: E731
     return Data(info, as_x(x_train), as_y(y_train), as_x(x_test), as_y(y_test))
 
 
 # --------------------------------------------------------------------------- mnist1d
+def cache_dir():
+    """Where generated datasets are cached: ``$OPTDYN_CACHE``, else
+    ``$XDG_CACHE_HOME/optdyn``, else ``~/.cache/optdyn``; ``OPTDYN_CACHE=""`` turns the
+    disk cache off (then only the in-memory cache is used)."""
+    env = os.environ.get("OPTDYN_CACHE")
+    if env is not None:
+        return Path(env).expanduser() if env else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optdyn"
+
+
 @lru_cache(maxsize=2)
 def load_mnist1d():
-    """MNIST-1D from ``make_dataset(get_dataset_args())`` (about 1 s); the global numpy
-    and ``random`` states that ``make_dataset`` reseeds are restored afterwards."""
+    """MNIST-1D from ``make_dataset(get_dataset_args())`` (1–2 s of CPU), cached in
+    memory and as an ``.npz`` in :func:`cache_dir` (written atomically; keyed by the
+    mnist1d version and the generator arguments; a unreadable cache file is regenerated).
+    The global numpy and ``random`` states that ``make_dataset`` reseeds are restored."""
+    import importlib.metadata
+    import json
     import random
 
     from mnist1d.data import get_dataset_args, make_dataset
 
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        d = make_dataset(get_dataset_args())
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+    args = get_dataset_args()
+    key = json.dumps([importlib.metadata.version("mnist1d"), vars(args)], sort_keys=True)
+    root = cache_dir()
+    path = root / f"mnist1d-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz" if root else None
+    d = None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path) as f:
+                d = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+        except (OSError, ValueError, KeyError):
+            d = None
+    if d is None:
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            d = make_dataset(args)
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        if path is not None:
+            from experiments.store import atomic_write_bytes
+
+            buf = io.BytesIO()
+            np.savez(buf, **{k: d[k] for k in ("x", "y", "x_test", "y_test")})
+            try:
+                atomic_write_bytes(path, buf.getvalue())
+            except OSError:
+                pass  # an unwritable cache only costs time
     info = DataInfo("mnist1d", "classify", (1, d["x"].shape[1]), n_classes=10)
     return _data(info, d["x"][:, None, :], d["y"], d["x_test"][:, None, :], d["y_test"])
 
@@ -281,7 +321,8 @@ def _find(root, candidates, names, dataset):
 
 def _read_idx(path):
     """An IDX file (LeCun's MNIST format): magic (0, 0, dtype 0x08 = uint8, ndim), big-endian dims."""
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        raw = f.read()
     if raw[:3] != b"\x00\x00\x08":
         raise ValueError(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]

@@ -72,27 +72,26 @@ def clip_gradients(groups, mode, value):
       factor is the resulting change of the global norm.
     - "value": every entry clamped to [−c, c] (``clip_grad_value_``); factors measured.
     """
-    grads = {name: [p.grad for p in ps if p.grad is not None] for name, ps in groups.items()}
-    grads = {name: g for name, g in grads.items() if g}
-    norm = torch.nn.utils.get_total_norm
-    raw = {name: norm(g) for name, g in grads.items()}
-    raw_global = norm(list(raw.values()))
+    params = {name: [p for p in ps if p.grad is not None] for name, ps in groups.items()}
+    params = {name: ps for name, ps in params.items() if ps}
+    norm = lambda ps: torch.nn.utils.get_total_norm([p.grad for p in ps])  # noqa: E731
+    raw = {name: norm(ps) for name, ps in params.items()}
+    raw_global = torch.nn.utils.get_total_norm(list(raw.values()))
     if mode == "global":
-        flat = [g for gs in grads.values() for g in gs]
         factor = torch.clamp(value / (raw_global + 1e-6), max=1.0)
-        torch.nn.utils.clip_grads_with_norm_(flat, value, raw_global)
-        return factor, {name: factor for name in grads}
+        torch.nn.utils.clip_grads_with_norm_([p for ps in params.values() for p in ps], value, raw_global)
+        return factor, {name: factor for name in params}
     if mode == "layer":
         factors = {}
-        for name, g in grads.items():
+        for name, ps in params.items():
             factors[name] = torch.clamp(value / (raw[name] + 1e-6), max=1.0)
-            torch.nn.utils.clip_grads_with_norm_(g, value, raw[name])
+            torch.nn.utils.clip_grads_with_norm_(ps, value, raw[name])
     elif mode == "value":
-        torch.nn.utils.clip_grad_value_([g for gs in grads.values() for g in gs], value)
-        factors = {name: _ratio(norm(g), raw[name]) for name, g in grads.items()}
+        torch.nn.utils.clip_grad_value_([p for ps in params.values() for p in ps], value)
+        factors = {name: _ratio(norm(ps), raw[name]) for name, ps in params.items()}
     else:
         raise ValueError(f"clip={mode!r} is unknown here; valid: global, layer, value")
-    new_global = norm([factors[n] * raw[n] for n in grads])
+    new_global = torch.nn.utils.get_total_norm([factors[n] * raw[n] for n in params])
     return _ratio(new_global, raw_global), factors
 
 

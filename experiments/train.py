@@ -95,6 +95,8 @@ class RunConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("clip", self.clip, CLIPS)
         check_fit(self.model, self.data, *KINDS[self.data])
+        _check_keywords("data_args", self.data_args, DATASETS[self.data], {"n_train"}, {"data_dir"})
+        _check_keywords("model_args", self.model_args, MODELS[self.model], set(), {"info"})
         _float_range("lr", self.lr, 0, math.inf, "(0, inf)")
         _float_range("momentum", self.momentum, 0, 1, "[0, 1)", low_ok=True)
         if self.opt == "gd":
@@ -153,7 +155,7 @@ def _check_type(name, value, kind):
             return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
         if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
             return value
-    elif isinstance(value, kind):
+    elif isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
         return value
     raise ValueError(f"{name}={value!r} has type {type(value).__name__}; expected {kind.__name__}")
 
@@ -165,6 +167,16 @@ def _freeze(v):
 def _thaw(pairs):
     unfreeze = lambda v: [unfreeze(x) for x in v] if isinstance(v, tuple) else v
     return {k: unfreeze(v) for k, v in pairs}
+
+
+def _check_keywords(name, pairs, function, extra, hidden):
+    import inspect
+
+    valid = (set(inspect.signature(function).parameters) | extra) - hidden
+    unknown = sorted(k for k, _ in pairs if k not in valid)
+    if unknown:
+        raise ValueError(f"{name} has unknown key(s) {', '.join(map(repr, unknown))} for "
+                         f"{function.__name__}; valid: {', '.join(sorted(valid)) or 'none'}")
 
 
 def _choice(name, value, valid):
