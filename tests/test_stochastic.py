@@ -13,7 +13,7 @@ from dynamics.nqm_layer import LayerSpectrum, layer_prediction
 from dynamics.nqm_schedule import lr_schedule, schedule_prediction
 from dynamics.nqm_sim import monte_carlo
 from dynamics.problems import quadratic_deep
-from dynamics.quadratic import spectral_radius, stability_edge
+from dynamics.quadratic import char_roots, simulate, spectral_radius, stability_edge
 
 METHODS = ("gd", "hb", "nag")
 
@@ -101,6 +101,35 @@ def test_general_lyapunov_matches_monte_carlo_with_correlated_noise():
         for est, exact in ((sums / steps, ref["grad_sq"]), (lags / (steps - 1), ref["lags"][1])):
             se = est.std(ddof=1) / np.sqrt(chains)
             assert abs(est.mean() - exact) < 5 * se, (method, est.mean(), exact, se)
+
+
+@given(method=st_.sampled_from(("hb", "nag")), beta=st_.floats(0.0, 0.99),
+       h=st_.floats(0.0, 5.0))
+def test_state_space_has_the_characteristic_roots_of_the_linear_theory(method, beta, h):
+    # (x_k, b_{k-1}) and dynamics.quadratic's (x_k, x_{k-1}) are similar states: same
+    # eigenvalues. Root-finding of a 2x2 matrix is accurate to ~eps/|z1 - z2| near a double
+    # root, so compare the symmetric functions (trace, determinant) instead, to 1e-12.
+    A, _ = st.state_space(method, 1.0, h, beta)
+    z = char_roots(method, h, beta)
+    assert np.trace(A) == pytest.approx(np.sum(z).real, abs=1e-12)
+    assert np.linalg.det(A) == pytest.approx(np.prod(z).real, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_noise_free_simulator_and_recursion_equal_the_deterministic_iterate(method):
+    # sigma2 = 0: every chain is the deterministic iterate of dynamics.quadratic.simulate,
+    # and the second-moment recursion is its square (rounding only: rtol 1e-10).
+    lam = np.array([0.3, 1.0, 2.5])
+    sim = monte_carlo(method, lam, 0.6, 0.7, 0.0, steps=40, chains=2, start="given", x0=1.5,
+                      average="chains")
+    traj = simulate(method, lam, 0.6, 0.7, 1.5, 39)
+    np.testing.assert_allclose(sim["grad_sq"], traj[1] ** 2, rtol=1e-10)
+    lrs = lr_schedule("linear", 0.6, 40)
+    sim = monte_carlo(method, lam, lrs, 0.7, 0.0, steps=40, chains=2, start="given", x0=1.5,
+                      average="chains")
+    pred = schedule_prediction(method, lrs, 0.7, lam, 0.0, x0_var=1.5**2, per_mode=True)
+    np.testing.assert_allclose(pred["mode_grad_sq"], sim["grad_sq"], rtol=1e-10, atol=1e-300)
+    np.testing.assert_allclose(pred["mode_lag1"][1:], sim["lag1"][1:], rtol=1e-10, atol=1e-300)
 
 
 # ----------------------------------------------------------------- closed forms == Monte-Carlo
