@@ -13,6 +13,7 @@ import sys
 COMMAND_MODULES = [
     "experiments.train",
     "experiments.sweep",
+    "experiments.link",
 ]
 
 

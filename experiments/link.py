@@ -15,9 +15,10 @@ For every probe step :math:`p` and layer :math:`l` of a run:
   (:func:`dynamics.stochastic.layer_prediction`), whose spectrum is summarised from the
   measured ``sharpness``, ``hessian_trace`` and ``n_params`` and whose noise is the
   measured ``grad_noise`` (trace of the mini-batch gradient covariance);
-- the measured counterparts, smoothed over a window of W steps centred on the probe
-  (:func:`measured_window`): the mean of ``grad_cos`` (cosine of successive gradients)
-  and the mean of ``grad_norm**2``.
+- the measured counterparts, over a window of W steps centred on the probe
+  (:func:`measured_window`): the norm-weighted mean of ``grad_cos`` (cosine of successive
+  gradients), which estimates the same ratio the model predicts, and the mean of
+  ``grad_norm**2``.
 
 Agreement (:func:`agreement_scores`) pools layers × probe steps × runs.
 """
@@ -98,13 +99,24 @@ def measured_window(trace, probe_steps=None, window=None):
     probe step, per layer.
 
     For probe step :math:`p` the window is the W optimizer steps
-    :math:`p - \lfloor W/2 \rfloor \le t < p + \lceil W/2 \rceil` (clipped to the run);
-    ``meas_grad_corr`` is the mean of ``grad_cos`` (cos of :math:`g_t` and
-    :math:`g_{t-1}`) and ``meas_grad_sq_norm`` the mean of ``grad_norm**2`` over it,
-    skipping non-finite entries (the first step's NaN cosine, steps after a divergence);
-    ``meas_steps`` counts the steps used. Centring the window on the probe matches the
-    measurement to the curvature the probe saw; W defaults to the spacing of the probe
-    steps, so the windows tile the run.
+    :math:`p - \lfloor W/2 \rfloor \le t < p + \lceil W/2 \rceil` (clipped to the run).
+    Over it
+
+    - ``meas_grad_corr`` :math:`= \sum_t g_t\cdot g_{t-1} / \sum_t \|g_t\|\|g_{t-1}\|`, with
+      :math:`g_t\cdot g_{t-1}` = ``grad_cos``·``grad_norm``(t)·``grad_norm``(t−1): the
+      norm-weighted mean of the cosines, a consistent estimator of the NQM's
+      :math:`E[g_t\cdot g_{t+1}]/E\|g\|^2` in a stationary state;
+    - ``meas_mean_cos``, the plain mean of ``grad_cos``. It is *not* that ratio: in a layer
+      with few effective modes the norm fluctuates and the steps with large, usually
+      better-aligned gradients weigh the same as the rest (on the quadratic network of the
+      tests, HB h_max = 1.2, β = 0.5: mean cos −0.083 against the ratio −0.141, which the
+      theory predicts to 0.002);
+    - ``meas_grad_sq_norm``, the mean of ``grad_norm**2``;
+    - ``meas_steps``, the number of steps used.
+
+    Non-finite entries (the first step's NaN cosine, steps after a divergence) are skipped.
+    Centring the window on the probe matches the measurement to the curvature the probe saw;
+    W defaults to the spacing of the probe steps, so the windows tile the run.
     """
     probe_steps = np.asarray(trace["probe_step"].values if probe_steps is None else probe_steps)
     window = default_window(probe_steps) if window is None else int(window)
@@ -113,15 +125,22 @@ def measured_window(trace, probe_steps=None, window=None):
     step = trace["step"]
     probe = xr.DataArray(probe_steps, dims="probe_step", coords={"probe_step": probe_steps})
     inside = (step >= probe - window // 2) & (step < probe + (window - window // 2))
+    norm = trace["grad_norm"]
+    norm_pair = norm * norm.shift(step=1)
+    dot = trace["grad_cos"] * norm_pair
 
-    def window_mean(values):
-        ok = inside & np.isfinite(values)
-        return xr.where(ok, values, 0.0).sum("step") / ok.sum("step"), ok.sum("step")
+    def window_sum(values, mask):
+        return xr.where(mask, values, 0.0).sum("step")
 
-    corr, count = window_mean(trace["grad_cos"])
-    sq_norm, _ = window_mean(trace["grad_norm"] ** 2)
-    return xr.Dataset({"meas_grad_corr": corr, "meas_grad_sq_norm": sq_norm, "meas_steps": count},
-                      attrs={"window": window})
+    pair_ok = inside & np.isfinite(dot) & np.isfinite(norm_pair)
+    cos_ok = inside & np.isfinite(trace["grad_cos"])
+    sq_ok = inside & np.isfinite(norm)
+    return xr.Dataset({
+        "meas_grad_corr": window_sum(dot, pair_ok) / window_sum(norm_pair, pair_ok),
+        "meas_mean_cos": window_sum(trace["grad_cos"], cos_ok) / cos_ok.sum("step"),
+        "meas_grad_sq_norm": window_sum(norm**2, sq_ok) / sq_ok.sum("step"),
+        "meas_steps": pair_ok.sum("step"),
+    }, attrs={"window": window})
 
 
 def default_window(probe_steps):
@@ -193,11 +212,15 @@ def run_method(config):
 
 
 def link_trace(trace, config=None, *, window=None, noise_model="curvature", shape="power",
-               on_unstable="exclude", spectra=None):
+               on_unstable="exclude", smooth=3, spectra=None):
     """Predicted and measured per-layer oscillation and norm of one run, side by side.
 
     ``trace`` is a run's trace (``experiments.store.load_run`` puts the config in its
-    attrs; or pass ``config``). Returns a Dataset over (probe_step, layer) with ``lr``,
+    attrs; or pass ``config``). The probe's estimates are noisy (one Hutchinson vector, four
+    micro-batches: a single probe's trace can even be negative), so the model is fed their
+    centred rolling mean over ``smooth`` probes (1: raw); ``sharpness`` etc. in the output
+    stay raw, and ``h``, ``edge_ratio`` and ``regime`` use the raw sharpness.
+    Returns a Dataset over (probe_step, layer) with ``lr``,
     ``h`` = lr·sharpness, ``edge`` (the method's stability edge in h), ``edge_ratio`` = h/edge,
     ``regime`` of the top mode, the measured inputs (``sharpness``, ``hessian_trace``,
     ``grad_noise``, ``n_params``), ``pred_*`` (:func:`predict_layers`) and ``meas_*``
@@ -214,8 +237,12 @@ def link_trace(trace, config=None, *, window=None, noise_model="curvature", shap
     edge = float(stability_edge(method, momentum))
     regime_top = xr.DataArray(np.where(np.isfinite(h) & (h > 0), regime(method, np.nan_to_num(h.values), momentum),
                                        "undefined"), dims=h.dims, coords=h.coords)
-    pred = predict_layers(method, lr, momentum, trace["sharpness"], trace["hessian_trace"], trace["n_params"],
-                          trace["grad_noise"], noise_model=noise_model, shape=shape,
+    if int(smooth) < 1:
+        raise ValueError(f"smooth={smooth} is outside the valid range [1, inf)")
+    fed = {k: trace[k].rolling(probe_step=int(smooth), center=True, min_periods=1).mean()
+           for k in ("sharpness", "hessian_trace", "grad_noise")}
+    pred = predict_layers(method, lr, momentum, fed["sharpness"], fed["hessian_trace"], trace["n_params"],
+                          fed["grad_noise"], noise_model=noise_model, shape=shape,
                           on_unstable=on_unstable, spectra=spectra)
     meas = measured_window(trace, probe, window)
     ds = xr.merge([pred, meas.drop_attrs()])
@@ -224,7 +251,8 @@ def link_trace(trace, config=None, *, window=None, noise_model="curvature", shap
                    grad_noise=trace["grad_noise"], n_params=trace["n_params"])
     ds.attrs = {"method": method, "momentum": momentum, "lr0": float(config.get("lr", np.nan)),
                 "window": meas.attrs["window"], "noise_model": noise_model, "shape": shape,
-                "on_unstable": on_unstable, "spectra": "given" if spectra else "summary"}
+                "on_unstable": on_unstable, "smooth": int(smooth),
+                "spectra": "given" if spectra else "summary"}
     return ds
 
 
@@ -236,3 +264,149 @@ def link_scores(ds, bins=10):
         return {"grad_corr": agreement_scores(ds["pred_grad_corr"], ds["meas_grad_corr"], bins=bins),
                 "log10_grad_sq_norm": agreement_scores(np.log10(ds["pred_grad_sq_norm"]),
                                                        np.log10(ds["meas_grad_sq_norm"]), bins=bins)}
+
+
+# ---------------------------------------------------------------------------------------
+# runs, sweeps, files
+
+OPTIONS = ("window", "noise_model", "shape", "on_unstable", "smooth")
+
+
+def link_run(run_dir, *, recompute=False, write=True, **options):
+    """:func:`link_trace` of a finished run directory, written beside it as ``link.nc``
+    (atomically, :mod:`experiments.store`). An existing ``link.nc`` made with the same
+    options from the same trace is read instead unless ``recompute``."""
+    run_dir = Path(run_dir)
+    target = run_dir / LINK_FILE
+    wanted = {k: v for k, v in options.items() if k in OPTIONS}
+    if not recompute and target.exists() and target.stat().st_mtime >= (run_dir / store.TRACE).stat().st_mtime:
+        with xr.open_dataset(target, engine="scipy") as cached:
+            ds = cached.load()
+        if all(_same_option(ds.attrs.get(k), v) for k, v in wanted.items() if v is not None):
+            return ds
+    ds = link_trace(store.load_run(run_dir), **options)
+    ds.attrs["run_id"] = run_dir.name
+    if write:
+        store.atomic_write_dataset(target, ds)
+    return ds
+
+
+def _same_option(saved, wanted):
+    return saved is not None and str(saved) == str(wanted)
+
+
+def run_dirs(source, root=None):
+    """The finished run directories of ``source``: a run directory itself, a store root
+    (every finished run in it), or a sweep spec (``.toml``; its runs under ``root`` or the
+    spec's root)."""
+    source = Path(source)
+    if source.suffix == ".toml":
+        from experiments.sweep import expand, load_spec, resolve_root, run_id
+
+        spec = load_spec(source)
+        base = resolve_root(spec, root)
+        dirs = [base / run_id(c) for c in expand(spec)]
+    elif store.is_done(source):
+        return [source]
+    elif source.is_dir():
+        dirs = sorted(p for p in source.iterdir() if p.is_dir())
+    else:
+        raise ValueError(f"source={str(source)!r} is not a run directory, a store root or a sweep spec (.toml)")
+    return [d for d in dirs if store.is_done(d)]
+
+
+def link(source, *, root=None, recompute=False, write=True, **options):
+    """The link of a run, or of every linkable finished run of a store root or sweep spec.
+
+    One run: the Dataset of :func:`link_run` (dims probe_step, layer). Several: those
+    stacked along a ``run`` dim (outer join: runs that diverged early have NaN after), with
+    per-run coordinates ``opt``, ``lr0``, ``momentum``. Runs the NQM does not describe (Adam)
+    or without probes are left out and named in ``attrs["skipped"]``.
+    """
+    dirs = run_dirs(source, root)
+    if not dirs:
+        raise ValueError(f"source={str(source)!r} has no finished runs")
+    if len(dirs) == 1 and store.is_done(Path(source)):
+        return link_run(dirs[0], recompute=recompute, write=write, **options)
+    linked, skipped = [], []
+    for d in dirs:
+        try:
+            linked.append(link_run(d, recompute=recompute, write=write, **options))
+        except ValueError as err:
+            skipped.append(f"{d.name}: {err}")
+    if not linked:
+        raise ValueError(f"source={str(source)!r}: no run could be linked; " + "; ".join(skipped[:3]))
+    ds = xr.concat([_run_coords(x) for x in linked], dim="run", join="outer",
+                   combine_attrs="drop_conflicts", data_vars="all")
+    ds.attrs["skipped"] = "; ".join(skipped)
+    return ds
+
+
+def _run_coords(ds):
+    a = ds.attrs
+    ds = ds.expand_dims(run=[a["run_id"]])
+    return ds.assign_coords(opt=("run", [a["method"]]), lr0=("run", [a["lr0"]]),
+                            momentum=("run", [a["momentum"]]))
+
+
+def layer_table(ds):
+    """Per-layer summary of a link Dataset (pooled over runs and probe steps): median h/edge,
+    the most frequent top-mode regime, mean predicted and measured correlation and squared
+    norm, and the per-layer Spearman and sign agreement of the correlation."""
+    rows = {}
+    for layer in ds["layer"].values:
+        x = ds.sel(layer=layer)
+        pred, meas = x["pred_grad_corr"].values.ravel(), x["meas_grad_corr"].values.ravel()
+        sc = agreement_scores(pred, meas)
+        regimes = pd.Series(x["regime"].values.ravel()).dropna()
+        rows[layer] = {
+            "n": sc["n"], "h/edge": float(np.nanmedian(x["edge_ratio"])),
+            "regime": regimes.mode().iloc[0] if len(regimes) else "",
+            "pred_corr": float(np.nanmean(pred)) if sc["n"] else np.nan,
+            "meas_corr": float(np.nanmean(meas)) if sc["n"] else np.nan,
+            "spearman": sc["spearman"], "sign_agree": sc["sign_agreement"],
+            "pred_|g|^2": float(np.nanmean(x["pred_grad_sq_norm"])),
+            "meas_|g|^2": float(np.nanmean(x["meas_grad_sq_norm"])),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def format_report(ds):
+    """The per-layer table and the pooled scores, as printed by ``optdyn link``."""
+    scores = link_scores(ds)
+    lines = [layer_table(ds).to_string(float_format=lambda v: f"{v:.3g}"), ""]
+    for what, sc in scores.items():
+        lines.append(f"{what}: " + ", ".join(f"{k}={sc[k]:.3g}" if isinstance(sc[k], float) else f"{k}={sc[k]}"
+                                              for k in SCORES))
+    if ds.attrs.get("skipped"):
+        lines.append(f"skipped: {ds.attrs['skipped']}")
+    return "\n".join(lines)
+
+
+def add_command(subparsers):
+    p = subparsers.add_parser("link", help="predicted vs measured per-layer oscillation and norm, with scores",
+                              description="Link a run (or every finished run of a store root or sweep "
+                              "spec): NQM predictions from the measured per-layer sharpness, Hessian trace "
+                              "and gradient noise, beside the measured successive-gradient correlation and "
+                              "gradient norm. Writes link.nc beside each run; prints a per-layer table and "
+                              "the agreement scores.")
+    p.add_argument("source", help="a run directory, a store root, or a sweep spec (.toml)")
+    p.add_argument("--root", help="store root when SOURCE is a spec (default: the spec's root)")
+    p.add_argument("--window", type=int, help="measurement window in steps (default: probe spacing)")
+    p.add_argument("--noise-model", default="curvature", help="additive or curvature (default)")
+    p.add_argument("--shape", default="power", help="spectrum shape from the summary: power (default), two-level")
+    p.add_argument("--on-unstable", default="exclude", help="modes past the edge: exclude (default), nan")
+    p.add_argument("--smooth", type=int, default=3, help="probes in the rolling mean of the probe estimates")
+    p.add_argument("--recompute", action="store_true", help="ignore existing link.nc files")
+    p.add_argument("--json", help="also write the scores (and options) as JSON here")
+    p.set_defaults(func=_link_main)
+
+
+def _link_main(args):
+    ds = link(args.source, root=args.root, recompute=args.recompute, window=args.window,
+              noise_model=args.noise_model, shape=args.shape, on_unstable=args.on_unstable, smooth=args.smooth)
+    print(format_report(ds))
+    if args.json:
+        store.atomic_write_json(args.json, {"scores": link_scores(ds), "options": {
+            k: ds.attrs.get(k) for k in OPTIONS}, "source": str(args.source)})
+    return 0
