@@ -14,7 +14,9 @@ def check_method(method):
 
 def _show(value):
     arr = np.asarray(value)
-    return arr.item() if arr.ndim == 0 else f"array with min {arr.min():g}, max {arr.max():g}"
+    if arr.size == 1:
+        return arr.item()
+    return f"array with {arr.size} values in [{arr.min():g}, {arr.max():g}]"
 
 
 def check_momentum(momentum):
