@@ -246,6 +246,15 @@ def train(config: RunConfig, *, data_dir=None, progress=False):
     ``test_loss``/``test_accuracy`` over ``eval_step`` (parameters after that many
     updates) when ``eval_every`` > 0. ``progress``: a tqdm bar with the loss and the
     global gradient norm (postfix refreshed every 50 steps).
+
+    ``summary``: ``diverged``, ``diverged_step`` (int or None), ``steps_done``,
+    ``final_loss`` and ``train_accuracy`` (whole training set, eval mode, at the end),
+    ``test_loss``, ``test_accuracy`` (accuracy: per example, per byte for ``lm``, None for
+    ``regress``; all four None after a divergence), ``final_batch_loss`` (the last
+    mini-batch loss), ``n_params``, ``device``, ``tracer_seconds``, ``wall_seconds``.
+
+    The model is built right after ``torch.manual_seed(config.seed)`` (so its
+    initialisation can be reproduced outside), then the optimizer and the tracer.
     """
     start = time.perf_counter()
     device = torch.device(config.device)

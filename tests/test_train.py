@@ -317,3 +317,58 @@ def test_adam_eval_every_and_probe():
     assert trace.test_accuracy.values[-1] == pytest.approx(summary["test_accuracy"])
     np.testing.assert_array_equal(trace.probe_step.values, [0, 3])
     assert np.all(np.isfinite(trace.sharpness.values))
+
+
+# ---------------------------------------------------------------- more tasks and options
+def test_batches_are_epoch_permutations_dropping_the_remainder():
+    from experiments.train import batches
+
+    it = batches(10, 3, torch.Generator().manual_seed(0), "cpu")
+    epoch = torch.cat([next(it) for _ in range(3)])
+    assert sorted(epoch.tolist()) == sorted(set(epoch.tolist())) and len(epoch) == 9
+    full = batches(10, 0, None, "cpu")
+    assert next(full).tolist() == list(range(10))
+
+
+def test_language_model_training_reports_per_byte_accuracy():
+    cfg = RunConfig(model="transformer", data="pytext", model_args={"dim": 8, "layers": 1, "heads": 2},
+                    data_args={"seq_len": 16, "n_train": 64}, opt="adam", lr=0.01, steps=3, batch_size=8,
+                    threads=1)
+    trace, summary = train(cfg)
+    assert 0 <= summary["test_accuracy"] <= 1 and summary["test_loss"] < 8  # ln 256 = 5.5 at chance
+    assert "blocks.0.attn.qkv" in trace.layer.values
+
+
+def test_per_tensor_trace_with_layer_clipping_uses_module_factors():
+    cfg = RunConfig(**{**TINY, "model_args": {"hidden": [8]}}, clip="layer", clip_value=0.01, per_tensor=True)
+    trace, _ = train(cfg)
+    f = trace.clip_factor
+    np.testing.assert_array_equal(f.sel(layer="fc1.weight").values, f.sel(layer="fc1.bias").values)
+    assert np.all(f.values < 1)
+
+
+def test_line_search_restores_batchnorm_statistics():
+    from experiments.optim import get_rng_state, line_search_step
+    from experiments.train import make_loss_fn
+
+    data = load_data("digits")
+    torch.manual_seed(0)
+    net = build_model("resnet", data.info, width=4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    batch = (data.x_train[:16], data.y_train[:16])
+    loss_fn = make_loss_fn("classify")
+    rng = get_rng_state()
+    loss_fn(net, batch).backward()
+    stats = [b.clone() for b in net.buffers()]
+    m = line_search_step(net, opt, loss_fn, batch, evals=5, max_multiplier=2.0, rng_state=rng)
+    assert 0 < m < 2
+    for before, after in zip(stats, net.buffers()):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.slow
+def test_seed_cnn_learns_mnist1d():
+    """300 HB steps of batch 32 take the seed CNN well above chance (10%) on MNIST-1D."""
+    _, summary = train(RunConfig(model="seed-cnn", data="mnist1d", opt="hb", lr=0.05, momentum=0.9, steps=300,
+                                 threads=1))
+    assert not summary["diverged"] and summary["test_accuracy"] > 0.3
