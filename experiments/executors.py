@@ -158,6 +158,11 @@ class PoolExecutor:
                 yield executor_error(futures[future], err)
 
 
+def dask_resources(task: RunTask):
+    """Abstract Dask resources a task needs: a GPU for a CUDA run (None: any worker)."""
+    return {"GPU": 1} if task.wants_gpu else None
+
+
 class DaskExecutor:
     """A Dask distributed client: ``scheduler`` address, or ``n_local`` loopback workers."""
 
@@ -192,12 +197,9 @@ class DaskExecutor:
     def run_all(self, tasks):
         from distributed import as_completed
 
-        futures = {}
-        for task in tasks:
-            extra = {"resources": {"GPU": 1}} if task.wants_gpu else {}
-            future = self._client.submit(execute_task, task, key=f"optdyn-run-{task.run_id}",
-                                         pure=False, **extra)
-            futures[future] = task
+        futures = {self._client.submit(execute_task, task, key=f"optdyn-run-{task.run_id}", pure=False,
+                                       resources=dask_resources(task)): task
+                   for task in tasks}
         for future in as_completed(futures):
             try:
                 yield future.result()

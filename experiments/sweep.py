@@ -71,7 +71,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from experiments import store
 from experiments.executors import DEFAULT_RUN_FN, RunTask, make_executor
 

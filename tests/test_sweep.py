@@ -20,6 +20,7 @@ import xarray as xr
 from experiments import store, sweep
 from experiments.cli import main
 from experiments.collect import collect, tidy, to_table
+from experiments.executors import InProcessExecutor, RunTask, dask_resources, make_executor
 from experiments.train import RunConfig
 
 TINY = {"model": "mlp", "data": "digits", "steps": 20, "batch_size": 32}
@@ -252,6 +253,27 @@ momentum = [0.9, 0.5]
     assert list(table.diverged) == [False, True]
 
 
+def test_cuda_runs_ask_dask_for_a_gpu_worker():
+    def task(device):
+        return RunTask("x", RunConfig.from_dict({**TINY, "device": device}).to_dict(), "/nowhere")
+
+    assert dask_resources(task("cuda")) == {"GPU": 1} == dask_resources(task("cuda:1"))
+    assert dask_resources(task("cpu")) is None
+
+
+def test_executor_choice_and_its_errors():
+    assert isinstance(make_executor(workers=0), InProcessExecutor)
+    assert make_executor(workers=3).workers == 3
+    assert make_executor().workers == os.cpu_count()
+    assert make_executor(dask_local=2).n_local == 2
+    with pytest.raises(ValueError, match="workers=-1 is outside the valid range"):
+        make_executor(workers=-1)
+    with pytest.raises(ValueError, match="workers cannot be combined"):
+        make_executor(workers=2, dask_local=2)
+    with pytest.raises(ValueError, match="dask_local=0 is outside the valid range"):
+        make_executor(dask_local=0)
+
+
 # ------------------------------------------------------------------ collect
 
 def test_collect_flat_root_has_a_run_dim_with_config_coords(grid_store):
@@ -387,3 +409,23 @@ def test_local_pool_and_dask_local_cluster_give_identical_results(tmp_path):
     wall = ["wall_seconds", "tracer_seconds"]
     xr.testing.assert_identical(collect(in_process, traces=True).drop_vars(wall).drop_attrs(),
                                 collect(pool_spec, traces=True).drop_vars(wall).drop_attrs())
+
+
+@pytest.mark.slow
+def test_dask_scheduler_address_routes_cuda_runs_to_gpu_workers_and_records_failures(tmp_path):
+    from distributed import LocalCluster
+
+    # one worker that declares a GPU (this machine has none): the CUDA run is accepted
+    # there, raises inside train.run, and comes back as a recorded failure
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, resources={"GPU": 1}) as cluster:
+        spec = tiny_spec(tmp_path, runs=[{"device": "cpu"}, {"device": "cuda"}])
+        counts = sweep.run_sweep(spec, scheduler=cluster.scheduler_address, progress=False)
+    plan = sweep.plan(spec)
+    if counts["failed"] == 0:  # a CUDA machine: both ran
+        assert counts["finished"] == 2
+        return
+    assert counts == {"finished": 1, "skipped": 0, "diverged": 0, "failed": 1, "total": 2}
+    failed = tmp_path / plan.ids[plan.status.index("failed")]
+    assert store.read_json(failed / store.CONFIG)["device"] == "cuda"
+    assert "Traceback" in (failed / store.FAILED).read_text()
