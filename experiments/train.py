@@ -251,7 +251,8 @@ def train(config: RunConfig, *, data_dir=None, progress=False):
     ``final_loss`` and ``train_accuracy`` (whole training set, eval mode, at the end),
     ``test_loss``, ``test_accuracy`` (accuracy: per example, per byte for ``lm``, None for
     ``regress``; all four None after a divergence), ``final_batch_loss`` (the last
-    mini-batch loss), ``n_params``, ``device``, ``tracer_seconds``, ``wall_seconds``.
+    mini-batch loss), ``n_params``, ``n_train``, ``n_test``, ``device``,
+    ``tracer_seconds``, ``wall_seconds``.
 
     The model is built right after ``torch.manual_seed(config.seed)`` (so its
     initialisation can be reproduced outside), then the optimizer and the tracer.
@@ -384,6 +385,7 @@ def _train(config, data, device, progress):
         "final_batch_loss": _finite(losses[done - 1].item()),
         "final_loss": None, "train_accuracy": None, "test_loss": None, "test_accuracy": None,
         "n_params": sum(p.numel() for p in model.parameters()), "device": str(device),
+        "n_train": len(y), "n_test": len(data.y_test),
         "tracer_seconds": float(trace.attrs.get("tracer_seconds", math.nan)),
     }
     if diverged_step is None:

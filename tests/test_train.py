@@ -128,6 +128,7 @@ def test_stable_run_does_not_diverge():
     _, summary = train(RunConfig(**LINREG, opt="hb", lr=0.5, momentum=0.5, steps=20))
     assert summary["diverged"] is False and summary["diverged_step"] is None
     assert summary["steps_done"] == 20 and summary["final_loss"] is not None
+    assert (summary["n_train"], summary["n_test"]) == (64, 16)
 
 
 # ---------------------------------------------------------------- the convention, end to end
@@ -171,6 +172,18 @@ def test_run_writes_directory_and_is_resume_safe(tmp_path, monkeypatch):
     assert run(cfg, out) == summary
     with pytest.raises(ValueError, match="another config"):
         run(RunConfig(**LINREG, steps=6), out)
+
+
+def test_directory_without_done_is_rerun(tmp_path):
+    """A writer killed after summary.json but before DONE: the run is not taken as finished."""
+    cfg = RunConfig(**LINREG, steps=4)
+    out = tmp_path / "r"
+    store.atomic_write_json(out / store.CONFIG, cfg.to_dict())
+    store.atomic_write_json(out / store.SUMMARY, {"steps_done": -1})
+    assert not store.is_done(out)
+    summary = run(cfg, out)
+    assert summary["steps_done"] == 4 and store.read_json(out / store.SUMMARY)["steps_done"] == 4
+    assert store.is_done(out)
 
 
 def test_crash_mid_run_leaves_no_partial_files(tmp_path, monkeypatch):
