@@ -277,8 +277,10 @@ def canonical_config(config) -> dict:
         kind = type(value)
         if kind is int and key in floats:
             value = float(value)
+        elif kind is float:
+            value = value + 0.0 if math.isfinite(value) else repr(value)  # -0.0 + 0.0 == 0.0
         elif kind is not str and kind is not int and kind is not bool and value is not None:
-            value = _canonical_value(value)  # floats, containers, numpy scalars
+            value = _canonical_value(value)  # containers, numpy scalars
         out[key] = value
     return out
 

@@ -59,6 +59,7 @@ def test_run_id_is_a_hash_of_the_canonical_full_config():
     assert sweep.run_id(a) == sweep.run_id(RunConfig.from_dict(a.to_dict()))
     assert len(sweep.run_id(a)) == 16 and int(sweep.run_id(a), 16) >= 0
     assert sweep.run_id(a) != sweep.run_id(RunConfig.from_dict({**TINY, "lr": 1.0 + 1e-12}))
+    assert sweep.run_id(a) == sweep.run_id(RunConfig.from_dict({**TINY, "lr": 1, "weight_decay": -0.0}))
     # defaults are filled in: naming a default explicitly is the same run
     assert sweep.run_id(a) == sweep.run_id(RunConfig.from_dict({**TINY, "lr": 1, "seed": 0}))
 
