@@ -43,7 +43,13 @@ run at the same moment both compute it; the atomic writes make the second a harm
 overwrite.
 
 Executors (``experiments.executors``): ``workers=0`` in-process, ``workers=N`` a local
-process pool (default: the core count), ``scheduler=ADDR`` / ``dask_local=N`` Dask.
+process pool (default: the core count), ``scheduler=ADDR`` / ``dask_local=N`` Dask. A
+worker process pays its start-up once (``import torch``, the data set, torch's lazy imports
+at the first optimizer: several seconds), so very short sweeps are faster in-process.
+``run_sweep`` returns counts: ``finished`` (computed in this call, diverged ones included),
+``skipped`` (finished before), ``diverged`` (of those finished now), ``failed`` (raised in
+this call, or failed before and not retried), ``total``; the CLI prints
+``finished N / skipped N / diverged N / failed N`` and exits with status 1 if any failed.
 
 Analytic sweeps (``dynamics`` grids over h, β, λ) are not fanned out here, per point or
 otherwise: the theory broadcasts over numpy arrays, so a whole grid runs vectorised in one
