@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dynamics.methods import get_method
 from experiments import store
@@ -292,6 +294,21 @@ def test_golden_section_uses_exactly_n_evaluations_and_meets_the_bracket():
         assert abs(m - 0.3) <= GOLDEN ** (n - 1) * 4.0  # the final bracket's width
     m, v = golden_section(lambda x: math.nan if x > 1 else -x, 0.0, 4.0, 10)  # NaN counts as +inf
     assert m <= 1 and v == -m
+
+
+@given(st.floats(0.0, 4.0), st.integers(2, 30))
+def test_golden_section_error_within_final_bracket(m0, n):
+    m, v = golden_section(lambda x: (x - m0) ** 2, 0.0, 4.0, n)
+    assert abs(m - m0) <= GOLDEN ** (n - 1) * 4.0 + 1e-12 and v == (m - m0) ** 2
+
+
+@given(st.sampled_from(["constant", "step", "cosine", "linear"]), st.integers(1, 300), st.integers(0, 50),
+       st.floats(0.0, 1.0))
+def test_lr_factors_bounded_and_monotone_after_warmup(schedule, steps, warmup, final):
+    f = lr_factors(schedule, steps, warmup_steps=warmup, step_every=7, step_gamma=0.5, final_lr_factor=final)
+    assert f.shape == (steps,) and np.all((f > 0) | (f == final)) and np.all(f <= 1)
+    assert np.all(np.diff(f[warmup:]) <= 1e-15)  # non-increasing after the warm-up
+    assert np.all(np.diff(f[:warmup + 1]) >= 0) or schedule == "step"
 
 
 def test_line_search_finds_the_exact_line_minimiser_on_a_quadratic():
