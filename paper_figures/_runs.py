@@ -1,0 +1,64 @@
+"""Shared by the empirical figures: run a sweep spec at the figure's size and load its runs.
+
+A spec in ``experiments/specs/`` holds the quick-mode ("make figures") settings, so
+``optdyn sweep experiments/specs/NAME.toml`` reproduces exactly what the quick figure shows.
+A figure shrinks (tiny) or grows (full) it by overriding ``[base]`` keys; an axis key keeps
+its axis values (the sweep's rule: the axis wins). Runs go to ``ctx.store/runs`` (the
+sweeps' default pool), so identical configs are computed once across figures.
+"""
+
+import dataclasses
+from pathlib import Path
+
+from experiments import store, sweep
+from experiments.sweep import expand, load_spec, run_id, run_sweep
+
+SPECS = Path(sweep.__file__).parent / "specs"
+
+
+def spec_for(name, ctx, overrides=None):
+    """The spec ``experiments/specs/NAME.toml`` with ``overrides`` (a dict) put into its base."""
+    spec = load_spec(SPECS / f"{name}.toml")
+    base = {**spec.base, **(overrides or {})}
+    if ctx.device != "cpu":
+        base["device"] = ctx.device
+    return dataclasses.replace(spec, base=base)
+
+
+def load_runs(name, ctx, overrides=None):
+    """Compute what the store lacks, then ``[(RunConfig, trace Dataset), ...]`` in spec order.
+
+    Tiny mode runs in-process (no worker start-up); otherwise ``ctx.workers`` processes.
+    A run that raised is an error here (a diverged run is a result and is returned).
+    """
+    spec = spec_for(name, ctx, overrides)
+    root = Path(ctx.store) / "runs"
+    workers = 0 if ctx.mode == "tiny" else ctx.workers
+    counts = run_sweep(spec, root=root, workers=workers, progress=ctx.mode != "tiny")
+    if counts["failed"]:
+        raise RuntimeError(f"{counts['failed']} run(s) of spec {name!r} failed; see FAILED in {root}")
+    return [(config, store.load_run(root / run_id(config))) for config in expand(spec)]
+
+
+def layer_colours(layers):
+    """One palette colour per layer, input to output (8 at most before colours repeat)."""
+    from paper_figures.style import PALETTE
+
+    return {layer: PALETTE[i % len(PALETTE)] for i, layer in enumerate(layers)}
+
+
+def smooth(da, window, how="median"):
+    """Centred rolling median (or mean) over ``step``: a trend line through noisy steps."""
+    rolled = da.rolling(step=max(1, int(window)), center=True, min_periods=1)
+    return rolled.median() if how == "median" else rolled.mean()
+
+
+def write_summary(stem, table, meta, out="results"):
+    """``results/STEM.csv`` (the per-layer table) and ``results/STEM.json`` (``meta`` plus
+    the table as records), written atomically."""
+    from experiments.store import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    atomic_write_text(out / f"{stem}.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_json(out / f"{stem}.json", {**meta, "table": table.to_dict(orient="records")})
+    return out / f"{stem}.csv", out / f"{stem}.json"
