@@ -10,6 +10,9 @@ MODES = ("tiny", "quick", "full")
 # One module per figure, in paper order; each defines FIGURE.
 MODULES = [
     "nqm",
+    "seed_cnn",
+    "oscillation",
+    "clipping",
 ]
 
 
