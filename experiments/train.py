@@ -41,6 +41,7 @@ from experiments.models import MODELS, build_model, check_fit
 from experiments.optim import (CLIPS, OPTIMIZERS, SCHEDULES, clip_gradients, line_search_step,
                                get_rng_state, lr_factors, make_optimizer, make_scheduler)
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 POSTFIX_EVERY = 50  # steps between progress-bar postfix updates (each one is a host sync)
 
 
@@ -55,7 +56,8 @@ class RunConfig:
     norm (global, layer) or the max |entry| (value). Line search: see
     :func:`experiments.optim.line_search_step` (``line_search_evals`` evaluations over the
     multiplier bracket [0, ``line_search_max``]). ``eval_every`` > 0 adds test loss and
-    accuracy every that many steps (coordinate ``eval_step``).
+    accuracy every that many steps (coordinate ``eval_step``). ``dtype`` of the model and
+    the float inputs: "float32" or "float64" (for tight theory checks, e.g. on linreg).
     """
 
     model: str = "mlp"
@@ -82,6 +84,7 @@ class RunConfig:
     eval_every: int = 0
     per_tensor: bool = False
     threads: int = 0
+    dtype: str = "float32"
     data_args: dict = field(default_factory=dict)
     model_args: dict = field(default_factory=dict)
 
@@ -94,6 +97,7 @@ class RunConfig:
         _choice("opt", self.opt, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("clip", self.clip, CLIPS)
+        _choice("dtype", self.dtype, DTYPES)
         check_fit(self.model, self.data, *KINDS[self.data])
         _check_keywords("data_args", self.data_args, DATASETS[self.data], {"n_train"}, {"data_dir"})
         _check_keywords("model_args", self.model_args, MODELS[self.model], set(), {"info"})
@@ -304,7 +308,9 @@ def _train(config, data, device, progress):
     from experiments.trace import Tracer, layer_name
 
     task = data.info.task
-    model = build_model(config.model, data.info, **config.model_kwargs).to(device)
+    dtype = DTYPES[config.dtype]
+    model = build_model(config.model, data.info, **config.model_kwargs).to(device, dtype)
+    as_input = lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
     optimizer = make_optimizer(model.parameters(), config.opt, config.lr, config.momentum, config.weight_decay)
     scheduler = make_scheduler(optimizer, lr_factors(
         config.schedule, config.steps, warmup_steps=config.warmup_steps, step_every=config.step_every,
@@ -316,7 +322,8 @@ def _train(config, data, device, progress):
         groups.setdefault(layer_name(name), []).append(p)
     to_tracer = {layer_name(n, config.per_tensor): layer_name(n) for n, _ in model.named_parameters()}
     grads = lambda: [p.grad for ps in groups.values() for p in ps if p.grad is not None]
-    x, y = data.x_train.to(device), data.y_train.to(device)
+    x, y = as_input(data.x_train), as_input(data.y_train)
+    x_test, y_test = as_input(data.x_test), as_input(data.y_test)
     order = batches(len(y), config.batch_size, torch.Generator().manual_seed(config.seed), device)
 
     steps, sync_every = config.steps, (1 if device.type == "cpu" else POSTFIX_EVERY)
@@ -363,7 +370,7 @@ def _train(config, data, device, progress):
         if (step + 1) % POSTFIX_EVERY == 0:
             bar.set_postfix(loss=f"{losses[step].item():.4g}", grad_norm=f"{grad_norms[step].item():.4g}")
         if config.eval_every and (step + 1) % config.eval_every == 0:
-            test_loss, test_acc = evaluate(model, loss_fn, task, data.x_test.to(device), data.y_test.to(device))
+            test_loss, test_acc = evaluate(model, loss_fn, task, x_test, y_test)
             eval_steps.append(step + 1), test_losses.append(test_loss), test_accs.append(test_acc)
     bar.close()
 
@@ -390,8 +397,7 @@ def _train(config, data, device, progress):
     }
     if diverged_step is None:
         summary["final_loss"], summary["train_accuracy"] = evaluate(model, loss_fn, task, x, y)
-        summary["test_loss"], summary["test_accuracy"] = evaluate(
-            model, loss_fn, task, data.x_test.to(device), data.y_test.to(device))
+        summary["test_loss"], summary["test_accuracy"] = evaluate(model, loss_fn, task, x_test, y_test)
     return trace, summary
 
 

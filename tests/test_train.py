@@ -59,6 +59,7 @@ def test_config_gd_momentum_normalised():
     ("step_gamma", 1.5, ["step_gamma=1.5", "(0, 1]"]),
     ("line_search_evals", 1, ["line_search_evals=1", "[2, inf)"]),
     ("device", "gpu7", ["device", "gpu7"]),
+    ("dtype", "float16", ["dtype='float16'", "float64"]),
     ("lr", "0.1", ["lr", "str", "float"]),
     ("steps", 10.0, ["steps", "float", "int"]),
     ("line_search", 1, ["line_search", "int", "bool"]),
@@ -142,6 +143,7 @@ def test_full_batch_linreg_matches_the_quadratic_recursion(opt):
     float32 training gives relative errors ~1e-6 per step, rtol 1e-4 over 30 steps."""
     cfg = RunConfig(**LINREG, opt=opt, lr=0.8, momentum=0.6, steps=30)
     trace, _ = train(cfg)
+    trace64, _ = train(RunConfig(**{**cfg.to_dict(), "dtype": "float64"}))
     data = load_data("linreg", **cfg.data_kwargs)
     ex = data.info.extras
     torch.manual_seed(cfg.seed)  # train() seeds, then builds the model first
@@ -153,6 +155,9 @@ def test_full_batch_linreg_matches_the_quadratic_recursion(opt):
         step, buf = method.update(s * (w - w_star), buf, lr=cfg.lr, momentum=cfg.momentum)
         w = w + step
     np.testing.assert_allclose(trace.loss.values, expected, rtol=1e-4)
+    # float64 training: only the float32 storage of the data remains (XᵀX/n = diag(s) to
+    # ~1e-7 relative), so 1e-6 is ample and 100x tighter than float32
+    np.testing.assert_allclose(trace64.loss.values, expected, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- run directories
