@@ -6,7 +6,8 @@ spec's axes: one dim per grid key with more than one value (its values as the in
 ``zip`` dim when ``[zip]`` has more than one row (each zipped key a coordinate along it),
 a ``runs`` dim when ``[[runs]]`` has more than one entry (each key they set a coordinate
 along it); config keys that are the same everywhere are scalar coordinates. Points whose
-run is not finished are NaN, and ``run_id`` says which run fills each point.
+run is not finished are NaN (boolean variables then hold True/False/NaN objects), and
+``run_id`` says which run fills each point.
 
 Summary values become variables (nested dicts flattened with ``.``, lists dropped; a name
 taken by a config key or a trace variable gets the prefix ``summary.``; a trace variable
@@ -101,7 +102,9 @@ def _onto_axes(flat: xr.Dataset, spec, points, finished) -> xr.Dataset:
     constant = {k: _hashable(v) for k, v in first.items()
                 if k not in coords and all(_same(c[k], v) for c in config_at.values())}
     flat = flat.drop_vars([c for c in flat.coords if c not in flat.dims])
+    flags = [n for n in flat.data_vars if flat[n].dtype == bool]
     if (selector == "").any():  # a point with no finished run: select an all-NaN one
+        flat = flat.assign({n: flat[n].astype(object) for n in flags})  # else NaN makes them float
         flat = flat.reindex(run=list(flat.run.values) + [""])
     ds = flat.sel(run=selector).drop_vars("run")
     ds["run_id"] = selector.where(selector != "", np.nan)
@@ -159,16 +162,29 @@ def to_table(ds: xr.Dataset, path, fmt=None) -> pd.DataFrame:
 
 def tidy(ds: xr.Dataset) -> pd.DataFrame:
     """One row per observation. If all data variables share their dims: one row per index
-    point and one column per variable; otherwise long: one row per (variable, index point),
-    columns ``variable`` and ``value``. Coordinates are columns; rows where every value is
-    missing (points the sweep did not finish) are dropped."""
+    point and one column per variable. Otherwise long: one row per (numeric variable,
+    index point), columns ``variable`` and ``value`` (a float; booleans as 0/1), with the
+    non-numeric variables (``run_id``, strings) as columns beside it. Coordinates are
+    columns; rows where every value is missing (points not finished) are dropped. Every
+    column has one type, so the table is also valid Parquet."""
     names = list(ds.data_vars)
     if len({ds[n].dims for n in names}) <= 1:
         table = ds.to_dataframe().reset_index()
-        return table.dropna(subset=names, how="all").reset_index(drop=True) if names else table
+        if names:
+            table = table.dropna(subset=names, how="all").reset_index(drop=True)
+        return table.infer_objects()
+    labels = [n for n in names if not _is_numeric(ds[n])]
+    ds = ds.set_coords(labels)
     parts = []
-    for name in names:
-        part = ds[name].to_dataframe(name="value").reset_index().dropna(subset=["value"])
+    for name in (n for n in names if n not in labels):
+        part = ds[name].astype(float).to_dataframe(name="value").reset_index().dropna(subset=["value"])
         part.insert(0, "variable", name)
         parts.append(part)
-    return pd.concat(parts, ignore_index=True)
+    return pd.concat(parts, ignore_index=True).infer_objects()
+
+
+def _is_numeric(da: xr.DataArray) -> bool:
+    if da.dtype.kind in "biuf":
+        return True
+    values = da.values.ravel()
+    return da.dtype.kind == "O" and all(isinstance(v, (bool, numbers.Real)) for v in values if not pd.isna(v))

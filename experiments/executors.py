@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import importlib
+import logging
 import multiprocessing
 import os
 import traceback
@@ -184,7 +185,8 @@ class DaskExecutor:
         else:
             self._cluster = LocalCluster(
                 n_workers=self.n_local, threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address=None, resources={"GPU": 1} if self.gpu_workers else None)
+                dashboard_address=None, resources={"GPU": 1} if self.gpu_workers else None,
+                silence_logs=logging.ERROR)
             self._client = Client(self._cluster)
         return self
 

@@ -318,6 +318,8 @@ def test_collect_marks_missing_points_nan(grid_store, tmp_path):
     assert ds.final_loss.sel(lr=0.01).isnull().all() and ds.run_id.sel(lr=0.01).isnull().all()
     table = to_table(ds, tmp_path / "t.csv")
     assert len(table) == 4  # the two missing points are dropped from the tidy table
+    assert table.diverged.dtype == bool
+    assert_one_type_per_column(table)
     assert len(pd.read_csv(tmp_path / "t.csv")) == 4
 
 
@@ -329,6 +331,16 @@ def test_tidy_table_of_traces_is_long(grid_store):
     grad = table[table.variable == "grad_norm"]
     n_finite = int(np.isfinite(ds.grad_norm).sum())
     assert len(grad) == n_finite
+    assert table["value"].dtype == float and set(table.variable) >= {"diverged", "loss", "final_loss"}
+    assert "run_id" in table.columns and "run_id" not in set(table.variable)
+    assert_one_type_per_column(table)
+
+
+def assert_one_type_per_column(table):
+    """What Parquet needs: every object column holds one Python type (NaN aside)."""
+    for column in table.columns[table.dtypes == object]:
+        kinds = {type(v) for v in table[column] if not pd.isna(v)}
+        assert len(kinds) <= 1, (column, kinds)
 
 
 def test_parquet_without_pyarrow_is_a_clear_error(grid_store, tmp_path, monkeypatch):
