@@ -433,6 +433,20 @@ def run(config: RunConfig, out_dir, *, data_dir=None, progress=False):
 
 
 # --------------------------------------------------------------------------- CLI
+FIELD_HELP = {
+    "model": f"one of {', '.join(MODELS)}", "data": f"one of {', '.join(DATASETS)}",
+    "opt": f"one of {', '.join(OPTIMIZERS)} (PyTorch SGD convention; adam: momentum is beta1)",
+    "lr": "learning rate > 0", "momentum": "in [0, 1)", "schedule": f"one of {', '.join(SCHEDULES)}",
+    "step_every": "steps between decays (schedule step)", "step_gamma": "decay factor (schedule step)",
+    "final_lr_factor": "final lr / lr (cosine, linear)", "batch_size": "0 = full batch",
+    "clip": f"one of {', '.join(CLIPS)}", "clip_value": "max norm (global, layer) or max |g| (value)",
+    "line_search": "golden-section search of the step-size multiplier in [0, line-search-max]",
+    "probe_every": "sharpness/noise probe every k steps (0 = off)", "eval_every": "test eval every k steps",
+    "per_tensor": "trace per parameter tensor instead of per module", "threads": "torch threads (0 = leave)",
+    "device": "cpu, cuda, cuda:N", "dtype": f"one of {', '.join(DTYPES)}",
+}
+
+
 def add_command(subparsers):
     """``optdyn train``: flags for every RunConfig field (override ``--config FILE.toml``)."""
     import argparse
@@ -446,13 +460,15 @@ def add_command(subparsers):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in dataclasses.fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else "{}"
+        doc = f"{FIELD_HELP.get(f.name, '')} (default {default})".lstrip()
         if f.type is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=doc)
         elif f.type is dict:
             p.add_argument(flag.removesuffix("s"), dest=f.name, action="append", metavar="KEY=VALUE",
                            help=f"one entry of {f.name} (VALUE parsed as TOML, else a string); repeatable")
         else:
-            p.add_argument(flag, dest=f.name, type=f.type, default=None)
+            p.add_argument(flag, dest=f.name, type=f.type, default=None, help=doc)
     p.set_defaults(func=_main)
 
 
