@@ -102,15 +102,16 @@ def measured_window(trace, probe_steps=None, window=None):
     :math:`p - \lfloor W/2 \rfloor \le t < p + \lceil W/2 \rceil` (clipped to the run).
     Over it
 
-    - ``meas_grad_corr`` :math:`= \sum_t g_t\cdot g_{t-1} / \sum_t \|g_t\|\|g_{t-1}\|`, with
-      :math:`g_t\cdot g_{t-1}` = ``grad_cos``·``grad_norm``(t)·``grad_norm``(t−1): the
-      norm-weighted mean of the cosines, a consistent estimator of the NQM's
-      :math:`E[g_t\cdot g_{t+1}]/E\|g\|^2` in a stationary state;
-    - ``meas_mean_cos``, the plain mean of ``grad_cos``. It is *not* that ratio: in a layer
-      with few effective modes the norm fluctuates and the steps with large, usually
-      better-aligned gradients weigh the same as the rest (on the quadratic network of the
-      tests, HB h_max = 1.2, β = 0.5: mean cos −0.083 against the ratio −0.141, which the
-      theory predicts to 0.002);
+    - ``meas_grad_corr`` :math:`= \sum_t g_t\cdot g_{t-1} \big/
+      \sqrt{\sum_t \|g_t\|^2 \sum_t \|g_{t-1}\|^2}`, with :math:`g_t\cdot g_{t-1}` =
+      ``grad_cos``·``grad_norm``(t)·``grad_norm``(t−1): the consistent estimator of the
+      NQM's :math:`E[g_t\cdot g_{t+1}]/E\|g\|^2` in a stationary state;
+    - ``meas_mean_cos``, the plain mean of ``grad_cos``. It estimates a different quantity,
+      :math:`E[\cos]`: in a layer with few effective modes the norm fluctuates and large,
+      differently aligned gradients weigh as much as small ones. On the quadratic network
+      (spectrum 1/i, d = 20; HB, lr·λ_max = 1.2, β = 0.5, batch 32) the mean cosine is −0.083,
+      the norm-weighted mean :math:`\sum g_t\cdot g_{t-1}/\sum\|g_t\|\|g_{t-1}\|` −0.16,
+      and the estimator above −0.144, which the NQM predicts (−0.142);
     - ``meas_grad_sq_norm``, the mean of ``grad_norm**2``;
     - ``meas_steps``, the number of steps used.
 
@@ -126,17 +127,18 @@ def measured_window(trace, probe_steps=None, window=None):
     probe = xr.DataArray(probe_steps, dims="probe_step", coords={"probe_step": probe_steps})
     inside = (step >= probe - window // 2) & (step < probe + (window - window // 2))
     norm = trace["grad_norm"]
-    norm_pair = norm * norm.shift(step=1)
-    dot = trace["grad_cos"] * norm_pair
+    prev = norm.shift(step=1)
+    dot = trace["grad_cos"] * norm * prev
 
     def window_sum(values, mask):
         return xr.where(mask, values, 0.0).sum("step")
 
-    pair_ok = inside & np.isfinite(dot) & np.isfinite(norm_pair)
+    pair_ok = inside & np.isfinite(dot)
     cos_ok = inside & np.isfinite(trace["grad_cos"])
     sq_ok = inside & np.isfinite(norm)
     return xr.Dataset({
-        "meas_grad_corr": window_sum(dot, pair_ok) / window_sum(norm_pair, pair_ok),
+        "meas_grad_corr": window_sum(dot, pair_ok) / np.sqrt(window_sum(norm**2, pair_ok)
+                                                             * window_sum(prev**2, pair_ok)),
         "meas_mean_cos": window_sum(trace["grad_cos"], cos_ok) / cos_ok.sum("step"),
         "meas_grad_sq_norm": window_sum(norm**2, sq_ok) / sq_ok.sum("step"),
         "meas_steps": pair_ok.sum("step"),
@@ -153,11 +155,13 @@ def default_window(probe_steps):
 # predicted side
 
 LINK_FILE = "link.nc"
+EDGE_MARGIN = 0.05  # the network's top mode is capped at (1 - EDGE_MARGIN) x the stability edge
 LINKED_METHODS = ("gd", "hb", "nag")
 
 
 def predict_layers(method, lr, momentum, sharpness, hessian_trace, n_params, grad_noise, *,
-                   noise_model="curvature", shape="power", on_unstable="exclude", spectra=None):
+                   noise_model="curvature", shape="power", on_unstable="exclude", spectra=None,
+                   sharpness_global=None, edge_margin=EDGE_MARGIN):
     r"""NQM predictions per (probe_step, layer) from the measured spectrum summary and noise.
 
     ``lr`` is a DataArray over ``probe_step``; ``sharpness``, ``hessian_trace`` and
@@ -169,6 +173,9 @@ def predict_layers(method, lr, momentum, sharpness, hessian_trace, n_params, gra
     positive (a saddle direction dominates the block) has no stationary NQM: NaN.
     ``on_unstable`` is passed to :func:`layer_prediction`: the default "exclude" sums over
     the modes below the stability edge and counts the others in ``pred_n_unstable``.
+
+    With ``sharpness_global`` (over probe_step) each layer also carries the network's top
+    mode, see :func:`with_global_mode`.
     """
     probe, layers = sharpness["probe_step"].values, sharpness["layer"].values
     shape2 = (probe.size, layers.size)
@@ -186,6 +193,10 @@ def predict_layers(method, lr, momentum, sharpness, hessian_trace, n_params, gra
                 spectrum = spectra[layer]
             elif np.isfinite(lam[i]) and lam[i] > 0 and np.isfinite(tr[i]):
                 spectrum = LayerSpectrum.from_summary(lam[i], tr[i], n, shape=shape, clip_trace=True)
+                if sharpness_global is not None:
+                    edge = float(stability_edge(method, momentum))
+                    spectrum = with_global_mode(spectrum, float(sharpness_global.values[i]),
+                                                edge * (1 - edge_margin) / lrs[i])
             else:
                 continue
             if not (np.isfinite(noise[i]) and noise[i] >= 0 and np.isfinite(lrs[i]) and lrs[i] > 0):
@@ -202,6 +213,36 @@ def predict_layers(method, lr, momentum, sharpness, hessian_trace, n_params, gra
     return ds
 
 
+def with_global_mode(spectrum, lam_global, lam_cap=np.inf):
+    r"""The layer's spectrum with its top mode replaced by the network's top mode.
+
+    The tracer's ``sharpness`` is the top eigenvalue of the layer's *diagonal block*
+    :math:`H_{ll}`; the optimizer, though, moves along eigenvectors of the full Hessian,
+    and the top one, :math:`v` with eigenvalue :math:`\lambda_G` (``sharpness_global``),
+    spans several layers. If it dominates every block's top eigenvalue,
+    :math:`H_{ll} \approx \lambda_G v_l v_l^\top + \dots` and :math:`\lambda_{\max,l}
+    \approx \lambda_G \|v_l\|^2`: the layer holds the fraction
+    :math:`s_l = \lambda_{\max,l}/\lambda_G` of a mode whose curvature, as the optimizer
+    sees it, is :math:`\lambda_G`. So the top mode (λ_max,l, weight 1) becomes
+    (λ_G, weight s_l); the trace is unchanged (λ_G s_l = λ_max,l), and so is the noise
+    the curvature model puts on it. Where λ_G ≤ λ_max,l (estimation noise) the spectrum is
+    returned as it is.
+
+    At the edge of stability the network's top mode sits at (or, between probes, beyond)
+    the edge, where the stationary NQM has no solution; Cohen et al. (2021) observe that
+    it is held there by non-quadratic effects. λ_G is therefore capped at ``lam_cap``
+    (a fixed margin below the edge, :data:`EDGE_MARGIN`), which keeps the mode's
+    amplification finite and its lag-1 correlation that of a mode at the edge.
+    """
+    lam_top = spectrum.eigenvalues[0]
+    lam_g = min(lam_global, lam_cap) if np.isfinite(lam_global) else np.nan
+    if not (np.isfinite(lam_g) and lam_g > lam_top and spectrum.weights[0] == 1):
+        return spectrum
+    eig, w = spectrum.eigenvalues.copy(), spectrum.weights.copy()
+    eig[0], w[0] = lam_g, lam_top / lam_g
+    return LayerSpectrum(eig, w, shape=f"{spectrum.shape}+global", exponent=spectrum.exponent)
+
+
 def run_method(config):
     """(method, momentum) of a run config dict; the link covers SGD-type optimizers only."""
     method = config.get("opt")
@@ -212,7 +253,7 @@ def run_method(config):
 
 
 def link_trace(trace, config=None, *, window=None, noise_model="curvature", shape="power",
-               on_unstable="exclude", smooth=3, spectra=None):
+               on_unstable="exclude", smooth=3, global_mode=True, spectra=None):
     """Predicted and measured per-layer oscillation and norm of one run, side by side.
 
     ``trace`` is a run's trace (``experiments.store.load_run`` puts the config in its
@@ -240,18 +281,21 @@ def link_trace(trace, config=None, *, window=None, noise_model="curvature", shap
     if int(smooth) < 1:
         raise ValueError(f"smooth={smooth} is outside the valid range [1, inf)")
     fed = {k: trace[k].rolling(probe_step=int(smooth), center=True, min_periods=1).mean()
-           for k in ("sharpness", "hessian_trace", "grad_noise")}
+           for k in ("sharpness", "hessian_trace", "grad_noise", "sharpness_global")}
     pred = predict_layers(method, lr, momentum, fed["sharpness"], fed["hessian_trace"], trace["n_params"],
                           fed["grad_noise"], noise_model=noise_model, shape=shape,
-                          on_unstable=on_unstable, spectra=spectra)
+                          on_unstable=on_unstable, spectra=spectra,
+                          sharpness_global=fed["sharpness_global"] if global_mode else None)
     meas = measured_window(trace, probe, window)
     ds = xr.merge([pred, meas.drop_attrs()])
+    h_global = lr * trace["sharpness_global"]
     ds = ds.assign(lr=lr, h=h, edge=edge, edge_ratio=h / edge, regime=regime_top,
+                   sharpness_global=trace["sharpness_global"], edge_ratio_global=h_global / edge,
                    sharpness=trace["sharpness"], hessian_trace=trace["hessian_trace"],
                    grad_noise=trace["grad_noise"], n_params=trace["n_params"])
     ds.attrs = {"method": method, "momentum": momentum, "lr0": float(config.get("lr", np.nan)),
                 "window": meas.attrs["window"], "noise_model": noise_model, "shape": shape,
-                "on_unstable": on_unstable, "smooth": int(smooth),
+                "on_unstable": on_unstable, "smooth": int(smooth), "global_mode": int(bool(global_mode)),
                 "spectra": "given" if spectra else "summary"}
     return ds
 
@@ -269,7 +313,7 @@ def link_scores(ds, bins=10):
 # ---------------------------------------------------------------------------------------
 # runs, sweeps, files
 
-OPTIONS = ("window", "noise_model", "shape", "on_unstable", "smooth")
+OPTIONS = ("window", "noise_model", "shape", "on_unstable", "smooth", "global_mode")
 
 
 def link_run(run_dir, *, recompute=False, write=True, **options):
@@ -282,7 +326,8 @@ def link_run(run_dir, *, recompute=False, write=True, **options):
     if not recompute and target.exists() and target.stat().st_mtime >= (run_dir / store.TRACE).stat().st_mtime:
         with xr.open_dataset(target, engine="scipy") as cached:
             ds = cached.load()
-        if all(_same_option(ds.attrs.get(k), v) for k, v in wanted.items() if v is not None):
+        if all(_same_option(ds.attrs.get(k), int(v) if isinstance(v, bool) else v)
+               for k, v in wanted.items() if v is not None):
             return ds
     ds = link_trace(store.load_run(run_dir), **options)
     ds.attrs["run_id"] = run_dir.name
@@ -397,6 +442,8 @@ def add_command(subparsers):
     p.add_argument("--shape", default="power", help="spectrum shape from the summary: power (default), two-level")
     p.add_argument("--on-unstable", default="exclude", help="modes past the edge: exclude (default), nan")
     p.add_argument("--smooth", type=int, default=3, help="probes in the rolling mean of the probe estimates")
+    p.add_argument("--block-only", action="store_true",
+                   help="per-layer diagonal-block spectra only (no network top mode in each layer)")
     p.add_argument("--recompute", action="store_true", help="ignore existing link.nc files")
     p.add_argument("--json", help="also write the scores (and options) as JSON here")
     p.set_defaults(func=_link_main)
@@ -404,7 +451,8 @@ def add_command(subparsers):
 
 def _link_main(args):
     ds = link(args.source, root=args.root, recompute=args.recompute, window=args.window,
-              noise_model=args.noise_model, shape=args.shape, on_unstable=args.on_unstable, smooth=args.smooth)
+              noise_model=args.noise_model, shape=args.shape, on_unstable=args.on_unstable, smooth=args.smooth,
+              global_mode=not args.block_only)
     print(format_report(ds))
     if args.json:
         store.atomic_write_json(args.json, {"scores": link_scores(ds), "options": {
