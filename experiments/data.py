@@ -35,6 +35,7 @@ import importlib.util
 import io
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -116,7 +117,7 @@ def cache_dir():
 def load_mnist1d():
     """MNIST-1D from ``make_dataset(get_dataset_args())`` (1–2 s of CPU), cached in
     memory and as an ``.npz`` in :func:`cache_dir` (written atomically; keyed by the
-    mnist1d version and the generator arguments; a unreadable cache file is regenerated).
+    mnist1d version and the generator arguments; an unreadable cache file is regenerated).
     The global numpy and ``random`` states that ``make_dataset`` reseeds are restored."""
     import importlib.metadata
     import json
@@ -133,7 +134,7 @@ def load_mnist1d():
         try:
             with np.load(path) as f:
                 d = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             d = None
     if d is None:
         np_state, py_state = np.random.get_state(), random.getstate()
