@@ -166,6 +166,15 @@ def test_example_spec_reproduces_the_seed_setting():
         assert c.momentum > 0 and c.step_gamma < 1
 
 
+SPEC_FILES = sorted((Path(sweep.__file__).parent / "specs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SPEC_FILES, ids=[p.stem for p in SPEC_FILES])
+def test_every_shipped_spec_is_valid(path):
+    spec = sweep.load_spec(path)
+    assert sweep.expand(spec)
+
+
 # ------------------------------------------------------------------ running and resuming
 
 def test_diverging_lr_is_a_finished_result_and_the_others_are_unaffected(grid_store, tmp_path):
