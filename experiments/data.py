@@ -339,7 +339,11 @@ def load_mnist(data_dir=None):
     """MNIST from the four IDX files in ``data_dir``, ``data_dir/mnist`` or
     ``data_dir/MNIST/raw`` (torchvision's layout); scaled to [0, 1] then standardised
     with the usual mean 0.1307 and std 0.3081. Shape (1, 28, 28)."""
-    paths = _find(_data_root(data_dir), ("", "mnist", "MNIST", "MNIST/raw"), MNIST_FILES, "mnist")
+    return _mnist(tuple(_find(_data_root(data_dir), ("", "mnist", "MNIST", "MNIST/raw"), MNIST_FILES, "mnist")))
+
+
+@lru_cache(maxsize=2)
+def _mnist(paths):
     xtr, ytr, xte, yte = (_read_idx(p) for p in paths)
     norm = lambda a: ((a.astype(np.float32) / 255.0 - 0.1307) / 0.3081)[:, None]
     info = DataInfo("mnist", "classify", (1,) + xtr.shape[1:], n_classes=10)
@@ -353,8 +357,11 @@ def load_cifar10(data_dir=None):
     """CIFAR-10 from the python pickle batches in ``data_dir`` or
     ``data_dir/cifar-10-batches-py``; standardised per channel with train statistics.
     Shape (3, 32, 32)."""
-    paths = _find(_data_root(data_dir), ("", "cifar-10-batches-py", "cifar10"), CIFAR_FILES, "cifar10")
+    return _cifar10(tuple(_find(_data_root(data_dir), ("", "cifar-10-batches-py", "cifar10"), CIFAR_FILES, "cifar10")))
 
+
+@lru_cache(maxsize=2)
+def _cifar10(paths):
     def read(p):
         with (gzip.open if p.suffix == ".gz" else open)(p, "rb") as f:
             d = pickle.load(f, encoding="bytes")
