@@ -134,59 +134,53 @@ _BLOCK = 1 << 14  # elements per block: a block's temporaries stay in the L2 cac
 
 
 def _blockwise(kernel, inputs, out_dtypes):
-    """Apply ``kernel(*input_blocks, *output_blocks)`` over cache-sized 1-d blocks of the
-    broadcast inputs; the kernel writes into the output blocks. Every temporary pass runs
-    in cache, not main memory, and the peak extra memory is the outputs plus a few
-    blocks. Inputs that already have the full shape (C-contiguous float64) are sliced
-    directly; anything else goes through numpy's buffered nditer, which broadcasts."""
+    """Apply ``kernel(*input_blocks, *output_blocks)`` over cache-sized blocks of the
+    broadcast inputs; the kernel writes into the output blocks (which it may receive as
+    n-d arrays) and broadcasts the input blocks itself. Every temporary pass runs in
+    cache, not main memory, and the peak extra memory is the outputs plus a few blocks.
+
+    Inputs that all have the full shape (C-contiguous) are cut into flat slices; otherwise
+    the blocks are runs of whole rows along the first axis, each input sliced there unless
+    it broadcasts along it."""
     inputs = [np.asarray(a, dtype=float) for a in inputs]
     shape = np.broadcast_shapes(*(a.shape for a in inputs))
-    if all(a.shape == shape and a.flags.c_contiguous for a in inputs):
-        outs = [np.empty(shape, dtype=t) for t in out_dtypes]
-        flat = [a.reshape(-1) for a in inputs + outs]
-        for i in range(0, max(flat[0].size, 1) if shape else 1, _BLOCK):
+    outs = [np.empty(shape, dtype=t) for t in out_dtypes]
+    if all(a.shape == shape and a.flags.c_contiguous for a in inputs) or len(shape) < 2:
+        flat = [np.broadcast_to(a, shape).reshape(-1) if a.shape != shape else a.reshape(-1)
+                for a in inputs] + [o.reshape(-1) for o in outs]
+        for i in range(0, max(flat[0].size, 1), _BLOCK):
             kernel(*(a[i:i + _BLOCK] for a in flat))
-        return tuple(o[()] for o in outs)
-    n_in = len(inputs)
-    it = np.nditer(
-        inputs + [None] * len(out_dtypes),
-        flags=["external_loop", "buffered", "zerosize_ok"],
-        op_flags=[["readonly"]] * n_in + [["writeonly", "allocate"]] * len(out_dtypes),
-        op_dtypes=[float] * n_in + list(out_dtypes),
-        buffersize=_BLOCK,
-    )
-    with it:
-        for blocks in it:
-            kernel(*blocks)
-        return tuple(op[()] for op in it.operands[n_in:])
+    else:
+        inputs = [a.reshape((1,) * (len(shape) - a.ndim) + a.shape) for a in inputs]
+        rows = max(1, _BLOCK // max(1, int(np.prod(shape[1:]))))
+        for i in range(0, shape[0], rows):
+            kernel(*(a[i:i + rows] if a.shape[0] > 1 else a for a in inputs),
+                   *(o[i:i + rows] for o in outs))
+    return tuple(o[()] for o in outs)
 
 
 def _rate_block(c1, c0, rho, code=None):
     r"""rho (and regime codes) of z^2 - c1 z + c0 on one block, into ``rho`` / ``code``.
 
     With p = c1/2 and q = p^2 - c0 (a quarter of the discriminant): real roots
-    (q >= 0) have rho = |p| + sqrt(q); complex ones rho = sqrt(c0). Written branch-free
-    with one square root, rho = |p| [q >= 0] + sqrt(max(q, 0) + c0 [q < 0]), because
-    masked numpy operations cost ~40x a plain pass."""
+    (q >= 0) have rho = |p| + sqrt(q), complex ones rho = sqrt(c0). Branch-free (masked
+    numpy operations cost ~40x a plain pass) with one square root:
+    rho = |p [q >= 0]| + sqrt(max(q, c0 [q < 0]))."""
     p = c1 * 0.5
     q = p * p
     q -= c0
     complex_ = q < 0.0
-    real = q >= 0.0
+    p *= q >= 0.0  # p [real]: keeps the sign of the dominant real root, 0 if complex
     np.abs(p, out=rho)
-    rho *= real
-    np.maximum(q, 0.0, out=q)
-    q += np.multiply(c0, complex_, out=p)
+    np.maximum(q, np.multiply(c0, complex_), out=q)
     np.sqrt(q, out=q)
     rho += q
     if code is None:
         return
     # codes MONOTONE 0, RIPPLE 1, FLIP 2, DIVERGENT 3: ripple if complex, else flip if the
     # dominant root (sign of c1) is negative; then divergent (bitwise or 3) if rho >= 1.
-    neg = c1 < 0.0
-    neg &= real
-    neg8 = neg.view(np.int8)
-    np.add(neg8, neg8, out=code)
+    neg = (p < 0.0).view(np.int8)
+    np.add(neg, neg, out=code)
     code += complex_.view(np.int8)
     diverged = (rho >= 1.0).view(np.int8)
     diverged *= np.int8(DIVERGENT)

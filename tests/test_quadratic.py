@@ -361,3 +361,31 @@ BAD = [
 def test_bad_input_names_parameter_value_and_range(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("layout", ["full", "broadcast", "transposed", "3d", "scalar-h", "empty"])
+@pytest.mark.parametrize("method", METHODS)
+def test_blockwise_evaluation_matches_a_direct_route_for_every_layout(method, layout):
+    """spectral_radius/regime run in cache-sized blocks (several blocks here: > 16384
+    points) through two paths (flat slices, row runs); both must equal a direct
+    evaluation from numpy's batched eigvals and the root classification."""
+    hs, bs = np.linspace(0, 4.5, 301), np.linspace(0, 0.995, 97)
+    h, b = {
+        "full": [np.ascontiguousarray(a) for a in np.meshgrid(hs, bs)],
+        "broadcast": (hs[None, :], bs[:, None]),
+        "transposed": (np.meshgrid(hs, bs)[0].T, bs[None, :]),
+        "3d": (hs[None, :, None], np.stack([bs, bs[::-1]])[:, None, :]),
+        "scalar-h": (1.3, bs),
+        "empty": (np.zeros((0, 3)), 0.5),
+    }[layout]
+    rho, code = q.spectral_radius(method, h, b, return_regime=True)
+    shape = np.broadcast_shapes(np.shape(h), np.shape(b))
+    assert rho.shape == code.shape == shape
+    ev = np.linalg.eigvals(q.iteration_matrix(method, h, b)) if rho.size else np.zeros(shape + (2,))
+    np.testing.assert_allclose(rho, np.abs(ev).max(-1) if rho.size else rho, atol=1e-6)
+    z = q.char_roots(method, h, b)
+    want = np.where(np.abs(z[..., 0]) >= 1, q.DIVERGENT,
+                    np.where(z[..., 0].imag != 0, q.RIPPLE, np.where(z[..., 0].real < 0, q.FLIP, q.MONOTONE)))
+    # points within rounding of a boundary may be classified either way: compare the rest
+    safe = (np.abs(np.abs(z[..., 0]) - 1) > 1e-9) & (np.abs(z[..., 0] - z[..., 1]) > 1e-6)
+    np.testing.assert_array_equal(code[safe], want[safe])
