@@ -233,7 +233,8 @@ def linreg_spectrum(dim=20, spectrum="geometric", lam_max=1.0, lam_min=0.01):
             return lam_max * (lam_min / lam_max) ** (np.arange(dim) / max(dim - 1, 1))
         if spectrum == "linear":
             return np.linspace(lam_max, lam_min, dim)
-        raise ValueError(f"spectrum={spectrum!r} is unknown; valid: geometric, linear, or a list of {dim} positive numbers")
+        raise ValueError(f"spectrum={spectrum!r} is unknown; valid: geometric, linear, "
+                         f"or a list of {dim} positive numbers")
     s = np.sort(np.asarray(spectrum, dtype=float))[::-1]
     if s.shape != (dim,) or not np.all((s > 0) & np.isfinite(s)):
         raise ValueError(f"spectrum={list(spectrum)!r} must be {dim} positive finite numbers (dim={dim})")

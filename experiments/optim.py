@@ -168,7 +168,8 @@ def line_search_step(model, optimizer, loss_fn, batch, *, evals, max_multiplier,
 
 def get_rng_state():
     """The CPU and (initialised) CUDA random states."""
-    cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_initialized() else []
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_initialized() else 0
+    cuda = [torch.cuda.get_rng_state(i) for i in range(n_cuda)]
     return torch.get_rng_state(), cuda
 
 

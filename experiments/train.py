@@ -145,7 +145,8 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown RunConfig key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown RunConfig key(s) {', '.join(map(repr, unknown))}; "
+                             f"valid: {', '.join(sorted(known))}")
         return cls(**d)
 
 
@@ -335,44 +336,48 @@ def _train(config, data, device, progress):
     bar = tqdm(total=steps, disable=not progress, desc=f"{config.model}/{config.data}/{config.opt}",
                dynamic_ncols=True)
     model.train()
-    for step in range(steps):
-        batch = (lambda idx: (x[idx], y[idx]))(next(order))
-        if tracer.should_probe():  # at θ_step, on this step's batch
-            tracer.probe(loss_fn, batch)
-        optimizer.zero_grad(set_to_none=True)
-        rng = get_rng_state() if config.line_search else None
-        loss = loss_fn(model, batch)
-        loss.backward()
-        tracer.after_backward(loss)
-        losses[step] = loss.detach()
-        grad_norms[step] = torch.nn.utils.get_total_norm(grads())
-        if config.clip != "none":
-            global_factor, layer_factors = clip_gradients(groups, config.clip, config.clip_value)
-            tracer.record_clip(global_factor=global_factor,
-                               layer_factors={t: layer_factors[m] for t, m in to_tracer.items() if m in layer_factors})
-        lr = optimizer.param_groups[0]["lr"]
-        if config.line_search:
-            multipliers[step] = line_search_step(model, optimizer, loss_fn, batch, evals=config.line_search_evals,
-                                                 max_multiplier=config.line_search_max, rng_state=rng)
-            applied_lr[step] = lr * multipliers[step]
-        else:
-            optimizer.step()
-            applied_lr[step] = lr
-        tracer.after_step()
-        scheduler.step()
-        bar.update()
-        if (step + 1) % sync_every == 0 or step == steps - 1:
-            ok = (torch.isfinite(losses[checked:step + 1]) & torch.isfinite(grad_norms[checked:step + 1])).cpu().numpy()
-            if not ok.all():
-                diverged_step = checked + int(np.argmin(ok))
-                break
-            checked = step + 1
-        if (step + 1) % POSTFIX_EVERY == 0:
-            bar.set_postfix(loss=f"{losses[step].item():.4g}", grad_norm=f"{grad_norms[step].item():.4g}")
-        if config.eval_every and (step + 1) % config.eval_every == 0:
-            test_loss, test_acc = evaluate(model, loss_fn, task, x_test, y_test)
-            eval_steps.append(step + 1), test_losses.append(test_loss), test_accs.append(test_acc)
-    bar.close()
+    try:
+        for step in range(steps):
+            idx = next(order)
+            batch = (x[idx], y[idx])
+            if tracer.should_probe():  # at θ_step, on this step's batch
+                tracer.probe(loss_fn, batch)
+            optimizer.zero_grad(set_to_none=True)
+            rng = get_rng_state() if config.line_search else None
+            loss = loss_fn(model, batch)
+            loss.backward()
+            tracer.after_backward(loss)
+            losses[step] = loss.detach()
+            grad_norms[step] = torch.nn.utils.get_total_norm(grads())
+            if config.clip != "none":
+                global_factor, layer_factors = clip_gradients(groups, config.clip, config.clip_value)
+                tracer.record_clip(global_factor=global_factor, layer_factors={
+                    t: layer_factors[m] for t, m in to_tracer.items() if m in layer_factors})
+            lr = optimizer.param_groups[0]["lr"]
+            if config.line_search:
+                multipliers[step] = line_search_step(model, optimizer, loss_fn, batch, evals=config.line_search_evals,
+                                                     max_multiplier=config.line_search_max, rng_state=rng)
+                applied_lr[step] = lr * multipliers[step]
+            else:
+                optimizer.step()
+                applied_lr[step] = lr
+            tracer.after_step()
+            scheduler.step()
+            bar.update()
+            if (step + 1) % sync_every == 0 or step == steps - 1:
+                block = slice(checked, step + 1)
+                ok = (torch.isfinite(losses[block]) & torch.isfinite(grad_norms[block])).cpu().numpy()
+                if not ok.all():
+                    diverged_step = checked + int(np.argmin(ok))
+                    break
+                checked = step + 1
+            if (step + 1) % POSTFIX_EVERY == 0:
+                bar.set_postfix(loss=f"{losses[step].item():.4g}", grad_norm=f"{grad_norms[step].item():.4g}")
+            if config.eval_every and (step + 1) % config.eval_every == 0:
+                test_loss, test_acc = evaluate(model, loss_fn, task, x_test, y_test)
+                eval_steps.append(step + 1), test_losses.append(test_loss), test_accs.append(test_acc)
+    finally:
+        bar.close()
 
     done = steps if diverged_step is None else diverged_step + 1
     trace = tracer.dataset().isel(step=slice(0, done))

@@ -66,7 +66,8 @@ def test_seed_cnn_structure_and_layer_names():
     net = build_model("seed-cnn", info)
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv1d)]
     assert len(convs) == 5 and net.fc1.out_features == 450 and net.fc2.out_features == 10
-    assert {n.rpartition(".")[0] for n, _ in net.named_parameters()} == {f"conv{i}" for i in range(1, 6)} | {"fc1", "fc2"}
+    owners = {n.rpartition(".")[0] for n, _ in net.named_parameters()}
+    assert owners == {f"conv{i}" for i in range(1, 6)} | {"fc1", "fc2"}
     assert isinstance(net.drop, torch.nn.Dropout)
     assert isinstance(build_model("seed-cnn", load_data("digits").info).conv1, torch.nn.Conv2d)
     net.eval()  # dropout off: deterministic
