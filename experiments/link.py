@@ -36,6 +36,7 @@ from dynamics.quadratic import regime, stability_edge
 from experiments import store
 
 
+ALIGNS = ("center", "after")  # where the measurement window sits relative to the probe
 SCORES = ("n", "pearson", "spearman", "sign_agreement", "calibration_error", "mean_abs_error")
 
 
@@ -94,12 +95,13 @@ def _finite_pairs(predicted, measured):
 # measured side
 
 
-def measured_window(trace, probe_steps=None, window=None):
+def measured_window(trace, probe_steps=None, window=None, align="center"):
     r"""The measured successive-gradient correlation and squared gradient norm around each
     probe step, per layer.
 
     For probe step :math:`p` the window is the W optimizer steps
-    :math:`p - \lfloor W/2 \rfloor \le t < p + \lceil W/2 \rceil` (clipped to the run).
+    :math:`p - \lfloor W/2 \rfloor \le t < p + \lceil W/2 \rceil` (``align="center"``) or
+    :math:`p \le t < p + W` (``align="after"``), clipped to the run.
     Over it
 
     - ``meas_grad_corr`` :math:`= \sum_t g_t\cdot g_{t-1} \big/
@@ -117,7 +119,9 @@ def measured_window(trace, probe_steps=None, window=None):
 
     Non-finite entries (the first step's NaN cosine, steps after a divergence) are skipped.
     Centring the window on the probe matches the measurement to the curvature the probe saw;
-    W defaults to the spacing of the probe steps, so the windows tile the run.
+    "after" keeps it inside one lr when the schedule changes lr at probe steps (the lr in
+    force at the probe is the one the model is fed). W defaults to the spacing of the probe
+    steps, so the windows tile the run.
     """
     probe_steps = np.asarray(trace["probe_step"].values if probe_steps is None else probe_steps)
     window = default_window(probe_steps) if window is None else int(window)
@@ -125,7 +129,10 @@ def measured_window(trace, probe_steps=None, window=None):
         raise ValueError(f"window={window} is outside the valid range [1, inf)")
     step = trace["step"]
     probe = xr.DataArray(probe_steps, dims="probe_step", coords={"probe_step": probe_steps})
-    inside = (step >= probe - window // 2) & (step < probe + (window - window // 2))
+    if align not in ALIGNS:
+        raise ValueError(f"align={align!r} is unknown; valid: {', '.join(ALIGNS)}")
+    start = probe - window // 2 if align == "center" else probe
+    inside = (step >= start) & (step < start + window)
     norm = trace["grad_norm"]
     prev = norm.shift(step=1)
     dot = trace["grad_cos"] * norm * prev
@@ -252,7 +259,7 @@ def run_method(config):
     return method, (0.0 if method == "gd" else float(config.get("momentum", 0.0)))
 
 
-def link_trace(trace, config=None, *, window=None, noise_model="curvature", shape="power",
+def link_trace(trace, config=None, *, window=None, align="center", noise_model="curvature", shape="power",
                on_unstable="exclude", smooth=3, global_mode=True, spectra=None):
     """Predicted and measured per-layer oscillation and norm of one run, side by side.
 
@@ -286,7 +293,7 @@ def link_trace(trace, config=None, *, window=None, noise_model="curvature", shap
                           fed["grad_noise"], noise_model=noise_model, shape=shape,
                           on_unstable=on_unstable, spectra=spectra,
                           sharpness_global=fed["sharpness_global"] if global_mode else None)
-    meas = measured_window(trace, probe, window)
+    meas = measured_window(trace, probe, window, align)
     ds = xr.merge([pred, meas.drop_attrs()])
     h_global = lr * trace["sharpness_global"]
     ds = ds.assign(lr=lr, h=h, edge=edge, edge_ratio=h / edge, regime=regime_top,
@@ -294,7 +301,7 @@ def link_trace(trace, config=None, *, window=None, noise_model="curvature", shap
                    sharpness=trace["sharpness"], hessian_trace=trace["hessian_trace"],
                    grad_noise=trace["grad_noise"], n_params=trace["n_params"])
     ds.attrs = {"method": method, "momentum": momentum, "lr0": float(config.get("lr", np.nan)),
-                "window": meas.attrs["window"], "noise_model": noise_model, "shape": shape,
+                "window": meas.attrs["window"], "align": align, "noise_model": noise_model, "shape": shape,
                 "on_unstable": on_unstable, "smooth": int(smooth), "global_mode": int(bool(global_mode)),
                 "spectra": "given" if spectra else "summary"}
     return ds
@@ -313,7 +320,7 @@ def link_scores(ds, bins=10):
 # ---------------------------------------------------------------------------------------
 # runs, sweeps, files
 
-OPTIONS = ("window", "noise_model", "shape", "on_unstable", "smooth", "global_mode")
+OPTIONS = ("window", "align", "noise_model", "shape", "on_unstable", "smooth", "global_mode")
 
 
 def link_run(run_dir, *, recompute=False, write=True, **options):
@@ -438,6 +445,7 @@ def add_command(subparsers):
     p.add_argument("source", help="a run directory, a store root, or a sweep spec (.toml)")
     p.add_argument("--root", help="store root when SOURCE is a spec (default: the spec's root)")
     p.add_argument("--window", type=int, help="measurement window in steps (default: probe spacing)")
+    p.add_argument("--align", default="center", help="measurement window: center (default) or after the probe")
     p.add_argument("--noise-model", default="curvature", help="additive or curvature (default)")
     p.add_argument("--shape", default="power", help="spectrum shape from the summary: power (default), two-level")
     p.add_argument("--on-unstable", default="exclude", help="modes past the edge: exclude (default), nan")
@@ -450,7 +458,7 @@ def add_command(subparsers):
 
 
 def _link_main(args):
-    ds = link(args.source, root=args.root, recompute=args.recompute, window=args.window,
+    ds = link(args.source, root=args.root, recompute=args.recompute, window=args.window, align=args.align,
               noise_model=args.noise_model, shape=args.shape, on_unstable=args.on_unstable, smooth=args.smooth,
               global_mode=not args.block_only)
     print(format_report(ds))

@@ -94,3 +94,135 @@ def test_nonfinite_pairs_are_dropped():
 def test_bad_bins_is_a_value_error():
     with pytest.raises(ValueError, match="bins=0"):
         calibration_error([1.0, 2.0], [1.0, 2.0], bins=0)
+
+
+# ------------------------------------------------------------------------------------------
+# end to end: the quadratic network (linear model on linreg: Hessian = diag(1/i), known)
+# trained through the real training loop and tracer, then linked.
+#
+# Monte-Carlo tolerance. The windowed estimator of a probe is a ratio of sums over W = 100
+# steps; the slowest mode mixes in ~1/(1-|z|) ≈ 10 steps (HB below) ≪ W, so window values
+# are nearly independent and the pooled estimate's standard error is the sd of the window
+# values over sqrt(number of windows) (batch means). Burn-in: the initial distance to w*
+# (|d0|² ≈ 20) decays like |z|^(2t) < 1e-15 by step 150, so probes from step 200 on are
+# stationary (their windows start at 150). Noise model: for MSE on Gaussian inputs the
+# mini-batch gradient covariance is (σ² + dᵀHd)H/B + HddᵀH/B; the first part is the
+# "curvature" model, the second is relatively O(ε) with ε = E[dᵀHd]/σ² ≈ 0.1 here (batch
+# 128), so the model is exact to O(ε·|ρ|); the assertion allows 4 SE plus that.
+
+LINREG = {"dim": 20, "spectrum": [1.0 / i for i in range(1, 21)], "noise_std": 1.0}
+BURN_IN = 200
+
+
+@pytest.fixture(scope="module")
+def quadratic_runs(tmp_path_factory):
+    from experiments.train import RunConfig, run
+
+    root = tmp_path_factory.mktemp("runs")
+    configs = {"hb": dict(opt="hb", lr=2.0, momentum=0.5), "nag": dict(opt="nag", lr=1.0, momentum=0.9)}
+    for name, opt in configs.items():
+        config = RunConfig(model="linear", data="linreg", data_args=LINREG, batch_size=128, steps=1000,
+                           probe_every=100, seed=1, threads=1, **opt)
+        run(config, root / name)
+    return root
+
+
+def _stationary(ds):
+    return ds.sel(probe_step=ds["probe_step"] >= BURN_IN).squeeze("layer")
+
+
+def _true_spectrum():
+    from dynamics.nqm_layer import LayerSpectrum
+
+    return LayerSpectrum(np.array(LINREG["spectrum"]))
+
+
+def _eps(method, lr, momentum):
+    from dynamics.stochastic import stationary_iterate_variance
+
+    lam = np.array(LINREG["spectrum"])
+    return float(np.sum(lam * stationary_iterate_variance(method, lam, lr, momentum, lam / 128)))
+
+
+@pytest.mark.parametrize("name", ["hb", "nag"])
+def test_link_matches_quadratic_network_with_true_hessian(quadratic_runs, name):
+    from experiments import store
+    from experiments.link import link_trace
+
+    trace = store.load_run(quadratic_runs / name)
+    ds = _stationary(link_trace(trace, spectra={"fc": _true_spectrum()}))
+    pred, meas = ds["pred_grad_corr"].values, ds["meas_grad_corr"].values
+    n = meas.size
+    se = meas.std(ddof=1) / np.sqrt(n)
+    cfg = trace.attrs["config"]
+    eps = _eps(cfg["opt"], cfg["lr"], cfg["momentum"])
+    assert eps < 0.15
+    assert pred.std() < 1e-12  # curvature noise: the correlation does not depend on the noise level
+    assert abs(meas.mean() - pred[0]) < 4 * se + eps * abs(pred[0]), (meas.mean(), pred[0], se)
+    assert pred[0] < -0.3  # a strong signal: the check could fail
+    # the squared norm is linear in the measured noise (4 micro-batches: ~40 % per probe), so
+    # pooled prediction and pooled measurement are compared with both standard errors
+    p, m = ds["pred_grad_sq_norm"].values, ds["meas_grad_sq_norm"].values
+    se_norm = np.hypot(p.std(ddof=1), m.std(ddof=1)) / np.sqrt(n)
+    assert abs(p.mean() - m.mean()) < 4 * se_norm + eps * p.mean(), (p.mean(), m.mean(), se_norm)
+
+
+def test_link_from_measured_summary_on_quadratic_network(quadratic_runs):
+    """The summary route: spectrum rebuilt from the measured (batch-Hessian) sharpness and
+    Hutchinson trace. Since 1/i is a power law, the "power" shape is exact for the true
+    summary; the remaining error is that of the inputs, which the test propagates: the
+    prediction at the pooled summary ± 2 standard errors brackets the measurement (± 4 SE)."""
+    from dynamics.nqm_layer import LayerSpectrum, layer_prediction
+    from experiments import store
+    from experiments.link import link_trace
+
+    trace = store.load_run(quadratic_runs / "hb")
+    ds = _stationary(link_trace(trace, global_mode=False))
+    exact = LayerSpectrum.from_summary(1.0, sum(LINREG["spectrum"]), 20, shape="power")
+    assert np.allclose(exact.eigenvalues, LINREG["spectrum"], rtol=1e-6)
+    n = ds.sizes["probe_step"]
+    lam, tr = ds["sharpness"].values, ds["hessian_trace"].values
+    corners = [layer_prediction("hb", 2.0, 0.5, LayerSpectrum.from_summary(
+        lam.mean() + a * 2 * lam.std(ddof=1) / np.sqrt(n), tr.mean() + b * 2 * tr.std(ddof=1) / np.sqrt(n), 20,
+        clip_trace=True), 1.0, noise_model="curvature")["grad_corr"] for a in (-1, 1) for b in (-1, 1)]
+    meas = ds["meas_grad_corr"].values
+    se = meas.std(ddof=1) / np.sqrt(n)
+    assert min(corners) - 4 * se < meas.mean() < max(corners) + 4 * se, (corners, meas.mean())
+    assert abs(np.mean(ds["pred_grad_corr"]) - np.mean(corners)) < np.ptp(corners) + 4 * se
+
+
+def test_link_run_writes_link_nc_and_reuses_it(quadratic_runs):
+    from experiments.link import LINK_FILE, link
+
+    ds = link(quadratic_runs / "hb")
+    path = quadratic_runs / "hb" / LINK_FILE
+    assert path.exists() and set(ds.dims) == {"probe_step", "layer"}
+    for var in ("h", "edge_ratio", "regime", "pred_grad_corr", "meas_grad_corr", "pred_grad_sq_norm",
+                "meas_grad_sq_norm", "sharpness", "grad_noise"):
+        assert var in ds
+    assert float(ds["edge"]) == pytest.approx(2 * 1.5)  # HB edge 2(1+β)
+    np.testing.assert_allclose(ds["h"], ds["lr"] * ds["sharpness"])
+    stamp = path.stat().st_mtime_ns
+    link(quadratic_runs / "hb")
+    assert path.stat().st_mtime_ns == stamp  # same options: read back, not rewritten
+    again = link(quadratic_runs / "hb", smooth=1)
+    assert path.stat().st_mtime_ns != stamp and again.attrs["smooth"] == 1
+
+
+def test_link_store_root_stacks_runs_and_cli_prints_table(quadratic_runs, capsys):
+    from experiments.cli import main
+    from experiments.link import link
+
+    ds = link(quadratic_runs)
+    assert ds.sizes["run"] == 2 and sorted(ds["opt"].values) == ["hb", "nag"]
+    assert main(["link", str(quadratic_runs), "--json", str(quadratic_runs / "scores.json")]) == 0
+    out = capsys.readouterr().out
+    assert "fc" in out and "grad_corr: n=" in out and "spearman=" in out
+    assert (quadratic_runs / "scores.json").exists()
+
+
+def test_link_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    from experiments.cli import main
+
+    assert main(["link", str(tmp_path / "nothing")]) == 2
+    assert "source=" in capsys.readouterr().err
