@@ -9,10 +9,12 @@ MODES = ("tiny", "quick", "full")
 
 # One module per figure, in paper order; each defines FIGURE.
 MODULES = [
+    "phase_diagram",
     "nqm",
     "seed_cnn",
     "oscillation",
     "clipping",
+    "link_scores",
 ]
 
 
