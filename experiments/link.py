@@ -23,7 +23,7 @@ For every probe step :math:`p` and layer :math:`l` of a run:
 Agreement (:func:`agreement_scores`) pools layers × probe steps × runs.
 """
 
-import json
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -329,7 +329,8 @@ def link_run(run_dir, *, recompute=False, write=True, **options):
     options from the same trace is read instead unless ``recompute``."""
     run_dir = Path(run_dir)
     target = run_dir / LINK_FILE
-    wanted = {k: v for k, v in options.items() if k in OPTIONS}
+    defaults = inspect.signature(link_trace).parameters
+    wanted = {k: options.get(k, defaults[k].default) for k in OPTIONS}
     if not recompute and target.exists() and target.stat().st_mtime >= (run_dir / store.TRACE).stat().st_mtime:
         with xr.open_dataset(target, engine="scipy") as cached:
             ds = cached.load()
@@ -388,10 +389,16 @@ def link(source, *, root=None, recompute=False, write=True, **options):
             skipped.append(f"{d.name}: {err}")
     if not linked:
         raise ValueError(f"source={str(source)!r}: no run could be linked; " + "; ".join(skipped[:3]))
-    ds = xr.concat([_run_coords(x) for x in linked], dim="run", join="outer",
-                   combine_attrs="drop_conflicts", data_vars="all")
+    ds = stack_runs(linked)
     ds.attrs["skipped"] = "; ".join(skipped)
     return ds
+
+
+def stack_runs(datasets):
+    """Per-run link Datasets stacked along ``run`` (outer join over probe steps), with the
+    run coordinates ``opt``, ``lr0``, ``momentum``."""
+    return xr.concat([_run_coords(x) for x in datasets], dim="run", join="outer",
+                     combine_attrs="drop_conflicts", data_vars="all")
 
 
 def _run_coords(ds):

@@ -15,6 +15,7 @@ MODULES = [
     "oscillation",
     "clipping",
     "link_scores",
+    "sharpness_eos",
 ]
 
 

@@ -1,0 +1,164 @@
+r"""Figure 6 — the link, scored: predicted vs measured per-layer successive-gradient
+correlation and squared gradient norm across the seed-CNN sweep (lr × momentum × {HB, NAG},
+``experiments/specs/link_seed_cnn.toml``), every (run, probe step, layer) one point.
+
+Prediction: the noisy quadratic model of each layer (:mod:`dynamics.nqm_layer`) fed with
+the probe's measured block sharpness, Hutchinson trace and gradient noise
+(:func:`experiments.link.link_trace`). Left: the per-layer diagonal block alone; middle:
+with the network's top mode placed in every layer (:func:`experiments.link.with_global_mode`,
+the default); right: the squared gradient norm (log-log). Scores in each panel: Spearman,
+Pearson, sign agreement and binned calibration error (:func:`experiments.link.agreement_scores`).
+
+``python -m paper_figures.link_scores`` runs the quick setting and writes
+``results/link_seed_cnn.{csv,json}`` (every point, the scores, and the scores of the model
+variants in :data:`VARIANTS`).
+"""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from experiments import store
+from experiments.link import link_run, link_scores, stack_runs
+from experiments.sweep import expand, load_spec, run_id, run_sweep
+from paper_figures import style
+from paper_figures.registry import Context, Figure
+
+SPEC = Path(__file__).resolve().parents[1] / "experiments" / "specs" / "link_seed_cnn.toml"
+# tiny: two runs of a narrow seed CNN, seconds; full: the paper-scale seed CNN (GPU)
+TINY_BASE = {"steps": 30, "probe_every": 10, "step_every": 20, "model_args": {"channels": 4, "hidden": 16}}
+TINY_GRID = {"opt": ["hb", "nag"], "lr": [0.05], "momentum": [0.9]}
+FULL_BASE = {"steps": 3000, "probe_every": 100, "step_every": 2000, "model_args": {"channels": 32, "hidden": 450}}
+# model variants scored in the results file: name -> link_trace options (default first)
+VARIANTS = {
+    "default (block + network top mode, curvature noise, power shape, smooth 3)": {},
+    "block only (no network top mode)": {"global_mode": False},
+    "no probe smoothing": {"smooth": 1},
+    "additive noise": {"noise_model": "additive"},
+    "two-level spectrum": {"shape": "two-level"},
+    "window after the probe": {"align": "after"},
+}
+
+
+def sweep_spec(ctx):
+    """The link sweep at the context's size."""
+    spec = load_spec(SPEC)
+    if ctx.mode == "tiny":
+        spec = dataclasses.replace(spec, base={**spec.base, **TINY_BASE}, grid=TINY_GRID)
+    elif ctx.mode == "full":
+        spec = dataclasses.replace(spec, base={**spec.base, **FULL_BASE})
+    if ctx.device != "cpu":
+        spec = dataclasses.replace(spec, base={**spec.base, "device": ctx.device})
+    return spec
+
+
+def run_dirs(ctx):
+    """Compute the runs the store lacks; their directories, in spec order."""
+    spec = sweep_spec(ctx)
+    root = Path(ctx.store) / "runs"
+    counts = run_sweep(spec, root=root, workers=0 if ctx.mode == "tiny" else ctx.workers,
+                       progress=ctx.mode != "tiny")
+    if counts["failed"]:
+        raise RuntimeError(f"{counts['failed']} run(s) of {SPEC.name} failed; see FAILED in {root}")
+    return [root / run_id(config) for config in expand(spec)]
+
+
+def linked(dirs, **options):
+    """The link of every run (``link.nc`` beside each run for the default options)."""
+    write = not options
+    return stack_runs([link_run(d, write=write, **options) for d in dirs])
+
+
+def data(ctx):
+    dirs = run_dirs(ctx)
+    return {"default": linked(dirs), "block": linked(dirs, global_mode=False)}
+
+
+def _corr_panel(ax, ds, title):
+    pred, meas = ds["pred_grad_corr"], ds["meas_grad_corr"]
+    for method in ("hb", "nag"):
+        sel = ds["opt"] == method
+        ax.scatter(pred.where(sel).values.ravel(), meas.where(sel).values.ravel(), s=4, alpha=0.6, lw=0,
+                   color=style.METHOD_COLOURS[method], label=method.upper())
+    ax.plot([-1, 1], [-1, 1], color="k", lw=0.6)
+    ax.axhline(0, color="0.6", lw=0.5)
+    ax.axvline(0, color="0.6", lw=0.5)
+    sc = link_scores(ds)["grad_corr"]
+    ax.text(0.03, 0.97, f"Spearman {sc['spearman']:.2f}\nPearson {sc['pearson']:.2f}\n"
+            f"sign agreement {sc['sign_agreement']:.0%}\ncalibration err. {sc['calibration_error']:.2f}\n"
+            f"n = {sc['n']}", transform=ax.transAxes, va="top", fontsize=6)
+    ax.set(xlim=(-1, 1), ylim=(-1, 1), title=title, xlabel=r"predicted $\rho_g$ (NQM)",
+           ylabel=r"measured $\rho_g = \sum g_k\cdot g_{k-1} / \sum\|g\|^2$")
+    ax.legend(loc="lower right")
+
+
+def plot(data, ctx):
+    fig, axes = style.new_figure(ncols=3, height=2.5)
+    _corr_panel(axes[0], data["block"], "layer block only")
+    _corr_panel(axes[1], data["default"], "block + network top mode")
+    ds, ax = data["default"], axes[2]
+    for method in ("hb", "nag"):
+        sel = ds["opt"] == method
+        ax.scatter(ds["pred_grad_sq_norm"].where(sel).values.ravel(), ds["meas_grad_sq_norm"].where(sel).values.ravel(),
+                   s=4, alpha=0.6, lw=0, color=style.METHOD_COLOURS[method], label=method.upper())
+    both = np.concatenate([ds["pred_grad_sq_norm"].values.ravel(), ds["meas_grad_sq_norm"].values.ravel()])
+    both = both[np.isfinite(both) & (both > 0)]
+    lims = (both.min() / 2, both.max() * 2) if both.size else (1e-6, 1)
+    ax.plot(lims, lims, color="k", lw=0.6)
+    sc = link_scores(ds)["log10_grad_sq_norm"]
+    ax.text(0.03, 0.97, f"on log10: Spearman {sc['spearman']:.2f}\nPearson {sc['pearson']:.2f}\n"
+            f"mean |error| {sc['mean_abs_error']:.2f} dec.", transform=ax.transAxes, va="top", fontsize=6)
+    ax.set(xscale="log", yscale="log", xlim=lims, ylim=lims, title="squared gradient norm",
+           xlabel=r"predicted $E\|g_l\|^2$", ylabel=r"measured $\|g_l\|^2$ (window mean)")
+    ax.legend(loc="lower right")
+    return fig
+
+
+FIGURE = Figure(
+    name="link_scores",
+    summary="The link scored: NQM-predicted vs measured per-layer successive-gradient correlation "
+            "(layer block alone, and with the network's top mode) and gradient norm across the seed-CNN "
+            "lr x momentum x method sweep, with Spearman, Pearson, sign agreement and calibration error.",
+    data=data,
+    plot=plot,
+    tags=("empirical",),
+)
+
+
+def results(ctx):
+    """(tidy table of every point, scores of every variant) for the results files."""
+    dirs = run_dirs(ctx)
+    default = linked(dirs)
+    cols = ["opt", "lr0", "momentum", "lr", "h", "edge_ratio", "edge_ratio_global", "regime", "sharpness",
+            "sharpness_global", "hessian_trace", "grad_noise", "pred_grad_corr", "meas_grad_corr", "meas_mean_cos",
+            "pred_grad_sq_norm", "meas_grad_sq_norm", "meas_steps"]
+    table = default[[c for c in cols if c in default]].to_dataframe().reset_index()
+    scores = {name: link_scores(default if not opts else linked(dirs, **opts)) for name, opts in VARIANTS.items()}
+    return table, scores, {k: default.attrs.get(k) for k in ("window", "align", "noise_model", "shape",
+                                                               "on_unstable", "smooth", "global_mode")}
+
+
+def main():
+    import torch
+
+    from experiments.store import atomic_write_json, atomic_write_text
+
+    torch.set_num_threads(1)
+    table, scores, options = results(Context(mode="quick"))
+    out = Path("results")
+    atomic_write_text(out / "link_seed_cnn.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_json(out / "link_seed_cnn.json", {
+        "command": "python -m paper_figures.link_scores", "spec": "experiments/specs/link_seed_cnn.toml",
+        "options": options, "scores": scores,
+        "target": {"spearman_grad_corr": 0.8, "sign_agreement": 0.9}})
+    for name, sc in scores.items():
+        c = sc["grad_corr"]
+        print(f"{name:70s} spearman {c['spearman']:.3f} pearson {c['pearson']:.3f} "
+              f"sign {c['sign_agreement']:.3f} calib {c['calibration_error']:.3f} n {c['n']}")
+    print(pd.Series(scores[next(iter(scores))]["log10_grad_sq_norm"]).to_string())
+
+
+if __name__ == "__main__":
+    main()
