@@ -44,10 +44,14 @@ def _momentum(value):
     return m
 
 
-def _prepare(method, h, momentum):
-    """Validated (Method, h, momentum); a shape mismatch names both parameters."""
+def _prepare(method, h, momentum, check_values=True):
+    """Validated (Method, h, momentum); a shape mismatch names both parameters. With
+    ``check_values=False`` the caller checks the values itself (block by block)."""
     method = get_method(method)
-    h, momentum = _nonneg("h", h), _momentum(momentum)
+    if check_values:
+        h, momentum = _nonneg("h", h), _momentum(momentum)
+    else:
+        h, momentum = np.asarray(h, dtype=float), np.asarray(momentum, dtype=float)
     try:
         np.broadcast_shapes(h.shape, momentum.shape)
     except ValueError:
@@ -120,10 +124,12 @@ def spectral_radius(method, h, momentum=0.0, return_regime=False):
     regime codes (int8, indices into :data:`REGIMES`, see :func:`regime`), computed from
     the same discriminant.
     """
-    method, h, momentum = _prepare(method, h, momentum)
+    # values are checked block by block, while the block is in cache: a separate pass of
+    # min/max reductions over a 10^7 grid would cost a third of the whole computation
+    method, h, momentum = _prepare(method, h, momentum, check_values=False)
 
     def kernel(h, b, rho, code=None):
-        _rate_block(*method.char_coeffs(h, b), rho, code)
+        _rate_block(*method.char_coeffs(_nonneg("h", h), _momentum(b)), rho, code)
 
     dtypes = (float, np.int8) if return_regime else (float,)
     out = _blockwise(kernel, (h, momentum), dtypes)
