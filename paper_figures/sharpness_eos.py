@@ -40,9 +40,9 @@ def edge_sharpness(method, momentum, lr):
 
 def plot(data, ctx):
     n = len(data)
-    ncols = min(n, 4)
+    ncols = min(n, 2)
     nrows = -(-n // ncols)
-    fig, axes = style.new_figure(ncols=ncols, nrows=nrows, height=2.3 * nrows, squeeze=False)
+    fig, axes = style.new_figure(ncols=ncols, nrows=nrows, height=2.1 * nrows, squeeze=False, sharey=True)
     for ax, (config, trace) in zip(axes.ravel(), data):
         colours = layer_colours(trace.layer.values)
         probe = trace.probe_step.values
@@ -55,7 +55,7 @@ def plot(data, ctx):
                title=f"{method.upper()}, $\\alpha_0$ = {config['lr']:g}, $\\beta$ = {beta:g}")
     for ax in axes.ravel()[n:]:
         ax.set_axis_off()
-    axes.ravel()[0].legend(ncols=2, fontsize=5.5, loc="lower right")
+    axes.ravel()[0].legend(ncols=3, fontsize=5.5, loc="lower right")
     return fig
 
 
