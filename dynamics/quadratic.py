@@ -16,7 +16,25 @@ edge, and the closed-form trajectory.
 All functions broadcast over numpy arrays of ``h`` and ``momentum`` (and ``lam``, ``lr``,
 ``x0`` for the trajectories); GD ignores the value of ``momentum`` but still validates it
 and broadcasts over its shape, so one grid serves all three methods.
+
+Example::
+
+    >>> import numpy as np
+    >>> from dynamics import quadratic as q
+    >>> q.regime("hb", [0.01, 1.0, 2.95, 4.5], 0.5).tolist()
+    ['monotone', 'ripple', 'flip', 'divergent']
+    >>> float(q.spectral_radius("hb", 1.0, 0.81))  # complex roots: sqrt(beta)
+    0.9
+    >>> float(q.stability_edge("nag", 0.5))
+    1.5
+    >>> x = q.simulate("nag", lam=np.array([1.0, 10.0]), lr=0.1, momentum=0.9, x0=1.0, steps=50)
+    >>> x.iterates.shape
+    (51, 2)
+    >>> bool(np.allclose(x.iterates, q.closed_form("nag", np.array([1.0, 10.0]), 0.1, 0.9, 1.0, 50).iterates))
+    True
 """
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -362,17 +380,12 @@ def max_transient_gain(method, h, momentum=0.0, max_steps=100_000, rtol=1e-12,
 
 
 # --------------------------------------------------------------------------- trajectories
-class Trajectory(tuple):
-    """``(iterates, gradients)``, each of shape ``(steps + 1, *batch)``; ``gradients[k]``
-    is :math:`\\lambda x_k`, the gradient at iterate k (the last one is not applied)."""
+class Trajectory(NamedTuple):
+    """Iterates and gradients, each of shape ``(steps + 1, *batch)``; ``gradients[k]`` is
+    :math:`\lambda x_k`, the gradient at iterate k (the last one is not applied)."""
 
-    __slots__ = ()
-
-    def __new__(cls, iterates, gradients):
-        return super().__new__(cls, (iterates, gradients))
-
-    iterates = property(lambda self: self[0])
-    gradients = property(lambda self: self[1])
+    iterates: np.ndarray
+    gradients: np.ndarray
 
 
 def _trajectory_inputs(method, lam, lr, momentum, x0, steps, buf0):

@@ -389,3 +389,9 @@ def test_blockwise_evaluation_matches_a_direct_route_for_every_layout(method, la
     # points within rounding of a boundary may be classified either way: compare the rest
     safe = (np.abs(np.abs(z[..., 0]) - 1) > 1e-9) & (np.abs(z[..., 0] - z[..., 1]) > 1e-6)
     np.testing.assert_array_equal(code[safe], want[safe])
+
+
+def test_module_docstring_example_runs():
+    import doctest
+
+    assert doctest.testmod(q).failed == 0
