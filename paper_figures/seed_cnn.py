@@ -38,7 +38,7 @@ LABELS = {False: "HB, lr decay", True: "HB, lr decay + line search"}
 
 def data(ctx):
     runs = load_runs(SPEC, ctx, ctx.pick(TINY, {}, FULL))
-    keep = ["grad_norm", "lr", "loss", "sharpness"]
+    keep = ["grad_norm", "lr", "loss", "sharpness"]  # lr: applied (schedule × line-search multiplier)
     return {config.line_search: (config, trace[keep]) for config, trace in runs}
 
 
@@ -50,53 +50,57 @@ def _after(trace, frac):
     return trace.isel(step=slice(int(frac * trace.sizes["step"]), None))
 
 
-def summarize(runs):
-    """Per-layer table (one row per layer and line-search setting) and global facts."""
+def growth_rows(config, trace):
+    """The per-layer measures of one run (see the module docstring), one dict per layer."""
+    n = trace.sizes["step"]
+    g = trace.grad_norm
+    early = g.isel(step=slice(n // 10, n // 5)).median("step")
+    late = g.isel(step=slice(n - n // 10, None)).median("step")
+    settled = _after(trace, 0.1).grad_norm
+    edge = stability_edge(config.opt, config.momentum)
+    probes = trace.probe_step.values
+    first_probe = probes[probes >= n // 10][0] if (probes >= n // 10).any() else probes[0]
     rows = []
-    for line_search, (config, trace) in sorted(runs.items()):
-        n = trace.sizes["step"]
-        g = trace.grad_norm
-        early = g.isel(step=slice(n // 10, n // 5)).median("step")
-        late = g.isel(step=slice(n - n // 10, None)).median("step")
-        settled = _after(trace, 0.1).grad_norm
-        edge = stability_edge(config.opt, config.momentum)
-        probes = trace.probe_step.values
-        first_probe = probes[probes >= n // 10][0] if (probes >= n // 10).any() else probes[0]
-        for layer in trace.layer.values:
-            row = {"line_search": line_search, "layer": layer,
-                   "median_early": float(early.sel(layer=layer)), "median_late": float(late.sel(layer=layer)),
-                   "growth_late_over_early": float(late.sel(layer=layer) / early.sel(layer=layer)),
-                   "sd_log10_grad_norm": float(np.log10(settled.sel(layer=layer)).std()),
-                   "cv_grad_norm": float(settled.sel(layer=layer).std() / settled.sel(layer=layer).mean())}
-            for p, (a, b) in enumerate(_phases(trace)):
-                q = max(1, (b - a) // 4)
-                phase = g.sel(layer=layer).isel(step=slice(a, b))
-                row[f"phase{p}_rise"] = float(phase[-q:].median() / phase[:q].median())
-            for tag, k in (("first", first_probe), ("last", probes[-1])):
-                lam = float(trace.sharpness.sel(layer=layer, probe_step=k))
-                row[f"sharpness_{tag}"] = lam
-                row[f"h_over_edge_{tag}"] = float(trace.lr.sel(step=k)) * lam / edge
-            rows.append(row)
-    meta = {line_search: {"config": config.to_dict(), "summary": trace.attrs.get("summary", {})}
-            for line_search, (config, trace) in runs.items()}
-    return pd.DataFrame(rows), {"runs": {LABELS[k]: v for k, v in meta.items()}}
+    for layer in trace.layer.values:
+        row = {"layer": layer,
+               "median_early": float(early.sel(layer=layer)), "median_late": float(late.sel(layer=layer)),
+               "growth_late_over_early": float(late.sel(layer=layer) / early.sel(layer=layer)),
+               "sd_log10_grad_norm": float(np.log10(settled.sel(layer=layer)).std()),
+               "cv_grad_norm": float(settled.sel(layer=layer).std() / settled.sel(layer=layer).mean())}
+        for p, (a, b) in enumerate(_phases(config, n)):
+            q = max(1, (b - a) // 4)
+            phase = g.sel(layer=layer).isel(step=slice(a, b))
+            row[f"phase{p}_rise"] = float(phase[-q:].median() / phase[:q].median())
+        for tag, k in (("first", first_probe), ("last", probes[-1])):
+            lam = float(trace.sharpness.sel(layer=layer, probe_step=k))
+            row[f"sharpness_{tag}"] = lam
+            row[f"h_over_edge_{tag}"] = float(trace.lr.sel(step=k)) * lam / edge
+        rows.append(row)
+    return rows
 
 
-def _phases(trace):
+def summarize(runs):
+    """Per-layer table (one row per layer and line-search setting) and the runs' facts."""
+    rows = [{"line_search": line_search, **row}
+            for line_search, (config, trace) in sorted(runs.items()) for row in growth_rows(config, trace)]
+    meta = {LABELS[line_search]: {"config": config.to_dict(), "summary": trace.attrs.get("summary", {})}
+            for line_search, (config, trace) in sorted(runs.items())}
+    return pd.DataFrame(rows), {"runs": meta}
+
+
+def _phases(config, n):
     """(start, end) step ranges of constant scheduled lr (the line search's multiplier aside)."""
-    config = trace.attrs.get("config", {})
-    every, n = config.get("step_every", 0), trace.sizes["step"]
-    if config.get("schedule") != "step" or not every:
+    if config.schedule != "step" or not config.step_every:
         return [(0, n)]
-    return [(a, min(a + every, n)) for a in range(0, n, every)]
+    return [(a, min(a + config.step_every, n)) for a in range(0, n, config.step_every)]
 
 
 def plot(data, ctx):
     fig, axes = style.new_figure(ncols=3, nrows=2, height=4.2)
-    (a_plain, a_ls, a_spread), (a_sharp, a_h, a_loss) = axes
+    (a_plain, a_ls, a_spread), (a_sharp, a_h, a_lr) = axes
     config, plain = data[False]
     colours = layer_colours(plain.layer.values)
-    drops = [a for a, _ in _phases(plain)[1:]]
+    drops = [a for a, _ in _phases(config, plain.sizes["step"])[1:]]
     for ax, line_search in ((a_plain, False), (a_ls, True)):
         _, trace = data[line_search]
         for layer, colour in colours.items():
@@ -120,11 +124,12 @@ def plot(data, ctx):
     a_spread.legend()
 
     edge = stability_edge(config.opt, config.momentum)
-    lr_at_probe = plain.lr.sel(step=plain.probe_step)
+    probed = plain.isel(probe_step=slice(1, None))  # at step 0 (the initialisation) λ is near 0
+    lr_at_probe = probed.lr.sel(step=probed.probe_step)
     for layer, colour in colours.items():
-        lam = plain.sharpness.sel(layer=layer)
-        a_sharp.plot(plain.probe_step, lam, color=colour, marker=".", ms=3)
-        a_h.plot(plain.probe_step, lr_at_probe * lam / edge, color=colour, marker=".", ms=3)
+        lam = probed.sharpness.sel(layer=layer)
+        a_sharp.plot(probed.probe_step, lam, color=colour, marker=".", ms=3)
+        a_h.plot(probed.probe_step, lr_at_probe * lam / edge, color=colour, marker=".", ms=3)
     a_sharp.set(yscale="log", xlabel="step $k$", ylabel=r"sharpness $\lambda_{\max,l}$",
                 title=f"per-layer sharpness ({LABELS[False]})")
     a_h.axhline(1.0, color="k", ls="--", lw=0.8)
@@ -132,9 +137,10 @@ def plot(data, ctx):
             title="distance to the HB stability edge")
     for line_search, colour in ((False, style.METHOD_COLOURS["hb"]), (True, style.PALETTE[1])):
         _, trace = data[line_search]
-        a_loss.plot(trace.step, smooth(trace.loss, _window(trace), "mean"), color=colour, label=LABELS[line_search])
-    a_loss.set(yscale="log", xlabel="step $k$", ylabel="training loss (rolling mean)", title="loss")
-    a_loss.legend()
+        a_lr.plot(trace.step, smooth(trace.lr, _window(trace)), color=colour, label=LABELS[line_search])
+    a_lr.set(yscale="log", xlabel="step $k$", ylabel=r"applied lr $\alpha_k$ (rolling median)",
+             title="step size: schedule vs line search")
+    a_lr.legend(loc="lower left")
     return fig
 
 
@@ -149,16 +155,32 @@ FIGURE = Figure(
 )
 
 
+def settings_table(ctx):
+    """Growth per layer across the settings of ``seed_norm_growth_settings.toml``."""
+    rows = [{"opt": c.opt, "lr": c.lr, "momentum": c.momentum, "schedule": c.schedule, **row}
+            for c, trace in load_runs(SPEC + "_settings", ctx) for row in growth_rows(c, trace)]
+    return pd.DataFrame(rows)
+
+
 def main():
+    """Quick-mode runs (computed if missing) → results/phenomena_norm_growth{,_settings}.*"""
     import torch
 
     torch.set_num_threads(1)
     ctx = Context(mode="quick")
     table, meta = summarize(data(ctx))
     meta["command"] = "python -m paper_figures.seed_cnn"
+    meta["spec"] = f"experiments/specs/{SPEC}.toml"
     for path in write_summary("phenomena_norm_growth", table, meta):
         print(path)
     print(table.round(3).to_string())
+    settings = settings_table(ctx)
+    meta = {"command": "python -m paper_figures.seed_cnn", "spec": f"experiments/specs/{SPEC}_settings.toml"}
+    for path in write_summary("phenomena_norm_growth_settings", settings, meta):
+        print(path)
+    print(settings[["opt", "schedule", "layer", "growth_late_over_early", "phase1_rise", "phase2_rise",
+                    "sharpness_first", "sharpness_last", "h_over_edge_first", "h_over_edge_last"]]
+          .round(3).to_string())
 
 
 if __name__ == "__main__":

@@ -31,8 +31,7 @@ def _fake_run(grad, lr, sharpness, probes, line_search):
     trace = xr.Dataset(
         {"grad_norm": (("step", "layer"), grad), "lr": ("step", lr), "loss": ("step", np.ones(len(lr))),
          "sharpness": (("probe_step", "layer"), sharpness)},
-        coords={"step": np.arange(grad.shape[0]), "layer": ["in", "out"], "probe_step": probes},
-        attrs={"config": config.to_dict()})
+        coords={"step": np.arange(grad.shape[0]), "layer": ["in", "out"], "probe_step": probes})
     return config, trace
 
 
