@@ -381,7 +381,7 @@ def max_transient_gain(method, h, momentum=0.0, max_steps=100_000, rtol=1e-12,
 
 # --------------------------------------------------------------------------- trajectories
 class Trajectory(NamedTuple):
-    """Iterates and gradients, each of shape ``(steps + 1, *batch)``; ``gradients[k]`` is
+    r"""Iterates and gradients, each of shape ``(steps + 1, *batch)``; ``gradients[k]`` is
     :math:`\lambda x_k`, the gradient at iterate k (the last one is not applied)."""
 
     iterates: np.ndarray
