@@ -255,7 +255,8 @@ def regime(method, h, momentum=0.0):
     :math:`h = (1\mp\sqrt\beta)^2` belong to "monotone" and "flip" respectively, as in
     THEORY.md; :math:`c_1 = 0` with real roots (GD and NAG at :math:`h=1`: both roots 0,
     one-step convergence) counts as monotone. Points within rounding of a boundary are
-    classified by the computed sign of the discriminant.
+    classified by the computed sign of the discriminant and of :math:`\rho - 1` (at a
+    computed stability edge :math:`\rho` may round to just below 1).
     """
     return np.asarray(REGIMES)[regime_code(method, h, momentum)]
 
@@ -304,7 +305,9 @@ def max_transient_gain(method, h, momentum=0.0, max_steps=100_000, rtol=1e-12,
     r"""Worst-case amplification :math:`G = \max_{k\ge0} \|T^k\|_2` (:math:`G \ge 1`, k = 0).
 
     :math:`T` is the companion matrix of :func:`iteration_matrix`, so the gain is measured
-    on the state :math:`(x_k, x_{k-1})`. By Cayley–Hamilton
+    on the state :math:`(x_k, x_{k-1})`; in these coordinates even GD has
+    :math:`G = \sqrt{1 + (1-h)^2}` for :math:`0 < h < 2`, the state carrying the previous
+    iterate. By Cayley–Hamilton
     :math:`T^k = [[u_k, -c_0u_{k-1}], [u_{k-1}, -c_0u_{k-2}]]` with the scalar recurrence
     :math:`u_k = c_1u_{k-1} - c_0u_{k-2}`, :math:`u_{-1} = 0`, :math:`u_0 = 1`, so each step
     costs a few vector operations over the points still running.
