@@ -65,6 +65,7 @@ from typing import Callable, Optional
 import numpy as np
 from scipy.integrate import solve_ivp
 from scipy.stats import linregress
+from threadpoolctl import threadpool_limits
 
 from dynamics._checks import check_momentum, check_positive
 from dynamics.methods import get_method
@@ -72,12 +73,13 @@ from dynamics.methods import get_method
 KINDS = ("first_order", "inertial", "modified_loss")
 STARTS = ("manifold", "zero")
 # The inertial ODE is stiff for small h = αλ: its fast rate 2(1-β)/(α(1+β)) dwarfs the slow
-# rate λ/(1-β), so it gets an implicit method. Measured at rtol 1e-10 (3-D quadratic, β=0.9):
-# BDF's cost stays ~550-1250 evaluations for lr from 1e-3 to 1e-5 where DOP853 grows like
-# 1/lr (25000 at 1e-5); Radau needs ~5000-8000 (Newton iterations). LSODA is often cheaper
-# but its stiffness switching is erratic (650 to 14000 on the quartic loss). The two
-# first-order flows are only as stiff as the loss's condition number: LSODA.
-DEFAULT_ODE_METHOD = {"first_order": "LSODA", "inertial": "BDF", "modified_loss": "LSODA"}
+# rate λ/(1-β), so it needs a method that switches to (or is) implicit. Measured at rtol 1e-10
+# (3-D quadratic, β=0.9), LSODA's cost stays ~600-1500 evaluations for lr from 1e-3 to 1e-5
+# where DOP853 grows like 1/lr (25000 at 1e-5); Radau needs ~5000-8000 (Newton iterations);
+# BDF ~550-1250 evaluations but 2-3x LSODA's wall time (Python-level steps; d = 100).
+# LSODA's stiffness switching is erratic for GD's inertial ODE (β = 0: up to 14000
+# evaluations on the quartic loss); pass ode_method="BDF" for predictable cost there.
+DEFAULT_ODE_METHOD = {"first_order": "LSODA", "inertial": "LSODA", "modified_loss": "LSODA"}
 
 
 @dataclass(frozen=True)
@@ -155,8 +157,10 @@ def check_loss(loss, x0):
     if hessian is not None:
         checked("hessian", hessian, x0, shape=(x0.size, x0.size))
     grad = loss.grad
-    return Loss(grad=lambda x: np.asarray(grad(x), dtype=float), hvp=hvp, hessian=hessian,
-                value=getattr(loss, "value", None), name=getattr(loss, "name", "loss"))
+    if not (isinstance(g0, np.ndarray) and np.asarray(grad(x0)).dtype == np.float64):
+        grad = lambda x, raw=grad: np.asarray(raw(x), dtype=float)  # noqa: E731
+    return Loss(grad=grad, hvp=hvp, hessian=hessian, value=getattr(loss, "value", None),
+                name=getattr(loss, "name", "loss"))
 
 
 def _hvp(loss, x, v):
@@ -195,13 +199,17 @@ def iterate(loss, x0, method, lr, momentum, steps, start="zero"):
         buf = loss.grad(x) / (1.0 - beta)
     out = np.full((int(steps) + 1, x.size), np.nan)
     out[0] = x
+    update, grad = m.update, loss.grad
     with np.errstate(over="ignore", invalid="ignore"):
-        for k in range(int(steps)):
-            step, buf = m.update(loss.grad(x), buf, lr, beta)
+        for k in range(1, int(steps) + 1):
+            step, buf = update(grad(x), buf, lr, beta)
             x = x + step
-            if not np.all(np.isfinite(x)):
+            out[k] = x
+            if k % 256 == 0 and not np.isfinite(x).all():  # checked in blocks: it is hot
                 break
-            out[k + 1] = x
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        out[np.argmax(bad):] = np.nan
     return out
 
 
@@ -231,7 +239,7 @@ def _rhs(kind, loss, m, lr, beta):
     k = 2.0 / (lr * (1.0 + beta))
 
     def inertial(t, y):
-        x, u = np.split(y, 2)
+        x, u = y[: y.size // 2], y[y.size // 2:]
         return np.concatenate([u, -k * ((1.0 - beta) * u + loss.grad(x + a * lr * u))])
     return inertial
 
@@ -279,8 +287,11 @@ def solve_flow(kind, loss, x0, method, lr, momentum, horizon, start="manifold",
     jac = _jacobian(kind, loss, m, lr, beta)
     if jac is not None and ode_method in ("Radau", "BDF", "LSODA"):
         kwargs["jac"] = jac
-    sol = solve_ivp(_rhs(kind, loss, m, lr, beta), (0.0, t[-1]), y0, method=ode_method,
-                    t_eval=t, rtol=rtol, atol=atol, **kwargs)
+    # The implicit solvers factor small dense (2d x 2d) matrices at many steps: threaded BLAS
+    # only adds overhead there (measured 50x slower, d = 100, on a shared 2-core machine).
+    with threadpool_limits(1, user_api="blas"):
+        sol = solve_ivp(_rhs(kind, loss, m, lr, beta), (0.0, t[-1]), y0, method=ode_method,
+                        t_eval=t, rtol=rtol, atol=atol, **kwargs)
     x = np.full((steps + 1, x0.size), np.nan)
     x[: sol.y.shape[1]] = sol.y[: x0.size].T
     return FlowSolution(t=t, x=x, nfev=int(sol.nfev), njev=int(sol.njev), success=bool(sol.success),
@@ -337,6 +348,15 @@ def global_error(loss, x0, method, lrs, momentum, horizon, kinds=KINDS, starts=S
     loss = check_loss(loss, x0)
     shape = (len(kinds), len(starts), lrs.size)
     errors, nfev = np.full(shape, np.nan), np.zeros(shape, dtype=int)
+    with threadpool_limits(1, user_api="blas"):  # small dense algebra: see solve_flow
+        _fill_errors(loss, x0, method, lrs, momentum, horizon, kinds, starts, ode_method, rtol, atol,
+                     errors, nfev)
+    return ErrorStudy(method=get_method(method).name, momentum=float(momentum), horizon=float(horizon),
+                      lrs=lrs, kinds=kinds, starts=starts, errors=errors, nfev=nfev)
+
+
+def _fill_errors(loss, x0, method, lrs, momentum, horizon, kinds, starts, ode_method, rtol, atol,
+                 errors, nfev):
     for il, lr in enumerate(lrs):
         m, lr, beta, steps = _validate(method, lr, momentum, horizon)
         solved = {}  # only the inertial ODE depends on the start
@@ -349,8 +369,6 @@ def global_error(loss, x0, method, lrs, momentum, horizon, kinds=KINDS, starts=S
                                              ode_method, rtol, atol)
                 errors[ik, js, il] = np.max(np.linalg.norm(discrete - solved[key].x, axis=1))
                 nfev[ik, js, il] = solved[key].nfev
-    return ErrorStudy(method=get_method(method).name, momentum=float(momentum), horizon=float(horizon),
-                      lrs=lrs, kinds=kinds, starts=starts, errors=errors, nfev=nfev)
 
 
 # --- test problems -------------------------------------------------------------------------

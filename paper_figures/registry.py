@@ -11,6 +11,7 @@ MODES = ("tiny", "quick", "full")
 MODULES = [
     "phase_diagram",
     "nqm",
+    "modified_accuracy",
     "seed_cnn",
     "oscillation",
     "clipping",

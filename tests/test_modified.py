@@ -44,8 +44,10 @@ def test_measured_order_matches_theory(problem, method):
             slope, stderr = study.slope(kind, start)
             expected = study.expected_order(kind, start)
             assert abs(slope - expected) < 0.15 + 3 * stderr, (kind, start, slope, expected)
-    # Cost: LSODA, rtol 1e-10 over a horizon of 2 (at most ~8000 steps of the iteration).
-    assert study.nfev.max() < 10_000
+    # Cost, LSODA at rtol 1e-10 over a horizon of 2 (up to ~3300 steps of the iteration):
+    # measured at most ~3300 evaluations, except GD's inertial ODE (β = 0), where LSODA's
+    # stiffness switching is erratic (up to 14400; see DEFAULT_ODE_METHOD).
+    assert study.nfev.max() < (20_000 if method == "gd" else 5_000)
 
 
 def test_zero_momentum_start_shifts_by_the_initial_layer():
@@ -96,8 +98,8 @@ def test_ode_solution_within_requested_tolerance(kind, method):
 
 def test_stiff_inertial_ode_cost_does_not_grow_with_one_over_lr():
     """The inertial ODE's fast rate is 2(1-β)/(lr(1+β)): an explicit solver's cost grows like
-    1/lr. The default (BDF) must not: 100x more discrete steps, at most
-    3x more evaluations (measured: ~1.2x)."""
+    1/lr. The default (LSODA, switching to BDF) must not: 100x more discrete steps, at
+    most 3x more evaluations (measured: ~1.4x)."""
     loss, x0 = _problems()["quadratic"]
     nfev = [md.solve_flow("inertial", loss, x0, "hb", lr, 0.9, horizon=1.0).nfev for lr in (1e-3, 1e-5)]
     assert nfev[1] < 3 * nfev[0], nfev
