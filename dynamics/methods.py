@@ -76,17 +76,19 @@ class Method:
         """(c1, c0) of the characteristic polynomial z^2 - c1 z + c0, broadcast."""
         h = np.asarray(h, dtype=float)
         b = np.asarray(momentum, dtype=float)
-        if self.name == "gd":
-            return np.broadcast_arrays(1.0 - h, np.zeros_like(h + b))
+        shape = np.broadcast_shapes(h.shape, b.shape)
+        if self.name == "gd":  # read-only broadcast views where no arithmetic is needed
+            return np.broadcast_to(1.0 - h, shape), np.broadcast_to(0.0, shape)
         if self.name == "hb":
-            return np.broadcast_arrays(1.0 + b - h, b + 0.0 * h)
-        return np.broadcast_arrays((1.0 + b) * (1.0 - h), b * (1.0 - h))
+            return np.broadcast_to(1.0 + b - h, shape), np.broadcast_to(b, shape)
+        return np.broadcast_to((1.0 + b) * (1.0 - h), shape), np.broadcast_to(b * (1.0 - h), shape)
 
     def torch_kwargs(self, lr, momentum):
         """Keyword arguments for ``torch.optim.SGD`` that run this method."""
         if not self.has_momentum:
             return {"lr": lr, "momentum": 0.0, "nesterov": False}
-        return {"lr": lr, "momentum": momentum, "nesterov": self.nesterov}
+        # torch refuses nesterov=True with momentum 0; NAG with beta = 0 is GD anyway.
+        return {"lr": lr, "momentum": momentum, "nesterov": self.nesterov and momentum > 0}
 
 
 GD = Method("gd", "GD")
