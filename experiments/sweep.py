@@ -105,13 +105,14 @@ class Spec:
         see ``_positions``); built once per Spec (validation builds it)."""
         out = []
         for index, row in _positions(self):
-            config = _build({**self.base, **row}, f"spec {self.source}: point {row}")
+            config = _build({**self.base, **row}, lambda: f"spec {self.source}: point {row}")
             out.append((index, config, run_id(config)))
         return out
 
 
 # ---------------------------------------------------------------- parsing and validation
 
+@functools.cache
 def _run_config_cls():
     from experiments.train import RunConfig
 
@@ -217,10 +218,12 @@ def _check_values(spec: Spec):
 
 
 def _build(config_dict, label):
+    """``RunConfig.from_dict``; an error is prefixed with ``label`` (a string, or a callable
+    giving it: formatting 10,000 labels that are never shown costs time)."""
     try:
         return _run_config_cls().from_dict(config_dict)
     except (ValueError, TypeError) as err:  # RunConfig checks types, models, data sets
-        raise ValueError(f"{label}: {err}") from None
+        raise ValueError(f"{label() if callable(label) else label}: {err}") from None
 
 
 # ---------------------------------------------------------------- expansion and ids
