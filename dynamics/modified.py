@@ -193,7 +193,10 @@ def iterate(loss, x0, method, lr, momentum, steps, start="zero"):
     m = get_method(method)
     loss = check_loss(loss, x0)
     x = np.asarray(x0, dtype=float).copy()
+    lr = float(check_positive("lr", lr))
     beta = float(check_momentum(momentum)) if m.has_momentum else 0.0
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps={steps!r} is outside the valid range: integers >= 0")
     buf = m.init(x)
     if start == "manifold" and m.has_momentum:
         buf = loss.grad(x) / (1.0 - beta)

@@ -206,3 +206,13 @@ def test_bad_loss_callable_shape_names_the_callable():
 def test_divergent_iteration_is_recorded_as_nan():
     xs = md.iterate(quadratic_loss([1.0]), np.ones(1), "hb", 5.0, 0.5, steps=2000)
     assert np.isfinite(xs[:5]).all() and np.isnan(xs[-1]).all()
+
+
+def test_iterate_validates_its_arguments():
+    loss = quadratic_loss([1.0])
+    with pytest.raises(ValueError, match="lr"):
+        md.iterate(loss, np.ones(1), "hb", 0.0, 0.5, 10)
+    with pytest.raises(ValueError, match="steps"):
+        md.iterate(loss, np.ones(1), "hb", 0.1, 0.5, 2.5)
+    with pytest.raises(ValueError, match="momentum"):
+        md.iterate(loss, np.ones(1), "nag", 0.1, 1.5, 10)
