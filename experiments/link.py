@@ -32,6 +32,7 @@ import xarray as xr
 from scipy import stats
 
 from dynamics.nqm_layer import LayerSpectrum, layer_prediction
+from dynamics.nqm_schedule import schedule_prediction
 from dynamics.quadratic import regime, stability_edge
 from experiments import store
 
@@ -190,25 +191,13 @@ def predict_layers(method, lr, momentum, sharpness, hessian_trace, n_params, gra
     out = {k: np.full(shape2, np.nan) for k in names}
     exponent = np.full(shape2, np.nan)
     lrs = np.asarray(lr.values, dtype=float)
+    built = layer_spectra(method, lr, momentum, sharpness, hessian_trace, n_params, grad_noise, shape=shape,
+                          spectra=spectra, sharpness_global=sharpness_global, edge_margin=edge_margin)
     for j, layer in enumerate(layers):
-        lam = sharpness.sel(layer=layer).values
-        tr = hessian_trace.sel(layer=layer).values
-        noise = grad_noise.sel(layer=layer).values
-        n = int(n_params.sel(layer=layer))
-        for i in range(probe.size):
-            if spectra is not None and layer in spectra:
-                spectrum = spectra[layer]
-            elif np.isfinite(lam[i]) and lam[i] > 0 and np.isfinite(tr[i]):
-                spectrum = LayerSpectrum.from_summary(lam[i], tr[i], n, shape=shape, clip_trace=True)
-                if sharpness_global is not None:
-                    edge = float(stability_edge(method, momentum))
-                    spectrum = with_global_mode(spectrum, float(sharpness_global.values[i]),
-                                                edge * (1 - edge_margin) / lrs[i])
-            else:
+        for i, (spectrum, noise) in enumerate(built[layer]):
+            if spectrum is None:
                 continue
-            if not (np.isfinite(noise[i]) and noise[i] >= 0 and np.isfinite(lrs[i]) and lrs[i] > 0):
-                continue
-            pred = layer_prediction(method, lrs[i], momentum, spectrum, noise[i],
+            pred = layer_prediction(method, lrs[i], momentum, spectrum, noise,
                                     noise_model=noise_model, on_unstable=on_unstable)
             for k in names:
                 out[k][i, j] = pred[k]
@@ -218,6 +207,86 @@ def predict_layers(method, lr, momentum, sharpness, hessian_trace, n_params, gra
     ds = xr.Dataset({f"pred_{k}": (dims, v) for k, v in out.items()}, coords=coords)
     ds["spectrum_exponent"] = (dims, exponent)
     return ds
+
+
+def layer_spectra(method, lr, momentum, sharpness, hessian_trace, n_params, grad_noise, *, shape="power",
+                  spectra=None, sharpness_global=None, edge_margin=EDGE_MARGIN):
+    """{layer: [(LayerSpectrum or None, noise_total) per probe step]}: the spectra the
+    predictions use (see :func:`predict_layers`); None where the measured summary, noise
+    or lr admit no stationary NQM."""
+    probe, layers = sharpness["probe_step"].values, sharpness["layer"].values
+    lrs = np.asarray(lr.values, dtype=float)
+    edge = float(stability_edge(method, momentum))
+    out = {}
+    for layer in layers:
+        lam = sharpness.sel(layer=layer).values
+        tr = hessian_trace.sel(layer=layer).values
+        noise = grad_noise.sel(layer=layer).values
+        n = int(n_params.sel(layer=layer))
+        out[layer] = []
+        for i in range(probe.size):
+            spectrum = None
+            usable = np.isfinite(noise[i]) and noise[i] >= 0 and np.isfinite(lrs[i]) and lrs[i] > 0
+            if usable and spectra is not None and layer in spectra:
+                spectrum = spectra[layer]
+            elif usable and np.isfinite(lam[i]) and lam[i] > 0 and np.isfinite(tr[i]):
+                spectrum = LayerSpectrum.from_summary(lam[i], tr[i], n, shape=shape, clip_trace=True)
+                if sharpness_global is not None:
+                    spectrum = with_global_mode(spectrum, float(sharpness_global.values[i]),
+                                                edge * (1 - edge_margin) / lrs[i])
+            out[layer].append((spectrum, float(noise[i])))
+    return out
+
+
+def schedule_predict_layers(method, lrs, momentum, probe_steps, built, window, align="center",
+                            noise_model="curvature", edge_margin=EDGE_MARGIN):
+    r"""Non-stationary predictions: the NQM second-moment recursion
+    (:func:`dynamics.nqm_schedule.schedule_prediction`) run through the whole run, step by
+    step with the lr actually used (``lrs``, the trace's ``lr``), each step taking the
+    spectrum and noise of the nearest probe (of the latest probe for ``align="after"``),
+    from the minimum (x₀ = 0). The window of each probe then gets
+    :math:`\sum_t E[g_t\cdot g_{t-1}] / \sqrt{\sum_t E\|g_t\|^2 \sum_t E\|g_{t-1}\|^2}` and the
+    mean of :math:`E\|g_t\|^2` over the same steps as :func:`measured_window`, so an lr
+    decay inside a window, and the slow relaxation after it (the excess variance of the
+    old lr decays over ~1/h' steps, the gradient meanwhile keeping its direction), are in
+    the prediction. A mode of multiplicity w and noise σ² has the moments of w modes when
+    the recursion starts from zero (they are linear in σ²), so a weight that changes
+    between probes enters as w·σ². As in the stationary model, a mode is held below the edge
+    of stability (at (1 − ``edge_margin``)·edge/α_t, now with the lr of each step: a probe's
+    spectrum measured just before an lr decay would otherwise be unstable under the old lr).
+    Returns (grad_corr, grad_sq_norm), arrays (probe, layer).
+    """
+    probe_steps = np.asarray(probe_steps)
+    T = lrs.size
+    step = np.arange(T)
+    if align == "center":
+        mid = (probe_steps[1:] + probe_steps[:-1]) / 2
+        which = np.searchsorted(mid, step, side="right")
+    else:
+        which = np.clip(np.searchsorted(probe_steps, step, side="right") - 1, 0, None)
+    start = probe_steps - window // 2 if align == "center" else probe_steps
+    inside = (step[None, :] >= start[:, None]) & (step[None, :] < start[:, None] + window) & (step[None, :] >= 1)
+    layers = list(built)
+    corr = np.full((probe_steps.size, len(layers)), np.nan)
+    sq = np.full_like(corr, np.nan)
+    for j, layer in enumerate(layers):
+        rows = built[layer]
+        valid = [i for i, (sp, _) in enumerate(rows) if sp is not None]
+        if not valid:
+            continue
+        fill = [min(valid, key=lambda v: abs(v - i)) for i in range(len(rows))]  # nearest usable probe
+        lam = np.stack([rows[k][0].eigenvalues for k in fill])
+        s2 = np.stack([rows[k][0].weights * rows[k][0].noise_per_mode(rows[k][1], noise_model) for k in fill])
+        lr_steps = np.nan_to_num(lrs)
+        with np.errstate(divide="ignore"):
+            cap = float(stability_edge(method, momentum)) * (1 - edge_margin) / lr_steps
+        pred = schedule_prediction(method, lr_steps, momentum, np.minimum(lam[which], cap[:, None]), s2[which])
+        g2, lag = pred["grad_sq"], np.nan_to_num(pred["lag1"])
+        prev = np.concatenate([[np.nan], g2[:-1]])
+        with np.errstate(invalid="ignore", over="ignore"):
+            corr[:, j] = (inside * lag).sum(1) / np.sqrt((inside * g2).sum(1) * (inside * np.nan_to_num(prev)).sum(1))
+            sq[:, j] = (inside * g2).sum(1) / inside.sum(1)
+    return corr, sq
 
 
 def with_global_mode(spectrum, lam_global, lam_cap=np.inf):
@@ -260,7 +329,7 @@ def run_method(config):
 
 
 def link_trace(trace, config=None, *, window=None, align="center", noise_model="curvature", shape="power",
-               on_unstable="exclude", smooth=3, global_mode=True, spectra=None):
+               on_unstable="exclude", smooth=3, global_mode=True, prediction="schedule", spectra=None):
     """Predicted and measured per-layer oscillation and norm of one run, side by side.
 
     ``trace`` is a run's trace (``experiments.store.load_run`` puts the config in its
@@ -268,10 +337,16 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     micro-batches: a single probe's trace can even be negative), so the model is fed their
     centred rolling mean over ``smooth`` probes (1: raw); ``sharpness`` etc. in the output
     stay raw, and ``h``, ``edge_ratio`` and ``regime`` use the raw sharpness.
+    ``prediction``: "schedule" (default) runs the NQM through the run's actual lr sequence
+    (:func:`schedule_predict_layers`), "stationary" takes each probe's stationary state
+    (:func:`predict_layers`; its ``pred_effective_dim`` and ``pred_n_unstable`` are kept in
+    both cases). ``global_mode`` puts the network's top mode in every layer
+    (:func:`with_global_mode`).
     Returns a Dataset over (probe_step, layer) with ``lr``,
     ``h`` = lr·sharpness, ``edge`` (the method's stability edge in h), ``edge_ratio`` = h/edge,
+    ``edge_ratio_global`` (the same for the network's sharpness),
     ``regime`` of the top mode, the measured inputs (``sharpness``, ``hessian_trace``,
-    ``grad_noise``, ``n_params``), ``pred_*`` (:func:`predict_layers`) and ``meas_*``
+    ``grad_noise``, ``n_params``, ``sharpness_global``), ``pred_*`` and ``meas_*``
     (:func:`measured_window`); the options are in ``attrs``.
     """
     config = dict(trace.attrs.get("config", {}) if config is None else config)
@@ -294,6 +369,16 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
                           on_unstable=on_unstable, spectra=spectra,
                           sharpness_global=fed["sharpness_global"] if global_mode else None)
     meas = measured_window(trace, probe, window, align)
+    if prediction == "schedule":
+        built = layer_spectra(method, lr, momentum, fed["sharpness"], fed["hessian_trace"], trace["n_params"],
+                              fed["grad_noise"], shape=shape, spectra=spectra,
+                              sharpness_global=fed["sharpness_global"] if global_mode else None)
+        corr, sq = schedule_predict_layers(method, trace["lr"].values, momentum, probe, built,
+                                           meas.attrs["window"], align, noise_model)
+        pred["pred_grad_corr"] = (("probe_step", "layer"), corr)
+        pred["pred_grad_sq_norm"] = (("probe_step", "layer"), sq)
+    elif prediction != "stationary":
+        raise ValueError(f"prediction={prediction!r} is unknown; valid: stationary, schedule")
     ds = xr.merge([pred, meas.drop_attrs()])
     h_global = lr * trace["sharpness_global"]
     ds = ds.assign(lr=lr, h=h, edge=edge, edge_ratio=h / edge, regime=regime_top,
@@ -303,6 +388,7 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     ds.attrs = {"method": method, "momentum": momentum, "lr0": float(config.get("lr", np.nan)),
                 "window": meas.attrs["window"], "align": align, "noise_model": noise_model, "shape": shape,
                 "on_unstable": on_unstable, "smooth": int(smooth), "global_mode": int(bool(global_mode)),
+                "prediction": prediction,
                 "spectra": "given" if spectra else "summary"}
     return ds
 
@@ -320,7 +406,7 @@ def link_scores(ds, bins=10):
 # ---------------------------------------------------------------------------------------
 # runs, sweeps, files
 
-OPTIONS = ("window", "align", "noise_model", "shape", "on_unstable", "smooth", "global_mode")
+OPTIONS = ("window", "align", "noise_model", "shape", "on_unstable", "smooth", "global_mode", "prediction")
 
 
 def link_run(run_dir, *, recompute=False, write=True, **options):
@@ -457,6 +543,8 @@ def add_command(subparsers):
     p.add_argument("--shape", default="power", help="spectrum shape from the summary: power (default), two-level")
     p.add_argument("--on-unstable", default="exclude", help="modes past the edge: exclude (default), nan")
     p.add_argument("--smooth", type=int, default=3, help="probes in the rolling mean of the probe estimates")
+    p.add_argument("--prediction", default="schedule",
+                   help="schedule (default: NQM run through the lr sequence) or stationary")
     p.add_argument("--block-only", action="store_true",
                    help="per-layer diagonal-block spectra only (no network top mode in each layer)")
     p.add_argument("--recompute", action="store_true", help="ignore existing link.nc files")
@@ -467,7 +555,7 @@ def add_command(subparsers):
 def _link_main(args):
     ds = link(args.source, root=args.root, recompute=args.recompute, window=args.window, align=args.align,
               noise_model=args.noise_model, shape=args.shape, on_unstable=args.on_unstable, smooth=args.smooth,
-              global_mode=not args.block_only)
+              global_mode=not args.block_only, prediction=args.prediction)
     print(format_report(ds))
     if args.json:
         store.atomic_write_json(args.json, {"scores": link_scores(ds), "options": {

@@ -3,8 +3,8 @@ correlation and squared gradient norm across the seed-CNN sweep (lr × momentum 
 ``experiments/specs/link_seed_cnn.toml``), every (run, probe step, layer) one point.
 
 Prediction: the noisy quadratic model of each layer (:mod:`dynamics.nqm_layer`) fed with
-the probe's measured block sharpness, Hutchinson trace and gradient noise
-(:func:`experiments.link.link_trace`). Left: the per-layer diagonal block alone; middle:
+the probe's measured block sharpness, Hutchinson trace and gradient noise and run through
+the run's lr sequence (:func:`experiments.link.link_trace`, ``prediction="schedule"``). Left: the per-layer diagonal block alone; middle:
 with the network's top mode placed in every layer (:func:`experiments.link.with_global_mode`,
 the default); right: the squared gradient norm (log-log). Scores in each panel: Spearman,
 Pearson, sign agreement and binned calibration error (:func:`experiments.link.agreement_scores`).
@@ -33,7 +33,9 @@ TINY_GRID = {"opt": ["hb", "nag"], "lr": [0.05], "momentum": [0.9]}
 FULL_BASE = {"steps": 3000, "probe_every": 100, "step_every": 2000, "model_args": {"channels": 32, "hidden": 450}}
 # model variants scored in the results file: name -> link_trace options (default first)
 VARIANTS = {
-    "default (block + network top mode, curvature noise, power shape, smooth 3)": {},
+    "default (schedule NQM, block + network top mode, curvature noise, power shape, smooth 3)": {},
+    "stationary NQM (each probe's stationary state)": {"prediction": "stationary"},
+    "stationary NQM, block only (the plain layer model)": {"prediction": "stationary", "global_mode": False},
     "block only (no network top mode)": {"global_mode": False},
     "no probe smoothing": {"smooth": 1},
     "additive noise": {"noise_model": "additive"},
@@ -128,7 +130,8 @@ FIGURE = Figure(
 
 
 def results(ctx):
-    """(tidy table of every point, scores of every variant) for the results files."""
+    """(tidy table of every point, scores of every variant, diagnostics, options) for the
+    results files."""
     dirs = run_dirs(ctx)
     default = linked(dirs)
     cols = ["opt", "lr0", "momentum", "lr", "h", "edge_ratio", "edge_ratio_global", "regime", "sharpness",
@@ -136,8 +139,26 @@ def results(ctx):
             "pred_grad_sq_norm", "meas_grad_sq_norm", "meas_steps"]
     table = default[[c for c in cols if c in default]].to_dataframe().reset_index()
     scores = {name: link_scores(default if not opts else linked(dirs, **opts)) for name, opts in VARIANTS.items()}
-    return table, scores, {k: default.attrs.get(k) for k in ("window", "align", "noise_model", "shape",
-                                                               "on_unstable", "smooth", "global_mode")}
+    return table, scores, diagnostics(table), {k: default.attrs.get(k) for k in ("window", "align", "noise_model", "shape",
+                                                               "on_unstable", "smooth", "global_mode",
+                                                               "prediction")}
+
+
+def diagnostics(table):
+    """Where the default model fails: its correlation scores per probe step, per band of the
+    network's h/edge, and on the points where it predicts |ρ| > 0.1 (not the target: the
+    target is scored on every point)."""
+    from experiments.link import agreement_scores
+
+    def score(part):
+        return agreement_scores(part.pred_grad_corr, part.meas_grad_corr)
+
+    bands = pd.cut(table.edge_ratio_global, [0, 0.05, 0.2, 0.5, np.inf])
+    return {
+        "by_probe_step": {int(k): score(g) for k, g in table.groupby("probe_step")},
+        "by_network_h_over_edge": {str(k): score(g) for k, g in table.groupby(bands, observed=True)},
+        "where_abs_pred_gt_0.1": score(table[table.pred_grad_corr.abs() > 0.1]),
+    }
 
 
 def main():
@@ -146,12 +167,12 @@ def main():
     from experiments.store import atomic_write_json, atomic_write_text
 
     torch.set_num_threads(1)
-    table, scores, options = results(Context(mode="quick"))
+    table, scores, diag, options = results(Context(mode="quick"))
     out = Path("results")
     atomic_write_text(out / "link_seed_cnn.csv", table.to_csv(index=False, float_format="%.6g"))
     atomic_write_json(out / "link_seed_cnn.json", {
         "command": "python -m paper_figures.link_scores", "spec": "experiments/specs/link_seed_cnn.toml",
-        "options": options, "scores": scores,
+        "options": options, "scores": scores, "diagnostics": diag,
         "target": {"spearman_grad_corr": 0.8, "sign_agreement": 0.9}})
     for name, sc in scores.items():
         c = sc["grad_corr"]
