@@ -32,13 +32,20 @@ Per step: ``loss``, ``lr`` (``optimizer.param_groups[0]["lr"]`` when ``after_bac
 ``grad_norm_global`` (computed exactly as ``torch.nn.utils.get_total_norm``),
 ``grad_cos_global``, ``update_cos_global``, ``clip_factor_global``.
 
-Cost. Each step issues a fixed handful of ``torch._foreach_*`` calls over the parameter list
-(norms of order 2, 1, ∞, −∞), two flat copies and one dot product per tensor; the results are
-written into a preallocated device block of ``block_size`` steps, which is copied to the host
-only when full or at :meth:`dataset` — no host synchronisation per step. Previous gradient and
-previous update are kept as flat buffers (double-buffered: the θ snapshot becomes −Δθ in place,
-so no extra copy). The tracer times itself: ``attrs["tracer_seconds"]`` (CUDA events on a GPU,
-``perf_counter`` on CPU; probes excluded) and ``attrs["probe_seconds"]``.
+Cost. Gradients and parameters are copied once per step into flat buffers in which every
+layer is one contiguous segment (rows alternate between steps: G = [g(t), g(t−1)],
+D = [θ_before → −Δθ(t), −Δθ(t−1), θ_after]); per-layer Gram matrices X Xᵀ of those rows give
+all squared norms and dot products in one pass, and segment reductions give Σ|·|, max, min.
+The per-step cost is a fixed handful of calls, not a loop over tensors. Two engines compute
+the same numbers: ``"numpy"`` (CPU default: numpy views of the buffers, ``ufunc.reduceat``
+and BLAS, results written straight into a host block; numpy's per-call overhead is a fraction
+of torch's) and ``"torch"`` (other devices: chunked (chunks, 256) views, row reductions and
+tiny matmuls, results written into a preallocated device block of ``block_size`` steps,
+copied to the host only when full or at :meth:`dataset` — no host synchronisation per step).
+The per-tensor gradient norms use ``torch._foreach_norm`` so that the global norm is
+bit-identical to ``torch.nn.utils.get_total_norm``. The tracer times itself:
+``attrs["tracer_seconds"]`` (CUDA events on a GPU, ``perf_counter`` on CPU; probes excluded)
+and ``attrs["probe_seconds"]``.
 
 Probes (every ``probe_every`` steps, run by the training loop through :meth:`probe`): per-layer
 ``sharpness`` (top eigenvalue of the layer's diagonal Hessian block), ``sharpness_global``,
@@ -57,11 +64,11 @@ import xarray as xr
 from experiments import sharpness
 
 ROOT_LAYER = "(root)"
-# per-tensor statistics kept per step: rows of the device block
-_G_NORM, _G_ABS, _G_MAX, _G_MIN, _G_DOT, _D_NORM, _D_ABS, _D_DOT, _P_NORM, _P_ABS = range(10)
-_N_TENSOR_STATS = 10
-_LOSS, _LR, _G_GLOBAL, _CLIP_GLOBAL = range(4)
-_N_STEP_STATS = 4
+CHUNK = 256  # elements per row of the flat buffers' (chunks, CHUNK) view
+# per-layer statistics in a block row, after the n per-tensor gradient norms; the first group
+# is written by after_backward (with loss and global norm), the second by after_step
+_BACKWARD_STATS = ("g_abs", "g_max", "g_min", "g_dot")
+_STEP_STATS = ("d_sq", "d_abs", "d_dot", "p_sq", "p_abs")
 
 
 def _check_int(name, value, low):
@@ -123,17 +130,19 @@ class Tracer:
     model, optimizer : the ``nn.Module`` and any ``torch.optim.Optimizer`` stepping it.
     per_tensor : one "layer" per parameter tensor instead of per owning module.
     probe_every : the training loop calls :meth:`probe` when :meth:`should_probe` (0: never).
-    block_size : steps per device block (host copy once per block).
+    block_size : steps per block (device → host copy once per block).
     sharpness_iters : Lanczos iterations per probe (fixed budget, warm-started).
     hutchinson_samples : Rademacher vectors per probe for the trace estimate.
     noise_microbatches : micro-batches M for the gradient-noise estimate (>= 2; 0 disables).
     probe_mode : "train" (the model's training-mode loss; default) or "eval".
     seed : seed of the probes' own random generator (Lanczos starts, Rademacher vectors).
+    engine : "auto" (numpy for float32/float64 parameters on the CPU, else torch), "numpy"
+        or "torch".
     """
 
     def __init__(self, model, optimizer, *, per_tensor=False, probe_every=0, block_size=256,
                  sharpness_iters=20, hutchinson_samples=1, noise_microbatches=4,
-                 probe_mode="train", seed=0):
+                 probe_mode="train", seed=0, engine="auto"):
         self.model, self.optimizer = model, optimizer
         self.per_tensor = bool(per_tensor)
         self.probe_every = _check_int("probe_every", probe_every, 0)
@@ -160,7 +169,12 @@ class Tracer:
         self.device = self.params[0].device
         dtypes = {p.dtype for p in self.params}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        self.stat_dtype = torch.promote_types(self.dtype, torch.float32)
+        numpy_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
+        if engine not in ("auto", "numpy", "torch") or (engine == "numpy" and not numpy_ok):
+            raise ValueError(f"engine={engine!r} is not valid here; valid: auto, torch"
+                             + (", numpy" if numpy_ok else " (numpy needs float32/float64 "
+                                                          "parameters on the CPU)"))
+        self.engine = ("numpy" if numpy_ok else "torch") if engine == "auto" else engine
 
         self.layers = []
         tensor_layer = []
@@ -174,39 +188,66 @@ class Tracer:
         self.layer_sizes = np.bincount(self.tensor_layer, weights=self.sizes,
                                        minlength=len(self.layers)).astype(np.int64)
         n, L = len(self.params), len(self.layers)
+        self._layout(n, L, CHUNK if self.engine == "torch" else 1)
 
-        # flat double buffers: gradients g(t), g(t-1); θ snapshots that become −Δθ in place
-        total = sum(self.sizes)
-        self._gflat = [torch.zeros(total, dtype=self.dtype, device=self.device) for _ in range(2)]
-        self._dflat = [torch.zeros(total, dtype=self.dtype, device=self.device) for _ in range(2)]
-        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
-        narrow = lambda f: [f.narrow(0, o, s) for o, s in zip(offsets, self.sizes)]  # noqa: E731
-        self._gview1 = [narrow(f) for f in self._gflat]
-        self._dview1 = [narrow(f) for f in self._dflat]
-        shaped = lambda views: [v.view(p.shape) for v, p in zip(views, self.params)]  # noqa: E731
-        self._gview = [shaped(v) for v in self._gview1]
-        self._dview = [shaped(v) for v in self._dview1]
-        if self.device.type != "cpu":  # segment sums by one scatter instead of n small dots
-            self._elem_tensor = torch.repeat_interleave(
-                torch.arange(n, device=self.device),
-                torch.tensor(self.sizes, device=self.device))
-
-        opts = dict(dtype=self.stat_dtype, device=self.device)
-        self._tblock = torch.zeros(self.block_size, _N_TENSOR_STATS, n, **opts)
-        self._sblock = torch.zeros(self.block_size, _N_STEP_STATS, **opts)
-        self._cblock = torch.ones(self.block_size, L, **opts)
-        self._sblock[:, _CLIP_GLOBAL] = 1.0  # no clipping unless recorded
+        # one row per step: n tensor gradient norms, then L columns per per-layer statistic,
+        # then loss and global gradient norm; clipping factors in their own block (init 1)
+        self._w_back = n + L * len(_BACKWARD_STATS) + 2
+        width = self._w_back + L * len(_STEP_STATS)
+        if self.engine == "numpy":
+            self._block = np.zeros((self.block_size, width))
+            self._clip = np.ones((self.block_size, L + 1))
+        else:
+            opts = dict(dtype=torch.promote_types(self.dtype, torch.float32), device=self.device)
+            self._block = torch.zeros(self.block_size, width, **opts)
+            self._clip = torch.ones(self.block_size, L + 1, **opts)
+        self._lrs = []
         self._row = 0
         self.step = 0
         self._phase = "idle"  # idle -> backward (after_backward) -> idle (after_step)
-        self._host_tensor, self._host_step, self._host_clip = [], [], []
+        self._host_rows, self._host_clip = [], []
 
         self._watch = _Stopwatch(self.device)
         self.probe_seconds = 0.0
         self._probe_steps, self._probe_rows = [], []
         self._probe_state = sharpness.ProbeState(seed)
 
-    # ---------------------------------------------------------------- per step
+    def _layout(self, n, L, chunk):
+        """Flat buffers with each layer's tensors contiguous, the layer zero-padded to whole
+        chunks of ``chunk`` elements (torch engine: then every per-layer statistic is a row
+        reduction of the (chunks, chunk) view plus a tiny reduction over chunks)."""
+        order = sorted(range(n), key=lambda i: self.tensor_layer[i])  # stable
+        chunks = [-(-int(s) // chunk) for s in self.layer_sizes]  # ceil
+        seg_start = np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(np.int64) * chunk
+        offsets, pad = np.zeros(n, dtype=np.int64), []
+        for l in range(L):
+            pos = int(seg_start[l])
+            for i in order:
+                if self.tensor_layer[i] == l:
+                    offsets[i] = pos
+                    pos += self.sizes[i]
+            pad.extend(range(pos, int(seg_start[l]) + chunks[l] * chunk))
+        total = int(sum(chunks)) * chunk
+        opts = dict(dtype=self.dtype, device=self.device)
+        self._G = torch.zeros(2, total, **opts)
+        self._D = torch.zeros(3, total, **opts)
+        self._a = torch.zeros(total, **opts)  # |·| scratch
+        tensors = lambda f: [f.narrow(0, int(o), s).view(p.shape)  # noqa: E731
+                             for o, s, p in zip(offsets, self.sizes, self.params)]
+        self._g_t = [tensors(f) for f in self._G]
+        self._d_t = [tensors(f) for f in self._D]
+        self._seg = [(int(seg_start[l]), chunks[l] * chunk) for l in range(L)]
+        self._chunk = chunk
+        if self.engine == "numpy":
+            self._Gn, self._Dn, self._an = self._G.numpy(), self._D.numpy(), self._a.numpy()
+            self._starts = seg_start
+        else:
+            self._pad = torch.tensor(pad, dtype=torch.long, device=self.device)
+            # chunk -> layer membership, for per-layer sums (matmul) and extrema (masked)
+            member = torch.repeat_interleave(torch.arange(L), torch.tensor(chunks))
+            self._member = (torch.arange(L)[:, None] == member[None, :]).to(self.device)
+            self._member_f = self._member.to(self.dtype)
+
     def layer_parameters(self):
         """{layer: [parameters]} in trace order (for per-layer clipping consistent with it)."""
         out = {layer: [] for layer in self.layers}
@@ -214,53 +255,72 @@ class Tracer:
             out[self.layers[li]].append(p)
         return out
 
-    def _segment_dots(self, a, b, a_views, b_views):
-        if self.device.type == "cpu":
-            return torch.stack([torch.dot(x, y) for x, y in zip(a_views, b_views)])
-        out = torch.zeros(len(self.params), dtype=a.dtype, device=a.device)
-        return out.index_add_(0, self._elem_tensor, a * b)
-
-    @torch.no_grad()
+    # ---------------------------------------------------------------- per step
     def after_backward(self, loss=None):
         """Record the raw gradients (call after ``loss.backward()``, before clipping/step)."""
         if self._phase != "idle":
             raise RuntimeError("after_backward called twice without after_step")
         self._watch.start()
-        cur, prev = self.step % 2, (self.step + 1) % 2
-        gviews = self._gview[cur]
-        grads, views, present = [], [], []
-        for i, (p, v) in enumerate(zip(self.params, gviews)):
-            if p.grad is None:
-                v.zero_()
+        with torch.no_grad():
+            cur = self.step % 2
+            g_t = self._g_t[cur]
+            grads = [p.grad for p in self.params]
+            if all(x is not None for x in grads):
+                torch._foreach_copy_(g_t, grads)
+            else:  # unused this step: a zero gradient
+                for v, x in zip(g_t, grads):
+                    v.zero_() if x is None else v.copy_(x)
+            norms = torch._foreach_norm(g_t, 2)
+            # global norm exactly as torch.nn.utils.get_total_norm: the 2-norm of the
+            # per-tensor norms of the tensors that have a gradient, in parameter order
+            present = [nrm for x, nrm in zip(grads, norms) if x is not None]
+            g_global = (torch.linalg.vector_norm(torch.stack(present), 2) if present
+                        else torch.zeros((), dtype=self.dtype, device=self.device))
+            torch._foreach_copy_(self._d_t[cur], self.params)  # θ_before
+            if self.engine == "numpy":
+                self._backward_numpy(cur, norms, g_global, loss)
             else:
-                grads.append(p.grad)
-                views.append(v)
-                present.append(i)
-        if grads:
-            torch._foreach_copy_(views, grads)
-        row = self._row
-        norms = torch._foreach_norm(gviews, 2)
-        stats = (norms + torch._foreach_norm(gviews, 1) + torch._foreach_norm(gviews, math.inf)
-                 + torch._foreach_norm(gviews, -math.inf))
-        dots = self._segment_dots(self._gflat[cur], self._gflat[prev],
-                                  self._gview1[cur], self._gview1[prev])
-        n = len(self.params)
-        self._tblock[row, _G_NORM:_G_MIN + 1].copy_(torch.stack(stats).view(4, n))
-        self._tblock[row, _G_DOT].copy_(dots)
-        # global norm exactly as torch.nn.utils.get_total_norm: norm of the per-tensor norms
-        # (over the tensors that have a gradient, as torch does: bit-identical)
-        present_norms = norms if len(present) == len(norms) else [norms[i] for i in present]
-        self._sblock[row, _G_GLOBAL].copy_(
-            torch.linalg.vector_norm(torch.stack(present_norms), 2) if present_norms else 0.0)
-        self._sblock[row, _LOSS].copy_(loss.detach() if torch.is_tensor(loss)
-                                       else torch.tensor(math.nan if loss is None else loss))
-        lr = self.optimizer.param_groups[0].get("lr", math.nan)
-        self._sblock[row, _LR].copy_(lr.detach() if torch.is_tensor(lr) else torch.tensor(lr))
-        torch._foreach_copy_(self._dview[cur], self.params)  # θ_before
+                self._backward_torch(cur, norms, g_global, loss)
+            lr = self.optimizer.param_groups[0].get("lr", math.nan)
+            self._lrs.append(lr.detach().clone() if torch.is_tensor(lr) else float(lr))
         self._phase = "backward"
         self._watch.stop()
 
-    @torch.no_grad()
+    def _backward_numpy(self, cur, norms, g_global, loss):
+        G, a, st, n = self._Gn, self._an, self._starts, len(self.params)
+        row = self._block[self._row]
+        np.abs(G[cur], out=a)
+        row[:n] = torch.stack(norms).numpy()
+        L = len(self.layers)
+        row[n:n + L] = np.add.reduceat(a, st)
+        row[n + L:n + 2 * L] = np.maximum.reduceat(a, st)
+        row[n + 2 * L:n + 3 * L] = np.minimum.reduceat(a, st)
+        row[n + 3 * L:n + 4 * L] = [np.dot(G[0, s:s + m], G[1, s:s + m]) for s, m in self._seg]
+        row[n + 4 * L] = math.nan if loss is None else float(loss)
+        row[n + 4 * L + 1] = float(g_global)
+
+    def _backward_torch(self, cur, norms, g_global, loss):
+        g, a = self._G[cur], self._a
+        dots = self._grams(self._G)[:, 0, 1]
+        rows = a.view(-1, self._chunk)
+        torch.abs(g, out=a)
+        abs_sums = (self._member_f @ rows.sum(1, keepdim=True))[:, 0]
+        maxes = torch.where(self._member, rows.amax(1), -math.inf).amax(1)
+        a.index_fill_(0, self._pad, math.inf)  # padding must not count as min|g| = 0
+        mins = torch.where(self._member, rows.amin(1), math.inf).amin(1)
+        if torch.is_tensor(loss):
+            loss_t = loss.detach().reshape(()).to(self.dtype)
+        else:
+            loss_t = torch.tensor(math.nan if loss is None else float(loss),
+                                  dtype=self.dtype, device=self.device)
+        values = torch.cat([torch.stack(norms), abs_sums, maxes, mins, dots,
+                            torch.stack([loss_t, g_global])])
+        self._block[self._row, :len(values)].copy_(values)
+
+    def _grams(self, X):
+        """Per-layer Gram matrices of the rows of X (torch): (L, rows, rows)."""
+        return torch.stack([X[:, s:s + m] @ X[:, s:s + m].T for s, m in self._seg])
+
     def record_clip(self, global_factor=None, layer_factors=None):
         """Record clipping factors of the current step (between after_backward and step).
 
@@ -269,51 +329,43 @@ class Tracer:
         if self._phase != "backward":
             raise RuntimeError("record_clip must come between after_backward and after_step")
         self._watch.start()
-        row = self._row
+        row, L = self._row, len(self.layers)
+        if layer_factors is None:
+            factors = {}
+        elif isinstance(layer_factors, dict):
+            unknown = set(layer_factors) - set(self.layers)
+            if unknown:
+                raise ValueError(f"layer_factors has unknown layers {sorted(unknown)}; "
+                                 f"valid: {self.layers}")
+            factors = {self.layers.index(k): f for k, f in layer_factors.items()}
+        else:
+            seq = list(layer_factors)
+            if len(seq) != L:
+                raise ValueError(f"layer_factors has length {len(seq)}; valid: {L}, one per "
+                                 f"layer in Tracer.layers order")
+            factors = dict(enumerate(seq))
         if global_factor is not None:
-            self._sblock[row, _CLIP_GLOBAL].copy_(torch.as_tensor(global_factor))
-        if layer_factors is not None:
-            if isinstance(layer_factors, dict):
-                unknown = set(layer_factors) - set(self.layers)
-                if unknown:
-                    raise ValueError(f"layer_factors has unknown layers {sorted(unknown)}; "
-                                     f"valid: {self.layers}")
-                for name, f in layer_factors.items():
-                    self._cblock[row, self.layers.index(name)].copy_(torch.as_tensor(f))
-            else:
-                if torch.is_tensor(layer_factors):
-                    vals = layer_factors
-                elif any(torch.is_tensor(f) for f in layer_factors):
-                    vals = torch.stack([torch.as_tensor(f, device=self.device)
-                                        for f in layer_factors])
+            factors[L] = global_factor
+        with torch.no_grad():
+            for col, f in factors.items():
+                if self.engine == "numpy":
+                    self._clip[row, col] = float(f)
                 else:
-                    vals = torch.tensor(list(layer_factors))
-                if vals.shape != (len(self.layers),):
-                    raise ValueError(f"layer_factors has shape {tuple(vals.shape)}; valid: "
-                                     f"({len(self.layers)},), one per layer")
-                self._cblock[row].copy_(vals)
+                    self._clip[row, col].copy_(torch.as_tensor(f))  # no host sync
         self._watch.stop()
 
-    @torch.no_grad()
     def after_step(self):
         """Record the applied update Δθ and θ (call right after ``optimizer.step()``)."""
         if self._phase != "backward":
             raise RuntimeError("after_step called without after_backward")
         self._watch.start()
-        cur, prev = self.step % 2, (self.step + 1) % 2
-        dviews = self._dview[cur]
-        torch._foreach_sub_(dviews, self.params)  # θ_before − θ_after = −Δθ (sign irrelevant)
-        stats = (torch._foreach_norm(dviews, 2) + torch._foreach_norm(dviews, 1)
-                 + torch._foreach_norm(self.params, 2) + torch._foreach_norm(self.params, 1))
-        dots = self._segment_dots(self._dflat[cur], self._dflat[prev],
-                                  self._dview1[cur], self._dview1[prev])
-        n, row = len(self.params), self._row
-        st = torch.stack(stats).view(4, n)
-        self._tblock[row, _D_NORM].copy_(st[0])
-        self._tblock[row, _D_ABS].copy_(st[1])
-        self._tblock[row, _P_NORM].copy_(st[2])
-        self._tblock[row, _P_ABS].copy_(st[3])
-        self._tblock[row, _D_DOT].copy_(dots)
+        with torch.no_grad():
+            cur, prev = self.step % 2, (self.step + 1) % 2
+            torch._foreach_copy_(self._d_t[2], self.params)  # θ_after
+            if self.engine == "numpy":
+                self._step_numpy(cur, prev)
+            else:
+                self._step_torch(cur, prev)
         self._row += 1
         self.step += 1
         self._phase = "idle"
@@ -321,16 +373,43 @@ class Tracer:
             self._flush()
         self._watch.stop()
 
+    def _step_numpy(self, cur, prev):
+        D, a, st, L = self._Dn, self._an, self._starts, len(self.layers)
+        np.subtract(D[cur], D[2], out=D[cur])  # θ_before − θ_after = −Δθ (sign cancels)
+        np.abs(D[cur], out=a)
+        row = self._block[self._row, self._w_back:]
+        row[L:2 * L] = np.add.reduceat(a, st)
+        for l, (s, m) in enumerate(self._seg):  # BLAS dots (numpy's strided matmul is slow)
+            d, dp, t = D[cur, s:s + m], D[prev, s:s + m], D[2, s:s + m]
+            row[l], row[2 * L + l], row[3 * L + l] = np.dot(d, d), np.dot(d, dp), np.dot(t, t)
+        np.abs(D[2], out=D[2])
+        row[4 * L:5 * L] = np.add.reduceat(D[2], st)
+
+    def _step_torch(self, cur, prev):
+        D, a = self._D, self._a
+        D[cur].sub_(D[2])  # θ_before − θ_after = −Δθ (the sign cancels in every statistic)
+        gram = self._grams(D)
+        torch.abs(D[cur], out=a)
+        abs_rows = torch.stack([a.view(-1, self._chunk).sum(1),
+                                D[2].abs_().view(-1, self._chunk).sum(1)], 1)
+        abs_sums = self._member_f @ abs_rows
+        # columns: ‖Δθ‖², Σ|Δθ|, ⟨Δθ(t), Δθ(t−1)⟩, ‖θ‖², Σ|θ|
+        values = torch.cat([gram[:, cur, cur], abs_sums[:, 0], gram[:, cur, prev],
+                            gram[:, 2, 2], abs_sums[:, 1]])
+        self._block[self._row, self._w_back:].copy_(values)
+
     def _flush(self):
         rows = self._row
         if rows == 0:
             return
-        host = lambda t: t[:rows].to("cpu", torch.float64, copy=True).numpy()  # noqa: E731
-        self._host_tensor.append(host(self._tblock))
-        self._host_step.append(host(self._sblock))
-        self._host_clip.append(host(self._cblock))
-        self._sblock[:, _CLIP_GLOBAL].fill_(1.0)
-        self._cblock.fill_(1.0)
+        if self.engine == "numpy":
+            self._host_rows.append(self._block[:rows].copy())
+            self._host_clip.append(self._clip[:rows].copy())
+        else:
+            host = lambda x: x[:rows].to("cpu", torch.float64, copy=True).numpy()  # noqa: E731
+            self._host_rows.append(host(self._block))
+            self._host_clip.append(host(self._clip))
+        self._clip[:] = 1.0
         self._row = 0
 
     # ---------------------------------------------------------------- probes
@@ -360,57 +439,56 @@ class Tracer:
         return res
 
     # ---------------------------------------------------------------- output
-    def _per_layer(self, x, reduce):
-        """(steps, n_tensors) -> (steps, layers) with a ufunc reduction over each layer."""
-        out = np.empty((x.shape[0], len(self.layers)))
-        for l in range(len(self.layers)):
-            out[:, l] = reduce(x[:, self.tensor_layer == l], axis=1)
-        return out
-
     def dataset(self):
         """The trace so far as an ``xarray.Dataset`` (schema in BRIEF.md / module docstring)."""
         self._flush()
         n, L = len(self.params), len(self.layers)
-        cat = lambda parts, shape: (np.concatenate(parts) if parts  # noqa: E731
-                                    else np.zeros((0,) + shape))
-        T = cat(self._host_tensor, (_N_TENSOR_STATS, n))
-        S = cat(self._host_step, (_N_STEP_STATS,))
-        C = cat(self._host_clip, (L,))
-        lsum = lambda k: self._per_layer(T[:, k], np.sum)  # noqa: E731
+        width = self._w_back + L * len(_STEP_STATS)
+        R = np.concatenate(self._host_rows) if self._host_rows else np.zeros((0, width))
+        C = np.concatenate(self._host_clip) if self._host_clip else np.zeros((0, L + 1))
+        steps = len(R)
+        col = dict(zip(_BACKWARD_STATS, range(n, n + L * len(_BACKWARD_STATS), L)))
+        col.update(zip(_STEP_STATS, range(self._w_back, width, L)))
+        get = lambda k: R[:, col[k]:col[k] + L]  # noqa: E731
+        loss, g_global = R[:, self._w_back - 2], R[:, self._w_back - 1]
+        lr = np.array([float(x) for x in self._lrs[:steps]], dtype=float)
+        def layer_sum(x):  # (steps, n) per-tensor values -> (steps, L) per-layer sums
+            out = np.zeros((steps, L))
+            np.add.at(out.T, self.tensor_layer, x.T)
+            return out
+
+        g_sq = layer_sum(R[:, :n] ** 2)
         sizes = self.layer_sizes.astype(float)
         with np.errstate(divide="ignore", invalid="ignore"):
-            g_sq, d_sq, p_sq = (self._per_layer(T[:, k] ** 2, np.sum)
-                                for k in (_G_NORM, _D_NORM, _P_NORM))
-            grad_norm, update_norm = np.sqrt(g_sq), np.sqrt(d_sq)
-            grad_cos = _successive_cos(lsum(_G_DOT), grad_norm)
-            update_cos = _successive_cos(lsum(_D_DOT), update_norm)
-            ratio = np.log10(lsum(_D_ABS) / lsum(_P_ABS))
-            g_global = S[:, _G_GLOBAL]
-            u_global = np.sqrt(d_sq.sum(axis=1))
-            grad_cos_global = _successive_cos(T[:, _G_DOT].sum(axis=1), g_global)
-            update_cos_global = _successive_cos(T[:, _D_DOT].sum(axis=1), u_global)
+            grad_norm, update_norm = np.sqrt(g_sq), np.sqrt(get("d_sq"))
+            ratio = np.log10(get("d_abs") / get("p_abs"))
+            u_global = np.sqrt((update_norm ** 2).sum(axis=1))
+            grad_cos = _successive_cos(get("g_dot"), grad_norm)
+            update_cos = _successive_cos(get("d_dot"), update_norm)
+            grad_cos_global = _successive_cos(get("g_dot").sum(axis=1), g_global)
+            update_cos_global = _successive_cos(get("d_dot").sum(axis=1), u_global)
         sl = ("step", "layer")
         ds = xr.Dataset(
             {
                 "grad_norm": (sl, grad_norm),
-                "param_norm": (sl, np.sqrt(p_sq)),
+                "param_norm": (sl, np.sqrt(get("p_sq"))),
                 "update_norm": (sl, update_norm),
                 "update_ratio": (sl, ratio),
-                "grad_abs_min": (sl, self._per_layer(T[:, _G_MIN], np.min)),
-                "grad_abs_mean": (sl, lsum(_G_ABS) / sizes),
-                "grad_abs_max": (sl, self._per_layer(T[:, _G_MAX], np.max)),
+                "grad_abs_min": (sl, get("g_min")),
+                "grad_abs_mean": (sl, get("g_abs") / sizes),
+                "grad_abs_max": (sl, get("g_max")),
                 "grad_cos": (sl, grad_cos),
                 "update_cos": (sl, update_cos),
-                "clip_factor": (sl, C),
-                "loss": ("step", S[:, _LOSS]),
-                "lr": ("step", S[:, _LR]),
+                "clip_factor": (sl, C[:, :L]),
+                "loss": ("step", loss),
+                "lr": ("step", lr),
                 "grad_norm_global": ("step", g_global),
                 "grad_cos_global": ("step", grad_cos_global),
                 "update_cos_global": ("step", update_cos_global),
-                "clip_factor_global": ("step", S[:, _CLIP_GLOBAL]),
+                "clip_factor_global": ("step", C[:, L]),
                 "n_params": ("layer", self.layer_sizes),
             },
-            coords={"step": np.arange(T.shape[0]), "layer": list(self.layers)},
+            coords={"step": np.arange(steps), "layer": list(self.layers)},
         )
         ds = ds.merge(self._probe_dataset())
         ds.attrs.update(

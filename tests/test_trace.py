@@ -120,14 +120,15 @@ def check_against_reference(ds, ref, per_tensor=False):
     assert np.isnan(v["grad_cos_global"][0]) and np.isnan(v["update_cos_global"][0])
 
 
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
 @pytest.mark.parametrize("per_tensor", [False, True])
-def test_statistics_match_per_parameter_reference_across_blocks(per_tensor):
+def test_statistics_match_per_parameter_reference_across_blocks(per_tensor, engine):
     torch.manual_seed(0)
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-3)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     # 7 steps with blocks of 3: two full flushes and a partial block at dataset()
-    tracer = Tracer(model, opt, block_size=3, per_tensor=per_tensor)
+    tracer = Tracer(model, opt, block_size=3, per_tensor=per_tensor, engine=engine)
     ref = train(model, opt, tracer, batches(7), sched=sched)
     ds = tracer.dataset()
     assert ds.sizes["step"] == 7
@@ -141,20 +142,22 @@ def test_statistics_match_per_parameter_reference_across_blocks(per_tensor):
     assert np.isnan(ds.grad_cos.sel(layer=unused)).all()
 
 
-def test_adam_batchnorm_dropout_match_reference():
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_adam_batchnorm_dropout_match_reference(engine):
     torch.manual_seed(1)
     model = Tiny(bn=True, dropout=0.3)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    tracer = Tracer(model, opt, block_size=4)
+    tracer = Tracer(model, opt, block_size=4, engine=engine)
     ref = train(model, opt, tracer, batches(6))
     check_against_reference(tracer.dataset(), ref)
 
 
-def test_global_norm_equals_torch_get_total_norm_exactly():
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_global_norm_equals_torch_get_total_norm_exactly(engine):
     torch.manual_seed(2)
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    tracer = Tracer(model, opt)
+    tracer = Tracer(model, opt, engine=engine)
     norms = []
     for batch in batches(3):
         opt.zero_grad()
@@ -185,11 +188,12 @@ def test_gradient_cosine_with_itself_is_one():
     assert np.isnan(ds.update_cos).all()
 
 
-def test_clip_factors_recorded_and_reset_across_blocks():
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_clip_factors_recorded_and_reset_across_blocks(engine):
     torch.manual_seed(4)
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    tracer = Tracer(model, opt, block_size=2)
+    tracer = Tracer(model, opt, block_size=2, engine=engine)
     layers = tracer.layer_parameters()
     expected_global, expected_layer = [], []
 
@@ -289,14 +293,14 @@ def test_bad_arguments_and_call_order():
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for kw, match in [(dict(block_size=0), "block_size=0"), (dict(probe_every=-1), "probe_every"),
-                      (dict(probe_mode="x"), "probe_mode"),
+                      (dict(probe_mode="x"), "probe_mode"), (dict(engine="jax"), "engine"),
                       (dict(noise_microbatches=1), "noise_microbatches=1")]:
         with pytest.raises(ValueError, match=match):
             Tracer(model, opt, **kw)
     tracer = Tracer(model, opt)
     with pytest.raises(RuntimeError, match="without after_backward"):
         tracer.after_step()
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="length"):
         loss_fn(model, batches(1)[0]).backward()
         tracer.after_backward()
         tracer.record_clip(layer_factors=[1.0])
