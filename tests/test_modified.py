@@ -3,7 +3,6 @@ ODE accuracy in units of the requested tolerance (scipy's style), validation."""
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 
 from dynamics import modified as md
@@ -64,20 +63,21 @@ def test_zero_momentum_start_shifts_by_the_initial_layer():
 
 
 def _exact_linear_flow(kind, lam, x0, method, lr, beta, t):
-    """Closed-form solution of each ODE on a diagonal quadratic, mode by mode (expm)."""
-    nesterov = method == "nag"
+    """Closed-form solution of each ODE on a diagonal quadratic, mode by mode."""
     if kind == "first_order":
         return x0 * np.exp(-np.outer(t, lam) / (1 - beta))
     if kind == "modified_loss":
         c = md.modified_loss_coefficient(method, lr, beta)
         return x0 * np.exp(-np.outer(t, lam + 2 * c * lam**2) / (1 - beta))
-    k, a = 2 / (lr * (1 + beta)), (beta if nesterov else 0.0)
-    out = np.empty((t.size, lam.size))
-    for i, (l, xi) in enumerate(zip(lam, x0)):
-        m = np.array([[0.0, 1.0], [-k * l, -k * (1 - beta + a * lr * l)]])
-        y0 = np.array([xi, -l * xi / (1 - beta)])  # manifold start
-        out[:, i] = (scipy.linalg.expm(t[:, None, None] * m) @ y0)[:, 0]
-    return out
+    # x'' + k γ x' + k λ x = 0, γ = 1-β+aαλ: x = Σ c_i e^{s_i t} with x(0) = x0 and the
+    # manifold start x'(0) = u0.
+    k, a = 2 / (lr * (1 + beta)), (beta if method == "nag" else 0.0)
+    gamma = 1 - beta + a * lr * lam
+    root = np.sqrt((k * gamma) ** 2 - 4 * k * lam + 0j)
+    s1, s2 = (-k * gamma + root) / 2, (-k * gamma - root) / 2
+    u0 = -lam * x0 / (1 - beta)
+    c1, c2 = (s2 * x0 - u0) / (s2 - s1), (u0 - s1 * x0) / (s2 - s1)
+    return (c1 * np.exp(np.outer(t, s1)) + c2 * np.exp(np.outer(t, s2))).real
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -85,7 +85,7 @@ def _exact_linear_flow(kind, lam, x0, method, lr, beta, t):
 def test_ode_solution_within_requested_tolerance(kind, method):
     """scipy's test style: |x - x_exact| / (atol + rtol |x_exact|) stays O(1). Global error
     can accumulate over the steps that local error control does not see, so allow 10 units;
-    decaying linear problems keep it near 1 (measured max ~2)."""
+    decaying linear problems keep it small (measured max 3.9 units, nfev 100-210)."""
     lam, x0, lr, beta = np.array([1.0, 0.4]), np.array([1.0, -2.0]), 1e-3, 0.9
     rtol, atol = 1e-6, 1e-9
     sol = md.solve_flow(kind, quadratic_loss(lam), x0, method, lr, beta, horizon=0.5,
@@ -93,7 +93,7 @@ def test_ode_solution_within_requested_tolerance(kind, method):
     exact = _exact_linear_flow(kind, lam, x0, method, lr, beta, sol.t)
     units = np.abs(sol.x - exact) / (atol + rtol * np.abs(exact))
     assert sol.success and units.max() < 10, units.max()
-    assert 0 < sol.nfev < 1000
+    assert 0 < sol.nfev < 500
 
 
 def test_stiff_inertial_ode_cost_does_not_grow_with_one_over_lr():
