@@ -232,3 +232,74 @@ def test_link_bad_input_is_one_line_exit_2(tmp_path, capsys):
 
     assert main(["link", str(tmp_path / "nothing")]) == 2
     assert "source=" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# pieces, on constructed inputs
+
+
+def _trace(norms, cosines):
+    import xarray as xr
+
+    T = len(norms)
+    return xr.Dataset({"grad_norm": (("step", "layer"), np.asarray(norms, float)[:, None]),
+                       "grad_cos": (("step", "layer"), np.asarray(cosines, float)[:, None])},
+                      coords={"step": np.arange(T), "layer": ["a"], "probe_step": [0, 10]})
+
+
+def test_measured_window_is_the_ratio_of_sums(rng):
+    from experiments.link import measured_window
+
+    T = 20
+    norms = rng.uniform(0.5, 2.0, T)
+    cos = np.concatenate([[np.nan], rng.uniform(-1, 1, T - 1)])
+    ds = measured_window(_trace(norms, cos), window=10, align="after")
+    for p in (0, 10):
+        t = np.arange(max(p, 1), p + 10)  # step 0 has no previous gradient
+        dot = cos[t] * norms[t] * norms[t - 1]
+        want = dot.sum() / np.sqrt((norms[t] ** 2).sum() * (norms[t - 1] ** 2).sum())
+        got = ds["meas_grad_corr"].sel(probe_step=p, layer="a")
+        assert float(got) == pytest.approx(want, rel=1e-12)
+        assert float(ds["meas_grad_sq_norm"].sel(probe_step=p, layer="a")) == pytest.approx(
+            np.mean(norms[p:p + 10] ** 2))
+        assert int(ds["meas_steps"].sel(probe_step=p, layer="a")) == t.size
+    centred = measured_window(_trace(norms, cos), window=10)  # steps p-5 .. p+4, clipped
+    assert int(centred["meas_steps"].sel(probe_step=0, layer="a")) == 4
+    assert int(centred["meas_steps"].sel(probe_step=10, layer="a")) == 10
+    with pytest.raises(ValueError, match="align='middle'"):
+        measured_window(_trace(norms, cos), align="middle")
+
+
+def test_with_global_mode_keeps_trace_and_noise_of_the_top_mode():
+    from dynamics.nqm_layer import LayerSpectrum
+    from experiments.link import with_global_mode
+
+    sp = LayerSpectrum.from_summary(2.0, 10.0, 50)
+    g = with_global_mode(sp, 8.0)
+    assert g.eigenvalues[0] == 8.0 and g.weights[0] == pytest.approx(0.25)
+    assert g.trace == pytest.approx(sp.trace)
+    # curvature noise: σ_i² ∝ λ_i per unit weight, so the mode's total w·σ² is unchanged
+    assert (g.weights * g.noise_per_mode(1.0, "curvature"))[0] == pytest.approx(
+        (sp.weights * sp.noise_per_mode(1.0, "curvature"))[0])
+    assert with_global_mode(sp, 1.0) is sp  # network top below the block's: unchanged
+    capped = with_global_mode(sp, 8.0, lam_cap=4.0)
+    assert capped.eigenvalues[0] == 4.0 and capped.weights[0] == pytest.approx(0.5)
+
+
+def test_schedule_prediction_at_constant_lr_reaches_the_stationary_one():
+    from dynamics.nqm_layer import LayerSpectrum, layer_prediction
+    from experiments.link import schedule_predict_layers
+
+    sp = LayerSpectrum(np.linspace(0.2, 1.0, 10))
+    probes = np.arange(0, 600, 100)
+    built = {"a": [(sp, 0.5)] * probes.size}
+    corr, sq = schedule_predict_layers("hb", np.full(600, 1.0), 0.5, probes, built, window=100)
+    stat = layer_prediction("hb", 1.0, 0.5, sp, 0.5, noise_model="curvature")
+    # from x = 0 the moments converge like ρ(T)^(2t), ρ ≤ 0.8 here: < 1e-18 by step 100
+    np.testing.assert_allclose(corr[2:, 0], stat["grad_corr"], rtol=1e-9)
+    np.testing.assert_allclose(sq[2:, 0], stat["grad_sq_norm"], rtol=1e-9)
+    # an lr cut by 10 at step 300: the window of the probe at 300 mixes both lrs
+    lrs = np.where(np.arange(600) < 300, 1.0, 0.1)
+    corr2, _ = schedule_predict_layers("hb", lrs, 0.5, probes, built, window=100)
+    low = layer_prediction("hb", 0.1, 0.5, sp, 0.5, noise_model="curvature")["grad_corr"]
+    assert min(stat["grad_corr"], low) < corr2[3, 0] < max(stat["grad_corr"], low)
