@@ -95,19 +95,19 @@ def plot(data, ctx):
             ax.axhline(0.0, color="k", lw=0.6)
             ax.set(xlabel="step $k$", ylabel=r"$\cos(g_l(k), g_l(k-1))$",
                    title=f"{MODEL_LABELS.get(model, model)}, SGD, $\\alpha$ = {config.lr:g}", ylim=(-1, 1))
-        row[0].legend(ncols=2, fontsize=5.5, loc="lower left")
+        row[0].legend(ncols=4, fontsize=5.5, loc="upper right", handlelength=1.0, columnspacing=0.8)
         ax = row[2]
         part = table[table.model == model]
         for (size, lr), colour, marker in zip(part.groupby(["lr_size", "lr"], sort=False).groups,
                                               (style.PALETTE[3], style.PALETTE[0]), ("o", "s")):
             sel = part[(part.lr_size == size) & (part.lr == lr)]
-            ax.plot(range(len(sel)), sel.mean_grad_cos, marker=marker, ms=3, color=colour, label=f"$\\alpha$ = {lr:g}")
+            ax.plot(range(len(sel)), sel.mean_grad_cos, marker=marker, ms=3, color=colour, label=f"$\\alpha$ = {lr:g}, steps $\\geq$ 10%")
             ax.plot(range(len(sel)), sel.mean_grad_cos_last_quarter, marker=marker, ms=3, color=colour, ls="--",
                     mfc="none", label=f"$\\alpha$ = {lr:g}, last 25%")
         ax.axhline(0.0, color="k", lw=0.6)
         layers = list(colours)
         ax.set_xticks(range(len(layers)), layers, rotation=45)
-        ax.set(ylabel="mean cosine (steps $\\geq$ 10%; last 25%)", title="per layer, input → output", ylim=(-1, 1))
+        ax.set(ylabel="mean cosine", title="per layer, input → output", ylim=(-1, 1))
         ax.legend()
     return fig
 

@@ -12,7 +12,9 @@ Measures (:func:`summarize`), per layer l, with ‖g_l‖ the raw mini-batch gra
   (the first 10 % are the escape from the initialisation, where every norm rises);
 - within each lr phase: median over its last quarter / median over its first quarter;
 - spread = standard deviation of log10 ‖g_l‖ over steps ≥ 10 % (decades), and the
-  coefficient of variation std/mean of ‖g_l‖, with and without the line search;
+  coefficient of variation std/mean of ‖g_l‖, with and without the line search; split into
+  the trend (range, in decades, of the rolling median of log10 ‖g_l‖ -- the curves drawn)
+  and the step-to-step fluctuation (sd of log10 ‖g_l‖ around that rolling median);
 - sharpness λ_max,l and h_l / edge, edge = 2(1+β) for HB (THEORY.md §1), at the first
   probe past 10 % and at the last probe.
 
@@ -57,6 +59,8 @@ def growth_rows(config, trace):
     early = g.isel(step=slice(n // 10, n // 5)).median("step")
     late = g.isel(step=slice(n - n // 10, None)).median("step")
     settled = _after(trace, 0.1).grad_norm
+    log_norm = np.log10(settled)
+    trend = smooth(log_norm, _window(trace))
     edge = stability_edge(config.opt, config.momentum)
     probes = trace.probe_step.values
     first_probe = probes[probes >= n // 10][0] if (probes >= n // 10).any() else probes[0]
@@ -66,7 +70,9 @@ def growth_rows(config, trace):
                "median_early": float(early.sel(layer=layer)), "median_late": float(late.sel(layer=layer)),
                "growth_late_over_early": float(late.sel(layer=layer) / early.sel(layer=layer)),
                "sd_log10_grad_norm": float(np.log10(settled.sel(layer=layer)).std()),
-               "cv_grad_norm": float(settled.sel(layer=layer).std() / settled.sel(layer=layer).mean())}
+               "cv_grad_norm": float(settled.sel(layer=layer).std() / settled.sel(layer=layer).mean()),
+               "trend_range_decades": float(trend.sel(layer=layer).max() - trend.sel(layer=layer).min()),
+               "fluct_sd_log10": float((log_norm - trend).sel(layer=layer).std())}
         for p, (a, b) in enumerate(_phases(config, n)):
             q = max(1, (b - a) // 4)
             phase = g.sel(layer=layer).isel(step=slice(a, b))
@@ -116,12 +122,15 @@ def plot(data, ctx):
     layers = list(colours)
     for line_search, marker in ((False, "o"), (True, "s")):
         part = table[table.line_search == line_search].set_index("layer").loc[layers]
-        a_spread.plot(range(len(layers)), part.sd_log10_grad_norm, marker=marker, ms=3,
-                      color=style.METHOD_COLOURS["hb"] if not line_search else style.PALETTE[1],
-                      label=LABELS[line_search])
+        colour = style.METHOD_COLOURS["hb"] if not line_search else style.PALETTE[1]
+        a_spread.plot(range(len(layers)), part.trend_range_decades, marker=marker, ms=3, color=colour,
+                      label=f"{LABELS[line_search]}: trend range")
+        a_spread.plot(range(len(layers)), part.fluct_sd_log10, marker=marker, ms=3, color=colour, ls="--",
+                      mfc="none", label="step-to-step sd")
     a_spread.set_xticks(range(len(layers)), layers, rotation=45)
-    a_spread.set(ylabel=r"sd of $\log_{10}\|g_l\|$ (steps $\geq$ 10%)", title="variation of the norm")
-    a_spread.legend()
+    a_spread.set(ylabel=r"decades of $\|g_l\|$ (steps $\geq$ 10%)", title="variation of the norm")
+    a_spread.set_ylim(0, 1.6 * table[["trend_range_decades", "fluct_sd_log10"]].to_numpy().max())
+    a_spread.legend(fontsize=5.5, loc="upper right")
 
     edge = stability_edge(config.opt, config.momentum)
     probed = plain.isel(probe_step=slice(1, None))  # at step 0 (the initialisation) λ is near 0
@@ -156,10 +165,14 @@ FIGURE = Figure(
 
 
 def settings_table(ctx):
-    """Growth per layer across the settings of ``seed_norm_growth_settings.toml``."""
+    """Growth per layer across the settings of ``seed_norm_growth_settings.toml``, and each
+    run's summary."""
+    runs = load_runs(SPEC + "_settings", ctx)
     rows = [{"opt": c.opt, "lr": c.lr, "momentum": c.momentum, "schedule": c.schedule, **row}
-            for c, trace in load_runs(SPEC + "_settings", ctx) for row in growth_rows(c, trace)]
-    return pd.DataFrame(rows)
+            for c, trace in runs for row in growth_rows(c, trace)]
+    meta = {f"{c.opt} lr={c.lr:g} {c.schedule}": {"config": c.to_dict(), "summary": t.attrs.get("summary", {})}
+            for c, t in runs}
+    return pd.DataFrame(rows), meta
 
 
 def main():
@@ -174,8 +187,9 @@ def main():
     for path in write_summary("phenomena_norm_growth", table, meta):
         print(path)
     print(table.round(3).to_string())
-    settings = settings_table(ctx)
-    meta = {"command": "python -m paper_figures.seed_cnn", "spec": f"experiments/specs/{SPEC}_settings.toml"}
+    settings, runs = settings_table(ctx)
+    meta = {"command": "python -m paper_figures.seed_cnn", "spec": f"experiments/specs/{SPEC}_settings.toml",
+            "runs": runs}
     for path in write_summary("phenomena_norm_growth_settings", settings, meta):
         print(path)
     print(settings[["opt", "schedule", "layer", "growth_late_over_early", "phase1_rise", "phase2_rise",

@@ -17,9 +17,9 @@ def test_tiny_figure_is_written_with_expected_axes_and_lines(tmp_path):
     n_layers = data[False][1].sizes["layer"]
     assert n_layers == 7  # 5 conv + 2 FC
     fig = seed_cnn.FIGURE.plot(data, ctx)
-    # norm panels: one line per layer; spread: with/without; sharpness: per layer;
+    # norm panels: one line per layer; variation: (trend, fluctuation) x with/without; sharpness: per layer;
     # h_l: per layer + the edge; loss: with/without
-    assert [len(ax.lines) for ax in fig.axes] == [n_layers, n_layers, 2, n_layers, n_layers + 1, 2]
+    assert [len(ax.lines) for ax in fig.axes] == [n_layers, n_layers, 4, n_layers, n_layers + 1, 2]
     assert fig.axes[0].get_yscale() == "log"
     paths = style.save(fig, ctx.out, "seed_cnn")
     assert all(p.stat().st_size > 1000 for p in paths)
@@ -49,6 +49,8 @@ def test_summary_measures_match_closed_forms():
     row = table[(table.layer == "in") & ~table.line_search].iloc[0]
     assert row.growth_late_over_early == pytest.approx(4.0)
     assert row.phase0_rise == pytest.approx(1.0) and row.phase1_rise == pytest.approx(1.0)
+    # a step function is its own rolling median: trend = the whole jump, no fluctuation
+    assert row.trend_range_decades == pytest.approx(np.log10(4.0)) and row.fluct_sd_log10 == pytest.approx(0.0)
     # first probe past 10 % of steps is step 50 (lr 0.1, λ 3); last is step 150 (lr 0.01, λ 5)
     assert row.sharpness_first == 3.0 and row.sharpness_last == 5.0
     assert row.h_over_edge_first == pytest.approx(0.1 * 3.0 / 3.8)
