@@ -234,3 +234,24 @@ def test_nag_inertial_ode_needs_the_look_ahead():
         look_ahead.append(np.abs(xs - la.x).max())
     (s1, e1), (s2, e2) = md.fit_order(lrs, plain), md.fit_order(lrs, look_ahead)
     assert abs(s1 - 1) < 0.15 + 3 * e1 and abs(s2 - 2) < 0.15 + 3 * e2, (s1, s2)
+
+
+@pytest.mark.parametrize("method", ["hb", "nag"])
+@pytest.mark.parametrize("problem", ["quadratic", "logistic"])
+def test_shifted_start_recovers_second_order_after_the_initial_layer(problem, method):
+    """From PyTorch's zero buffer, the ODEs started at x0 + α c_b ∇f(x0)/(1-β)² (c_b = β for HB,
+    β² for NAG) are second order on t >= t0 = 0.5, where the layer's β^(t0/lr) <= 0.5^60 is
+    gone; unshifted they stay first order. Fit setting and tolerance as in the order test."""
+    loss, x0 = _problems()[problem]
+    lrs = np.geomspace(1e-3, 8e-3, 4) / _top_curvature(loss, x0)
+    errors = {}
+    for lr in lrs:
+        sols = {(kind, start): md.solve_flow(kind, loss, x0, method, lr, BETA, 2.0, start=start)
+                for kind in ("inertial", "modified_loss") for start in ("zero", "zero_shifted")}
+        t = next(iter(sols.values())).t
+        xs = md.iterate(loss, x0, method, lr, BETA, t.size - 1, "zero")
+        for key, sol in sols.items():
+            errors.setdefault(key, []).append(np.linalg.norm(xs - sol.x, axis=1)[t >= 0.5].max())
+    for (kind, start), err in errors.items():
+        slope, stderr = md.fit_order(lrs, err)
+        assert abs(slope - (2 if start == "zero_shifted" else 1)) < 0.15 + 3 * stderr, (kind, start, slope)
