@@ -60,5 +60,6 @@ def write_summary(stem, table, meta, out="results"):
 
     out = Path(out)
     atomic_write_text(out / f"{stem}.csv", table.to_csv(index=False, float_format="%.6g"))
-    atomic_write_json(out / f"{stem}.json", {**meta, "table": table.to_dict(orient="records")})
+    records = table.astype(object).where(table.notna(), None).to_dict(orient="records")  # NaN -> null
+    atomic_write_json(out / f"{stem}.json", {**meta, "table": records})
     return out / f"{stem}.csv", out / f"{stem}.json"
