@@ -296,7 +296,8 @@ def solve_flow(kind, loss, x0, method, lr, momentum, horizon, start="manifold",
 
     ``kind`` is one of :data:`KINDS`; ``start`` (:data:`STARTS` or "zero_shifted") sets
     :math:`\\dot x(0)` of the inertial ODE, and "zero_shifted" moves x(0) by
-    :func:`initial_layer_shift`. ``ode_method`` (any ``solve_ivp`` method) defaults to :data:`DEFAULT_ODE_METHOD` [kind].
+    :func:`initial_layer_shift`. ``ode_method`` (any ``solve_ivp`` method) defaults to
+    :data:`DEFAULT_ODE_METHOD` [kind].
     """
     _check_kind(kind)
     _check_start(start, STARTS + ("zero_shifted",))
@@ -330,7 +331,8 @@ def fit_order(lrs, errors):
     """Log-log slope of error vs lr and its standard error: (slope, stderr)."""
     lrs, errors = np.asarray(lrs, float), np.asarray(errors, float)
     if lrs.shape != errors.shape or lrs.size < 3:
-        raise ValueError(f"lrs and errors need the same shape with >= 3 points; got {lrs.shape}, {errors.shape}")
+        raise ValueError(f"lrs and errors need the same shape with >= 3 points; "
+                         f"got {lrs.shape}, {errors.shape}")
     fit = linregress(np.log(lrs), np.log(errors))
     return float(fit.slope), float(fit.stderr)
 

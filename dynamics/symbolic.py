@@ -204,7 +204,8 @@ def modified_equation(method, order=2, form="pytorch"):
         def shift(sign):  # exp(sign·αD)x − x = Σ_k (sign α)^k D^{k−1}F / k!
             total, d_k = ring.zero, field
             for k in range(1, top + 1):
-                total += _truncate((sign * al) ** k * d_k * _FIELD.from_sympy(sp.Rational(1, sp.factorial(k))), top)
+                inv_factorial = _FIELD.from_sympy(sp.Rational(1, sp.factorial(k)))
+                total += _truncate((sign * al) ** k * d_k * inv_factorial, top)
                 d_k = lie(d_k, field, top - k)
             return total
 
@@ -295,8 +296,8 @@ def nqm_statistics(method, max_lag=1):
         power = A * power
     out = {"iterate_var": P[0, 0], "full_grad_sq": full, "grad_sq": full + sigma2,
            "lag": tuple(lags)}
-    out = {k: (tuple(_in_h(e) for e in v) if isinstance(v, tuple) else _in_h(v)) for k, v in out.items()}
-    out = {k: (tuple(sp.factor(e) for e in v) if isinstance(v, tuple) else sp.factor(v)) for k, v in out.items()}
+    out = {k: (tuple(sp.factor(_in_h(e)) for e in v) if isinstance(v, tuple) else sp.factor(_in_h(v)))
+           for k, v in out.items()}
     out["corr"] = tuple(sp.factor(sp.simplify(e / out["grad_sq"])) for e in out["lag"])
     return out
 
