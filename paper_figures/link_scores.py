@@ -3,11 +3,11 @@ correlation and squared gradient norm across the seed-CNN sweep (lr × momentum 
 ``experiments/specs/link_seed_cnn.toml``), every (run, probe step, layer) one point.
 
 Prediction: the noisy quadratic model of each layer (:mod:`dynamics.nqm_layer`) fed with
-the probe's measured block sharpness, Hutchinson trace and gradient noise and run through
-the run's lr sequence (:func:`experiments.link.link_trace`, ``prediction="schedule"``). Left: the per-layer diagonal block alone; middle:
-with the network's top mode placed in every layer (:func:`experiments.link.with_global_mode`,
-the default); right: the squared gradient norm (log-log). Scores in each panel: Spearman,
-Pearson, sign agreement and binned calibration error (:func:`experiments.link.agreement_scores`).
+the probe's measured block sharpness, Hutchinson trace and gradient noise. Left: the plain
+layer model (the layer's diagonal block, stationary); middle: the link's default (:func:`experiments.link.link_trace`: the network's top mode in every layer, NQM
+run through the lr schedule); right: the squared gradient norm (log-log). Scores in each
+panel: Spearman, Pearson, sign agreement, binned calibration error
+(:func:`experiments.link.agreement_scores`).
 
 ``python -m paper_figures.link_scores`` runs the quick setting and writes
 ``results/link_seed_cnn.{csv,json}`` (every point, the scores, and the scores of the model
@@ -75,7 +75,7 @@ def linked(dirs, **options):
 
 def data(ctx):
     dirs = run_dirs(ctx)
-    return {"default": linked(dirs), "block": linked(dirs, global_mode=False)}
+    return {"default": linked(dirs), "block": linked(dirs, global_mode=False, prediction="stationary")}
 
 
 def _corr_panel(ax, ds, title):
@@ -98,8 +98,8 @@ def _corr_panel(ax, ds, title):
 
 def plot(data, ctx):
     fig, axes = style.new_figure(ncols=3, height=2.5)
-    _corr_panel(axes[0], data["block"], "layer block only")
-    _corr_panel(axes[1], data["default"], "block + network top mode")
+    _corr_panel(axes[0], data["block"], "plain layer NQM (block, stationary)")
+    _corr_panel(axes[1], data["default"], "+ network top mode, lr schedule")
     ds, ax = data["default"], axes[2]
     for method in ("hb", "nag"):
         sel = ds["opt"] == method
