@@ -115,58 +115,69 @@ def full_hvp(grads, params, vec):
     return block_hvp(grads, params, list(range(len(params))), vec)
 
 
-def _orthonormalise(w, basis):
-    """Remove the span of ``basis`` rows from w (twice: full reorthogonalisation), normalise."""
-    for _ in range(2):
-        w = w - basis.T @ (basis @ w)
-    norm = w.norm()
-    return w / norm.clamp_min(torch.finfo(w.dtype).tiny), norm
-
-
 def lanczos_top(matvecs, starts, iters, generator=None):
     """Top eigenvalue and Ritz vector of several symmetric operators in lockstep.
 
-    ``matvecs(vectors) -> products`` applies operator k to ``vectors[k]`` (flat tensors);
-    ``starts`` are the start vectors. Lanczos with full (twice-applied) reorthogonalisation,
-    min(iters, dim_k) steps per operator; exact (to roundoff) when iters >= dim_k. On a
-    breakdown (invariant Krylov subspace) it restarts from a random orthogonal direction
-    drawn from ``generator``, without a host synchronisation.
-    Returns (eigenvalues as a numpy array, list of unit Ritz vectors)."""
+    ``matvecs(vectors) -> products`` maps {k: flat vector} to {k: operator k applied to it};
+    ``starts`` are the start vectors. Lanczos: three-term recurrence plus one full
+    reorthogonalisation pass against the stored basis per step, min(iters, dim_k) steps per
+    operator (exact up to roundoff when iters >= dim_k). A breakdown (β ≈ 0: an invariant
+    Krylov subspace, e.g. a zero block) restarts from a random direction orthogonal to the
+    basis; T keeps the tiny β, so it decouples and stays correct. One host transfer per step
+    (the β of all operators, for the breakdown test). Returns (numpy eigenvalues, unit
+    Ritz vectors)."""
     K = len(starts)
     steps = [min(iters, s.numel()) for s in starts]
-    Q = [[s / s.norm()] for s in starts]
-    alphas = [[] for _ in range(K)]
-    betas = [[] for _ in range(K)]
+    Q = [torch.empty(m, s.numel(), dtype=s.dtype, device=s.device)
+         for m, s in zip(steps, starts)]
+    for k in range(K):
+        Q[k][0] = starts[k] / starts[k].norm()
+    alphas = [torch.empty(m, dtype=torch.float64) for m in steps]
+    betas = [torch.empty(max(m - 1, 0), dtype=torch.float64) for m in steps]
+    tiny = [100 * torch.finfo(s.dtype).eps for s in starts]
+    beta_prev = {}
     for j in range(max(steps)):
         active = [k for k in range(K) if j < steps[k]]
-        ws = matvecs({k: Q[k][-1] for k in active})
+        ws = matvecs({k: Q[k][j] for k in active})
+        grow, new, stats = [k for k in active if j + 1 < steps[k]], {}, []
         for k in active:
-            q, w = Q[k][-1], ws[k]
+            q, w = Q[k][j], ws[k]
             alpha = torch.dot(q, w)
-            alphas[k].append(alpha)
-            if j + 1 == steps[k]:
-                continue
-            basis = torch.stack(Q[k])
-            scale = w.norm()
-            w, beta = _orthonormalise(w, basis)
-            # breakdown (invariant subspace found, e.g. a zero block): restart from a random
-            # direction orthogonal to the basis; T keeps the true (tiny) β, so it decouples
-            r, _ = _orthonormalise(torch.randn(w.shape, generator=generator, dtype=w.dtype,
-                                               device=w.device), basis)
-            broke = beta <= 100 * torch.finfo(w.dtype).eps * scale
-            betas[k].append(beta)
-            Q[k].append(torch.where(broke, r, w))
-    # one host transfer for all tridiagonal coefficients
-    flat = torch.stack([x for k in range(K) for x in alphas[k] + betas[k]]).cpu().double().numpy()
-    values, vectors, pos = np.empty(K), [], 0
+            stats.append(alpha)
+            if k in grow:
+                if j:
+                    w = w - beta_prev[k] * Q[k][j - 1]
+                w = w - alpha * q
+                basis = Q[k][:j + 1]
+                w = w - basis.T @ (basis @ w)
+                new[k] = w
+                stats.append(w.norm())
+        host = torch.stack(stats).double().cpu()  # the one synchronisation of this step
+        pos = 0
+        for k in active:
+            alphas[k][j] = host[pos]
+            pos += 1
+            if k in grow:
+                beta = host[pos]
+                pos += 1
+                betas[k][j] = beta
+                w = new[k]
+                if beta <= tiny[k] * max(abs(alphas[k][j]), betas[k][j - 1] if j else 0.0):
+                    basis = Q[k][:j + 1]
+                    w = torch.randn(w.shape, generator=generator, dtype=w.dtype, device=w.device)
+                    for _ in range(2):
+                        w = w - basis.T @ (basis @ w)
+                    Q[k][j + 1] = w / w.norm()
+                else:
+                    Q[k][j + 1] = w / beta.item()
+                beta_prev[k] = beta.item()
+    values, vectors = np.empty(K), []
     for k in range(K):
         m = steps[k]
-        a, b = flat[pos:pos + m], flat[pos + m:pos + 2 * m - 1]
-        pos += 2 * m - 1
-        w, y = scipy.linalg.eigh_tridiagonal(a, b, select="i", select_range=(m - 1, m - 1))
+        w, y = scipy.linalg.eigh_tridiagonal(alphas[k].numpy(), betas[k].numpy(),
+                                             select="i", select_range=(m - 1, m - 1))
         values[k] = w[0]
-        ritz = torch.as_tensor(y[:, 0], dtype=starts[k].dtype, device=starts[k].device)
-        vec = ritz @ torch.stack(Q[k])
+        vec = torch.as_tensor(y[:, 0], dtype=Q[k].dtype, device=Q[k].device) @ Q[k]
         vectors.append(vec / vec.norm())
     return values, vectors
 

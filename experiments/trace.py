@@ -58,6 +58,7 @@ import math
 import time
 
 import numpy as np
+import scipy.linalg.blas
 import torch
 import xarray as xr
 
@@ -241,6 +242,8 @@ class Tracer:
         if self.engine == "numpy":
             self._Gn, self._Dn, self._an = self._G.numpy(), self._D.numpy(), self._a.numpy()
             self._starts = seg_start
+            self._asum, self._dot = scipy.linalg.blas.get_blas_funcs(("asum", "dot"),
+                                                                     (self._an,))
         else:
             self._pad = torch.tensor(pad, dtype=torch.long, device=self.device)
             # chunk -> layer membership, for per-layer sums (matmul) and extrema (masked)
@@ -265,17 +268,17 @@ class Tracer:
             cur = self.step % 2
             g_t = self._g_t[cur]
             grads = [p.grad for p in self.params]
-            if all(x is not None for x in grads):
+            all_present = all(x is not None for x in grads)
+            if all_present:
                 torch._foreach_copy_(g_t, grads)
             else:  # unused this step: a zero gradient
                 for v, x in zip(g_t, grads):
                     v.zero_() if x is None else v.copy_(x)
-            norms = torch._foreach_norm(g_t, 2)
+            norms = torch.stack(torch._foreach_norm(g_t, 2))
             # global norm exactly as torch.nn.utils.get_total_norm: the 2-norm of the
             # per-tensor norms of the tensors that have a gradient, in parameter order
-            present = [nrm for x, nrm in zip(grads, norms) if x is not None]
-            g_global = (torch.linalg.vector_norm(torch.stack(present), 2) if present
-                        else torch.zeros((), dtype=self.dtype, device=self.device))
+            present = norms if all_present else norms[[x is not None for x in grads]]
+            g_global = torch.linalg.vector_norm(present, 2)
             torch._foreach_copy_(self._d_t[cur], self.params)  # θ_before
             if self.engine == "numpy":
                 self._backward_numpy(cur, norms, g_global, loss)
@@ -290,12 +293,13 @@ class Tracer:
         G, a, st, n = self._Gn, self._an, self._starts, len(self.params)
         row = self._block[self._row]
         np.abs(G[cur], out=a)
-        row[:n] = torch.stack(norms).numpy()
+        row[:n] = norms.numpy()
         L = len(self.layers)
         row[n:n + L] = np.add.reduceat(a, st)
         row[n + L:n + 2 * L] = np.maximum.reduceat(a, st)
         row[n + 2 * L:n + 3 * L] = np.minimum.reduceat(a, st)
-        row[n + 3 * L:n + 4 * L] = [np.dot(G[0, s:s + m], G[1, s:s + m]) for s, m in self._seg]
+        row[n + 3 * L:n + 4 * L] = [self._dot(G[0, s:s + m], G[1, s:s + m])
+                                    for s, m in self._seg]
         row[n + 4 * L] = math.nan if loss is None else float(loss)
         row[n + 4 * L + 1] = float(g_global)
 
@@ -313,7 +317,7 @@ class Tracer:
         else:
             loss_t = torch.tensor(math.nan if loss is None else float(loss),
                                   dtype=self.dtype, device=self.device)
-        values = torch.cat([torch.stack(norms), abs_sums, maxes, mins, dots,
+        values = torch.cat([norms, abs_sums, maxes, mins, dots,
                             torch.stack([loss_t, g_global])])
         self._block[self._row, :len(values)].copy_(values)
 
@@ -361,7 +365,6 @@ class Tracer:
         self._watch.start()
         with torch.no_grad():
             cur, prev = self.step % 2, (self.step + 1) % 2
-            torch._foreach_copy_(self._d_t[2], self.params)  # θ_after
             if self.engine == "numpy":
                 self._step_numpy(cur, prev)
             else:
@@ -374,19 +377,19 @@ class Tracer:
         self._watch.stop()
 
     def _step_numpy(self, cur, prev):
-        D, a, st, L = self._Dn, self._an, self._starts, len(self.layers)
-        np.subtract(D[cur], D[2], out=D[cur])  # θ_before − θ_after = −Δθ (sign cancels)
-        np.abs(D[cur], out=a)
+        D, L, asum, dot = self._Dn, len(self.layers), self._asum, self._dot
+        torch._foreach_sub_(self._d_t[cur], self.params)  # θ_before − θ_after = −Δθ
         row = self._block[self._row, self._w_back:]
-        row[L:2 * L] = np.add.reduceat(a, st)
-        for l, (s, m) in enumerate(self._seg):  # BLAS dots (numpy's strided matmul is slow)
-            d, dp, t = D[cur, s:s + m], D[prev, s:s + m], D[2, s:s + m]
-            row[l], row[2 * L + l], row[3 * L + l] = np.dot(d, d), np.dot(d, dp), np.dot(t, t)
-        np.abs(D[2], out=D[2])
-        row[4 * L:5 * L] = np.add.reduceat(D[2], st)
+        for l, (s, m) in enumerate(self._seg):  # one BLAS pass per statistic, no temporaries
+            d = D[cur, s:s + m]
+            row[l], row[L + l], row[2 * L + l] = dot(d, d), asum(d), dot(d, D[prev, s:s + m])
+        theta = [p.detach().numpy().reshape(-1) for p in self.params]  # views: no copy
+        row[3 * L:4 * L] = np.bincount(self.tensor_layer, [dot(x, x) for x in theta], L)
+        row[4 * L:5 * L] = np.bincount(self.tensor_layer, [asum(x) for x in theta], L)
 
     def _step_torch(self, cur, prev):
         D, a = self._D, self._a
+        torch._foreach_copy_(self._d_t[2], self.params)  # θ_after
         D[cur].sub_(D[2])  # θ_before − θ_after = −Δθ (the sign cancels in every statistic)
         gram = self._grams(D)
         torch.abs(D[cur], out=a)
