@@ -416,8 +416,9 @@ def test_local_pool_and_dask_local_cluster_give_identical_results(tmp_path):
     axes = {"grid": {"lr": [0.05, DIVERGING_LR], "opt": ["hb", "nag"]}}
     pool_spec = tiny_spec(tmp_path / "pool", **axes)
     dask_spec = tiny_spec(tmp_path / "dask", **axes)
-    assert sweep.run_sweep(pool_spec, workers=2, progress=False)["finished"] == 4
-    assert sweep.run_sweep(dask_spec, dask_local=2, progress=False)["finished"] == 4
+    want = {"finished": 4, "skipped": 0, "diverged": 2, "failed": 0, "total": 4}
+    assert sweep.run_sweep(pool_spec, workers=2, progress=False) == want
+    assert sweep.run_sweep(dask_spec, dask_local=2, progress=False) == want
     ids = [sweep.run_id(c) for c in sweep.expand(pool_spec)]
     assert sorted(p.name for p in (tmp_path / "dask").iterdir()) == sorted(ids)
     for rid in ids:
