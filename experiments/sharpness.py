@@ -4,14 +4,18 @@ All quantities refer to the loss L(θ) = ``loss_fn(model, batch)`` of one batch 
 parameters θ, split into blocks (layers) θ = (θ_1, ..., θ_K) with Hessian blocks H_kl.
 
 * **Block sharpness** λ_max(H_kk): top (largest algebraic) eigenvalue of each diagonal block,
-  and λ_max(H) of the whole network. Lanczos with full reorthogonalisation and a fixed budget
-  of ``iters`` Hessian-vector products per block (capped at the block's dimension, where it is
-  exact), started from the previous probe's Ritz vector plus 10 % of a random direction (warm
-  start; the random part keeps newly dominant directions reachable). Why not one HVP for all
-  blocks: H·(v_1, ..., v_K) = (Σ_l H_kl v_l)_k mixes blocks, so H_kk v_k needs its own product.
-  Each block's product is ∂(g_k·v_k)/∂θ_k = H_kk v_k, a double backward restricted to θ_k
-  through the shared first-order graph (``create_graph=True`` once per probe), which autograd
-  prunes to the paths that reach θ_k.
+  and λ_max(H) of the whole network. Lanczos (largest *algebraic* eigenvalue, unlike power
+  iteration's largest magnitude; three-term recurrence plus one full reorthogonalisation
+  pass) with a fixed budget of ``iters`` Hessian-vector products per block (capped at the
+  block's dimension, where it is exact), started from the previous probe's Ritz vector plus
+  10 % of a random direction (warm start; the random part keeps newly dominant directions
+  reachable). Why not one HVP for all blocks: H·(v_1, ..., v_K) = (Σ_l H_kl v_l)_k mixes
+  blocks, so H_kk v_k needs its own product (batching them with ``is_grads_batched`` was
+  3x slower on CPU). Each block's product is ∂(g_k·v_k)/∂θ_k = H_kk v_k, a double backward
+  restricted to θ_k through the shared first-order graph (``create_graph=True`` once per
+  probe), which autograd prunes to the paths that reach θ_k. Cost per Lanczos step: one full
+  HVP (≈ 1.8 forward-backward passes for the seed CNN) plus the K restricted ones (≈ 3.3
+  more), so per-layer sharpness dominates a probe's cost.
 * **Hutchinson trace** tr(H_kk) ≈ mean_s z_kᵀ(H z)_k, z Rademacher over *all* parameters: one
   full HVP per sample serves every block, and it is unbiased because the cross terms
   z_kᵀ H_kl z_l (l ≠ k) have mean zero (Hutchinson 1990; Bekas, Kokiopoulou, Saad 2007).

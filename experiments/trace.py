@@ -32,20 +32,27 @@ Per step: ``loss``, ``lr`` (``optimizer.param_groups[0]["lr"]`` when ``after_bac
 ``grad_norm_global`` (computed exactly as ``torch.nn.utils.get_total_norm``),
 ``grad_cos_global``, ``update_cos_global``, ``clip_factor_global``.
 
-Cost. Gradients and parameters are copied once per step into flat buffers in which every
-layer is one contiguous segment (rows alternate between steps: G = [g(t), g(t−1)],
-D = [θ_before → −Δθ(t), −Δθ(t−1), θ_after]); per-layer Gram matrices X Xᵀ of those rows give
-all squared norms and dot products in one pass, and segment reductions give Σ|·|, max, min.
-The per-step cost is a fixed handful of calls, not a loop over tensors. Two engines compute
-the same numbers: ``"numpy"`` (CPU default: numpy views of the buffers, ``ufunc.reduceat``
-and BLAS, results written straight into a host block; numpy's per-call overhead is a fraction
-of torch's) and ``"torch"`` (other devices: chunked (chunks, 256) views, row reductions and
-tiny matmuls, results written into a preallocated device block of ``block_size`` steps,
-copied to the host only when full or at :meth:`dataset` — no host synchronisation per step).
+Cost. Per step the gradients and θ_before are copied once (``torch._foreach_copy_``) into
+flat buffers in which every layer is one contiguous segment, double-buffered so that the
+previous gradient and update stay available for the cosines (G = [g(t), g(t−1)];
+D = [θ_before → −Δθ(t), −Δθ(t−1), θ_after]: the snapshot becomes −Δθ in place). The work is
+a fixed handful of calls plus a few per layer, never a Python loop of small ops per element
+group. Two engines compute the same numbers (both tested against the references):
+
+* ``"numpy"`` (CPU default): numpy views of the buffers, ``ufunc.reduceat`` for the
+  per-layer Σ/max/min of |g|, BLAS ``dot``/``asum`` per layer for squared norms, dot products
+  and Σ|·| (one pass, no temporaries), results written straight into a host block
+  (on a CPU the host *is* the device). numpy/BLAS calls cost a fraction of a torch op's
+  dispatch overhead, which dominates for small models.
+* ``"torch"`` (other devices): (chunks, 256) views of the buffers (layers zero-padded to
+  whole chunks), row reductions plus tiny matmuls over chunks and per-layer Gram matrices
+  X Xᵀ, results written into a preallocated device block of ``block_size`` steps, copied to
+  the host only when full or at :meth:`dataset` — no host synchronisation per step.
+
 The per-tensor gradient norms use ``torch._foreach_norm`` so that the global norm is
 bit-identical to ``torch.nn.utils.get_total_norm``. The tracer times itself:
 ``attrs["tracer_seconds"]`` (CUDA events on a GPU, ``perf_counter`` on CPU; probes excluded)
-and ``attrs["probe_seconds"]``.
+and ``attrs["probe_seconds"]``. Measured cost: benchmarks/bench_trace.py.
 
 Probes (every ``probe_every`` steps, run by the training loop through :meth:`probe`): per-layer
 ``sharpness`` (top eigenvalue of the layer's diagonal Hessian block), ``sharpness_global``,
@@ -274,10 +281,12 @@ class Tracer:
             else:  # unused this step: a zero gradient
                 for v, x in zip(g_t, grads):
                     v.zero_() if x is None else v.copy_(x)
-            norms = torch.stack(torch._foreach_norm(g_t, 2))
+            norm_list = torch._foreach_norm(g_t, 2)
+            norms = torch.stack(norm_list)
             # global norm exactly as torch.nn.utils.get_total_norm: the 2-norm of the
             # per-tensor norms of the tensors that have a gradient, in parameter order
-            present = norms if all_present else norms[[x is not None for x in grads]]
+            present = norms if all_present else torch.stack(
+                [nrm for nrm, x in zip(norm_list, grads) if x is not None] or [norms[:0].sum()])
             g_global = torch.linalg.vector_norm(present, 2)
             torch._foreach_copy_(self._d_t[cur], self.params)  # θ_before
             if self.engine == "numpy":
@@ -314,9 +323,9 @@ class Tracer:
         mins = torch.where(self._member, rows.amin(1), math.inf).amin(1)
         if torch.is_tensor(loss):
             loss_t = loss.detach().reshape(()).to(self.dtype)
-        else:
-            loss_t = torch.tensor(math.nan if loss is None else float(loss),
-                                  dtype=self.dtype, device=self.device)
+        else:  # a fill kernel, not a host-to-device copy (which would synchronise)
+            loss_t = torch.full((), math.nan if loss is None else float(loss),
+                                dtype=self.dtype, device=self.device)
         values = torch.cat([norms, abs_sums, maxes, mins, dots,
                             torch.stack([loss_t, g_global])])
         self._block[self._row, :len(values)].copy_(values)
@@ -354,8 +363,10 @@ class Tracer:
             for col, f in factors.items():
                 if self.engine == "numpy":
                     self._clip[row, col] = float(f)
+                elif torch.is_tensor(f):
+                    self._clip[row, col].copy_(f.reshape(()))  # on the device: no host sync
                 else:
-                    self._clip[row, col].copy_(torch.as_tensor(f))  # no host sync
+                    self._clip[row, col].fill_(float(f))  # a kernel argument, no H2D copy
         self._watch.stop()
 
     def after_step(self):
