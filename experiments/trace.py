@@ -170,6 +170,10 @@ class Tracer:
             raise ValueError("model has no parameters with requires_grad=True to trace")
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        # detached aliases (same storage; in-place optimizer updates are seen): per-step ops
+        # on them record no autograd history. Create the Tracer after moving the model.
+        self._data = [p.detach() for p in self.params]
+        self._no_grad = torch.no_grad()  # one reusable context (saves its construction)
         devices = {p.device for p in self.params}
         if len(devices) > 1:
             raise ValueError(f"parameters on several devices {sorted(map(str, devices))}; "
@@ -249,6 +253,9 @@ class Tracer:
         if self.engine == "numpy":
             self._Gn, self._Dn, self._an = self._G.numpy(), self._D.numpy(), self._a.numpy()
             self._starts = seg_start
+            contiguous = all(x.is_contiguous() for x in self._data)
+            self._theta_np = ([x.numpy().reshape(-1) for x in self._data]  # views, no copies
+                              if contiguous else None)
             self._asum, self._dot = scipy.linalg.blas.get_blas_funcs(("asum", "dot"),
                                                                      (self._an,))
         else:
@@ -271,7 +278,7 @@ class Tracer:
         if self._phase != "idle":
             raise RuntimeError("after_backward called twice without after_step")
         self._watch.start()
-        with torch.no_grad():
+        with self._no_grad:
             cur = self.step % 2
             g_t = self._g_t[cur]
             grads = [p.grad for p in self.params]
@@ -288,7 +295,7 @@ class Tracer:
             present = norms if all_present else torch.stack(
                 [nrm for nrm, x in zip(norm_list, grads) if x is not None] or [norms[:0].sum()])
             g_global = torch.linalg.vector_norm(present, 2)
-            torch._foreach_copy_(self._d_t[cur], self.params)  # θ_before
+            torch._foreach_copy_(self._d_t[cur], self._data)  # θ_before
             if self.engine == "numpy":
                 self._backward_numpy(cur, norms, g_global, loss)
             else:
@@ -359,7 +366,7 @@ class Tracer:
             factors = dict(enumerate(seq))
         if global_factor is not None:
             factors[L] = global_factor
-        with torch.no_grad():
+        with self._no_grad:
             for col, f in factors.items():
                 if self.engine == "numpy":
                     self._clip[row, col] = float(f)
@@ -374,7 +381,7 @@ class Tracer:
         if self._phase != "backward":
             raise RuntimeError("after_step called without after_backward")
         self._watch.start()
-        with torch.no_grad():
+        with self._no_grad:
             cur, prev = self.step % 2, (self.step + 1) % 2
             if self.engine == "numpy":
                 self._step_numpy(cur, prev)
@@ -389,18 +396,18 @@ class Tracer:
 
     def _step_numpy(self, cur, prev):
         D, L, asum, dot = self._Dn, len(self.layers), self._asum, self._dot
-        torch._foreach_sub_(self._d_t[cur], self.params)  # θ_before − θ_after = −Δθ
+        torch._foreach_sub_(self._d_t[cur], self._data)  # θ_before − θ_after = −Δθ
         row = self._block[self._row, self._w_back:]
         for l, (s, m) in enumerate(self._seg):  # one BLAS pass per statistic, no temporaries
             d = D[cur, s:s + m]
             row[l], row[L + l], row[2 * L + l] = dot(d, d), asum(d), dot(d, D[prev, s:s + m])
-        theta = [p.detach().numpy().reshape(-1) for p in self.params]  # views: no copy
+        theta = self._theta_np or [x.numpy().reshape(-1) for x in self._data]
         row[3 * L:4 * L] = np.bincount(self.tensor_layer, [dot(x, x) for x in theta], L)
         row[4 * L:5 * L] = np.bincount(self.tensor_layer, [asum(x) for x in theta], L)
 
     def _step_torch(self, cur, prev):
         D, a = self._D, self._a
-        torch._foreach_copy_(self._d_t[2], self.params)  # θ_after
+        torch._foreach_copy_(self._d_t[2], self._data)  # θ_after
         D[cur].sub_(D[2])  # θ_before − θ_after = −Δθ (the sign cancels in every statistic)
         gram = self._grams(D)
         torch.abs(D[cur], out=a)
