@@ -332,6 +332,24 @@ def test_collect_marks_missing_points_nan(grid_store, tmp_path):
     assert len(pd.read_csv(tmp_path / "t.csv")) == 4
 
 
+def test_collect_zip_and_runs_axes_are_dims_with_their_keys_as_coords(grid_store):
+    spec, root, _ = grid_store  # these points are all runs of the grid, finished already
+    zipped = tiny_spec(root, zip={"lr": [0.05, DIVERGING_LR], "momentum": [0.5, 0.9]})
+    ds = collect(zipped)
+    assert ds.sizes == {"zip": 2} and list(ds.lr.values) == [0.05, DIVERGING_LR]
+    assert list(ds.momentum.values) == [0.5, 0.9] and ds.momentum.dims == ("zip",)
+    grid = collect(spec)
+    assert ds.final_loss.values[0] == grid.final_loss.sel(lr=0.05, momentum=0.5).item()
+    assert list(ds.diverged.values) == [False, True]
+
+    listed = tiny_spec(root, runs=[{"lr": DIVERGING_LR, "momentum": 0.5}, {"lr": 0.05, "momentum": 0.9}],
+                       grid={"seed": [0]})
+    ds = collect(listed)
+    assert ds.sizes == {"runs": 2} and list(ds.lr.values) == [DIVERGING_LR, 0.05]
+    assert ds.seed.dims == () and ds.model.item() == "mlp"  # constant: a scalar coordinate
+    assert ds.run_id.values[1] == grid.run_id.sel(lr=0.05, momentum=0.9).item()
+
+
 def test_tidy_table_of_traces_is_long(grid_store):
     spec, _, _ = grid_store
     ds = collect(spec, traces=True)
