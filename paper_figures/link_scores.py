@@ -121,7 +121,8 @@ def plot(data, ctx):
 FIGURE = Figure(
     name="link_scores",
     summary="The link scored: NQM-predicted vs measured per-layer successive-gradient correlation "
-            "(layer block alone, and with the network's top mode) and gradient norm across the seed-CNN "
+            "(plain layer model, and with the network's top mode and the lr schedule) and gradient norm "
+            "across the seed-CNN "
             "lr x momentum x method sweep, with Spearman, Pearson, sign agreement and calibration error.",
     data=data,
     plot=plot,
