@@ -29,8 +29,8 @@ FULL = {"steps": 8000, "probe_every": 500, "eval_every": 1000}
 MODEL_LABELS = {"seed-cnn": "seed CNN", "mlp": "MLP", "resnet": "ResNet"}
 
 
-def data(ctx):
-    runs = load_runs(SPEC, ctx, ctx.pick(TINY, {}, FULL))
+def data(ctx, spec=SPEC):
+    runs = load_runs(spec, ctx, ctx.pick(TINY, {}, FULL))
     keep = ["grad_cos", "lr", "loss", "sharpness"]
     out = {}
     for config, trace in runs:
@@ -123,13 +123,20 @@ FIGURE = Figure(
 )
 
 
-def main():
+def main(argv=None):
+    """``python -m paper_figures.oscillation [SPEC]``: quick-mode runs of SPEC (default the
+    figure's) → results/phenomena_oscillation[_SPEC-suffix].{csv,json}."""
+    import sys
+
     import torch
 
     torch.set_num_threads(1)
-    table, meta = summarize(data(Context(mode="quick")))
-    meta["command"] = "python -m paper_figures.oscillation"
-    for path in write_summary("phenomena_oscillation", table, meta):
+    spec = (sys.argv[1:] if argv is None else argv) or [SPEC]
+    spec = spec[0]
+    table, meta = summarize(data(Context(mode="quick"), spec))
+    meta["command"] = "python -m paper_figures.oscillation" + ("" if spec == SPEC else f" {spec}")
+    meta["spec"] = f"experiments/specs/{spec}.toml"
+    for path in write_summary("phenomena_" + spec, table, meta):
         print(path)
     print(table.round(3).to_string())
     print(meta["checks"])

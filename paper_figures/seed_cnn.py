@@ -168,10 +168,11 @@ def settings_table(ctx):
     """Growth per layer across the settings of ``seed_norm_growth_settings.toml``, and each
     run's summary."""
     runs = load_runs(SPEC + "_settings", ctx)
-    rows = [{"opt": c.opt, "lr": c.lr, "momentum": c.momentum, "schedule": c.schedule, **row}
+    rows = [{"opt": c.opt, "lr": c.lr, "momentum": c.momentum, "schedule": c.schedule, "seed": c.seed,
+             "line_search": c.line_search, **row}
             for c, trace in runs for row in growth_rows(c, trace)]
-    meta = {f"{c.opt} lr={c.lr:g} {c.schedule}": {"config": c.to_dict(), "summary": t.attrs.get("summary", {})}
-            for c, t in runs}
+    label = lambda c: f"{c.opt} lr={c.lr:g} {c.schedule} seed={c.seed}" + (" line search" if c.line_search else "")  # noqa: E731
+    meta = {label(c): {"config": c.to_dict(), "summary": t.attrs.get("summary", {})} for c, t in runs}
     return pd.DataFrame(rows), meta
 
 
@@ -192,7 +193,7 @@ def main():
             "runs": runs}
     for path in write_summary("phenomena_norm_growth_settings", settings, meta):
         print(path)
-    print(settings[["opt", "schedule", "layer", "growth_late_over_early", "phase1_rise", "phase2_rise",
+    print(settings[["opt", "schedule", "seed", "line_search", "layer", "growth_late_over_early", "phase1_rise", "phase2_rise",
                     "sharpness_first", "sharpness_last", "h_over_edge_first", "h_over_edge_last"]]
           .round(3).to_string())
 
