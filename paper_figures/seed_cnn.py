@@ -19,7 +19,9 @@ Measures (:func:`summarize`), per layer l, with ‖g_l‖ the raw mini-batch gra
   probe past 10 % and at the last probe.
 
 ``python -m paper_figures.seed_cnn`` runs the quick setting and writes
-``results/phenomena_norm_growth.{csv,json}``.
+``results/phenomena_norm_growth.{csv,json}``, and the same measures for the runs of
+``seed_norm_growth_settings.toml`` (constant / cosine lr, plain SGD, a second seed) to
+``results/phenomena_norm_growth_settings.{csv,json}``.
 """
 
 import numpy as np
