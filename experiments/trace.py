@@ -139,7 +139,9 @@ class Tracer:
     per_tensor : one "layer" per parameter tensor instead of per owning module.
     probe_every : the training loop calls :meth:`probe` when :meth:`should_probe` (0: never).
     block_size : steps per block (device → host copy once per block).
-    sharpness_iters : Lanczos iterations per probe (fixed budget, warm-started).
+    sharpness_iters : Lanczos steps per block and probe at most (warm-started).
+    sharpness_tol : a block's Lanczos stops early once its Ritz residual is below
+        ``sharpness_tol``·|λ| (0: always the full budget).
     hutchinson_samples : Rademacher vectors per probe for the trace estimate.
     noise_microbatches : micro-batches M for the gradient-noise estimate (>= 2; 0 disables).
     probe_mode : "train" (the model's training-mode loss; default) or "eval".
@@ -149,13 +151,17 @@ class Tracer:
     """
 
     def __init__(self, model, optimizer, *, per_tensor=False, probe_every=0, block_size=256,
-                 sharpness_iters=20, hutchinson_samples=1, noise_microbatches=4,
+                 sharpness_iters=20, sharpness_tol=1e-3, hutchinson_samples=1,
+                 noise_microbatches=4,
                  probe_mode="train", seed=0, engine="auto"):
         self.model, self.optimizer = model, optimizer
         self.per_tensor = bool(per_tensor)
         self.probe_every = _check_int("probe_every", probe_every, 0)
         self.block_size = _check_int("block_size", block_size, 1)
         self.sharpness_iters = _check_int("sharpness_iters", sharpness_iters, 0)
+        if not (isinstance(sharpness_tol, (int, float)) and 0 <= sharpness_tol < 1):
+            raise ValueError(f"sharpness_tol={sharpness_tol!r} is outside the valid range [0, 1)")
+        self.sharpness_tol = float(sharpness_tol)
         self.hutchinson_samples = _check_int("hutchinson_samples", hutchinson_samples, 0)
         self.noise_microbatches = _check_int("noise_microbatches", noise_microbatches, 0)
         if self.noise_microbatches == 1:
@@ -452,6 +458,7 @@ class Tracer:
                   for l in range(len(self.layers))]
         res = sharpness.probe(self.model, self.params, blocks, loss_fn, batch,
                               state=self._probe_state, iters=self.sharpness_iters,
+                              tol=self.sharpness_tol,
                               hutchinson_samples=self.hutchinson_samples,
                               microbatches=self.noise_microbatches, mode=self.probe_mode)
         self._probe_steps.append(self.step)
@@ -516,7 +523,8 @@ class Tracer:
             tracer_seconds=self._watch.seconds(), tracer_host_seconds=self._watch.host,
             probe_seconds=self.probe_seconds, per_tensor=int(self.per_tensor),
             block_size=self.block_size, probe_every=self.probe_every,
-            sharpness_iters=self.sharpness_iters, hutchinson_samples=self.hutchinson_samples,
+            sharpness_iters=self.sharpness_iters, sharpness_tol=self.sharpness_tol,
+            hutchinson_samples=self.hutchinson_samples,
             noise_microbatches=self.noise_microbatches, probe_mode=self.probe_mode,
             update_ratio_definition="log10(mean|theta_after - theta_before| / mean|theta_after|)",
         )
@@ -533,6 +541,9 @@ class Tracer:
                 "hessian_trace": (pl, get("hessian_trace").reshape(P, L)),
                 "grad_noise": (pl, get("grad_noise").reshape(P, L)),
                 "sharpness_global": ("probe_step", get("sharpness_global").reshape(P)),
+                "sharpness_steps": (pl, get("sharpness_steps").reshape(P, L)),
+                "sharpness_global_steps": ("probe_step",
+                                           get("sharpness_global_steps").reshape(P)),
             },
             coords={"probe_step": np.asarray(self._probe_steps, dtype=np.int64),
                     "layer": list(self.layers)},

@@ -112,7 +112,7 @@ def test_lanczos_finds_largest_algebraic_eigenvalue_and_survives_breakdown():
     Z = torch.zeros(5, 5, dtype=torch.float64)  # breakdown at the first step
     ops = [A, Z, torch.diag(torch.arange(30.0, dtype=torch.float64))]
     starts = [torch.randn(m.shape[0], generator=g, dtype=torch.float64) for m in ops]
-    values, vectors = sharpness.lanczos_top(lambda vs: {k: ops[k] @ v for k, v in vs.items()},
+    values, vectors, steps = sharpness.lanczos_top(lambda vs: {k: ops[k] @ v for k, v in vs.items()},
                                             starts, iters=12, generator=g)
     # iters >= dim for the first two: exact to roundoff; 12 steps on diag(0..29): Kaniel-Paige
     np.testing.assert_allclose(values[:2], [2.5, 0.0], atol=1e-10)
@@ -120,6 +120,23 @@ def test_lanczos_finds_largest_algebraic_eigenvalue_and_survives_breakdown():
     for v, m, lam in zip(vectors, ops, values):
         assert torch.isfinite(v).all()
         np.testing.assert_allclose((m @ v).norm().item(), abs(lam), rtol=1e-2, atol=1e-8)
+
+
+def test_lanczos_early_stop_meets_its_tolerance():
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    evals = torch.cat([torch.tensor([10.0, 5.0], dtype=torch.float64),
+                       torch.rand(198, generator=g, dtype=torch.float64)])
+    A = Q @ torch.diag(evals) @ Q.T
+    start = torch.randn(200, generator=g, dtype=torch.float64)
+    mv = lambda vs: {k: A @ v for k, v in vs.items()}  # noqa: E731
+    full, _, steps_full = sharpness.lanczos_top(mv, [start], iters=40, generator=g)
+    early, vec, steps = sharpness.lanczos_top(mv, [start], iters=40, generator=g, tol=1e-3)
+    assert steps_full[0] == 40 and steps[0] < 40  # a gap of 2x converges fast
+    # residual bound: |θ − λ| ≤ ‖Ax − θx‖ ≤ tol·|θ|
+    assert abs(early[0] - 10.0) <= 1e-3 * 10.0
+    assert (A @ vec[0] - early[0] * vec[0]).norm() <= 1e-3 * 10.0 * (1 + 1e-9)
+    np.testing.assert_allclose(full[0], 10.0, rtol=1e-12)
 
 
 def test_hutchinson_block_traces_are_unbiased():
