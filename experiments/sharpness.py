@@ -162,7 +162,7 @@ def lanczos_top(matvecs, starts, iters, generator=None, tol=0.0, min_steps=3):
                 w = w - basis.T @ (basis @ w)
                 new[k] = w
                 stats.append(w.norm())
-        host = torch.stack(stats).double().cpu()  # the one synchronisation of this step
+        host = torch.stack(stats).cpu().double()  # the one synchronisation of this step
         pos = 0
         for k in active:
             alphas[k][j] = host[pos]

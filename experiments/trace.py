@@ -119,11 +119,13 @@ class _Stopwatch:
             self._pending[-1][1] = ev
 
     def collect(self):
-        """Read finished CUDA intervals (synchronises: call only where a sync happens anyway)."""
-        for start, end in self._pending:
+        """Read completed CUDA intervals (synchronises: call only where a sync happens
+        anyway, e.g. at a block flush); an interval still open stays pending."""
+        done = [pair for pair in self._pending if pair[1] is not None]
+        self._pending = [pair for pair in self._pending if pair[1] is None]
+        for start, end in done:
             end.synchronize()
             self.device_seconds += start.elapsed_time(end) / 1e3
-        self._pending.clear()
 
     def seconds(self):
         self.collect()
@@ -433,9 +435,10 @@ class Tracer:
             self._host_rows.append(self._block[:rows].copy())
             self._host_clip.append(self._clip[:rows].copy())
         else:
-            host = lambda x: x[:rows].to("cpu", torch.float64, copy=True).numpy()  # noqa: E731
+            host = lambda x: x[:rows].to("cpu", copy=True).double().numpy()  # noqa: E731
             self._host_rows.append(host(self._block))
             self._host_clip.append(host(self._clip))
+            self._watch.collect()  # the copy above has synchronised anyway
         self._clip[:] = 1.0
         self._row = 0
 
