@@ -42,16 +42,16 @@ assumptions fail, in order of effect:
    is where the remaining misses are (h/edge < 0.05: Spearman 0.24, sign 65 %; where the
    model predicts |ρ| > 0.1: Spearman 0.82, sign 97 %). The obvious suspect, the
    gradient's mean (signal) part, which the noise-driven model leaves out, does not hold
-   up in two tests (one-off scripts over the same 12 runs, not in the package): a coherent-drift term, the excess of the probe-step ‖g‖² over the
-   NQM's E‖g‖² with lag-1 correlation 1, lowers Spearman to 0.40–0.58 (near the edge that
-   excess is oscillation, not drift); and the *exact* full-batch gradient at each probe
-   (eval mode) carries only a median 2–34 % of ‖g‖², too little to make ρ = +0.1 … +0.45,
-   and a drift term built from it also lowers Spearman (0.50–0.57). The positive
-   correlation at small h is an open question (dropout's mean gradient vs the eval-mode
-   one, curvature that changes along the path, non-quadratic drift).
-   Measuring each layer's share ‖v_l‖² of the network's top Ritz vector instead of
-   estimating it by λ_max,l/λ_max(H) changes nothing (Spearman 0.738 vs 0.741): where the
-   top mode matters the estimate is close to the measured share.
+   up (``results/link_assumption_checks.py`` → ``.json``, a rerun of the 12 runs with extra
+   probe measurements): the *exact* full-batch gradient at each probe (eval mode) carries
+   a median of only 2–34 % of ‖g‖², and a drift term built from it,
+   ρ' = (Σ lag1 + c·D)/(Σ E g² + D) with D = max(‖∇f_l‖² − E‖Hx‖²_NQM, 0), lowers the
+   Spearman score to 0.50–0.57 (c = 1 … 0.5): near the edge the excess is oscillation,
+   not drift. The positive correlation at small h is an open question (dropout's mean
+   gradient vs the eval-mode one, curvature that changes along the path, non-quadratic
+   drift). Measuring each layer's share ‖v_l‖² of the network's top Ritz vector instead
+   of estimating it by λ_max,l/λ_max(H) changes nothing (Spearman 0.738 vs 0.741): where
+   the top mode matters the estimate is close to the measured share (same script).
 4. *Noise model.* Curvature-proportional noise beats isotropic noise (Spearman 0.54).
 
 On the quadratic network (tests) the prediction matches the tracer within the Monte-Carlo
