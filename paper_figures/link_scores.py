@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments import store
 from experiments.link import link_run, link_scores, stack_runs
 from experiments.sweep import expand, load_spec, run_id, run_sweep
 from paper_figures import style
