@@ -40,7 +40,7 @@ a fixed handful of calls plus a few per layer, never a Python loop of small ops 
 group. Two engines compute the same numbers (both tested against the references):
 
 * ``"numpy"`` (CPU default): numpy views of the buffers, ``ufunc.reduceat`` for the
-  per-layer Σ/max/min of |g|, BLAS ``dot``/``asum`` per layer for squared norms, dot products
+  per-layer max/min of |g|, BLAS ``dot``/``asum`` per layer for squared norms, dot products
   and Σ|·| (one pass, no temporaries), results written straight into a host block
   (on a CPU the host *is* the device). numpy/BLAS calls cost a fraction of a torch op's
   dispatch overhead, which dominates for small models.
@@ -319,7 +319,7 @@ class Tracer:
         np.abs(G[cur], out=a)
         row[:n] = norms.numpy()
         L = len(self.layers)
-        row[n:n + L] = np.add.reduceat(a, st)
+        row[n:n + L] = [self._asum(G[cur, s:s + m]) for s, m in self._seg]  # BLAS Σ|g|
         row[n + L:n + 2 * L] = np.maximum.reduceat(a, st)
         row[n + 2 * L:n + 3 * L] = np.minimum.reduceat(a, st)
         row[n + 3 * L:n + 4 * L] = [self._dot(G[0, s:s + m], G[1, s:s + m])
