@@ -119,10 +119,11 @@ def quadratic_runs(tmp_path_factory):
     from experiments.train import RunConfig, run
 
     root = tmp_path_factory.mktemp("runs")
-    configs = {"hb": dict(opt="hb", lr=2.0, momentum=0.5), "nag": dict(opt="nag", lr=1.0, momentum=0.9)}
+    # different seeds: the two runs must not share their batch order (correlated noise)
+    configs = {"hb": dict(opt="hb", lr=2.0, momentum=0.5, seed=1), "nag": dict(opt="nag", lr=1.0, momentum=0.9, seed=2)}
     for name, opt in configs.items():
         config = RunConfig(model="linear", data="linreg", data_args=LINREG, batch_size=128, steps=1000,
-                           probe_every=100, seed=1, threads=1, **opt)
+                           probe_every=100, threads=1, **opt)
         run(config, root / name)
     return root
 
