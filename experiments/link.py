@@ -40,16 +40,22 @@ assumptions fail, in order of effect:
 3. *Noise-driven fluctuations only.* Where every mode has small h (plateau at the start,
    after the decay) the NQM predicts |ρ| ≲ 0.05, but the measured ρ is +0.1 … +0.45. This
    is where the remaining misses are (h/edge < 0.05: Spearman 0.24, sign 65 %; where the
-   model predicts |ρ| > 0.1: Spearman 0.82, sign 97 %). The obvious suspect, the
-   gradient's mean (signal) part, which the noise-driven model leaves out, does not hold
-   up (``results/link_assumption_checks.py`` → ``.json``, a rerun of the 12 runs with extra
+   model predicts |ρ| > 0.1: Spearman 0.82, sign 97 %). The suspect is the gradient's
+   mean (signal) part, which the noise-driven model leaves out, but it cannot simply be
+   added (``results/link_assumption_checks.py`` → ``.json``, a rerun of the 12 runs with extra
    probe measurements): the *exact* full-batch gradient at each probe (eval mode) carries
    a median of only 2–34 % of ‖g‖², and a drift term built from it,
    ρ' = (Σ lag1 + c·D)/(Σ E g² + D) with D = max(‖∇f_l‖² − E‖Hx‖²_NQM, 0), lowers the
    Spearman score to 0.50–0.57 (c = 1 … 0.5): near the edge the excess is oscillation,
-   not drift. The positive correlation at small h is an open question (dropout's mean
-   gradient vs the eval-mode one, curvature that changes along the path, non-quadratic
-   drift). Measuring each layer's share ‖v_l‖² of the network's top Ritz vector instead
+   not drift. At fixed parameters (``--fixed-theta``) the two regimes separate: on the
+   plateau and after the decay (HB, α = 0.02, β = 0.6; probes 100, 700) independent
+   mini-batch gradients share a part (mean pairwise cosine −0.08 … +0.40, close to the
+   measured ρ = 0.0 … +0.25), a mean gradient that persists because the parameters barely
+   move; at the edge (NAG, α = 0.05, β = 0.9, probe 300) the shared part is larger still
+   (signal fraction 0.8, pairwise cosine 0.85 in the conv layers) yet ρ = −0.48: the mean
+   gradient itself flips sign from step to step. A signal term therefore needs the signal
+   energy (not recorded by the tracer) *and* its lag-1 correlation per regime.
+   Measuring each layer's share ‖v_l‖² of the network's top Ritz vector instead
    of estimating it by λ_max,l/λ_max(H) changes nothing (Spearman 0.738 vs 0.741): where
    the top mode matters the estimate is close to the measured share (same script).
 4. *Noise model.* Curvature-proportional noise beats isotropic noise (Spearman 0.54).

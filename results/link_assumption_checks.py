@@ -3,7 +3,7 @@
 configs, one thread) with two extra measurements at every probe, then score model variants
 that use them. Writes ``results/link_assumption_checks.json``. About 5 CPU-minutes:
 
-    .venv/bin/python results/link_assumption_checks.py
+    .venv/bin/python results/link_assumption_checks.py [--fixed-theta]
 
 1. Each layer's share ‖v_l‖² of the network's top Ritz vector (the tracer's Lanczos vector
    for ``sharpness_global``), used instead of the estimate λ_max,l / λ_max(H) of
@@ -11,6 +11,12 @@ that use them. Writes ``results/link_assumption_checks.json``. About 5 CPU-minut
 2. The exact full-batch gradient energy ‖∇f_l‖² (all 4000 training examples, eval mode), and
    a drift term built from it: predicted ρ' = (Σ lag1 + c·D)/(Σ E g² + D) with
    D = max(‖∇f_l‖² − E‖H x‖²_NQM, 0) and c ∈ {1, 0.8, 0.5}.
+3. ``--fixed-theta`` (two runs, ~1 CPU-minute; merged into the same JSON): at probes 100,
+   300 and 700 of a plateau run (HB, α = 0.02, β = 0.6) and an edge-of-stability run (NAG,
+   α = 0.05, β = 0.9), 32 independent mini-batch gradients at the *fixed* parameters: the
+   mean cosine of independent pairs and the signal fraction S/(S+N) (train mode, with
+   dropout, and eval mode), to tell a shared mean gradient from correlation made by the
+   motion of the parameters.
 """
 
 import json
@@ -118,8 +124,69 @@ def scores_with_drift(measured, dirs):
     return out
 
 
+def fixed_theta(settings=(("hb", 0.02, 0.6), ("nag", 0.05, 0.9)), steps=(100, 300, 700), batches=32):
+    """{run label: {probe step: {layer: {pair_cos, signal_fraction_train, signal_fraction_eval}}}}."""
+    import torch.nn.functional as F
+
+    data = load_data("mnist1d")
+    x, y = data.x_train, data.y_train
+    loss_fn = make_loss_fn("classify")
+    found, original = {}, trace_module.Tracer.probe
+
+    def probe(self, batch_loss_fn, batch):
+        res = original(self, batch_loss_fn, batch)
+        if self.step not in steps:
+            return res
+        gen = torch.Generator().manual_seed(self.step)
+        was = self.model.training
+        flat = lambda gs: torch.cat([g.flatten() for g in gs]).double()  # noqa: E731
+        with torch.enable_grad(), torch.random.fork_rng():
+            self.model.train()
+            G = torch.stack([flat(torch.autograd.grad(loss_fn(self.model, (x[i], y[i])), self.params))
+                             for i in (torch.randperm(len(y), generator=gen)[:32] for _ in range(batches))])
+            self.model.eval()
+            full = flat(torch.autograd.grad(loss_fn(self.model, (x, y)), self.params))
+        self.model.train(was)
+        owner = np.repeat(np.asarray(self.tensor_layer), [p.numel() for p in self.params])
+        row = {}
+        for li, layer in enumerate(self.layers):
+            M = G[:, torch.as_tensor(owner == li)]
+            mean = M.mean(0)
+            noise = ((M - mean) ** 2).sum(1).mean().item() * batches / (batches - 1)
+            s_train = (mean ** 2).sum().item() - noise / batches
+            s_eval = (full[torch.as_tensor(owner == li)] ** 2).sum().item()
+            row[layer] = {"pair_cos": float(np.mean([F.cosine_similarity(M[2 * k], M[2 * k + 1], 0).item()
+                                                     for k in range(batches // 2)])),
+                          "signal_fraction_train": s_train / (s_train + noise),
+                          "signal_fraction_eval": s_eval / (s_eval + noise)}
+        found.setdefault("now", {})[int(self.step)] = row
+        return res
+
+    trace_module.Tracer.probe = probe
+    try:
+        out = {}
+        for config in expand(load_spec(SPEC)):
+            if (config.opt, config.lr, config.momentum) in settings:
+                found.clear()
+                train(config)
+                out[f"{config.opt} lr={config.lr:g} momentum={config.momentum:g}"] = found["now"]
+        return out
+    finally:
+        trace_module.Tracer.probe = original
+
+
 def main():
+    import sys
+
     torch.set_num_threads(1)
+    if "--fixed-theta" in sys.argv:
+        from experiments.store import atomic_write_json
+
+        result = json.loads(OUT.read_text()) if OUT.exists() else {}
+        result["fixed_theta"] = fixed_theta()
+        atomic_write_json(OUT, result)
+        print(json.dumps(result["fixed_theta"], indent=1))
+        return
     measured = measure()
     dirs = link.run_dirs(SPEC)
     if len(dirs) != len(measured):
@@ -132,6 +199,8 @@ def main():
     }
     from experiments.store import atomic_write_json
 
+    if OUT.exists() and "fixed_theta" in json.loads(OUT.read_text()):
+        result["fixed_theta"] = json.loads(OUT.read_text())["fixed_theta"]
     atomic_write_json(OUT, result)
     print(json.dumps(result, indent=1))
 
