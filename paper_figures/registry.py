@@ -9,14 +9,14 @@ MODES = ("tiny", "quick", "full")
 
 # One module per figure, in paper order; each defines FIGURE.
 MODULES = [
-    "phase_diagram",
-    "nqm",
-    "modified_accuracy",
-    "seed_cnn",
-    "oscillation",
-    "clipping",
-    "link_scores",
-    "sharpness_eos",
+    "phase_diagram",  # 1
+    "modified_accuracy",  # 2
+    "nqm",  # 3
+    "seed_cnn",  # 4
+    "oscillation",  # 5
+    "link_scores",  # 6
+    "sharpness_eos",  # 7
+    "clipping",  # 8
 ]
 
 
