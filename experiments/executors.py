@@ -29,6 +29,7 @@ import importlib
 import logging
 import multiprocessing
 import os
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,29 +86,33 @@ def _clear_stale_temporaries(run_dir: Path):
 def execute_task(task: RunTask) -> dict:
     """Run one task in this process and record its result in the store.
 
-    Returns ``{"run_id", "status", "error"}`` with status ``"finished"``, ``"diverged"``
-    (a finished run whose summary says so), ``"failed"`` (the run raised: ``FAILED`` holds
-    the traceback) or ``"skipped"`` (someone else finished it meanwhile).
+    Returns ``{"run_id", "status", "error", "wall_seconds", "cpu_seconds"}`` with status
+    ``"finished"``, ``"diverged"`` (a finished run whose summary says so), ``"failed"``
+    (the run raised: ``FAILED`` holds the traceback) or ``"skipped"`` (someone else
+    finished it meanwhile); the seconds are the task's, in its worker.
     """
     _single_thread()
     run_dir = Path(task.run_dir)
-    if store.is_done(run_dir):
-        return {"run_id": task.run_id, "status": "skipped", "error": None}
-    _clear_stale_temporaries(run_dir)
-    try:
-        summary = _resolve(task.run_fn)(task.config, run_dir)
-    except Exception:
-        text = traceback.format_exc()
-        store.write_failure(run_dir, task.config, text)
-        return {"run_id": task.run_id, "status": "failed", "error": text.strip().splitlines()[-1]}
-    status = "diverged" if summary.get("diverged") else "finished"
-    return {"run_id": task.run_id, "status": status, "error": None}
+    wall, cpu = time.perf_counter(), time.process_time()
+    status, error = "skipped", None
+    if not store.is_done(run_dir):
+        _clear_stale_temporaries(run_dir)
+        try:
+            summary = _resolve(task.run_fn)(task.config, run_dir)
+            status = "diverged" if summary.get("diverged") else "finished"
+        except Exception:
+            text = traceback.format_exc()
+            store.write_failure(run_dir, task.config, text)
+            status, error = "failed", text.strip().splitlines()[-1]
+    return {"run_id": task.run_id, "status": status, "error": error,
+            "wall_seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
 
 
 def executor_error(task: RunTask, err: BaseException) -> dict:
     """The executor lost the task (worker killed, pool broken): the run did not raise, so
     nothing is written to the store and the next sweep runs it again."""
-    return {"run_id": task.run_id, "status": "failed", "error": f"executor: {err!r}"}
+    return {"run_id": task.run_id, "status": "failed", "error": f"executor: {err!r}",
+            "wall_seconds": None, "cpu_seconds": None}
 
 
 class InProcessExecutor:

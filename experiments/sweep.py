@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hashlib
 import itertools
 import json
@@ -104,9 +105,15 @@ class Spec:
         """``(index, RunConfig, run_id)`` for every spec point, duplicates included (index:
         see ``_positions``); built once per Spec (validation builds it)."""
         out = []
-        for index, row in _positions(self):
-            config = _build({**self.base, **row}, lambda: f"spec {self.source}: point {row}")
-            out.append((index, config, run_id(config)))
+        collecting = gc.isenabled()
+        gc.disable()  # 10,000s of small objects, none cyclic: the collector only costs time
+        try:
+            for index, row in _positions(self):
+                config = _build({**self.base, **row}, lambda: f"spec {self.source}: point {row}")
+                out.append((index, config, run_id(config)))
+        finally:
+            if collecting:
+                gc.enable()
         return out
 
 
@@ -272,25 +279,31 @@ def _distinct(spec: Spec):
 
 
 @functools.lru_cache(maxsize=None)
-def _float_fields(cls) -> frozenset:
-    hints = typing.get_type_hints(cls)
-    return frozenset(k for k, h in hints.items() if float in (typing.get_args(h) or (h,))
-                     and int not in (typing.get_args(h) or (h,)))
+def _field_kinds(cls):
+    """Fields annotated float, and fields of any type but str/int/bool/float (containers,
+    unions): the only ones whose values canonicalisation may change."""
+    floats, others = [], []
+    for key, hint in typing.get_type_hints(cls).items():
+        kinds = typing.get_args(hint) or (hint,)
+        if float in kinds and int not in kinds:
+            floats.append(key)
+        elif not set(kinds) <= {str, int, bool, type(None)}:
+            others.append(key)
+    return tuple(floats), tuple(others)
 
 
 def canonical_config(config) -> dict:
     """``config.to_dict()`` normalised so equal runs give equal JSON (see module docstring)."""
-    floats = _float_fields(type(config))
-    out = {}
-    for key, value in config.to_dict().items():
-        kind = type(value)
-        if kind is int and key in floats:
-            value = float(value)
-        elif kind is float:
-            value = value + 0.0 if math.isfinite(value) else repr(value)  # -0.0 + 0.0 == 0.0
-        elif kind is not str and kind is not int and kind is not bool and value is not None:
-            value = _canonical_value(value)  # containers, numpy scalars
-        out[key] = value
+    floats, others = _field_kinds(type(config))
+    out = config.to_dict()
+    for key in floats:
+        value = out[key]
+        if type(value) is float:
+            out[key] = value + 0.0 if math.isfinite(value) else repr(value)  # -0.0 + 0.0 == 0.0
+        elif value is not None:
+            out[key] = _canonical_value(float(value) if isinstance(value, numbers.Real) else value)
+    for key in others:
+        out[key] = _canonical_value(out[key])
     return out
 
 
@@ -343,12 +356,11 @@ def plan(spec_or_path, *, root=None) -> Plan:
     spec = _as_spec(spec_or_path)
     root = resolve_root(spec, root)
     configs, ids = (list(t) for t in zip(*_distinct(spec)))
-    status = []
+    status, prefix, exists = [], os.path.join(root, ""), os.path.exists
     for rid in ids:
-        run_dir = os.path.join(root, rid)
-        if os.path.exists(os.path.join(run_dir, store.DONE)):
+        if exists(f"{prefix}{rid}/{store.DONE}"):
             status.append("done")
-        elif os.path.exists(os.path.join(run_dir, store.FAILED)):
+        elif exists(f"{prefix}{rid}/{store.FAILED}"):
             status.append("failed")
         else:
             status.append("todo")
