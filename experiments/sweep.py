@@ -208,7 +208,7 @@ def _check_values(spec: Spec):
 
     A value is reported if it fails both on the base alone and together with the first
     spec point (which supplies what it may need, e.g. ``step_every`` for ``schedule``);
-    what is bad only in combination is caught by ``expand``, naming the point.
+    what is bad only in combination is caught when all points are built, naming the point.
     """
     where = f"spec {spec.source}"
     first = _override_rows(spec, first_only=True)[0]
@@ -385,8 +385,9 @@ def run_sweep(spec_or_path, *, root=None, workers=None, scheduler=None, dask_loc
 
     ``workers``: 0 in-process, N a local pool of N processes (default: ``os.cpu_count()``);
     ``scheduler``/``dask_local``: Dask. Counts: ``finished`` (computed now; includes
-    ``diverged``, which are finished runs), ``skipped`` (already finished), ``failed`` (raised
-    now, or failed before and not retried), ``total``.
+    ``diverged``, which are finished runs), ``skipped`` (already finished), ``diverged`` (of
+    those finished now), ``failed`` (raised now, or failed before and not retried), ``total``.
+    ``run_fn``: what executes a run (``"module:function"``, see ``executors.RunTask``).
     """
     from tqdm import tqdm
 
