@@ -26,7 +26,9 @@ parameters θ, split into blocks (layers) θ = (θ_1, ..., θ_K) with Hessian bl
   gradients g_1..g_M, unbiased sample variance s_i² = Σ_j (g_ji − ḡ_i)²/(M−1) per element; for
   i.i.d. examples Cov(g_j) = Σ_1/b and Cov(ĝ) = Σ_1/B, so the estimate is
   (b/B)·Σ_{i∈block} s_i² (= (1/M)Σ s_i² when M divides B). It is the ``noise_total`` of
-  ``dynamics.stochastic.layer_prediction``.
+  ``dynamics.stochastic.layer_prediction``. From the same micro-batches, the **gradient signal**
+  ‖E g‖² per block (squared norm of the mean gradient over the data at θ), unbiased:
+  Σ_i (ḡ_i² − s_i²/M) (:func:`microbatch_moments`).
 
 Mode, dropout, BatchNorm. ``mode="train"`` (default) probes the loss the optimizer descends:
 BatchNorm normalises with the probe batch's statistics (part of the Hessian), dropout is
@@ -274,26 +276,65 @@ def _walk(x, fn):
 
 def microbatch_noise(model, params, blocks, loss_fn, batch, parts):
     """tr Cov of the mini-batch mean gradient per block from ``parts`` micro-batches."""
+    return microbatch_moments(model, params, blocks, loss_fn, batch, parts)[0]
+
+
+def microbatch_moments(model, params, blocks, loss_fn, batch, parts, noise_batch_size=None, direction=None):
+    r"""(noise, signal) per block from ``parts`` micro-batches: ``noise`` as
+    :func:`microbatch_noise`; ``signal`` the unbiased estimate of :math:`\|E g\|^2`, the
+    squared norm of the population mean gradient at these parameters:
+    :math:`\sum_{i\in\mathrm{block}} (\bar g_i^2 - s_i^2/M)`, with :math:`\bar g` the mean of
+    the M micro-batch gradients (over M·b examples). For i.i.d. examples
+    :math:`E\bar g_i^2 = \mu_i^2 + \sigma_i^2/(Mb)` and :math:`E s_i^2 = \sigma_i^2/b`, so the
+    bias :math:`\mathrm{tr\,Cov}(\bar g)` of the naive :math:`\|\bar g\|^2` cancels in
+    expectation; a single estimate can be negative when the signal is small.
+    ``noise_batch_size`` B' (default: the batch's B) reports the noise of a mean over B'
+    examples instead, b·Σ s_i²/B' (a large probe batch estimating the training batch's noise).
+    With a ``direction`` v (flat over all parameters; the network's top Ritz vector in
+    :func:`probe`) also ``signal_top``: per block k the part of ‖E g_k‖² along the block's
+    unit piece u_k = v_k/‖v_k‖, (E g_k·u_k)², estimated without bias by c̄² − s_c²/M from
+    the micro-batch projections c_j = g_jk·u_k (same argument, one coordinate). Returns
+    (noise, signal) or (noise, signal, signal_top)."""
     micro, b, B = split_batch(batch, parts)
     rows = []
     for mb in micro:
         gs = torch.autograd.grad(loss_fn(model, mb), params, allow_unused=True,
                                  materialize_grads=True)
         rows.append(torch.cat([g.reshape(-1) for g in gs]))
-    var = torch.stack(rows).var(dim=0, correction=1).split([p.numel() for p in params])
-    per_tensor = torch.stack([v.sum() for v in var])
-    return torch.stack([per_tensor[b_].sum() for b_ in blocks]) * (b / B)
+    rows = torch.stack(rows)
+    sizes = [p.numel() for p in params]
+    var = rows.var(dim=0, correction=1)
+    unbiased_sq = rows.mean(0) ** 2 - var / parts
+
+    def per_block(x):
+        per_tensor = torch.stack([v.sum() for v in x.split(sizes)])
+        return torch.stack([per_tensor[b_].sum() for b_ in blocks])
+
+    noise, signal = per_block(var) * (b / (noise_batch_size or B)), per_block(unbiased_sq)
+    if direction is None:
+        return noise, signal
+    offsets = np.cumsum([0] + sizes)
+    top = []
+    for blk in blocks:
+        cols = torch.cat([torch.arange(offsets[i], offsets[i + 1], device=rows.device) for i in blk])
+        u = direction[cols]
+        c = rows[:, cols] @ (u / u.norm()) if u.norm() > 0 else torch.zeros(parts, dtype=rows.dtype)
+        top.append(c.mean() ** 2 - c.var(correction=1) / parts)
+    return noise, signal, torch.stack(top)
 
 
 def probe(model, params, blocks, loss_fn, batch, *, state, iters=20, tol=1e-3,
-          hutchinson_samples=1, microbatches=4, mode="train"):
+          hutchinson_samples=1, microbatches=4, mode="train", noise_batch_size=None):
     """All probes at the current parameters: dict of numpy arrays over blocks (sharpness,
-    hessian_trace, grad_noise, sharpness_steps: Lanczos steps used) and the floats
-    ``sharpness_global``, ``sharpness_global_steps``. NaN where switched off."""
+    hessian_trace, grad_noise, grad_signal and grad_signal_top (along the network's top Ritz
+    vector; :func:`microbatch_moments`), sharpness_steps:
+    Lanczos steps used) and the floats
+    ``sharpness_global``, ``sharpness_global_steps``. NaN where switched off.
+    ``noise_batch_size``: see :func:`microbatch_moments`."""
     K = len(blocks)
     nan = np.full(K, np.nan)
     out = dict(sharpness=nan, hessian_trace=nan.copy(), grad_noise=nan.copy(),
-               sharpness_steps=nan.copy(), sharpness_global=np.nan,
+               grad_signal=nan.copy(), grad_signal_top=nan.copy(), sharpness_steps=nan.copy(), sharpness_global=np.nan,
                sharpness_global_steps=np.nan)
     with probe_context(model, mode):
         if iters > 0 or hutchinson_samples > 0:
@@ -308,7 +349,10 @@ def probe(model, params, blocks, loss_fn, batch, *, state, iters=20, tol=1e-3,
                 out["hessian_trace"] = tr.detach().cpu().double().numpy()
             del grads
         if microbatches >= 2:
-            out["grad_noise"] = microbatch_noise(model, params, blocks, loss_fn, batch,
-                                                 microbatches).detach().cpu().double().numpy()
+            top_vector = state.vectors.get(("global",)) if iters > 0 else None
+            moments = microbatch_moments(model, params, blocks, loss_fn, batch, microbatches,
+                                         noise_batch_size, direction=top_vector)
+            keys = ("grad_noise", "grad_signal", "grad_signal_top")
+            out.update({k: m.detach().cpu().double().numpy() for k, m in zip(keys, moments)})
     out["sharpness_global"] = float(out["sharpness_global"])
     return out

@@ -56,7 +56,7 @@ and ``attrs["probe_seconds"]``. Measured cost: benchmarks/bench_trace.py.
 
 Probes (every ``probe_every`` steps, run by the training loop through :meth:`probe`): per-layer
 ``sharpness`` (top eigenvalue of the layer's diagonal Hessian block), ``sharpness_global``,
-``hessian_trace`` (Hutchinson) and ``grad_noise`` (tr Cov of the mini-batch gradient from
+``hessian_trace`` (Hutchinson), ``grad_signal`` (‖E g‖², unbiased) and ``grad_noise`` (tr Cov of the mini-batch gradient from
 micro-batches); see :mod:`experiments.sharpness` for the estimators and the treatment of
 dropout and BatchNorm.
 """
@@ -447,7 +447,7 @@ class Tracer:
         """True when the training loop should call :meth:`probe` now (every probe_every steps)."""
         return self.probe_every > 0 and self.step % self.probe_every == 0
 
-    def probe(self, loss_fn, batch):
+    def probe(self, loss_fn, batch, noise_batch_size=None):
         """Sharpness, Hutchinson trace and gradient noise per layer at the current parameters.
 
         Labelled ``probe_step = self.step`` (number of optimizer steps done, i.e. the step
@@ -455,6 +455,8 @@ class Tracer:
         scalar mean loss; ``batch`` is a tensor or a (nested) tuple/list/dict of tensors with
         the examples along dim 0. Parameter ``.grad``, the RNG streams and module buffers
         (BatchNorm running statistics) are left as they were. Synchronises once.
+        ``noise_batch_size``: report ``grad_noise`` for a mean over that many examples (the
+        training batch size when ``batch`` is a larger probe batch); default: ``batch``'s size.
         """
         t0 = time.perf_counter()
         blocks = [[i for i, li in enumerate(self.tensor_layer) if li == l]
@@ -463,7 +465,8 @@ class Tracer:
                               state=self._probe_state, iters=self.sharpness_iters,
                               tol=self.sharpness_tol,
                               hutchinson_samples=self.hutchinson_samples,
-                              microbatches=self.noise_microbatches, mode=self.probe_mode)
+                              microbatches=self.noise_microbatches, mode=self.probe_mode,
+                              noise_batch_size=noise_batch_size)
         self._probe_steps.append(self.step)
         self._probe_rows.append(res)
         self.probe_seconds += time.perf_counter() - t0
@@ -543,6 +546,8 @@ class Tracer:
                 "sharpness": (pl, get("sharpness").reshape(P, L)),
                 "hessian_trace": (pl, get("hessian_trace").reshape(P, L)),
                 "grad_noise": (pl, get("grad_noise").reshape(P, L)),
+                "grad_signal": (pl, get("grad_signal").reshape(P, L)),
+                "grad_signal_top": (pl, get("grad_signal_top").reshape(P, L)),
                 "sharpness_global": ("probe_step", get("sharpness_global").reshape(P)),
                 "sharpness_steps": (pl, get("sharpness_steps").reshape(P, L)),
                 "sharpness_global_steps": ("probe_step",

@@ -6,6 +6,7 @@ writes the run directory with :func:`experiments.store.write_run` (``DONE`` last
 A step (the :mod:`experiments.trace` contract)::
 
     [every probe_every steps: tracer.probe(loss_fn, batch)]      # at θ_k, on step k's batch
+                                                                  # (or probe_batch_size drawn)
     loss = loss_fn(model, batch); loss.backward(); tracer.after_backward(loss)
     [clip; tracer.record_clip(global_factor=…, layer_factors=…)]  # factors = ‖g_clipped‖/‖g‖
     optimizer.step()  (or the line search); tracer.after_step(); scheduler.step()
@@ -42,6 +43,8 @@ from experiments.optim import (CLIPS, OPTIMIZERS, SCHEDULES, clip_gradients, lin
                                get_rng_state, lr_factors, make_optimizer, make_scheduler)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+LATE_FIELDS = ("probe_batch_size", "hutchinson_samples", "noise_microbatches")
+PROBE_SEED_OFFSET = 7919  # the probe batches' generator: seed + this
 POSTFIX_EVERY = 50  # steps between progress-bar postfix updates (each one is a host sync)
 
 
@@ -58,6 +61,10 @@ class RunConfig:
     multiplier bracket [0, ``line_search_max``]). ``eval_every`` > 0 adds test loss and
     accuracy every that many steps (coordinate ``eval_step``). ``dtype`` of the model and
     the float inputs: "float32" or "float64" (for tight theory checks, e.g. on linreg).
+    Probe (every ``probe_every`` steps, :mod:`experiments.sharpness`): ``probe_batch_size``
+    examples drawn for it from the training set by its own generator (0: the step's training
+    batch), ``hutchinson_samples`` vectors for the trace, ``noise_microbatches`` for the
+    gradient noise and signal (0 off, else >= 2).
     """
 
     model: str = "mlp"
@@ -81,6 +88,9 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     probe_every: int = 0
+    probe_batch_size: int = 0
+    hutchinson_samples: int = 1
+    noise_microbatches: int = 4
     eval_every: int = 0
     per_tensor: bool = False
     threads: int = 0
@@ -117,6 +127,11 @@ class RunConfig:
                    note=" (schedule='step' needs step_every >= 1)" if self.schedule == "step" else "")
         _int_range("line_search_evals", self.line_search_evals, 2)
         _int_range("probe_every", self.probe_every, 0)
+        _int_range("probe_batch_size", self.probe_batch_size, 0)
+        _int_range("hutchinson_samples", self.hutchinson_samples, 0)
+        if self.noise_microbatches == 1:
+            raise ValueError("noise_microbatches=1 is outside the valid range: 0 (off) or >= 2")
+        _int_range("noise_microbatches", self.noise_microbatches, 0)
         _int_range("eval_every", self.eval_every, 0)
         _int_range("threads", self.threads, 0)
         _int_range("seed", self.seed, 0)
@@ -134,8 +149,11 @@ class RunConfig:
         return _thaw(self.model_args)
 
     def to_dict(self):
-        """Plain JSON-ready dict (every field; ``from_dict(to_dict())`` round-trips)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Plain JSON-ready dict (``from_dict(to_dict())`` round-trips). Every field, except
+        that fields added after runs were stored (:data:`LATE_FIELDS`) are left out while
+        at their defaults, so the run ids of existing runs (a hash of this dict) stay valid."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if not (f.name in LATE_FIELDS and getattr(self, f.name) == f.default)}
         d["data_args"], d["model_args"] = self.data_kwargs, self.model_kwargs
         return d
 
@@ -242,6 +260,12 @@ def batches(n, batch_size, generator, device):
 
 
 # --------------------------------------------------------------------------- the run
+def probe_batch(x, y, size, generator):
+    """``size`` training examples drawn without replacement (all of them if fewer)."""
+    idx = torch.randperm(len(y), generator=generator)[:size].to(y.device)
+    return x[idx], y[idx]
+
+
 def train(config: RunConfig, *, data_dir=None, progress=False):
     """Train as ``config`` says; return ``(trace, summary)`` (no I/O besides reading data).
 
@@ -317,7 +341,8 @@ def _train(config, data, device, progress):
         config.schedule, config.steps, warmup_steps=config.warmup_steps, step_every=config.step_every,
         step_gamma=config.step_gamma, final_lr_factor=config.final_lr_factor))
     loss_fn = make_loss_fn(task)
-    tracer = Tracer(model, optimizer, per_tensor=config.per_tensor, probe_every=config.probe_every)
+    tracer = Tracer(model, optimizer, per_tensor=config.per_tensor, probe_every=config.probe_every,
+                    hutchinson_samples=config.hutchinson_samples, noise_microbatches=config.noise_microbatches)
     groups = {}  # clipping layers: owning modules, whatever the tracer's per_tensor
     for name, p in model.named_parameters():
         groups.setdefault(layer_name(name), []).append(p)
@@ -326,6 +351,7 @@ def _train(config, data, device, progress):
     x, y = as_input(data.x_train), as_input(data.y_train)
     x_test, y_test = as_input(data.x_test), as_input(data.y_test)
     order = batches(len(y), config.batch_size, torch.Generator().manual_seed(config.seed), device)
+    probe_rng = torch.Generator().manual_seed(config.seed + PROBE_SEED_OFFSET)  # not the data order's stream
 
     steps, sync_every = config.steps, (1 if device.type == "cpu" else POSTFIX_EVERY)
     losses = torch.full((steps,), math.nan, device=device)
@@ -340,8 +366,12 @@ def _train(config, data, device, progress):
         for step in range(steps):
             idx = next(order)
             batch = (x[idx], y[idx])
-            if tracer.should_probe():  # at θ_step, on this step's batch
-                tracer.probe(loss_fn, batch)
+            if tracer.should_probe():  # at θ_step, on this step's batch or its own draw
+                if config.probe_batch_size:  # grad_noise stays that of the training batch
+                    tracer.probe(loss_fn, probe_batch(x, y, config.probe_batch_size, probe_rng),
+                                 noise_batch_size=len(idx))
+                else:
+                    tracer.probe(loss_fn, batch)
             optimizer.zero_grad(set_to_none=True)
             rng = get_rng_state() if config.line_search else None
             loss = loss_fn(model, batch)
@@ -446,7 +476,10 @@ FIELD_HELP = {
     "final_lr_factor": "final lr / lr (cosine, linear)", "batch_size": "0 = full batch",
     "clip": f"one of {', '.join(CLIPS)}", "clip_value": "max norm (global, layer) or max |g| (value)",
     "line_search": "golden-section search of the step-size multiplier in [0, line-search-max]",
-    "probe_every": "sharpness/noise probe every k steps (0 = off)", "eval_every": "test eval every k steps",
+    "probe_every": "sharpness/noise probe every k steps (0 = off)",
+    "probe_batch_size": "examples the probe draws (0 = the step's training batch)",
+    "hutchinson_samples": "Rademacher vectors per probe (trace)", "noise_microbatches": "0 (off) or >= 2",
+    "eval_every": "test eval every k steps",
     "per_tensor": "trace per parameter tensor instead of per module", "threads": "torch threads (0 = leave)",
     "device": "cpu, cuda, cuda:N", "dtype": f"one of {', '.join(DTYPES)}",
 }

@@ -407,3 +407,30 @@ def test_seed_cnn_learns_mnist1d():
     _, summary = train(RunConfig(model="seed-cnn", data="mnist1d", opt="hb", lr=0.05, momentum=0.9, steps=300,
                                  threads=1))
     assert not summary["diverged"] and summary["test_accuracy"] > 0.3
+
+
+# ---------------------------------------------------------------- probe settings
+def test_probe_fields_validate_and_keep_old_run_ids():
+    for key, value in (("probe_batch_size", -1), ("hutchinson_samples", -1), ("noise_microbatches", 1)):
+        with pytest.raises(ValueError, match=key):
+            RunConfig(**{key: value})
+    plain = RunConfig(**TINY).to_dict()
+    assert not {"probe_batch_size", "hutchinson_samples", "noise_microbatches"} & set(plain)
+    cfg = RunConfig(**TINY, probe_batch_size=64, hutchinson_samples=3, noise_microbatches=8)
+    assert cfg.to_dict()["probe_batch_size"] == 64 and RunConfig.from_dict(cfg.to_dict()) == cfg
+    assert RunConfig.from_dict(plain) == RunConfig(**TINY)
+
+
+def test_probe_batch_noise_and_signal_reach_the_trace():
+    """Full-batch linreg probed on all 64 examples in 8 micro-batches: grad_noise is reported
+    for the training batch (all 64: Σ s²/8) and grad_signal + grad_noise = ‖ḡ‖² = the
+    full-batch gradient norm² the tracer records at the probe step (float64 round-off)."""
+    cfg = RunConfig(**{**LINREG, "dtype": "float64"}, opt="hb", lr=0.3, momentum=0.5, steps=12,
+                    probe_every=5, probe_batch_size=64, hutchinson_samples=3, noise_microbatches=8)
+    trace, _ = train(cfg)
+    assert trace.attrs["hutchinson_samples"] == 3 and trace.attrs["noise_microbatches"] == 8
+    probes = trace.probe_step.values
+    g2 = trace.grad_norm.sel(step=probes).values ** 2
+    got = (trace.grad_signal + trace.grad_noise).values
+    np.testing.assert_allclose(got, g2, rtol=1e-8)
+    assert np.all(trace.grad_noise.values > 0)
