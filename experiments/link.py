@@ -24,12 +24,20 @@ For every probe step :math:`p` and layer :math:`l` of a run:
 
 Agreement (:func:`agreement_scores`, :func:`link_scores`) pools layers × probe steps × runs.
 
-What the seed-CNN sweep says (``experiments/specs/link_seed_cnn.toml``, 12 runs, 672
-layer-probe points; ``python -m paper_figures.link_scores`` → ``results/link_seed_cnn.json``).
-Spearman / sign agreement of the correlation: the plain per-layer model (diagonal block,
-stationary) 0.34 / 63 %; with the network's top mode 0.70 / 77 %; run through the lr
-schedule (default) 0.74 / 78 %. Target (issue 7): 0.8 / 90 % — not reached. Which
-assumptions fail, in order of effect:
+Optionally (``signal``, :func:`with_signal`) a mean-gradient part measured by the probe
+(``grad_signal`` = ‖E g‖², less the NQM's own E‖Hx‖²) is mixed in, with the lag-1
+correlation of the network top mode's stationary fluctuation ("fluct",
+:func:`fluctuation_correlation`), of its dominant root ("root", :func:`mean_part_correlation`)
+or +1 ("drift").
+
+What the seed-CNN sweep says (12 runs, 672 layer-probe points;
+``python -m paper_figures.link_scores`` → ``results/link_seed_cnn.json``). Spearman / sign
+agreement of the correlation, probe on the step's 32 examples (``link_seed_cnn.toml``): the
+plain per-layer model (diagonal block, stationary) 0.34 / 63 %; with the network's top mode
+0.70 / 77 %; run through the lr schedule 0.74 / 78 %. Probed on 512 drawn examples with 8
+Hutchinson vectors and 16 micro-batches (``link_seed_cnn_probe.toml``; default) 0.76 / 76 %
+(Pearson 0.74 → 0.82, calibration error 0.086 → 0.059, log-norm error 0.42 → 0.32 decades).
+Target (issue 7): 0.8 / 90 % — not reached. Which assumptions fail, in order of effect:
 
 1. *Block-diagonal curvature.* The strongly negative correlations (down to −0.8) appear in
    every layer when the network's h = α λ_max(H) nears the edge, while every block's
@@ -59,6 +67,18 @@ assumptions fail, in order of effect:
    of estimating it by λ_max,l/λ_max(H) changes nothing (Spearman 0.738 vs 0.741): where
    the top mode matters the estimate is close to the measured share (same script).
 4. *Noise model.* Curvature-proportional noise beats isotropic noise (Spearman 0.54).
+5. *The signal term* (measured ‖E g‖² from the 512-example probe) fixes the small-h regime
+   (h/edge < 0.05: Spearman 0.31 → 0.58, sign 60 → 78 % with "fluct") and raises the sign
+   agreement overall (76 → 82 %), but lowers the Spearman score (0.76 → 0.72; "root" 0.65,
+   "drift" 0.54), so it is not the default. Where 0.05 < h/edge the measured excess
+   ‖E g‖² − E‖Hx‖² has a lag-1 correlation ≈ 0 (0.05–0.5) to −0.6 (> 0.5) (solved from the
+   measurements), below what the top mode's dynamics give (fluct 1 − 2·h/edge for HB): the
+   excess is not a persistent drift there. The mean gradient lies mostly along the layer's
+   piece of the network's top Ritz vector (``grad_signal_top`` / ``grad_signal``: median 0.77
+   where the signal is ≥ 20 % of the batch gradient's energy); giving that part the top
+   mode's correlation and the rest +1 scored lower still (Spearman 0.63, "root"). A single
+   probe's ‖Hx_p‖² is one draw, so max(excess, 0) is biased up even without any drift (on
+   the quadratic network at 1 of 8 probes).
 
 On the quadratic network (tests) the prediction matches the tracer within the Monte-Carlo
 tolerance, for HB and NAG.
@@ -70,67 +90,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy import stats
 
 from dynamics.nqm_layer import LayerSpectrum, layer_prediction
 from dynamics.nqm_schedule import schedule_prediction
-from dynamics.quadratic import regime, stability_edge
+from dynamics.quadratic import char_roots, regime, stability_edge
+from dynamics.stochastic import stationary_state_covariance, state_space
 from experiments import store
+from experiments.scores import SCORES, agreement_scores, calibration_error  # noqa: F401 (re-exported)
 
 
 ALIGNS = ("center", "after")  # where the measurement window sits relative to the probe
-SCORES = ("n", "pearson", "spearman", "sign_agreement", "calibration_error", "mean_abs_error")
-
-
-def calibration_error(predicted, measured, bins=10):
-    r"""Binned (ECE-style) calibration error of ``predicted`` against ``measured``.
-
-    The pairs are sorted by the predicted value and cut into ``bins`` groups of (nearly)
-    equal size; the error is the count-weighted mean over groups of
-    :math:`|\overline{\mathrm{pred}}_b - \overline{\mathrm{meas}}_b|`. Unlike the mean
-    absolute error it forgives scatter that averages out within a bin and measures the
-    systematic bias of the prediction as a function of its own value: a calibrated
-    prediction (E[meas | pred] = pred) scores ≈ 0 however noisy the measurements.
-    Non-finite pairs are dropped; an empty input gives NaN.
-    """
-    pred, meas = _finite_pairs(predicted, measured)
-    if bins < 1:
-        raise ValueError(f"bins={bins} is outside the valid range [1, inf)")
-    if pred.size == 0:
-        return float("nan")
-    order = np.argsort(pred, kind="stable")
-    groups = np.array_split(order, min(bins, pred.size))
-    sizes = np.array([g.size for g in groups])
-    gaps = np.array([abs(pred[g].mean() - meas[g].mean()) for g in groups])
-    return float(np.sum(sizes * gaps) / pred.size)
-
-
-def agreement_scores(predicted, measured, bins=10):
-    """Pearson and Spearman correlation, sign agreement, calibration error and mean absolute
-    error of ``predicted`` vs ``measured`` (any shapes that broadcast; pooled flat).
-
-    ``sign_agreement`` is the fraction of pairs whose signs agree (a zero agrees only with
-    a zero). Pairs with a non-finite member (a diverged run, a missing probe) are dropped
-    and ``n`` counts the pairs used; correlations need n ≥ 3 and a non-constant input,
-    else they are NaN.
-    """
-    pred, meas = _finite_pairs(predicted, measured)
-    n = pred.size
-    varied = n >= 3 and np.ptp(pred) > 0 and np.ptp(meas) > 0
-    return {
-        "n": int(n),
-        "pearson": float(stats.pearsonr(pred, meas).statistic) if varied else float("nan"),
-        "spearman": float(stats.spearmanr(pred, meas).statistic) if varied else float("nan"),
-        "sign_agreement": float(np.mean(np.sign(pred) == np.sign(meas))) if n else float("nan"),
-        "calibration_error": calibration_error(pred, meas, bins=bins),
-        "mean_abs_error": float(np.mean(np.abs(pred - meas))) if n else float("nan"),
-    }
-
-
-def _finite_pairs(predicted, measured):
-    pred, meas = np.broadcast_arrays(np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float))
-    keep = np.isfinite(pred) & np.isfinite(meas)
-    return pred[keep], meas[keep]
 
 
 # ---------------------------------------------------------------------------------------
@@ -206,6 +175,9 @@ def default_window(probe_steps):
 LINK_FILE = "link.nc"
 EDGE_MARGIN = 0.05  # the network's top mode is capped at (1 - EDGE_MARGIN) x the stability edge
 LINKED_METHODS = ("gd", "hb", "nag")
+# the mean-gradient (signal) term (with_signal): none (plain NQM, default), its lag-1 correlation
+# that of the network top mode's stationary fluctuation (fluct), of its dominant root (root), +1 (drift)
+SIGNALS = ("none", "fluct", "root", "drift")
 
 
 def predict_layers(method, lr, momentum, sharpness, hessian_trace, n_params, grad_noise, *,
@@ -280,7 +252,7 @@ def layer_spectra(method, lr, momentum, sharpness, hessian_trace, n_params, grad
 
 
 def schedule_predict_layers(method, lrs, momentum, probe_steps, built, window, align="center",
-                            noise_model="curvature", edge_margin=EDGE_MARGIN):
+                            noise_model="curvature", edge_margin=EDGE_MARGIN, return_full=False):
     r"""Non-stationary predictions: the NQM second-moment recursion
     (:func:`dynamics.nqm_schedule.schedule_prediction`) run through the whole run, step by
     step with the lr actually used (``lrs``, the trace's ``lr``), each step taking the
@@ -295,7 +267,8 @@ def schedule_predict_layers(method, lrs, momentum, probe_steps, built, window, a
     between probes enters as w·σ². As in the stationary model, a mode is held below the edge
     of stability (at (1 − ``edge_margin``)·edge/α_t, now with the lr of each step: a probe's
     spectrum measured just before an lr decay would otherwise be unstable under the old lr).
-    Returns (grad_corr, grad_sq_norm), arrays (probe, layer).
+    Returns (grad_corr, grad_sq_norm), arrays (probe, layer), and with ``return_full`` the
+    window mean of E‖Hx_t‖² (``full_grad_sq``) third.
     """
     probe_steps = np.asarray(probe_steps)
     T = lrs.size
@@ -310,6 +283,7 @@ def schedule_predict_layers(method, lrs, momentum, probe_steps, built, window, a
     layers = list(built)
     corr = np.full((probe_steps.size, len(layers)), np.nan)
     sq = np.full_like(corr, np.nan)
+    full = np.full_like(corr, np.nan)
     for j, layer in enumerate(layers):
         rows = built[layer]
         valid = [i for i, (sp, _) in enumerate(rows) if sp is not None]
@@ -327,7 +301,61 @@ def schedule_predict_layers(method, lrs, momentum, probe_steps, built, window, a
         with np.errstate(invalid="ignore", over="ignore"):
             corr[:, j] = (inside * lag).sum(1) / np.sqrt((inside * g2).sum(1) * (inside * np.nan_to_num(prev)).sum(1))
             sq[:, j] = (inside * g2).sum(1) / inside.sum(1)
-    return corr, sq
+            full[:, j] = (inside * pred["full_grad_sq"]).sum(1) / inside.sum(1)
+    return (corr, sq, full) if return_full else (corr, sq)
+
+
+def mean_part_correlation(method, h, momentum):
+    r"""Successive correlation of the deterministic part of a mode's gradient,
+    :math:`\cos\arg z_1 = \mathrm{Re}\,z_1/|z_1|` with :math:`z_1` the dominant root of the
+    method's characteristic polynomial at ``h`` (THEORY.md §2). Without noise a mode's gradient
+    is :math:`m_t = \mathrm{Re}(c z_1^t) + \dots`; for a complex pair :math:`z = r e^{\pm i\theta}`,
+    :math:`m_t = r^t\cos(\theta t + \phi)` and
+    :math:`\sum_t m_t m_{t-1}/\sqrt{\sum_t m_t^2\sum_t m_{t-1}^2} \to \cos\theta` over many
+    periods; for real roots the dominant one wins and the ratio tends to sign(z_1): +1 in the
+    monotone regime (persistent drift at small h), −1 in the flip regime. Broadcasts over h."""
+    hh = np.asarray(h, dtype=float)
+    z = np.asarray(char_roots(method, np.nan_to_num(hh), momentum))[..., 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(np.isfinite(hh), np.where(np.abs(z) > 0, np.real(z) / np.abs(z), 0.0), np.nan)
+    return xr.DataArray(rho, dims=h.dims, coords=h.coords) if isinstance(h, xr.DataArray) else rho
+
+
+def fluctuation_correlation(method, h, momentum):
+    r"""Lag-1 correlation :math:`E[x_{t+1}x_t]/E[x_t^2]` of a mode's stationary noise-driven
+    iterate (so of its gradient λx): :math:`(AP)_{00}/P_{00}` with P the stationary state
+    covariance (:func:`dynamics.stochastic.stationary_state_covariance`) and A the mode's
+    state matrix; it depends on h only (HB: :math:`1 - h/(1+\beta)`, THEORY.md §4). ≈ 1 at
+    small h (a displacement persists), → −1 at the edge. Broadcasts over h."""
+    hh = np.asarray(h, dtype=float)
+    flat = np.clip(np.nan_to_num(hh.ravel()), 1e-12, None)
+    one = np.ones_like(flat)
+    P = stationary_state_covariance(method, one, flat, momentum, one)
+    A, _ = state_space(method, one, flat, momentum)
+    rho = np.where(np.isfinite(hh.ravel()), (A @ P)[..., 0, 0] / P[..., 0, 0], np.nan).reshape(hh.shape)
+    return xr.DataArray(rho, dims=h.dims, coords=h.coords) if isinstance(h, xr.DataArray) else rho
+
+
+def with_signal(pred_corr, pred_sq, pred_full_sq, signal, rho_mean):
+    r"""The NQM prediction with the measured mean-gradient (signal) part added.
+
+    Model: a layer's stochastic gradient :math:`g_t = m_t + \xi_t`, with :math:`\xi_t` the NQM
+    part (zero mean; :math:`E\|\xi\|^2` = ``pred_sq``, successive correlation
+    :math:`\rho_N` = ``pred_corr``) and :math:`m_t` the part of the mean gradient the NQM
+    does not produce, with :math:`E[m_t\cdot m_{t-1}] = \rho_m\|m\|^2` (``rho_mean``). The
+    cross terms vanish in expectation (ξ has zero mean, independent of m), so
+
+    .. math:: \rho = \frac{\rho_N E\|\xi\|^2 + \rho_m \|m\|^2}{E\|\xi\|^2 + \|m\|^2},
+       \qquad E\|g\|^2 = E\|\xi\|^2 + \|m\|^2 .
+
+    The probe measures ``signal`` = ‖E g‖² at θ (:func:`experiments.sharpness.microbatch_moments`),
+    which is :math:`\|m + Hx\|^2`; the NQM's own full-batch part :math:`F = E\|Hx\|^2`
+    (``pred_full_sq``) is taken out so nothing is counted twice:
+    :math:`\|m\|^2 = \max(\text{signal} - F, 0)`. Missing signal: no term.
+    Returns (corr, grad_sq_norm, ‖m‖²)."""
+    mean_sq = (signal.clip(min=0) - pred_full_sq.fillna(0.0)).clip(min=0).fillna(0.0)
+    corr = (pred_corr * pred_sq + rho_mean * mean_sq) / (pred_sq + mean_sq)
+    return corr, pred_sq + mean_sq, mean_sq
 
 
 def with_global_mode(spectrum, lam_global, lam_cap=np.inf):
@@ -370,7 +398,8 @@ def run_method(config):
 
 
 def link_trace(trace, config=None, *, window=None, align="center", noise_model="curvature", shape="power",
-               on_unstable="exclude", smooth=3, global_mode=True, prediction="schedule", spectra=None):
+               on_unstable="exclude", smooth=3, global_mode=True, prediction="schedule", signal="none",
+               spectra=None):
     """Predicted and measured per-layer oscillation and norm of one run, side by side.
 
     ``trace`` is a run's trace (``experiments.store.load_run`` puts the config in its
@@ -414,22 +443,36 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
         built = layer_spectra(method, lr, momentum, fed["sharpness"], fed["hessian_trace"], trace["n_params"],
                               fed["grad_noise"], shape=shape, spectra=spectra,
                               sharpness_global=fed["sharpness_global"] if global_mode else None)
-        corr, sq = schedule_predict_layers(method, trace["lr"].values, momentum, probe, built,
-                                           meas.attrs["window"], align, noise_model)
+        corr, sq, full = schedule_predict_layers(method, trace["lr"].values, momentum, probe, built,
+                                                 meas.attrs["window"], align, noise_model, return_full=True)
         pred["pred_grad_corr"] = (("probe_step", "layer"), corr)
         pred["pred_grad_sq_norm"] = (("probe_step", "layer"), sq)
+        pred["pred_full_grad_sq_norm"] = (("probe_step", "layer"), full)
     elif prediction != "stationary":
         raise ValueError(f"prediction={prediction!r} is unknown; valid: stationary, schedule")
+    if signal not in SIGNALS:
+        raise ValueError(f"signal={signal!r} is unknown; valid: {', '.join(SIGNALS)}")
+    recorded = "grad_signal" in trace and signal != "none"
+    if recorded:  # the signal raw: it changes between probes (0.65 vs 0.63 Spearman smoothed, "root")
+        h_top = np.minimum(lr * trace["sharpness_global"], edge * (1 - EDGE_MARGIN))
+        rho_mean = {"fluct": fluctuation_correlation, "root": mean_part_correlation}.get(
+            signal, lambda *_: xr.ones_like(h_top))(method, h_top, momentum)
+        corr, sq, mean_sq = with_signal(pred["pred_grad_corr"], pred["pred_grad_sq_norm"],
+                                        pred["pred_full_grad_sq_norm"], trace["grad_signal"], rho_mean)
+        pred = pred.assign(pred_grad_corr=corr, pred_grad_sq_norm=sq, pred_mean_sq_norm=mean_sq,
+                           pred_mean_corr=rho_mean)
     ds = xr.merge([pred, meas.drop_attrs()])
     h_global = lr * trace["sharpness_global"]
     ds = ds.assign(lr=lr, h=h, edge=edge, edge_ratio=h / edge, regime=regime_top,
                    sharpness_global=trace["sharpness_global"], edge_ratio_global=h_global / edge,
                    sharpness=trace["sharpness"], hessian_trace=trace["hessian_trace"],
                    grad_noise=trace["grad_noise"], n_params=trace["n_params"])
+    if "grad_signal" in trace:
+        ds["grad_signal"] = trace["grad_signal"]
     ds.attrs = {"method": method, "momentum": momentum, "lr0": float(config.get("lr", np.nan)),
                 "window": meas.attrs["window"], "align": align, "noise_model": noise_model, "shape": shape,
                 "on_unstable": on_unstable, "smooth": int(smooth), "global_mode": int(bool(global_mode)),
-                "prediction": prediction,
+                "prediction": prediction, "signal": signal, "signal_recorded": int(recorded),
                 "spectra": "given" if spectra else "summary"}
     return ds
 
@@ -447,7 +490,8 @@ def link_scores(ds, bins=10):
 # ---------------------------------------------------------------------------------------
 # runs, sweeps, files
 
-OPTIONS = ("window", "align", "noise_model", "shape", "on_unstable", "smooth", "global_mode", "prediction")
+OPTIONS = ("window", "align", "noise_model", "shape", "on_unstable", "smooth", "global_mode", "prediction",
+           "signal")
 
 
 def link_run(run_dir, *, recompute=False, write=True, **options):
@@ -586,6 +630,8 @@ def add_command(subparsers):
     p.add_argument("--smooth", type=int, default=3, help="probes in the rolling mean of the probe estimates")
     p.add_argument("--prediction", default="schedule",
                    help="schedule (default: NQM run through the lr sequence) or stationary")
+    p.add_argument("--signal", default="none", help="mean-gradient term from the probe's grad_signal: none "
+                   "(default), fluct / root (lag-1 of the network top mode's fluctuation / dominant root), drift (+1)")
     p.add_argument("--block-only", action="store_true",
                    help="per-layer diagonal-block spectra only (no network top mode in each layer)")
     p.add_argument("--recompute", action="store_true", help="ignore existing link.nc files")
@@ -596,7 +642,7 @@ def add_command(subparsers):
 def _link_main(args):
     ds = link(args.source, root=args.root, recompute=args.recompute, window=args.window, align=args.align,
               noise_model=args.noise_model, shape=args.shape, on_unstable=args.on_unstable, smooth=args.smooth,
-              global_mode=not args.block_only, prediction=args.prediction)
+              global_mode=not args.block_only, prediction=args.prediction, signal=args.signal)
     print(format_report(ds))
     if args.json:
         store.atomic_write_json(args.json, {"scores": link_scores(ds), "options": {

@@ -1,17 +1,20 @@
 r"""Figure 6 — the link, scored: predicted vs measured per-layer successive-gradient
 correlation and squared gradient norm across the seed-CNN sweep (lr × momentum × {HB, NAG},
-``experiments/specs/link_seed_cnn.toml``), every (run, probe step, layer) one point.
+``experiments/specs/link_seed_cnn_probe.toml``: the runs of ``link_seed_cnn.toml`` with the
+probe on 512 drawn examples, 8 Hutchinson vectors, 16 micro-batches), every (run, probe step,
+layer) one point.
 
 Prediction: the noisy quadratic model of each layer (:mod:`dynamics.nqm_layer`) fed with
 the probe's measured block sharpness, Hutchinson trace and gradient noise. Left: the plain
 layer model (the layer's diagonal block, stationary); middle: the link's default (:func:`experiments.link.link_trace`: the network's top mode in every layer, NQM
 run through the lr schedule); right: the squared gradient norm (log-log). Scores in each
 panel: Spearman, Pearson, sign agreement, binned calibration error
-(:func:`experiments.link.agreement_scores`).
+(:func:`experiments.scores.agreement_scores`).
 
 ``python -m paper_figures.link_scores`` runs the quick setting and writes
-``results/link_seed_cnn.{csv,json}`` (every point, the scores, and the scores of the model
-variants in :data:`VARIANTS`).
+``results/link_seed_cnn.{csv,json}`` (every point, the scores, the scores of the model
+variants in :data:`VARIANTS`, and the previous default: the same model on the runs probed
+on the training batch, ``link_seed_cnn.toml``).
 """
 
 import dataclasses
@@ -20,14 +23,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments.link import link_run, link_scores, stack_runs
+from experiments.link import OPTIONS, link_run, link_scores, stack_runs
 from experiments.sweep import expand, load_spec, run_id, run_sweep
 from paper_figures import style
 from paper_figures.registry import Context, Figure
 
-SPEC = Path(__file__).resolve().parents[1] / "experiments" / "specs" / "link_seed_cnn.toml"
+SPECS = Path(__file__).resolve().parents[1] / "experiments" / "specs"
+SPEC = SPECS / "link_seed_cnn_probe.toml"
+OLD_PROBE_SPEC = SPECS / "link_seed_cnn.toml"  # probe on the step's 32 examples, 1 Hutchinson vector, 4 micro-batches
 # tiny: two runs of a narrow seed CNN, seconds; full: the paper-scale seed CNN (GPU)
-TINY_BASE = {"steps": 30, "probe_every": 10, "step_every": 20, "model_args": {"channels": 4, "hidden": 16}}
+TINY_BASE = {"steps": 30, "probe_every": 10, "step_every": 20, "model_args": {"channels": 4, "hidden": 16},
+             "probe_batch_size": 64}
 TINY_GRID = {"opt": ["hb", "nag"], "lr": [0.05], "momentum": [0.9]}
 FULL_BASE = {"steps": 3000, "probe_every": 100, "step_every": 2000, "model_args": {"channels": 32, "hidden": 450}}
 # model variants scored in the results file: name -> link_trace options (default first)
@@ -40,12 +46,15 @@ VARIANTS = {
     "additive noise": {"noise_model": "additive"},
     "two-level spectrum": {"shape": "two-level"},
     "window after the probe": {"align": "after"},
+    "+ signal term, rho_m = top-mode fluctuation lag-1 (fluct)": {"signal": "fluct"},
+    "+ signal term, rho_m = top-mode dominant root cos arg z (root)": {"signal": "root"},
+    "+ signal term, rho_m = +1 (drift)": {"signal": "drift"},
 }
 
 
-def sweep_spec(ctx):
+def sweep_spec(ctx, path=SPEC):
     """The link sweep at the context's size."""
-    spec = load_spec(SPEC)
+    spec = load_spec(path)
     if ctx.mode == "tiny":
         spec = dataclasses.replace(spec, base={**spec.base, **TINY_BASE}, grid=TINY_GRID)
     elif ctx.mode == "full":
@@ -55,14 +64,14 @@ def sweep_spec(ctx):
     return spec
 
 
-def run_dirs(ctx):
+def run_dirs(ctx, path=SPEC):
     """Compute the runs the store lacks; their directories, in spec order."""
-    spec = sweep_spec(ctx)
+    spec = sweep_spec(ctx, path)
     root = Path(ctx.store) / "runs"
     counts = run_sweep(spec, root=root, workers=0 if ctx.mode == "tiny" else ctx.workers,
                        progress=ctx.mode != "tiny")
     if counts["failed"]:
-        raise RuntimeError(f"{counts['failed']} run(s) of {SPEC.name} failed; see FAILED in {root}")
+        raise RuntimeError(f"{counts['failed']} run(s) of {path.name} failed; see FAILED in {root}")
     return [root / run_id(config) for config in expand(spec)]
 
 
@@ -135,20 +144,20 @@ def results(ctx):
     dirs = run_dirs(ctx)
     default = linked(dirs)
     cols = ["opt", "lr0", "momentum", "lr", "h", "edge_ratio", "edge_ratio_global", "regime", "sharpness",
-            "sharpness_global", "hessian_trace", "grad_noise", "pred_grad_corr", "meas_grad_corr", "meas_mean_cos",
+            "sharpness_global", "hessian_trace", "grad_noise", "grad_signal", "pred_grad_corr", "meas_grad_corr", "meas_mean_cos",
             "pred_grad_sq_norm", "meas_grad_sq_norm", "meas_steps"]
     table = default[[c for c in cols if c in default]].to_dataframe().reset_index()
     scores = {name: link_scores(default if not opts else linked(dirs, **opts)) for name, opts in VARIANTS.items()}
-    return table, scores, diagnostics(table), {k: default.attrs.get(k) for k in ("window", "align", "noise_model", "shape",
-                                                               "on_unstable", "smooth", "global_mode",
-                                                               "prediction")}
+    scores["previous default: probe on the training batch (link_seed_cnn.toml), same model"] = link_scores(
+        linked(run_dirs(ctx, OLD_PROBE_SPEC), signal="none"))
+    return table, scores, diagnostics(table), {k: default.attrs.get(k) for k in OPTIONS}
 
 
 def diagnostics(table):
     """Where the default model fails: its correlation scores per probe step, per band of the
     network's h/edge, and on the points where it predicts |ρ| > 0.1 (not the target: the
     target is scored on every point)."""
-    from experiments.link import agreement_scores
+    from experiments.scores import agreement_scores
 
     def score(part):
         return agreement_scores(part.pred_grad_corr, part.meas_grad_corr)
@@ -171,7 +180,7 @@ def main():
     out = Path("results")
     atomic_write_text(out / "link_seed_cnn.csv", table.to_csv(index=False, float_format="%.6g"))
     atomic_write_json(out / "link_seed_cnn.json", {
-        "command": "python -m paper_figures.link_scores", "spec": "experiments/specs/link_seed_cnn.toml",
+        "command": "python -m paper_figures.link_scores", "spec": "experiments/specs/link_seed_cnn_probe.toml",
         "options": options, "scores": scores, "diagnostics": diag,
         "target": {"spearman_grad_corr": 0.8, "sign_agreement": 0.9}})
     for name, sc in scores.items():
