@@ -43,7 +43,6 @@ from experiments.optim import (CLIPS, OPTIMIZERS, SCHEDULES, clip_gradients, lin
                                get_rng_state, lr_factors, make_optimizer, make_scheduler)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-LATE_FIELDS = ("probe_batch_size", "hutchinson_samples", "noise_microbatches")
 PROBE_SEED_OFFSET = 7919  # the probe batches' generator: seed + this
 POSTFIX_EVERY = 50  # steps between progress-bar postfix updates (each one is a host sync)
 
@@ -149,11 +148,8 @@ class RunConfig:
         return _thaw(self.model_args)
 
     def to_dict(self):
-        """Plain JSON-ready dict (``from_dict(to_dict())`` round-trips). Every field, except
-        that fields added after runs were stored (:data:`LATE_FIELDS`) are left out while
-        at their defaults, so the run ids of existing runs (a hash of this dict) stay valid."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if not (f.name in LATE_FIELDS and getattr(self, f.name) == f.default)}
+        """Plain JSON-ready dict of every field (``from_dict(to_dict())`` round-trips)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["data_args"], d["model_args"] = self.data_kwargs, self.model_kwargs
         return d
 
@@ -193,6 +189,8 @@ def _thaw(pairs):
 
 
 def _check_keywords(name, pairs, function, extra, hidden):
+    if not pairs:  # the common case; inspect.signature costs ~30 us a call
+        return
     import inspect
 
     valid = (set(inspect.signature(function).parameters) | extra) - hidden

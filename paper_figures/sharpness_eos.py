@@ -1,6 +1,6 @@
 r"""Figure 7 — per-layer sharpness against the edge of stability over training.
 
-For the seed-CNN link sweep (``experiments/specs/link_seed_cnn.toml``, shared with figure 6),
+For the seed-CNN link sweep (``experiments/specs/link_seed_cnn_probe.toml``, shared with figure 6),
 at its middle learning rate: one panel per (method, momentum), with each layer's block
 sharpness :math:`\lambda_{\max,l}` (top eigenvalue of the layer's diagonal Hessian block),
 the network's sharpness :math:`\lambda_{\max}` (dashed, black) and the edge of stability

@@ -410,12 +410,12 @@ def test_seed_cnn_learns_mnist1d():
 
 
 # ---------------------------------------------------------------- probe settings
-def test_probe_fields_validate_and_keep_old_run_ids():
+def test_probe_fields_validate_and_round_trip():
     for key, value in (("probe_batch_size", -1), ("hutchinson_samples", -1), ("noise_microbatches", 1)):
         with pytest.raises(ValueError, match=key):
             RunConfig(**{key: value})
     plain = RunConfig(**TINY).to_dict()
-    assert not {"probe_batch_size", "hutchinson_samples", "noise_microbatches"} & set(plain)
+    assert {"probe_batch_size", "hutchinson_samples", "noise_microbatches"} <= set(plain)
     cfg = RunConfig(**TINY, probe_batch_size=64, hutchinson_samples=3, noise_microbatches=8)
     assert cfg.to_dict()["probe_batch_size"] == 64 and RunConfig.from_dict(cfg.to_dict()) == cfg
     assert RunConfig.from_dict(plain) == RunConfig(**TINY)
