@@ -11,15 +11,6 @@ from experiments import sharpness
 from experiments.trace import Tracer
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (and spin on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 class Net(nn.Module):
     def __init__(self, bn=False, dropout=0.0):
         super().__init__()

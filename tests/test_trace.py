@@ -17,15 +17,6 @@ from experiments.trace import ROOT_LAYER, Tracer
 RTOL = 1e-5
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (and spin on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 class Tiny(nn.Module):
     """Conv + MLP with a root-owned parameter, an unused layer and a frozen layer."""
 
