@@ -3,7 +3,6 @@ atomic run directories, clipping, schedules, the line search, and the optimiser
 convention checked against dynamics.methods on the exact quadratic (linreg)."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
