@@ -82,310 +82,32 @@ Target (issue 7): 0.8 / 90 % — not reached. Which assumptions fail, in order o
 
 On the quadratic network (tests) the prediction matches the tracer within the Monte-Carlo
 tolerance, for HB and NAG.
+
+The parts live in :mod:`experiments.link_measure` (the measured side),
+:mod:`experiments.link_predict` (the NQM per probe and layer), :mod:`experiments.link_signal`
+(the signal term) and :mod:`experiments.link_report` (scores, per-layer table); their public
+names are importable from here too.
 """
 
 import inspect
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import xarray as xr
 
-from dynamics.nqm_layer import LayerSpectrum, layer_prediction
-from dynamics.nqm_schedule import schedule_prediction
-from dynamics.quadratic import char_roots, regime, stability_edge
-from dynamics.stochastic import stationary_state_covariance, state_space
+from dynamics.quadratic import regime, stability_edge
 from experiments import store
+from experiments.link_measure import ALIGNS, default_window, measured_window  # noqa: F401 (re-exported)
+from experiments.link_predict import (  # noqa: F401 (re-exported)
+    EDGE_MARGIN, layer_spectra, predict_layers, schedule_predict_layers, with_global_mode)
+from experiments.link_report import format_report, layer_table, link_scores  # noqa: F401 (re-exported)
+from experiments.link_signal import (  # noqa: F401 (re-exported)
+    SIGNALS, fluctuation_correlation, mean_part_correlation, with_signal)
 from experiments.scores import SCORES, agreement_scores, calibration_error  # noqa: F401 (re-exported)
 
 
-ALIGNS = ("center", "after")  # where the measurement window sits relative to the probe
-
-
-# ---------------------------------------------------------------------------------------
-# measured side
-
-
-def measured_window(trace, probe_steps=None, window=None, align="center"):
-    r"""The measured successive-gradient correlation and squared gradient norm around each
-    probe step, per layer.
-
-    For probe step :math:`p` the window is the W optimizer steps
-    :math:`p - \lfloor W/2 \rfloor \le t < p + \lceil W/2 \rceil` (``align="center"``) or
-    :math:`p \le t < p + W` (``align="after"``), clipped to the run.
-    Over it
-
-    - ``meas_grad_corr`` :math:`= \sum_t g_t\cdot g_{t-1} \big/
-      \sqrt{\sum_t \|g_t\|^2 \sum_t \|g_{t-1}\|^2}`, with :math:`g_t\cdot g_{t-1}` =
-      ``grad_cos``·``grad_norm``(t)·``grad_norm``(t−1): the consistent estimator of the
-      NQM's :math:`E[g_t\cdot g_{t+1}]/E\|g\|^2` in a stationary state;
-    - ``meas_mean_cos``, the plain mean of ``grad_cos``. It estimates a different quantity,
-      :math:`E[\cos]`: in a layer with few effective modes the norm fluctuates and large,
-      differently aligned gradients weigh as much as small ones. On the quadratic network
-      (spectrum 1/i, d = 20; HB, lr·λ_max = 1.2, β = 0.5, batch 32) the mean cosine is −0.083,
-      the norm-weighted mean :math:`\sum g_t\cdot g_{t-1}/\sum\|g_t\|\|g_{t-1}\|` −0.16,
-      and the estimator above −0.144, which the NQM predicts (−0.142);
-    - ``meas_grad_sq_norm``, the mean of ``grad_norm**2``;
-    - ``meas_steps``, the number of steps used.
-
-    Non-finite entries (the first step's NaN cosine, steps after a divergence) are skipped.
-    Centring the window on the probe matches the measurement to the curvature the probe saw;
-    "after" keeps it inside one lr when the schedule changes lr at probe steps (the lr in
-    force at the probe is the one the model is fed). W defaults to the spacing of the probe
-    steps, so the windows tile the run.
-    """
-    probe_steps = np.asarray(trace["probe_step"].values if probe_steps is None else probe_steps)
-    window = default_window(probe_steps) if window is None else int(window)
-    if window < 1:
-        raise ValueError(f"window={window} is outside the valid range [1, inf)")
-    step = trace["step"]
-    probe = xr.DataArray(probe_steps, dims="probe_step", coords={"probe_step": probe_steps})
-    if align not in ALIGNS:
-        raise ValueError(f"align={align!r} is unknown; valid: {', '.join(ALIGNS)}")
-    start = probe - window // 2 if align == "center" else probe
-    inside = (step >= start) & (step < start + window)
-    norm = trace["grad_norm"]
-    prev = norm.shift(step=1)
-    dot = trace["grad_cos"] * norm * prev
-
-    def window_sum(values, mask):
-        return xr.where(mask, values, 0.0).sum("step")
-
-    pair_ok = inside & np.isfinite(dot)
-    cos_ok = inside & np.isfinite(trace["grad_cos"])
-    sq_ok = inside & np.isfinite(norm)
-    return xr.Dataset({
-        "meas_grad_corr": window_sum(dot, pair_ok) / np.sqrt(window_sum(norm**2, pair_ok)
-                                                             * window_sum(prev**2, pair_ok)),
-        "meas_mean_cos": window_sum(trace["grad_cos"], cos_ok) / cos_ok.sum("step"),
-        "meas_grad_sq_norm": window_sum(norm**2, sq_ok) / sq_ok.sum("step"),
-        "meas_steps": pair_ok.sum("step"),
-    }, attrs={"window": window})
-
-
-def default_window(probe_steps):
-    """The smallest spacing of the probe steps (50 if there is only one probe)."""
-    spacing = np.diff(np.unique(np.asarray(probe_steps)))
-    return int(spacing.min()) if spacing.size else 50
-
-
-# ---------------------------------------------------------------------------------------
-# predicted side
-
 LINK_FILE = "link.nc"
-EDGE_MARGIN = 0.05  # the network's top mode is capped at (1 - EDGE_MARGIN) x the stability edge
 LINKED_METHODS = ("gd", "hb", "nag")
-# the mean-gradient (signal) term (with_signal): none (plain NQM, default), its lag-1 correlation
-# that of the network top mode's stationary fluctuation (fluct), of its dominant root (root), +1 (drift)
-SIGNALS = ("none", "fluct", "root", "drift")
-
-
-def predict_layers(method, lr, momentum, sharpness, hessian_trace, n_params, grad_noise, *,
-                   noise_model="curvature", shape="power", on_unstable="exclude", spectra=None,
-                   sharpness_global=None, edge_margin=EDGE_MARGIN):
-    r"""NQM predictions per (probe_step, layer) from the measured spectrum summary and noise.
-
-    ``lr`` is a DataArray over ``probe_step``; ``sharpness``, ``hessian_trace`` and
-    ``grad_noise`` over (probe_step, layer); ``n_params`` over ``layer``. Each layer's
-    spectrum is :meth:`LayerSpectrum.from_summary` (``shape``, trace clipped into
-    [λ_max, n·λ_max] since a one-sample Hutchinson estimate can leave it) unless
-    ``spectra`` maps the layer name to a known :class:`LayerSpectrum` (e.g. the true
-    Hessian of the quadratic network). A layer whose measured top eigenvalue is not
-    positive (a saddle direction dominates the block) has no stationary NQM: NaN.
-    ``on_unstable`` is passed to :func:`layer_prediction`: the default "exclude" sums over
-    the modes below the stability edge and counts the others in ``pred_n_unstable``.
-
-    With ``sharpness_global`` (over probe_step) each layer also carries the network's top
-    mode, see :func:`with_global_mode`.
-    """
-    probe, layers = sharpness["probe_step"].values, sharpness["layer"].values
-    shape2 = (probe.size, layers.size)
-    names = ("grad_corr", "grad_sq_norm", "full_grad_sq_norm", "effective_dim", "n_unstable")
-    out = {k: np.full(shape2, np.nan) for k in names}
-    exponent = np.full(shape2, np.nan)
-    lrs = np.asarray(lr.values, dtype=float)
-    built = layer_spectra(method, lr, momentum, sharpness, hessian_trace, n_params, grad_noise, shape=shape,
-                          spectra=spectra, sharpness_global=sharpness_global, edge_margin=edge_margin)
-    for j, layer in enumerate(layers):
-        for i, (spectrum, noise) in enumerate(built[layer]):
-            if spectrum is None:
-                continue
-            pred = layer_prediction(method, lrs[i], momentum, spectrum, noise,
-                                    noise_model=noise_model, on_unstable=on_unstable)
-            for k in names:
-                out[k][i, j] = pred[k]
-            exponent[i, j] = spectrum.exponent
-    dims = ("probe_step", "layer")
-    coords = {"probe_step": probe, "layer": layers}
-    ds = xr.Dataset({f"pred_{k}": (dims, v) for k, v in out.items()}, coords=coords)
-    ds["spectrum_exponent"] = (dims, exponent)
-    return ds
-
-
-def layer_spectra(method, lr, momentum, sharpness, hessian_trace, n_params, grad_noise, *, shape="power",
-                  spectra=None, sharpness_global=None, edge_margin=EDGE_MARGIN):
-    """{layer: [(LayerSpectrum or None, noise_total) per probe step]}: the spectra the
-    predictions use (see :func:`predict_layers`); None where the measured summary, noise
-    or lr admit no stationary NQM."""
-    probe, layers = sharpness["probe_step"].values, sharpness["layer"].values
-    lrs = np.asarray(lr.values, dtype=float)
-    edge = float(stability_edge(method, momentum))
-    out = {}
-    for layer in layers:
-        lam = sharpness.sel(layer=layer).values
-        tr = hessian_trace.sel(layer=layer).values
-        noise = grad_noise.sel(layer=layer).values
-        n = int(n_params.sel(layer=layer))
-        out[layer] = []
-        for i in range(probe.size):
-            spectrum = None
-            usable = np.isfinite(noise[i]) and noise[i] >= 0 and np.isfinite(lrs[i]) and lrs[i] > 0
-            if usable and spectra is not None and layer in spectra:
-                spectrum = spectra[layer]
-            elif usable and np.isfinite(lam[i]) and lam[i] > 0 and np.isfinite(tr[i]):
-                spectrum = LayerSpectrum.from_summary(lam[i], tr[i], n, shape=shape, clip_trace=True)
-                if sharpness_global is not None:
-                    spectrum = with_global_mode(spectrum, float(sharpness_global.values[i]),
-                                                edge * (1 - edge_margin) / lrs[i])
-            out[layer].append((spectrum, float(noise[i])))
-    return out
-
-
-def schedule_predict_layers(method, lrs, momentum, probe_steps, built, window, align="center",
-                            noise_model="curvature", edge_margin=EDGE_MARGIN, return_full=False):
-    r"""Non-stationary predictions: the NQM second-moment recursion
-    (:func:`dynamics.nqm_schedule.schedule_prediction`) run through the whole run, step by
-    step with the lr actually used (``lrs``, the trace's ``lr``), each step taking the
-    spectrum and noise of the nearest probe (of the latest probe for ``align="after"``),
-    from the minimum (x₀ = 0). The window of each probe then gets
-    :math:`\sum_t E[g_t\cdot g_{t-1}] / \sqrt{\sum_t E\|g_t\|^2 \sum_t E\|g_{t-1}\|^2}` and the
-    mean of :math:`E\|g_t\|^2` over the same steps as :func:`measured_window`, so an lr
-    decay inside a window, and the slow relaxation after it (the excess variance of the
-    old lr decays over ~1/h' steps, the gradient meanwhile keeping its direction), are in
-    the prediction. A mode of multiplicity w and noise σ² has the moments of w modes when
-    the recursion starts from zero (they are linear in σ²), so a weight that changes
-    between probes enters as w·σ². As in the stationary model, a mode is held below the edge
-    of stability (at (1 − ``edge_margin``)·edge/α_t, now with the lr of each step: a probe's
-    spectrum measured just before an lr decay would otherwise be unstable under the old lr).
-    Returns (grad_corr, grad_sq_norm), arrays (probe, layer), and with ``return_full`` the
-    window mean of E‖Hx_t‖² (``full_grad_sq``) third.
-    """
-    probe_steps = np.asarray(probe_steps)
-    T = lrs.size
-    step = np.arange(T)
-    if align == "center":
-        mid = (probe_steps[1:] + probe_steps[:-1]) / 2
-        which = np.searchsorted(mid, step, side="right")
-    else:
-        which = np.clip(np.searchsorted(probe_steps, step, side="right") - 1, 0, None)
-    start = probe_steps - window // 2 if align == "center" else probe_steps
-    inside = (step[None, :] >= start[:, None]) & (step[None, :] < start[:, None] + window) & (step[None, :] >= 1)
-    layers = list(built)
-    corr = np.full((probe_steps.size, len(layers)), np.nan)
-    sq = np.full_like(corr, np.nan)
-    full = np.full_like(corr, np.nan)
-    for j, layer in enumerate(layers):
-        rows = built[layer]
-        valid = [i for i, (sp, _) in enumerate(rows) if sp is not None]
-        if not valid:
-            continue
-        fill = [min(valid, key=lambda v: abs(v - i)) for i in range(len(rows))]  # nearest usable probe
-        lam = np.stack([rows[k][0].eigenvalues for k in fill])
-        s2 = np.stack([rows[k][0].weights * rows[k][0].noise_per_mode(rows[k][1], noise_model) for k in fill])
-        lr_steps = np.nan_to_num(lrs)
-        with np.errstate(divide="ignore"):
-            cap = float(stability_edge(method, momentum)) * (1 - edge_margin) / lr_steps
-        pred = schedule_prediction(method, lr_steps, momentum, np.minimum(lam[which], cap[:, None]), s2[which])
-        g2, lag = pred["grad_sq"], np.nan_to_num(pred["lag1"])
-        prev = np.concatenate([[np.nan], g2[:-1]])
-        with np.errstate(invalid="ignore", over="ignore"):
-            corr[:, j] = (inside * lag).sum(1) / np.sqrt((inside * g2).sum(1) * (inside * np.nan_to_num(prev)).sum(1))
-            sq[:, j] = (inside * g2).sum(1) / inside.sum(1)
-            full[:, j] = (inside * pred["full_grad_sq"]).sum(1) / inside.sum(1)
-    return (corr, sq, full) if return_full else (corr, sq)
-
-
-def mean_part_correlation(method, h, momentum):
-    r"""Successive correlation of the deterministic part of a mode's gradient,
-    :math:`\cos\arg z_1 = \mathrm{Re}\,z_1/|z_1|` with :math:`z_1` the dominant root of the
-    method's characteristic polynomial at ``h`` (THEORY.md §2). Without noise a mode's gradient
-    is :math:`m_t = \mathrm{Re}(c z_1^t) + \dots`; for a complex pair :math:`z = r e^{\pm i\theta}`,
-    :math:`m_t = r^t\cos(\theta t + \phi)` and
-    :math:`\sum_t m_t m_{t-1}/\sqrt{\sum_t m_t^2\sum_t m_{t-1}^2} \to \cos\theta` over many
-    periods; for real roots the dominant one wins and the ratio tends to sign(z_1): +1 in the
-    monotone regime (persistent drift at small h), −1 in the flip regime. Broadcasts over h."""
-    hh = np.asarray(h, dtype=float)
-    z = np.asarray(char_roots(method, np.nan_to_num(hh), momentum))[..., 0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = np.where(np.isfinite(hh), np.where(np.abs(z) > 0, np.real(z) / np.abs(z), 0.0), np.nan)
-    return xr.DataArray(rho, dims=h.dims, coords=h.coords) if isinstance(h, xr.DataArray) else rho
-
-
-def fluctuation_correlation(method, h, momentum):
-    r"""Lag-1 correlation :math:`E[x_{t+1}x_t]/E[x_t^2]` of a mode's stationary noise-driven
-    iterate (so of its gradient λx): :math:`(AP)_{00}/P_{00}` with P the stationary state
-    covariance (:func:`dynamics.stochastic.stationary_state_covariance`) and A the mode's
-    state matrix; it depends on h only (HB: :math:`1 - h/(1+\beta)`, THEORY.md §4). ≈ 1 at
-    small h (a displacement persists), → −1 at the edge. Broadcasts over h."""
-    hh = np.asarray(h, dtype=float)
-    flat = np.clip(np.nan_to_num(hh.ravel()), 1e-12, None)
-    one = np.ones_like(flat)
-    P = stationary_state_covariance(method, one, flat, momentum, one)
-    A, _ = state_space(method, one, flat, momentum)
-    rho = np.where(np.isfinite(hh.ravel()), (A @ P)[..., 0, 0] / P[..., 0, 0], np.nan).reshape(hh.shape)
-    return xr.DataArray(rho, dims=h.dims, coords=h.coords) if isinstance(h, xr.DataArray) else rho
-
-
-def with_signal(pred_corr, pred_sq, pred_full_sq, signal, rho_mean):
-    r"""The NQM prediction with the measured mean-gradient (signal) part added.
-
-    Model: a layer's stochastic gradient :math:`g_t = m_t + \xi_t`, with :math:`\xi_t` the NQM
-    part (zero mean; :math:`E\|\xi\|^2` = ``pred_sq``, successive correlation
-    :math:`\rho_N` = ``pred_corr``) and :math:`m_t` the part of the mean gradient the NQM
-    does not produce, with :math:`E[m_t\cdot m_{t-1}] = \rho_m\|m\|^2` (``rho_mean``). The
-    cross terms vanish in expectation (ξ has zero mean, independent of m), so
-
-    .. math:: \rho = \frac{\rho_N E\|\xi\|^2 + \rho_m \|m\|^2}{E\|\xi\|^2 + \|m\|^2},
-       \qquad E\|g\|^2 = E\|\xi\|^2 + \|m\|^2 .
-
-    The probe measures ``signal`` = ‖E g‖² at θ (:func:`experiments.sharpness.microbatch_moments`),
-    which is :math:`\|m + Hx\|^2`; the NQM's own full-batch part :math:`F = E\|Hx\|^2`
-    (``pred_full_sq``) is taken out so nothing is counted twice:
-    :math:`\|m\|^2 = \max(\text{signal} - F, 0)`. Missing signal: no term.
-    Returns (corr, grad_sq_norm, ‖m‖²)."""
-    mean_sq = (signal.clip(min=0) - pred_full_sq.fillna(0.0)).clip(min=0).fillna(0.0)
-    corr = (pred_corr * pred_sq + rho_mean * mean_sq) / (pred_sq + mean_sq)
-    return corr, pred_sq + mean_sq, mean_sq
-
-
-def with_global_mode(spectrum, lam_global, lam_cap=np.inf):
-    r"""The layer's spectrum with its top mode replaced by the network's top mode.
-
-    The tracer's ``sharpness`` is the top eigenvalue of the layer's *diagonal block*
-    :math:`H_{ll}`; the optimizer, though, moves along eigenvectors of the full Hessian,
-    and the top one, :math:`v` with eigenvalue :math:`\lambda_G` (``sharpness_global``),
-    spans several layers. If it dominates every block's top eigenvalue,
-    :math:`H_{ll} \approx \lambda_G v_l v_l^\top + \dots` and :math:`\lambda_{\max,l}
-    \approx \lambda_G \|v_l\|^2`: the layer holds the fraction
-    :math:`s_l = \lambda_{\max,l}/\lambda_G` of a mode whose curvature, as the optimizer
-    sees it, is :math:`\lambda_G`. So the top mode (λ_max,l, weight 1) becomes
-    (λ_G, weight s_l); the trace is unchanged (λ_G s_l = λ_max,l), and so is the noise
-    the curvature model puts on it. Where λ_G ≤ λ_max,l (estimation noise) the spectrum is
-    returned as it is.
-
-    At the edge of stability the network's top mode sits at (or, between probes, beyond)
-    the edge, where the stationary NQM has no solution; Cohen et al. (2021) observe that
-    it is held there by non-quadratic effects. λ_G is therefore capped at ``lam_cap``
-    (a fixed margin below the edge, :data:`EDGE_MARGIN`), which keeps the mode's
-    amplification finite and its lag-1 correlation that of a mode at the edge.
-    """
-    lam_top = spectrum.eigenvalues[0]
-    lam_g = min(lam_global, lam_cap) if np.isfinite(lam_global) else np.nan
-    if not (np.isfinite(lam_g) and lam_g > lam_top and spectrum.weights[0] == 1):
-        return spectrum
-    eig, w = spectrum.eigenvalues.copy(), spectrum.weights.copy()
-    eig[0], w[0] = lam_g, lam_top / lam_g
-    return LayerSpectrum(eig, w, shape=f"{spectrum.shape}+global", exponent=spectrum.exponent)
 
 
 def run_method(config):
@@ -434,15 +156,13 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
         raise ValueError(f"smooth={smooth} is outside the valid range [1, inf)")
     fed = {k: trace[k].rolling(probe_step=int(smooth), center=True, min_periods=1).mean()
            for k in ("sharpness", "hessian_trace", "grad_noise", "sharpness_global")}
-    pred = predict_layers(method, lr, momentum, fed["sharpness"], fed["hessian_trace"], trace["n_params"],
-                          fed["grad_noise"], noise_model=noise_model, shape=shape,
-                          on_unstable=on_unstable, spectra=spectra,
+    built = layer_spectra(method, lr, momentum, fed["sharpness"], fed["hessian_trace"], trace["n_params"],
+                          fed["grad_noise"], shape=shape, spectra=spectra,
                           sharpness_global=fed["sharpness_global"] if global_mode else None)
+    pred = predict_layers(method, lr, momentum, fed["sharpness"], fed["hessian_trace"], trace["n_params"],
+                          fed["grad_noise"], noise_model=noise_model, on_unstable=on_unstable, built=built)
     meas = measured_window(trace, probe, window, align)
     if prediction == "schedule":
-        built = layer_spectra(method, lr, momentum, fed["sharpness"], fed["hessian_trace"], trace["n_params"],
-                              fed["grad_noise"], shape=shape, spectra=spectra,
-                              sharpness_global=fed["sharpness_global"] if global_mode else None)
         corr, sq, full = schedule_predict_layers(method, trace["lr"].values, momentum, probe, built,
                                                  meas.attrs["window"], align, noise_model, return_full=True)
         pred["pred_grad_corr"] = (("probe_step", "layer"), corr)
@@ -475,16 +195,6 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
                 "prediction": prediction, "signal": signal, "signal_recorded": int(recorded),
                 "spectra": "given" if spectra else "summary"}
     return ds
-
-
-def link_scores(ds, bins=10):
-    """Agreement over every (run, probe_step, layer) of a link Dataset: for ``grad_corr``
-    the scores of :func:`agreement_scores`; for ``grad_sq_norm`` the same on log10 (norms
-    span decades across layers and runs; a ratio error is what matters)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return {"grad_corr": agreement_scores(ds["pred_grad_corr"], ds["meas_grad_corr"], bins=bins),
-                "log10_grad_sq_norm": agreement_scores(np.log10(ds["pred_grad_sq_norm"]),
-                                                       np.log10(ds["meas_grad_sq_norm"]), bins=bins)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -577,40 +287,6 @@ def _run_coords(ds):
     ds = ds.expand_dims(run=[a["run_id"]])
     return ds.assign_coords(opt=("run", [a["method"]]), lr0=("run", [a["lr0"]]),
                             momentum=("run", [a["momentum"]]))
-
-
-def layer_table(ds):
-    """Per-layer summary of a link Dataset (pooled over runs and probe steps): median h/edge,
-    the most frequent top-mode regime, mean predicted and measured correlation and squared
-    norm, and the per-layer Spearman and sign agreement of the correlation."""
-    rows = {}
-    for layer in ds["layer"].values:
-        x = ds.sel(layer=layer)
-        pred, meas = x["pred_grad_corr"].values.ravel(), x["meas_grad_corr"].values.ravel()
-        sc = agreement_scores(pred, meas)
-        regimes = pd.Series(x["regime"].values.ravel()).dropna()
-        rows[layer] = {
-            "n": sc["n"], "h/edge": float(np.nanmedian(x["edge_ratio"])),
-            "regime": regimes.mode().iloc[0] if len(regimes) else "",
-            "pred_corr": float(np.nanmean(pred)) if sc["n"] else np.nan,
-            "meas_corr": float(np.nanmean(meas)) if sc["n"] else np.nan,
-            "spearman": sc["spearman"], "sign_agree": sc["sign_agreement"],
-            "pred_|g|^2": float(np.nanmean(x["pred_grad_sq_norm"])),
-            "meas_|g|^2": float(np.nanmean(x["meas_grad_sq_norm"])),
-        }
-    return pd.DataFrame.from_dict(rows, orient="index")
-
-
-def format_report(ds):
-    """The per-layer table and the pooled scores, as printed by ``optdyn link``."""
-    scores = link_scores(ds)
-    lines = [layer_table(ds).to_string(float_format=lambda v: f"{v:.3g}"), ""]
-    for what, sc in scores.items():
-        lines.append(f"{what}: " + ", ".join(f"{k}={sc[k]:.3g}" if isinstance(sc[k], float) else f"{k}={sc[k]}"
-                                              for k in SCORES))
-    if ds.attrs.get("skipped"):
-        lines.append(f"skipped: {ds.attrs['skipped']}")
-    return "\n".join(lines)
 
 
 def add_command(subparsers):
