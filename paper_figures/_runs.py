@@ -16,28 +16,35 @@ from experiments.sweep import expand, load_spec, run_id, run_sweep
 SPECS = Path(sweep.__file__).parent / "specs"
 
 
-def spec_for(name, ctx, overrides=None):
-    """The spec ``experiments/specs/NAME.toml`` with ``overrides`` (a dict) put into its base."""
+def spec_for(name, ctx, overrides=None, grid=None):
+    """The spec ``experiments/specs/NAME.toml`` with ``overrides`` (a dict) put into its base
+    and, if given, ``grid`` in place of its grid."""
     spec = load_spec(SPECS / f"{name}.toml")
     base = {**spec.base, **(overrides or {})}
     if ctx.device != "cpu":
         base["device"] = ctx.device
-    return dataclasses.replace(spec, base=base)
+    spec = dataclasses.replace(spec, base=base)
+    return spec if grid is None else dataclasses.replace(spec, grid=grid)
 
 
-def load_runs(name, ctx, overrides=None):
-    """Compute what the store lacks, then ``[(RunConfig, trace Dataset), ...]`` in spec order.
+def run_dirs(name, ctx, overrides=None, grid=None):
+    """Compute what the store lacks, then ``[(RunConfig, run directory), ...]`` in spec order.
 
     Tiny mode runs in-process (no worker start-up); otherwise ``ctx.workers`` processes.
     A run that raised is an error here (a diverged run is a result and is returned).
     """
-    spec = spec_for(name, ctx, overrides)
+    spec = spec_for(name, ctx, overrides, grid)
     root = Path(ctx.store) / "runs"
     workers = 0 if ctx.mode == "tiny" else ctx.workers
     counts = run_sweep(spec, root=root, workers=workers, progress=ctx.mode != "tiny")
     if counts["failed"]:
         raise RuntimeError(f"{counts['failed']} run(s) of spec {name!r} failed; see FAILED in {root}")
-    return [(config, store.load_run(root / run_id(config))) for config in expand(spec)]
+    return [(config, root / run_id(config)) for config in expand(spec)]
+
+
+def load_runs(name, ctx, overrides=None, grid=None):
+    """:func:`run_dirs`, with each run's trace loaded: ``[(RunConfig, trace Dataset), ...]``."""
+    return [(config, store.load_run(path)) for config, path in run_dirs(name, ctx, overrides, grid)]
 
 
 def layer_colours(layers):

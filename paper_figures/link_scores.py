@@ -17,20 +17,17 @@ variants in :data:`VARIANTS`, and the previous default: the same model on the ru
 on the training batch, ``link_seed_cnn.toml``).
 """
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from experiments.link import OPTIONS, link_run, link_scores, stack_runs
-from experiments.sweep import expand, load_spec, run_id, run_sweep
-from paper_figures import style
+from paper_figures import _runs, style
 from paper_figures.registry import Context, Figure
 
-SPECS = Path(__file__).resolve().parents[1] / "experiments" / "specs"
-SPEC = SPECS / "link_seed_cnn_probe.toml"
-OLD_PROBE_SPEC = SPECS / "link_seed_cnn.toml"  # probe on the step's 32 examples, 1 Hutchinson vector, 4 micro-batches
+SPEC = "link_seed_cnn_probe"  # in experiments/specs/
+OLD_PROBE_SPEC = "link_seed_cnn"  # probe on the step's 32 examples, 1 Hutchinson vector, 4 micro-batches
 # tiny: two runs of a narrow seed CNN, seconds; full: the paper-scale seed CNN (GPU)
 TINY_BASE = {"steps": 30, "probe_every": 10, "step_every": 20, "model_args": {"channels": 4, "hidden": 16},
              "probe_batch_size": 64}
@@ -52,27 +49,10 @@ VARIANTS = {
 }
 
 
-def sweep_spec(ctx, path=SPEC):
-    """The link sweep at the context's size."""
-    spec = load_spec(path)
-    if ctx.mode == "tiny":
-        spec = dataclasses.replace(spec, base={**spec.base, **TINY_BASE}, grid=TINY_GRID)
-    elif ctx.mode == "full":
-        spec = dataclasses.replace(spec, base={**spec.base, **FULL_BASE})
-    if ctx.device != "cpu":
-        spec = dataclasses.replace(spec, base={**spec.base, "device": ctx.device})
-    return spec
-
-
-def run_dirs(ctx, path=SPEC):
+def run_dirs(ctx, name=SPEC):
     """Compute the runs the store lacks; their directories, in spec order."""
-    spec = sweep_spec(ctx, path)
-    root = Path(ctx.store) / "runs"
-    counts = run_sweep(spec, root=root, workers=0 if ctx.mode == "tiny" else ctx.workers,
-                       progress=ctx.mode != "tiny")
-    if counts["failed"]:
-        raise RuntimeError(f"{counts['failed']} run(s) of {path.name} failed; see FAILED in {root}")
-    return [root / run_id(config) for config in expand(spec)]
+    overrides, grid = ctx.pick((TINY_BASE, TINY_GRID), ({}, None), (FULL_BASE, None))
+    return [path for _, path in _runs.run_dirs(name, ctx, overrides, grid)]
 
 
 def linked(dirs, **options):
