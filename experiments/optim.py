@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from dynamics.methods import get_method
+from dynamics.nqm_schedule import lr_schedule
 
 OPTIMIZERS = ("gd", "hb", "nag", "adam")
 SCHEDULES = ("constant", "step", "cosine", "linear")
@@ -37,20 +38,20 @@ def lr_factors(schedule, steps, *, warmup_steps=0, step_every=0, step_gamma=0.1,
     - cosine: f + (1 − f)(1 + cos πp)/2
     - linear: 1 − (1 − f) p
 
-    then, for k < w, times the linear warm-up (k + 1)/(w + 1).
+    then, for k < w, times the linear warm-up (k + 1)/(w + 1). The formulas are PyTorch's
+    schedulers', from :func:`dynamics.nqm_schedule.lr_schedule` (the one source the NQM's
+    schedule prediction uses too).
     """
-    k = np.arange(steps, dtype=float)
-    p = np.clip((k - warmup_steps) / max(steps - warmup_steps, 1), 0.0, 1.0)
-    if schedule == "constant":
-        f = np.ones_like(k)
-    elif schedule == "step":
-        f = step_gamma ** np.floor(k / step_every)
-    elif schedule == "cosine":
-        f = final_lr_factor + (1 - final_lr_factor) * (1 + np.cos(np.pi * p)) / 2
-    elif schedule == "linear":
-        f = 1 - (1 - final_lr_factor) * p
-    else:
+    if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
+    if schedule == "step":  # counted from step 0, through the warm-up
+        f = lr_schedule("step", 1.0, steps, step_size=step_every, gamma=step_gamma)
+    else:  # the decay starts after the warm-up: PyTorch's formulas over the remaining steps
+        after = {"constant": {}, "cosine": {"eta_min": final_lr_factor},
+                 "linear": {"end_factor": final_lr_factor}}[schedule]
+        rest = lr_schedule(schedule, 1.0, max(steps - warmup_steps, 1), **after)
+        f = np.concatenate([np.ones(warmup_steps), rest])[:steps]
+    k = np.arange(steps, dtype=float)
     return f * np.minimum(1.0, (k + 1) / (warmup_steps + 1))
 
 
