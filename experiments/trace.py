@@ -282,7 +282,10 @@ class Tracer:
 
     # ---------------------------------------------------------------- per step
     def after_backward(self, loss=None):
-        """Record the raw gradients (call after ``loss.backward()``, before clipping/step)."""
+        """Record the raw gradients (call after ``loss.backward()``, before clipping/step).
+
+        Leaves this step's global gradient norm in ``self.grad_norm_global`` (a 0-d tensor
+        on the device) for the training loop's divergence check and progress bar."""
         if self._phase != "idle":
             raise RuntimeError("after_backward called twice without after_step")
         self._watch.start()
@@ -303,6 +306,7 @@ class Tracer:
             present = norms if all_present else torch.stack(
                 [nrm for nrm, x in zip(norm_list, grads) if x is not None] or [norms[:0].sum()])
             g_global = torch.linalg.vector_norm(present, 2)
+            self.grad_norm_global = g_global  # 0-d, on the device: read it without a sync
             torch._foreach_copy_(self._d_t[cur], self._data)  # θ_before
             if self.engine == "numpy":
                 self._backward_numpy(cur, norms, g_global, loss)

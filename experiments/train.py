@@ -345,7 +345,6 @@ def _train(config, data, device, progress):
     for name, p in model.named_parameters():
         groups.setdefault(layer_name(name), []).append(p)
     to_tracer = {layer_name(n, config.per_tensor): layer_name(n) for n, _ in model.named_parameters()}
-    grads = lambda: [p.grad for ps in groups.values() for p in ps if p.grad is not None]
     x, y = as_input(data.x_train), as_input(data.y_train)
     x_test, y_test = as_input(data.x_test), as_input(data.y_test)
     order = batches(len(y), config.batch_size, torch.Generator().manual_seed(config.seed), device)
@@ -376,7 +375,7 @@ def _train(config, data, device, progress):
             loss.backward()
             tracer.after_backward(loss)
             losses[step] = loss.detach()
-            grad_norms[step] = torch.nn.utils.get_total_norm(grads())
+            grad_norms[step] = tracer.grad_norm_global  # == get_total_norm of the raw grads
             if config.clip != "none":
                 global_factor, layer_factors = clip_gradients(groups, config.clip, config.clip_value)
                 tracer.record_clip(global_factor=global_factor, layer_factors={
