@@ -4,6 +4,7 @@ boundaries, the schedule recursion, the layer model and the DeepOBS problem."""
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 from hypothesis import given
 from hypothesis import strategies as st_
 
@@ -441,3 +442,22 @@ def test_bad_inputs_are_refused_clearly():
         st.stationary_iterate_variance("adam", 1.0, 0.1, 0.5, 1.0)
     with pytest.raises(ValueError, match="on_unstable"):
         layer_prediction("hb", 0.1, 0.5, [1.0], 1.0, on_unstable="ignore")
+
+
+@pytest.mark.parametrize("kind, params, scheduler", [
+    ("step", {"step_size": 7, "gamma": 0.5}, lambda o: torch.optim.lr_scheduler.StepLR(o, 7, 0.5)),
+    ("step", {"milestones": [5, 20], "gamma": 0.3},
+     lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [5, 20], 0.3)),
+    ("cosine", {"eta_min": 0.01}, lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 40, 0.01)),
+    ("linear", {"end_factor": 0.2}, lambda o: torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.2, 40)),
+])
+def test_lr_schedule_equals_torch_schedulers(kind, params, scheduler):
+    """Independent route: PyTorch's own schedulers, stepped once per optimizer step, give
+    the lr that step t uses (the training loop's convention)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.7)
+    sched, seen = scheduler(opt), []
+    for _ in range(40):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(lr_schedule(kind, 0.7, 40, **params), seen, rtol=1e-12)
