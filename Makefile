@@ -18,7 +18,7 @@ figures: $(STAMP)
 	MPLBACKEND=Agg $(PY) -m paper_figures all --quick
 
 test: $(STAMP)
-	$(PYTEST) -m "not slow and not gpu"
+	$(PYTEST) -m "not slow and not gpu" --doctest-modules tests dynamics experiments analyses
 
 test-slow: $(STAMP)
 	$(PYTEST) -m "slow and not gpu"

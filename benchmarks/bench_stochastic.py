@@ -16,8 +16,8 @@ import time
 import numpy as np
 import scipy.linalg
 
-from dynamics import stochastic as st
-from dynamics.nqm_sim import monte_carlo
+from dynamics.nqm import stationary as st
+from dynamics.nqm.montecarlo import monte_carlo
 from dynamics.quadratic import stability_edge
 
 N_GRID, N_SAMPLE, ROUNDS = 10**6, 300, 3
@@ -32,7 +32,7 @@ def grid(method, n):
 
 def closed_forms(method, h, beta):
     out = st.stationary_gradient_moments(method, 1.0, h, beta, 1.0)
-    return out["grad_sq"], out["lag1"]
+    return out.grad_sq, out.lag1
 
 
 def batched_kron(method, h, beta):

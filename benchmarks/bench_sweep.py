@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from experiments import store, sweep
-from experiments.executors import DaskExecutor, PoolExecutor, RunTask
+from experiments import store, sweeps as sweep
+from experiments.sweeps.spec import distinct_runs
+from experiments.sweeps.executors import DaskExecutor, PoolExecutor, RunTask
 
 N_RUNS = 16
 
@@ -59,7 +60,7 @@ def sweep_seconds(executor, steps):
         spec = sweep.parse_spec({"name": "bench", "root": tmp,
                                  "base": {"model": "mlp", "data": "digits", "steps": steps},
                                  "grid": {"lr": [0.01, 0.02, 0.03, 0.05], "momentum": [0.0, 0.5, 0.8, 0.9]}})
-        tasks = [RunTask(rid, c.to_dict(), str(Path(tmp) / rid)) for c, rid in sweep._distinct(spec)]
+        tasks = [RunTask(rid, c.to_dict(), str(Path(tmp) / rid)) for c, rid in distinct_runs(spec)]
         assert len(tasks) == N_RUNS
         start = time.perf_counter()
         outcomes = list(executor.run_all(tasks))

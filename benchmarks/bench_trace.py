@@ -10,7 +10,7 @@
    steps used and the largest relative error of the sharpness (all layers and global)
    against a converged (60-step, cold) Lanczos run at the same parameters (not timed).
 
-Seed CNN and MLP (experiments.models defaults) on MNIST-1D, batch 32, SGD with momentum 0.9.
+Seed CNN and MLP (experiments.runs.models defaults) on MNIST-1D, batch 32, SGD with momentum 0.9.
 Single-threaded: torch threads = 1 and OPENBLAS/OMP/MKL threads = 1 (set before numpy is
 imported), times are this process's CPU time (``time.process_time``), so other processes
 on a shared machine disturb the ratios less (they still compete for caches and memory
@@ -31,10 +31,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from experiments import sharpness  # noqa: E402
-from experiments.data import load_data  # noqa: E402
-from experiments.models import build_model  # noqa: E402
-from experiments.trace import Tracer  # noqa: E402
+from experiments.trace import probes as sharpness  # noqa: E402
+from experiments.runs.data import load_data  # noqa: E402
+from experiments.runs.models import build_model  # noqa: E402
+from experiments.trace.tracer import Tracer  # noqa: E402
 
 BATCH, BLOCK = 32, 10
 

@@ -1,5 +1,5 @@
 """Input validation shared by the analytic modules: every error names the parameter,
-its value and the valid range (DESIGN.md, conventions)."""
+its value and the valid range (docs/design.md, conventions)."""
 
 import numpy as np
 

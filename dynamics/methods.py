@@ -1,6 +1,6 @@
 r"""GD, heavy-ball and Nesterov as small objects over an explicit state (optax-style).
 
-Convention: PyTorch's ``torch.optim.SGD`` with dampening 0 (THEORY.md §1). With gradient
+Convention: PyTorch's ``torch.optim.SGD`` with dampening 0 (docs/theory.md §1). With gradient
 :math:`g_k` taken at the iterate :math:`x_k`, learning rate :math:`\alpha` and momentum
 :math:`\beta`, the momentum buffer is :math:`b_k = \beta b_{k-1} + g_k` (:math:`b_0 = 0`,
 so :math:`b_1 = g_1` as in PyTorch) and
@@ -31,7 +31,7 @@ Example::
     array([0.8])
 
 References: Polyak (1964) for heavy ball; Nesterov (1983); Sutskever et al. (2013) for
-the look-ahead form whose iterate PyTorch's Nesterov iterate equals (THEORY.md §1).
+the look-ahead form whose iterate PyTorch's Nesterov iterate equals (docs/theory.md §1).
 """
 
 from dataclasses import dataclass

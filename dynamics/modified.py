@@ -2,7 +2,7 @@ r"""Modified-equation ODEs for GD, heavy ball and Nesterov, integrated with ``so
 
 Time is :math:`t = k\alpha` (step k of learning rate :math:`\alpha`). For momentum
 :math:`\beta` (0 for GD) and the look-ahead :math:`a` (0 for GD/HB, :math:`\beta` for NAG),
-THEORY.md §3 (Kovachki & Stuart 2021; Barrett & Dherin 2021; Ghosh et al. 2023):
+docs/theory.md §3 (Kovachki & Stuart 2021; Barrett & Dherin 2021; Ghosh et al. 2023):
 
 - ``"first_order"``:   :math:`\dot x = -\nabla f(x)/(1-\beta)`
 - ``"inertial"``:      :math:`\tfrac{\alpha(1+\beta)}{2}\ddot x + (1-\beta)\dot x
@@ -12,13 +12,13 @@ THEORY.md §3 (Kovachki & Stuart 2021; Barrett & Dherin 2021; Ghosh et al. 2023)
 
 The look-ahead :math:`a\alpha\dot x` in the inertial ODE is what makes it second-order
 accurate for NAG: expanding :math:`\nabla f(x + a\alpha\dot x) = \nabla f + a\alpha H\dot x`
-and reducing to the slow manifold gives exactly the NAG coefficient of THEORY.md §3.3
+and reducing to the slow manifold gives exactly the NAG coefficient of docs/theory.md §3.3
 (:math:`\alpha(1+\beta)/4 - \alpha\beta(1-\beta)/2 = \alpha(1-\beta+2\beta^2)/4`, over
 :math:`(1-\beta)^2`); without it the NAG inertial ODE would carry HB's coefficient and be
 only first-order accurate. It costs no Hessian-vector product.
 
 Which sequence the ODEs describe. The discrete iteration is PyTorch's (:mod:`dynamics.methods`,
-gradient at the iterate). THEORY.md §3 writes NAG as
+gradient at the iterate). docs/theory.md §3 writes NAG as
 :math:`x_{k+1} = x_k + \beta(x_k-x_{k-1}) - \alpha\nabla f(x_k + \beta(x_k-x_{k-1}))`;
 PyTorch's NAG iterate is the look-ahead point :math:`y_k = x_k + \beta v_k` of that sequence
 (:math:`v_k = x_k - x_{k-1} = -\alpha b_{k-1}`). Both :math:`x_k` and :math:`y_k` follow the
@@ -38,7 +38,7 @@ Initial conditions (``start``):
 - ``"zero"``: PyTorch's default, :math:`b_{-1} = 0`; the inertial ODE starts at
   :math:`\dot x(0) = 0`. The initial layer shifts the iterate by :math:`O(\alpha)`
   (HB: :math:`\alpha\beta\nabla f(x_0)/(1-\beta)^2`), so every approximation is only
-  :math:`O(\alpha)` accurate (THEORY.md §3). GD has no buffer: ``start`` only changes the
+  :math:`O(\alpha)` accurate (docs/theory.md §3). GD has no buffer: ``start`` only changes the
   inertial ODE's :math:`\dot x(0)`.
 - ``"zero_shifted"``: the iteration as for ``"zero"``, the ODEs started on their slow
   manifold at the point the zero-momentum iterates lag behind to,
@@ -117,7 +117,7 @@ def _check_start(start, valid=STARTS):
 
 
 def order(kind, start="manifold", method="hb"):
-    """Theoretical global-error order (power of lr) over a fixed horizon, THEORY.md §3."""
+    """Theoretical global-error order (power of lr) over a fixed horizon, docs/theory.md §3."""
     _check_kind(kind)
     _check_start(start)
     if kind == "first_order":
@@ -128,7 +128,7 @@ def order(kind, start="manifold", method="hb"):
 
 
 def modified_loss_coefficient(method, lr, momentum):
-    r"""c in the modified loss :math:`f + c\|\nabla f\|^2` (THEORY.md §3.3), broadcast.
+    r"""c in the modified loss :math:`f + c\|\nabla f\|^2` (docs/theory.md §3.3), broadcast.
 
     GD: :math:`\alpha/4`; HB: :math:`\alpha(1+\beta)/(4(1-\beta)^2)`;
     NAG: :math:`\alpha(1-\beta+2\beta^2)/(4(1-\beta)^2)`.

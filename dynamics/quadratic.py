@@ -1,4 +1,4 @@
-r"""Exact linear theory of GD, heavy ball and Nesterov on a quadratic (THEORY.md §2).
+r"""Exact linear theory of GD, heavy ball and Nesterov on a quadratic (docs/theory.md §2).
 
 On one Hessian eigen-direction, :math:`f(x) = \lambda x^2/2`, with :math:`h = \alpha\lambda`,
 every method obeys :math:`x_{k+1} = c_1 x_k - c_0 x_{k-1}`, where :math:`(c_1, c_0)` come
@@ -82,7 +82,7 @@ def stability_edge(method, momentum=0.0):
     r"""Largest stable :math:`h`: the iteration contracts iff :math:`0 < h < ` edge.
 
     GD: 2; HB: :math:`2(1+\beta)`; NAG: :math:`2(1+\beta)/(1+2\beta)` (Jury criterion,
-    THEORY.md §2). At the edge a real root sits at :math:`-1`. Broadcasts over momentum.
+    docs/theory.md §2). At the edge a real root sits at :math:`-1`. Broadcasts over momentum.
     """
     method = get_method(method)
     b = _momentum(momentum)
@@ -216,7 +216,7 @@ def ripple_band(method, momentum=0.0):
 
     Where the discriminant :math:`c_1^2 - 4c_0` vanishes:
 
-    - HB: :math:`((1-\sqrt\beta)^2, (1+\sqrt\beta)^2)` (THEORY.md §2);
+    - HB: :math:`((1-\sqrt\beta)^2, (1+\sqrt\beta)^2)` (docs/theory.md §2);
     - NAG: :math:`d = (1-h)[(1+\beta)^2(1-h) - 4\beta]`, so
       :math:`(((1-\beta)/(1+\beta))^2, 1)`; at h = 1 both roots are 0 and for
       h > 1 they are real with opposite signs, the negative one dominant (flip);
@@ -242,7 +242,7 @@ def regime_code(method, h, momentum=0.0):
 def regime(method, h, momentum=0.0):
     r"""Regime per point: "monotone", "ripple", "flip" or "divergent".
 
-    Same root classification for all methods (THEORY.md §2):
+    Same root classification for all methods (docs/theory.md §2):
 
     - "divergent": :math:`\rho \ge 1` — not contracting. This includes the edge itself
       (a root at :math:`-1`) and the marginal :math:`h = 0` (a root at 1, x stays put).
@@ -253,7 +253,7 @@ def regime(method, h, momentum=0.0):
 
     Ties: a double root (:math:`c_1^2 = 4c_0`) counts as real, so HB's boundaries
     :math:`h = (1\mp\sqrt\beta)^2` belong to "monotone" and "flip" respectively, as in
-    THEORY.md; :math:`c_1 = 0` with real roots (GD and NAG at :math:`h=1`: both roots 0,
+    docs/theory.md; :math:`c_1 = 0` with real roots (GD and NAG at :math:`h=1`: both roots 0,
     one-step convergence) counts as monotone. Points within rounding of a boundary are
     classified by the computed sign of the discriminant and of :math:`\rho - 1` (at a
     computed stability edge :math:`\rho` may round to just below 1).
@@ -265,7 +265,7 @@ def regime(method, h, momentum=0.0):
 def optimal_hyperparameters(method, mu, L):
     r"""``(lr, momentum, rate)`` minimising the worst-case rate :math:`\max_{\mu\le\lambda\le L}\rho`.
 
-    With :math:`\kappa = L/\mu` (THEORY.md §2):
+    With :math:`\kappa = L/\mu` (docs/theory.md §2):
 
     - GD:  :math:`\alpha = 2/(L+\mu)`, rate :math:`(\kappa-1)/(\kappa+1)` (momentum 0).
     - HB:  :math:`\alpha = (2/(\sqrt L+\sqrt\mu))^2`,

@@ -24,7 +24,7 @@ everything here. Symbols: :data:`h` = αλ, :data:`beta` = β, :data:`alpha` = �
 - :func:`slow_rate_series`: on a quadratic, :math:`\log z_{slow}/\alpha =
   -\lambda(1-\beta)^{-1}(1 + \sum_n \kappa_n h^n)`, any order, by solving
   :math:`P(e^w) = 0` order by order in h. :math:`\kappa_1 = 2c/\alpha`, :math:`\kappa_2 = k_a`.
-- :func:`nqm_statistics`: the noisy-quadratic stationary statistics (THEORY.md §4) from the
+- :func:`nqm_statistics`: the noisy-quadratic stationary statistics (docs/theory.md §4) from the
   symbolic 2x2 Lyapunov equation :math:`P = APA^\top + \sigma^2 BB^\top`.
 
 Results (derived here; tests/test_symbolic.py checks them by independent routes):
@@ -143,7 +143,7 @@ def two_step_coefficients(method, form="pytorch"):
     ``form="pytorch"``: PyTorch's iterate. The step is linear, x_{k+1} − x_k =
     −α(c_g g_k + c_b b_{k−1}), b_k = β b_{k−1} + g_k (coefficients read off Method.update);
     eliminating the buffer with the previous step gives p = c_g, q = βc_g − c_b, a = 0.
-    ``form="sutskever"``: THEORY.md §3's form (gradient at the look-ahead): p = 1, q = 0,
+    ``form="sutskever"``: docs/theory.md §3's form (gradient at the look-ahead): p = 1, q = 0,
     a = β for NAG (for GD/HB it equals the PyTorch form).
     """
     m = get_method(method)

@@ -1,20 +1,27 @@
-"""The ``optdyn`` command line. Each subcommand lives with its library module, which
-exposes ``add_command(subparsers)``; the handler it sets as ``func`` gets the parsed args.
+"""The ``optdyn`` command line: every subcommand's arguments, and the handlers that turn
+them into library calls (the logic lives in the library: :mod:`experiments.run`,
+:mod:`experiments.sweeps`, :mod:`experiments.link`).
 
 Bad input (a ValueError from the library, or an argparse error) prints one line on
 stderr and exits with status 2.
 """
 
 import argparse
-import importlib
+import dataclasses
+import json
 import sys
+import tomllib
 
-# module defining add_command(subparsers) -- one line per subcommand group
-COMMAND_MODULES = [
-    "experiments.train",
-    "experiments.sweep",
-    "experiments.link",
-]
+from experiments import store
+from experiments.linking.core import OPTIONS, link
+from experiments.linking.report import format_report, link_scores
+from experiments.runs.config import DTYPES, RunConfig
+from experiments.runs.data import DATASETS
+from experiments.runs.loop import run
+from experiments.runs.models import MODELS
+from experiments.runs.optim import CLIPS, OPTIMIZERS, SCHEDULES
+from experiments.sweeps.collect import collect, to_table
+from experiments.sweeps.runner import format_counts, plan, run_sweep
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,8 +32,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser():
     parser = _Parser(prog="optdyn", description="optimizer dynamics: train, sweep, collect, link")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_command(subparsers)
+    _add_train(subparsers)
+    _add_sweep_and_collect(subparsers)
+    _add_link(subparsers)
     return parser
 
 
@@ -37,6 +45,184 @@ def main(argv=None):
     except ValueError as err:
         print(f"optdyn {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+# --------------------------------------------------------------------------- train
+FIELD_HELP = {
+    "model": f"one of {', '.join(MODELS)}", "data": f"one of {', '.join(DATASETS)}",
+    "opt": f"one of {', '.join(OPTIMIZERS)} (PyTorch SGD convention; adam: momentum is beta1)",
+    "lr": "learning rate > 0", "momentum": "in [0, 1)", "schedule": f"one of {', '.join(SCHEDULES)}",
+    "step_every": "steps between decays (schedule step)", "step_gamma": "decay factor (schedule step)",
+    "final_lr_factor": "final lr / lr (cosine, linear)", "batch_size": "0 = full batch",
+    "clip": f"one of {', '.join(CLIPS)}", "clip_value": "max norm (global, layer) or max |g| (value)",
+    "line_search": "golden-section search of the step-size multiplier in [0, line-search-max]",
+    "probe_every": "sharpness/noise probe every k steps (0 = off)",
+    "probe_batch_size": "examples the probe draws (0 = the step's training batch)",
+    "hutchinson_samples": "Rademacher vectors per probe (trace)", "noise_microbatches": "0 (off) or >= 2",
+    "eval_every": "test eval every k steps",
+    "per_tensor": "trace per parameter tensor instead of per module", "threads": "torch threads (0 = leave)",
+    "device": "cpu, cuda, cuda:N", "dtype": f"one of {', '.join(DTYPES)}",
+}
+
+
+def _add_train(subparsers):
+    """``optdyn train``: flags for every RunConfig field (override ``--config FILE.toml``)."""
+    p = subparsers.add_parser("train", help="train one network and write its run directory",
+                              description="Train one network with a per-layer trace. Flags override "
+                                          "the TOML file given by --config (top-level RunConfig keys).")
+    p.add_argument("--config", metavar="FILE.toml", help="RunConfig keys in a TOML file")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--data-dir", help=f"directory with local dataset files (default ${'OPTDYN_DATA'})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else "{}"
+        doc = f"{FIELD_HELP.get(f.name, '')} (default {default})".lstrip()
+        if f.type is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=doc)
+        elif f.type is dict:
+            p.add_argument(flag.removesuffix("s"), dest=f.name, action="append", metavar="KEY=VALUE",
+                           help=f"one entry of {f.name} (VALUE parsed as TOML, else a string); repeatable")
+        else:
+            p.add_argument(flag, dest=f.name, type=f.type, default=None, help=doc)
+    p.set_defaults(func=_train_main)
+
+
+def _toml_value(text):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def config_from_args(args):
+    """RunConfig from the TOML file (if any) updated by the flags that were given."""
+    d = {}
+    if args.config:
+        try:
+            with open(args.config, "rb") as f:
+                d = tomllib.load(f)
+        except OSError as err:
+            raise ValueError(f"config={args.config!r} cannot be read: {err.strerror}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config={args.config!r} is not valid TOML: {err}") from None
+    for f in dataclasses.fields(RunConfig):
+        value = getattr(args, f.name)
+        if value is None:
+            continue
+        if f.type is dict:
+            entries = dict(d.get(f.name, {}))
+            for item in value:
+                key, sep, text = item.partition("=")
+                if not sep or not key:
+                    raise ValueError(f"{f.name} entry {item!r} is not KEY=VALUE")
+                entries[key] = _toml_value(text)
+            value = entries
+        d[f.name] = value
+    return RunConfig.from_dict(d)
+
+
+def _train_main(args):
+    config = config_from_args(args)
+    summary = run(config, args.out, data_dir=args.data_dir, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+# --------------------------------------------------------------------------- sweep, collect
+def _add_sweep_and_collect(subparsers):
+    p = subparsers.add_parser("sweep", help="run a sweep spec (resumable)",
+                              description="Run every unfinished run of SPEC. Final line: finished "
+                              "(computed now, diverged included) / skipped (already finished) / "
+                              "diverged / failed. Exit 1 if any run failed.")
+    p.add_argument("spec", help="sweep spec, TOML")
+    p.add_argument("--root", help="store root (default: the spec's root, relative to the CWD)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, help="local worker processes (default: core count; 0: in-process)")
+    where.add_argument("--scheduler", help="Dask scheduler address, tcp://HOST:PORT")
+    where.add_argument("--dask-local", type=int, metavar="N", help="start a Dask LocalCluster of N workers")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_sweep_main)
+
+    c = subparsers.add_parser("collect", help="stack finished runs into one table/dataset")
+    c.add_argument("source", help="a store root directory, or a sweep spec (.toml)")
+    c.add_argument("--root", help="store root when SOURCE is a spec (default: the spec's root)")
+    c.add_argument("--traces", action="store_true", help="include the traces, not only summaries")
+    c.add_argument("--csv", help="write a tidy CSV table here")
+    c.add_argument("--parquet", help="write a tidy Parquet table here (needs pyarrow)")
+    c.set_defaults(func=_collect_main)
+
+
+def _sweep_main(args):
+    if args.dry_run:
+        the_plan = plan(args.spec, root=args.root)
+        keys = the_plan.varying_keys()
+        for rid, config, status in zip(the_plan.ids, the_plan.configs, the_plan.status):
+            values = config.to_dict()
+            print(rid, f"{status:6s}", " ".join(f"{k}={values[k]!r}" for k in keys))
+        c = the_plan.counts()
+        print(f"{len(the_plan.ids)} runs in {the_plan.root}: done {c['done']} / failed {c['failed']} "
+              f"/ to run {c['todo'] + (c['failed'] if args.retry_failed else 0)}")
+        return 0
+    counts = run_sweep(args.spec, root=args.root, workers=args.workers, scheduler=args.scheduler,
+                       dask_local=args.dask_local, retry_failed=args.retry_failed,
+                       progress=not args.no_progress)
+    print(format_counts(counts))
+    return 1 if counts["failed"] else 0
+
+
+def _collect_main(args):
+    if args.root is not None and not str(args.source).endswith(".toml"):
+        raise ValueError(f"--root is only for a spec SOURCE; source={args.source!r} is a root already")
+    ds = collect(args.source, traces=args.traces) if args.root is None else \
+        collect(args.root, traces=args.traces, spec=args.source)
+    for path, fmt in ((args.csv, "csv"), (args.parquet, "parquet")):
+        if path:
+            table = to_table(ds, path, fmt)
+            print(f"wrote {len(table)} rows to {path}")
+    if not (args.csv or args.parquet):
+        print(ds)
+    return 0
+
+
+# --------------------------------------------------------------------------- link
+def _add_link(subparsers):
+    p = subparsers.add_parser("link", help="predicted vs measured per-layer oscillation and norm, with scores",
+                              description="Link a run (or every finished run of a store root or sweep "
+                              "spec): NQM predictions from the measured per-layer sharpness, Hessian trace "
+                              "and gradient noise, beside the measured successive-gradient correlation and "
+                              "gradient norm. Writes link.nc beside each run; prints a per-layer table and "
+                              "the agreement scores.")
+    p.add_argument("source", help="a run directory, a store root, or a sweep spec (.toml)")
+    p.add_argument("--root", help="store root when SOURCE is a spec (default: the spec's root)")
+    p.add_argument("--window", type=int, help="measurement window in steps (default: probe spacing)")
+    p.add_argument("--align", default="center", help="measurement window: center (default) or after the probe")
+    p.add_argument("--noise-model", default="curvature", help="additive or curvature (default)")
+    p.add_argument("--shape", default="power", help="spectrum shape from the summary: power (default), two-level")
+    p.add_argument("--on-unstable", default="exclude", help="modes past the edge: exclude (default), nan")
+    p.add_argument("--smooth", type=int, default=3, help="probes in the rolling mean of the probe estimates")
+    p.add_argument("--prediction", default="schedule",
+                   help="schedule (default: NQM run through the lr sequence) or stationary")
+    p.add_argument("--signal", default="none", help="mean-gradient term from the probe's grad_signal: none "
+                   "(default), fluct / root (lag-1 of the network top mode's fluctuation / dominant root), drift (+1)")
+    p.add_argument("--block-only", action="store_true",
+                   help="per-layer diagonal-block spectra only (no network top mode in each layer)")
+    p.add_argument("--recompute", action="store_true", help="ignore existing link.nc files")
+    p.add_argument("--json", help="also write the scores (and options) as JSON here")
+    p.set_defaults(func=_link_main)
+
+
+def _link_main(args):
+    ds = link(args.source, root=args.root, recompute=args.recompute, window=args.window, align=args.align,
+              noise_model=args.noise_model, shape=args.shape, on_unstable=args.on_unstable, smooth=args.smooth,
+              global_mode=not args.block_only, prediction=args.prediction, signal=args.signal)
+    print(format_report(ds))
+    if args.json:
+        store.atomic_write_json(args.json, {"scores": link_scores(ds), "options": {
+            k: ds.attrs.get(k) for k in OPTIONS}, "source": str(args.source)})
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Run directories and atomic writes (DESIGN.md, data flow).
+"""Run directories and atomic writes (docs/design.md, data flow).
 
 A run directory holds ``config.json``, ``trace.nc`` (an xarray Dataset with dims
 ``(step, layer)``), ``summary.json`` and, written last, ``DONE``. Every file is written to a

@@ -10,10 +10,11 @@ sweeps' default pool), so identical configs are computed once across figures.
 import dataclasses
 from pathlib import Path
 
-from experiments import store, sweep
-from experiments.sweep import expand, load_spec, run_id, run_sweep
+from experiments import store
+from experiments.runs.config import run_id
+from experiments.sweeps import SPECS_DIR, expand, load_spec, run_sweep
 
-SPECS = Path(sweep.__file__).parent / "specs"
+SPECS = SPECS_DIR
 
 
 def spec_for(name, ctx, overrides=None, grid=None):

@@ -1,4 +1,4 @@
-r"""Figure 8 — global vs per-layer gradient clipping (THEORY.md §6), in one comparison: the
+r"""Figure 8 — global vs per-layer gradient clipping (docs/theory.md §6), in one comparison: the
 seed CNN on MNIST-1D with plain SGD at the large learning rate of figure 5, unclipped, with
 global-norm clipping (one factor min(1, c/‖g‖) for all layers) and with per-layer clipping
 (each layer's own min(1, c_l/‖g_l‖)), showing per layer the raw gradient norm, what clipping

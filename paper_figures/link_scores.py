@@ -4,12 +4,12 @@ correlation and squared gradient norm across the seed-CNN sweep (lr × momentum 
 probe on 512 drawn examples, 8 Hutchinson vectors, 16 micro-batches), every (run, probe step,
 layer) one point.
 
-Prediction: the noisy quadratic model of each layer (:mod:`dynamics.nqm_layer`) fed with
+Prediction: the noisy quadratic model of each layer (:mod:`dynamics.nqm.layer`) fed with
 the probe's measured block sharpness, Hutchinson trace and gradient noise. Left: the plain
-layer model (the layer's diagonal block, stationary); middle: the link's default (:func:`experiments.link.link_trace`: the network's top mode in every layer, NQM
+layer model (the layer's diagonal block, stationary); middle: the link's default (:func:`experiments.linking.core.link_trace`: the network's top mode in every layer, NQM
 run through the lr schedule); right: the squared gradient norm (log-log). Scores in each
 panel: Spearman, Pearson, sign agreement, binned calibration error
-(:func:`experiments.scores.agreement_scores`).
+(:func:`experiments.linking.scores.agreement_scores`).
 
 ``python -m paper_figures.link_scores`` runs the quick setting and writes
 ``results/link_seed_cnn.{csv,json}`` (every point, the scores, the scores of the model
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments.link import OPTIONS, link_run, link_scores, stack_runs
+from experiments.linking.core import OPTIONS, link_run, stack_runs
+from experiments.linking.report import link_scores
 from paper_figures import _runs, style
 from paper_figures.registry import Context, Figure
 
@@ -137,7 +138,7 @@ def diagnostics(table):
     """Where the default model fails: its correlation scores per probe step, per band of the
     network's h/edge, and on the points where it predicts |ρ| > 0.1 (not the target: the
     target is scored on every point)."""
-    from experiments.scores import agreement_scores
+    from experiments.linking.scores import agreement_scores
 
     def score(part):
         return agreement_scores(part.pred_grad_corr, part.meas_grad_corr)

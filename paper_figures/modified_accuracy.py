@@ -4,7 +4,7 @@ Columns 1-2 (HB, NAG), rows (a d = 100 quadratic with eigenvalues in [0.1, 1]; l
 regression): the global error max_k ‖x_k − x(t_k)‖ over a fixed horizon against the lr
 (log-log), for the first-order flow, the inertial ODE and the modified-loss flow, started on
 the slow manifold (solid) or from zero momentum (dashed, PyTorch's default); fitted slopes in
-the legend (THEORY.md §3: 1, 2, 2; 1 from zero momentum). β = 0.9, h = lr·λ_max ≤ 0.15 h_c.
+the legend (docs/theory.md §3: 1, 2, 2; 1 from zero momentum). β = 0.9, h = lr·λ_max ≤ 0.15 h_c.
 
 Column 3: the breakdown on f = x²/2 (β = 0.9, manifold start): relative global error over
 three slow time constants (at least 30 steps) against h/h_c, h_c the critical damping where

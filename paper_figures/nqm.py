@@ -2,7 +2,7 @@
 
 Rows 1-2: stationary lag-1 correlation of successive stochastic gradients and stationary
 E g²/σ² against h = αλ for GD, HB and NAG at several momenta: closed forms (lines,
-THEORY.md §4) and a Monte-Carlo simulation started from the stationary law (markers),
+docs/theory.md §4) and a Monte-Carlo simulation started from the stationary law (markers),
 stability edges dotted. Row 3: a layer (power-law spectrum) trained with HB through a
 step-decay schedule: predicted E‖g_t‖² with a fixed spectrum (it only falls at each decay;
 Monte-Carlo markers) and with a sharpness that rises after each decay towards the new
@@ -12,11 +12,12 @@ successive-gradient correlation through both.
 
 import numpy as np
 
-from dynamics.nqm_layer import LayerSpectrum
-from dynamics.nqm_schedule import lr_schedule, schedule_prediction
-from dynamics.nqm_sim import monte_carlo
+from dynamics.nqm.layer import LayerSpectrum
+from dynamics.nqm.schedule import schedule_prediction
+from dynamics.schedules import lr_schedule
+from dynamics.nqm.montecarlo import monte_carlo
 from dynamics.quadratic import stability_edge
-from dynamics.stochastic import gradient_autocorrelation, mode_factors
+from dynamics.nqm.stationary import gradient_autocorrelation, mode_factors
 from paper_figures import style
 from paper_figures.registry import Figure
 

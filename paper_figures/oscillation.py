@@ -1,4 +1,4 @@
-r"""Figure 5 — gradient oscillation per layer (Morchdi et al. 2023, THEORY.md §5): the
+r"""Figure 5 — gradient oscillation per layer (Morchdi et al. 2023, docs/theory.md §5): the
 successive-gradient cosine :math:`\cos(g_l(k), g_l(k-1))` of every layer over training, with
 a large and a small learning rate, on two architectures (the seed CNN and a 5-layer MLP)
 trained on MNIST-1D with plain SGD (``gd``), batch 32, constant lr.

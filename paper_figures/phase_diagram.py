@@ -1,5 +1,5 @@
 r"""Figure ``phase_diagram``: the (h, β) phase diagram of heavy ball and Nesterov on a
-quadratic (THEORY.md §2).
+quadratic (docs/theory.md §2).
 
 Heatmap: the spectral radius ρ (asymptotic rate per step; cividis, colour-blind safe),
 grey where ρ ≥ 1. Lines: the ripple band, where the roots are complex and ρ = √(c₀)

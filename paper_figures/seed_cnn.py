@@ -1,6 +1,6 @@
 r"""Figure 4 — the seed CNN: per-layer gradient 2-norms over training under a step-decayed
 learning rate, without and with a golden-section line search on the step, and what each
-layer's sharpness and :math:`h_l = \alpha\lambda_{\max,l}` do meanwhile (THEORY.md §5).
+layer's sharpness and :math:`h_l = \alpha\lambda_{\max,l}` do meanwhile (docs/theory.md §5).
 
 Runs: ``experiments/specs/seed_norm_growth.toml`` (seed CNN, 5 conv + 2 FC, leaky ReLU,
 dropout; MNIST-1D; heavy ball, batch 32, lr ×0.1 every ``step_every`` steps; probes on),
@@ -15,7 +15,7 @@ Measures (:func:`summarize`), per layer l, with ‖g_l‖ the raw mini-batch gra
   coefficient of variation std/mean of ‖g_l‖, with and without the line search; split into
   the trend (range, in decades, of the rolling median of log10 ‖g_l‖ -- the curves drawn)
   and the step-to-step fluctuation (sd of log10 ‖g_l‖ around that rolling median);
-- sharpness λ_max,l and h_l / edge, edge = 2(1+β) for HB (THEORY.md §1), at the first
+- sharpness λ_max,l and h_l / edge, edge = 2(1+β) for HB (docs/theory.md §1), at the first
   probe past 10 % and at the last probe.
 
 ``python -m paper_figures.seed_cnn`` runs the quick setting and writes

@@ -5,7 +5,7 @@ at its middle learning rate: one panel per (method, momentum), with each layer's
 sharpness :math:`\lambda_{\max,l}` (top eigenvalue of the layer's diagonal Hessian block),
 the network's sharpness :math:`\lambda_{\max}` (dashed, black) and the edge of stability
 :math:`2(1+\beta)/\alpha_k` (HB) or :math:`2(1+\beta)/((1+2\beta)\alpha_k)` (NAG) at the lr
-in force (THEORY.md §2, §5; Cohen et al. 2021), which jumps up where the lr is decayed.
+in force (docs/theory.md §2, §5; Cohen et al. 2021), which jumps up where the lr is decayed.
 Log scale.
 """
 

@@ -1,4 +1,4 @@
-"""experiments.data: shapes and metadata, no side effects, the exact quadratic (linreg),
+"""experiments.runs.data: shapes and metadata, no side effects, the exact quadratic (linreg),
 and the local-file loaders on tiny fabricated files."""
 
 import gzip
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import data as D
-from experiments.data import KINDS, load_data
+from experiments.runs import data as D
+from experiments.runs.data import KINDS, load_data
 
 OFFLINE = ["mnist1d", "digits", "pytext", "linreg"]
 

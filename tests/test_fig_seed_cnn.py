@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from experiments.train import RunConfig
+from experiments.runs import RunConfig
 from paper_figures import seed_cnn, style
 from paper_figures.registry import Context
 

@@ -6,7 +6,7 @@ the CUDA timing events and the probes on the device."""
 import numpy as np
 import pytest
 
-from experiments.train import RunConfig, train
+from experiments.runs import RunConfig, train
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,4 @@
-"""Tests of experiments.link: the scores on constructed inputs, and (below) the link
+"""Tests of experiments.linking.core: the scores on constructed inputs, and (below) the link
 end to end on the quadratic network."""
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from experiments.link import agreement_scores, calibration_error
+from experiments.linking.scores import agreement_scores, calibration_error
 
 N = 2000
 
@@ -116,7 +116,7 @@ BURN_IN = 200
 
 @pytest.fixture(scope="module")
 def quadratic_runs(tmp_path_factory):
-    from experiments.train import RunConfig, run
+    from experiments.runs import RunConfig, run
 
     root = tmp_path_factory.mktemp("runs")
     # different seeds: the two runs must not share their batch order (correlated noise)
@@ -133,13 +133,13 @@ def _stationary(ds):
 
 
 def _true_spectrum():
-    from dynamics.nqm_layer import LayerSpectrum
+    from dynamics.nqm.layer import LayerSpectrum
 
     return LayerSpectrum(np.array(LINREG["spectrum"]))
 
 
 def _eps(method, lr, momentum):
-    from dynamics.stochastic import stationary_iterate_variance
+    from dynamics.nqm.stationary import stationary_iterate_variance
 
     lam = np.array(LINREG["spectrum"])
     return float(np.sum(lam * stationary_iterate_variance(method, lam, lr, momentum, lam / 128)))
@@ -148,7 +148,7 @@ def _eps(method, lr, momentum):
 @pytest.mark.parametrize("name", ["hb", "nag"])
 def test_link_matches_quadratic_network_with_true_hessian(quadratic_runs, name):
     from experiments import store
-    from experiments.link import link_trace
+    from experiments.linking.core import link_trace
 
     trace = store.load_run(quadratic_runs / name)
     ds = _stationary(link_trace(trace, spectra={"fc": _true_spectrum()}, prediction="stationary"))
@@ -179,9 +179,9 @@ def test_link_from_measured_summary_on_quadratic_network(quadratic_runs):
     Hutchinson trace. Since 1/i is a power law, the "power" shape is exact for the true
     summary; the remaining error is that of the inputs, which the test propagates: the
     prediction at the pooled summary ± 2 standard errors brackets the measurement (± 4 SE)."""
-    from dynamics.nqm_layer import LayerSpectrum, layer_prediction
+    from dynamics.nqm.layer import LayerSpectrum, layer_prediction
     from experiments import store
-    from experiments.link import link_trace
+    from experiments.linking.core import link_trace
 
     trace = store.load_run(quadratic_runs / "hb")
     ds = _stationary(link_trace(trace, global_mode=False, prediction="stationary"))
@@ -191,7 +191,7 @@ def test_link_from_measured_summary_on_quadratic_network(quadratic_runs):
     lam, tr = ds["sharpness"].values, ds["hessian_trace"].values
     corners = [layer_prediction("hb", 2.0, 0.5, LayerSpectrum.from_summary(
         lam.mean() + a * 2 * lam.std(ddof=1) / np.sqrt(n), tr.mean() + b * 2 * tr.std(ddof=1) / np.sqrt(n), 20,
-        clip_trace=True), 1.0, noise_model="curvature")["grad_corr"] for a in (-1, 1) for b in (-1, 1)]
+        clip_trace=True), 1.0, noise_model="curvature").grad_corr for a in (-1, 1) for b in (-1, 1)]
     meas = ds["meas_grad_corr"].values
     se = meas.std(ddof=1) / np.sqrt(n)
     assert min(corners) - 4 * se < meas.mean() < max(corners) + 4 * se, (corners, meas.mean())
@@ -199,7 +199,7 @@ def test_link_from_measured_summary_on_quadratic_network(quadratic_runs):
 
 
 def test_link_run_writes_link_nc_and_reuses_it(quadratic_runs):
-    from experiments.link import LINK_FILE, link
+    from experiments.linking.core import LINK_FILE, link
 
     ds = link(quadratic_runs / "hb")
     path = quadratic_runs / "hb" / LINK_FILE
@@ -218,7 +218,7 @@ def test_link_run_writes_link_nc_and_reuses_it(quadratic_runs):
 
 def test_link_store_root_stacks_runs_and_cli_prints_table(quadratic_runs, capsys):
     from experiments.cli import main
-    from experiments.link import link
+    from experiments.linking.core import link
 
     ds = link(quadratic_runs)
     assert ds.sizes["run"] == 2 and sorted(ds["opt"].values) == ["hb", "nag"]
@@ -249,7 +249,7 @@ def _trace(norms, cosines):
 
 
 def test_measured_window_is_the_ratio_of_sums(rng):
-    from experiments.link import measured_window
+    from experiments.linking.measure import measured_window
 
     T = 20
     norms = rng.uniform(0.5, 2.0, T)
@@ -272,8 +272,8 @@ def test_measured_window_is_the_ratio_of_sums(rng):
 
 
 def test_with_global_mode_keeps_trace_and_noise_of_the_top_mode():
-    from dynamics.nqm_layer import LayerSpectrum
-    from experiments.link import with_global_mode
+    from dynamics.nqm.layer import LayerSpectrum
+    from experiments.linking.predict import with_global_mode
 
     sp = LayerSpectrum.from_summary(2.0, 10.0, 50)
     g = with_global_mode(sp, 8.0)
@@ -288,8 +288,8 @@ def test_with_global_mode_keeps_trace_and_noise_of_the_top_mode():
 
 
 def test_schedule_prediction_at_constant_lr_reaches_the_stationary_one():
-    from dynamics.nqm_layer import LayerSpectrum, layer_prediction
-    from experiments.link import schedule_predict_layers
+    from dynamics.nqm.layer import LayerSpectrum, layer_prediction
+    from experiments.linking.predict import schedule_predict_layers
 
     sp = LayerSpectrum(np.linspace(0.2, 1.0, 10))
     probes = np.arange(0, 600, 100)
@@ -297,18 +297,18 @@ def test_schedule_prediction_at_constant_lr_reaches_the_stationary_one():
     corr, sq = schedule_predict_layers("hb", np.full(600, 1.0), 0.5, probes, built, window=100)
     stat = layer_prediction("hb", 1.0, 0.5, sp, 0.5, noise_model="curvature")
     # from x = 0 the moments converge like ρ(T)^(2t), ρ ≤ 0.8 here: < 1e-18 by step 100
-    np.testing.assert_allclose(corr[2:, 0], stat["grad_corr"], rtol=1e-9)
-    np.testing.assert_allclose(sq[2:, 0], stat["grad_sq_norm"], rtol=1e-9)
+    np.testing.assert_allclose(corr[2:, 0], stat.grad_corr, rtol=1e-9)
+    np.testing.assert_allclose(sq[2:, 0], stat.grad_sq_norm, rtol=1e-9)
     # an lr cut by 10 at step 300: the window of the probe at 300 mixes both lrs
     lrs = np.where(np.arange(600) < 300, 1.0, 0.1)
     corr2, _ = schedule_predict_layers("hb", lrs, 0.5, probes, built, window=100)
-    low = layer_prediction("hb", 0.1, 0.5, sp, 0.5, noise_model="curvature")["grad_corr"]
-    assert min(stat["grad_corr"], low) < corr2[3, 0] < max(stat["grad_corr"], low)
+    low = layer_prediction("hb", 0.1, 0.5, sp, 0.5, noise_model="curvature").grad_corr
+    assert min(stat.grad_corr, low) < corr2[3, 0] < max(stat.grad_corr, low)
 
 
 # ---------------------------------------------------------------- the signal (mean-gradient) term
 def test_fluctuation_correlation_matches_theory_and_simulation():
-    from experiments.link import fluctuation_correlation
+    from experiments.linking.signal import fluctuation_correlation
 
     h = np.array([0.01, 0.5, 1.5, 3.0])
     np.testing.assert_allclose(fluctuation_correlation("hb", h, 0.9), 1 - h / 1.9, rtol=1e-9)  # THEORY §4
@@ -330,7 +330,7 @@ def test_fluctuation_correlation_matches_theory_and_simulation():
 
 def test_mean_part_correlation_is_the_dominant_roots_cosine():
     from dynamics.quadratic import simulate
-    from experiments.link import mean_part_correlation
+    from experiments.linking.signal import mean_part_correlation
 
     # monotone (HB β = 0.5, h = 0.01), ripple (β = 0.99: r = 0.995, ~5 periods in the window), flip (GD h = 1.5)
     for method, h, beta, want in (("hb", 0.01, 0.5, 1.0), ("hb", 0.05, 0.99, None), ("gd", 1.5, 0.0, -1.0)):
@@ -349,7 +349,7 @@ def test_with_signal_on_a_constructed_gradient_sequence():
     with_signal's (ρ_N G + ρ_m M)/(G + M); the NQM's own full-batch part F is taken out."""
     import xarray as xr
 
-    from experiments.link import with_signal
+    from experiments.linking.signal import with_signal
 
     rng = np.random.default_rng(1)
     T, d, rho_n, G, M, theta = 20000, 40, -0.4, 1.0, 0.5, 0.7
@@ -379,7 +379,7 @@ def test_signal_term_on_the_quadratic_network(quadratic_runs):
     ‖E g‖² is ‖Hx_p‖², whose mean the schedule NQM's F predicts, so the signal term must
     leave the prediction within the Monte-Carlo band of the measurement."""
     from experiments import store
-    from experiments.link import link_trace
+    from experiments.linking.core import link_trace
 
     trace = store.load_run(quadratic_runs / "hb")
     assert "grad_signal" in trace

@@ -1,5 +1,5 @@
 """dynamics.methods: the update rules against independent routes (sympy elimination,
-the Sutskever forms of THEORY.md §1, torch tensors); the numerical comparison with
+the Sutskever forms of docs/theory.md §1, torch tensors); the numerical comparison with
 torch.optim.SGD over many steps is in test_quadratic.py (simulate is built on update)."""
 
 import doctest
@@ -67,7 +67,7 @@ def _run(name, lam, lr, b, x0, steps):
 
 @given(st.floats(0.0, 0.99), st.floats(0.01, 1.0), st.floats(0.0, 3.0))
 def test_hb_equals_the_v_form_and_nag_the_sutskever_look_ahead(b, lr, lam):
-    """THEORY.md §1: HB equals v_{k+1} = b v_k - lr g(x_k), x_{k+1} = x_k + v_{k+1};
+    """docs/theory.md §1: HB equals v_{k+1} = b v_k - lr g(x_k), x_{k+1} = x_k + v_{k+1};
     PyTorch's NAG iterate equals theta_k + b v_k for Sutskever's
     v_{k+1} = b v_k - lr g(theta_k + b v_k), theta_{k+1} = theta_k + v_{k+1}."""
     steps, x0 = 40, 1.0

@@ -1,4 +1,4 @@
-"""experiments.models: every model × fitting dataset trains a step with the right output
+"""experiments.runs.models: every model × fitting dataset trains a step with the right output
 shape; unfit combinations raise; the hand-written GRU and attention agree with PyTorch's
 own modules; double backward (Hessian-vector products) works."""
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.data import KINDS, DataInfo, load_data
-from experiments.models import FITS, MODELS, Attention, GRULayer, build_model, check_fit
-from experiments.train import make_loss_fn
+from experiments.runs.data import KINDS, DataInfo, load_data
+from experiments.runs.models import FITS, MODELS, Attention, GRULayer, build_model, check_fit
+from experiments.runs.loop import make_loss_fn
 
 OFFLINE = ["mnist1d", "digits", "pytext", "linreg"]
 SMALL = {"seed-cnn": {"channels": 4, "hidden": 16}, "mlp": {"hidden": [8]}, "resnet": {"width": 4},

@@ -1,4 +1,4 @@
-"""Modified-equation ODEs: measured orders (diffrax-style), the check value of THEORY.md §3,
+"""Modified-equation ODEs: measured orders (diffrax-style), the check value of docs/theory.md §3,
 ODE accuracy in units of the requested tolerance (scipy's style), validation."""
 
 import numpy as np
@@ -108,7 +108,7 @@ def test_stiff_inertial_ode_cost_does_not_grow_with_one_over_lr():
 
 @pytest.mark.parametrize("method, exact_rate", [("hb", -10.096847), ("nag", -10.087586)])
 def test_check_value_slow_rate(method, exact_rate):
-    """THEORY.md §3: λ=1, β=0.9, lr=1e-4. The discrete iteration from the slow manifold
+    """docs/theory.md §3: λ=1, β=0.9, lr=1e-4. The discrete iteration from the slow manifold
     decays at the exact slow rate log(z_slow)/lr once the fast mode (0.9^k) is gone; the
     ratio of successive iterates is exact to rounding (1e-16/lr = 1e-12 in the rate). The
     modified flow's rate is off by O(lr^2), by the next term of the slow-rate series."""
@@ -167,7 +167,7 @@ def test_finite_difference_hvp_fallback():
 
 
 def test_modified_loss_coefficient_values():
-    """THEORY.md §3.3 at β=0 all reduce to IGR's α/4; spot values."""
+    """docs/theory.md §3.3 at β=0 all reduce to IGR's α/4; spot values."""
     assert md.modified_loss_coefficient("gd", 0.1, 0.9) == pytest.approx(0.025)
     assert md.modified_loss_coefficient("hb", 0.1, 0.0) == pytest.approx(0.025)
     assert md.modified_loss_coefficient("nag", 0.1, 0.0) == pytest.approx(0.025)
@@ -219,7 +219,7 @@ def test_iterate_validates_its_arguments():
 
 
 def test_nag_inertial_ode_needs_the_look_ahead():
-    """THEORY.md §3.2's inertial ODE has no look-ahead; for NAG that is HB's ODE, whose slow
+    """docs/theory.md §3.2's inertial ODE has no look-ahead; for NAG that is HB's ODE, whose slow
     rate carries HB's coefficient, so against NAG's iterates it is only first order (measured
     1.00); with ∇f(x + βαẋ) it is second order (measured 1.96). Same fit setting as the order
     test, so the same tolerance."""

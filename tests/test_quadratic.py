@@ -69,7 +69,7 @@ def test_spectral_radius_is_the_empirical_decay_rate(method, h, b):
 
 
 def test_spectral_radius_of_complex_roots_is_sqrt_of_product_not_twice():
-    # THEORY.md: Goh (Distill 2017) prints 2 sqrt(beta); the product of the roots is beta.
+    # docs/theory.md: Goh (Distill 2017) prints 2 sqrt(beta); the product of the roots is beta.
     b = np.array([0.25, 0.5, 0.9])
     np.testing.assert_allclose(q.spectral_radius("hb", 1.0, b), np.sqrt(b), rtol=1e-14)
 
@@ -152,7 +152,7 @@ def test_regime_bands_match_theory_boundaries(method):
     b = np.linspace(0.01, 0.95, 40)
     lo, hi = q.ripple_band(method, b)
     edge = q.stability_edge(method, b)
-    if method == "hb":  # THEORY.md §2, boundaries (1 -+ sqrt(beta))^2
+    if method == "hb":  # docs/theory.md §2, boundaries (1 -+ sqrt(beta))^2
         np.testing.assert_allclose([lo, hi], [(1 - np.sqrt(b)) ** 2, (1 + np.sqrt(b)) ** 2])
     # independent route: the discriminant of the eigvals' characteristic polynomial
     d = lambda h: np.square(np.trace(q.iteration_matrix(method, h, b), axis1=-2, axis2=-1)) \

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments import sharpness
-from experiments.trace import Tracer
+from experiments.trace import probes as sharpness
+from experiments.trace.tracer import Tracer
 
 
 class Net(nn.Module):
@@ -70,8 +70,8 @@ def test_sharpness_matches_dense_hessian_per_block_and_global(per_tensor, bn):
     # rtol 1e-3; blocks with an exactly zero Hessian (l1.bias under BatchNorm) are measured
     # against the operator's scale instead (atol 1e-3·λ_max(H))
     tol = dict(rtol=1e-3, atol=1e-3 * top)
-    np.testing.assert_allclose(ds_probe["sharpness"], expect, **tol)
-    np.testing.assert_allclose(ds_probe["sharpness_global"], top, rtol=1e-3)
+    np.testing.assert_allclose(ds_probe.sharpness, expect, **tol)
+    np.testing.assert_allclose(ds_probe.sharpness_global, top, rtol=1e-3)
     ds = tracer.dataset()
     np.testing.assert_allclose(ds.sharpness.sel(probe_step=0), expect, **tol)
 
@@ -91,7 +91,7 @@ def test_warm_start_converges_with_a_small_budget():
             tracer.sharpness_iters = 40
             tracer.probe(loss_fn, batch)
             tracer.sharpness_iters = 3
-        errors[warm] = abs(tracer.probe(loss_fn, batch)["sharpness_global"] / top - 1)
+        errors[warm] = abs(tracer.probe(loss_fn, batch).sharpness_global / top - 1)
     assert errors[True] < 1e-3 < errors[False]
 
 
@@ -218,8 +218,8 @@ def test_probe_restores_buffers_rng_grads_and_modes_and_eval_mode_matches_dense(
     assert model.training and model.drop.training and not model.bn.training
     model.eval()  # eval mode: dropout off, running statistics: the dense reference
     H, _ = dense_hessian(model, batch)
-    np.testing.assert_allclose(out["sharpness_global"], np.linalg.eigvalsh(H)[-1], rtol=1e-3)
-    assert np.isfinite(out["grad_noise"]).all() and np.isfinite(out["hessian_trace"]).all()
+    np.testing.assert_allclose(out.sharpness_global, np.linalg.eigvalsh(H)[-1], rtol=1e-3)
+    assert np.isfinite(out.grad_noise).all() and np.isfinite(out.hessian_trace).all()
 
 
 def test_split_batch_nested_and_errors():

@@ -8,12 +8,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st_
 
-from dynamics import stochastic as st
+from dynamics.nqm import stationary as st
 from dynamics.methods import get_method
-from dynamics.nqm_layer import LayerSpectrum, layer_prediction
-from dynamics.nqm_schedule import lr_schedule, schedule_prediction
-from dynamics.nqm_sim import monte_carlo
-from dynamics.problems import quadratic_deep
+from dynamics.nqm.layer import LayerSpectrum, layer_prediction
+from dynamics.nqm.schedule import schedule_prediction
+from dynamics.schedules import lr_schedule
+from dynamics.nqm.montecarlo import monte_carlo
+from dynamics.nqm.problems import quadratic_deep
 from dynamics.quadratic import char_roots, simulate, spectral_radius, stability_edge
 
 METHODS = ("gd", "hb", "nag")
@@ -34,26 +35,26 @@ def test_closed_forms_equal_lyapunov(method, beta, frac, lam, sigma2):
     lr = h / lam
     ref = st.lyapunov_gradient_stats(method, [[lam]], [[sigma2]], lr, beta, max_lag=3)
     got = st.stationary_gradient_moments(method, lam, lr, beta, sigma2)
-    scale = ref["grad_sq"]
-    assert got["grad_sq"] == pytest.approx(ref["grad_sq"], rel=1e-10)
-    assert got["full_grad_sq"] == pytest.approx(ref["full_grad_sq"], rel=1e-10)
-    assert abs(got["lag1"] - ref["lags"][1]) < 1e-10 * scale
+    scale = ref.grad_sq
+    assert got.grad_sq == pytest.approx(ref.grad_sq, rel=1e-10)
+    assert got.full_grad_sq == pytest.approx(ref.full_grad_sq, rel=1e-10)
+    assert abs(got.lag1 - ref.lags[1]) < 1e-10 * scale
     var = st.stationary_iterate_variance(method, lam, lr, beta, sigma2)
-    assert var == pytest.approx(ref["iterate_cov"][0, 0], rel=1e-10)
+    assert var == pytest.approx(ref.iterate_cov[0, 0], rel=1e-10)
     for lag in (1, 2, 3):
         rho = st.gradient_autocorrelation(method, h, beta, lag=lag)
-        assert abs(rho - ref["lags"][lag] / scale) < 1e-10
+        assert abs(rho - ref.lags[lag] / scale) < 1e-10
     batched = st.gradient_autocovariance(method, lam, lr, beta, sigma2, [0, 1, 2, 3])
-    np.testing.assert_allclose(batched, ref["lags"], rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(batched, ref.lags, rtol=0, atol=1e-10 * scale)
 
 
 def test_closed_forms_broadcast_over_a_grid():
     beta = np.array([0.0, 0.5, 0.9])
     h = np.linspace(0.01, 0.99, 50)[:, None] * stability_edge("hb", beta)
     out = st.stationary_gradient_moments("hb", 2.0, h / 2.0, beta, 1.5)
-    assert out["grad_sq"].shape == out["lag1"].shape == (50, 3)
+    assert out.grad_sq.shape == out.lag1.shape == (50, 3)
     one = st.stationary_gradient_moments("hb", 2.0, h[7, 2] / 2.0, beta[2], 1.5)
-    assert out["lag1"][7, 2] == pytest.approx(one["lag1"], rel=1e-14)
+    assert out.lag1[7, 2] == pytest.approx(one.lag1, rel=1e-14)
 
 
 def test_general_hessian_commuting_noise_splits_into_modes():
@@ -67,8 +68,8 @@ def test_general_hessian_commuting_noise_splits_into_modes():
         lr = 0.9 * edge(method, 0.8) / lam.max()
         ref = st.lyapunov_gradient_stats(method, (V * lam) @ V.T, (V * s2) @ V.T, lr, 0.8)
         per = st.stationary_gradient_moments(method, lam, lr, 0.8, s2)
-        assert per["grad_sq"].sum() == pytest.approx(ref["grad_sq"], rel=1e-10)
-        assert per["lag1"].sum() == pytest.approx(ref["lags"][1], rel=1e-9, abs=1e-10)
+        assert per.grad_sq.sum() == pytest.approx(ref.grad_sq, rel=1e-10)
+        assert per.lag1.sum() == pytest.approx(ref.lags[1], rel=1e-9, abs=1e-10)
 
 
 def test_general_lyapunov_matches_monte_carlo_with_correlated_noise():
@@ -99,7 +100,7 @@ def test_general_lyapunov_matches_monte_carlo_with_correlated_noise():
                 lags += (g * prev).sum(1)
             step, buf = m.update(g, buf, lr, beta)
             x, prev = x + step, g
-        for est, exact in ((sums / steps, ref["grad_sq"]), (lags / (steps - 1), ref["lags"][1])):
+        for est, exact in ((sums / steps, ref.grad_sq), (lags / (steps - 1), ref.lags[1])):
             se = est.std(ddof=1) / np.sqrt(chains)
             assert abs(est.mean() - exact) < 5 * se, (method, est.mean(), exact, se)
 
@@ -172,8 +173,8 @@ def test_closed_forms_equal_monte_carlo(method):
     exact = st.stationary_gradient_moments(method, lam, lr, beta, s2)
     se_sq, se_lag = _standard_errors(method, lam, lr, beta, s2, chains, steps)
     # 5 standard errors: ~6e-7 false-failure odds per comparison, 14 comparisons.
-    assert np.all(np.abs(sim["grad_sq"] - exact["grad_sq"]) < 5 * se_sq)
-    assert np.all(np.abs(sim["lag1"] - exact["lag1"]) < 5 * se_lag)
+    assert np.all(np.abs(sim["grad_sq"] - exact.grad_sq) < 5 * se_sq)
+    assert np.all(np.abs(sim["lag1"] - exact.lag1) < 5 * se_lag)
     # The predicted errors use the whole autocovariance function (all lags up to `steps`),
     # so they are themselves checked against the spread of the i.i.d. per-chain means; the
     # sample std of 1000 near-Gaussian values has relative error ~1/sqrt(2000) = 2.2%, so a
@@ -238,9 +239,9 @@ def test_constant_schedule_converges_to_stationary(method):
     T = int(np.ceil(np.log(1e-13) / (2 * np.log(rho))))
     out = schedule_prediction(method, np.full(T, lr), beta, lam, s2, x0_var=4.0, per_mode=True)
     ref = st.stationary_gradient_moments(method, lam, lr, beta, s2)
-    np.testing.assert_allclose(out["mode_grad_sq"][-1], ref["grad_sq"], rtol=1e-9)
-    np.testing.assert_allclose(out["mode_lag1"][-1], ref["lag1"], rtol=1e-9, atol=1e-12)
-    assert out["grad_corr"][-1] == pytest.approx(ref["lag1"].sum() / ref["grad_sq"].sum(),
+    np.testing.assert_allclose(out["mode_grad_sq"][-1], ref.grad_sq, rtol=1e-9)
+    np.testing.assert_allclose(out["mode_lag1"][-1], ref.lag1, rtol=1e-9, atol=1e-12)
+    assert out["grad_corr"][-1] == pytest.approx(ref.lag1.sum() / ref.grad_sq.sum(),
                                                  rel=1e-9)
     assert np.isnan(out["grad_corr"][0]) and np.isnan(out["lag1"][0])
 
@@ -311,8 +312,8 @@ def test_power_spectrum_matches_its_summary_and_binning_is_accurate():
     for method in METHODS:
         a = layer_prediction(method, 0.05, 0.9, exact, 2.0, "curvature")
         b = layer_prediction(method, 0.05, 0.9, binned, 2.0, "curvature")
-        assert b["grad_corr"] == pytest.approx(a["grad_corr"], rel=1e-4, abs=1e-6)
-        assert b["grad_sq_norm"] == pytest.approx(a["grad_sq_norm"], rel=1e-5)
+        assert b.grad_corr == pytest.approx(a.grad_corr, rel=1e-4, abs=1e-6)
+        assert b.grad_sq_norm == pytest.approx(a.grad_sq_norm, rel=1e-5)
 
 
 def test_two_level_and_summary_errors():
@@ -340,11 +341,11 @@ def test_layer_prediction_equals_lyapunov_on_the_full_matrix(noise_model):
     for method in METHODS:
         lr, beta = 0.8 * edge(method, 0.9) / lam.max(), 0.9
         pred = layer_prediction(method, lr, beta, spec, noise_total, noise_model)
-        s2 = pred["sigma2"]
+        s2 = pred.sigma2
         assert s2 @ spec.weights == pytest.approx(noise_total)
         ref = st.lyapunov_gradient_stats(method, (V * lam) @ V.T, (V * s2) @ V.T, lr, beta)
-        assert pred["grad_sq_norm"] == pytest.approx(ref["grad_sq"], rel=1e-10)
-        assert pred["grad_corr"] == pytest.approx(ref["lags"][1] / ref["grad_sq"], abs=1e-10)
+        assert pred.grad_sq_norm == pytest.approx(ref.grad_sq, rel=1e-10)
+        assert pred.grad_corr == pytest.approx(ref.lags[1] / ref.grad_sq, abs=1e-10)
 
 
 def test_layer_prediction_broadcasts_and_handles_unstable_modes():
@@ -353,14 +354,14 @@ def test_layer_prediction_broadcasts_and_handles_unstable_modes():
     with pytest.raises(ValueError, match=r"diverge for 1 mode.*lam=50"):
         layer_prediction("hb", lrs, 0.9, spec, 1.0)
     nan = layer_prediction("hb", lrs, 0.9, spec, 1.0, on_unstable="nan")
-    assert np.isfinite(nan["grad_corr"][:2]).all() and np.isnan(nan["grad_corr"][2])
-    assert nan["n_unstable"].tolist() == [0, 0, 1]
+    assert np.isfinite(nan.grad_corr[:2]).all() and np.isnan(nan.grad_corr[2])
+    assert nan.n_unstable.tolist() == [0, 0, 1]
     exc = layer_prediction("hb", lrs, 0.9, spec, 1.0, on_unstable="exclude")
-    np.testing.assert_array_equal(exc["grad_corr"][:2], nan["grad_corr"][:2])
-    assert np.isfinite(exc["grad_corr"][2])
+    np.testing.assert_array_equal(exc.grad_corr[:2], nan.grad_corr[:2])
+    assert np.isfinite(exc.grad_corr[2])
     one = layer_prediction("hb", 0.05, 0.9, spec, 1.0)
-    assert one["grad_corr"] == pytest.approx(nan["grad_corr"][1], rel=1e-14)
-    assert nan["mode_grad_sq"].shape == (3, spec.eigenvalues.size)
+    assert one.grad_corr == pytest.approx(nan.grad_corr[1], rel=1e-14)
+    assert nan.mode_grad_sq.shape == (3, spec.eigenvalues.size)
 
 
 def test_mean_cosine_approximation_in_high_dimension():
@@ -371,7 +372,7 @@ def test_mean_cosine_approximation_in_high_dimension():
     spec = LayerSpectrum.from_summary(5.0, 60.0, 400)
     lr, beta, method = 0.3, 0.9, "hb"
     pred = layer_prediction(method, lr, beta, spec, 1.0, "curvature")
-    lam, s2 = spec.eigenvalues, pred["sigma2"]
+    lam, s2 = spec.eigenvalues, pred.sigma2
     rng = np.random.default_rng(2)
     P = st.stationary_state_covariance(method, lam, lr, beta, s2)
     z = rng.normal(size=(2, 64, lam.size))
@@ -387,7 +388,7 @@ def test_mean_cosine_approximation_in_high_dimension():
         x, prev = x + step, g
     per_chain = np.mean(cos, axis=0)
     se = per_chain.std(ddof=1) / np.sqrt(per_chain.size)
-    assert abs(per_chain.mean() - pred["grad_corr"]) < 3 / pred["effective_dim"] + 5 * se
+    assert abs(per_chain.mean() - pred.grad_corr) < 3 / pred.effective_dim + 5 * se
 
 
 # ----------------------------------------------------------------- DeepOBS problem
@@ -411,12 +412,12 @@ def test_quadratic_deep_spectrum_and_noise():
     lr, beta = 0.9 * edge("hb", 0.9) / p.eigenvalues.max(), 0.9
     ref = st.lyapunov_gradient_stats("hb", H, S, lr, beta)
     per = st.stationary_gradient_moments("hb", p.eigenvalues, lr, beta, p.noise_eigenvalues)
-    assert per["lag1"].sum() / per["grad_sq"].sum() == pytest.approx(
-        ref["lags"][1] / ref["grad_sq"], abs=1e-9)
+    assert per.lag1.sum() / per.grad_sq.sum() == pytest.approx(
+        ref.lags[1] / ref.grad_sq, abs=1e-9)
     layer = layer_prediction("hb", lr, beta, p.layer_spectrum(), p.noise_eigenvalues.sum(),
                              noise_model=p.noise_eigenvalues)
-    assert layer["grad_sq_norm"] == pytest.approx(ref["grad_sq"], rel=1e-10)
-    assert layer["grad_corr"] == pytest.approx(ref["lags"][1] / ref["grad_sq"], abs=1e-9)
+    assert layer.grad_sq_norm == pytest.approx(ref.grad_sq, rel=1e-10)
+    assert layer.grad_corr == pytest.approx(ref.lags[1] / ref.grad_sq, abs=1e-9)
 
 
 # ----------------------------------------------------------------- input validation

@@ -1,6 +1,6 @@
 """Sweeps: spec validation, run ids, resumability, executors, collect (issue 6).
 
-Runs are real ``experiments.train.run`` calls on tiny configs (an MLP on the bundled 8x8
+Runs are real ``experiments.runs.loop.run`` calls on tiny configs (an MLP on the bundled 8x8
 digits, 20 steps). The default suite runs them in-process; the two tests that start
 worker processes (kill-and-resume, pool vs Dask) are marked slow.
 """
@@ -17,11 +17,12 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from experiments import store, sweep
+from experiments import store, sweeps as sweep
+from experiments.runs import config as run_config
 from experiments.cli import main
-from experiments.collect import collect, tidy, to_table
-from experiments.executors import InProcessExecutor, RunTask, dask_resources, make_executor
-from experiments.train import RunConfig
+from experiments.sweeps.collect import collect, tidy, to_table
+from experiments.sweeps.executors import InProcessExecutor, RunTask, dask_resources, make_executor
+from experiments.runs import RunConfig
 
 TINY = {"model": "mlp", "data": "digits", "steps": 20, "batch_size": 32}
 # lr=1000 on the digits MLP blows the loss up within a few steps (measured: step 3).
@@ -55,20 +56,20 @@ def grid_store(tmp_path_factory):
 def test_run_id_is_a_hash_of_the_canonical_full_config():
     a = RunConfig.from_dict({**TINY, "lr": 1})
     b = RunConfig.from_dict({"lr": 1.0, **{k: TINY[k] for k in reversed(list(TINY))}})
-    assert sweep.run_id(a) == sweep.run_id(b)  # int vs float, key order
-    assert sweep.run_id(a) == sweep.run_id(RunConfig.from_dict(a.to_dict()))
-    assert len(sweep.run_id(a)) == 16 and int(sweep.run_id(a), 16) >= 0
-    assert sweep.run_id(a) != sweep.run_id(RunConfig.from_dict({**TINY, "lr": 1.0 + 1e-12}))
-    assert sweep.run_id(a) == sweep.run_id(RunConfig.from_dict({**TINY, "lr": 1, "weight_decay": -0.0}))
+    assert run_config.run_id(a) == run_config.run_id(b)  # int vs float, key order
+    assert run_config.run_id(a) == run_config.run_id(RunConfig.from_dict(a.to_dict()))
+    assert len(run_config.run_id(a)) == 16 and int(run_config.run_id(a), 16) >= 0
+    assert run_config.run_id(a) != run_config.run_id(RunConfig.from_dict({**TINY, "lr": 1.0 + 1e-12}))
+    assert run_config.run_id(a) == run_config.run_id(RunConfig.from_dict({**TINY, "lr": 1, "weight_decay": -0.0}))
     # defaults are filled in: naming a default explicitly is the same run
-    assert sweep.run_id(a) == sweep.run_id(RunConfig.from_dict({**TINY, "lr": 1, "seed": 0}))
+    assert run_config.run_id(a) == run_config.run_id(RunConfig.from_dict({**TINY, "lr": 1, "seed": 0}))
 
 
 def test_run_id_changes_with_the_result_format(monkeypatch):
     config = RunConfig.from_dict(TINY)
-    before = sweep.run_id(config)
-    monkeypatch.setattr(sweep, "RESULT_FORMAT", sweep.RESULT_FORMAT + 1)
-    assert sweep.run_id(config) != before
+    before = run_config.run_id(config)
+    monkeypatch.setattr(run_config, "RESULT_FORMAT", run_config.RESULT_FORMAT + 1)
+    assert run_config.run_id(config) != before
 
 
 def test_expansion_is_runs_times_zip_times_grid(tmp_path):
@@ -150,7 +151,7 @@ seed = [0, 1, 2]
 """)
     assert main(["sweep", str(spec), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    ids = [sweep.run_id(c) for c in sweep.expand(sweep.load_spec(spec))]
+    ids = [run_config.run_id(c) for c in sweep.expand(sweep.load_spec(spec))]
     assert [line.split()[0] for line in lines[:-1]] == ids
     assert all(" todo " in line for line in lines[:-1]) and "lr=0.1 seed=2" in lines[-2]
     assert lines[-1] == f"6 runs in {root}: done 0 / failed 0 / to run 6"
@@ -158,7 +159,7 @@ seed = [0, 1, 2]
 
 
 def test_example_spec_reproduces_the_seed_setting():
-    spec = sweep.load_spec(Path(sweep.__file__).parent / "specs" / "seed_cnn.toml")
+    spec = sweep.load_spec(sweep.SPECS_DIR / "seed_cnn.toml")
     configs = sweep.expand(spec)
     assert len(configs) == 12
     for c in configs:
@@ -166,7 +167,7 @@ def test_example_spec_reproduces_the_seed_setting():
         assert c.momentum > 0 and c.step_gamma < 1
 
 
-SPEC_FILES = sorted((Path(sweep.__file__).parent / "specs").glob("*.toml"))
+SPEC_FILES = sorted(sweep.SPECS_DIR.glob("*.toml"))
 
 
 @pytest.mark.parametrize("path", SPEC_FILES, ids=[p.stem for p in SPEC_FILES])
@@ -189,7 +190,7 @@ def test_diverging_lr_is_a_finished_result_and_the_others_are_unaffected(grid_st
     # unaffected: the same config run alone elsewhere gives the identical trace and summary
     alone = tiny_spec(tmp_path, base={**TINY, "lr": 0.05, "momentum": 0.9})
     assert sweep.run_sweep(alone, workers=0, progress=False)["finished"] == 1
-    rid = sweep.run_id(sweep.expand(alone)[0])
+    rid = run_config.run_id(sweep.expand(alone)[0])
     a, b = store.load_run(root / rid), store.load_run(tmp_path / rid)
     assert wall_clock_free(a.attrs.pop("summary")) == wall_clock_free(b.attrs.pop("summary"))
     xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
@@ -229,7 +230,7 @@ def test_a_run_that_raises_is_failed_and_retried_only_on_request(tmp_path, monke
 
 def test_leftovers_of_a_killed_run_are_replaced(tmp_path):
     spec = tiny_spec(tmp_path)
-    run_dir = tmp_path / sweep.run_id(sweep.expand(spec)[0])
+    run_dir = tmp_path / run_config.run_id(sweep.expand(spec)[0])
     run_dir.mkdir()
     (run_dir / ".tmp-abc123").write_bytes(b"half a trace")
     (run_dir / store.CONFIG).write_text("{}")  # written before the kill; no DONE
@@ -289,7 +290,7 @@ def test_executor_choice_and_its_errors():
 def test_collect_flat_root_has_a_run_dim_with_config_coords(grid_store):
     spec, root, _ = grid_store
     ds = collect(root)
-    ids = sorted(sweep.run_id(c) for c in sweep.expand(spec))
+    ids = sorted(run_config.run_id(c) for c in sweep.expand(spec))
     assert list(ds.run.values) == ids and ds.diverged.dims == ("run",)
     for rid in ids:
         config = store.read_json(root / rid / store.CONFIG)
@@ -437,7 +438,7 @@ def test_local_pool_and_dask_local_cluster_give_identical_results(tmp_path):
     want = {"finished": 4, "skipped": 0, "diverged": 2, "failed": 0, "total": 4}
     assert sweep.run_sweep(pool_spec, workers=2, progress=False) == want
     assert sweep.run_sweep(dask_spec, dask_local=2, progress=False) == want
-    ids = [sweep.run_id(c) for c in sweep.expand(pool_spec)]
+    ids = [run_config.run_id(c) for c in sweep.expand(pool_spec)]
     assert sorted(p.name for p in (tmp_path / "dask").iterdir()) == sorted(ids)
     for rid in ids:
         a, b = store.load_run(tmp_path / "pool" / rid), store.load_run(tmp_path / "dask" / rid)

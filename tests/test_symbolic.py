@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.integrate import solve_ivp
 
-from dynamics import modified, quadratic, stochastic
+from dynamics import modified, quadratic
+from dynamics.nqm import stationary as stochastic
 from dynamics import symbolic as S
 from dynamics.methods import get_method
 
@@ -106,7 +107,7 @@ def test_hb_slow_rate_series_narayana_form():
 
 @pytest.mark.parametrize("method, exact_rate", [("hb", -10.096847), ("nag", -10.087586)])
 def test_slow_rate_series_gives_check_value(method, exact_rate):
-    """THEORY.md §3: λ=1, β=0.9, lr=1e-4. Successive terms κ_n h^n shrink by ~4·h/(1-β)^2 = 4%
+    """docs/theory.md §3: λ=1, β=0.9, lr=1e-4. Successive terms κ_n h^n shrink by ~4·h/(1-β)^2 = 4%
     (HB's Narayana numerators grow ~4x per order), so 6 terms leave ~1e-11 relative."""
     h_, b_ = 1e-4, 0.9
     kappas = [float(k.subs(S.beta, b_)) for k in S.slow_rate_series(method, 6)]
@@ -193,9 +194,9 @@ def test_nqm_stationary_statistics_match_stochastic(method, b, frac, lam, sigma2
     _close(stochastic.stationary_iterate_variance(method, lam, lr, b, sigma2),
            ours["iterate_var"](h_, b, lam, sigma2), rtol=1e-8)
     moments = stochastic.stationary_gradient_moments(method, lam, lr, b, sigma2)
-    _close(moments["grad_sq"], ours["grad_sq"](h_, b, lam, sigma2), rtol=1e-8)
-    _close(moments["full_grad_sq"], ours["full_grad_sq"](h_, b, lam, sigma2), rtol=1e-8)
-    _close(moments["lag1"], ours["lag"][0](h_, b, lam, sigma2), rtol=1e-8, atol=1e-10)
+    _close(moments.grad_sq, ours["grad_sq"](h_, b, lam, sigma2), rtol=1e-8)
+    _close(moments.full_grad_sq, ours["full_grad_sq"](h_, b, lam, sigma2), rtol=1e-8)
+    _close(moments.lag1, ours["lag"][0](h_, b, lam, sigma2), rtol=1e-8, atol=1e-10)
     for lag in (1, 2):  # correlations near the edge lose ~1/(1-ρ) digits; still 1e-7
         _close(stochastic.gradient_autocorrelation(method, h_, b, lag=lag),
                ours["corr"][lag - 1](h_, b, lam, sigma2), rtol=1e-7, atol=1e-10)
@@ -215,7 +216,7 @@ def test_symbolic_lyapunov_matches_numeric_solve(method, b, frac):
 
 
 def test_nqm_matches_theory_closed_forms():
-    """Spot values of THEORY.md §4 (GD ρ_g = −h/2; HB Var x) from the derivation."""
+    """Spot values of docs/theory.md §4 (GD ρ_g = −h/2; HB Var x) from the derivation."""
     ours = S.nqm("gd")
     _close(ours["corr"][0](0.3, 0.0, 1.0, 1.0), -0.15)
     h_, b, lam_, s2 = 0.4, 0.6, 2.0, 1.3

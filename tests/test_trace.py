@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.store import atomic_write_dataset
-from experiments.trace import ROOT_LAYER, Tracer
+from experiments.trace.tracer import ROOT_LAYER, Tracer
 
 RTOL = 1e-5
 

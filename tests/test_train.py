@@ -1,4 +1,4 @@
-"""experiments.train / experiments.optim: config validation, determinism, divergence,
+"""experiments.runs.loop / experiments.runs.optim: config validation, determinism, divergence,
 atomic run directories, clipping, schedules, the line search, and the optimiser
 convention checked against dynamics.methods on the exact quadratic (linreg)."""
 
@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from dynamics.methods import get_method
 from experiments import store
-from experiments.data import load_data
-from experiments.models import build_model
-from experiments.optim import GOLDEN, clip_gradients, golden_section, lr_factors
-from experiments.train import RunConfig, run, train
+from experiments.runs.data import load_data
+from experiments.runs.models import build_model
+from experiments.runs.optim import GOLDEN, clip_gradients, golden_section, lr_factors
+from experiments.runs import RunConfig, run, train
 
 TINY = dict(model="mlp", data="digits", model_args={"hidden": [16]}, steps=8, batch_size=16, threads=1)
 LINREG = dict(model="linear", data="linreg", data_args={"dim": 6, "n_train": 64, "n_test": 16},
@@ -169,7 +169,7 @@ def test_run_writes_directory_and_is_resume_safe(tmp_path, monkeypatch):
     assert ds.attrs["config"] == cfg.to_dict() and ds.attrs["summary"] == summary
     np.testing.assert_array_equal(ds.step.values, np.arange(5))
 
-    import experiments.train as train_mod
+    import experiments.runs.loop as train_mod
 
     def boom(*a, **k):
         raise AssertionError("a finished run must not be retrained")
@@ -193,7 +193,7 @@ def test_directory_without_done_is_rerun(tmp_path):
 
 
 def test_crash_mid_run_leaves_no_partial_files(tmp_path, monkeypatch):
-    import experiments.trace as trace_mod
+    import experiments.trace.tracer as trace_mod
 
     calls = {"n": 0}
     original = trace_mod.Tracer.after_step
@@ -355,7 +355,7 @@ def test_adam_eval_every_and_probe():
 
 # ---------------------------------------------------------------- more tasks and options
 def test_batches_are_epoch_permutations_dropping_the_remainder():
-    from experiments.train import batches
+    from experiments.runs.loop import batches
 
     it = batches(10, 3, torch.Generator().manual_seed(0), "cpu")
     epoch = torch.cat([next(it) for _ in range(3)])
@@ -382,8 +382,8 @@ def test_per_tensor_trace_with_layer_clipping_uses_module_factors():
 
 
 def test_line_search_restores_batchnorm_statistics():
-    from experiments.optim import get_rng_state, line_search_step
-    from experiments.train import make_loss_fn
+    from experiments.runs.optim import get_rng_state, line_search_step
+    from experiments.runs.loop import make_loss_fn
 
     data = load_data("digits")
     torch.manual_seed(0)

@@ -1,8 +1,8 @@
 r"""Optimisers, learning-rate schedules, gradient clipping and the golden-section line
-search used by :mod:`experiments.train`.
+search used by :mod:`experiments.runs.loop`.
 
 GD / HB / NAG are ``torch.optim.SGD`` with the keyword arguments from
-:meth:`dynamics.methods.Method.torch_kwargs` (the package's one convention, THEORY.md §1);
+:meth:`dynamics.methods.Method.torch_kwargs` (the package's one convention, docs/theory.md §1);
 "adam" is ``torch.optim.Adam`` with betas (momentum, 0.999).
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dynamics.methods import get_method
-from dynamics.nqm_schedule import lr_schedule
+from dynamics.schedules import lr_schedule
 
 OPTIMIZERS = ("gd", "hb", "nag", "adam")
 SCHEDULES = ("constant", "step", "cosine", "linear")
@@ -39,7 +39,7 @@ def lr_factors(schedule, steps, *, warmup_steps=0, step_every=0, step_gamma=0.1,
     - linear: 1 − (1 − f) p
 
     then, for k < w, times the linear warm-up (k + 1)/(w + 1). The formulas are PyTorch's
-    schedulers', from :func:`dynamics.nqm_schedule.lr_schedule` (the one source the NQM's
+    schedulers', from :func:`dynamics.nqm.schedule.lr_schedule` (the one source the NQM's
     schedule prediction uses too).
     """
     if schedule not in SCHEDULES:

@@ -1,18 +1,18 @@
 r"""The link: per-layer predictions of the noisy quadratic model (NQM), fed with what the
-tracer measured, set beside what the tracer measured, and scored (DESIGN.md, data flow 3;
-THEORY.md §2, §4, §5).
+tracer measured, set beside what the tracer measured, and scored (docs/design.md, data flow 3;
+docs/theory.md §2, §4, §5).
 
 For every probe step :math:`p` and layer :math:`l` of a run:
 
 - :math:`h_l = \alpha_p \lambda_{\max,l}` (the layer's top block curvature times the lr in
   force at :math:`p`) and its ratio to the method's stability edge (2 for GD,
   :math:`2(1+\beta)` for HB, :math:`2(1+\beta)/(1+2\beta)` for NAG): ``edge_ratio`` ≥ 1
-  means the layer's top mode is past the edge of stability (Cohen et al. 2021, THEORY.md
+  means the layer's top mode is past the edge of stability (Cohen et al. 2021, docs/theory.md
   §5); ``edge_ratio_global`` is the same for the network's top eigenvalue;
-- the regime (monotone / ripple / flip / divergent) of the layer's top mode (THEORY.md §2);
+- the regime (monotone / ripple / flip / divergent) of the layer's top mode (docs/theory.md §2);
 - the predicted successive-gradient correlation
   :math:`\rho = \sum_i E[g_{t,i} g_{t-1,i}] / \sum_i E[g_{t,i}^2]` and squared gradient
-  norm :math:`\sum_i E[g_{t,i}^2]` of the NQM layer model (:mod:`dynamics.nqm_layer`),
+  norm :math:`\sum_i E[g_{t,i}^2]` of the NQM layer model (:mod:`dynamics.nqm.layer`),
   whose spectrum is rebuilt from the measured ``sharpness``, ``hessian_trace`` and
   ``n_params`` (power-law shape) with the network's top mode put in
   (:func:`with_global_mode`), whose noise is the measured ``grad_noise`` spread over the
@@ -30,63 +30,16 @@ correlation of the network top mode's stationary fluctuation ("fluct",
 :func:`fluctuation_correlation`), of its dominant root ("root", :func:`mean_part_correlation`)
 or +1 ("drift").
 
-What the seed-CNN sweep says (12 runs, 672 layer-probe points;
-``python -m paper_figures.link_scores`` → ``results/link_seed_cnn.json``). Spearman / sign
-agreement of the correlation, probe on the step's 32 examples (``link_seed_cnn.toml``): the
-plain per-layer model (diagonal block, stationary) 0.34 / 63 %; with the network's top mode
-0.70 / 77 %; run through the lr schedule 0.74 / 78 %. Probed on 512 drawn examples with 8
-Hutchinson vectors and 16 micro-batches (``link_seed_cnn_probe.toml``; default) 0.76 / 76 %
-(Pearson 0.74 → 0.82, calibration error 0.086 → 0.059, log-norm error 0.42 → 0.32 decades).
-Target (issue 7): 0.8 / 90 % — not reached. Which assumptions fail, in order of effect:
-
-1. *Block-diagonal curvature.* The strongly negative correlations (down to −0.8) appear in
-   every layer when the network's h = α λ_max(H) nears the edge, while every block's
-   h_l stays below 0.34 of it: the oscillating direction spans layers. Putting that mode
-   in each layer (its share estimated as λ_max,l / λ_max(H)) doubles the Spearman score.
-2. *Stationarity.* Windows that straddle an lr decay, and the relaxation after it, need the
-   NQM recursion through the schedule (probe 600: Spearman 0.52 → 0.81).
-3. *Noise-driven fluctuations only.* Where every mode has small h (plateau at the start,
-   after the decay) the NQM predicts |ρ| ≲ 0.05, but the measured ρ is +0.1 … +0.45. This
-   is where the remaining misses are (h/edge < 0.05: Spearman 0.24, sign 65 %; where the
-   model predicts |ρ| > 0.1: Spearman 0.82, sign 97 %). The suspect is the gradient's
-   mean (signal) part, which the noise-driven model leaves out, but it cannot simply be
-   added (``results/link_assumption_checks.py`` → ``.json``, a rerun of the 12 runs with extra
-   probe measurements): the *exact* full-batch gradient at each probe (eval mode) carries
-   a median of only 2–34 % of ‖g‖², and a drift term built from it,
-   ρ' = (Σ lag1 + c·D)/(Σ E g² + D) with D = max(‖∇f_l‖² − E‖Hx‖²_NQM, 0), lowers the
-   Spearman score to 0.50–0.57 (c = 1 … 0.5): near the edge the excess is oscillation,
-   not drift. At fixed parameters (``--fixed-theta``) the two regimes separate: on the
-   plateau and after the decay (HB, α = 0.02, β = 0.6; probes 100, 700) independent
-   mini-batch gradients share a part (mean pairwise cosine −0.08 … +0.40, close to the
-   measured ρ = 0.0 … +0.25), a mean gradient that persists because the parameters barely
-   move; at the edge (NAG, α = 0.05, β = 0.9, probe 300) the shared part is larger still
-   (signal fraction 0.8, pairwise cosine 0.85 in the conv layers) yet ρ = −0.48: the mean
-   gradient itself flips sign from step to step. A signal term therefore needs the signal
-   energy (not recorded by the tracer) *and* its lag-1 correlation per regime.
-   Measuring each layer's share ‖v_l‖² of the network's top Ritz vector instead
-   of estimating it by λ_max,l/λ_max(H) changes nothing (Spearman 0.738 vs 0.741): where
-   the top mode matters the estimate is close to the measured share (same script).
-4. *Noise model.* Curvature-proportional noise beats isotropic noise (Spearman 0.54).
-5. *The signal term* (measured ‖E g‖² from the 512-example probe) fixes the small-h regime
-   (h/edge < 0.05: Spearman 0.31 → 0.58, sign 60 → 78 % with "fluct") and raises the sign
-   agreement overall (76 → 82 %), but lowers the Spearman score (0.76 → 0.72; "root" 0.65,
-   "drift" 0.54), so it is not the default. Where 0.05 < h/edge the measured excess
-   ‖E g‖² − E‖Hx‖² has a lag-1 correlation ≈ 0 (0.05–0.5) to −0.6 (> 0.5) (solved from the
-   measurements), below what the top mode's dynamics give (fluct 1 − 2·h/edge for HB): the
-   excess is not a persistent drift there. The mean gradient lies mostly along the layer's
-   piece of the network's top Ritz vector (``grad_signal_top`` / ``grad_signal``: median 0.77
-   where the signal is ≥ 20 % of the batch gradient's energy); giving that part the top
-   mode's correlation and the rest +1 scored lower still (Spearman 0.63, "root"). A single
-   probe's ‖Hx_p‖² is one draw, so max(excess, 0) is biased up even without any drift (on
-   the quadratic network at 1 of 8 probes).
+Measured findings on the seed-CNN sweeps (which assumptions fail and by how much) are in
+``docs/findings/link.md``, each with the command that reproduces it.
 
 On the quadratic network (tests) the prediction matches the tracer within the Monte-Carlo
 tolerance, for HB and NAG.
 
-The parts live in :mod:`experiments.link_measure` (the measured side),
-:mod:`experiments.link_predict` (the NQM per probe and layer), :mod:`experiments.link_signal`
-(the signal term) and :mod:`experiments.link_report` (scores, per-layer table); their public
-names are importable from here too.
+The parts live in :mod:`experiments.linking.measure` (the measured side),
+:mod:`experiments.linking.predict` (the NQM per probe and layer), :mod:`experiments.linking.signal`
+(the signal term), :mod:`experiments.linking.report` (scores, per-layer table) and
+:mod:`experiments.linking.scores` (agreement scores).
 """
 
 import inspect
@@ -97,13 +50,9 @@ import xarray as xr
 
 from dynamics.quadratic import regime, stability_edge
 from experiments import store
-from experiments.link_measure import ALIGNS, default_window, measured_window  # noqa: F401 (re-exported)
-from experiments.link_predict import (  # noqa: F401 (re-exported)
-    EDGE_MARGIN, layer_spectra, predict_layers, schedule_predict_layers, with_global_mode)
-from experiments.link_report import format_report, layer_table, link_scores  # noqa: F401 (re-exported)
-from experiments.link_signal import (  # noqa: F401 (re-exported)
-    SIGNALS, fluctuation_correlation, mean_part_correlation, with_signal)
-from experiments.scores import SCORES, agreement_scores, calibration_error  # noqa: F401 (re-exported)
+from experiments.linking.measure import measured_window
+from experiments.linking.predict import EDGE_MARGIN, layer_spectra, predict_layers, schedule_predict_layers, with_global_mode
+from experiments.linking.signal import SIGNALS, fluctuation_correlation, mean_part_correlation, with_signal
 
 
 LINK_FILE = "link.nc"
@@ -121,7 +70,7 @@ def run_method(config):
 
 def link_trace(trace, config=None, *, window=None, align="center", noise_model="curvature", shape="power",
                on_unstable="exclude", smooth=3, global_mode=True, prediction="schedule", signal="none",
-               spectra=None):
+               spectra=None, top_mode_shares=None):
     """Predicted and measured per-layer oscillation and norm of one run, side by side.
 
     ``trace`` is a run's trace (``experiments.store.load_run`` puts the config in its
@@ -133,7 +82,8 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     (:func:`schedule_predict_layers`), "stationary" takes each probe's stationary state
     (:func:`predict_layers`; its ``pred_effective_dim`` and ``pred_n_unstable`` are kept in
     both cases). ``global_mode`` puts the network's top mode in every layer
-    (:func:`with_global_mode`).
+    (:func:`with_global_mode`); ``top_mode_shares`` (probe_step, layer), if given, are the
+    layers' measured shares of that mode instead of the estimate λ_max,l/λ_max(H).
     Returns a Dataset over (probe_step, layer) with ``lr``,
     ``h`` = lr·sharpness, ``edge`` (the method's stability edge in h), ``edge_ratio`` = h/edge,
     ``edge_ratio_global`` (the same for the network's sharpness),
@@ -158,7 +108,8 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
            for k in ("sharpness", "hessian_trace", "grad_noise", "sharpness_global")}
     built = layer_spectra(method, lr, momentum, fed["sharpness"], fed["hessian_trace"], trace["n_params"],
                           fed["grad_noise"], shape=shape, spectra=spectra,
-                          sharpness_global=fed["sharpness_global"] if global_mode else None)
+                          sharpness_global=fed["sharpness_global"] if global_mode else None,
+                          top_mode_shares=top_mode_shares)
     pred = predict_layers(method, lr, momentum, fed["sharpness"], fed["hessian_trace"], trace["n_params"],
                           fed["grad_noise"], noise_model=noise_model, on_unstable=on_unstable, built=built)
     meas = measured_window(trace, probe, window, align)
@@ -235,7 +186,7 @@ def run_dirs(source, root=None):
     spec's root)."""
     source = Path(source)
     if source.suffix == ".toml":
-        from experiments.sweep import expand, load_spec, resolve_root, run_id
+        from experiments.sweeps.spec import expand, load_spec, resolve_root, run_id
 
         spec = load_spec(source)
         base = resolve_root(spec, root)
@@ -287,40 +238,3 @@ def _run_coords(ds):
     ds = ds.expand_dims(run=[a["run_id"]])
     return ds.assign_coords(opt=("run", [a["method"]]), lr0=("run", [a["lr0"]]),
                             momentum=("run", [a["momentum"]]))
-
-
-def add_command(subparsers):
-    p = subparsers.add_parser("link", help="predicted vs measured per-layer oscillation and norm, with scores",
-                              description="Link a run (or every finished run of a store root or sweep "
-                              "spec): NQM predictions from the measured per-layer sharpness, Hessian trace "
-                              "and gradient noise, beside the measured successive-gradient correlation and "
-                              "gradient norm. Writes link.nc beside each run; prints a per-layer table and "
-                              "the agreement scores.")
-    p.add_argument("source", help="a run directory, a store root, or a sweep spec (.toml)")
-    p.add_argument("--root", help="store root when SOURCE is a spec (default: the spec's root)")
-    p.add_argument("--window", type=int, help="measurement window in steps (default: probe spacing)")
-    p.add_argument("--align", default="center", help="measurement window: center (default) or after the probe")
-    p.add_argument("--noise-model", default="curvature", help="additive or curvature (default)")
-    p.add_argument("--shape", default="power", help="spectrum shape from the summary: power (default), two-level")
-    p.add_argument("--on-unstable", default="exclude", help="modes past the edge: exclude (default), nan")
-    p.add_argument("--smooth", type=int, default=3, help="probes in the rolling mean of the probe estimates")
-    p.add_argument("--prediction", default="schedule",
-                   help="schedule (default: NQM run through the lr sequence) or stationary")
-    p.add_argument("--signal", default="none", help="mean-gradient term from the probe's grad_signal: none "
-                   "(default), fluct / root (lag-1 of the network top mode's fluctuation / dominant root), drift (+1)")
-    p.add_argument("--block-only", action="store_true",
-                   help="per-layer diagonal-block spectra only (no network top mode in each layer)")
-    p.add_argument("--recompute", action="store_true", help="ignore existing link.nc files")
-    p.add_argument("--json", help="also write the scores (and options) as JSON here")
-    p.set_defaults(func=_link_main)
-
-
-def _link_main(args):
-    ds = link(args.source, root=args.root, recompute=args.recompute, window=args.window, align=args.align,
-              noise_model=args.noise_model, shape=args.shape, on_unstable=args.on_unstable, smooth=args.smooth,
-              global_mode=not args.block_only, prediction=args.prediction, signal=args.signal)
-    print(format_report(ds))
-    if args.json:
-        store.atomic_write_json(args.json, {"scores": link_scores(ds), "options": {
-            k: ds.attrs.get(k) for k in OPTIONS}, "source": str(args.source)})
-    return 0

@@ -25,14 +25,16 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from experiments import store, sweep
+from experiments import store
+from experiments.runs.config import canonical_key
+from experiments.sweeps.spec import Spec, as_spec, resolve_root
 
 
 def collect(root, run_ids=None, traces=False, *, spec=None) -> xr.Dataset:
     """Finished runs of ``root`` (a store directory, or a spec path/:class:`Spec` whose root
     is then used; ``spec=`` gives the axes for an explicit ``root``), optionally only
     ``run_ids``, as one Dataset (module docstring)."""
-    if isinstance(root, sweep.Spec) or str(root).endswith(".toml"):
+    if isinstance(root, Spec) or str(root).endswith(".toml"):
         spec, root = root, None
     if spec is None:
         root = Path(root)
@@ -40,8 +42,8 @@ def collect(root, run_ids=None, traces=False, *, spec=None) -> xr.Dataset:
             raise ValueError(f"root={str(root)!r} is not a directory")
         candidates = sorted(p.name for p in root.iterdir()) if run_ids is None else list(run_ids)
         return _flat(root, [rid for rid in candidates if store.is_done(root / rid)], traces)
-    spec = sweep._as_spec(spec)
-    root = sweep.resolve_root(spec, root)
+    spec = as_spec(spec)
+    root = resolve_root(spec, root)
     points = spec.points
     ids = [rid for _, _, rid in points]
     wanted = [rid for rid in dict.fromkeys(ids)
@@ -121,7 +123,7 @@ def _at(shape, dims, dim, n):
 
 
 def _same(a, b):
-    return sweep._key(a) == sweep._key(b)
+    return canonical_key(a) == canonical_key(b)
 
 
 def _flatten(summary, prefix=""):
@@ -135,7 +137,7 @@ def _flatten(summary, prefix=""):
 
 
 def _hashable(value):
-    return sweep._key(value) if isinstance(value, (list, dict)) else value
+    return canonical_key(value) if isinstance(value, (list, dict)) else value
 
 
 def to_table(ds: xr.Dataset, path, fmt=None) -> pd.DataFrame:

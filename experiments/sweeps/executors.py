@@ -36,7 +36,7 @@ from pathlib import Path
 
 from experiments import store
 
-DEFAULT_RUN_FN = "experiments.executors:run_training"
+DEFAULT_RUN_FN = "experiments.sweeps.executors:run_training"
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,8 @@ def _resolve(path: str):
 
 
 def run_training(config: dict, run_dir) -> dict:
-    """``experiments.train.run`` on the RunConfig built from ``config``."""
-    from experiments.train import RunConfig, run
+    """``experiments.runs.loop.run`` on the RunConfig built from ``config``."""
+    from experiments.runs import RunConfig, run
 
     return run(RunConfig.from_dict(config), run_dir)
 

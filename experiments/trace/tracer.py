@@ -1,4 +1,4 @@
-"""Per-layer training traces at every step, kept on the device (DESIGN.md; THEORY.md §5-6).
+"""Per-layer training traces at every step, kept on the device (docs/design.md; docs/theory.md §5-6).
 
 A :class:`Tracer` watches one model and one optimizer (any ``torch.optim`` optimizer). In a
 training step::
@@ -33,21 +33,13 @@ Per step: ``loss``, ``lr`` (``optimizer.param_groups[0]["lr"]`` when ``after_bac
 ``grad_cos_global``, ``update_cos_global``, ``clip_factor_global``.
 
 Cost. Per step the gradients and θ_before are copied once (``torch._foreach_copy_``) into
-flat buffers in which every layer is one contiguous segment, double-buffered so that the
-previous gradient and update stay available for the cosines (G = [g(t), g(t−1)];
-D = [θ_before → −Δθ(t), −Δθ(t−1), θ_after]: the snapshot becomes −Δθ in place). The work is
-a fixed handful of calls plus a few per layer, never a Python loop of small ops per element
-group. Two engines compute the same numbers (both tested against the references):
-
-* ``"numpy"`` (CPU default): numpy views of the buffers, ``ufunc.reduceat`` for the
-  per-layer max/min of |g|, BLAS ``dot``/``asum`` per layer for squared norms, dot products
-  and Σ|·| (one pass, no temporaries), results written straight into a host block
-  (on a CPU the host *is* the device). numpy/BLAS calls cost a fraction of a torch op's
-  dispatch overhead, which dominates for small models.
-* ``"torch"`` (other devices): (chunks, 256) views of the buffers (layers zero-padded to
-  whole chunks), row reductions plus tiny matmuls over chunks and per-layer Gram matrices
-  X Xᵀ, results written into a preallocated device block of ``block_size`` steps, copied to
-  the host only when full or at :meth:`dataset` — no host synchronisation per step.
+flat buffers in which every layer is one contiguous segment; the work is a fixed handful of
+calls plus a few per layer, never a Python loop of small ops per element group. Two engines
+(:mod:`experiments.trace.engines`) compute the same numbers, both tested against references:
+``"numpy"`` (CPU default; numpy/BLAS on views of the buffers) and ``"torch"`` (other devices;
+results stay in a device block copied to the host only when full or at :meth:`dataset` — no
+host synchronisation per step). This module is the bookkeeping: layers, step phases, the
+lr, clip factors, probes and the Dataset.
 
 The per-tensor gradient norms use ``torch._foreach_norm`` so that the global norm is
 bit-identical to ``torch.nn.utils.get_total_norm``. The tracer times itself:
@@ -57,7 +49,7 @@ and ``attrs["probe_seconds"]``. Measured cost: benchmarks/bench_trace.py.
 Probes (every ``probe_every`` steps, run by the training loop through :meth:`probe`): per-layer
 ``sharpness`` (top eigenvalue of the layer's diagonal Hessian block), ``sharpness_global``,
 ``hessian_trace`` (Hutchinson), ``grad_signal`` (‖E g‖², unbiased) and ``grad_noise`` (tr Cov of the mini-batch gradient from
-micro-batches); see :mod:`experiments.sharpness` for the estimators and the treatment of
+micro-batches); see :mod:`experiments.trace.probes` for the estimators and the treatment of
 dropout and BatchNorm.
 """
 
@@ -65,18 +57,13 @@ import math
 import time
 
 import numpy as np
-import scipy.linalg.blas
 import torch
 import xarray as xr
 
-from experiments import sharpness
+from experiments.trace import probes
+from experiments.trace.engines import BACKWARD_STATS, STEP_STATS, NumpyEngine, TorchEngine
 
 ROOT_LAYER = "(root)"
-CHUNK = 256  # elements per row of the flat buffers' (chunks, CHUNK) view
-# per-layer statistics in a block row, after the n per-tensor gradient norms; the first group
-# is written by after_backward (with loss and global norm), the second by after_step
-_BACKWARD_STATS = ("g_abs", "g_max", "g_min", "g_dot")
-_STEP_STATS = ("d_sq", "d_abs", "d_dot", "p_sq", "p_abs")
 
 
 def _check_int(name, value, low):
@@ -178,9 +165,6 @@ class Tracer:
             raise ValueError("model has no parameters with requires_grad=True to trace")
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        # detached aliases (same storage; in-place optimizer updates are seen): per-step ops
-        # on them record no autograd history. Create the Tracer after moving the model.
-        self._data = [p.detach() for p in self.params]
         self._no_grad = torch.no_grad()  # one reusable context (saves its construction)
         devices = {p.device for p in self.params}
         if len(devices) > 1:
@@ -204,23 +188,11 @@ class Tracer:
                 self.layers.append(layer)
             tensor_layer.append(self.layers.index(layer))
         self.tensor_layer = np.asarray(tensor_layer)
-        self.sizes = [p.numel() for p in self.params]
-        self.layer_sizes = np.bincount(self.tensor_layer, weights=self.sizes,
-                                       minlength=len(self.layers)).astype(np.int64)
-        n, L = len(self.params), len(self.layers)
-        self._layout(n, L, CHUNK if self.engine == "torch" else 1)
-
-        # one row per step: n tensor gradient norms, then L columns per per-layer statistic,
-        # then loss and global gradient norm; clipping factors in their own block (init 1)
-        self._w_back = n + L * len(_BACKWARD_STATS) + 2
-        width = self._w_back + L * len(_STEP_STATS)
-        if self.engine == "numpy":
-            self._block = np.zeros((self.block_size, width))
-            self._clip = np.ones((self.block_size, L + 1))
-        else:
-            opts = dict(dtype=torch.promote_types(self.dtype, torch.float32), device=self.device)
-            self._block = torch.zeros(self.block_size, width, **opts)
-            self._clip = torch.ones(self.block_size, L + 1, **opts)
+        # the buffers and kernels (experiments.trace.engines); create the Tracer after moving
+        # the model: the engine aliases the parameters' storage
+        engine_cls = NumpyEngine if self.engine == "numpy" else TorchEngine
+        self._engine = engine_cls(self.params, self.tensor_layer, self.block_size)
+        self.layer_sizes = self._engine.layer_sizes
         self._lrs = []
         self._row = 0
         self.step = 0
@@ -230,48 +202,7 @@ class Tracer:
         self._watch = _Stopwatch(self.device)
         self.probe_seconds = 0.0
         self._probe_steps, self._probe_rows = [], []
-        self._probe_state = sharpness.ProbeState(seed)
-
-    def _layout(self, n, L, chunk):
-        """Flat buffers with each layer's tensors contiguous, the layer zero-padded to whole
-        chunks of ``chunk`` elements (torch engine: then every per-layer statistic is a row
-        reduction of the (chunks, chunk) view plus a tiny reduction over chunks)."""
-        order = sorted(range(n), key=lambda i: self.tensor_layer[i])  # stable
-        chunks = [-(-int(s) // chunk) for s in self.layer_sizes]  # ceil
-        seg_start = np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(np.int64) * chunk
-        offsets, pad = np.zeros(n, dtype=np.int64), []
-        for l in range(L):
-            pos = int(seg_start[l])
-            for i in order:
-                if self.tensor_layer[i] == l:
-                    offsets[i] = pos
-                    pos += self.sizes[i]
-            pad.extend(range(pos, int(seg_start[l]) + chunks[l] * chunk))
-        total = int(sum(chunks)) * chunk
-        opts = dict(dtype=self.dtype, device=self.device)
-        self._G = torch.zeros(2, total, **opts)
-        self._D = torch.zeros(3, total, **opts)
-        self._a = torch.zeros(total, **opts)  # |·| scratch
-        tensors = lambda f: [f.narrow(0, int(o), s).view(p.shape)  # noqa: E731
-                             for o, s, p in zip(offsets, self.sizes, self.params)]
-        self._g_t = [tensors(f) for f in self._G]
-        self._d_t = [tensors(f) for f in self._D]
-        self._seg = [(int(seg_start[l]), chunks[l] * chunk) for l in range(L)]
-        self._chunk = chunk
-        if self.engine == "numpy":
-            self._Gn, self._Dn, self._an = self._G.numpy(), self._D.numpy(), self._a.numpy()
-            self._starts = seg_start
-            contiguous = all(x.is_contiguous() for x in self._data)
-            self._theta_np = ([x.numpy().reshape(-1) for x in self._data]  # views, no copies
-                              if contiguous else None)
-            self._asum, self._dot = scipy.linalg.blas.get_blas_funcs(("asum", "dot"),
-                                                                     (self._an,))
-        else:
-            self._pad = torch.tensor(pad, dtype=torch.long, device=self.device)
-            # chunk -> layer membership, for per-layer sums (matmul) and extrema (masked)
-            member = torch.repeat_interleave(torch.arange(L), torch.tensor(chunks))
-            self._member = (torch.arange(L)[:, None] == member[None, :]).to(self.device)
-            self._member_f = self._member.to(self.dtype)
+        self._probe_state = probes.ProbeState(seed)
 
     def layer_parameters(self):
         """{layer: [parameters]} in trace order (for per-layer clipping consistent with it)."""
@@ -291,67 +222,13 @@ class Tracer:
         self._watch.start()
         with self._no_grad:
             cur = self.step % 2
-            g_t = self._g_t[cur]
-            grads = [p.grad for p in self.params]
-            all_present = all(x is not None for x in grads)
-            if all_present:
-                torch._foreach_copy_(g_t, grads)
-            else:  # unused this step: a zero gradient
-                for v, x in zip(g_t, grads):
-                    v.zero_() if x is None else v.copy_(x)
-            norm_list = torch._foreach_norm(g_t, 2)
-            norms = torch.stack(norm_list)
-            # global norm exactly as torch.nn.utils.get_total_norm: the 2-norm of the
-            # per-tensor norms of the tensors that have a gradient, in parameter order
-            present = norms if all_present else torch.stack(
-                [nrm for nrm, x in zip(norm_list, grads) if x is not None] or [norms[:0].sum()])
-            g_global = torch.linalg.vector_norm(present, 2)
+            norms, g_global = self._engine.capture_gradients(cur)
             self.grad_norm_global = g_global  # 0-d, on the device: read it without a sync
-            torch._foreach_copy_(self._d_t[cur], self._data)  # θ_before
-            if self.engine == "numpy":
-                self._backward_numpy(cur, norms, g_global, loss)
-            else:
-                self._backward_torch(cur, norms, g_global, loss)
+            self._engine.backward_stats(self._row, cur, norms, g_global, loss)
             lr = self.optimizer.param_groups[0].get("lr", math.nan)
             self._lrs.append(lr.detach().clone() if torch.is_tensor(lr) else float(lr))
         self._phase = "backward"
         self._watch.stop()
-
-    def _backward_numpy(self, cur, norms, g_global, loss):
-        G, a, st, n = self._Gn, self._an, self._starts, len(self.params)
-        row = self._block[self._row]
-        np.abs(G[cur], out=a)
-        row[:n] = norms.numpy()
-        L = len(self.layers)
-        row[n:n + L] = [self._asum(G[cur, s:s + m]) for s, m in self._seg]  # BLAS Σ|g|
-        row[n + L:n + 2 * L] = np.maximum.reduceat(a, st)
-        row[n + 2 * L:n + 3 * L] = np.minimum.reduceat(a, st)
-        row[n + 3 * L:n + 4 * L] = [self._dot(G[0, s:s + m], G[1, s:s + m])
-                                    for s, m in self._seg]
-        row[n + 4 * L] = math.nan if loss is None else float(loss)
-        row[n + 4 * L + 1] = float(g_global)
-
-    def _backward_torch(self, cur, norms, g_global, loss):
-        g, a = self._G[cur], self._a
-        dots = self._grams(self._G)[:, 0, 1]
-        rows = a.view(-1, self._chunk)
-        torch.abs(g, out=a)
-        abs_sums = (self._member_f @ rows.sum(1, keepdim=True))[:, 0]
-        maxes = torch.where(self._member, rows.amax(1), -math.inf).amax(1)
-        a.index_fill_(0, self._pad, math.inf)  # padding must not count as min|g| = 0
-        mins = torch.where(self._member, rows.amin(1), math.inf).amin(1)
-        if torch.is_tensor(loss):
-            loss_t = loss.detach().reshape(()).to(self.dtype)
-        else:  # a fill kernel, not a host-to-device copy (which would synchronise)
-            loss_t = torch.full((), math.nan if loss is None else float(loss),
-                                dtype=self.dtype, device=self.device)
-        values = torch.cat([norms, abs_sums, maxes, mins, dots,
-                            torch.stack([loss_t, g_global])])
-        self._block[self._row, :len(values)].copy_(values)
-
-    def _grams(self, X):
-        """Per-layer Gram matrices of the rows of X (torch): (L, rows, rows)."""
-        return torch.stack([X[:, s:s + m] @ X[:, s:s + m].T for s, m in self._seg])
 
     def record_clip(self, global_factor=None, layer_factors=None):
         """Record clipping factors of the current step (between after_backward and step).
@@ -380,12 +257,7 @@ class Tracer:
             factors[L] = global_factor
         with self._no_grad:
             for col, f in factors.items():
-                if self.engine == "numpy":
-                    self._clip[row, col] = float(f)
-                elif torch.is_tensor(f):
-                    self._clip[row, col].copy_(f.reshape(()))  # on the device: no host sync
-                else:
-                    self._clip[row, col].fill_(float(f))  # a kernel argument, no H2D copy
+                self._engine.set_clip(row, col, f)
         self._watch.stop()
 
     def after_step(self):
@@ -394,11 +266,7 @@ class Tracer:
             raise RuntimeError("after_step called without after_backward")
         self._watch.start()
         with self._no_grad:
-            cur, prev = self.step % 2, (self.step + 1) % 2
-            if self.engine == "numpy":
-                self._step_numpy(cur, prev)
-            else:
-                self._step_torch(cur, prev)
+            self._engine.step_stats(self._row, self.step % 2, (self.step + 1) % 2)
         self._row += 1
         self.step += 1
         self._phase = "idle"
@@ -406,44 +274,15 @@ class Tracer:
             self._flush()
         self._watch.stop()
 
-    def _step_numpy(self, cur, prev):
-        D, L, asum, dot = self._Dn, len(self.layers), self._asum, self._dot
-        torch._foreach_sub_(self._d_t[cur], self._data)  # θ_before − θ_after = −Δθ
-        row = self._block[self._row, self._w_back:]
-        for l, (s, m) in enumerate(self._seg):  # one BLAS pass per statistic, no temporaries
-            d = D[cur, s:s + m]
-            row[l], row[L + l], row[2 * L + l] = dot(d, d), asum(d), dot(d, D[prev, s:s + m])
-        theta = self._theta_np or [x.numpy().reshape(-1) for x in self._data]
-        row[3 * L:4 * L] = np.bincount(self.tensor_layer, [dot(x, x) for x in theta], L)
-        row[4 * L:5 * L] = np.bincount(self.tensor_layer, [asum(x) for x in theta], L)
-
-    def _step_torch(self, cur, prev):
-        D, a = self._D, self._a
-        torch._foreach_copy_(self._d_t[2], self._data)  # θ_after
-        D[cur].sub_(D[2])  # θ_before − θ_after = −Δθ (the sign cancels in every statistic)
-        gram = self._grams(D)
-        torch.abs(D[cur], out=a)
-        abs_rows = torch.stack([a.view(-1, self._chunk).sum(1),
-                                D[2].abs_().view(-1, self._chunk).sum(1)], 1)
-        abs_sums = self._member_f @ abs_rows
-        # columns: ‖Δθ‖², Σ|Δθ|, ⟨Δθ(t), Δθ(t−1)⟩, ‖θ‖², Σ|θ|
-        values = torch.cat([gram[:, cur, cur], abs_sums[:, 0], gram[:, cur, prev],
-                            gram[:, 2, 2], abs_sums[:, 1]])
-        self._block[self._row, self._w_back:].copy_(values)
-
     def _flush(self):
         rows = self._row
         if rows == 0:
             return
-        if self.engine == "numpy":
-            self._host_rows.append(self._block[:rows].copy())
-            self._host_clip.append(self._clip[:rows].copy())
-        else:
-            host = lambda x: x[:rows].to("cpu", copy=True).double().numpy()  # noqa: E731
-            self._host_rows.append(host(self._block))
-            self._host_clip.append(host(self._clip))
-            self._watch.collect()  # the copy above has synchronised anyway
-        self._clip[:] = 1.0
+        block, clip = self._engine.flush(rows)
+        self._host_rows.append(block)
+        self._host_clip.append(clip)
+        if self.engine == "torch":
+            self._watch.collect()  # the copy has synchronised anyway
         self._row = 0
 
     # ---------------------------------------------------------------- probes
@@ -465,7 +304,7 @@ class Tracer:
         t0 = time.perf_counter()
         blocks = [[i for i, li in enumerate(self.tensor_layer) if li == l]
                   for l in range(len(self.layers))]
-        res = sharpness.probe(self.model, self.params, blocks, loss_fn, batch,
+        res = probes.probe(self.model, self.params, blocks, loss_fn, batch,
                               state=self._probe_state, iters=self.sharpness_iters,
                               tol=self.sharpness_tol,
                               hutchinson_samples=self.hutchinson_samples,
@@ -476,19 +315,25 @@ class Tracer:
         self.probe_seconds += time.perf_counter() - t0
         return res
 
+    @property
+    def global_top_vector(self):
+        """The network's unit top Ritz vector from the last probe (flat, over :attr:`params`
+        in order), or None before the first probe."""
+        return self._probe_state.vectors.get(("global",))
+
     # ---------------------------------------------------------------- output
     def dataset(self):
-        """The trace so far as an ``xarray.Dataset`` (schema in BRIEF.md / module docstring)."""
+        """The trace so far as an ``xarray.Dataset`` (schema in the module docstring)."""
         self._flush()
-        n, L = len(self.params), len(self.layers)
-        width = self._w_back + L * len(_STEP_STATS)
+        n, L, w_back = len(self.params), len(self.layers), self._engine.w_back
+        width = self._engine.width
         R = np.concatenate(self._host_rows) if self._host_rows else np.zeros((0, width))
         C = np.concatenate(self._host_clip) if self._host_clip else np.zeros((0, L + 1))
         steps = len(R)
-        col = dict(zip(_BACKWARD_STATS, range(n, n + L * len(_BACKWARD_STATS), L)))
-        col.update(zip(_STEP_STATS, range(self._w_back, width, L)))
+        col = dict(zip(BACKWARD_STATS, range(n, n + L * len(BACKWARD_STATS), L)))
+        col.update(zip(STEP_STATS, range(w_back, width, L)))
         get = lambda k: R[:, col[k]:col[k] + L]  # noqa: E731
-        loss, g_global = R[:, self._w_back - 2], R[:, self._w_back - 1]
+        loss, g_global = R[:, w_back - 2], R[:, w_back - 1]
         lr = np.array([float(x) for x in self._lrs[:steps]], dtype=float)
         def layer_sum(x):  # (steps, n) per-tensor values -> (steps, L) per-layer sums
             out = np.zeros((steps, L))
@@ -542,7 +387,7 @@ class Tracer:
 
     def _probe_dataset(self):
         L, P = len(self.layers), len(self._probe_steps)
-        get = lambda key: (np.array([r[key] for r in self._probe_rows], dtype=float)  # noqa: E731
+        get = lambda key: (np.array([getattr(r, key) for r in self._probe_rows], dtype=float)  # noqa: E731
                            if P else np.zeros((0, L)))
         pl = ("probe_step", "layer")
         return xr.Dataset(

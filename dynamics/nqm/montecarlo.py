@@ -1,6 +1,6 @@
 r"""Monte-Carlo simulation of the noisy quadratic model (many independent chains at once).
 
-The same model as :mod:`dynamics.stochastic`: per eigen-mode :math:`g_k = \lambda x_k +
+The same model as :mod:`dynamics.nqm.stationary`: per eigen-mode :math:`g_k = \lambda x_k +
 \sigma \varepsilon_k`, :math:`\varepsilon_k \sim N(0, 1)` i.i.d., and the update is
 :meth:`dynamics.methods.Method.update` itself (PyTorch's rules), so the simulator and the
 analytic model cannot drift apart. State arrays have shape (chains,) + modes; the loop is
@@ -17,7 +17,7 @@ __all__ = ["monte_carlo"]
 
 def _stationary_start(method, lam, lr, momentum, sigma2, chains, rng):
     """Draw (x_0, b_{-1}) from the exact stationary Gaussian, so no burn-in is needed."""
-    from dynamics.stochastic import stationary_state_covariance
+    from dynamics.nqm.stationary import stationary_state_covariance
 
     P = stationary_state_covariance(method, lam, lr, momentum, sigma2)
     # Cholesky of a 2x2 PSD matrix, written out so that singular P (GD: b is unused) works.
@@ -42,7 +42,7 @@ def monte_carlo(method, lam, lr, momentum, sigma2, *, steps, chains, seed=0,
     ``chain_means`` (the same per chain, (chains,) + modes: i.i.d. across chains, so their
     spread gives the Monte-Carlo error without modelling the autocorrelation).
     ``average="chains"``: per-step chain means, arrays (steps,) + modes, ``lag1[t]`` =
-    mean g_t g_{t-1} (NaN at t = 0), indexed like :func:`dynamics.stochastic.schedule_prediction`.
+    mean g_t g_{t-1} (NaN at t = 0), indexed like :func:`dynamics.nqm.stationary.schedule_prediction`.
     """
     m = get_method(method)
     lam = check_positive("lam", lam, allow_zero=True)

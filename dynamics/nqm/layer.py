@@ -1,6 +1,6 @@
 r"""Layer model of the NQM: a layer is a Hessian spectrum plus a noise level per mode, and its
 predicted successive-gradient correlation and gradient norm are sums over modes of the
-per-mode stationary moments of :mod:`dynamics.stochastic` (THEORY.md §4).
+per-mode stationary moments of :mod:`dynamics.nqm.stationary` (docs/theory.md §4).
 
 Assumptions (what a prediction from this module takes for granted):
 
@@ -17,10 +17,10 @@ Assumptions (what a prediction from this module takes for granted):
      :math:`\Sigma \propto H`, as for a mean-squared-error or cross-entropy loss near a
      minimum where the gradient covariance is close to the Fisher ≈ Hessian (per batch).
    - or an explicit array of relative per-mode weights (e.g. :math:`\lambda_i^2` for the
-     DeepOBS data-shift noise of :mod:`dynamics.problems`).
+     DeepOBS data-shift noise of :mod:`dynamics.nqm.problems`).
 3. The dynamics are stationary: lr, momentum, spectrum and noise change slowly compared with
    the mixing time of the slowest mode that matters (use
-   :func:`dynamics.nqm_schedule.schedule_prediction` when they do not).
+   :func:`dynamics.nqm.schedule.schedule_prediction` when they do not).
 4. A trace's per-step cosine of successive gradients is compared with
    :math:`E[g_t\cdot g_{t+1}] / E\|g\|^2`. This equals :math:`E[\cos]` up to
    :math:`O(1/d_{\rm eff})` with :math:`d_{\rm eff} = (\sum_i E g_i^2)^2 / \sum_i (E g_i^2)^2`
@@ -39,16 +39,17 @@ A spectrum from a summary (top eigenvalue, trace, size) needs a shape; two are o
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import scipy.optimize
 
 from dynamics._checks import broadcast, check_momentum, check_positive
 from dynamics.methods import get_method
+from dynamics.nqm.stationary import mode_factors
 from dynamics.quadratic import stability_edge
-from dynamics.stochastic import mode_factors
 
-__all__ = ["LayerSpectrum", "layer_prediction", "NOISE_MODELS", "SHAPES"]
+__all__ = ["LayerPrediction", "LayerSpectrum", "layer_prediction", "NOISE_MODELS", "SHAPES"]
 
 NOISE_MODELS = ("additive", "curvature")
 SHAPES = ("power", "two-level")
@@ -176,12 +177,31 @@ class LayerSpectrum:
         return total * rel / norm
 
 
+class LayerPrediction(NamedTuple):
+    """One layer's predicted stationary gradient statistics (see :func:`layer_prediction`)."""
+
+    grad_corr: np.ndarray
+    grad_sq_norm: np.ndarray
+    full_grad_sq_norm: np.ndarray
+    lag1: np.ndarray
+    effective_dim: np.ndarray
+    n_unstable: np.ndarray
+    eigenvalues: np.ndarray
+    weights: np.ndarray
+    h: np.ndarray
+    sigma2: np.ndarray
+    mode_grad_sq: np.ndarray
+    mode_lag1: np.ndarray
+    mode_corr: np.ndarray
+    unstable: np.ndarray
+
+
 def layer_prediction(method, lr, momentum, spectrum, noise_total, noise_model="additive",
                      on_unstable="raise"):
     r"""Predicted stationary gradient oscillation and norm of one layer.
 
     ``lr``, ``momentum`` and ``noise_total`` broadcast together (shape S, e.g. one per
-    logged step); per-mode arrays have shape S + (modes,). Returns a dict with
+    logged step); per-mode arrays have shape S + (modes,). Returns a :class:`LayerPrediction`:
 
     - ``grad_corr`` = Σ_i w_i E[g_t g_{t+1}]_i / Σ_i w_i E g_i² (the trace's successive-gradient
       cosine, see assumption 4), ``grad_sq_norm`` = E‖g‖², ``full_grad_sq_norm`` = E‖Hx‖²,
@@ -232,8 +252,7 @@ def layer_prediction(method, lr, momentum, spectrum, noise_total, noise_model="a
         any_bad = np.where(n_unstable > 0, np.nan, 1.0)
         total_sq, total_lag, total_full, eff = (a * any_bad for a in
                                                 (total_sq, total_lag, total_full, eff))
-    return {"grad_corr": total_lag / total_sq, "grad_sq_norm": total_sq,
-            "full_grad_sq_norm": total_full, "lag1": total_lag, "effective_dim": eff,
-            "n_unstable": n_unstable, "eigenvalues": lam, "weights": w, "h": h,
-            "sigma2": sigma2, "mode_grad_sq": grad_sq * nan, "mode_lag1": lag1 * nan,
-            "mode_corr": rho * nan, "unstable": unstable}
+    return LayerPrediction(grad_corr=total_lag / total_sq, grad_sq_norm=total_sq, full_grad_sq_norm=total_full,
+                           lag1=total_lag, effective_dim=eff, n_unstable=n_unstable, eigenvalues=lam, weights=w,
+                           h=h, sigma2=sigma2, mode_grad_sq=grad_sq * nan, mode_lag1=lag1 * nan,
+                           mode_corr=rho * nan, unstable=unstable)

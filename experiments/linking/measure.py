@@ -1,4 +1,4 @@
-r"""The measured side of the link (:mod:`experiments.link`): the successive-gradient
+r"""The measured side of the link (:mod:`experiments.linking.core`): the successive-gradient
 correlation and squared gradient norm of each layer over a window of steps around each probe,
 from the tracer's per-step ``grad_norm`` and ``grad_cos``."""
 

@@ -1,4 +1,4 @@
-r"""Models, each built from a dataset's :class:`~experiments.data.DataInfo`.
+r"""Models, each built from a dataset's :class:`~experiments.runs.data.DataInfo`.
 
 ``build_model(name, info, **model_args)``; ``MODELS[name]`` is the class. Outputs:
 ``classify`` → logits (N, n_classes); ``lm`` → logits (N, seq_len, vocab_size);

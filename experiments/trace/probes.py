@@ -1,4 +1,4 @@
-"""Curvature and gradient-noise probes by Hessian-vector products (THEORY.md §5, §4).
+"""Curvature and gradient-noise probes by Hessian-vector products (docs/theory.md §5, §4).
 
 All quantities refer to the loss L(θ) = ``loss_fn(model, batch)`` of one batch at the current
 parameters θ, split into blocks (layers) θ = (θ_1, ..., θ_K) with Hessian blocks H_kl.
@@ -26,7 +26,7 @@ parameters θ, split into blocks (layers) θ = (θ_1, ..., θ_K) with Hessian bl
   gradients g_1..g_M, unbiased sample variance s_i² = Σ_j (g_ji − ḡ_i)²/(M−1) per element; for
   i.i.d. examples Cov(g_j) = Σ_1/b and Cov(ĝ) = Σ_1/B, so the estimate is
   (b/B)·Σ_{i∈block} s_i² (= (1/M)Σ s_i² when M divides B). It is the ``noise_total`` of
-  ``dynamics.stochastic.layer_prediction``. From the same micro-batches, the **gradient signal**
+  ``dynamics.nqm.stationary.layer_prediction``. From the same micro-batches, the **gradient signal**
   ‖E g‖² per block (squared norm of the mean gradient over the data at θ), unbiased:
   Σ_i (ḡ_i² − s_i²/M) (:func:`microbatch_moments`).
 
@@ -45,6 +45,7 @@ fused kernels have no double backward.
 """
 
 import contextlib
+from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -323,13 +324,25 @@ def microbatch_moments(model, params, blocks, loss_fn, batch, parts, noise_batch
     return noise, signal, torch.stack(top)
 
 
+class ProbeResult(NamedTuple):
+    """One probe's measurements: arrays over blocks (layers), floats for the whole network;
+    NaN where that probe is switched off."""
+
+    sharpness: np.ndarray  # λ_max(H_kk)
+    hessian_trace: np.ndarray  # tr(H_kk), Hutchinson
+    grad_noise: np.ndarray  # tr Cov of the mini-batch mean gradient
+    grad_signal: np.ndarray  # ‖E g‖², unbiased
+    grad_signal_top: np.ndarray  # its part along the network's top Ritz vector
+    sharpness_steps: np.ndarray  # Lanczos steps used per block
+    sharpness_global: float  # λ_max(H)
+    sharpness_global_steps: float
+
+
 def probe(model, params, blocks, loss_fn, batch, *, state, iters=20, tol=1e-3,
-          hutchinson_samples=1, microbatches=4, mode="train", noise_batch_size=None):
-    """All probes at the current parameters: dict of numpy arrays over blocks (sharpness,
-    hessian_trace, grad_noise, grad_signal and grad_signal_top (along the network's top Ritz
-    vector; :func:`microbatch_moments`), sharpness_steps:
-    Lanczos steps used) and the floats
-    ``sharpness_global``, ``sharpness_global_steps``. NaN where switched off.
+          hutchinson_samples=1, microbatches=4, mode="train", noise_batch_size=None) -> ProbeResult:
+    """All probes at the current parameters (:class:`ProbeResult`): block sharpness and
+    Lanczos steps used, Hutchinson traces, gradient noise, signal and its part along the
+    network's top Ritz vector (:func:`microbatch_moments`), and the network's sharpness.
     ``noise_batch_size``: see :func:`microbatch_moments`."""
     K = len(blocks)
     nan = np.full(K, np.nan)
@@ -355,4 +368,4 @@ def probe(model, params, blocks, loss_fn, batch, *, state, iters=20, tol=1e-3,
             keys = ("grad_noise", "grad_signal", "grad_signal_top")
             out.update({k: m.detach().cpu().double().numpy() for k, m in zip(keys, moments)})
     out["sharpness_global"] = float(out["sharpness_global"])
-    return out
+    return ProbeResult(**out)

@@ -1,4 +1,4 @@
-"""Agreement scores of a prediction against a measurement (used by :mod:`experiments.link`;
+"""Agreement scores of a prediction against a measurement (used by :mod:`experiments.linking.core`;
 importable from there too): Pearson and Spearman correlation, sign agreement, binned
 calibration error, mean absolute error, pooled over any array shape."""
 

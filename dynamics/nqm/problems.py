@@ -1,6 +1,6 @@
 r"""Ready noisy quadratic test problems with known spectra.
 
-``quadratic_deep`` follows DeepOBS (Schneider, Balles, Hennig, ICLR 2019; THEORY.md §6):
+``quadratic_deep`` follows DeepOBS (Schneider, Balles, Hennig, ICLR 2019; docs/theory.md §6):
 loss :math:`\tfrac12 (\theta - x)^\top Q (\theta - x)` averaged over a batch of data
 :math:`x \sim N(0, s^2 I)` (``noise_level`` s = 0.6), 100 dimensions, 90 eigenvalues of Q
 ~ U(0, 1) and 10 ~ U(30, 60), a Haar-random rotation, :math:`\theta_0 = (1, \dots, 1)`.
@@ -46,10 +46,10 @@ class QuadraticProblem:
         return self.eigenvectors.T @ self.x0
 
     def layer_spectrum(self):
-        """The problem as a one-layer :class:`dynamics.nqm_layer.LayerSpectrum`; pass
+        """The problem as a one-layer :class:`dynamics.nqm.layer.LayerSpectrum`; pass
         ``noise_model=problem.noise_eigenvalues`` and ``noise_total=problem.noise_eigenvalues.sum()``
-        to :func:`dynamics.nqm_layer.layer_prediction` for its exact noise."""
-        from dynamics.nqm_layer import LayerSpectrum
+        to :func:`dynamics.nqm.layer.layer_prediction` for its exact noise."""
+        from dynamics.nqm.layer import LayerSpectrum
 
         return LayerSpectrum(self.eigenvalues)
 

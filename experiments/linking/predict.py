@@ -1,4 +1,4 @@
-r"""The predicted side of the link (:mod:`experiments.link`): per (probe step, layer) the NQM
+r"""The predicted side of the link (:mod:`experiments.linking.core`): per (probe step, layer) the NQM
 layer model fed with the measured spectrum summary and gradient noise, with the network's top
 mode put in each layer (:func:`with_global_mode`), stationary (:func:`predict_layers`) or run
 through the run's lr sequence (:func:`schedule_predict_layers`)."""
@@ -6,8 +6,8 @@ through the run's lr sequence (:func:`schedule_predict_layers`)."""
 import numpy as np
 import xarray as xr
 
-from dynamics.nqm_layer import LayerSpectrum, layer_prediction
-from dynamics.nqm_schedule import schedule_prediction
+from dynamics.nqm.layer import LayerSpectrum, layer_prediction
+from dynamics.nqm.schedule import schedule_prediction
 from dynamics.quadratic import stability_edge
 
 
@@ -49,7 +49,7 @@ def predict_layers(method, lr, momentum, sharpness, hessian_trace, n_params, gra
             pred = layer_prediction(method, lrs[i], momentum, spectrum, noise,
                                     noise_model=noise_model, on_unstable=on_unstable)
             for k in names:
-                out[k][i, j] = pred[k]
+                out[k][i, j] = getattr(pred, k)
             exponent[i, j] = spectrum.exponent
     dims = ("probe_step", "layer")
     coords = {"probe_step": probe, "layer": layers}
@@ -59,10 +59,12 @@ def predict_layers(method, lr, momentum, sharpness, hessian_trace, n_params, gra
 
 
 def layer_spectra(method, lr, momentum, sharpness, hessian_trace, n_params, grad_noise, *, shape="power",
-                  spectra=None, sharpness_global=None, edge_margin=EDGE_MARGIN):
+                  spectra=None, sharpness_global=None, edge_margin=EDGE_MARGIN, top_mode_shares=None):
     """{layer: [(LayerSpectrum or None, noise_total) per probe step]}: the spectra the
     predictions use (see :func:`predict_layers`); None where the measured summary, noise
-    or lr admit no stationary NQM."""
+    or lr admit no stationary NQM. ``top_mode_shares`` (probe_step, layer): each layer's
+    measured share of the network's top eigenvector, used by :func:`with_global_mode`
+    instead of its estimate."""
     probe, layers = sharpness["probe_step"].values, sharpness["layer"].values
     lrs = np.asarray(lr.values, dtype=float)
     edge = float(stability_edge(method, momentum))
@@ -81,8 +83,9 @@ def layer_spectra(method, lr, momentum, sharpness, hessian_trace, n_params, grad
             elif usable and np.isfinite(lam[i]) and lam[i] > 0 and np.isfinite(tr[i]):
                 spectrum = LayerSpectrum.from_summary(lam[i], tr[i], n, shape=shape, clip_trace=True)
                 if sharpness_global is not None:
+                    share = None if top_mode_shares is None else float(top_mode_shares.sel(layer=layer).values[i])
                     spectrum = with_global_mode(spectrum, float(sharpness_global.values[i]),
-                                                edge * (1 - edge_margin) / lrs[i])
+                                                edge * (1 - edge_margin) / lrs[i], share=share)
             out[layer].append((spectrum, float(noise[i])))
     return out
 
@@ -90,12 +93,12 @@ def layer_spectra(method, lr, momentum, sharpness, hessian_trace, n_params, grad
 def schedule_predict_layers(method, lrs, momentum, probe_steps, built, window, align="center",
                             noise_model="curvature", edge_margin=EDGE_MARGIN, return_full=False):
     r"""Non-stationary predictions: the NQM second-moment recursion
-    (:func:`dynamics.nqm_schedule.schedule_prediction`) run through the whole run, step by
+    (:func:`dynamics.nqm.schedule.schedule_prediction`) run through the whole run, step by
     step with the lr actually used (``lrs``, the trace's ``lr``), each step taking the
     spectrum and noise of the nearest probe (of the latest probe for ``align="after"``),
     from the minimum (x₀ = 0). The window of each probe then gets
     :math:`\sum_t E[g_t\cdot g_{t-1}] / \sqrt{\sum_t E\|g_t\|^2 \sum_t E\|g_{t-1}\|^2}` and the
-    mean of :math:`E\|g_t\|^2` over the same steps as :func:`experiments.link_measure.measured_window`, so an lr
+    mean of :math:`E\|g_t\|^2` over the same steps as :func:`experiments.linking.measure.measured_window`, so an lr
     decay inside a window, and the slow relaxation after it (the excess variance of the
     old lr decays over ~1/h' steps, the gradient meanwhile keeping its direction), are in
     the prediction. A mode of multiplicity w and noise σ² has the moments of w modes when
@@ -141,7 +144,7 @@ def schedule_predict_layers(method, lrs, momentum, probe_steps, built, window, a
     return (corr, sq, full) if return_full else (corr, sq)
 
 
-def with_global_mode(spectrum, lam_global, lam_cap=np.inf):
+def with_global_mode(spectrum, lam_global, lam_cap=np.inf, share=None):
     r"""The layer's spectrum with its top mode replaced by the network's top mode.
 
     The tracer's ``sharpness`` is the top eigenvalue of the layer's *diagonal block*
@@ -161,11 +164,13 @@ def with_global_mode(spectrum, lam_global, lam_cap=np.inf):
     it is held there by non-quadratic effects. λ_G is therefore capped at ``lam_cap``
     (a fixed margin below the edge, :data:`EDGE_MARGIN`), which keeps the mode's
     amplification finite and its lag-1 correlation that of a mode at the edge.
+
+    ``share``: the layer's measured ‖v_l‖² instead of the estimate s_l.
     """
     lam_top = spectrum.eigenvalues[0]
     lam_g = min(lam_global, lam_cap) if np.isfinite(lam_global) else np.nan
     if not (np.isfinite(lam_g) and lam_g > lam_top and spectrum.weights[0] == 1):
         return spectrum
     eig, w = spectrum.eigenvalues.copy(), spectrum.weights.copy()
-    eig[0], w[0] = lam_g, lam_top / lam_g
+    eig[0], w[0] = lam_g, lam_top / lam_g if share is None else share
     return LayerSpectrum(eig, w, shape=f"{spectrum.shape}+global", exponent=spectrum.exponent)

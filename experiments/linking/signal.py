@@ -1,4 +1,4 @@
-r"""The optional mean-gradient (signal) term of the link (:mod:`experiments.link`): the NQM
+r"""The optional mean-gradient (signal) term of the link (:mod:`experiments.linking.core`): the NQM
 prediction with the probe's measured ‖E g‖² mixed in (:func:`with_signal`), and the lag-1
 correlations it can be given (:func:`fluctuation_correlation`, :func:`mean_part_correlation`)."""
 
@@ -6,7 +6,7 @@ import numpy as np
 import xarray as xr
 
 from dynamics.quadratic import char_roots
-from dynamics.stochastic import stationary_state_covariance, state_space
+from dynamics.nqm.stationary import stationary_state_covariance, state_space
 
 # the mean-gradient (signal) term (with_signal): none (plain NQM, default), its lag-1 correlation
 # that of the network top mode's stationary fluctuation (fluct), of its dominant root (root), +1 (drift)
@@ -16,7 +16,7 @@ SIGNALS = ("none", "fluct", "root", "drift")
 def mean_part_correlation(method, h, momentum):
     r"""Successive correlation of the deterministic part of a mode's gradient,
     :math:`\cos\arg z_1 = \mathrm{Re}\,z_1/|z_1|` with :math:`z_1` the dominant root of the
-    method's characteristic polynomial at ``h`` (THEORY.md §2). Without noise a mode's gradient
+    method's characteristic polynomial at ``h`` (docs/theory.md §2). Without noise a mode's gradient
     is :math:`m_t = \mathrm{Re}(c z_1^t) + \dots`; for a complex pair :math:`z = r e^{\pm i\theta}`,
     :math:`m_t = r^t\cos(\theta t + \phi)` and
     :math:`\sum_t m_t m_{t-1}/\sqrt{\sum_t m_t^2\sum_t m_{t-1}^2} \to \cos\theta` over many
@@ -32,8 +32,8 @@ def mean_part_correlation(method, h, momentum):
 def fluctuation_correlation(method, h, momentum):
     r"""Lag-1 correlation :math:`E[x_{t+1}x_t]/E[x_t^2]` of a mode's stationary noise-driven
     iterate (so of its gradient λx): :math:`(AP)_{00}/P_{00}` with P the stationary state
-    covariance (:func:`dynamics.stochastic.stationary_state_covariance`) and A the mode's
-    state matrix; it depends on h only (HB: :math:`1 - h/(1+\beta)`, THEORY.md §4). ≈ 1 at
+    covariance (:func:`dynamics.nqm.stationary.stationary_state_covariance`) and A the mode's
+    state matrix; it depends on h only (HB: :math:`1 - h/(1+\beta)`, docs/theory.md §4). ≈ 1 at
     small h (a displacement persists), → −1 at the edge. Broadcasts over h."""
     hh = np.asarray(h, dtype=float)
     flat = np.clip(np.nan_to_num(hh.ravel()), 1e-12, None)
@@ -56,7 +56,7 @@ def with_signal(pred_corr, pred_sq, pred_full_sq, signal, rho_mean):
     .. math:: \rho = \frac{\rho_N E\|\xi\|^2 + \rho_m \|m\|^2}{E\|\xi\|^2 + \|m\|^2},
        \qquad E\|g\|^2 = E\|\xi\|^2 + \|m\|^2 .
 
-    The probe measures ``signal`` = ‖E g‖² at θ (:func:`experiments.sharpness.microbatch_moments`),
+    The probe measures ``signal`` = ‖E g‖² at θ (:func:`experiments.trace.probes.microbatch_moments`),
     which is :math:`\|m + Hx\|^2`; the NQM's own full-batch part :math:`F = E\|Hx\|^2`
     (``pred_full_sq``) is taken out so nothing is counted twice:
     :math:`\|m\|^2 = \max(\text{signal} - F, 0)`. Missing signal: no term.

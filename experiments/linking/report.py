@@ -1,10 +1,10 @@
-"""Scores and the per-layer table of a link Dataset (:mod:`experiments.link`), as printed by
+"""Scores and the per-layer table of a link Dataset (:mod:`experiments.linking.core`), as printed by
 ``optdyn link``."""
 
 import numpy as np
 import pandas as pd
 
-from experiments.scores import SCORES, agreement_scores
+from experiments.linking.scores import SCORES, agreement_scores
 
 
 def link_scores(ds, bins=10):

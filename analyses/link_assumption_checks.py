@@ -1,13 +1,13 @@
-"""One-off checks behind the failure analysis in ``experiments/link.py`` (issue 7): rerun the
+"""Checks behind the link's failure analysis (docs/findings/link.md): rerun the
 12 runs of ``experiments/specs/link_seed_cnn.toml`` (bit-identical to the store's: same
 configs, one thread) with two extra measurements at every probe, then score model variants
 that use them. Writes ``results/link_assumption_checks.json``. About 5 CPU-minutes:
 
-    .venv/bin/python results/link_assumption_checks.py [--fixed-theta]
+    .venv/bin/python -m analyses link_assumption_checks [--fixed-theta]
 
 1. Each layer's share ‖v_l‖² of the network's top Ritz vector (the tracer's Lanczos vector
    for ``sharpness_global``), used instead of the estimate λ_max,l / λ_max(H) of
-   :func:`experiments.link.with_global_mode`.
+   :func:`experiments.linking.predict.with_global_mode` (its ``share`` argument).
 2. The exact full-batch gradient energy ‖∇f_l‖² (all 4000 training examples, eval mode), and
    a drift term built from it: predicted ρ' = (Σ lag1 + c·D)/(Σ E g² + D) with
    D = max(‖∇f_l‖² − E‖H x‖²_NQM, 0) and c ∈ {1, 0.8, 0.5}.
@@ -25,26 +25,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import experiments.link as link
-import experiments.trace as trace_module
-from dynamics.nqm_layer import LayerSpectrum
-from experiments.data import load_data
-from experiments.sweep import expand, load_spec, run_id
-from experiments.train import make_loss_fn, train
+import xarray as xr
 
-SPEC = Path(__file__).resolve().parents[1] / "experiments" / "specs" / "link_seed_cnn.toml"
-OUT = Path(__file__).resolve().parent / "link_assumption_checks.json"
+from experiments import store
+from experiments.linking import core as link
+from experiments.linking.report import link_scores
+from experiments.linking.scores import agreement_scores
+from experiments.runs.config import run_id
+from experiments.runs.data import load_data
+from experiments.runs.loop import make_loss_fn, train
+from experiments.sweeps import SPECS_DIR, expand, load_spec
+
+SPEC = SPECS_DIR / "link_seed_cnn.toml"
+OUT = Path(__file__).resolve().parents[1] / "results" / "link_assumption_checks.json"
 
 
 def measure():
     """{run_id: [(probe step, top-mode shares per layer, full-batch ‖∇f_l‖² per layer)]}."""
     data = load_data("mnist1d")
     loss_fn = make_loss_fn("classify")
-    current, original = [], trace_module.Tracer.probe
+    current = []
 
-    def probe(self, batch_loss_fn, batch):
-        res = original(self, batch_loss_fn, batch)
-        v = self._probe_state.vectors[("global",)].detach().double().cpu()
+    def probe(self):
+        v = self.global_top_vector.detach().double().cpu()
         layer_of = np.asarray(self.tensor_layer)
         share = np.zeros(len(self.layers))
         np.add.at(share, layer_of, [c.pow(2).sum().item() for c in v.split([p.numel() for p in self.params])])
@@ -56,52 +59,25 @@ def measure():
         signal = np.zeros(len(self.layers))
         np.add.at(signal, layer_of, [g.double().pow(2).sum().item() for g in grads])
         current.append((int(self.step), share.tolist(), signal.tolist()))
-        return res
 
-    trace_module.Tracer.probe = probe
-    try:
-        out = {}
-        for config in expand(load_spec(SPEC)):
-            current.clear()
-            train(config)
-            out[run_id(config)] = list(current)
-        return out
-    finally:
-        trace_module.Tracer.probe = original
+    out = {}
+    for config in expand(load_spec(SPEC)):
+        current.clear()
+        train(config, on_probe=probe)
+        out[run_id(config)] = list(current)
+    return out
 
 
 def scores_with_measured_shares(measured, dirs):
-    original = link.layer_spectra
-    probes = {}
-
-    def layer_spectra(method, lr, momentum, sharpness, hessian_trace, n_params, grad_noise, *, shape="power",
-                      spectra=None, sharpness_global=None, edge_margin=link.EDGE_MARGIN):
-        base = original(method, lr, momentum, sharpness, hessian_trace, n_params, grad_noise, shape=shape)
-        if sharpness_global is None:
-            return base
-        lrs = np.asarray(lr.values, float)
-        edge = float(link.stability_edge(method, momentum))
-        out = {}
-        for j, (layer, rows) in enumerate(base.items()):
-            out[layer] = []
-            for i, (sp, noise) in enumerate(rows):
-                lam_g = min(float(sharpness_global.values[i]), edge * (1 - edge_margin) / lrs[i])
-                if sp is not None and lam_g > sp.eigenvalues[0]:
-                    eig, w = sp.eigenvalues.copy(), sp.weights.copy()
-                    eig[0], w[0] = lam_g, probes["now"][i][1][j]
-                    sp = LayerSpectrum(eig, w)
-                out[layer].append((sp, noise))
-        return out
-
-    link.layer_spectra = layer_spectra
-    try:
-        linked = []
-        for d in dirs:
-            probes["now"] = measured[d.name]
-            linked.append(link.link_run(d, recompute=True, write=False))
-        return link.link_scores(link.stack_runs(linked))["grad_corr"]
-    finally:
-        link.layer_spectra = original
+    linked = []
+    for d in dirs:
+        trace = store.load_run(d)
+        shares = xr.DataArray(np.array([p[1] for p in measured[d.name]]), dims=("probe_step", "layer"),
+                              coords={"probe_step": trace.probe_step, "layer": trace.layer})
+        ds = link.link_trace(trace, top_mode_shares=shares)
+        ds.attrs["run_id"] = d.name
+        linked.append(ds)
+    return link_scores(link.stack_runs(linked))["grad_corr"]
 
 
 def scores_with_drift(measured, dirs):
@@ -117,7 +93,7 @@ def scores_with_drift(measured, dirs):
     lag = ds.pred_grad_corr * ds.pred_grad_sq_norm
     drift = np.maximum(ds.signal - ds.fluct, 0)
     for c in (1.0, 0.8, 0.5):
-        out[f"c={c}"] = link.agreement_scores((lag + c * drift) / (ds.pred_grad_sq_norm + drift), ds.meas_grad_corr)
+        out[f"c={c}"] = agreement_scores((lag + c * drift) / (ds.pred_grad_sq_norm + drift), ds.meas_grad_corr)
     fraction = ds.signal / ds.meas_grad_sq_norm
     out["median_signal_fraction_by_probe_step"] = dict(zip(
         map(int, ds.probe_step.values), np.round(fraction.median(["run", "layer"]).values, 4).tolist()))
@@ -131,12 +107,11 @@ def fixed_theta(settings=(("hb", 0.02, 0.6), ("nag", 0.05, 0.9)), steps=(100, 30
     data = load_data("mnist1d")
     x, y = data.x_train, data.y_train
     loss_fn = make_loss_fn("classify")
-    found, original = {}, trace_module.Tracer.probe
+    found = {}
 
-    def probe(self, batch_loss_fn, batch):
-        res = original(self, batch_loss_fn, batch)
+    def probe(self):
         if self.step not in steps:
-            return res
+            return
         gen = torch.Generator().manual_seed(self.step)
         was = self.model.training
         flat = lambda gs: torch.cat([g.flatten() for g in gs]).double()  # noqa: E731
@@ -160,31 +135,22 @@ def fixed_theta(settings=(("hb", 0.02, 0.6), ("nag", 0.05, 0.9)), steps=(100, 30
                           "signal_fraction_train": s_train / (s_train + noise),
                           "signal_fraction_eval": s_eval / (s_eval + noise)}
         found.setdefault("now", {})[int(self.step)] = row
-        return res
 
-    trace_module.Tracer.probe = probe
-    try:
-        out = {}
-        for config in expand(load_spec(SPEC)):
-            if (config.opt, config.lr, config.momentum) in settings:
-                found.clear()
-                train(config)
-                out[f"{config.opt} lr={config.lr:g} momentum={config.momentum:g}"] = found["now"]
-        return out
-    finally:
-        trace_module.Tracer.probe = original
+    out = {}
+    for config in expand(load_spec(SPEC)):
+        if (config.opt, config.lr, config.momentum) in settings:
+            found.clear()
+            train(config, on_probe=probe)
+            out[f"{config.opt} lr={config.lr:g} momentum={config.momentum:g}"] = found["now"]
+    return out
 
 
-def main():
-    import sys
-
+def main(argv=()):
     torch.set_num_threads(1)
-    if "--fixed-theta" in sys.argv:
-        from experiments.store import atomic_write_json
-
+    if "--fixed-theta" in argv:
         result = json.loads(OUT.read_text()) if OUT.exists() else {}
         result["fixed_theta"] = fixed_theta()
-        atomic_write_json(OUT, result)
+        store.atomic_write_json(OUT, result)
         print(json.dumps(result["fixed_theta"], indent=1))
         return
     measured = measure()
@@ -192,18 +158,12 @@ def main():
     if len(dirs) != len(measured):
         raise SystemExit(f"run the sweep first: optdyn sweep {SPEC} --workers 1")
     result = {
-        "command": "python results/link_assumption_checks.py",
-        "default": link.link_scores(link.stack_runs([link.link_run(d) for d in dirs]))["grad_corr"],
+        "command": "python -m analyses link_assumption_checks",
+        "default": link_scores(link.stack_runs([link.link_run(d) for d in dirs]))["grad_corr"],
         "measured_top_mode_shares": scores_with_measured_shares(measured, dirs),
         "drift_from_full_batch_gradient": scores_with_drift(measured, dirs),
     }
-    from experiments.store import atomic_write_json
-
     if OUT.exists() and "fixed_theta" in json.loads(OUT.read_text()):
         result["fixed_theta"] = json.loads(OUT.read_text())["fixed_theta"]
-    atomic_write_json(OUT, result)
+    store.atomic_write_json(OUT, result)
     print(json.dumps(result, indent=1))
-
-
-if __name__ == "__main__":
-    main()

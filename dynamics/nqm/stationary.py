@@ -1,5 +1,5 @@
 r"""Noisy quadratic model (NQM): stationary and scheduled second moments of GD, heavy ball
-and Nesterov with additive gradient noise (THEORY.md §4).
+and Nesterov with additive gradient noise (docs/theory.md §4).
 
 Model. On :math:`f(x) = \tfrac12 x^\top H x` the optimizer sees the stochastic gradient
 :math:`g_k = H x_k + \xi_k`, :math:`\xi_k` i.i.d., zero mean, :math:`\mathrm{Cov}\,\xi = \Sigma`,
@@ -31,7 +31,7 @@ Second moments :math:`P_k = E[s_k s_k^\top]` obey :math:`P_{k+1} = A_k P_k A_k^\
   :math:`j \ge 1`.
 
 When H and Σ commute everything splits into eigen-modes :math:`(\lambda, \sigma^2)` with
-:math:`h = \alpha\lambda`; THEORY.md §4 gives the closed forms used by
+:math:`h = \alpha\lambda`; docs/theory.md §4 gives the closed forms used by
 :func:`stationary_iterate_variance`, :func:`gradient_autocorrelation` and
 :func:`stationary_gradient_moments` (tests check them against the Lyapunov route and a
 Monte-Carlo simulation).
@@ -40,6 +40,8 @@ References: Pflug (1990) for GD's :math:`\rho_g = -h/2`; Zhang et al., "Which al
 choices matter at which batch sizes? Insights from a noisy quadratic model", NeurIPS 2019.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 import scipy.linalg
 
@@ -47,14 +49,25 @@ from dynamics._checks import broadcast, check_momentum, check_positive
 from dynamics.methods import get_method
 from dynamics.quadratic import stability_edge
 
-__all__ = [
-    "update_coefficients", "state_space", "state_space_matrices", "check_stable",
-    "check_noise_covariance", "lyapunov_covariance", "lyapunov_gradient_stats",
-    "stationary_state_covariance", "stationary_iterate_variance",
-    "gradient_autocorrelation", "gradient_autocovariance", "stationary_gradient_moments",
-    "mode_factors", "lr_schedule", "schedule_prediction", "LayerSpectrum", "layer_prediction",
-    "monte_carlo",
-]
+
+
+class GradientMoments(NamedTuple):
+    """Stationary per-mode moments of the stochastic gradient g = λx + ξ (arrays, broadcast)."""
+
+    grad_sq: np.ndarray  # E g²
+    full_grad_sq: np.ndarray  # E (λx)²
+    lag1: np.ndarray  # E g_t g_{t+1}
+    corr: np.ndarray  # lag1 / grad_sq
+    iterate_var: np.ndarray  # Var x
+
+
+class LyapunovStats(NamedTuple):
+    """Stationary gradient statistics of a full (H, Σ) problem by the Lyapunov route."""
+
+    grad_sq: float  # E‖g‖²
+    full_grad_sq: float  # E‖Hx‖²
+    iterate_cov: np.ndarray  # Cov x
+    lags: np.ndarray  # E g_t·g_{t+k}, k = 0..max_lag
 
 
 # ----------------------------------------------------------------------------- state space
@@ -150,9 +163,8 @@ def lyapunov_covariance(method, hessian, noise_cov, lr, momentum):
 
 
 def lyapunov_gradient_stats(method, hessian, noise_cov, lr, momentum, max_lag=1):
-    """Stationary gradient statistics of the general model by the Lyapunov route:
-    dict(grad_sq = E|g|^2, full_grad_sq = E|Hx|^2, iterate_cov = E[x x^T],
-    lags = array [E g_t.g_{t+j} for j = 0..max_lag])."""
+    """Stationary gradient statistics of the general model by the Lyapunov route
+    (:class:`LyapunovStats`: E‖g‖², E‖Hx‖², E[x xᵀ], and E g_t·g_{t+j} for j = 0..max_lag)."""
     H = np.asarray(hessian, dtype=float)
     S = np.asarray(noise_cov, dtype=float)
     P = lyapunov_covariance(method, H, S, lr, momentum)
@@ -164,8 +176,7 @@ def lyapunov_gradient_stats(method, hessian, noise_cov, lr, momentum, max_lag=1)
         lags.append(np.trace(C @ U))
         U = A @ U
     n = H.shape[0]
-    return {"grad_sq": lags[0], "full_grad_sq": full, "iterate_cov": P[:n, :n],
-            "lags": np.array(lags)}
+    return LyapunovStats(grad_sq=lags[0], full_grad_sq=full, iterate_cov=P[:n, :n], lags=np.array(lags))
 
 
 def stationary_state_covariance(method, lam, lr, momentum, sigma2):
@@ -261,7 +272,7 @@ def stationary_iterate_variance(method, lam, lr, momentum, sigma2):
 
 
 def stationary_gradient_moments(method, lam, lr, momentum, sigma2):
-    """Stationary per-mode gradient moments: dict with ``grad_sq`` (E g², the stochastic
+    """Stationary per-mode gradient moments (:class:`GradientMoments`): ``grad_sq`` (E g², the stochastic
     gradient), ``full_grad_sq`` (E (λx)²), ``lag1`` (E g_t g_{t+1}), ``corr`` (lag1/grad_sq)
     and ``iterate_var`` (Var x), all broadcast over the arguments.
 
@@ -272,8 +283,8 @@ def stationary_gradient_moments(method, lam, lr, momentum, sigma2):
     v = _full_grad_factor(name, h, b)
     rho = _lag1_correlation(name, h, b)
     grad_sq = sigma2 * (1 + v)
-    return {"grad_sq": grad_sq, "full_grad_sq": sigma2 * v, "lag1": rho * grad_sq,
-            "corr": rho + 0.0 * grad_sq, "iterate_var": sigma2 * v / lam**2}
+    return GradientMoments(grad_sq=grad_sq, full_grad_sq=sigma2 * v, lag1=rho * grad_sq,
+                           corr=rho + 0.0 * grad_sq, iterate_var=sigma2 * v / lam**2)
 
 
 def gradient_autocorrelation(method, h, momentum, lag=1):
@@ -294,17 +305,3 @@ def gradient_autocorrelation(method, h, momentum, lag=1):
         return _lag1_correlation(m.name, h, b)
     gam = gradient_autocovariance(m.name, 1.0, h, b, 1.0, [0, lag])
     return gam[..., 1] / gam[..., 0]
-
-
-_ELSEWHERE = {"lr_schedule": "dynamics.nqm_schedule",
-              "schedule_prediction": "dynamics.nqm_schedule",
-              "LayerSpectrum": "dynamics.nqm_layer", "layer_prediction": "dynamics.nqm_layer",
-              "monte_carlo": "dynamics.nqm_sim"}
-
-
-def __getattr__(name):  # PEP 562: the layer model and the simulator live in their own files
-    if name in _ELSEWHERE:
-        import importlib
-
-        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

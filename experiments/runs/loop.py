@@ -1,0 +1,362 @@
+r"""One training run: a frozen :class:`RunConfig` → a per-layer trace and a summary.
+
+``train(config)`` has no I/O and returns ``(trace, summary)``; ``run(config, out_dir)``
+writes the run directory with :func:`experiments.store.write_run` (``DONE`` last).
+
+A step (the :mod:`experiments.trace.tracer` contract)::
+
+    [every probe_every steps: tracer.probe(loss_fn, batch)]      # at θ_k, on step k's batch
+                                                                  # (or probe_batch_size drawn)
+    loss = loss_fn(model, batch); loss.backward(); tracer.after_backward(loss)
+    [clip; tracer.record_clip(global_factor=…, layer_factors=…)]  # factors = ‖g_clipped‖/‖g‖
+    optimizer.step()  (or the line search); tracer.after_step(); scheduler.step()
+
+Losses: cross-entropy (``classify``, and per position for ``lm``), MSE/2 =
+mean((ŷ − y)²)/2 for ``regress`` (so the ``linreg`` Hessian is the input covariance).
+
+Determinism: the seed drives the initialisation, dropout and the data order (a
+``torch.Generator``); the global RNG states are restored after the run, and
+on an accelerator ``torch.use_deterministic_algorithms(True, warn_only=True)`` is on
+during it (best effort: cuBLAS also needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before
+start). The same config gives a bit-identical trace on CPU with the same number of
+threads: ``threads`` sets it for the run (0 leaves the caller's setting).
+
+Divergence: a non-finite loss or global gradient norm at step s ends the run; the trace
+keeps steps 0..s (step s holds the non-finite values), the summary says
+``diverged: true, diverged_step: s`` and its loss and accuracy entries are None. The host
+checks every step on CPU and every 50 steps on other devices (no per-step sync there).
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from experiments import store
+from experiments.runs.config import RunConfig
+from experiments.runs.data import load_data
+from experiments.runs.models import build_model
+from experiments.runs.optim import (clip_gradients, get_rng_state, line_search_step, lr_factors, make_optimizer,
+                                   make_scheduler)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PROBE_SEED_OFFSET = 7919  # the probe batches' generator: seed + this
+POSTFIX_EVERY = 50  # steps between progress-bar postfix updates (each one is a host sync)
+
+
+# --------------------------------------------------------------------------- losses
+def make_loss_fn(task):
+    """``loss_fn(model, (x, y))`` → scalar mean loss for the task."""
+    if task == "classify":
+        return lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])
+    if task == "lm":
+        return lambda model, batch: F.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten())
+    if task == "regress":
+        return lambda model, batch: 0.5 * F.mse_loss(model(batch[0]), batch[1])
+    raise ValueError(f"task={task!r} is unknown")
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, task, x, y, batch_size=1000):
+    """(mean loss, accuracy or None) over (x, y), in eval mode, in chunks."""
+    was_training = model.training
+    model.eval()
+    total, correct, count = 0.0, 0.0, 0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        total += loss_fn(model, (xb, yb)).item() * len(yb)
+        if task != "regress":
+            correct += (model(xb).argmax(-1) == yb).float().mean().item() * len(yb)
+        count += len(yb)
+    model.train(was_training)
+    return total / count, (None if task == "regress" else correct / count)
+
+
+def batches(n, batch_size, generator, device):
+    """Index tensors of mini-batches: reshuffled every epoch with ``generator``, the
+    incomplete last batch dropped (constant batch size); ``batch_size=0``: all of 0..n-1."""
+    if batch_size == 0:
+        idx = torch.arange(n, device=device)
+        while True:
+            yield idx
+    while True:
+        perm = torch.randperm(n, generator=generator).to(device)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i:i + batch_size]
+
+
+# --------------------------------------------------------------------------- the run
+def probe_batch(x, y, size, generator):
+    """``size`` training examples drawn without replacement (all of them if fewer)."""
+    idx = torch.randperm(len(y), generator=generator)[:size].to(y.device)
+    return x[idx], y[idx]
+
+
+def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None):
+    """Train as ``config`` says; return ``(trace, summary)`` (no I/O besides reading data).
+
+    ``trace``: the tracer's Dataset (contract in experiments/trace/tracer.py), cut at the
+    divergence step, with ``lr`` (step) the applied learning rate (schedule × line-search
+    multiplier), ``line_search_multiplier`` (step) when the line search is on, and
+    ``test_loss``/``test_accuracy`` over ``eval_step`` (parameters after that many
+    updates) when ``eval_every`` > 0. ``progress``: a tqdm bar with the loss and the
+    global gradient norm (postfix refreshed every 50 steps).
+
+    ``summary``: ``diverged``, ``diverged_step`` (int or None), ``steps_done``,
+    ``final_loss`` and ``train_accuracy`` (whole training set, eval mode, at the end),
+    ``test_loss``, ``test_accuracy`` (accuracy: per example, per byte for ``lm``, None for
+    ``regress``; all four None after a divergence), ``final_batch_loss`` (the last
+    mini-batch loss), ``n_params``, ``n_train``, ``n_test``, ``device``,
+    ``tracer_seconds``, ``wall_seconds``.
+
+    ``on_probe(tracer)``, if given, is called right after each probe (at the same
+    parameters, before the step): the place for an analysis to measure more at the probes.
+
+    The model is built right after ``torch.manual_seed(config.seed)`` (so its
+    initialisation can be reproduced outside), then the optimizer and the tracer.
+    """
+    start = time.perf_counter()
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={config.device!r} is not available on this machine")
+    data = load_data(config.data, data_dir=data_dir, **config.data_kwargs)
+    if config.batch_size > data.n_train:
+        raise ValueError(f"batch_size={config.batch_size} is outside the valid range [0, {data.n_train}] "
+                         f"(n_train of data={config.data!r})")
+    with _run_context(config, device):
+        trace, summary = _train(config, data, device, progress, on_probe)
+    summary["wall_seconds"] = time.perf_counter() - start
+    return trace, summary
+
+
+class _run_context:
+    """Seeded, forked RNG; deterministic algorithms; ``threads``; all restored on exit."""
+
+    def __init__(self, config, device):
+        self.config = config
+        self.accelerator = device.type != "cpu"
+        devices = [device.index or 0] if device.type == "cuda" else []
+        self.fork = torch.random.fork_rng(devices=devices)
+
+    def __enter__(self):
+        self.saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled())
+        self.fork.__enter__()
+        torch.manual_seed(self.config.seed)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        if self.accelerator:  # CPU kernels are deterministic already; the switch imports inductor (s)
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+    def __exit__(self, *exc):
+        threads, det, warn_only = self.saved
+        torch.set_num_threads(threads)
+        if self.accelerator:
+            torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        return self.fork.__exit__(*exc)
+
+
+@dataclass
+class _Setup:
+    """What a run trains with, built once from the config (:func:`_setup`)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: object
+    tracer: object
+    clip_groups: dict  # clipping layer (owning module) -> its parameters
+    to_tracer: dict  # tracer layer -> clipping layer
+    x: torch.Tensor
+    y: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    order: object  # the mini-batch index stream
+    probe_rng: torch.Generator
+
+
+@dataclass
+class _Record:
+    """Per-step values the loop keeps beside the tracer (on the device where possible)."""
+
+    losses: torch.Tensor
+    grad_norms: torch.Tensor
+    applied_lr: np.ndarray
+    multipliers: np.ndarray
+    eval_steps: list = field(default_factory=list)
+    test_losses: list = field(default_factory=list)
+    test_accs: list = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, steps, device):
+        nan_t = lambda: torch.full((steps,), math.nan, device=device)  # noqa: E731
+        return cls(nan_t(), nan_t(), np.full(steps, np.nan), np.full(steps, np.nan))
+
+
+def _setup(config, data, device):
+    """Model (built right after seeding), optimizer, lr scheduler, loss, tracer, clipping
+    groups, the data on the device and the two random streams (data order, probe batches)."""
+    from experiments.trace.tracer import Tracer, layer_name
+
+    dtype = DTYPES[config.dtype]
+    model = build_model(config.model, data.info, **config.model_kwargs).to(device, dtype)
+    as_input = lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
+    optimizer = make_optimizer(model.parameters(), config.opt, config.lr, config.momentum, config.weight_decay)
+    scheduler = make_scheduler(optimizer, lr_factors(
+        config.schedule, config.steps, warmup_steps=config.warmup_steps, step_every=config.step_every,
+        step_gamma=config.step_gamma, final_lr_factor=config.final_lr_factor))
+    tracer = Tracer(model, optimizer, per_tensor=config.per_tensor, probe_every=config.probe_every,
+                    hutchinson_samples=config.hutchinson_samples, noise_microbatches=config.noise_microbatches)
+    groups = {}  # clipping layers: owning modules, whatever the tracer's per_tensor
+    for name, p in model.named_parameters():
+        groups.setdefault(layer_name(name), []).append(p)
+    to_tracer = {layer_name(n, config.per_tensor): layer_name(n) for n, _ in model.named_parameters()}
+    x, y = as_input(data.x_train), as_input(data.y_train)
+    return _Setup(model, optimizer, scheduler, make_loss_fn(data.info.task), tracer, groups, to_tracer, x, y,
+                  as_input(data.x_test), as_input(data.y_test),
+                  order=batches(len(y), config.batch_size, torch.Generator().manual_seed(config.seed), device),
+                  probe_rng=torch.Generator().manual_seed(config.seed + PROBE_SEED_OFFSET))
+
+
+def _probe(config, s, batch, batch_size, on_probe):
+    """The probe at θ_step, before the step: on this step's batch, or on its own draw of
+    ``probe_batch_size`` examples (``grad_noise`` stays that of the training batch)."""
+    if config.probe_batch_size:
+        s.tracer.probe(s.loss_fn, probe_batch(s.x, s.y, config.probe_batch_size, s.probe_rng),
+                       noise_batch_size=batch_size)
+    else:
+        s.tracer.probe(s.loss_fn, batch)
+    if on_probe is not None:
+        on_probe(s.tracer)
+
+
+def _step(config, s, rec, step, batch):
+    """One optimizer step: backward, trace, clip, step (or line search), lr schedule."""
+    s.optimizer.zero_grad(set_to_none=True)
+    rng = get_rng_state() if config.line_search else None
+    loss = s.loss_fn(s.model, batch)
+    loss.backward()
+    s.tracer.after_backward(loss)
+    rec.losses[step] = loss.detach()
+    rec.grad_norms[step] = s.tracer.grad_norm_global  # == get_total_norm of the raw grads
+    if config.clip != "none":
+        global_factor, layer_factors = clip_gradients(s.clip_groups, config.clip, config.clip_value)
+        s.tracer.record_clip(global_factor=global_factor, layer_factors={
+            t: layer_factors[m] for t, m in s.to_tracer.items() if m in layer_factors})
+    lr = s.optimizer.param_groups[0]["lr"]
+    if config.line_search:
+        rec.multipliers[step] = line_search_step(s.model, s.optimizer, s.loss_fn, batch,
+                                                 evals=config.line_search_evals,
+                                                 max_multiplier=config.line_search_max, rng_state=rng)
+        rec.applied_lr[step] = lr * rec.multipliers[step]
+    else:
+        s.optimizer.step()
+        rec.applied_lr[step] = lr
+    s.tracer.after_step()
+    s.scheduler.step()
+
+
+def _first_nonfinite(rec, start, stop):
+    """The first step in [start, stop) whose loss or global gradient norm is not finite, or
+    None (one host sync)."""
+    block = slice(start, stop)
+    ok = (torch.isfinite(rec.losses[block]) & torch.isfinite(rec.grad_norms[block])).cpu().numpy()
+    return None if ok.all() else start + int(np.argmin(ok))
+
+
+def _train(config, data, device, progress, on_probe=None):
+    from tqdm.auto import tqdm
+
+    s = _setup(config, data, device)
+    task = data.info.task
+    steps, sync_every = config.steps, (1 if device.type == "cpu" else POSTFIX_EVERY)
+    rec = _Record.empty(steps, device)
+    diverged_step, checked = None, 0
+    bar = tqdm(total=steps, disable=not progress, desc=f"{config.model}/{config.data}/{config.opt}",
+               dynamic_ncols=True)
+    s.model.train()
+    try:
+        for step in range(steps):
+            idx = next(s.order)
+            batch = (s.x[idx], s.y[idx])
+            if s.tracer.should_probe():
+                _probe(config, s, batch, len(idx), on_probe)
+            _step(config, s, rec, step, batch)
+            bar.update()
+            if (step + 1) % sync_every == 0 or step == steps - 1:
+                diverged_step = _first_nonfinite(rec, checked, step + 1)
+                if diverged_step is not None:
+                    break
+                checked = step + 1
+            if (step + 1) % POSTFIX_EVERY == 0:
+                bar.set_postfix(loss=f"{rec.losses[step].item():.4g}", grad_norm=f"{rec.grad_norms[step].item():.4g}")
+            if config.eval_every and (step + 1) % config.eval_every == 0:
+                test_loss, test_acc = evaluate(s.model, s.loss_fn, task, s.x_test, s.y_test)
+                rec.eval_steps.append(step + 1), rec.test_losses.append(test_loss), rec.test_accs.append(test_acc)
+    finally:
+        bar.close()
+    return _finish(config, s, rec, task, diverged_step, steps, device)
+
+
+def _finish(config, s, rec, task, diverged_step, steps, device):
+    """The trace cut at the divergence step (with the applied lr and test evaluations) and
+    the summary (final evaluations only when the run did not diverge)."""
+    done = steps if diverged_step is None else diverged_step + 1
+    trace = s.tracer.dataset().isel(step=slice(0, done))
+    if "probe_step" in trace.dims:
+        trace = trace.isel(probe_step=np.flatnonzero(trace.probe_step.values < done))
+    trace["lr"] = ("step", rec.applied_lr[:done])
+    if config.line_search:
+        trace["line_search_multiplier"] = ("step", rec.multipliers[:done])
+    if rec.eval_steps:
+        keep = [i for i, st in enumerate(rec.eval_steps) if st <= done]
+        trace = trace.assign_coords(eval_step=np.asarray(rec.eval_steps, dtype=np.int64)[keep])
+        trace["test_loss"] = ("eval_step", np.asarray(rec.test_losses)[keep])
+        if task != "regress":
+            trace["test_accuracy"] = ("eval_step", np.asarray(rec.test_accs, dtype=float)[keep])
+    summary = {
+        "diverged": diverged_step is not None, "diverged_step": diverged_step, "steps_done": done,
+        "final_batch_loss": _finite(rec.losses[done - 1].item()),
+        "final_loss": None, "train_accuracy": None, "test_loss": None, "test_accuracy": None,
+        "n_params": sum(p.numel() for p in s.model.parameters()), "device": str(device),
+        "n_train": len(s.y), "n_test": len(s.y_test),
+        "tracer_seconds": float(trace.attrs.get("tracer_seconds", math.nan)),
+    }
+    if diverged_step is None:
+        summary["final_loss"], summary["train_accuracy"] = evaluate(s.model, s.loss_fn, task, s.x, s.y)
+        summary["test_loss"], summary["test_accuracy"] = evaluate(s.model, s.loss_fn, task, s.x_test, s.y_test)
+    return trace, summary
+
+
+def _finite(value):
+    return value if math.isfinite(value) else None
+
+
+def run(config: RunConfig, out_dir, *, data_dir=None, progress=False):
+    """Train and write the run directory (``config.json``, ``trace.nc``, ``summary.json``,
+    ``DONE`` last, each atomically); return the summary.
+
+    A directory that already has ``DONE`` for the same config is not rerun (its summary
+    is returned); one with ``DONE`` for another config is a ValueError. A run that raises
+    leaves ``config.json`` and ``FAILED`` (the traceback) and re-raises; no trace or
+    summary is written before training has finished.
+    """
+    import traceback
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    if store.is_done(out_dir):
+        stored = store.read_json(out_dir / store.CONFIG)
+        if stored != config.to_dict():
+            raise ValueError(f"out_dir={str(out_dir)!r} holds a finished run of another config")
+        return store.read_json(out_dir / store.SUMMARY)
+    try:
+        trace, summary = train(config, data_dir=data_dir, progress=progress)
+    except Exception:
+        store.write_failure(out_dir, config.to_dict(), traceback.format_exc())
+        raise
+    store.write_run(out_dir, config.to_dict(), trace, summary)
+    return summary

@@ -1,0 +1,206 @@
+"""The tracer's kernels: flat per-layer buffers and the per-step statistics computed on them.
+
+Both engines keep the gradients and parameters of one step in flat buffers in which every
+layer is one contiguous segment, double-buffered so that the previous gradient and update stay
+available for the cosines (G = [g(t), g(t−1)]; D = [θ_before → −Δθ(t), −Δθ(t−1), θ_after]: the
+snapshot becomes −Δθ in place), and write one row of statistics per step into a block:
+
+    row = [‖g_i‖ per tensor (n) | Σ|g|, max|g|, min|g|, ⟨g(t), g(t−1)⟩ per layer (L each) |
+           loss, ‖g‖_global | ‖Δθ‖², Σ|Δθ|, ⟨Δθ(t), Δθ(t−1)⟩, ‖θ‖², Σ|θ| per layer (L each)]
+
+plus a clip block (L layer factors, then the global one; 1 where nothing was recorded).
+
+* :class:`NumpyEngine` (CPU): numpy views of the buffers, ``ufunc.reduceat`` for the per-layer
+  extrema of |g|, BLAS ``dot``/``asum`` per layer (one pass, no temporaries), results written
+  straight into a host block (on a CPU the host *is* the device); numpy/BLAS calls cost a
+  fraction of a torch op's dispatch overhead, which dominates for small models.
+* :class:`TorchEngine` (other devices): (chunks, 256) views of the buffers (layers zero-padded
+  to whole chunks), row reductions plus tiny matmuls over chunks and per-layer Gram matrices
+  X Xᵀ, results in a preallocated device block copied to the host only when it is flushed — no
+  host synchronisation per step.
+"""
+
+import math
+
+import numpy as np
+import scipy.linalg.blas
+import torch
+
+CHUNK = 256  # elements per row of the torch engine's (chunks, CHUNK) view
+# per-layer statistics in a block row, after the n per-tensor gradient norms; the first group
+# is written after the backward pass (with loss and global norm), the second after the step
+BACKWARD_STATS = ("g_abs", "g_max", "g_min", "g_dot")
+STEP_STATS = ("d_sq", "d_abs", "d_dot", "p_sq", "p_abs")
+
+
+class _FlatBuffers:
+    """Flat buffers with each layer's tensors contiguous, the layer zero-padded to whole chunks
+    of ``chunk`` elements, and the block of per-step rows."""
+
+    chunk = 1
+
+    def __init__(self, params, tensor_layer, block_size):
+        self.params = params
+        self.data = [p.detach() for p in params]  # same storage: in-place updates are seen
+        self.tensor_layer = np.asarray(tensor_layer)
+        self.sizes = [p.numel() for p in params]
+        self.n, self.L = len(params), int(self.tensor_layer.max()) + 1
+        self.layer_sizes = np.bincount(self.tensor_layer, weights=self.sizes, minlength=self.L).astype(np.int64)
+        self.dtype, self.device = params[0].dtype, params[0].device
+        if len({p.dtype for p in params}) > 1:
+            self.dtype = torch.float32
+        self.block_size = block_size
+        self.w_back = self.n + self.L * len(BACKWARD_STATS) + 2
+        self.width = self.w_back + self.L * len(STEP_STATS)
+
+        order = sorted(range(self.n), key=lambda i: self.tensor_layer[i])  # stable
+        chunk = self.chunk
+        chunks = [-(-int(s) // chunk) for s in self.layer_sizes]  # ceil
+        seg_start = np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(np.int64) * chunk
+        offsets, pad = np.zeros(self.n, dtype=np.int64), []
+        for l in range(self.L):
+            pos = int(seg_start[l])
+            for i in order:
+                if self.tensor_layer[i] == l:
+                    offsets[i] = pos
+                    pos += self.sizes[i]
+            pad.extend(range(pos, int(seg_start[l]) + chunks[l] * chunk))
+        total = int(sum(chunks)) * chunk
+        opts = dict(dtype=self.dtype, device=self.device)
+        self.G = torch.zeros(2, total, **opts)
+        self.D = torch.zeros(3, total, **opts)
+        self.a = torch.zeros(total, **opts)  # |·| scratch
+        tensors = lambda f: [f.narrow(0, int(o), s).view(p.shape)  # noqa: E731
+                             for o, s, p in zip(offsets, self.sizes, params)]
+        self.g_t = [tensors(f) for f in self.G]
+        self.d_t = [tensors(f) for f in self.D]
+        self.seg = [(int(seg_start[l]), chunks[l] * chunk) for l in range(self.L)]
+        self.seg_start, self.chunks, self.pad = seg_start, chunks, pad
+
+    def capture_gradients(self, cur):
+        """Copy the raw gradients into G[cur] and θ into D[cur]; return (per-tensor norms,
+        global norm) as device tensors. The global norm is exactly
+        ``torch.nn.utils.get_total_norm``'s: the 2-norm of the per-tensor norms of the tensors
+        that have a gradient, in parameter order; a missing ``.grad`` counts as zero here."""
+        g_t = self.g_t[cur]
+        grads = [p.grad for p in self.params]
+        all_present = all(x is not None for x in grads)
+        if all_present:
+            torch._foreach_copy_(g_t, grads)
+        else:  # unused this step: a zero gradient
+            for v, x in zip(g_t, grads):
+                v.zero_() if x is None else v.copy_(x)
+        norm_list = torch._foreach_norm(g_t, 2)
+        norms = torch.stack(norm_list)
+        present = norms if all_present else torch.stack(
+            [nrm for nrm, x in zip(norm_list, grads) if x is not None] or [norms[:0].sum()])
+        g_global = torch.linalg.vector_norm(present, 2)
+        torch._foreach_copy_(self.d_t[cur], self.data)  # θ_before
+        return norms, g_global
+
+
+class NumpyEngine(_FlatBuffers):
+    """Statistics by numpy/BLAS on views of the flat buffers (float32/float64 on the CPU)."""
+
+    def __init__(self, params, tensor_layer, block_size):
+        super().__init__(params, tensor_layer, block_size)
+        self.block = np.zeros((block_size, self.width))
+        self.clip = np.ones((block_size, self.L + 1))
+        self.Gn, self.Dn, self.an = self.G.numpy(), self.D.numpy(), self.a.numpy()
+        contiguous = all(x.is_contiguous() for x in self.data)
+        self.theta_np = [x.numpy().reshape(-1) for x in self.data] if contiguous else None  # views
+        self.asum, self.dot = scipy.linalg.blas.get_blas_funcs(("asum", "dot"), (self.an,))
+
+    def backward_stats(self, row_index, cur, norms, g_global, loss):
+        G, a, st, n, L = self.Gn, self.an, self.seg_start, self.n, self.L
+        row = self.block[row_index]
+        np.abs(G[cur], out=a)
+        row[:n] = norms.numpy()
+        row[n:n + L] = [self.asum(G[cur, s:s + m]) for s, m in self.seg]  # BLAS Σ|g|
+        row[n + L:n + 2 * L] = np.maximum.reduceat(a, st)
+        row[n + 2 * L:n + 3 * L] = np.minimum.reduceat(a, st)
+        row[n + 3 * L:n + 4 * L] = [self.dot(G[0, s:s + m], G[1, s:s + m]) for s, m in self.seg]
+        row[n + 4 * L] = math.nan if loss is None else float(loss)
+        row[n + 4 * L + 1] = float(g_global)
+
+    def set_clip(self, row_index, col, factor):
+        self.clip[row_index, col] = float(factor)
+
+    def step_stats(self, row_index, cur, prev):
+        D, L, asum, dot = self.Dn, self.L, self.asum, self.dot
+        torch._foreach_sub_(self.d_t[cur], self.data)  # θ_before − θ_after = −Δθ
+        row = self.block[row_index, self.w_back:]
+        for l, (s, m) in enumerate(self.seg):  # one BLAS pass per statistic, no temporaries
+            d = D[cur, s:s + m]
+            row[l], row[L + l], row[2 * L + l] = dot(d, d), asum(d), dot(d, D[prev, s:s + m])
+        theta = self.theta_np or [x.numpy().reshape(-1) for x in self.data]
+        row[3 * L:4 * L] = np.bincount(self.tensor_layer, [dot(x, x) for x in theta], L)
+        row[4 * L:5 * L] = np.bincount(self.tensor_layer, [asum(x) for x in theta], L)
+
+    def flush(self, rows):
+        """Host copies of the first ``rows`` rows of the block and the clip block; resets the
+        clip block to 1."""
+        out = self.block[:rows].copy(), self.clip[:rows].copy()
+        self.clip[:] = 1.0
+        return out
+
+
+class TorchEngine(_FlatBuffers):
+    """Statistics by torch ops on the device; nothing leaves it until :meth:`flush`."""
+
+    chunk = CHUNK
+
+    def __init__(self, params, tensor_layer, block_size):
+        super().__init__(params, tensor_layer, block_size)
+        opts = dict(dtype=torch.promote_types(self.dtype, torch.float32), device=self.device)
+        self.block = torch.zeros(block_size, self.width, **opts)
+        self.clip = torch.ones(block_size, self.L + 1, **opts)
+        self.pad_index = torch.tensor(self.pad, dtype=torch.long, device=self.device)
+        # chunk -> layer membership, for per-layer sums (matmul) and extrema (masked)
+        member = torch.repeat_interleave(torch.arange(self.L), torch.tensor(self.chunks))
+        self.member = (torch.arange(self.L)[:, None] == member[None, :]).to(self.device)
+        self.member_f = self.member.to(self.dtype)
+
+    def grams(self, X):
+        """Per-layer Gram matrices of the rows of X: (L, rows, rows)."""
+        return torch.stack([X[:, s:s + m] @ X[:, s:s + m].T for s, m in self.seg])
+
+    def backward_stats(self, row_index, cur, norms, g_global, loss):
+        g, a = self.G[cur], self.a
+        dots = self.grams(self.G)[:, 0, 1]
+        rows = a.view(-1, self.chunk)
+        torch.abs(g, out=a)
+        abs_sums = (self.member_f @ rows.sum(1, keepdim=True))[:, 0]
+        maxes = torch.where(self.member, rows.amax(1), -math.inf).amax(1)
+        a.index_fill_(0, self.pad_index, math.inf)  # padding must not count as min|g| = 0
+        mins = torch.where(self.member, rows.amin(1), math.inf).amin(1)
+        if torch.is_tensor(loss):
+            loss_t = loss.detach().reshape(()).to(self.dtype)
+        else:  # a fill kernel, not a host-to-device copy (which would synchronise)
+            loss_t = torch.full((), math.nan if loss is None else float(loss), dtype=self.dtype, device=self.device)
+        values = torch.cat([norms, abs_sums, maxes, mins, dots, torch.stack([loss_t, g_global])])
+        self.block[row_index, :len(values)].copy_(values)
+
+    def set_clip(self, row_index, col, factor):
+        if torch.is_tensor(factor):
+            self.clip[row_index, col].copy_(factor.reshape(()))  # on the device: no host sync
+        else:
+            self.clip[row_index, col].fill_(float(factor))  # a kernel argument, no H2D copy
+
+    def step_stats(self, row_index, cur, prev):
+        D, a = self.D, self.a
+        torch._foreach_copy_(self.d_t[2], self.data)  # θ_after
+        D[cur].sub_(D[2])  # θ_before − θ_after = −Δθ (the sign cancels in every statistic)
+        gram = self.grams(D)
+        torch.abs(D[cur], out=a)
+        abs_rows = torch.stack([a.view(-1, self.chunk).sum(1), D[2].abs_().view(-1, self.chunk).sum(1)], 1)
+        abs_sums = self.member_f @ abs_rows
+        # columns: ‖Δθ‖², Σ|Δθ|, ⟨Δθ(t), Δθ(t−1)⟩, ‖θ‖², Σ|θ|
+        values = torch.cat([gram[:, cur, cur], abs_sums[:, 0], gram[:, cur, prev], gram[:, 2, 2], abs_sums[:, 1]])
+        self.block[row_index, self.w_back:].copy_(values)
+
+    def flush(self, rows):
+        host = lambda x: x[:rows].to("cpu", copy=True).double().numpy()  # noqa: E731
+        out = host(self.block), host(self.clip)
+        self.clip[:] = 1.0
+        return out
