@@ -1,6 +1,6 @@
 """The ``optdyn`` command line: every subcommand's arguments, and the handlers that turn
-them into library calls (the logic lives in the library: :mod:`experiments.run`,
-:mod:`experiments.sweeps`, :mod:`experiments.link`).
+them into library calls (the logic lives in the library: :mod:`experiments.runs`,
+:mod:`experiments.sweeps`, :mod:`experiments.linking`).
 
 Bad input (a ValueError from the library, or an argparse error) prints one line on
 stderr and exits with status 2.
