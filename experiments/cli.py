@@ -59,6 +59,7 @@ FIELD_HELP = {
     "probe_every": "sharpness/noise probe every k steps (0 = off)",
     "probe_batch_size": "examples the probe draws (0 = the step's training batch)",
     "hutchinson_samples": "Rademacher vectors per probe (trace)", "noise_microbatches": "0 (off) or >= 2",
+    "probe_curvature": "probe the curvature along the gradient and the momentum buffer (link response model)",
     "eval_every": "test eval every k steps",
     "per_tensor": "trace per parameter tensor instead of per module", "threads": "torch threads (0 = leave)",
     "device": "cpu, cuda, cuda:N", "dtype": f"one of {', '.join(DTYPES)}",
