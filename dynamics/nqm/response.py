@@ -3,7 +3,7 @@ layer from the state at one step (docs/theory.md §2, §4, §7).
 
 Model. Write the update of GD, HB and NAG (PyTorch's convention, docs/theory.md §1) as
 :math:`\theta_{t+1} = \theta_t - \alpha(c_g g_t + c_b b_{t-1})`, :math:`b_t = \beta b_{t-1} + g_t`
-(:func:`dynamics.stochastic.update_coefficients`: GD c_g = 1, c_b = 0; HB c_g = 1, c_b = β;
+(:func:`dynamics.nqm.stationary.update_coefficients`: GD c_g = 1, c_b = 0; HB c_g = 1, c_b = β;
 NAG c_g = 1 + β, c_b = β²). The mini-batch gradient is :math:`g_t = m(\theta_t) + \xi_t`, with
 :math:`m` the population mean gradient and :math:`\xi_t` zero-mean noise, independent between
 steps, :math:`E\|\xi_{t,l}\|^2 = N_l` in layer (block) l. To first order in the step (exactly on
@@ -57,7 +57,7 @@ Beneventano, "Edge of Stochastic Stability", arXiv:2412.20553 (2024), docs/theor
 
 import numpy as np
 
-from dynamics.stochastic import stationary_state_covariance, update_coefficients
+from dynamics.nqm.stationary import stationary_state_covariance, update_coefficients
 
 
 def one_step_response(method, lr, momentum, signal, noise, grad_curv, buffer_curv):
@@ -83,7 +83,7 @@ def stationary_terms(method, lam, lr, momentum, sigma2):
     r"""The model's inputs for one stationary NQM mode (curvature λ, noise variance σ²): dict with
     ``signal`` :math:`E(\lambda x)^2`, ``noise`` σ², ``grad_curv`` :math:`\lambda(E(\lambda x)^2+\sigma^2)`
     and ``buffer_curv`` :math:`E[\lambda x\cdot\lambda b]` from the stationary covariance of the
-    state (x_t, b_{t−1}) (:func:`dynamics.stochastic.stationary_state_covariance`)."""
+    state (x_t, b_{t−1}) (:func:`dynamics.nqm.stationary.stationary_state_covariance`)."""
     P = stationary_state_covariance(method, lam, lr, momentum, sigma2)
     lam = np.asarray(lam, dtype=float)
     signal = lam**2 * P[..., 0, 0]
@@ -115,7 +115,7 @@ def response_model(method, lr, momentum, signal, noise, grad_curv, grad_curv_mea
        the noise sees (for Σ ∝ H it is the NQM's curvature-weighted mean h). The layer's noise is
        treated as one NQM mode at h_N (held at (1 − ``edge_margin``) of the edge, as the link's
        network top mode is), with the closed forms of docs/theory.md §4:
-       :math:`(v, \rho_g) =` :func:`dynamics.stochastic.mode_factors`; its fluctuation energy is
+       :math:`(v, \rho_g) =` :func:`dynamics.nqm.stationary.mode_factors`; its fluctuation energy is
        :math:`F = \min(S^+, N v)` (:math:`S^+ = \max(S, 0)`).
     2. Drift :math:`D = S^+ - F` with the one-step response of docs/nqm_response (module
        docstring) restricted to it: its curvature terms are the measured ones less the
@@ -133,7 +133,7 @@ def response_model(method, lr, momentum, signal, noise, grad_curv, grad_curv_mea
     ``noise_corr`` ρ_g(h_N).
     """
     from dynamics.quadratic import stability_edge
-    from dynamics.stochastic import mode_factors
+    from dynamics.nqm.stationary import mode_factors
 
     S, N, C, a, Bc = (np.asarray(x, dtype=float) for x in (signal, noise, grad_curv, grad_curv_mean, buffer_curv))
     S, N, C, a, Bc, lr = np.broadcast_arrays(S, N, C, a, Bc, np.asarray(lr, dtype=float))
