@@ -80,10 +80,11 @@ def protocol_points(ds):
     return keep
 
 
-def within_probe_ranking(pred, meas):
+def within_probe_ranking(pred, meas, return_count=False):
     """Spearman correlation across layers within each (run, probe) (the last axis is the layer),
     averaged over the probes where it is defined (>= 3 layers, neither side constant); NaN if none
-    (a prediction that is the same for every layer ranks nothing)."""
+    (a prediction that is the same for every layer ranks nothing). ``return_count``: also the
+    number of probes averaged."""
     from scipy import stats
 
     p = np.asarray(pred, dtype=float).reshape(-1, np.shape(pred)[-1])
@@ -93,7 +94,8 @@ def within_probe_ranking(pred, meas):
         ok = np.isfinite(a) & np.isfinite(b)
         if ok.sum() >= 3 and np.ptp(a[ok]) > 0 and np.ptp(b[ok]) > 0:
             values.append(stats.spearmanr(a[ok], b[ok]).statistic)
-    return float(np.mean(values)) if values else float("nan")
+    mean = float(np.mean(values)) if values else float("nan")
+    return (mean, len(values)) if return_count else mean
 
 
 def protocol_scores(ds, bins=10):
@@ -112,7 +114,8 @@ def protocol_scores(ds, bins=10):
             continue
         pred = np.where(keep, _flat(ds, name), np.nan)
         out["corr"][label] = agreement_scores(pred, meas, bins=bins)
-        out["layer_ranking"][label] = within_probe_ranking(pred, meas)
+        out["layer_ranking"][label], out.setdefault("layer_ranking_probes", {})[label] = within_probe_ranking(
+            pred, meas, return_count=True)
         for reg, lo, hi in REGIMES:
             inside = (ratio >= lo) & (ratio < hi)
             out["regimes"].setdefault(reg, {})[label] = agreement_scores(pred[inside], meas[inside], bins=bins)
