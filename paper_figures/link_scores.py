@@ -130,7 +130,7 @@ def _scatter(ax, fams, role, title, region=None):
 def _scores_text(ax, sc):
     lines = [f"{k}: Spearman {v['spearman']:.2f}, sign {v['sign_agreement']:.0%}"
              for k, v in sc.items() if k in ("link", "persistence", "one_mode")]
-    ax.text(0.03, 0.97, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=5)
+    ax.text(0.03, 0.97, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=4.5)
 
 
 def role_scores(fams, role, region=None):
@@ -157,7 +157,8 @@ def role_scores(fams, role, region=None):
 
 def plot(data, ctx):
     fams = data["families"]
-    fig, axes = style.new_figure(ncols=4, height=2.4)
+    fig, axes = style.new_figure(ncols=2, nrows=2, height=4.6)
+    axes = axes.ravel()
     for ax, role in zip(axes[:2], ("development", "evaluation")):
         _scatter(ax, fams, role, f"{role} families")
         _scores_text(ax, role_scores(fams, role))
@@ -171,9 +172,9 @@ def plot(data, ctx):
         ax.bar(np.arange(len(names)) + (j - 1) * width, vals, width, label=label, color=style.PALETTE[j])
     n_dev = sum(fams[n][0] == "development" for n in names)
     ax.axvline(n_dev - 0.5, color="k", lw=0.6)
-    ax.set_xticks(np.arange(len(names)), [_short(n) for n in names], rotation=60, fontsize=5)
+    ax.set_xticks(np.arange(len(names)), [_short(n) for n in names], rotation=30, ha="right", fontsize=5)
     ax.set(ylim=(-0.2, 1), ylabel="Spearman (correlation)", title="per family: dev | eval")
-    ax.legend(loc="upper right", fontsize=5)
+    ax.legend(loc="lower left", fontsize=5)
     return fig
 
 
