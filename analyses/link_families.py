@@ -10,7 +10,7 @@ reported, never used to choose.
 
     for f in experiments/specs/link_dev_*.toml experiments/specs/link_eval_*.toml; do
         .venv/bin/optdyn sweep $f --workers 1; done          # ~25 CPU-min on 2 shared cores
-    .venv/bin/python -m analyses link_families               # -> results/link_families.json
+    .venv/bin/python -m analyses link_families --variants    # -> results/link_families.json
 """
 
 import argparse
@@ -61,10 +61,30 @@ def pooled(datasets, scores):
     return sc
 
 
+def measured(ds):
+    """What the probe measured, independent of any model: block top eigenvalues <= 0 (points whose
+    regime is 'undefined'), batch sharpness over the network's λ_max, lr·batch sharpness over the
+    edge, and the share of points the link predicts."""
+    r = (ds["batch_sharpness_global"] / ds["sharpness_global"]).values.ravel()
+    r = r[np.isfinite(r)]
+    e = (ds["lr"] * ds["batch_sharpness_global"] / ds["edge"]).values.ravel()
+    e = e[np.isfinite(e)]
+    q = lambda x, p: float(np.quantile(x, p)) if x.size else float("nan")  # noqa: E731
+    return {"block_top_eigenvalue_le_0": int((ds["sharpness"] <= 0).sum()),
+            "block_points": int(np.isfinite(ds["sharpness"]).sum()),
+            "regime_undefined": int((ds["regime"] == "undefined").sum()),
+            "batch_sharpness_over_lambda_max": {"median": q(r, 0.5), "q10": q(r, 0.1), "q90": q(r, 0.9)},
+            "lr_batch_sharpness_over_edge": {"median": q(e, 0.5), "max": float(e.max()) if e.size else float("nan")},
+            "predicted_share_where_measured": float(np.isfinite(ds["pred_grad_corr"]).sum()
+                                                    / max(int(np.isfinite(ds["meas_grad_corr"]).sum()), 1))}
+
+
 def main(argv=()):
     parser = argparse.ArgumentParser(prog="python -m analyses link_families", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="store root of the runs (default: the specs' root)")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--variants", action="store_true",
+                        help="also the development families pooled for response_smooth 1, 3 (default), 5")
     args = parser.parse_args(list(argv))
     result = {"development": DEVELOPMENT, "evaluation": EVALUATION, "families": {}, "pooled": {}}
     linked = {}
@@ -75,11 +95,19 @@ def main(argv=()):
             sc = protocol_scores(ds)
             sc["skipped"] = ds.attrs.get("skipped", "")
             sc["runs"] = int(ds.sizes.get("run", 1))
+            sc["measured"] = measured(ds)
             result["families"][name] = {"role": role, **sc}
             print(f"=== {name} ({role}, {sc['runs']} runs)\n{format_protocol(sc)}\n")
         sc = pooled([linked[n] for n in names], [result["families"][n] for n in names])
         result["pooled"][role] = sc
         print(f"=== pooled {role}\n{format_protocol(sc)}\n")
+    if args.variants:
+        result["development_variants"] = {}
+        for smooth in (1, 3, 5):
+            dss = [family(n, args.root, response_smooth=smooth) for n in DEVELOPMENT]
+            sc = pooled(dss, [protocol_scores(d) for d in dss])
+            result["development_variants"][f"response_smooth={smooth}"] = sc
+            print(f"=== development, response_smooth={smooth}\n{format_protocol(sc)}\n")
     store.atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0

@@ -22,7 +22,22 @@ For every probe step :math:`p` and layer :math:`l` of a run:
 - the measured counterparts over a window of W steps centred on the probe
   (:func:`measured_window`).
 
-Agreement (:func:`agreement_scores`, :func:`link_scores`) pools layers × probe steps × runs.
+Where the probe recorded them (``probe_curvature=True``), the default prediction is the response
+model instead (``prediction="auto"`` → "response"; :mod:`experiments.linking.response`,
+:mod:`dynamics.nqm.response`): per layer the noise as one NQM mode at its noise-weighted curvature
+:math:`h_N = \alpha\,\mathrm{tr}(H\Sigma)_{ll}/\mathrm{tr}\,\Sigma_{ll}` plus the part of the mean
+gradient the noise does not explain (a drift) with its one-step response
+:math:`1 - \alpha(c_g m^\top Hm + c_b m^\top Hb)/\|m\|^2`, all measured at the probe; the NQM
+predictions above stay beside it (``nqm_grad_corr``, ``nqm_grad_sq_norm``).
+
+Baselines (docs/theory.md §9; :func:`experiments.linking.response.baselines`) on the same points:
+persistence (the previous probe window's measured value), one mode at the network's h, the
+constant 0. A block whose measured top eigenvalue is ≤ 0 (BatchNorm at initialisation) has regime
+'undefined'; the rest of the run is linked.
+
+Agreement (:func:`agreement_scores`, :func:`link_scores`) pools layers × probe steps × runs;
+:func:`experiments.linking.report.protocol_scores` gives the protocol (baselines, regimes of the
+network's h/edge, within-probe layer ranking, log10-norm error), printed by ``optdyn link``.
 
 Optionally (``signal``, :func:`with_signal`) a mean-gradient part measured by the probe
 (``grad_signal`` = ‖E g‖², less the NQM's own E‖Hx‖²) is mixed in, with the lag-1

@@ -30,6 +30,14 @@ parameters θ, split into blocks (layers) θ = (θ_1, ..., θ_K) with Hessian bl
   ‖E g‖² per block (squared norm of the mean gradient over the data at θ), unbiased:
   Σ_i (ḡ_i² − s_i²/M) (:func:`microbatch_moments`).
 
+* **Curvature along the gradient** (``curvature=True``, :func:`microbatch_curvature`; issue 16):
+  from M ≥ 3 independent micro-batches, one Hessian-vector product on micro-batch k's own graph
+  per vector: :math:`g_{k+1}^\top H_k g_{k+1}` (unbiased for :math:`E[g^\top H g]` with the
+  population H, since H_k is independent of g_{k+1}), :math:`g_{k+2}^\top H_k g_{k+1}` (unbiased
+  for :math:`m^\top H m`), :math:`g_{k+1}^\top H_k b` with b the optimizer's momentum buffer, and
+  the batch sharpness :math:`g_k^\top H_k g_k/\|g_k\|^2` (Andreyev & Beneventano 2024,
+  docs/theory.md §7), all per block. Cost: measured by benchmarks/bench_trace.py (part 3).
+
 Mode, dropout, BatchNorm. ``mode="train"`` (default) probes the loss the optimizer descends:
 BatchNorm normalises with the probe batch's statistics (part of the Hessian), dropout is
 active with one mask drawn per probe — the first-order graph is built by a single forward pass
