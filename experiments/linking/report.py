@@ -118,7 +118,12 @@ def protocol_scores(ds, bins=10):
             pred, meas, return_count=True)
         for reg, lo, hi in REGIMES:
             inside = (ratio >= lo) & (ratio < hi)
-            out["regimes"].setdefault(reg, {})[label] = agreement_scores(pred[inside], meas[inside], bins=bins)
+            sc = agreement_scores(pred[inside], meas[inside], bins=bins)
+            ok = inside & np.isfinite(pred) & np.isfinite(meas)
+            sc["mean_pred"], sc["mean_meas"] = (float(np.mean(pred[ok])), float(np.mean(meas[ok]))) if ok.any() else (
+                float("nan"), float("nan"))
+            sc["pred_pos_meas_neg"] = int(np.sum((pred[ok] > 0) & (meas[ok] < 0)))
+            out["regimes"].setdefault(reg, {})[label] = sc
     with np.errstate(divide="ignore", invalid="ignore"):
         meas_n = np.log10(np.where(keep, _flat(ds, "meas_grad_sq_norm"), np.nan))
         for label, name in NORM_PREDICTORS.items():
