@@ -225,3 +225,13 @@ def test_batchnorm_network_with_negative_block_curvature_links(tmp_path):
         assert np.isfinite(later).mean() > 0.9  # the rest is linked
     assert np.isfinite(ds["base_persist_corr"].sel(probe_step=20)).all()
     assert np.isnan(ds["base_one_mode_corr"].sel(probe_step=0)).all()  # λ_max <= 0: undefined
+
+
+def test_probe_curvature_keeps_existing_run_ids_and_needs_three_microbatches():
+    from experiments.runs.config import RunConfig, canonical_config, run_id
+
+    off, on = RunConfig(), RunConfig(probe_curvature=True)
+    assert "probe_curvature" not in canonical_config(off)  # ids of runs made before the field: unchanged
+    assert canonical_config(on)["probe_curvature"] is True and run_id(on) != run_id(off)
+    with pytest.raises(ValueError, match="noise_microbatches=2"):
+        RunConfig(probe_curvature=True, noise_microbatches=2)
