@@ -117,8 +117,8 @@ def response_model(method, lr, momentum, signal, noise, grad_curv, grad_curv_mea
        network top mode is), with the closed forms of docs/theory.md §4:
        :math:`(v, \rho_g) =` :func:`dynamics.nqm.stationary.mode_factors`; its fluctuation energy is
        :math:`F = \min(S^+, N v)` (:math:`S^+ = \max(S, 0)`).
-    2. Drift :math:`D = S^+ - F` with the one-step response of docs/nqm_response (module
-       docstring) restricted to it: its curvature terms are the measured ones less the
+    2. Drift :math:`D = S^+ - F` with the one-step response of the module docstring restricted
+       to it: its curvature terms are the measured ones less the
        fluctuation's stationary expectations (:math:`\lambda_N F` and
        :math:`\lambda_N F\,\kappa(h_N)` with :math:`\lambda_N = h_N/\alpha` and κ the stationary
        buffer alignment, :func:`stationary_terms`):
@@ -127,8 +127,8 @@ def response_model(method, lr, momentum, signal, noise, grad_curv, grad_curv_mea
 
     .. math:: \rho = \frac{\rho_g(h_N)(N + F) + \rho_D D}{N + S^+}, \qquad E\|g\|^2 = N + S^+ .
 
-    With D = 0 this is the one-mode NQM at h_N exactly; with N → 0 it is the drift's one-step
-    response. Undefined (NaN) where N ≤ 0 or an input is not finite. Returns a dict with
+    With D = 0 this is the one-mode NQM at h_N exactly; as N/S → 0 it tends to the drift's
+    one-step response. Undefined (NaN) where N ≤ 0 or an input is not finite. Returns a dict with
     ``corr``, ``grad_sq``, ``h_noise``, ``fluct`` F, ``drift`` D, ``drift_corr`` ρ_D,
     ``noise_corr`` ρ_g(h_N).
     """
