@@ -9,6 +9,9 @@
    <= 1e-3 |λ|) within a budget of 20 steps, and within 5; reported with the mean number of
    steps used and the largest relative error of the sharpness (all layers and global)
    against a converged (60-step, cold) Lanczos run at the same parameters (not timed).
+3. The probe's curvature along the gradient and the momentum buffer (``probe_curvature``,
+   issue 16): the same probe with and without it, alternated at the same parameters (and
+   the same warm start), with 4 and with 16 micro-batches; ratio = with / without CPU time.
 
 Seed CNN and MLP (experiments.runs.models defaults) on MNIST-1D, batch 32, SGD with momentum 0.9.
 Single-threaded: torch threads = 1 and OPENBLAS/OMP/MKL threads = 1 (set before numpy is
@@ -112,6 +115,7 @@ def alternate(bench, pairs, n, probe=False, check=False):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--curvature-only", action="store_true", help="only part 3 (probe_curvature's cost)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_data("mnist1d")
@@ -120,6 +124,10 @@ def main():
           f"BLAS threads {os.environ['OPENBLAS_NUM_THREADS']}, CPU, batch {BATCH}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for name in ("seed-cnn", "mlp"):
+        if args.curvature_only:
+            print(name)
+            curvature_cost(name, data, 2 if args.quick else 6)
+            continue
         bench = Bench(name, data)
         bench.steps(20, traced=True)  # warm-up both paths
         bench.steps(20, traced=False)
@@ -144,6 +152,29 @@ def main():
                   f"{ds.attrs['probe_seconds'] / (probe_pairs + 1):.2f} s wall per probe; "
                   f"{used.mean():.1f} steps used on average; sharpness within "
                   f"{100 * max(bench.errors):.2g} % of converged)")
+
+        curvature_cost(name, data, 2 if args.quick else 6)
+
+
+def curvature_cost(name, data, pairs):
+    """CPU time of the probe with ``probe_curvature`` / without, alternated at fixed parameters."""
+    for micro in (4, 16):
+        bench = Bench(name, data, noise_microbatches=micro)
+        bench.steps(20, traced=True)
+        tr = bench.tracer
+        tr.probe(loss_fn, bench.batch())  # warm start
+        saved = dict(tr._probe_state.vectors)
+        t = np.zeros(2)
+        for k in range(pairs):
+            batch = bench.batch() if micro == 4 else tuple(torch.cat([x] * 4) for x in bench.batch())
+            for arm in ((0, 1) if k % 2 == 0 else (1, 0)):
+                tr._probe_state.vectors = dict(saved)
+                tr.probe_curvature = arm == 0
+                t0 = time.process_time()
+                tr.probe(loss_fn, batch, noise_batch_size=BATCH)
+                t[arm] += time.process_time() - t0
+        print(f"  probe with / without probe_curvature, {micro:2d} micro-batches of "
+              f"{BATCH * (1 if micro == 4 else 4) // micro}: {t[0] / t[1]:.3f}x ({pairs} probes per arm)")
 
 
 if __name__ == "__main__":

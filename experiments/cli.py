@@ -14,7 +14,7 @@ import tomllib
 
 from experiments import store
 from experiments.linking.core import OPTIONS, link
-from experiments.linking.report import format_report, link_scores
+from experiments.linking.report import format_report, link_scores, protocol_scores
 from experiments.runs.config import DTYPES, RunConfig
 from experiments.runs.data import DATASETS
 from experiments.runs.loop import run
@@ -59,6 +59,7 @@ FIELD_HELP = {
     "probe_every": "sharpness/noise probe every k steps (0 = off)",
     "probe_batch_size": "examples the probe draws (0 = the step's training batch)",
     "hutchinson_samples": "Rademacher vectors per probe (trace)", "noise_microbatches": "0 (off) or >= 2",
+    "probe_curvature": "probe the curvature along the gradient and the momentum buffer (link response model)",
     "eval_every": "test eval every k steps",
     "per_tensor": "trace per parameter tensor instead of per module", "threads": "torch threads (0 = leave)",
     "device": "cpu, cuda, cuda:N", "dtype": f"one of {', '.join(DTYPES)}",
@@ -203,8 +204,12 @@ def _add_link(subparsers):
     p.add_argument("--shape", default="power", help="spectrum shape from the summary: power (default), two-level")
     p.add_argument("--on-unstable", default="exclude", help="modes past the edge: exclude (default), nan")
     p.add_argument("--smooth", type=int, default=3, help="probes in the rolling mean of the probe estimates")
-    p.add_argument("--prediction", default="schedule",
-                   help="schedule (default: NQM run through the lr sequence) or stationary")
+    p.add_argument("--prediction", default="auto",
+                   help="auto (default: response where the probe recorded its inputs, else schedule), response "
+                   "(drift + noise-driven mode, dynamics.nqm.response), schedule (NQM run through the lr sequence) "
+                   "or stationary")
+    p.add_argument("--response-smooth", type=int, default=3, help="probes in the rolling mean of the response "
+                   "model's inputs (default 3)")
     p.add_argument("--signal", default="none", help="mean-gradient term from the probe's grad_signal: none "
                    "(default), fluct / root (lag-1 of the network top mode's fluctuation / dominant root), drift (+1)")
     p.add_argument("--block-only", action="store_true",
@@ -217,10 +222,11 @@ def _add_link(subparsers):
 def _link_main(args):
     ds = link(args.source, root=args.root, recompute=args.recompute, window=args.window, align=args.align,
               noise_model=args.noise_model, shape=args.shape, on_unstable=args.on_unstable, smooth=args.smooth,
-              global_mode=not args.block_only, prediction=args.prediction, signal=args.signal)
+              global_mode=not args.block_only, prediction=args.prediction, signal=args.signal,
+              response_smooth=args.response_smooth)
     print(format_report(ds))
     if args.json:
-        store.atomic_write_json(args.json, {"scores": link_scores(ds), "options": {
+        store.atomic_write_json(args.json, {"scores": link_scores(ds), "protocol": protocol_scores(ds), "options": {
             k: ds.attrs.get(k) for k in OPTIONS}, "source": str(args.source)})
     return 0
 

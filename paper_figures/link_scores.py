@@ -1,20 +1,19 @@
-r"""Figure 6 — the link, scored: predicted vs measured per-layer successive-gradient
-correlation and squared gradient norm across the seed-CNN sweep (lr × momentum × {HB, NAG},
-``experiments/specs/link_seed_cnn_probe.toml``: the runs of ``link_seed_cnn.toml`` with the
-probe on 512 drawn examples, 8 Hutchinson vectors, 16 micro-batches), every (run, probe step,
-layer) one point.
+r"""Figure 6 — the link, scored on families of runs (issue 16): every (run, probe step, layer)
+one point, predicted vs measured per-layer successive-gradient correlation.
 
-Prediction: the noisy quadratic model of each layer (:mod:`dynamics.nqm.layer`) fed with
-the probe's measured block sharpness, Hutchinson trace and gradient noise. Left: the plain
-layer model (the layer's diagonal block, stationary); middle: the link's default (:func:`experiments.linking.core.link_trace`: the network's top mode in every layer, NQM
-run through the lr schedule); right: the squared gradient norm (log-log). Scores in each
-panel: Spearman, Pearson, sign agreement, binned calibration error
-(:func:`experiments.linking.scores.agreement_scores`).
+Prediction: the link's default (:func:`experiments.linking.core.link_trace`,
+``prediction="auto"``): the response model (:mod:`dynamics.nqm.response`: the layer's noise as one
+NQM mode at its noise-weighted curvature plus a drift with its one-step response), fed with the
+probe's gradient signal, noise and curvature along the gradient and the momentum buffer. Panels:
+the development families (the model was chosen on them), the evaluation families (reported only),
+the small-h region (network h/edge < 0.05) of all families, and per family the Spearman score of
+the link beside persistence (the previous probe window's measured value) and one mode at the
+network's h = lr·λ_max; the text gives the pooled scores of the three on the same points.
+Quick mode runs the cheap families (seed CNN and MLP development, plain-SGD seed CNN and linear
+regression evaluation); full mode all eight (experiments/specs/link_{dev,eval}_*.toml).
 
-``python -m paper_figures.link_scores`` runs the quick setting and writes
-``results/link_seed_cnn.{csv,json}`` (every point, the scores, the scores of the model
-variants in :data:`VARIANTS`, and the previous default: the same model on the runs probed
-on the training batch, ``link_seed_cnn.toml``).
+``python -m paper_figures.link_scores`` still writes ``results/link_seed_cnn.{csv,json}``: the
+earlier NQM link's scores and variants on ``link_seed_cnn_probe.toml`` (see docs/findings/link.md).
 """
 
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.linking.core import OPTIONS, link_run, stack_runs
-from experiments.linking.report import link_scores
+from experiments.linking.report import link_scores, protocol_points, protocol_scores
 from paper_figures import _runs, style
 from paper_figures.registry import Context, Figure
 
@@ -62,57 +61,128 @@ def linked(dirs, **options):
     return stack_runs([link_run(d, write=write, **options) for d in dirs])
 
 
+# The issue-16 families (experiments/specs/link_{dev,eval}_*.toml); roles fixed before scoring.
+# Quick mode runs the cheap ones (~3 CPU-min on 2 cores), full mode all eight; tiny: two tiny runs.
+FAMILIES = {  # name: (role, in quick mode)
+    "link_dev_seed_cnn": ("development", True), "link_dev_mlp_digits": ("development", True),
+    "link_dev_gru_pytext": ("development", False),
+    "link_eval_seed_cnn_sgd": ("evaluation", True), "link_eval_linreg": ("evaluation", True),
+    "link_eval_resnet_mnist1d": ("evaluation", False), "link_eval_transformer_pytext": ("evaluation", False),
+    "link_eval_seed_cnn_b128": ("evaluation", False),
+}
+TINY_FAMILIES = {
+    "link_dev_seed_cnn": ({"steps": 40, "probe_every": 10, "step_every": 30, "probe_batch_size": 64,
+                           "noise_microbatches": 4, "hutchinson_samples": 1,
+                           "model_args": {"channels": 4, "hidden": 16}},
+                          {"opt": ["hb"], "lr": [0.05], "momentum": [0.9]}),
+    "link_eval_linreg": ({"steps": 40, "probe_every": 10}, {"opt": ["gd"], "lr": [0.3]}),
+}
+SMALL_H = 0.05  # network h/edge below this: the small-h region (docs/theory.md §9 regimes)
+
+
+def families(ctx):
+    """{family: (role, link Dataset)} for this mode."""
+    out = {}
+    for name, (role, quick) in FAMILIES.items():
+        if ctx.mode == "tiny":
+            if name not in TINY_FAMILIES:
+                continue
+            overrides, grid = TINY_FAMILIES[name]
+        elif ctx.mode == "quick" and not quick:
+            continue
+        else:
+            overrides, grid = {}, None
+        dirs = [path for _, path in _runs.run_dirs(name, ctx, overrides, grid)]
+        out[name] = (role, linked(dirs))
+    return out
+
+
 def data(ctx):
-    dirs = run_dirs(ctx)
-    return {"default": linked(dirs), "block": linked(dirs, global_mode=False, prediction="stationary")}
+    return {"families": families(ctx)}
 
 
-def _corr_panel(ax, ds, title):
-    pred, meas = ds["pred_grad_corr"], ds["meas_grad_corr"]
-    for method in ("hb", "nag"):
-        sel = ds["opt"] == method
-        ax.scatter(pred.where(sel).values.ravel(), meas.where(sel).values.ravel(), s=4, alpha=0.6, lw=0,
-                   color=style.METHOD_COLOURS[method], label=method.upper())
+def _short(name):
+    return name.replace("link_dev_", "").replace("link_eval_", "")
+
+
+def _flat(ds, key):
+    return ds[key].broadcast_like(ds["meas_grad_corr"]).values.ravel()
+
+
+def _scatter(ax, fams, role, title, region=None):
+    markers = {"development": "o", "evaluation": "^"}
+    for i, (name, (r, ds)) in enumerate(fams.items()):
+        if role is not None and r != role:
+            continue
+        keep = protocol_points(ds).ravel()
+        if region is not None:
+            keep &= _flat(ds, "edge_ratio_global") < region
+        ax.scatter(_flat(ds, "pred_grad_corr")[keep], _flat(ds, "meas_grad_corr")[keep], s=4, alpha=0.5, lw=0,
+                   marker=markers[r], color=style.PALETTE[i % len(style.PALETTE)], label=f"{_short(name)} ({r[:3]})")
     ax.plot([-1, 1], [-1, 1], color="k", lw=0.6)
     ax.axhline(0, color="0.6", lw=0.5)
     ax.axvline(0, color="0.6", lw=0.5)
-    sc = link_scores(ds)["grad_corr"]
-    ax.text(0.03, 0.97, f"Spearman {sc['spearman']:.2f}\nPearson {sc['pearson']:.2f}\n"
-            f"sign agreement {sc['sign_agreement']:.0%}\ncalibration err. {sc['calibration_error']:.2f}\n"
-            f"n = {sc['n']}", transform=ax.transAxes, va="top", fontsize=6)
-    ax.set(xlim=(-1, 1), ylim=(-1, 1), title=title, xlabel=r"predicted $\rho_g$ (NQM)",
-           ylabel=r"measured $\rho_g = \sum g_k\cdot g_{k-1} / \sum\|g\|^2$")
-    ax.legend(loc="lower right")
+    ax.set(xlim=(-1, 1), ylim=(-1, 1), title=title, xlabel=r"predicted $\rho_g$ (link)",
+           ylabel=r"measured $\rho_g$ (window)")
+    ax.legend(loc="lower right", fontsize=4, markerscale=2)
+
+
+def _scores_text(ax, sc):
+    lines = [f"{k}: Spearman {v['spearman']:.2f}, sign {v['sign_agreement']:.0%}"
+             for k, v in sc.items() if k in ("link", "persistence", "one_mode")]
+    ax.text(0.03, 0.97, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=4.5)
+
+
+def role_scores(fams, role, region=None):
+    """Agreement of link, persistence and one mode pooled over a role's families (or all: None),
+    on the protocol's common points, optionally only where the network's h/edge < ``region``."""
+    from experiments.linking.scores import agreement_scores
+
+    cols = {"link": "pred_grad_corr", "persistence": "base_persist_corr", "one_mode": "base_one_mode_corr"}
+    pred = {k: [] for k in cols}
+    meas = []
+    for r, ds in fams.values():
+        if role is not None and r != role:
+            continue
+        keep = protocol_points(ds).ravel()
+        if region is not None:
+            keep &= _flat(ds, "edge_ratio_global") < region
+        meas.append(_flat(ds, "meas_grad_corr")[keep])
+        for k, c in cols.items():
+            pred[k].append(_flat(ds, c)[keep])
+    if not meas:
+        return {}
+    return {k: agreement_scores(np.concatenate(v), np.concatenate(meas)) for k, v in pred.items()}
 
 
 def plot(data, ctx):
-    fig, axes = style.new_figure(ncols=3, height=2.5)
-    _corr_panel(axes[0], data["block"], "plain layer NQM (block, stationary)")
-    _corr_panel(axes[1], data["default"], "+ network top mode, lr schedule")
-    ds, ax = data["default"], axes[2]
-    for method in ("hb", "nag"):
-        sel = ds["opt"] == method
-        ax.scatter(ds["pred_grad_sq_norm"].where(sel).values.ravel(), ds["meas_grad_sq_norm"].where(sel).values.ravel(),
-                   s=4, alpha=0.6, lw=0, color=style.METHOD_COLOURS[method], label=method.upper())
-    both = np.concatenate([ds["pred_grad_sq_norm"].values.ravel(), ds["meas_grad_sq_norm"].values.ravel()])
-    both = both[np.isfinite(both) & (both > 0)]
-    lims = (both.min() / 2, both.max() * 2) if both.size else (1e-6, 1)
-    ax.plot(lims, lims, color="k", lw=0.6)
-    sc = link_scores(ds)["log10_grad_sq_norm"]
-    ax.text(0.03, 0.97, f"on log10: Spearman {sc['spearman']:.2f}\nPearson {sc['pearson']:.2f}\n"
-            f"mean |error| {sc['mean_abs_error']:.2f} dec.", transform=ax.transAxes, va="top", fontsize=6)
-    ax.set(xscale="log", yscale="log", xlim=lims, ylim=lims, title="squared gradient norm",
-           xlabel=r"predicted $E\|g_l\|^2$", ylabel=r"measured $\|g_l\|^2$ (window mean)")
-    ax.legend(loc="lower right")
+    fams = data["families"]
+    fig, axes = style.new_figure(ncols=2, nrows=2, height=4.6)
+    axes = axes.ravel()
+    for ax, role in zip(axes[:2], ("development", "evaluation")):
+        _scatter(ax, fams, role, f"{role} families")
+        _scores_text(ax, role_scores(fams, role))
+    _scatter(axes[2], fams, None, f"small h (network h/edge < {SMALL_H})", region=SMALL_H)
+    _scores_text(axes[2], role_scores(fams, None, region=SMALL_H))
+    ax = axes[3]
+    names = list(fams)
+    width = 0.27
+    for j, (label, col) in enumerate((("link", "link"), ("persistence", "persistence"), ("one mode", "one_mode"))):
+        vals = [protocol_scores(fams[n][1])["corr"][col]["spearman"] for n in names]
+        ax.bar(np.arange(len(names)) + (j - 1) * width, vals, width, label=label, color=style.PALETTE[j])
+    n_dev = sum(fams[n][0] == "development" for n in names)
+    ax.axvline(n_dev - 0.5, color="k", lw=0.6)
+    ax.set_xticks(np.arange(len(names)), [_short(n) for n in names], rotation=30, ha="right", fontsize=5)
+    ax.set(ylim=(-0.2, 1), ylabel="Spearman (correlation)", title="per family: dev | eval")
+    ax.legend(loc="lower left", fontsize=5)
     return fig
 
 
 FIGURE = Figure(
     name="link_scores",
-    summary="The link scored: NQM-predicted vs measured per-layer successive-gradient correlation "
-            "(plain layer model, and with the network's top mode and the lr schedule) and gradient norm "
-            "across the seed-CNN "
-            "lr x momentum x method sweep, with Spearman, Pearson, sign agreement and calibration error.",
+    summary="The link scored on families of runs: predicted vs measured per-layer successive-gradient "
+            "correlation on development and evaluation families, the small-h region apart, and per family "
+            "the link's Spearman beside persistence and one mode at the network's h.",
     data=data,
     plot=plot,
     tags=("empirical",),

@@ -226,6 +226,15 @@ def test_link_store_root_stacks_runs_and_cli_prints_table(quadratic_runs, capsys
     out = capsys.readouterr().out
     assert "fc" in out and "grad_corr: n=" in out and "spearman=" in out
     assert (quadratic_runs / "scores.json").exists()
+    # the protocol (docs/theory.md §9): baselines beside the link on the same points, regimes,
+    # layer ranking, log-norm error
+    for line in ("protocol on", "persistence", "one_mode", "regime h/edge<0.05", "log10 |g|^2"):
+        assert line in out
+    import json
+
+    protocol = json.loads((quadratic_runs / "scores.json").read_text())["protocol"]
+    n = protocol["n"]
+    assert n > 0 and all(protocol["corr"][k]["n"] == n for k in ("link", "persistence", "one_mode"))
 
 
 def test_link_bad_input_is_one_line_exit_2(tmp_path, capsys):

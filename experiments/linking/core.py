@@ -22,7 +22,22 @@ For every probe step :math:`p` and layer :math:`l` of a run:
 - the measured counterparts over a window of W steps centred on the probe
   (:func:`measured_window`).
 
-Agreement (:func:`agreement_scores`, :func:`link_scores`) pools layers × probe steps × runs.
+Where the probe recorded them (``probe_curvature=True``), the default prediction is the response
+model instead (``prediction="auto"`` → "response"; :mod:`experiments.linking.response`,
+:mod:`dynamics.nqm.response`): per layer the noise as one NQM mode at its noise-weighted curvature
+:math:`h_N = \alpha\,\mathrm{tr}(H\Sigma)_{ll}/\mathrm{tr}\,\Sigma_{ll}` plus the part of the mean
+gradient the noise does not explain (a drift) with its one-step response
+:math:`1 - \alpha(c_g m^\top Hm + c_b m^\top Hb)/\|m\|^2`, all measured at the probe; the NQM
+predictions above stay beside it (``nqm_grad_corr``, ``nqm_grad_sq_norm``).
+
+Baselines (docs/theory.md §9; :func:`experiments.linking.response.baselines`) on the same points:
+persistence (the previous probe window's measured value), one mode at the network's h, the
+constant 0. A block whose measured top eigenvalue is ≤ 0 (BatchNorm at initialisation) has regime
+'undefined'; the rest of the run is linked.
+
+Agreement (:func:`agreement_scores`, :func:`link_scores`) pools layers × probe steps × runs;
+:func:`experiments.linking.report.protocol_scores` gives the protocol (baselines, regimes of the
+network's h/edge, within-probe layer ranking, log10-norm error), printed by ``optdyn link``.
 
 Optionally (``signal``, :func:`with_signal`) a mean-gradient part measured by the probe
 (``grad_signal`` = ‖E g‖², less the NQM's own E‖Hx‖²) is mixed in, with the lag-1
@@ -53,9 +68,11 @@ from experiments import store
 from experiments.linking.measure import measured_window
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra, predict_layers, schedule_predict_layers, with_global_mode
 from experiments.linking.signal import SIGNALS, fluctuation_correlation, mean_part_correlation, with_signal
+from experiments.linking.response import baselines, has_response_inputs, response_predict
 
 
 LINK_FILE = "link.nc"
+PREDICTIONS = ("auto", "response", "schedule", "stationary")
 LINKED_METHODS = ("gd", "hb", "nag")
 
 
@@ -69,8 +86,8 @@ def run_method(config):
 
 
 def link_trace(trace, config=None, *, window=None, align="center", noise_model="curvature", shape="power",
-               on_unstable="exclude", smooth=3, global_mode=True, prediction="schedule", signal="none",
-               spectra=None, top_mode_shares=None):
+               on_unstable="exclude", smooth=3, global_mode=True, prediction="auto", signal="none",
+               spectra=None, top_mode_shares=None, response_smooth=3):
     """Predicted and measured per-layer oscillation and norm of one run, side by side.
 
     ``trace`` is a run's trace (``experiments.store.load_run`` puts the config in its
@@ -78,7 +95,12 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     micro-batches: a single probe's trace can even be negative), so the model is fed their
     centred rolling mean over ``smooth`` probes (1: raw); ``sharpness`` etc. in the output
     stay raw, and ``h``, ``edge_ratio`` and ``regime`` use the raw sharpness.
-    ``prediction``: "schedule" (default) runs the NQM through the run's actual lr sequence
+    ``prediction``: "response" (:mod:`experiments.linking.response`: the probe's curvature along the
+    gradient and the momentum buffer in :func:`dynamics.nqm.response.response_model`; its inputs
+    are smoothed over ``response_smooth`` probes); "auto" (default) is "response" where the trace
+    has its inputs (``probe_curvature=True``) and "schedule" otherwise; the NQM predictions
+    below stay in the output as ``nqm_grad_corr`` and ``nqm_grad_sq_norm`` either way.
+    "schedule" runs the NQM through the run's actual lr sequence
     (:func:`schedule_predict_layers`), "stationary" takes each probe's stationary state
     (:func:`predict_layers`; its ``pred_effective_dim`` and ``pred_n_unstable`` are kept in
     both cases). ``global_mode`` puts the network's top mode in every layer
@@ -93,6 +115,11 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     """
     config = dict(trace.attrs.get("config", {}) if config is None else config)
     method, momentum = run_method(config)
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction={prediction!r} is unknown; valid: {', '.join(PREDICTIONS)}")
+    requested = prediction
+    if prediction == "auto":
+        prediction = "response" if has_response_inputs(trace) and signal == "none" else "schedule"
     if "probe_step" not in trace.dims or trace.sizes["probe_step"] == 0:
         raise ValueError("the trace has no probe steps (run with probe_every > 0): the link needs "
                          "the measured sharpness, hessian_trace and grad_noise")
@@ -100,7 +127,9 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     lr = trace["lr"].reindex(step=probe).rename(step="probe_step")
     h = lr * trace["sharpness"]
     edge = float(stability_edge(method, momentum))
-    regime_top = xr.DataArray(np.where(np.isfinite(h) & (h > 0), regime(method, np.nan_to_num(h.values), momentum),
+    defined = np.isfinite(h.values) & (h.values > 0)  # a block whose top eigenvalue is <= 0 (BatchNorm at
+    # initialisation, a saddle) has no regime: 'undefined', and regime() never sees it (it rejects h < 0)
+    regime_top = xr.DataArray(np.where(defined, regime(method, np.where(defined, h.values, 1.0), momentum),
                                        "undefined"), dims=h.dims, coords=h.coords)
     if int(smooth) < 1:
         raise ValueError(f"smooth={smooth} is outside the valid range [1, inf)")
@@ -113,14 +142,14 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     pred = predict_layers(method, lr, momentum, fed["sharpness"], fed["hessian_trace"], trace["n_params"],
                           fed["grad_noise"], noise_model=noise_model, on_unstable=on_unstable, built=built)
     meas = measured_window(trace, probe, window, align)
-    if prediction == "schedule":
+    if prediction in ("schedule", "response"):
         corr, sq, full = schedule_predict_layers(method, trace["lr"].values, momentum, probe, built,
                                                  meas.attrs["window"], align, noise_model, return_full=True)
         pred["pred_grad_corr"] = (("probe_step", "layer"), corr)
         pred["pred_grad_sq_norm"] = (("probe_step", "layer"), sq)
         pred["pred_full_grad_sq_norm"] = (("probe_step", "layer"), full)
     elif prediction != "stationary":
-        raise ValueError(f"prediction={prediction!r} is unknown; valid: stationary, schedule")
+        raise ValueError(f"prediction={prediction!r} is unknown; valid: {', '.join(PREDICTIONS)}")
     if signal not in SIGNALS:
         raise ValueError(f"signal={signal!r} is unknown; valid: {', '.join(SIGNALS)}")
     recorded = "grad_signal" in trace and signal != "none"
@@ -132,18 +161,27 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
                                         pred["pred_full_grad_sq_norm"], trace["grad_signal"], rho_mean)
         pred = pred.assign(pred_grad_corr=corr, pred_grad_sq_norm=sq, pred_mean_sq_norm=mean_sq,
                            pred_mean_corr=rho_mean)
-    ds = xr.merge([pred, meas.drop_attrs()])
+    pred = pred.assign(nqm_grad_corr=pred["pred_grad_corr"], nqm_grad_sq_norm=pred["pred_grad_sq_norm"])
+    if prediction == "response":
+        if signal != "none":
+            raise ValueError(f"signal={signal!r} is not valid with prediction='response' (the response model "
+                             f"has the mean gradient in it); valid: none")
+        pred = pred.assign(response_predict(trace, method, momentum, smooth=response_smooth))
+    base = baselines(meas, lr, trace["sharpness_global"], method, momentum)
+    ds = xr.merge([pred, meas.drop_attrs(), base])
     h_global = lr * trace["sharpness_global"]
     ds = ds.assign(lr=lr, h=h, edge=edge, edge_ratio=h / edge, regime=regime_top,
                    sharpness_global=trace["sharpness_global"], edge_ratio_global=h_global / edge,
                    sharpness=trace["sharpness"], hessian_trace=trace["hessian_trace"],
                    grad_noise=trace["grad_noise"], n_params=trace["n_params"])
-    if "grad_signal" in trace:
-        ds["grad_signal"] = trace["grad_signal"]
+    for k in ("grad_signal", "grad_signal_top", "grad_curv", "grad_curv_mean", "buffer_curv", "batch_sharpness",
+              "batch_sharpness_global"):
+        if k in trace:
+            ds[k] = trace[k]
     ds.attrs = {"method": method, "momentum": momentum, "lr0": float(config.get("lr", np.nan)),
                 "window": meas.attrs["window"], "align": align, "noise_model": noise_model, "shape": shape,
                 "on_unstable": on_unstable, "smooth": int(smooth), "global_mode": int(bool(global_mode)),
-                "prediction": prediction, "signal": signal, "signal_recorded": int(recorded),
+                "prediction": requested, "prediction_used": prediction, "signal": signal, "response_smooth": int(response_smooth), "signal_recorded": int(recorded),
                 "spectra": "given" if spectra else "summary"}
     return ds
 
@@ -152,7 +190,7 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
 # runs, sweeps, files
 
 OPTIONS = ("window", "align", "noise_model", "shape", "on_unstable", "smooth", "global_mode", "prediction",
-           "signal")
+           "signal", "response_smooth")
 
 
 def link_run(run_dir, *, recompute=False, write=True, **options):

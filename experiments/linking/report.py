@@ -46,6 +46,104 @@ def format_report(ds):
     for what, sc in scores.items():
         lines.append(f"{what}: " + ", ".join(f"{k}={sc[k]:.3g}" if isinstance(sc[k], float) else f"{k}={sc[k]}"
                                               for k in SCORES))
+    if "base_persist_corr" in ds:
+        lines += ["", format_protocol(protocol_scores(ds))]
     if ds.attrs.get("skipped"):
         lines.append(f"skipped: {ds.attrs['skipped']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# the protocol of docs/theory.md §9: the link beside its baselines on the same points
+
+REGIMES = (("h/edge<0.05", 0.0, 0.05), ("0.05-0.5", 0.05, 0.5), (">=0.5", 0.5, np.inf))
+CORR_PREDICTORS = {"link": "pred_grad_corr", "nqm": "nqm_grad_corr", "persistence": "base_persist_corr",
+                   "one_mode": "base_one_mode_corr", "constant": "base_const_corr"}
+NORM_PREDICTORS = {"link": "pred_grad_sq_norm", "nqm": "nqm_grad_sq_norm", "persistence": "base_persist_sq"}
+
+
+def _flat(ds, name):
+    return np.asarray(ds[name].transpose(*_dims(ds)).values, dtype=float)
+
+
+def _dims(ds):
+    return tuple(d for d in ("run", "probe_step", "layer") if d in ds[("meas_grad_corr")].dims)
+
+
+def protocol_points(ds):
+    """Boolean array (dims of ``meas_grad_corr``): the points every predictor of the protocol
+    (link, NQM, persistence, one mode) and the measurement have, so all are scored on the same."""
+    keep = np.isfinite(_flat(ds, "meas_grad_corr"))
+    for name in list(CORR_PREDICTORS.values()) + list(NORM_PREDICTORS.values()) + ["meas_grad_sq_norm"]:
+        if name in ds:
+            keep &= np.isfinite(_flat(ds, name))
+    return keep
+
+
+def within_probe_ranking(pred, meas, return_count=False):
+    """Spearman correlation across layers within each (run, probe) (the last axis is the layer),
+    averaged over the probes where it is defined (>= 3 layers, neither side constant); NaN if none
+    (a prediction that is the same for every layer ranks nothing). ``return_count``: also the
+    number of probes averaged."""
+    from scipy import stats
+
+    p = np.asarray(pred, dtype=float).reshape(-1, np.shape(pred)[-1])
+    m = np.asarray(meas, dtype=float).reshape(-1, np.shape(meas)[-1])
+    values = []
+    for a, b in zip(p, m):
+        ok = np.isfinite(a) & np.isfinite(b)
+        if ok.sum() >= 3 and np.ptp(a[ok]) > 0 and np.ptp(b[ok]) > 0:
+            values.append(stats.spearmanr(a[ok], b[ok]).statistic)
+    mean = float(np.mean(values)) if values else float("nan")
+    return (mean, len(values)) if return_count else mean
+
+
+def protocol_scores(ds, bins=10):
+    """The protocol's scores of a link Dataset: per predictor (link, NQM, persistence, one mode,
+    constant) the agreement of the correlation pooled and per regime of the network's h/edge
+    (``edge_ratio_global``: < 0.05, 0.05–0.5, ≥ 0.5), the within-probe layer ranking, and for the
+    norm (link, NQM, persistence) the agreement of log10 E‖g‖² with its mean absolute error in
+    decades — all on the same points (:func:`protocol_points`)."""
+    keep = protocol_points(ds)
+    meas = np.where(keep, _flat(ds, "meas_grad_corr"), np.nan)
+    ratio = np.broadcast_to(np.asarray(ds["edge_ratio_global"].broadcast_like(ds["meas_grad_corr"])
+                                       .transpose(*_dims(ds)).values, dtype=float), meas.shape)
+    out = {"n": int(keep.sum()), "corr": {}, "regimes": {}, "layer_ranking": {}, "log10_norm": {}}
+    for label, name in CORR_PREDICTORS.items():
+        if name not in ds:
+            continue
+        pred = np.where(keep, _flat(ds, name), np.nan)
+        out["corr"][label] = agreement_scores(pred, meas, bins=bins)
+        out["layer_ranking"][label], out.setdefault("layer_ranking_probes", {})[label] = within_probe_ranking(
+            pred, meas, return_count=True)
+        for reg, lo, hi in REGIMES:
+            inside = (ratio >= lo) & (ratio < hi)
+            sc = agreement_scores(pred[inside], meas[inside], bins=bins)
+            ok = inside & np.isfinite(pred) & np.isfinite(meas)
+            sc["mean_pred"], sc["mean_meas"] = (float(np.mean(pred[ok])), float(np.mean(meas[ok]))) if ok.any() else (
+                float("nan"), float("nan"))
+            sc["pred_pos_meas_neg"] = int(np.sum((pred[ok] > 0) & (meas[ok] < 0)))
+            out["regimes"].setdefault(reg, {})[label] = sc
+    with np.errstate(divide="ignore", invalid="ignore"):
+        meas_n = np.log10(np.where(keep, _flat(ds, "meas_grad_sq_norm"), np.nan))
+        for label, name in NORM_PREDICTORS.items():
+            if name in ds:
+                out["log10_norm"][label] = agreement_scores(np.log10(np.where(keep, _flat(ds, name), np.nan)),
+                                                            meas_n, bins=bins)
+    return out
+
+
+def format_protocol(sc):
+    """The protocol's scores as a few lines of text (as printed by ``optdyn link``)."""
+    f = lambda v: "n/a" if not np.isfinite(v) else f"{v:.2f}"  # noqa: E731
+    lines = [f"protocol on {sc['n']} points (the same for every predictor)",
+             "correlation      spearman  sign  calib  mae   layer-rank"]
+    for label, s in sc["corr"].items():
+        lines.append(f"  {label:<14} {f(s['spearman']):>8} {f(s['sign_agreement']):>5} "
+                     f"{f(s['calibration_error']):>6} {f(s['mean_abs_error']):>5} {f(sc['layer_ranking'][label]):>8}")
+    for reg, by in sc["regimes"].items():
+        lines.append(f"regime {reg} (n={next(iter(by.values()))['n']}): " + "; ".join(
+            f"{label} {f(s['spearman'])}/{f(s['sign_agreement'])}" for label, s in by.items() if label != "constant"))
+    lines.append("log10 |g|^2: " + "; ".join(f"{label} spearman {f(s['spearman'])}, err {f(s['mean_abs_error'])} dec"
+                                             for label, s in sc["log10_norm"].items()))
     return "\n".join(lines)

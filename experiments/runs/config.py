@@ -56,7 +56,9 @@ class RunConfig:
     Probe (every ``probe_every`` steps, :mod:`experiments.trace.probes`): ``probe_batch_size``
     examples drawn for it from the training set by its own generator (0: the step's training
     batch), ``hutchinson_samples`` vectors for the trace, ``noise_microbatches`` for the
-    gradient noise and signal (0 off, else >= 2).
+    gradient noise and signal (0 off, else >= 2); ``probe_curvature`` adds the curvature along
+    the gradient and the momentum buffer and the batch sharpness
+    (:func:`experiments.trace.probes.microbatch_curvature`; needs >= 3 micro-batches).
     """
 
     model: str = "mlp"
@@ -83,6 +85,7 @@ class RunConfig:
     probe_batch_size: int = 0
     hutchinson_samples: int = 1
     noise_microbatches: int = 4
+    probe_curvature: bool = False
     eval_every: int = 0
     per_tensor: bool = False
     threads: int = 0
@@ -124,6 +127,9 @@ class RunConfig:
         if self.noise_microbatches == 1:
             raise ValueError("noise_microbatches=1 is outside the valid range: 0 (off) or >= 2")
         _int_range("noise_microbatches", self.noise_microbatches, 0)
+        if self.probe_curvature and self.noise_microbatches < 3:
+            raise ValueError(f"noise_microbatches={self.noise_microbatches} is outside the valid range "
+                             f"[3, inf) with probe_curvature=True")
         _int_range("eval_every", self.eval_every, 0)
         _int_range("threads", self.threads, 0)
         _int_range("seed", self.seed, 0)
@@ -235,7 +241,13 @@ def canonical_config(config) -> dict:
             out[key] = canonical_value(float(value) if isinstance(value, numbers.Real) else value)
     for key in others:
         out[key] = canonical_value(out[key])
+    for key, default in LATE_DEFAULTS.items():  # fields added later: absent at their default, so
+        if key in out and out[key] == default:  # the ids of existing runs stay what they were
+            del out[key]
     return out
+
+
+LATE_DEFAULTS = {"probe_curvature": False}
 
 
 def canonical_value(value):

@@ -209,7 +209,8 @@ def _setup(config, data, device):
         config.schedule, config.steps, warmup_steps=config.warmup_steps, step_every=config.step_every,
         step_gamma=config.step_gamma, final_lr_factor=config.final_lr_factor))
     tracer = Tracer(model, optimizer, per_tensor=config.per_tensor, probe_every=config.probe_every,
-                    hutchinson_samples=config.hutchinson_samples, noise_microbatches=config.noise_microbatches)
+                    hutchinson_samples=config.hutchinson_samples, noise_microbatches=config.noise_microbatches,
+                    probe_curvature=config.probe_curvature)
     groups = {}  # clipping layers: owning modules, whatever the tracer's per_tensor
     for name, p in model.named_parameters():
         groups.setdefault(layer_name(name), []).append(p)

@@ -30,6 +30,14 @@ parameters θ, split into blocks (layers) θ = (θ_1, ..., θ_K) with Hessian bl
   ‖E g‖² per block (squared norm of the mean gradient over the data at θ), unbiased:
   Σ_i (ḡ_i² − s_i²/M) (:func:`microbatch_moments`).
 
+* **Curvature along the gradient** (``curvature=True``, :func:`microbatch_curvature`; issue 16):
+  from M ≥ 3 independent micro-batches, one Hessian-vector product on micro-batch k's own graph
+  per vector: :math:`g_{k+1}^\top H_k g_{k+1}` (unbiased for :math:`E[g^\top H g]` with the
+  population H, since H_k is independent of g_{k+1}), :math:`g_{k+2}^\top H_k g_{k+1}` (unbiased
+  for :math:`m^\top H m`), :math:`g_{k+1}^\top H_k b` with b the optimizer's momentum buffer, and
+  the batch sharpness :math:`g_k^\top H_k g_k/\|g_k\|^2` (Andreyev & Beneventano 2024,
+  docs/theory.md §7), all per block. Cost: measured by benchmarks/bench_trace.py (part 3).
+
 Mode, dropout, BatchNorm. ``mode="train"`` (default) probes the loss the optimizer descends:
 BatchNorm normalises with the probe batch's statistics (part of the Hessian), dropout is
 active with one mask drawn per probe — the first-order graph is built by a single forward pass
@@ -324,6 +332,86 @@ def microbatch_moments(model, params, blocks, loss_fn, batch, parts, noise_batch
     return noise, signal, torch.stack(top)
 
 
+CURVATURE_KEYS = ("grad_curv", "grad_curv_mean", "buffer_curv", "batch_sharpness")
+
+
+def microbatch_curvature(model, params, blocks, loss_fn, batch, parts, noise_batch_size=None, buffer=None):
+    r"""Curvature along the gradient and along the momentum buffer, per block, from ``parts``
+    micro-batches (M ≥ 3) of b examples; what the link's one-step response model needs
+    (:mod:`experiments.link_response`).
+
+    With micro-batch gradients :math:`g_k` and Hessians :math:`H_k` (k = 0..M−1, independent
+    draws; E g_k = m, E H_k = H) one Hessian-vector product per vector and micro-batch, on the
+    micro-batch's own graph, gives per block l (indices mod M):
+
+    * ``grad_curv`` :math:`E[g_{B,l}^\top (H g_B)_l]` for a mini-batch of B = ``noise_batch_size``
+      (default M·b) examples. :math:`q_l = \mathrm{mean}_k\, g_{k+1,l}\cdot(H_k g_{k+1})_l` is
+      unbiased for :math:`E[g_{b,l}^\top(Hg_b)_l] = m_l^\top(Hm)_l + \mathrm{tr}(H\Sigma)_{ll}/b`
+      (H_k is independent of g_{k+1}); :math:`a_l = \mathrm{mean}_k\, g_{k+2,l}\cdot(H_k g_{k+1})_l`
+      is unbiased for :math:`m_l^\top(Hm)_l` (three independent draws); the per-example
+      covariance term scales as 1/B, so the estimate is :math:`a_l + (b/B)(q_l - a_l)`;
+    * ``grad_curv_mean`` :math:`a_l`;
+    * ``buffer_curv`` :math:`m_l^\top (H v)_l` with v = ``buffer`` (flat; the optimizer's
+      momentum buffer), :math:`\mathrm{mean}_k\, g_{k+1,l}\cdot(H_k v)_l`; 0 without a buffer;
+    * ``batch_sharpness`` at the micro-batch size b: :math:`\mathrm{mean}_k\,
+      g_{k,l}^\top(H_k g_k)_l/\|g_{k,l}\|^2`, the layer's part of the mini-batch gradient's
+      curvature along itself (Andreyev & Beneventano 2024, docs/theory.md §7); and
+      ``batch_sharpness_global`` :math:`\mathrm{mean}_k\, g_k^\top H_k g_k/\|g_k\|^2`.
+
+    Cost: per micro-batch one forward pass, a backward pass with graph and 2–3 double backward
+    passes (about 3–4 forward-backward passes over the M·b examples in all). Returns a dict of
+    tensors over blocks plus the scalar ``batch_sharpness_global``."""
+    if parts < 3:
+        raise ValueError(f"noise_microbatches={parts} is outside the valid range [3, inf) for the "
+                         f"curvature along the gradient (three independent micro-batches)")
+    micro, b, B = split_batch(batch, parts)
+    sizes = [p.numel() for p in params]
+    grads, graphs = [], []
+    for mb in micro:
+        gs = torch.autograd.grad(loss_fn(model, mb), params, create_graph=True, allow_unused=True,
+                                 materialize_grads=True)
+        graphs.append(gs)
+        grads.append(torch.cat([g.detach().reshape(-1) for g in gs]))
+    dtype, device = grads[0].dtype, grads[0].device
+
+    def hvp(gs, vec):
+        outs = [(g, v.view_as(p)) for g, v, p in zip(gs, vec.split(sizes), params) if g.requires_grad]
+        if not outs:
+            return torch.zeros_like(vec)
+        hv = torch.autograd.grad([o for o, _ in outs], params, [v for _, v in outs], retain_graph=True,
+                                 allow_unused=True, materialize_grads=True)
+        return torch.cat([h.reshape(-1) for h in hv])
+
+    tensor_block = torch.full((len(sizes),), -1, dtype=torch.long)
+    for j, blk in enumerate(blocks):
+        tensor_block[list(blk)] = j
+    elem_block = torch.repeat_interleave(tensor_block, torch.tensor(sizes)).to(device)
+    keep = elem_block >= 0
+    K = len(blocks)
+
+    def per_block(x):  # elementwise products -> sums per block
+        return torch.zeros(K, dtype=dtype, device=device).index_add_(0, elem_block[keep], x[keep])
+
+    q = torch.zeros(K, dtype=dtype, device=device)
+    a, c, bs = q.clone(), q.clone(), q.clone()
+    bs_global = torch.zeros((), dtype=dtype, device=device)
+    for k in range(parts):
+        g1, g2 = grads[(k + 1) % parts], grads[(k + 2) % parts]
+        h1 = hvp(graphs[k], g1)
+        q += per_block(g1 * h1)
+        a += per_block(g2 * h1)
+        hk = hvp(graphs[k], grads[k])
+        gk_sq = per_block(grads[k] ** 2)
+        bs += torch.where(gk_sq > 0, per_block(grads[k] * hk) / gk_sq, torch.nan)
+        bs_global += torch.dot(grads[k], hk) / torch.dot(grads[k], grads[k])
+        if buffer is not None:
+            c += per_block(g1 * hvp(graphs[k], buffer))
+        graphs[k] = None  # free the micro-batch's graph
+    q, a, c, bs = q / parts, a / parts, c / parts, bs / parts
+    return {"grad_curv": a + (b / (noise_batch_size or B)) * (q - a), "grad_curv_mean": a,
+            "buffer_curv": c, "batch_sharpness": bs, "batch_sharpness_global": bs_global / parts}
+
+
 class ProbeResult(NamedTuple):
     """One probe's measurements: arrays over blocks (layers), floats for the whole network;
     NaN where that probe is switched off."""
@@ -336,19 +424,30 @@ class ProbeResult(NamedTuple):
     sharpness_steps: np.ndarray  # Lanczos steps used per block
     sharpness_global: float  # λ_max(H)
     sharpness_global_steps: float
+    # with curvature=True (microbatch_curvature), else NaN
+    grad_curv: np.ndarray = None  # E[g_l^T (H g)_l] at the training batch size
+    grad_curv_mean: np.ndarray = None  # m_l^T (H m)_l
+    buffer_curv: np.ndarray = None  # m_l^T (H b)_l, b the momentum buffer
+    batch_sharpness: np.ndarray = None  # mean_k g_kl^T (H_k g_k)_l / |g_kl|^2 (micro-batch size)
+    batch_sharpness_global: float = float("nan")
 
 
 def probe(model, params, blocks, loss_fn, batch, *, state, iters=20, tol=1e-3,
-          hutchinson_samples=1, microbatches=4, mode="train", noise_batch_size=None) -> ProbeResult:
+          hutchinson_samples=1, microbatches=4, mode="train", noise_batch_size=None, curvature=False,
+          buffer=None) -> ProbeResult:
     """All probes at the current parameters (:class:`ProbeResult`): block sharpness and
     Lanczos steps used, Hutchinson traces, gradient noise, signal and its part along the
     network's top Ritz vector (:func:`microbatch_moments`), and the network's sharpness.
-    ``noise_batch_size``: see :func:`microbatch_moments`."""
+    ``noise_batch_size``: see :func:`microbatch_moments`. With ``curvature`` (and
+    ``microbatches`` ≥ 3) also the curvature along the gradient and along ``buffer`` (the
+    optimizer's momentum buffer, flat over ``params``, or None) and the batch sharpness
+    (:func:`microbatch_curvature`)."""
     K = len(blocks)
     nan = np.full(K, np.nan)
     out = dict(sharpness=nan, hessian_trace=nan.copy(), grad_noise=nan.copy(),
                grad_signal=nan.copy(), grad_signal_top=nan.copy(), sharpness_steps=nan.copy(), sharpness_global=np.nan,
-               sharpness_global_steps=np.nan)
+               sharpness_global_steps=np.nan, batch_sharpness_global=np.nan)
+    out.update({k: nan.copy() for k in CURVATURE_KEYS})
     with probe_context(model, mode):
         if iters > 0 or hutchinson_samples > 0:
             grads = first_order_graph(loss_fn(model, batch), params)
@@ -367,5 +466,10 @@ def probe(model, params, blocks, loss_fn, batch, *, state, iters=20, tol=1e-3,
                                          noise_batch_size, direction=top_vector)
             keys = ("grad_noise", "grad_signal", "grad_signal_top")
             out.update({k: m.detach().cpu().double().numpy() for k, m in zip(keys, moments)})
+        if curvature and microbatches >= 3:
+            curv = microbatch_curvature(model, params, blocks, loss_fn, batch, microbatches,
+                                        noise_batch_size, buffer)
+            out.update({k: v.detach().cpu().double().numpy() for k, v in curv.items()})
+    out["batch_sharpness_global"] = float(out["batch_sharpness_global"])
     out["sharpness_global"] = float(out["sharpness_global"])
     return ProbeResult(**out)

@@ -135,6 +135,8 @@ class Tracer:
     noise_microbatches : micro-batches M for the gradient-noise estimate (>= 2; 0 disables).
     probe_mode : "train" (the model's training-mode loss; default) or "eval".
     seed : seed of the probes' own random generator (Lanczos starts, Rademacher vectors).
+    probe_curvature : also probe the curvature along the gradient and along the momentum
+        buffer, and the batch sharpness (:func:`experiments.trace.probes.microbatch_curvature`).
     engine : "auto" (numpy for float32/float64 parameters on the CPU, else torch), "numpy"
         or "torch".
     """
@@ -142,7 +144,7 @@ class Tracer:
     def __init__(self, model, optimizer, *, per_tensor=False, probe_every=0, block_size=256,
                  sharpness_iters=20, sharpness_tol=1e-3, hutchinson_samples=1,
                  noise_microbatches=4,
-                 probe_mode="train", seed=0, engine="auto"):
+                 probe_mode="train", seed=0, engine="auto", probe_curvature=False):
         self.model, self.optimizer = model, optimizer
         self.per_tensor = bool(per_tensor)
         self.probe_every = _check_int("probe_every", probe_every, 0)
@@ -158,6 +160,7 @@ class Tracer:
         if probe_mode not in ("train", "eval"):
             raise ValueError(f"probe_mode={probe_mode!r} is unknown; valid: train, eval")
         self.probe_mode = probe_mode
+        self.probe_curvature = bool(probe_curvature)
         self.seed = seed
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -309,7 +312,8 @@ class Tracer:
                               tol=self.sharpness_tol,
                               hutchinson_samples=self.hutchinson_samples,
                               microbatches=self.noise_microbatches, mode=self.probe_mode,
-                              noise_batch_size=noise_batch_size)
+                              noise_batch_size=noise_batch_size, curvature=self.probe_curvature,
+                              buffer=self._momentum_buffer() if self.probe_curvature else None)
         self._probe_steps.append(self.step)
         self._probe_rows.append(res)
         self.probe_seconds += time.perf_counter() - t0
@@ -320,6 +324,15 @@ class Tracer:
         """The network's unit top Ritz vector from the last probe (flat, over :attr:`params`
         in order), or None before the first probe."""
         return self._probe_state.vectors.get(("global",))
+
+    def _momentum_buffer(self):
+        """The optimizer's momentum buffers (PyTorch SGD's ``momentum_buffer``: b_{t-1} before
+        step t) flat in parameter order, zeros where there is none yet; None without any."""
+        bufs = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.params]
+        if all(b is None for b in bufs):
+            return None
+        return torch.cat([(torch.zeros_like(p) if b is None else b.detach()).reshape(-1)
+                          for p, b in zip(self.params, bufs)])
 
     # ---------------------------------------------------------------- output
     def dataset(self):
@@ -381,6 +394,7 @@ class Tracer:
             sharpness_iters=self.sharpness_iters, sharpness_tol=self.sharpness_tol,
             hutchinson_samples=self.hutchinson_samples,
             noise_microbatches=self.noise_microbatches, probe_mode=self.probe_mode,
+            probe_curvature=int(self.probe_curvature),
             update_ratio_definition="log10(mean|theta_after - theta_before| / mean|theta_after|)",
         )
         return ds
@@ -401,6 +415,10 @@ class Tracer:
                 "sharpness_steps": (pl, get("sharpness_steps").reshape(P, L)),
                 "sharpness_global_steps": ("probe_step",
                                            get("sharpness_global_steps").reshape(P)),
+                **({k: (pl, get(k).reshape(P, L)) for k in probes.CURVATURE_KEYS}
+                   if self.probe_curvature else {}),
+                **({"batch_sharpness_global": ("probe_step", get("batch_sharpness_global").reshape(P))}
+                   if self.probe_curvature else {}),
             },
             coords={"probe_step": np.asarray(self._probe_steps, dtype=np.int64),
                     "layer": list(self.layers)},

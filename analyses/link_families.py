@@ -1,0 +1,113 @@
+"""The link's protocol (docs/theory.md §9) on the development and evaluation families of issue 16:
+per family and pooled over each role, the link (``prediction="auto"``: the response model where the
+probe recorded its inputs) beside the old NQM link, persistence, one mode at the network's h and the
+constant 0, on the same points; per regime of the network's h/edge; the within-probe layer ranking;
+the log10-norm error. Writes ``results/link_families.json``.
+
+The roles were fixed before any score was looked at: the model (:mod:`dynamics.nqm.response`, its
+input smoothing) was chosen on the development families only; the evaluation families are
+reported, never used to choose.
+
+    for f in experiments/specs/link_dev_*.toml experiments/specs/link_eval_*.toml; do
+        .venv/bin/optdyn sweep $f --workers 1; done          # ~25 CPU-min on 2 shared cores
+    .venv/bin/python -m analyses link_families --variants    # -> results/link_families.json
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from experiments import store
+from experiments.linking.core import link
+from experiments.linking.report import format_protocol, protocol_scores
+
+SPECS = Path(__file__).resolve().parents[1] / "experiments" / "specs"
+DEVELOPMENT = ("link_dev_seed_cnn", "link_dev_mlp_digits", "link_dev_gru_pytext")
+EVALUATION = ("link_eval_resnet_mnist1d", "link_eval_transformer_pytext", "link_eval_seed_cnn_sgd",
+              "link_eval_seed_cnn_b128", "link_eval_linreg")
+OUT = Path(__file__).resolve().parents[1] / "results" / "link_families.json"
+
+
+def family(name, root=None, **options):
+    """The link Dataset of one family's finished runs (not written beside the runs)."""
+    return link(SPECS / f"{name}.toml", root=root, recompute=True, write=False, **options)
+
+
+def pooled(datasets, scores):
+    """Protocol scores over several families' link Datasets together (layers differ between
+    families, so the points are pooled flat)."""
+    keys = ("pred_grad_corr", "nqm_grad_corr", "base_persist_corr", "base_one_mode_corr", "base_const_corr",
+            "meas_grad_corr", "pred_grad_sq_norm", "nqm_grad_sq_norm", "base_persist_sq", "meas_grad_sq_norm")
+    parts = []
+    for i, ds in enumerate(datasets):
+        ratio = ds["edge_ratio_global"].broadcast_like(ds["meas_grad_corr"])
+        flat = xr.Dataset({k: ds[k] for k in keys}).assign(edge_ratio_global=ratio)
+        flat = flat.stack(point=[d for d in ("run", "probe_step", "layer") if d in flat.dims]).reset_index("point")
+        flat = flat.drop_vars([c for c in flat.coords if c != "point"]).assign_coords(point=np.arange(flat.sizes["point"]))
+        parts.append(flat.expand_dims(run=[i]).rename(point="layer"))  # one "probe" row per family
+    ds = xr.concat(parts, dim="run", join="outer")
+    sc = protocol_scores(ds)
+    # a row here is a family, not a probe: the within-probe ranking is the families' probe-weighted mean
+    sc["layer_ranking"], sc["layer_ranking_probes"] = {}, {}
+    for label in scores[0]["layer_ranking"]:
+        pairs = [(f["layer_ranking"][label], f["layer_ranking_probes"][label]) for f in scores
+                 if f["layer_ranking_probes"][label]]
+        n = sum(c for _, c in pairs)
+        sc["layer_ranking"][label] = float(sum(v * c for v, c in pairs) / n) if n else float("nan")
+        sc["layer_ranking_probes"][label] = n
+    return sc
+
+
+def measured(ds):
+    """What the probe measured, independent of any model: block top eigenvalues <= 0 (points whose
+    regime is 'undefined'), batch sharpness over the network's λ_max, lr·batch sharpness over the
+    edge, and the share of points the link predicts."""
+    r = (ds["batch_sharpness_global"] / ds["sharpness_global"]).values.ravel()
+    r = r[np.isfinite(r)]
+    e = (ds["lr"] * ds["batch_sharpness_global"] / ds["edge"]).values.ravel()
+    e = e[np.isfinite(e)]
+    q = lambda x, p: float(np.quantile(x, p)) if x.size else float("nan")  # noqa: E731
+    return {"block_top_eigenvalue_le_0": int((ds["sharpness"] <= 0).sum()),
+            "block_points": int(np.isfinite(ds["sharpness"]).sum()),
+            "regime_undefined": int((ds["regime"] == "undefined").sum()),
+            "batch_sharpness_over_lambda_max": {"median": q(r, 0.5), "q10": q(r, 0.1), "q90": q(r, 0.9)},
+            "lr_batch_sharpness_over_edge": {"median": q(e, 0.5), "max": float(e.max()) if e.size else float("nan")},
+            "predicted_share_where_measured": float(np.isfinite(ds["pred_grad_corr"]).sum()
+                                                    / max(int(np.isfinite(ds["meas_grad_corr"]).sum()), 1))}
+
+
+def main(argv=()):
+    parser = argparse.ArgumentParser(prog="python -m analyses link_families", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", help="store root of the runs (default: the specs' root)")
+    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--variants", action="store_true",
+                        help="also the development families pooled for response_smooth 1, 3 (default), 5")
+    args = parser.parse_args(list(argv))
+    result = {"development": DEVELOPMENT, "evaluation": EVALUATION, "families": {}, "pooled": {}}
+    linked = {}
+    for role, names in (("development", DEVELOPMENT), ("evaluation", EVALUATION)):
+        for name in names:
+            ds = family(name, args.root)
+            linked[name] = ds
+            sc = protocol_scores(ds)
+            sc["skipped"] = ds.attrs.get("skipped", "")
+            sc["runs"] = int(ds.sizes.get("run", 1))
+            sc["measured"] = measured(ds)
+            result["families"][name] = {"role": role, **sc}
+            print(f"=== {name} ({role}, {sc['runs']} runs)\n{format_protocol(sc)}\n")
+        sc = pooled([linked[n] for n in names], [result["families"][n] for n in names])
+        result["pooled"][role] = sc
+        print(f"=== pooled {role}\n{format_protocol(sc)}\n")
+    if args.variants:
+        result["development_variants"] = {}
+        for smooth in (1, 3, 5):
+            dss = [family(n, args.root, response_smooth=smooth) for n in DEVELOPMENT]
+            sc = pooled(dss, [protocol_scores(d) for d in dss])
+            result["development_variants"][f"response_smooth={smooth}"] = sc
+            print(f"=== development, response_smooth={smooth}\n{format_protocol(sc)}\n")
+    store.atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,78 @@
+r"""The link's response model and its no-theory baselines (:mod:`experiments.linking.core`).
+
+:func:`response_predict` feeds :func:`dynamics.nqm.response.response_model` with what the probe
+measured at each probe step (``probe_curvature=True``; :func:`experiments.trace.probes.microbatch_curvature`):
+``grad_signal`` S = ‖E g_l‖², ``grad_noise`` N (at the training batch size), ``grad_curv``
+:math:`E[g_{B,l}^\top (H g_B)_l]`, ``grad_curv_mean`` :math:`m_l^\top(Hm)_l` and ``buffer_curv``
+:math:`m_l^\top (H b)_l`, with the lr in force at the probe. The layer's noise is one NQM mode at
+its noise-weighted curvature :math:`h_N = \alpha\,\mathrm{tr}(H\Sigma)_{ll}/\mathrm{tr}\,\Sigma_{ll}`
+and the part of the mean gradient the noise does not explain is a drift with its one-step response
+(derivation, assumptions and references in :mod:`dynamics.nqm.response`). The probe estimates are
+fed as their centred rolling mean over ``smooth`` probes (default 3; the model's inputs are
+expectations, and one probe's micro-batch estimates are noisy). Points where the estimates leave
+the model undefined (N ≤ 0, missing) are NaN; nothing is skipped.
+
+:func:`baselines` are the no-theory forecasts of docs/theory.md §9 on the same points:
+persistence (the previous probe window's measured value, same run and layer), one mode at the
+network's :math:`h = \alpha\lambda_{\max}` (the NQM's :math:`\rho_g(h)`, docs/theory.md §4, the same
+for every layer; h held a margin below the edge as in :func:`experiments.linking.predict.with_global_mode`;
+undefined where :math:`\lambda_{\max} \le 0`), and the constant 0.
+"""
+
+import numpy as np
+import xarray as xr
+
+from dynamics.nqm.response import response_model
+from dynamics.quadratic import stability_edge
+from dynamics.nqm.stationary import gradient_autocorrelation
+from experiments.linking.predict import EDGE_MARGIN
+
+RESPONSE_KEYS = ("grad_signal", "grad_noise", "grad_curv", "grad_curv_mean", "buffer_curv")
+
+
+def has_response_inputs(trace):
+    """True when the trace holds the probe measurements the response model needs."""
+    return all(k in trace for k in RESPONSE_KEYS)
+
+
+def response_predict(trace, method, momentum, smooth=3):
+    """``pred_grad_corr``, ``pred_grad_sq_norm`` and the model's parts (``pred_h_noise``,
+    ``pred_fluct``, ``pred_drift``, ``pred_drift_corr``, ``pred_noise_corr``) over (probe_step,
+    layer) of :func:`dynamics.nqm.response.response_model` fed with the probe's estimates
+    (their centred rolling mean over ``smooth`` probes; 1: raw)."""
+    if not has_response_inputs(trace):
+        missing = [k for k in RESPONSE_KEYS if k not in trace]
+        raise ValueError(f"the trace lacks {', '.join(missing)}: run with probe_curvature=True "
+                         f"(and noise_microbatches >= 3) for prediction='response'")
+    if int(smooth) < 1:
+        raise ValueError(f"response_smooth={smooth} is outside the valid range [1, inf)")
+    probe = trace["probe_step"].values
+    lr = trace["lr"].reindex(step=probe).rename(step="probe_step")
+    terms = {k: trace[k].rolling(probe_step=int(smooth), center=True, min_periods=1).mean()
+             for k in RESPONSE_KEYS}
+    S = terms["grad_signal"]
+    out = response_model(method, lr.broadcast_like(S).values, momentum, S.values, terms["grad_noise"].values,
+                         terms["grad_curv"].values, terms["grad_curv_mean"].values,
+                         terms["buffer_curv"].fillna(0.0).values)
+    names = {"corr": "pred_grad_corr", "grad_sq": "pred_grad_sq_norm", "h_noise": "pred_h_noise",
+             "fluct": "pred_fluct", "drift": "pred_drift", "drift_corr": "pred_drift_corr",
+             "noise_corr": "pred_noise_corr"}
+    return xr.Dataset({v: (S.dims, out[k]) for k, v in names.items()}, coords=S.coords)
+
+
+def baselines(meas, lr, sharpness_global, method, momentum):
+    """Baseline forecasts on the link's points: ``base_persist_corr`` / ``base_persist_sq`` (the
+    previous probe's measured window, same layer; NaN at the first probe), ``base_one_mode_corr``
+    (ρ_g at the network's h, one value per probe for every layer), ``base_const_corr`` (0)."""
+    edge = float(stability_edge(method, momentum))
+    h = (lr * sharpness_global).values
+    defined = np.isfinite(h) & (h > 0)
+    hc = np.where(defined, np.minimum(h, edge * (1 - EDGE_MARGIN)), 0.5 * edge)
+    one = np.where(defined, gradient_autocorrelation(method, hc, momentum), np.nan)
+    one_mode = xr.DataArray(one, dims="probe_step", coords={"probe_step": meas["probe_step"]})
+    return xr.Dataset({
+        "base_persist_corr": meas["meas_grad_corr"].shift(probe_step=1),
+        "base_persist_sq": meas["meas_grad_sq_norm"].shift(probe_step=1),
+        "base_one_mode_corr": one_mode.broadcast_like(meas["meas_grad_corr"]),
+        "base_const_corr": xr.zeros_like(meas["meas_grad_corr"]),
+    })
