@@ -151,7 +151,7 @@ def test_link_matches_quadratic_network_with_true_hessian(quadratic_runs, name):
     from experiments.linking.core import link_trace
 
     trace = store.load_run(quadratic_runs / name)
-    ds = _stationary(link_trace(trace, spectra={"fc": _true_spectrum()}, prediction="stationary"))
+    ds = _stationary(link_trace(trace, spectra={"fc": _true_spectrum()}, prediction="stationary", combine="none"))
     pred, meas = ds["pred_grad_corr"].values, ds["meas_grad_corr"].values
     n = meas.size
     se = meas.std(ddof=1) / np.sqrt(n)
@@ -169,7 +169,7 @@ def test_link_matches_quadratic_network_with_true_hessian(quadratic_runs, name):
     # the schedule route (NQM recursion through the run from w = w*, lr constant) is stationary
     # after the burn-in; it differs only as the measured noise level changes between probes,
     # which leaves its ratio within the same Monte-Carlo band
-    sched = _stationary(link_trace(trace, spectra={"fc": _true_spectrum()}, prediction="schedule"))
+    sched = _stationary(link_trace(trace, spectra={"fc": _true_spectrum()}, prediction="schedule", combine="none"))
     assert abs(meas.mean() - sched["pred_grad_corr"].mean()) < 4 * se + eps * abs(pred[0])
     assert abs(sched["pred_grad_corr"].mean() - pred[0]) < 0.02
 
@@ -184,7 +184,7 @@ def test_link_from_measured_summary_on_quadratic_network(quadratic_runs):
     from experiments.linking.core import link_trace
 
     trace = store.load_run(quadratic_runs / "hb")
-    ds = _stationary(link_trace(trace, global_mode=False, prediction="stationary"))
+    ds = _stationary(link_trace(trace, global_mode=False, prediction="stationary", combine="none"))
     exact = LayerSpectrum.from_summary(1.0, sum(LINREG["spectrum"]), 20, shape="power")
     assert np.allclose(exact.eigenvalues, LINREG["spectrum"], rtol=1e-6)
     n = ds.sizes["probe_step"]
@@ -392,8 +392,8 @@ def test_signal_term_on_the_quadratic_network(quadratic_runs):
 
     trace = store.load_run(quadratic_runs / "hb")
     assert "grad_signal" in trace
-    plain = _stationary(link_trace(trace, spectra={"fc": _true_spectrum()}))
-    mixed = _stationary(link_trace(trace, spectra={"fc": _true_spectrum()}, signal="fluct"))
+    plain = _stationary(link_trace(trace, spectra={"fc": _true_spectrum()}, combine="none"))
+    mixed = _stationary(link_trace(trace, spectra={"fc": _true_spectrum()}, signal="fluct", combine="none"))
     meas = plain["meas_grad_corr"].values
     se = meas.std(ddof=1) / np.sqrt(meas.size)
     eps = _eps("hb", 2.0, 0.5)

@@ -235,3 +235,52 @@ def test_probe_curvature_keeps_existing_run_ids_and_needs_three_microbatches():
     assert canonical_config(on)["probe_curvature"] is True and run_id(on) != run_id(off)
     with pytest.raises(ValueError, match="noise_microbatches=2"):
         RunConfig(probe_curvature=True, noise_microbatches=2)
+
+
+def test_combine_forecasts_halves_independent_errors_and_falls_back_to_the_theory():
+    """Bates & Granger: two unbiased forecasts with independent errors of variance σ² combine with
+    weights ½ to error variance σ²/2. With 20,000 draws the sample variance's relative standard
+    error is √(2/20000) = 1 %, so the ratio is checked to ±5 %."""
+    import xarray as xr
+
+    from experiments.linking.response import combine_forecasts
+
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(-0.8, 0.8, 20000)
+    a, b = truth + rng.normal(0, 0.1, truth.size), truth + rng.normal(0, 0.1, truth.size)
+    da = lambda x: xr.DataArray(x, dims="point")  # noqa: E731
+    corr, sq = combine_forecasts(da(a), da(np.exp(a)), da(b), da(np.exp(b)))
+    ratio = np.var(corr.values - truth) / np.var(a - truth)
+    assert abs(ratio - 0.5) < 0.025
+    np.testing.assert_allclose(np.log(sq.values), 0.5 * (a + b), rtol=0, atol=1e-12)  # geometric mean
+    b[:10] = np.nan  # no previous window: the theory alone
+    corr, sq = combine_forecasts(da(a), da(np.exp(a)), da(b), da(np.exp(b)))
+    np.testing.assert_array_equal(corr.values[:10], a[:10])
+    np.testing.assert_array_equal(sq.values[:10], np.exp(a[:10]))
+
+
+@pytest.fixture(scope="module")
+def quadratic_run_with_curvature(tmp_path_factory):
+    """A linear-regression run (an exact quadratic) with the response model's probe inputs."""
+    from experiments import store
+    from experiments.runs import RunConfig, run
+
+    out = tmp_path_factory.mktemp("quad") / "r"
+    run(RunConfig(model="linear", data="linreg", opt="hb", lr=0.5, momentum=0.5, batch_size=8, steps=120,
+                  probe_every=20, noise_microbatches=4, probe_curvature=True, threads=1), out)
+    return store.load_run(out)
+
+
+def test_link_default_forecast_is_theory_combined_with_persistence(quadratic_run_with_curvature):
+    from experiments.linking.core import link_trace
+
+    ds = link_trace(quadratic_run_with_curvature)
+    theory, pers = ds["theory_grad_corr"], ds["base_persist_corr"]
+    later = np.isfinite(pers)
+    assert later.sum() > 0 and (~later).sum() > 0
+    np.testing.assert_allclose(ds["pred_grad_corr"].where(later), (0.5 * (theory + pers)).where(later))
+    np.testing.assert_array_equal(ds["pred_grad_corr"].where(~later), theory.where(~later))
+    alone = link_trace(quadratic_run_with_curvature, combine="none")
+    np.testing.assert_array_equal(alone["pred_grad_corr"], theory)
+    with pytest.raises(ValueError, match="combine='mean'"):
+        link_trace(quadratic_run_with_curvature, combine="mean")

@@ -68,11 +68,12 @@ from experiments import store
 from experiments.linking.measure import measured_window
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra, predict_layers, schedule_predict_layers, with_global_mode
 from experiments.linking.signal import SIGNALS, fluctuation_correlation, mean_part_correlation, with_signal
-from experiments.linking.response import baselines, has_response_inputs, response_predict
+from experiments.linking.response import baselines, combine_forecasts, has_response_inputs, response_predict
 
 
 LINK_FILE = "link.nc"
 PREDICTIONS = ("auto", "response", "schedule", "stationary")
+COMBINES = ("persistence", "none")
 LINKED_METHODS = ("gd", "hb", "nag")
 
 
@@ -87,7 +88,7 @@ def run_method(config):
 
 def link_trace(trace, config=None, *, window=None, align="center", noise_model="curvature", shape="power",
                on_unstable="exclude", smooth=3, global_mode=True, prediction="auto", signal="none",
-               spectra=None, top_mode_shares=None, response_smooth=3):
+               spectra=None, top_mode_shares=None, response_smooth=3, combine="persistence"):
     """Predicted and measured per-layer oscillation and norm of one run, side by side.
 
     ``trace`` is a run's trace (``experiments.store.load_run`` puts the config in its
@@ -95,6 +96,10 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     micro-batches: a single probe's trace can even be negative), so the model is fed their
     centred rolling mean over ``smooth`` probes (1: raw); ``sharpness`` etc. in the output
     stay raw, and ``h``, ``edge_ratio`` and ``regime`` use the raw sharpness.
+    ``combine``: "persistence" (default) makes ``pred_*`` the forecast combination of the theory
+    and the previous probe window's measurement (:func:`experiments.linking.response.combine_forecasts`;
+    the theory alone stays as ``theory_grad_corr``, ``theory_grad_sq_norm``), "none" leaves
+    ``pred_*`` the theory's.
     ``prediction``: "response" (:mod:`experiments.linking.response`: the probe's curvature along the
     gradient and the momentum buffer in :func:`dynamics.nqm.response.response_model`; its inputs
     are smoothed over ``response_smooth`` probes); "auto" (default) is "response" where the trace
@@ -168,6 +173,13 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
                              f"has the mean gradient in it); valid: none")
         pred = pred.assign(response_predict(trace, method, momentum, smooth=response_smooth))
     base = baselines(meas, lr, trace["sharpness_global"], method, momentum)
+    if combine not in COMBINES:
+        raise ValueError(f"combine={combine!r} is unknown; valid: {', '.join(COMBINES)}")
+    pred = pred.assign(theory_grad_corr=pred["pred_grad_corr"], theory_grad_sq_norm=pred["pred_grad_sq_norm"])
+    if combine == "persistence":
+        corr, sq = combine_forecasts(pred["pred_grad_corr"], pred["pred_grad_sq_norm"],
+                                     base["base_persist_corr"], base["base_persist_sq"])
+        pred = pred.assign(pred_grad_corr=corr, pred_grad_sq_norm=sq)
     ds = xr.merge([pred, meas.drop_attrs(), base])
     h_global = lr * trace["sharpness_global"]
     ds = ds.assign(lr=lr, h=h, edge=edge, edge_ratio=h / edge, regime=regime_top,
@@ -181,7 +193,7 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     ds.attrs = {"method": method, "momentum": momentum, "lr0": float(config.get("lr", np.nan)),
                 "window": meas.attrs["window"], "align": align, "noise_model": noise_model, "shape": shape,
                 "on_unstable": on_unstable, "smooth": int(smooth), "global_mode": int(bool(global_mode)),
-                "prediction": requested, "prediction_used": prediction, "signal": signal, "response_smooth": int(response_smooth), "signal_recorded": int(recorded),
+                "prediction": requested, "prediction_used": prediction, "combine": combine, "signal": signal, "response_smooth": int(response_smooth), "signal_recorded": int(recorded),
                 "spectra": "given" if spectra else "summary"}
     return ds
 
@@ -190,7 +202,7 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
 # runs, sweeps, files
 
 OPTIONS = ("window", "align", "noise_model", "shape", "on_unstable", "smooth", "global_mode", "prediction",
-           "signal", "response_smooth")
+           "signal", "response_smooth", "combine")
 
 
 def link_run(run_dir, *, recompute=False, write=True, **options):

@@ -57,9 +57,9 @@ def format_report(ds):
 # the protocol of docs/theory.md §9: the link beside its baselines on the same points
 
 REGIMES = (("h/edge<0.05", 0.0, 0.05), ("0.05-0.5", 0.05, 0.5), (">=0.5", 0.5, np.inf))
-CORR_PREDICTORS = {"link": "pred_grad_corr", "nqm": "nqm_grad_corr", "persistence": "base_persist_corr",
+CORR_PREDICTORS = {"link": "pred_grad_corr", "theory": "theory_grad_corr", "nqm": "nqm_grad_corr", "persistence": "base_persist_corr",
                    "one_mode": "base_one_mode_corr", "constant": "base_const_corr"}
-NORM_PREDICTORS = {"link": "pred_grad_sq_norm", "nqm": "nqm_grad_sq_norm", "persistence": "base_persist_sq"}
+NORM_PREDICTORS = {"link": "pred_grad_sq_norm", "theory": "theory_grad_sq_norm", "nqm": "nqm_grad_sq_norm", "persistence": "base_persist_sq"}
 
 
 def _flat(ds, name):

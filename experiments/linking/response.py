@@ -12,6 +12,17 @@ fed as their centred rolling mean over ``smooth`` probes (default 3; the model's
 expectations, and one probe's micro-batch estimates are noisy). Points where the estimates leave
 the model undefined (N ≤ 0, missing) are NaN; nothing is skipped.
 
+:func:`combine_forecasts` is the link's default forecast: the equal-weight combination of the
+theory's prediction (made from the probe at p) and persistence (the window before p). Two
+forecasts with error variances σ₁², σ₂² and error correlation r combine, with weights ½, to error
+variance (σ₁² + σ₂² + 2rσ₁σ₂)/4, below the smaller of the two whenever r < min(σ₁/σ₂, σ₂/σ₁)
+(Bates & Granger, "The combination of forecasts", Oper. Res. Q. 20, 1969): the theory reads the
+state at p (the lr in force, the curvature and noise now), persistence carries what the theory
+leaves out but changes slowly (a family's offset, a window's average). The norm is combined in
+log space (geometric mean). Equal weights were chosen on the development families over
+Bates–Granger weights from each run's past errors (docs/findings/link.md); where there is no
+previous window (the first probe) the forecast is the theory's.
+
 :func:`baselines` are the no-theory forecasts of docs/theory.md §9 on the same points:
 persistence (the previous probe window's measured value, same run and layer), one mode at the
 network's :math:`h = \alpha\lambda_{\max}` (the NQM's :math:`\rho_g(h)`, docs/theory.md §4, the same
@@ -76,3 +87,12 @@ def baselines(meas, lr, sharpness_global, method, momentum):
         "base_one_mode_corr": one_mode.broadcast_like(meas["meas_grad_corr"]),
         "base_const_corr": xr.zeros_like(meas["meas_grad_corr"]),
     })
+
+
+def combine_forecasts(theory_corr, theory_sq, persist_corr, persist_sq):
+    """The link's forecast: ½(theory + persistence) for the correlation, the geometric mean for
+    E‖g‖² (module docstring); the theory alone where persistence is undefined."""
+    corr = xr.where(np.isfinite(persist_corr), 0.5 * (theory_corr + persist_corr), theory_corr)
+    both = np.isfinite(persist_sq) & (persist_sq > 0) & (theory_sq > 0)
+    sq = xr.where(both, np.sqrt(theory_sq.where(both, 1.0) * persist_sq.where(both, 1.0)), theory_sq)
+    return corr, sq

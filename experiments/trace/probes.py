@@ -1,4 +1,4 @@
-"""Curvature and gradient-noise probes by Hessian-vector products (docs/theory.md §5, §4).
+r"""Curvature and gradient-noise probes by Hessian-vector products (docs/theory.md §5, §4).
 
 All quantities refer to the loss L(θ) = ``loss_fn(model, batch)`` of one batch at the current
 parameters θ, split into blocks (layers) θ = (θ_1, ..., θ_K) with Hessian blocks H_kl.
