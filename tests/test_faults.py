@@ -494,6 +494,8 @@ def test_sigkill_of_the_sweep_parent_kills_its_workers(tmp_path):
                                       f"/ diverged 0 / failed 0")
     assert log_counts(log, "end") == {rid: 1 for rid in done_ids(root)} and len(done_ids(root)) == n
     assert not list(root.rglob(".tmp-*")) and not list(root.rglob(store.LOCK))
+    print(f"sigkill parent: {len(done_at_kill)} finished before the kill, {sum(log_counts(log, 'end').values())} "
+          f"trainings completed for {n} runs, {sum(log_counts(log, 'start').values())} started")
 
 
 @pytest.mark.slow
@@ -509,6 +511,7 @@ def test_two_sweeps_racing_on_one_root_train_each_run_once(tmp_path):
     assert log_counts(log, "end") == {rid: 1 for rid in done_ids(root)} and len(done_ids(root)) == n
     assert sum(c["finished"] for c in counts) == n
     assert not list(root.rglob(store.LOCK))
+    print(f"two sweeps: counts {counts}; {sum(log_counts(log, 'end').values())} trainings for {n} runs")
 
 
 @pytest.mark.slow
@@ -535,3 +538,5 @@ def test_ctrl_c_on_a_sweep_stops_cleanly_and_a_rerun_resumes(tmp_path):
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stdout.splitlines()[-1] == f"finished {n - len(done)} / skipped {len(done)} / diverged 0 / failed 0"
+    print(f"ctrl-c: stopped in {stop_seconds:.1f} s with {len(done)} of {n} finished; "
+          f"the rerun trained {n - len(done)}")

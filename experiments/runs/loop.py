@@ -161,7 +161,7 @@ def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None, da
 
     The environment is recorded here, not in the config: the run id names the experiment,
     and the same config on another machine is the same experiment (thread counts change
-    results only at round-off, about 1e-4 relative; see docs/findings/faults.md).
+    results at round-off level: docs/findings/faults.md).
     ``data``: the loaded data (from :func:`prepare`), else loaded here.
 
     ``on_probe(tracer)``, if given, is called right after each probe (at the same
