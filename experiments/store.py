@@ -17,7 +17,8 @@ PID now belongs to a process started at another time) is stale and is taken over
 take-over is serialised by an ``flock`` on the run directory, so two claimants cannot both
 take it over. A lock from another host is never judged stale (its liveness cannot be
 checked from here): remove it by hand if that host is gone. A claim is re-entrant within
-one process (a sweep worker claims, then ``run`` claims the same directory again).
+one thread (a sweep worker claims, then ``run`` claims the same directory again); another
+thread of the same process is refused like another process.
 """
 
 import contextlib
@@ -25,6 +26,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -171,7 +173,7 @@ class RunHeld(ValueError):
     """The run directory is claimed by another live process."""
 
 
-_HELD = {}  # real path of a run directory -> claim depth in this process
+_HELD = {}  # (real path of a run directory, thread id) -> claim depth in this thread
 
 
 def _process_start(pid):
@@ -287,7 +289,7 @@ def claim(run_dir):
     temporaries once the claim is held."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    key = os.path.realpath(run_dir)
+    key = (os.path.realpath(run_dir), threading.get_ident())  # another thread is another claimant
     if key in _HELD:
         _HELD[key] += 1
         try:

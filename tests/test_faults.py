@@ -540,3 +540,21 @@ def test_ctrl_c_on_a_sweep_stops_cleanly_and_a_rerun_resumes(tmp_path):
     assert rerun.stdout.splitlines()[-1] == f"finished {n - len(done)} / skipped {len(done)} / diverged 0 / failed 0"
     print(f"ctrl-c: stopped in {stop_seconds:.1f} s with {len(done)} of {n} finished; "
           f"the rerun trained {n - len(done)}")
+
+
+def test_another_thread_of_the_same_process_is_refused(tmp_path):
+    import threading
+
+    seen = []
+    with store.claim(tmp_path / "r"):
+        def rival():
+            try:
+                with store.claim(tmp_path / "r"):
+                    seen.append("claimed")
+            except store.RunHeld:
+                seen.append("held")
+
+        thread = threading.Thread(target=rival)
+        thread.start()
+        thread.join()
+    assert seen == ["held"]
