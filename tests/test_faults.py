@@ -558,3 +558,24 @@ def test_another_thread_of_the_same_process_is_refused(tmp_path):
         thread.start()
         thread.join()
     assert seen == ["held"]
+
+
+def interrupting_run(config, run_dir, data_dir=None):
+    """Ctrl-C while the second run of a sweep trains (in-process executor)."""
+    if config["lr"] == 0.02:
+        raise KeyboardInterrupt
+    return run_training(config, run_dir, data_dir)
+
+
+def test_ctrl_c_in_process_leaves_nothing_and_reports_one_line(tmp_path, monkeypatch, capsys):
+    import experiments.cli as cli
+
+    root = tmp_path / "store"
+    spec = write_spec(tmp_path / "s.toml", root, 3)
+    real = runner.run_sweep
+    monkeypatch.setattr(cli, "run_sweep", lambda *a, **k: real(*a, **{**k, "run_fn": __name__ + ":interrupting_run"}))
+    assert exit_code(["sweep", str(spec), "--workers", "0", "--no-progress"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "interrupted: 1 of 3 runs finished; rerun to resume\n" and captured.out == ""
+    assert len(done_ids(root)) == 1
+    assert not list(root.rglob(store.LOCK)) and not list(root.rglob(store.FAILED)) and not list(root.rglob(".tmp-*"))
