@@ -12,6 +12,14 @@ def check_method(method):
     return method
 
 
+def as_float(name, value):
+    """``value`` as a float array; a ValueError naming ``name`` if it is not numeric."""
+    try:
+        return np.asarray(value, dtype=float)
+    except (ValueError, TypeError):
+        raise ValueError(f"{name}={value!r} is not a number or an array of numbers") from None
+
+
 def _show(value):
     arr = np.asarray(value)
     if arr.size == 1:
@@ -20,7 +28,7 @@ def _show(value):
 
 
 def check_momentum(momentum):
-    m = np.asarray(momentum, dtype=float)
+    m = as_float("momentum", momentum)
     if not np.all((m >= 0) & (m < 1)):
         bad = m[~((m >= 0) & (m < 1))]
         raise ValueError(f"momentum={_show(bad)} is outside the valid range [0, 1)")
@@ -28,7 +36,7 @@ def check_momentum(momentum):
 
 
 def check_positive(name, value, allow_zero=False):
-    v = np.asarray(value, dtype=float)
+    v = as_float(name, value)
     ok = (v >= 0) if allow_zero else (v > 0)
     ok &= np.isfinite(v)
     if not np.all(ok):
@@ -40,7 +48,7 @@ def check_positive(name, value, allow_zero=False):
 def broadcast(**arrays):
     """Broadcast named arrays together; a shape mismatch names the parameters."""
     try:
-        out = np.broadcast_arrays(*[np.asarray(a, dtype=float) for a in arrays.values()])
+        out = np.broadcast_arrays(*[as_float(k, a) for k, a in arrays.items()])
     except ValueError:
         shapes = ", ".join(f"{k}{np.shape(v)}" for k, v in arrays.items())
         raise ValueError(f"shapes do not broadcast: {shapes}") from None

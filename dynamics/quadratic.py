@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dynamics._checks import broadcast, check_momentum, check_positive
+from dynamics._checks import as_float, broadcast, check_momentum, check_positive
 from dynamics.methods import get_method
 
 REGIMES = ("monotone", "ripple", "flip", "divergent")
@@ -49,14 +49,14 @@ MONOTONE, RIPPLE, FLIP, DIVERGENT = range(4)
 def _nonneg(name, value):
     """``value`` as a float array, checked >= 0 and finite by cheap reductions; the slow
     elementwise check in dynamics._checks runs only to word the error."""
-    v = np.asarray(value, dtype=float)
+    v = as_float(name, value)
     if v.size and not (v.min() >= 0 and v.max() < np.inf):
         check_positive(name, v, allow_zero=True)
     return v
 
 
 def _momentum(value):
-    m = np.asarray(value, dtype=float)
+    m = as_float("momentum", value)
     if m.size and not (m.min() >= 0 and m.max() < 1):
         check_momentum(m)
     return m
@@ -69,7 +69,7 @@ def _prepare(method, h, momentum, check_values=True):
     if check_values:
         h, momentum = _nonneg("h", h), _momentum(momentum)
     else:
-        h, momentum = np.asarray(h, dtype=float), np.asarray(momentum, dtype=float)
+        h, momentum = as_float("h", h), as_float("momentum", momentum)
     try:
         np.broadcast_shapes(h.shape, momentum.shape)
     except ValueError:

@@ -3,7 +3,8 @@ them into library calls (the logic lives in the library: :mod:`experiments.runs`
 :mod:`experiments.sweeps`, :mod:`experiments.linking`).
 
 Bad input (a ValueError from the library, or an argparse error) prints one line on
-stderr and exits with status 2.
+stderr and exits with status 2. Every output location is checked writable before any work
+(:func:`experiments.store.check_writable`). Ctrl-C on a sweep prints one line, exit 130.
 """
 
 import argparse
@@ -21,7 +22,7 @@ from experiments.runs.loop import run
 from experiments.runs.models import MODELS
 from experiments.runs.optim import CLIPS, OPTIMIZERS, SCHEDULES
 from experiments.sweeps.collect import collect, to_table
-from experiments.sweeps.runner import format_counts, plan, run_sweep
+from experiments.sweeps.runner import SweepInterrupted, format_counts, format_hints, plan, run_sweep
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,11 +32,19 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = _Parser(prog="optdyn", description="optimizer dynamics: train, sweep, collect, link")
+    parser.add_argument("--version", action="version", version=f"optdyn {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(subparsers)
     _add_sweep_and_collect(subparsers)
     _add_link(subparsers)
     return parser
+
+
+def _version():
+    from experiments.runs.loop import versions
+
+    v = versions()
+    return f"{v['optdyn']} (torch {v['torch']}, numpy {v['numpy']}, python {v['python']})"
 
 
 def main(argv=None):
@@ -125,7 +134,11 @@ def config_from_args(args):
 
 def _train_main(args):
     config = config_from_args(args)
+    was_done = store.is_done(args.out)
     summary = run(config, args.out, data_dir=args.data_dir, progress=not args.no_progress)
+    if was_done:
+        print(f"optdyn train: nothing trained: {args.out} already holds this finished run "
+              f"(same config and data); its summary follows", file=sys.stderr)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
@@ -144,6 +157,7 @@ def _add_sweep_and_collect(subparsers):
     where.add_argument("--dask-local", type=int, metavar="N", help="start a Dask LocalCluster of N workers")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    p.add_argument("--data-dir", help="directory with local dataset files (default $OPTDYN_DATA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_sweep_main)
 
@@ -153,6 +167,7 @@ def _add_sweep_and_collect(subparsers):
     c.add_argument("--traces", action="store_true", help="include the traces, not only summaries")
     c.add_argument("--csv", help="write a tidy CSV table here")
     c.add_argument("--parquet", help="write a tidy Parquet table here (needs pyarrow)")
+    c.add_argument("--strict", action="store_true", help="exit 1 unless every point is finished")
     c.set_defaults(func=_collect_main)
 
 
@@ -167,16 +182,37 @@ def _sweep_main(args):
         print(f"{len(the_plan.ids)} runs in {the_plan.root}: done {c['done']} / failed {c['failed']} "
               f"/ to run {c['todo'] + (c['failed'] if args.retry_failed else 0)}")
         return 0
-    counts = run_sweep(args.spec, root=args.root, workers=args.workers, scheduler=args.scheduler,
-                       dask_local=args.dask_local, retry_failed=args.retry_failed,
-                       progress=not args.no_progress)
+    try:
+        counts = run_sweep(args.spec, root=args.root, workers=args.workers, scheduler=args.scheduler,
+                           dask_local=args.dask_local, retry_failed=args.retry_failed,
+                           progress=not args.no_progress, data_dir=args.data_dir)
+    except SweepInterrupted as stop:
+        c = stop.counts
+        print(f"interrupted: {c['finished'] + c['skipped']} of {c['total']} runs finished; rerun to resume",
+              file=sys.stderr)
+        return 130
     print(format_counts(counts))
+    for hint in format_hints(counts):
+        print(hint, file=sys.stderr)
     return 1 if counts["failed"] else 0
+
+
+def _report_status(command, ds, strict):
+    """One line on stderr: finished / missing / failed / diverged; the exit status."""
+    status = store.status_from_attrs(ds.attrs)
+    if status is None:
+        return 0
+    print(f"optdyn {command}: {store.format_status(status)} (in {ds.attrs.get('root', 'the source')})",
+          file=sys.stderr)
+    return 1 if strict and status["finished"] < status["total"] else 0
 
 
 def _collect_main(args):
     if args.root is not None and not str(args.source).endswith(".toml"):
         raise ValueError(f"--root is only for a spec SOURCE; source={args.source!r} is a root already")
+    for path, name in ((args.csv, "csv"), (args.parquet, "parquet")):
+        if path:
+            store.check_writable(path, name)
     ds = collect(args.source, traces=args.traces) if args.root is None else \
         collect(args.root, traces=args.traces, spec=args.source)
     for path, fmt in ((args.csv, "csv"), (args.parquet, "parquet")):
@@ -185,7 +221,7 @@ def _collect_main(args):
             print(f"wrote {len(table)} rows to {path}")
     if not (args.csv or args.parquet):
         print(ds)
-    return 0
+    return _report_status("collect", ds, args.strict)
 
 
 # --------------------------------------------------------------------------- link
@@ -216,10 +252,13 @@ def _add_link(subparsers):
                    help="per-layer diagonal-block spectra only (no network top mode in each layer)")
     p.add_argument("--recompute", action="store_true", help="ignore existing link.nc files")
     p.add_argument("--json", help="also write the scores (and options) as JSON here")
+    p.add_argument("--strict", action="store_true", help="exit 1 unless every point is finished")
     p.set_defaults(func=_link_main)
 
 
 def _link_main(args):
+    if args.json:
+        store.check_writable(args.json, "json")
     ds = link(args.source, root=args.root, recompute=args.recompute, window=args.window, align=args.align,
               noise_model=args.noise_model, shape=args.shape, on_unstable=args.on_unstable, smooth=args.smooth,
               global_mode=not args.block_only, prediction=args.prediction, signal=args.signal,
@@ -228,7 +267,7 @@ def _link_main(args):
     if args.json:
         store.atomic_write_json(args.json, {"scores": link_scores(ds), "protocol": protocol_scores(ds), "options": {
             k: ds.attrs.get(k) for k in OPTIONS}, "source": str(args.source)})
-    return 0
+    return _report_status("link", ds, args.strict)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def main(argv=None):
     try:
         ctx = Context(mode=args.mode or "quick", out=args.out, store=args.store, device=args.device,
                       workers=args.workers)
+        ctx.check()
     except ValueError as err:
         print(f"paper_figures: error: {err}", file=sys.stderr)
         return 2

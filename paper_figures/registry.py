@@ -35,6 +35,18 @@ class Context:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is unknown; valid: {', '.join(MODES)}")
+        if not (isinstance(self.workers, int) and self.workers >= 0):
+            raise ValueError(f"workers={self.workers!r} is outside the valid range [0, inf) (0: in-process)")
+
+    def check(self):
+        """Before any figure is computed: the device exists here and ``out`` and ``store``
+        are writable (ValueError naming the first that is not)."""
+        from experiments.runs.loop import check_device
+        from experiments.store import check_writable
+
+        check_device(self.device)
+        check_writable(self.out, "out", directory=True)
+        check_writable(self.store, "store", directory=True)
 
     def pick(self, tiny, quick, full):
         """The setting for this mode."""

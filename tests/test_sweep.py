@@ -180,7 +180,8 @@ def test_every_shipped_spec_is_valid(path):
 
 def test_diverging_lr_is_a_finished_result_and_the_others_are_unaffected(grid_store, tmp_path):
     spec, root, counts = grid_store
-    assert counts == {"finished": 4, "skipped": 0, "diverged": 2, "failed": 0, "total": 4}
+    assert counts == {"finished": 4, "skipped": 0, "diverged": 2, "failed": 0,
+                      "total": 4, "held": 0, "failed_before": 0}
     ds = collect(spec)
     assert ds.sizes == {"lr": 2, "momentum": 2}
     np.testing.assert_array_equal(ds.diverged.sel(lr=DIVERGING_LR), [True, True])
@@ -200,7 +201,8 @@ def test_resume_skips_finished_runs_without_touching_them(grid_store):
     spec, root, _ = grid_store
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     counts = sweep.run_sweep(spec, workers=0, progress=False)
-    assert counts == {"finished": 0, "skipped": 4, "diverged": 0, "failed": 0, "total": 4}
+    assert counts == {"finished": 0, "skipped": 4, "diverged": 0, "failed": 0,
+                      "total": 4, "held": 0, "failed_before": 0}
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamps
 
 
@@ -210,7 +212,8 @@ def test_a_run_that_raises_is_failed_and_retried_only_on_request(tmp_path, monke
     monkeypatch.setenv("OPTDYN_DATA", str(tmp_path / "empty"))
     spec = tiny_spec(tmp_path / "store", runs=[{"data": "digits"}, {"data": "mnist"}])
     counts = sweep.run_sweep(spec, workers=0, progress=False)
-    assert counts == {"finished": 1, "skipped": 0, "diverged": 0, "failed": 1, "total": 2}
+    assert counts == {"finished": 1, "skipped": 0, "diverged": 0, "failed": 1,
+                      "total": 2, "held": 0, "failed_before": 0}
     plan = sweep.plan(spec)
     failed_dir = tmp_path / "store" / plan.ids[plan.status.index("failed")]
     text = (failed_dir / store.FAILED).read_text()
@@ -219,12 +222,14 @@ def test_a_run_that_raises_is_failed_and_retried_only_on_request(tmp_path, monke
     stamp = (failed_dir / store.FAILED).stat().st_mtime_ns
 
     again = sweep.run_sweep(spec, workers=0, progress=False)
-    assert again == {"finished": 0, "skipped": 1, "diverged": 0, "failed": 1, "total": 2}
+    assert again == {"finished": 0, "skipped": 1, "diverged": 0, "failed": 1, "total": 2, "held": 0,
+                     "failed_before": 1}
     assert (failed_dir / store.FAILED).stat().st_mtime_ns == stamp  # not run again
 
     time.sleep(0.01)
     retried = sweep.run_sweep(spec, workers=0, progress=False, retry_failed=True)
-    assert retried == {"finished": 0, "skipped": 1, "diverged": 0, "failed": 1, "total": 2}
+    assert retried == {"finished": 0, "skipped": 1, "diverged": 0, "failed": 1,
+                      "total": 2, "held": 0, "failed_before": 0}
     assert (failed_dir / store.FAILED).stat().st_mtime_ns > stamp  # it was run again
 
 
@@ -435,7 +440,8 @@ def test_local_pool_and_dask_local_cluster_give_identical_results(tmp_path):
     axes = {"grid": {"lr": [0.05, DIVERGING_LR], "opt": ["hb", "nag"]}}
     pool_spec = tiny_spec(tmp_path / "pool", **axes)
     dask_spec = tiny_spec(tmp_path / "dask", **axes)
-    want = {"finished": 4, "skipped": 0, "diverged": 2, "failed": 0, "total": 4}
+    want = {"finished": 4, "skipped": 0, "diverged": 2, "failed": 0,
+                      "total": 4, "held": 0, "failed_before": 0}
     assert sweep.run_sweep(pool_spec, workers=2, progress=False) == want
     assert sweep.run_sweep(dask_spec, dask_local=2, progress=False) == want
     ids = [run_config.run_id(c) for c in sweep.expand(pool_spec)]
@@ -467,7 +473,8 @@ def test_dask_scheduler_address_routes_cuda_runs_to_gpu_workers_and_records_fail
     if counts["failed"] == 0:  # a CUDA machine: both ran
         assert counts["finished"] == 2
         return
-    assert counts == {"finished": 1, "skipped": 0, "diverged": 0, "failed": 1, "total": 2}
+    assert counts == {"finished": 1, "skipped": 0, "diverged": 0, "failed": 1,
+                      "total": 2, "held": 0, "failed_before": 0}
     failed = tmp_path / plan.ids[plan.status.index("failed")]
     assert store.read_json(failed / store.CONFIG)["device"] == "cuda"
     assert "Traceback" in (failed / store.FAILED).read_text()

@@ -230,24 +230,27 @@ def _same_option(saved, wanted):
     return saved is not None and str(saved) == str(wanted)
 
 
-def run_dirs(source, root=None):
-    """The finished run directories of ``source``: a run directory itself, a store root
-    (every finished run in it), or a sweep spec (``.toml``; its runs under ``root`` or the
-    spec's root)."""
+def candidate_dirs(source, root=None):
+    """The run directories ``source`` names, finished or not: a run directory itself, a
+    store root (every run directory in it; ``ROOT/runs`` if only that holds runs), or a
+    sweep spec (``.toml``; its distinct runs under ``root`` or the spec's root)."""
     source = Path(source)
     if source.suffix == ".toml":
         from experiments.sweeps.spec import expand, load_spec, resolve_root, run_id
 
         spec = load_spec(source)
         base = resolve_root(spec, root)
-        dirs = [base / run_id(c) for c in expand(spec)]
-    elif store.is_done(source):
+        return [base / run_id(c) for c in expand(spec)]
+    if store.is_done(source):
         return [source]
-    elif source.is_dir():
-        dirs = sorted(p for p in source.iterdir() if p.is_dir())
-    else:
-        raise ValueError(f"source={str(source)!r} is not a run directory, a store root or a sweep spec (.toml)")
-    return [d for d in dirs if store.is_done(d)]
+    if source.is_dir():
+        return sorted(p for p in store.find_root(source).iterdir() if p.is_dir() and store.is_run_dir(p))
+    raise ValueError(f"source={str(source)!r} is not a run directory, a store root or a sweep spec (.toml)")
+
+
+def run_dirs(source, root=None):
+    """The finished run directories of ``source`` (see :func:`candidate_dirs`)."""
+    return [d for d in candidate_dirs(source, root) if store.is_done(d)]
 
 
 def link(source, *, root=None, recompute=False, write=True, **options):
@@ -256,13 +259,18 @@ def link(source, *, root=None, recompute=False, write=True, **options):
     One run: the Dataset of :func:`link_run` (dims probe_step, layer). Several: those
     stacked along a ``run`` dim (outer join: runs that diverged early have NaN after), with
     per-run coordinates ``opt``, ``lr0``, ``momentum``. Runs the NQM does not describe (Adam)
-    or without probes are left out and named in ``attrs["skipped"]``.
+    or without probes are left out and named in ``attrs["skipped"]``. ``attrs`` ``n_finished``,
+    ``n_missing``, ``n_failed``, ``n_diverged``, ``n_total`` count the points found (:func:`experiments.store.status_counts`).
     """
-    dirs = run_dirs(source, root)
+    candidates = candidate_dirs(source, root)
+    status = store.status_counts(candidates)
+    dirs = [d for d in candidates if store.is_done(d)]
     if not dirs:
-        raise ValueError(f"source={str(source)!r} has no finished runs")
+        raise ValueError(f"source={str(source)!r} has no finished runs ({store.format_status(status)})")
     if len(dirs) == 1 and store.is_done(Path(source)):
-        return link_run(dirs[0], recompute=recompute, write=write, **options)
+        ds = link_run(dirs[0], recompute=recompute, write=write, **options)
+        ds.attrs.update(store.status_attrs(status))
+        return ds
     linked, skipped = [], []
     for d in dirs:
         try:
@@ -273,6 +281,7 @@ def link(source, *, root=None, recompute=False, write=True, **options):
         raise ValueError(f"source={str(source)!r}: no run could be linked; " + "; ".join(skipped[:3]))
     ds = stack_runs(linked)
     ds.attrs["skipped"] = "; ".join(skipped)
+    ds.attrs.update(store.status_attrs(status))
     return ds
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from experiments.runs.data import DATASETS, KINDS
-from experiments.runs.models import MODELS, check_fit
+from experiments.runs.models import MODELS, check_fit, check_model_args
 from experiments.runs.optim import CLIPS, OPTIMIZERS, SCHEDULES
 
 DTYPES = ("float32", "float64")
@@ -106,6 +106,7 @@ class RunConfig:
         check_fit(self.model, self.data, *KINDS[self.data])
         _check_keywords("data_args", self.data_args, DATASETS[self.data], {"n_train"}, {"data_dir"})
         _check_keywords("model_args", self.model_args, MODELS[self.model], set(), {"info"})
+        check_model_args(self.model, *KINDS[self.data], self.model_args)  # sizes >= 1, model builds
         _float_range("lr", self.lr, 0, math.inf, "(0, inf)")
         _float_range("momentum", self.momentum, 0, 1, "[0, 1)", low_ok=True)
         if self.opt == "gd":

@@ -27,8 +27,14 @@ returned tensors are shared, so do not modify them in place.
 
 The local-file datasets look in ``data_dir`` (argument), else ``$OPTDYN_DATA``; they never
 download. Missing files raise a ValueError that says which files to put where.
+
+Data identity (:func:`data_fingerprint`, ``Data.fingerprint``): for the local-file datasets
+the sha256 of the files read (so other MNIST files under the same ``--data-dir`` give another
+fingerprint); for the generated ones a hash of the loader's name and arguments, which the
+run config already holds. File contents are hashed once per (path, size, mtime).
 """
 
+import dataclasses
 import gzip
 import hashlib
 import importlib.util
@@ -88,6 +94,7 @@ class Data:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    fingerprint: str = ""  # see data_fingerprint
 
     @property
     def n_train(self):
@@ -340,11 +347,21 @@ def load_mnist(data_dir=None):
     """MNIST from the four IDX files in ``data_dir``, ``data_dir/mnist`` or
     ``data_dir/MNIST/raw`` (torchvision's layout); scaled to [0, 1] then standardised
     with the usual mean 0.1307 and std 0.3081. Shape (1, 28, 28)."""
-    return _mnist(tuple(_find(_data_root(data_dir), ("", "mnist", "MNIST", "MNIST/raw"), MNIST_FILES, "mnist")))
+    return _mnist(_stamped(_mnist_files(data_dir)))
+
+
+def _mnist_files(data_dir):
+    return _find(_data_root(data_dir), ("", "mnist", "MNIST", "MNIST/raw"), MNIST_FILES, "mnist")
+
+
+def _stamped(paths):
+    """``(path, size, mtime_ns)`` per file: the memo key, so a file changed in place is reread."""
+    return tuple((p, p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
 
 
 @lru_cache(maxsize=2)
-def _mnist(paths):
+def _mnist(stamped):
+    paths = [p for p, _, _ in stamped]
     xtr, ytr, xte, yte = (_read_idx(p) for p in paths)
     norm = lambda a: ((a.astype(np.float32) / 255.0 - 0.1307) / 0.3081)[:, None]
     info = DataInfo("mnist", "classify", (1,) + xtr.shape[1:], n_classes=10)
@@ -358,11 +375,16 @@ def load_cifar10(data_dir=None):
     """CIFAR-10 from the python pickle batches in ``data_dir`` or
     ``data_dir/cifar-10-batches-py``; standardised per channel with train statistics.
     Shape (3, 32, 32)."""
-    return _cifar10(tuple(_find(_data_root(data_dir), ("", "cifar-10-batches-py", "cifar10"), CIFAR_FILES, "cifar10")))
+    return _cifar10(_stamped(_cifar10_files(data_dir)))
+
+
+def _cifar10_files(data_dir):
+    return _find(_data_root(data_dir), ("", "cifar-10-batches-py", "cifar10"), CIFAR_FILES, "cifar10")
 
 
 @lru_cache(maxsize=2)
-def _cifar10(paths):
+def _cifar10(stamped):
+    paths = [p for p, _, _ in stamped]
     def read(p):
         with (gzip.open if p.suffix == ".gz" else open)(p, "rb") as f:
             d = pickle.load(f, encoding="bytes")
@@ -396,11 +418,38 @@ def _hashable(value):
     return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+LOCAL_FILES = {"mnist": _mnist_files, "cifar10": _cifar10_files}
+
+
+@lru_cache(maxsize=64)
+def _file_sha256(stamp):
+    digest = hashlib.sha256()
+    with open(stamp[0], "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_fingerprint(name, *, data_dir=None, **data_args) -> str:
+    """16 hex digits identifying the data a run with ``data=name, data_args`` reads:
+    the files' contents for a local-file dataset (found as the loader finds them; missing
+    files raise its ValueError), else the loader's arguments (module docstring)."""
+    import json
+
+    parts = [name, sorted((k, repr(v)) for k, v in data_args.items())]
+    if name in LOCAL_FILES:
+        parts.append([_file_sha256(s) for s in _stamped(LOCAL_FILES[name](data_dir))])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
 def load_data(name, *, data_dir=None, n_train=None, **options) -> Data:
     """Load dataset ``name`` with its ``options`` (see each loader); ``n_train`` keeps the
-    first ``n_train`` training examples (for ``linreg`` it is the sample size itself)."""
+    first ``n_train`` training examples (for ``linreg`` it is the sample size itself).
+    ``Data.fingerprint`` is :func:`data_fingerprint` of the same arguments."""
     if name not in DATASETS:
         raise ValueError(f"data={name!r} is unknown; valid: {', '.join(DATASETS)}")
+    fingerprint = data_fingerprint(name, data_dir=data_dir, **({} if n_train is None else {"n_train": n_train}),
+                                   **options)
     loader = DATASETS[name]
     if name in LOCAL_FILE_DATASETS:
         options["data_dir"] = data_dir
@@ -416,4 +465,4 @@ def load_data(name, *, data_dir=None, n_train=None, **options) -> Data:
         if not (isinstance(n_train, int) and 1 <= n_train <= data.n_train):
             raise ValueError(f"n_train={n_train!r} is outside the valid range [1, {data.n_train}] for data={name!r}")
         data = Data(data.info, data.x_train[:n_train], data.y_train[:n_train], data.x_test, data.y_test)
-    return data
+    return dataclasses.replace(data, fingerprint=fingerprint)

@@ -95,7 +95,53 @@ def probe_batch(x, y, size, generator):
     return x[idx], y[idx]
 
 
-def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None):
+def prepare(config: RunConfig, *, data_dir=None):
+    """``(device, data)`` for a run, after every check that needs no training: the device
+    exists here, the data loads (local files present, ``n_train`` in range), the batch fits
+    the training set. ``run`` calls it before it creates the run directory."""
+    device = check_device(config.device)
+    data = load_data(config.data, data_dir=data_dir, **config.data_kwargs)
+    if config.batch_size > data.n_train:
+        raise ValueError(f"batch_size={config.batch_size} is outside the valid range [0, {data.n_train}] "
+                         f"(n_train of data={config.data!r})")
+    return device, data
+
+
+def check_device(name, label="device"):
+    """``torch.device(name)`` if this machine has it, else a ValueError naming ``label``."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{label}={name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= n:
+            raise ValueError(f"{label}={name!r} is not available on this machine ({n} CUDA device(s))")
+    elif device.type != "cpu" and not _backend_available(device.type):
+        raise ValueError(f"{label}={name!r} is not available on this machine")
+    return device
+
+
+def _backend_available(kind):
+    module = getattr(torch, kind, None) or getattr(torch.backends, kind, None)
+    is_available = getattr(module, "is_available", None)
+    return bool(is_available and is_available())
+
+
+def versions():
+    """Versions of the packages a result depends on (recorded in every summary)."""
+    import importlib.metadata
+    import platform
+
+    try:
+        optdyn = importlib.metadata.version("optdyn")
+    except importlib.metadata.PackageNotFoundError:
+        optdyn = "unknown"
+    return {"optdyn": optdyn, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None, data=None):
     """Train as ``config`` says; return ``(trace, summary)`` (no I/O besides reading data).
 
     ``trace``: the tracer's Dataset (contract in experiments/trace/tracer.py), cut at the
@@ -110,7 +156,13 @@ def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None):
     ``test_loss``, ``test_accuracy`` (accuracy: per example, per byte for ``lm``, None for
     ``regress``; all four None after a divergence), ``final_batch_loss`` (the last
     mini-batch loss), ``n_params``, ``n_train``, ``n_test``, ``device``,
-    ``tracer_seconds``, ``wall_seconds``.
+    ``tracer_seconds``, ``wall_seconds``, ``threads`` (the torch intra-op threads the run
+    used), ``versions`` (:func:`versions`), ``data_fingerprint`` (``Data.fingerprint``).
+
+    The environment is recorded here, not in the config: the run id names the experiment,
+    and the same config on another machine is the same experiment (thread counts change
+    results at round-off level: docs/findings/faults.md).
+    ``data``: the loaded data (from :func:`prepare`), else loaded here.
 
     ``on_probe(tracer)``, if given, is called right after each probe (at the same
     parameters, before the step): the place for an analysis to measure more at the probes.
@@ -119,16 +171,15 @@ def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None):
     initialisation can be reproduced outside), then the optimizer and the tracer.
     """
     start = time.perf_counter()
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={config.device!r} is not available on this machine")
-    data = load_data(config.data, data_dir=data_dir, **config.data_kwargs)
-    if config.batch_size > data.n_train:
-        raise ValueError(f"batch_size={config.batch_size} is outside the valid range [0, {data.n_train}] "
-                         f"(n_train of data={config.data!r})")
+    if data is None:
+        device, data = prepare(config, data_dir=data_dir)
+    else:
+        device = torch.device(config.device)
     with _run_context(config, device):
         trace, summary = _train(config, data, device, progress, on_probe)
-    summary["wall_seconds"] = time.perf_counter() - start
+        summary["threads"] = torch.get_num_threads()
+    summary.update(versions=versions(), data_fingerprint=data.fingerprint,
+                   wall_seconds=time.perf_counter() - start)
     return trace, summary
 
 
@@ -340,24 +391,47 @@ def run(config: RunConfig, out_dir, *, data_dir=None, progress=False):
     """Train and write the run directory (``config.json``, ``trace.nc``, ``summary.json``,
     ``DONE`` last, each atomically); return the summary.
 
-    A directory that already has ``DONE`` for the same config is not rerun (its summary
-    is returned); one with ``DONE`` for another config is a ValueError. A run that raises
-    leaves ``config.json`` and ``FAILED`` (the traceback) and re-raises; no trace or
-    summary is written before training has finished.
+    Before anything is created: ``out_dir`` is checked writable and :func:`prepare` runs
+    (device, data files, batch size), so bad input leaves no directory behind. A directory
+    that already has ``DONE`` for the same config and data fingerprint is not rerun (its
+    summary is returned); one with ``DONE`` for another config or other data is a
+    ValueError. Training holds the directory's claim (:func:`experiments.store.claim`): a
+    directory another live process is training raises :class:`experiments.store.RunHeld`.
+    A run that raises leaves ``config.json`` and ``FAILED`` (the traceback) and re-raises;
+    no trace or summary is written before training has finished.
     """
     import traceback
     from pathlib import Path
 
     out_dir = Path(out_dir)
+    store.check_writable(out_dir, "out_dir", directory=True)
+    _, data = prepare(config, data_dir=data_dir)
     if store.is_done(out_dir):
-        stored = store.read_json(out_dir / store.CONFIG)
-        if stored != config.to_dict():
-            raise ValueError(f"out_dir={str(out_dir)!r} holds a finished run of another config")
-        return store.read_json(out_dir / store.SUMMARY)
-    try:
-        trace, summary = train(config, data_dir=data_dir, progress=progress)
-    except Exception:
-        store.write_failure(out_dir, config.to_dict(), traceback.format_exc())
-        raise
-    store.write_run(out_dir, config.to_dict(), trace, summary)
+        return finished_summary(config, out_dir, data.fingerprint)
+    with store.claim(out_dir):
+        if store.is_done(out_dir):  # finished by another process while we waited
+            return finished_summary(config, out_dir, data.fingerprint)
+        try:
+            trace, summary = train(config, data=data, progress=progress)
+        except Exception:
+            store.write_failure(out_dir, config.to_dict(), traceback.format_exc())
+            raise
+        store.write_run(out_dir, config.to_dict(), trace, summary)
+    return summary
+
+
+def finished_summary(config: RunConfig, out_dir, fingerprint):
+    """The summary of the finished run in ``out_dir``, if it is ``config`` on the data with
+    this fingerprint (runs written before fingerprints were recorded are taken as matching);
+    else a ValueError."""
+    stored = store.read_json(out_dir / store.CONFIG)
+    if stored != config.to_dict():
+        raise ValueError(f"out_dir={str(out_dir)!r} holds a finished run of another config; "
+                         f"write to another directory")
+    summary = store.read_json(out_dir / store.SUMMARY)
+    recorded = summary.get("data_fingerprint")
+    if recorded is not None and recorded != fingerprint:
+        raise ValueError(f"out_dir={str(out_dir)!r} holds a finished run on other data (data "
+                         f"fingerprint {recorded}, the data read now has {fingerprint}); write to "
+                         f"another directory")
     return summary

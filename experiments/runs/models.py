@@ -34,7 +34,9 @@ by the sharpness probe) work on every device: cuDNN's RNN and the fused attentio
 do not support double backward.
 """
 
+import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -297,3 +299,35 @@ def build_model(name, info, **model_args) -> nn.Module:
         if "argument" not in str(err):
             raise
         raise ValueError(f"model_args={model_args!r} do not fit model={name!r}: {err}") from None
+
+
+def _stand_in(task, ndim):
+    """A small DataInfo of this task and input rank (what the model builders read)."""
+    from experiments.runs.data import DataInfo
+
+    shape = {1: (16,) if task == "lm" else (4,), 2: (1, 16), 3: (1, 8, 8)}[ndim]
+    return DataInfo("stand-in", task, shape, n_classes=None if task != "classify" else 10,
+                    vocab_size=256 if task == "lm" else None)
+
+
+@functools.lru_cache(maxsize=512)
+def check_model_args(name, task, ndim, model_args):
+    """ValueError (naming ``model_args``) unless ``build_model(name, info, **model_args)``
+    builds, with no empty layer, for a stand-in dataset of this task and input rank. Built
+    on the meta device: no memory, no arithmetic (about a millisecond). ``model_args`` is
+    the config's sorted tuple of pairs (lists as tuples)."""
+    thaw = lambda v: [thaw(x) for x in v] if isinstance(v, tuple) else v  # noqa: E731
+    kwargs = {k: thaw(v) for k, v in model_args}
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
+            model = build_model(name, _stand_in(task, ndim), **kwargs)
+    except ValueError as err:
+        raise ValueError(f"model_args={kwargs!r} do not fit model={name!r}: {err}") from None
+    except (RuntimeError, TypeError, ZeroDivisionError, OverflowError, IndexError) as err:
+        raise ValueError(f"model_args={kwargs!r} do not fit model={name!r} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); sizes must be integers >= 1") from None
+    for pname, p in model.named_parameters():
+        if p.numel() == 0:
+            raise ValueError(f"model_args={kwargs!r} give model={name!r} an empty layer ({pname} has shape "
+                             f"{tuple(p.shape)}); sizes must be integers >= 1")

@@ -14,6 +14,11 @@ taken by a config key or a trace variable gets the prefix ``summary.``; a trace 
 named like a config key, e.g. the per-step ``lr``, gets the prefix ``trace.``). With
 ``traces=True`` each run's trace is added, aligned on ``step``/``layer``/``probe_step``
 by an outer join (NaN where a run lacks a step or a layer).
+
+What was found is in ``attrs`` ``n_finished``, ``n_missing``, ``n_failed``, ``n_diverged``,
+``n_total`` (:func:`experiments.store.status_counts`; for a spec the points are its distinct runs, for a bare
+root the run directories in it). A root that holds no runs but whose ``runs/`` does (the
+sweeps' default ``store/runs`` given as ``store``) is read there (``attrs["root"]``).
 """
 
 from __future__ import annotations
@@ -40,15 +45,20 @@ def collect(root, run_ids=None, traces=False, *, spec=None) -> xr.Dataset:
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"root={str(root)!r} is not a directory")
-        candidates = sorted(p.name for p in root.iterdir()) if run_ids is None else list(run_ids)
-        return _flat(root, [rid for rid in candidates if store.is_done(root / rid)], traces)
+        root = store.find_root(root)
+        candidates = sorted(p.name for p in root.iterdir() if store.is_run_dir(p)) if run_ids is None \
+            else list(run_ids)
+        ds = _flat(root, [rid for rid in candidates if store.is_done(root / rid)], traces)
+        ds.attrs.update(store.status_attrs(store.status_counts(root / rid for rid in candidates)))
+        return ds
     spec = as_spec(spec)
     root = resolve_root(spec, root)
     points = spec.points
-    ids = [rid for _, _, rid in points]
-    wanted = [rid for rid in dict.fromkeys(ids)
-              if store.is_done(root / rid) and (run_ids is None or rid in run_ids)]
-    return _onto_axes(_flat(root, wanted, traces), spec, points, set(wanted))
+    ids = [rid for rid in dict.fromkeys(rid for _, _, rid in points) if run_ids is None or rid in run_ids]
+    wanted = [rid for rid in ids if store.is_done(root / rid)]
+    ds = _onto_axes(_flat(root, wanted, traces), spec, points, set(wanted))
+    ds.attrs.update(store.status_attrs(store.status_counts(root / rid for rid in ids)))
+    return ds
 
 
 def _flat(root: Path, ids, traces) -> xr.Dataset:

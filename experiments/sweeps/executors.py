@@ -17,6 +17,14 @@ order (``executor.run_all(tasks)``); it is a context manager that owns its worke
   ``dask worker ... --resources GPU=1`` (one GPU run at a time per such worker); CPU runs
   go anywhere.
 
+Faults: a run is claimed (:func:`experiments.store.claim`) before it is trained, so a run
+another live process holds is reported ``"held"`` and not trained twice. Pool workers die
+with their parent (:func:`_worker_init`: ``PR_SET_PDEATHSIG`` on Linux, and on every system
+a thread that watches the parent PID), ignore SIGINT (Ctrl-C reaches the whole process
+group; the parent decides) and on SIGTERM unwind the run they are in (temporary files
+removed, claim released, no ``FAILED``) and exit. On Ctrl-C the parent sends every worker
+SIGTERM (:meth:`PoolExecutor.stop`).
+
 Workers write their results straight into the run store (``experiments.store``), so every
 worker must see the store root at the same path: a shared filesystem on a cluster. Only a
 small outcome dict travels back to the caller.
@@ -29,6 +37,9 @@ import importlib
 import logging
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -52,6 +63,7 @@ class RunTask:
     config: dict
     run_dir: str
     run_fn: str = DEFAULT_RUN_FN
+    data_dir: str | None = None  # passed to run_fn as data_dir= when given
 
     @property
     def wants_gpu(self) -> bool:
@@ -63,11 +75,11 @@ def _resolve(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def run_training(config: dict, run_dir) -> dict:
+def run_training(config: dict, run_dir, data_dir=None) -> dict:
     """``experiments.runs.loop.run`` on the RunConfig built from ``config``."""
     from experiments.runs import RunConfig, run
 
-    return run(RunConfig.from_dict(config), run_dir)
+    return run(RunConfig.from_dict(config), run_dir, data_dir=data_dir)
 
 
 def _single_thread():
@@ -76,11 +88,55 @@ def _single_thread():
     torch.set_num_threads(1)
 
 
-def _clear_stale_temporaries(run_dir: Path):
-    """A killed writer leaves ``.tmp-*`` files; they are never a result, drop them."""
-    if run_dir.is_dir():
-        for tmp in run_dir.glob(".tmp-*"):
-            tmp.unlink(missing_ok=True)
+class WorkerStop(SystemExit):
+    """Raised in a pool worker by SIGTERM: unwinds the run in progress, then the worker exits."""
+
+
+_worker_state = {"in_task": False, "stopping": False}
+
+
+def _on_sigterm(signum, frame):
+    """Between tasks: exit now (nothing to clean up). In a task: unwind it; the stop is
+    sticky, so a worker exits after its task even if something swallowed the exception."""
+    _worker_state["stopping"] = True
+    if not _worker_state["in_task"]:
+        os._exit(128 + signum)
+    raise WorkerStop(128 + signum)
+
+
+PARENT_POLL_SECONDS = 0.5
+
+
+def _watch_parent(parent):
+    """Portable fallback of PDEATHSIG: once re-parented, stop as SIGTERM would (then exit
+    hard if the unwinding hangs)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    os._exit(1)
+
+
+def _worker_init(parent):
+    """Pool worker start-up: one torch thread; die with ``parent``; SIGINT ignored, SIGTERM
+    unwinds (module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass  # the watching thread below still works
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="optdyn-parent-watch").start()
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a named semaphore
+    _single_thread()                  # that a worker stopped by SIGTERM (os._exit) would leak
 
 
 def execute_task(task: RunTask) -> dict:
@@ -88,24 +144,41 @@ def execute_task(task: RunTask) -> dict:
 
     Returns ``{"run_id", "status", "error", "wall_seconds", "cpu_seconds"}`` with status
     ``"finished"``, ``"diverged"`` (a finished run whose summary says so), ``"failed"``
-    (the run raised: ``FAILED`` holds the traceback) or ``"skipped"`` (someone else
-    finished it meanwhile); the seconds are the task's, in its worker.
+    (the run raised: ``FAILED`` holds the traceback), ``"skipped"`` (someone else
+    finished it meanwhile) or ``"held"`` (another live process is training it: not
+    trained here); the seconds are the task's, in its worker. The run is claimed for the
+    whole task; stale temporaries are cleared once the claim is held.
     """
     _single_thread()
     run_dir = Path(task.run_dir)
     wall, cpu = time.perf_counter(), time.process_time()
     status, error = "skipped", None
-    if not store.is_done(run_dir):
-        _clear_stale_temporaries(run_dir)
-        try:
-            summary = _resolve(task.run_fn)(task.config, run_dir)
-            status = "diverged" if summary.get("diverged") else "finished"
-        except Exception:
-            text = traceback.format_exc()
-            store.write_failure(run_dir, task.config, text)
-            status, error = "failed", text.strip().splitlines()[-1]
+    _worker_state["in_task"] = True
+    try:
+        with store.claim(run_dir):
+            if not store.is_done(run_dir):
+                status, error = _execute_claimed(task, run_dir)
+    except store.RunHeld as err:
+        status, error = "held", str(err)
+    except WorkerStop:
+        pass  # SIGTERM: the run has unwound and released its claim
+    finally:
+        _worker_state["in_task"] = False
+        if _worker_state["stopping"]:
+            os._exit(128 + signal.SIGTERM)
     return {"run_id": task.run_id, "status": status, "error": error,
             "wall_seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+
+
+def _execute_claimed(task, run_dir):
+    kwargs = {} if task.data_dir is None else {"data_dir": task.data_dir}
+    try:
+        summary = _resolve(task.run_fn)(task.config, run_dir, **kwargs)
+        return ("diverged" if summary.get("diverged") else "finished"), None
+    except Exception:
+        text = traceback.format_exc()
+        store.write_failure(run_dir, task.config, text)
+        return "failed", text.strip().splitlines()[-1]
 
 
 def executor_error(task: RunTask, err: BaseException) -> dict:
@@ -148,12 +221,33 @@ class PoolExecutor:
 
     def __enter__(self):
         self._pool = cf.ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_single_thread)
+            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+            initargs=(os.getpid(),))
         return self
 
-    def __exit__(self, *exc):
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.stop()
+        else:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         return False
+
+    STOP_GRACE_SECONDS = 10
+
+    def stop(self):
+        """Tell every worker to stop (SIGTERM: each unwinds its run and exits), wait for
+        them (SIGKILL after :attr:`STOP_GRACE_SECONDS`), and drop the queued tasks."""
+        processes = list((self._pool._processes or {}).values())
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + self.STOP_GRACE_SECONDS
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def run_all(self, tasks):
         futures = {self._pool.submit(execute_task, task): task for task in tasks}
@@ -174,19 +268,25 @@ class DaskExecutor:
 
     name = "dask"
 
-    def __init__(self, scheduler: str | None = None, n_local: int | None = None, gpu_workers=False):
+    def __init__(self, scheduler: str | None = None, n_local: int | None = None, gpu_workers=False,
+                 connect_timeout: float = 10.0):
         if (scheduler is None) == (n_local is None):
             raise ValueError("give exactly one of scheduler (an address) or dask_local (a worker count)")
         if n_local is not None and n_local < 1:
             raise ValueError(f"dask_local={n_local} is outside the valid range [1, inf)")
         self.scheduler, self.n_local, self.gpu_workers = scheduler, n_local, gpu_workers
+        self.connect_timeout = connect_timeout
         self._cluster = self._client = None
 
     def __enter__(self):
         from distributed import Client, LocalCluster
 
         if self.scheduler is not None:
-            self._client = Client(self.scheduler)
+            try:
+                self._client = Client(self.scheduler, timeout=self.connect_timeout)
+            except (OSError, TimeoutError) as err:
+                raise ValueError(f"scheduler={self.scheduler!r} cannot be reached within "
+                                 f"{self.connect_timeout:g} s ({type(err).__name__}: {err})") from None
         else:
             self._cluster = LocalCluster(
                 n_workers=self.n_local, threads_per_worker=1, processes=True, host="127.0.0.1",

@@ -145,6 +145,11 @@ class Tracer:
                  sharpness_iters=20, sharpness_tol=1e-3, hutchinson_samples=1,
                  noise_microbatches=4,
                  probe_mode="train", seed=0, engine="auto", probe_curvature=False):
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"model={type(model).__name__} is not a torch.nn.Module")
+        if not isinstance(getattr(optimizer, "param_groups", None), list) or not optimizer.param_groups:
+            raise ValueError(f"optimizer={optimizer!r} is not a torch.optim.Optimizer (no param_groups); "
+                             f"pass the optimizer that steps the model")
         self.model, self.optimizer = model, optimizer
         self.per_tensor = bool(per_tensor)
         self.probe_every = _check_int("probe_every", probe_every, 0)
