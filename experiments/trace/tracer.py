@@ -143,6 +143,11 @@ class Tracer:
                  sharpness_iters=20, sharpness_tol=1e-3, hutchinson_samples=1,
                  noise_microbatches=4,
                  probe_mode="train", seed=0, engine="auto"):
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"model={type(model).__name__} is not valid; valid: a torch.nn.Module")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer={optimizer!r} is not valid; valid: a torch.optim.Optimizer "
+                             "stepping the model's parameters")
         self.model, self.optimizer = model, optimizer
         self.per_tensor = bool(per_tensor)
         self.probe_every = _check_int("probe_every", probe_every, 0)
@@ -193,7 +198,11 @@ class Tracer:
         engine_cls = NumpyEngine if self.engine == "numpy" else TorchEngine
         self._engine = engine_cls(self.params, self.tensor_layer, self.block_size)
         self.layer_sizes = self._engine.layer_sizes
-        self._lrs = []
+        group_of = {id(p): k for k, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        first = [self.tensor_layer.tolist().index(l) for l in range(len(self.layers))]
+        self.layer_group = np.array([group_of.get(id(self.params[i]), -1) for i in first])
+        self._lrs, self._group_lrs = [], []
+        self._hooks = None  # experiments.trace.hooks.Hooks while attached
         self._row = 0
         self.step = 0
         self._phase = "idle"  # idle -> backward (after_backward) -> idle (after_step)
@@ -211,22 +220,77 @@ class Tracer:
             out[self.layers[li]].append(p)
         return out
 
+    # ---------------------------------------------------------------- hooked
+    def attach(self, *, loss_fn=None, probe_batch=None, scaler=None):
+        """Hook the tracer into the optimizer's step; returns ``self`` (see
+        :mod:`experiments.trace.hooks`). The training loop stays as it is.
+
+        ``loss_fn(model, batch)`` and ``probe_batch`` (a batch, a callable returning one, or
+        an iterable of batches, cycled): the probe runs every ``probe_every`` steps before
+        the step, at θ_k. ``scaler``: the ``torch.amp.GradScaler`` of the loop, if any (the
+        raw gradient is taken after its ``unscale_``; steps it skips are not recorded)."""
+        from experiments.trace.hooks import Hooks
+
+        if self._hooks is not None:
+            raise RuntimeError("the tracer is attached already")
+        if self._phase != "idle":
+            raise RuntimeError("attach between steps (after_step was not called)")
+        self._hooks = Hooks(self, loss_fn=loss_fn, probe_batch=probe_batch, scaler=scaler)
+        return self
+
+    def detach(self):
+        """Remove every hook :meth:`attach` added (the model, optimizer and scaler are as
+        before); the trace so far stays. Returns ``self``."""
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    def record_loss(self, loss):
+        """The step's loss for an attached tracer (summed over the calls before the step)."""
+        if self._hooks is None:
+            raise RuntimeError("record_loss is for an attached tracer; pass the loss to "
+                               "after_backward otherwise")
+        self._hooks.record_loss(loss)
+
     # ---------------------------------------------------------------- per step
     def after_backward(self, loss=None):
         """Record the raw gradients (call after ``loss.backward()``, before clipping/step).
 
         Leaves this step's global gradient norm in ``self.grad_norm_global`` (a 0-d tensor
         on the device) for the training loop's divergence check and progress bar."""
+        if self._hooks is not None:
+            raise RuntimeError("the tracer is attached: its hooks record the steps "
+                               "(call detach() before the manual calls)")
         if self._phase != "idle":
             raise RuntimeError("after_backward called twice without after_step")
+        self._capture()
+        self._backward_stats(loss)
+
+    def _capture(self):
+        """Copy the gradients and θ into the step's buffers (may repeat before a step)."""
         self._watch.start()
         with self._no_grad:
-            cur = self.step % 2
-            norms, g_global = self._engine.capture_gradients(cur)
-            self.grad_norm_global = g_global  # 0-d, on the device: read it without a sync
-            self._engine.backward_stats(self._row, cur, norms, g_global, loss)
-            lr = self.optimizer.param_groups[0].get("lr", math.nan)
-            self._lrs.append(lr.detach().clone() if torch.is_tensor(lr) else float(lr))
+            self._captured = self._engine.capture_gradients(self.step % 2)
+            self.grad_norm_global = self._captured[1]  # 0-d, on the device: read it without a sync
+        self._watch.stop()
+
+    def _backward_stats(self, loss):
+        """The gradient statistics of the captured gradients, and the lrs in force."""
+        self._watch.start()
+        with self._no_grad:
+            norms, g_global = self._captured
+            self._engine.backward_stats(self._row, self.step % 2, norms, g_global, loss)
+            lrs = [g.get("lr", math.nan) for g in self.optimizer.param_groups]
+            lrs = [lr.detach().clone() if torch.is_tensor(lr) else float(lr) for lr in lrs]
+            self._lrs.append(lrs[0])
+            self._group_lrs.append(lrs)
         self._phase = "backward"
         self._watch.stop()
 
@@ -262,6 +326,12 @@ class Tracer:
 
     def after_step(self):
         """Record the applied update Δθ and θ (call right after ``optimizer.step()``)."""
+        if self._hooks is not None:
+            raise RuntimeError("the tracer is attached: its hooks record the steps "
+                               "(call detach() before the manual calls)")
+        self._after_step()
+
+    def _after_step(self):
         if self._phase != "backward":
             raise RuntimeError("after_step called without after_backward")
         self._watch.start()
@@ -373,7 +443,13 @@ class Tracer:
             },
             coords={"step": np.arange(steps), "layer": list(self.layers)},
         )
+        if len(self.optimizer.param_groups) > 1:
+            group_lrs = np.array([[float(x) for x in lrs] for lrs in self._group_lrs[:steps]],
+                                 dtype=float).reshape(steps, -1)
+            group_lrs = np.concatenate([group_lrs, np.full((steps, 1), np.nan)], axis=1)
+            ds["lr_layer"] = (sl, group_lrs[:, self.layer_group])  # group -1 (not stepped): NaN
         ds = ds.merge(self._probe_dataset())
+        ds.attrs.update(optimizer_attrs(self.optimizer, lr[0] if steps else None))
         ds.attrs.update(
             tracer_seconds=self._watch.seconds(), tracer_host_seconds=self._watch.host,
             probe_seconds=self.probe_seconds, per_tensor=int(self.per_tensor),
@@ -405,6 +481,24 @@ class Tracer:
             coords={"probe_step": np.asarray(self._probe_steps, dtype=np.int64),
                     "layer": list(self.layers)},
         )
+
+
+def optimizer_attrs(optimizer, lr0=None):
+    """What the link needs of the optimizer, for the trace's attrs: ``optimizer`` (class name),
+    ``opt`` (the RunConfig name: gd/hb/nag for SGD without dampening, adam; "" otherwise),
+    ``momentum`` (SGD's momentum; Adam's beta1, as in RunConfig), ``nesterov``, ``dampening``,
+    ``weight_decay`` of the first param group, and ``lr0`` (the first step's lr; the lr of
+    every step is the ``lr`` variable)."""
+    g = optimizer.param_groups[0]
+    m = float(g.get("momentum", g.get("betas", (0.0,))[0]))
+    nesterov, dampening = bool(g.get("nesterov", False)), float(g.get("dampening", 0.0))
+    if type(optimizer) is torch.optim.SGD:
+        opt = "" if dampening else ("gd" if m == 0 else ("nag" if nesterov else "hb"))
+    else:
+        opt = "adam" if type(optimizer) is torch.optim.Adam else ""
+    lr = g.get("lr", math.nan) if lr0 is None else lr0
+    return dict(optimizer=type(optimizer).__name__, opt=opt, momentum=m, nesterov=int(nesterov),
+                dampening=dampening, weight_decay=float(g.get("weight_decay", 0.0)), lr0=float(lr))
 
 
 def _successive_cos(dots, norms):
