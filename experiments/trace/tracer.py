@@ -1,14 +1,17 @@
 """Per-layer training traces at every step, kept on the device (docs/design.md; docs/theory.md §5-6).
 
-A :class:`Tracer` watches one model and one optimizer (any ``torch.optim`` optimizer). In a
-training step::
+A :class:`Tracer` watches one model and one optimizer (any ``torch.optim`` optimizer).
+Either attach it, one line before any training loop (:meth:`Tracer.attach`; hooks on the
+optimizer's step and the gradients, :mod:`experiments.trace.hooks`), or make four calls
+in the loop's step::
 
-    loss.backward(); tracer.after_backward(loss)
+    if tracer.should_probe(): tracer.probe(loss_fn, batch)   # at θ_k, before the step
+    loss = loss_fn(model, batch); loss.backward(); tracer.after_backward(loss)
     [clip; tracer.record_clip(global_factor=..., layer_factors=...)]
     optimizer.step(); tracer.after_step()
-    if tracer.should_probe(): tracer.probe(loss_fn, batch)   # loss_fn(model, batch) -> mean loss
 
-and ``tracer.dataset()`` returns the trace as an ``xarray.Dataset``.
+(``loss_fn(model, batch)`` -> mean loss); ``tracer.dataset()`` returns the trace as an
+``xarray.Dataset``.
 
 Layers. A parameter belongs to its owning module's qualified name (``features.0.weight`` ->
 ``features.0``; parameters of the root module -> ``"(root)"``). With ``per_tensor=True`` every
@@ -28,7 +31,8 @@ Per step and layer l with elements i (g = raw gradient before clipping, θ = par
   NaN at step 0 (and wherever a norm is 0);
 * ``clip_factor``: what clipping multiplied the layer's gradient by (1 without clipping).
 
-Per step: ``loss``, ``lr`` (``optimizer.param_groups[0]["lr"]`` when ``after_backward`` ran),
+Per step: ``loss``, ``lr`` (``optimizer.param_groups[0]["lr"]`` when ``after_backward`` ran;
+with several param groups also ``lr_layer`` (step, layer), the lr of the layer's group),
 ``grad_norm_global`` (computed exactly as ``torch.nn.utils.get_total_norm``),
 ``grad_cos_global``, ``update_cos_global``, ``clip_factor_global``.
 
@@ -137,6 +141,53 @@ class Tracer:
     seed : seed of the probes' own random generator (Lanczos starts, Rademacher vectors).
     engine : "auto" (numpy for float32/float64 parameters on the CPU, else torch), "numpy"
         or "torch".
+
+    Examples
+    --------
+    One line before an unchanged loop (here with clipping and Nesterov momentum); the probe
+    runs every ``probe_every`` steps before the step, on ``probe_batch``:
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from experiments import Tracer
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    >>> x, y = torch.randn(256, 4), torch.randn(256, 1)
+    >>> def loss_fn(model, batch):
+    ...     return nn.functional.mse_loss(model(batch[0]), batch[1])
+    >>> tracer = Tracer(model, opt, probe_every=10).attach(loss_fn=loss_fn, probe_batch=(x, y))
+    >>> for step in range(30):
+    ...     batch = x[step % 8 * 32:][:32], y[step % 8 * 32:][:32]
+    ...     opt.zero_grad()
+    ...     loss = loss_fn(model, batch)
+    ...     loss.backward()
+    ...     tracer.record_loss(loss)  # optional: else the trace's loss is NaN
+    ...     _ = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    ...     opt.step()
+    >>> ds = tracer.detach().dataset()
+    >>> dict(ds.sizes), ds.probe_step.values.tolist(), ds.layer.values.tolist()
+    ({'step': 30, 'layer': 2, 'probe_step': 3}, [0, 10, 20], ['0', '2'])
+    >>> ds.attrs["opt"], ds.attrs["momentum"], bool((ds.clip_factor_global <= 1).all())
+    ('nag', 0.9, True)
+
+    The same with the four manual calls (the probe first: at θ_k, before step k):
+
+    >>> tracer = Tracer(model, opt, probe_every=10)
+    >>> for step in range(30):
+    ...     batch = x[step % 8 * 32:][:32], y[step % 8 * 32:][:32]
+    ...     if tracer.should_probe():
+    ...         _ = tracer.probe(loss_fn, (x, y))
+    ...     opt.zero_grad()
+    ...     loss = loss_fn(model, batch)
+    ...     loss.backward()
+    ...     tracer.after_backward(loss)
+    ...     norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    ...     tracer.record_clip(global_factor=min(1.0, 1.0 / (float(norm) + 1e-6)))
+    ...     opt.step()
+    ...     tracer.after_step()
+    >>> tracer.dataset().probe_step.values.tolist()
+    [0, 10, 20]
     """
 
     def __init__(self, model, optimizer, *, per_tensor=False, probe_every=0, block_size=256,
