@@ -195,8 +195,12 @@ def _add_link(subparsers):
                               "and gradient noise, beside the measured successive-gradient correlation and "
                               "gradient norm. Writes link.nc beside each run; prints a per-layer table and "
                               "the agreement scores.")
-    p.add_argument("source", help="a run directory, a store root, or a sweep spec (.toml)")
+    p.add_argument("source", help="a run directory, a store root, a sweep spec (.toml), or a trace file / "
+                   "a directory with trace.nc from one's own loop (Tracer.dataset() saved)")
     p.add_argument("--root", help="store root when SOURCE is a spec (default: the spec's root)")
+    p.add_argument("--opt", help="for a trace without a run config: gd, hb or nag (default: the trace's attrs)")
+    p.add_argument("--lr", type=float, help="for a trace without a run config: the initial lr (default: attrs)")
+    p.add_argument("--momentum", type=float, help="for a trace without a run config (default: attrs)")
     p.add_argument("--window", type=int, help="measurement window in steps (default: probe spacing)")
     p.add_argument("--align", default="center", help="measurement window: center (default) or after the probe")
     p.add_argument("--noise-model", default="curvature", help="additive or curvature (default)")
@@ -217,7 +221,8 @@ def _add_link(subparsers):
 def _link_main(args):
     ds = link(args.source, root=args.root, recompute=args.recompute, window=args.window, align=args.align,
               noise_model=args.noise_model, shape=args.shape, on_unstable=args.on_unstable, smooth=args.smooth,
-              global_mode=not args.block_only, prediction=args.prediction, signal=args.signal)
+              global_mode=not args.block_only, prediction=args.prediction, signal=args.signal,
+              opt=args.opt, lr=args.lr, momentum=args.momentum)
     print(format_report(ds))
     if args.json:
         store.atomic_write_json(args.json, {"scores": link_scores(ds), "options": {
