@@ -35,6 +35,7 @@ def build_parser():
     _add_train(subparsers)
     _add_sweep_and_collect(subparsers)
     _add_link(subparsers)
+    _add_viewers(subparsers)
     return parser
 
 
@@ -227,6 +228,36 @@ def _link_main(args):
     if args.json:
         store.atomic_write_json(args.json, {"scores": link_scores(ds), "options": {
             k: ds.attrs.get(k) for k in OPTIONS}, "source": str(args.source)})
+    return 0
+
+
+# --------------------------------------------------------------------------- export, plot
+def _add_viewers(subparsers):
+    p = subparsers.add_parser("export", help="a trace as TensorBoard scalars or a tidy table",
+                              description="Export a run's trace (a run directory, a trace file, or a "
+                              "directory with trace.nc): per-layer TensorBoard scalars grouped by layer, "
+                              "and/or a tidy (step, layer) table.")
+    p.add_argument("run", help="a run directory, a trace file, or a directory with trace.nc")
+    p.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files here "
+                   "(pip install 'optdyn[tensorboard]')")
+    p.add_argument("--csv", help="write the tidy table as CSV here")
+    p.add_argument("--parquet", help="write the tidy table as Parquet here (needs pyarrow)")
+    p.set_defaults(func=_export_main)
+
+
+def _export_main(args):
+    from experiments.viewers.export import read_trace, write_table, write_tensorboard
+
+    if not (args.tensorboard or args.csv or args.parquet):
+        raise ValueError("export needs --tensorboard DIR, --csv FILE or --parquet FILE")
+    trace = read_trace(args.run)
+    if args.tensorboard:
+        print(f"wrote {write_tensorboard(trace, args.tensorboard)} scalars to {args.tensorboard}")
+    for path, suffix in ((args.csv, ".csv"), (args.parquet, ".parquet")):
+        if path:
+            if not path.endswith(suffix):
+                raise ValueError(f"path={path!r} must end with {suffix}")
+            print(f"wrote {len(write_table(trace, path))} rows to {path}")
     return 0
 
 
