@@ -245,6 +245,34 @@ def _add_viewers(subparsers):
     p.set_defaults(func=_export_main)
 
 
+    q = subparsers.add_parser("plot", help="the per-layer dashboard of a run (PNG or PDF)",
+                              description="One figure per run: per-layer gradient norm, successive-gradient "
+                              "cosine, update:parameter ratio with DL4J's bands, h/edge at probes, lr, loss. "
+                              "With many layers, a few are coloured and all lie in a grey range band.")
+    q.add_argument("run", help="a run directory, a trace file, or a directory with trace.nc")
+    q.add_argument("--out", help="PNG or PDF file (default: dashboard.png in the run directory, or "
+                   "NAME.dashboard.png beside a trace file)")
+    q.add_argument("--layers", nargs="+", metavar="NAME", help="layers to colour (names or patterns like 'features.*')")
+    q.add_argument("--max-layers", type=int, default=8, help="layers coloured at most (1..8, default 8)")
+    q.add_argument("--smooth", type=int, default=10, help="steps in the cosine's rolling mean (default 10)")
+    q.set_defaults(func=_plot_main)
+
+
+def _plot_main(args):
+    from pathlib import Path
+
+    from experiments.viewers.dashboard import dashboard, save_dashboard
+    from experiments.viewers.export import read_trace
+
+    trace = read_trace(args.run)
+    run = Path(args.run)
+    out = args.out or (run / "dashboard.png" if run.is_dir() else run.with_name(run.stem + ".dashboard.png"))
+    fig, _ = dashboard(trace, layers=args.layers, max_layers=args.max_layers, smooth=args.smooth,
+                       title=run.name)
+    print(f"wrote {save_dashboard(fig, out)}")
+    return 0
+
+
 def _export_main(args):
     from experiments.viewers.export import read_trace, write_table, write_tensorboard
 
