@@ -203,3 +203,52 @@ def test_optimizer_attrs_name_the_method():
     assert (ds.attrs["opt"], ds.attrs["momentum"], ds.attrs["nesterov"], ds.attrs["lr0"]) == ("nag", 0.9, 1, 0.1)
     assert hooked(opt="adam").attrs["opt"] == "adam"
     assert isinstance(ds, xr.Dataset)
+
+
+def test_closure_steps_trace_the_first_evaluation():
+    """optimizer.step(closure) (Lightning, L-BFGS): forward and backward run inside the step;
+    the trace equals the manual one and the loss comes from the closure."""
+    model, optimizer = setup()
+    batches = data(STEPS)
+    tracer = Tracer(model, optimizer, probe_every=4, block_size=5).attach(
+        loss_fn=loss_fn, probe_batch=batches[0])
+    for step in range(STEPS):
+        def closure():
+            optimizer.zero_grad()
+            loss = loss_fn(model, batches[step])
+            loss.backward()
+            clip(model, 0.05)
+            return loss
+        optimizer.step(closure)
+    assert_same(manual(max_norm=0.05, probe_every=4), tracer.detach().dataset(), clip_rtol=1e-6)
+
+
+def test_lbfgs_records_the_gradient_at_theta_k_once_per_step():
+    """L-BFGS evaluates the closure up to max_iter times per step: one record per step, with
+    the raw gradient of the first evaluation (at θ_k) and the update of the whole step."""
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    batch = data(1)[0]
+    tracer = Tracer(model, optimizer).attach()
+    calls, expected, before = [], [], []
+    for step in range(3):
+        before.append([p.detach().clone() for p in tracer.params])
+        model.zero_grad()
+        loss_fn(model, batch).backward()  # the reference gradient at θ_k (a backward outside a step)
+        expected.append(float(torch.cat([p.grad.flatten() for p in model.fc[2].parameters()]).norm()))
+
+        def closure():
+            calls.append(step)
+            optimizer.zero_grad()
+            loss = loss_fn(model, batch)
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+    ds = tracer.detach().dataset()
+    assert len(calls) > 3 * 2 and ds.sizes["step"] == 3  # several evaluations per step
+    np.testing.assert_allclose(ds.grad_norm.sel(layer="fc.2").values, expected, rtol=1e-6)
+    applied = [float(torch.cat([(a - b).flatten() for a, b, l in zip(after, bef, tracer.tensor_layer)
+                                if tracer.layers[l] == "fc.2"]).norm())
+               for bef, after in zip(before, before[1:] + [[p.detach() for p in tracer.params]])]
+    np.testing.assert_allclose(ds.update_norm.sel(layer="fc.2").values, applied, rtol=1e-5)

@@ -13,6 +13,11 @@ does, at the right points of every optimizer step, what the four manual calls do
 * **before the step** (``optimizer.register_step_pre_hook``): the gradient statistics, the
   lrs of all param groups, the clip factors and, every ``probe_every`` steps, the probe at
   θ_k (when ``loss_fn`` and ``probe_batch`` were given);
+* **a closure** (``optimizer.step(closure)``, as Lightning and L-BFGS call it): the
+  forward and backward passes run inside the step, so the pre-step hook wraps the closure
+  and does the above right after its first evaluation (the gradient at θ_k, after any
+  clipping the closure does); its returned loss is recorded unless ``record_loss`` was
+  called; later evaluations within the step are not recorded;
 * **after the step** (``register_step_post_hook``): the update Δθ and θ, one record per
   optimizer step. A step that ``GradScaler.step`` skips (non-finite gradients) never calls
   ``optimizer.step``, so it is not recorded.
@@ -69,6 +74,7 @@ class Hooks:
         self.queued = False  # a callback is queued for the end of the running backward pass
         self.versions = None
         self.loss = None
+        self.frozen = False  # the step's gradient statistics are taken: no more copies
         opt = tracer.optimizer
         self.handles = [opt.register_step_pre_hook(self.pre_step),
                         opt.register_step_post_hook(self.post_step)]
@@ -107,6 +113,8 @@ class Hooks:
         self.capture()
 
     def capture(self):
+        if self.frozen:
+            return
         t = self.tracer
         t._capture()
         self.captured = True
@@ -139,9 +147,29 @@ class Hooks:
 
     # ------------------------------------------------------------------ the step
     def pre_step(self, optimizer, args, kwargs):
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer
+        if closure is None:
+            self.before_update()
+            return None
+
+        def traced_closure():  # the gradient at θ_k comes from the closure's first evaluation
+            loss = closure()
+            if not self.frozen:
+                if self.loss is None and torch.is_tensor(loss):
+                    self.record_loss(loss)
+                self.before_update()
+            return loss
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": traced_closure}
+        return (args[0], traced_closure, *args[2:]), kwargs
+
+    def before_update(self):
+        """Statistics of the gradient at θ_k, clip factors and the probe, once per step; later
+        backward passes of the step (a closure evaluated again, as L-BFGS does) are ignored."""
         t = self.tracer
         if not self.captured:  # gradients set without a backward pass, or no gradient hook ran
             self.capture()
+        self.frozen = True
         t._backward_stats(self.loss)
         if self.changed():
             with torch.no_grad():
@@ -150,8 +178,10 @@ class Hooks:
             t.probe(self.loss_fn, self.next_batch())
 
     def post_step(self, optimizer, args, kwargs):
+        if not self.frozen:  # a closure that never ran a backward pass
+            self.before_update()
         self.tracer._after_step()
-        self.captured, self.loss, self.versions = False, None, None
+        self.skip()
 
     def record_loss(self, loss):
         loss = loss.detach() if torch.is_tensor(loss) else torch.tensor(float(loss))
@@ -159,4 +189,4 @@ class Hooks:
 
     def skip(self):
         """Forget this step's gradients and loss (a step the GradScaler skipped)."""
-        self.captured, self.loss, self.versions = False, None, None
+        self.captured, self.loss, self.versions, self.frozen = False, None, None, False
