@@ -24,12 +24,12 @@ def blocks(text, lang):
     return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
+@pytest.mark.slow
 def test_own_loop_snippets_run(tmp_path, monkeypatch, capsys):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed: pip install 'optdyn[tensorboard]'")
     monkeypatch.chdir(tmp_path)
     text = section("Your own training loop")
-    python, shell = blocks(text, "python"), blocks(text, "sh")
-    assert python and shell
+    python, shell = blocks(text, "python")[:1], blocks(text, "sh")[:1]  # the plain loop
     namespace = {}
     for code in python:
         exec(compile(code, str(README), "exec"), namespace)
@@ -44,3 +44,17 @@ def test_own_loop_snippets_run(tmp_path, monkeypatch, capsys):
     for name in ("mytrace.link.nc", "mytrace.csv", "dashboard.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_lightning_snippet_runs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lightning", reason="lightning is not installed: pip install 'optdyn[lightning]'")
+    monkeypatch.chdir(tmp_path)
+    text = section("Your own training loop")
+    (python,), (shell,) = blocks(text, "python")[1:], blocks(text, "sh")[1:]
+    namespace = {}
+    exec(compile(python, str(README), "exec"), namespace)
+    assert namespace["trace"].trace.sizes["step"] == 200
+    for line in shell.splitlines():
+        assert main(shlex.split(line, comments=True)[1:]) == 0, line
+    assert (tmp_path / "runs" / "lit" / "dashboard.png").stat().st_size > 0
