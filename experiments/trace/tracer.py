@@ -321,29 +321,39 @@ class Tracer:
                                "(call detach() before the manual calls)")
         if self._phase != "idle":
             raise RuntimeError("after_backward called twice without after_step")
-        self._capture()
-        self._backward_stats(loss)
+        self._watch.start()
+        with self._no_grad:
+            self._capture_raw()
+            self._backward_stats_raw(loss)
+        self._watch.stop()
 
     def _capture(self):
         """Copy the gradients and θ into the step's buffers (may repeat before a step)."""
         self._watch.start()
         with self._no_grad:
-            self._captured = self._engine.capture_gradients(self.step % 2)
-            self.grad_norm_global = self._captured[1]  # 0-d, on the device: read it without a sync
+            self._capture_raw()
         self._watch.stop()
+
+    def _capture_raw(self):
+        self._captured = self._engine.capture_gradients(self.step % 2)
+        self.grad_norm_global = self._captured[1]  # 0-d, on the device: read it without a sync
 
     def _backward_stats(self, loss):
         """The gradient statistics of the captured gradients, and the lrs in force."""
         self._watch.start()
         with self._no_grad:
-            norms, g_global = self._captured
-            self._engine.backward_stats(self._row, self.step % 2, norms, g_global, loss)
-            lrs = [g.get("lr", math.nan) for g in self.optimizer.param_groups]
-            lrs = [lr.detach().clone() if torch.is_tensor(lr) else float(lr) for lr in lrs]
-            self._lrs.append(lrs[0])
-            self._group_lrs.append(lrs)
-        self._phase = "backward"
+            self._backward_stats_raw(loss)
         self._watch.stop()
+
+    def _backward_stats_raw(self, loss):
+        norms, g_global = self._captured
+        self._engine.backward_stats(self._row, self.step % 2, norms, g_global, loss)
+        groups = self.optimizer.param_groups
+        lrs = [g.get("lr", math.nan) for g in groups] if len(groups) > 1 else [groups[0].get("lr", math.nan)]
+        lrs = [lr.detach().clone() if torch.is_tensor(lr) else float(lr) for lr in lrs]
+        self._lrs.append(lrs[0])
+        self._group_lrs.append(lrs)
+        self._phase = "backward"
 
     def record_clip(self, global_factor=None, layer_factors=None):
         """Record clipping factors of the current step (between after_backward and step).
@@ -495,8 +505,9 @@ class Tracer:
             coords={"step": np.arange(steps), "layer": list(self.layers)},
         )
         if len(self.optimizer.param_groups) > 1:
-            group_lrs = np.array([[float(x) for x in lrs] for lrs in self._group_lrs[:steps]],
-                                 dtype=float).reshape(steps, -1)
+            G = len(self.optimizer.param_groups)  # groups added later: NaN before they exist
+            group_lrs = np.array([[float(x) for x in lrs] + [np.nan] * (G - len(lrs))
+                                  for lrs in self._group_lrs[:steps]], dtype=float).reshape(steps, G)
             group_lrs = np.concatenate([group_lrs, np.full((steps, 1), np.nan)], axis=1)
             ds["lr_layer"] = (sl, group_lrs[:, self.layer_group])  # group -1 (not stepped): NaN
         ds = ds.merge(self._probe_dataset())
