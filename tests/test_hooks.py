@@ -255,3 +255,20 @@ def test_lbfgs_records_the_gradient_at_theta_k_once_per_step():
                                 if tracer.layers[l] == "fc.2"]).norm())
                for bef, after in zip(before, before[1:] + [[p.detach() for p in tracer.params]])]
     np.testing.assert_allclose(ds.update_norm.sel(layer="fc.2").values, applied, rtol=1e-5)
+
+
+def test_a_step_that_raised_is_recorded_once_when_retried():
+    model, optimizer = setup()
+    tracer = Tracer(model, optimizer).attach()
+    fail = [True]
+
+    def boom(opt, args, kwargs):  # registered after the tracer's pre-hook: runs after it
+        if fail and fail.pop():
+            raise RuntimeError("boom")
+    optimizer.register_step_pre_hook(boom)
+    loss_fn(model, data(1)[0]).backward()
+    with pytest.raises(RuntimeError, match="boom"):
+        optimizer.step()
+    optimizer.step()
+    ds = tracer.detach().dataset()
+    assert ds.sizes["step"] == 1 and ds.lr.values.tolist() == [0.1]

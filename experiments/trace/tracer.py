@@ -351,6 +351,8 @@ class Tracer:
         groups = self.optimizer.param_groups
         lrs = [g.get("lr", math.nan) for g in groups] if len(groups) > 1 else [groups[0].get("lr", math.nan)]
         lrs = [lr.detach().clone() if torch.is_tensor(lr) else float(lr) for lr in lrs]
+        if self._phase == "backward":  # again before a step (the last one raised): replace
+            self._lrs.pop(), self._group_lrs.pop()
         self._lrs.append(lrs[0])
         self._group_lrs.append(lrs)
         self._phase = "backward"
