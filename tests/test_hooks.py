@@ -269,6 +269,10 @@ def test_a_step_that_raised_is_recorded_once_when_retried():
     loss_fn(model, data(1)[0]).backward()
     with pytest.raises(RuntimeError, match="boom"):
         optimizer.step()
+    optimizer.param_groups[0]["lr"] = 0.2
+    optimizer.step()  # the retry: recorded once, with the lr it used
+    optimizer.param_groups[0]["lr"] = 0.3
+    loss_fn(model, data(1)[0]).backward()
     optimizer.step()
     ds = tracer.detach().dataset()
-    assert ds.sizes["step"] == 1 and ds.lr.values.tolist() == [0.1]
+    assert ds.sizes["step"] == 2 and ds.lr.values.tolist() == [0.2, 0.3]
