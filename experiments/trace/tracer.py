@@ -48,7 +48,10 @@ lr, clip factors, probes and the Dataset.
 The per-tensor gradient norms use ``torch._foreach_norm`` so that the global norm is
 bit-identical to ``torch.nn.utils.get_total_norm``. The tracer times itself:
 ``attrs["tracer_seconds"]`` (CUDA events on a GPU, ``perf_counter`` on CPU; probes excluded)
-and ``attrs["probe_seconds"]``. Measured cost: benchmarks/bench_trace.py.
+and ``attrs["probe_seconds"]``. Measured cost: benchmarks/bench_trace.py (docs/findings/tracer_cost.md).
+The trace's attrs also name the optimizer (:func:`optimizer_attrs`: ``optimizer``, ``opt``,
+``momentum``, ``nesterov``, ``dampening``, ``weight_decay``, ``lr0``), which is what
+``optdyn link`` needs of a trace saved from one's own loop.
 
 Probes (every ``probe_every`` steps, run by the training loop through :meth:`probe`): per-layer
 ``sharpness`` (top eigenvalue of the layer's diagonal Hessian block), ``sharpness_global``,
