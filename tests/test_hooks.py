@@ -54,9 +54,9 @@ def clip(model, max_norm):
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
-def manual(accum=1, max_norm=None, probe_every=0, groups=False, opt="sgd", skip=()):
+def manual(accum=1, max_norm=None, probe_every=0, groups=False, opt="sgd", skip=(), engine="auto"):
     model, optimizer = setup(groups, opt)
-    tracer = Tracer(model, optimizer, probe_every=probe_every, block_size=5)
+    tracer = Tracer(model, optimizer, probe_every=probe_every, block_size=5, engine=engine)
     batches = data(STEPS * accum)
     for step in range(STEPS):
         if step in skip:
@@ -79,10 +79,10 @@ def manual(accum=1, max_norm=None, probe_every=0, groups=False, opt="sgd", skip=
     return tracer.dataset()
 
 
-def hooked(accum=1, max_norm=None, probe_every=0, groups=False, opt="sgd"):
+def hooked(accum=1, max_norm=None, probe_every=0, groups=False, opt="sgd", engine="auto"):
     model, optimizer = setup(groups, opt)
     batches = data(STEPS * accum)
-    tracer = Tracer(model, optimizer, probe_every=probe_every, block_size=5).attach(
+    tracer = Tracer(model, optimizer, probe_every=probe_every, block_size=5, engine=engine).attach(
         loss_fn=loss_fn, probe_batch=batches[0])
     for step in range(STEPS):  # the user's loop, plus record_loss
         optimizer.zero_grad()
@@ -116,10 +116,12 @@ def test_hooked_trace_equals_manual_trace_bit_for_bit(kw):
     assert np.all(b.clip_factor.values == 1.0)  # nothing changed the gradients: no factor
 
 
-def test_user_clipping_records_raw_gradient_and_factor():
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_user_clipping_records_raw_gradient_and_factor(engine):
     """The trace holds the raw gradient (before clipping) and clip factors equal to the ones
-    clip_grad_norm_ applied, up to float32 rounding of ‖c·g‖/‖g‖ (a few ulp: rtol 1e-6)."""
-    a, b = manual(max_norm=0.05), hooked(max_norm=0.05)
+    clip_grad_norm_ applied, up to float32 rounding of ‖c·g‖/‖g‖ (a few ulp: rtol 1e-6).
+    The torch engine (the GPU's) keeps the factors on the device."""
+    a, b = manual(max_norm=0.05, engine=engine), hooked(max_norm=0.05, engine=engine)
     assert_same(a, b, clip_rtol=1e-6)
     assert (b.clip_factor_global.values < 1).sum() >= STEPS // 2  # the clipping was active
     unclipped = hooked()
