@@ -39,7 +39,7 @@ def family(name, root=None, **options):
 def pooled(datasets, scores):
     """Protocol scores over several families' link Datasets together (layers differ between
     families, so the points are pooled flat)."""
-    keys = ("pred_grad_corr", "nqm_grad_corr", "base_persist_corr", "base_one_mode_corr", "base_const_corr",
+    keys = ("pred_grad_corr", "theory_grad_corr", "theory_grad_sq_norm", "nqm_grad_corr", "base_persist_corr", "base_one_mode_corr", "base_const_corr",
             "meas_grad_corr", "pred_grad_sq_norm", "nqm_grad_sq_norm", "base_persist_sq", "meas_grad_sq_norm")
     parts = []
     for i, ds in enumerate(datasets):
@@ -79,6 +79,27 @@ def measured(ds):
                                                     / max(int(np.isfinite(ds["meas_grad_corr"]).sum()), 1))}
 
 
+def bates_granger(ds):
+    """The alternative to equal weights that was tried on the development families: weights
+    from each run's past errors, w = MSE_persistence / (MSE_theory + MSE_persistence) over all
+    layers of the probes before (equal until two earlier probes were scored); ``pred_*`` replaced."""
+    out = ds.copy()
+    for name, theory, pers, meas, log in (("pred_grad_corr", "theory_grad_corr", "base_persist_corr",
+                                           "meas_grad_corr", False),
+                                          ("pred_grad_sq_norm", "theory_grad_sq_norm", "base_persist_sq",
+                                           "meas_grad_sq_norm", True)):
+        f = np.log if log else (lambda x: x)
+        a, b, m = f(ds[theory]), f(ds[pers]), f(ds[meas])
+        ok = np.isfinite(a) & np.isfinite(b) & np.isfinite(m)
+        past = lambda e: e.where(ok).sum("layer").cumsum("probe_step").shift(probe_step=1)  # noqa: E731
+        n = ok.sum("layer").cumsum("probe_step").shift(probe_step=1)
+        w = (past((b - m) ** 2) / (past((a - m) ** 2) + past((b - m) ** 2))).where(n >= 2 * ds.sizes["layer"])
+        w = w.fillna(0.5)
+        mixed = xr.where(np.isfinite(b), w * a + (1 - w) * b, a)
+        out[name] = np.exp(mixed) if log else mixed
+    return out
+
+
 def main(argv=()):
     parser = argparse.ArgumentParser(prog="python -m analyses link_families", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="store root of the runs (default: the specs' root)")
@@ -103,6 +124,13 @@ def main(argv=()):
         print(f"=== pooled {role}\n{format_protocol(sc)}\n")
     if args.variants:
         result["development_variants"] = {}
+        for label, make in (("combine=none (theory alone)", lambda n: family(n, args.root, combine="none")),
+                            ("combine=persistence (equal weights, default)", lambda n: linked[n]),
+                            ("Bates-Granger weights from past errors", lambda n: bates_granger(linked[n]))):
+            dss = [make(n) for n in DEVELOPMENT]
+            sc = pooled(dss, [protocol_scores(d) for d in dss])
+            result["development_variants"][label] = sc
+            print(f"=== development, {label}\n{format_protocol(sc)}\n")
         for smooth in (1, 3, 5):
             dss = [family(n, args.root, response_smooth=smooth) for n in DEVELOPMENT]
             sc = pooled(dss, [protocol_scores(d) for d in dss])

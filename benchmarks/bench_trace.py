@@ -1,8 +1,9 @@
 """Tracer overhead on CPU, measured as ratios within one run (A/B alternated).
 
 1. Every-step trace: one model and optimizer train in alternating blocks of ``BLOCK`` steps
-   with and without the tracer calls (which arm goes first alternates too);
-   ratio = traced / untraced CPU time.
+   with the four manual tracer calls, without a tracer, and with the tracer attached
+   (``Tracer.attach``: hooks on the optimizer's step and the gradients, plus
+   ``record_loss``); the arms' order rotates; ratio = traced / untraced CPU time per arm.
 2. Probes every 100 steps: alternating 100-step blocks, the traced one starting with a full
    probe (per-layer + global Lanczos sharpness, one Hutchinson sample, 4 micro-batches of
    gradient noise), warm-started Lanczos with the default early stop (Ritz residual
@@ -61,8 +62,11 @@ class Bench:
         idx = torch.randint(0, len(self.y), (BATCH,), generator=self.gen)
         return self.x[idx], self.y[idx]
 
-    def steps(self, n, traced, probe=False, check=False):
-        """CPU seconds of n training steps (the accuracy check is not timed)."""
+    def steps(self, n, traced, probe=False, check=False, hooked=False):
+        """CPU seconds of n training steps (the accuracy check is not timed). ``hooked``: the
+        tracer attached for these steps (attach/detach not timed) instead of the manual calls."""
+        if hooked:
+            return self.hooked_steps(n)
         spent = 0.0
         for i in range(n):
             batch = self.batch()
@@ -82,6 +86,21 @@ class Bench:
             if traced:
                 self.tracer.after_step()
             spent += time.process_time() - t0
+        return spent
+
+    def hooked_steps(self, n):
+        self.tracer.attach()
+        spent = 0.0
+        for _ in range(n):
+            batch = self.batch()
+            t0 = time.process_time()
+            self.opt.zero_grad(set_to_none=True)
+            loss = loss_fn(self.model, batch)
+            loss.backward()
+            self.tracer.record_loss(loss)
+            self.opt.step()
+            spent += time.process_time() - t0
+        self.tracer.detach()
         return spent
 
     def sharpness_error(self, batch):
@@ -112,14 +131,28 @@ def alternate(bench, pairs, n, probe=False, check=False):
     return t.sum(0)
 
 
+def rotate(bench, rounds, n):
+    """Total CPU seconds (manual calls, no tracer, attached) over ``rounds`` rounds of one
+    ``n``-step block per arm, the arms' order rotating."""
+    t = np.zeros((rounds, 3))
+    arms = [dict(traced=True), dict(traced=False), dict(traced=True, hooked=True)]
+    for k in range(rounds):
+        for a in np.roll(np.arange(3), k):
+            t[k, a] = bench.steps(n, **arms[a])
+    return t.sum(0)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--curvature-only", action="store_true", help="only part 3 (probe_curvature's cost)")
+    parser.add_argument("--every-step-only", action="store_true", help="skip the probe benchmarks")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_data("mnist1d")
     pairs, probe_pairs = (10, 2) if args.quick else (40, 4)
+    if args.every_step_only:
+        probe_pairs = 0
     print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
           f"BLAS threads {os.environ['OPENBLAS_NUM_THREADS']}, CPU, batch {BATCH}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
@@ -131,14 +164,17 @@ def main():
         bench = Bench(name, data)
         bench.steps(20, traced=True)  # warm-up both paths
         bench.steps(20, traced=False)
-        traced, plain = alternate(bench, pairs, BLOCK)
+        bench.steps(20, traced=True, hooked=True)
+        traced, plain, hooked = rotate(bench, pairs, BLOCK)
         n_params = sum(p.numel() for p in bench.tracer.params)
         print(f"\n{name}: {n_params} parameters in {len(bench.tracer.layers)} layers, "
               f"untraced step {1e3 * plain / (pairs * BLOCK):.2f} ms CPU "
               f"(tracer engine {bench.tracer.engine})")
         print(f"  every-step trace / no tracer:                {traced / plain:.3f}x "
               f"({pairs} x {BLOCK} steps per arm)")
-        for iters in (20, 5):
+        print(f"  every-step trace attached (hooks) / no tracer: {hooked / plain:.3f}x "
+              f"(hooked / manual calls {hooked / traced:.3f}x)")
+        for iters in ((20, 5) if probe_pairs else ()):
             bench = Bench(name, data, sharpness_iters=iters)
             bench.steps(20, traced=True, probe=True)  # first probe: a cold start, untimed
             bench.probe_cpu = 0.0
@@ -153,7 +189,8 @@ def main():
                   f"{used.mean():.1f} steps used on average; sharpness within "
                   f"{100 * max(bench.errors):.2g} % of converged)")
 
-        curvature_cost(name, data, 2 if args.quick else 6)
+        if not args.every_step_only:
+            curvature_cost(name, data, 2 if args.quick else 6)
 
 
 def curvature_cost(name, data, pairs):

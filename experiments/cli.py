@@ -37,6 +37,7 @@ def build_parser():
     _add_train(subparsers)
     _add_sweep_and_collect(subparsers)
     _add_link(subparsers)
+    _add_viewers(subparsers)
     return parser
 
 
@@ -232,8 +233,12 @@ def _add_link(subparsers):
                               "and gradient noise, beside the measured successive-gradient correlation and "
                               "gradient norm. Writes link.nc beside each run; prints a per-layer table and "
                               "the agreement scores.")
-    p.add_argument("source", help="a run directory, a store root, or a sweep spec (.toml)")
+    p.add_argument("source", help="a run directory, a store root, a sweep spec (.toml), or a trace file / "
+                   "a directory with trace.nc from one's own loop (Tracer.dataset() saved)")
     p.add_argument("--root", help="store root when SOURCE is a spec (default: the spec's root)")
+    p.add_argument("--opt", help="for a trace without a run config: gd, hb or nag (default: the trace's attrs)")
+    p.add_argument("--lr", type=float, help="for a trace without a run config: the initial lr (default: attrs)")
+    p.add_argument("--momentum", type=float, help="for a trace without a run config (default: attrs)")
     p.add_argument("--window", type=int, help="measurement window in steps (default: probe spacing)")
     p.add_argument("--align", default="center", help="measurement window: center (default) or after the probe")
     p.add_argument("--noise-model", default="curvature", help="additive or curvature (default)")
@@ -246,6 +251,8 @@ def _add_link(subparsers):
                    "or stationary")
     p.add_argument("--response-smooth", type=int, default=3, help="probes in the rolling mean of the response "
                    "model's inputs (default 3)")
+    p.add_argument("--combine", default="persistence", help="persistence (default: the forecast is the "
+                   "theory's averaged with the previous window's measurement) or none (the theory alone)")
     p.add_argument("--signal", default="none", help="mean-gradient term from the probe's grad_signal: none "
                    "(default), fluct / root (lag-1 of the network top mode's fluctuation / dominant root), drift (+1)")
     p.add_argument("--block-only", action="store_true",
@@ -262,12 +269,71 @@ def _link_main(args):
     ds = link(args.source, root=args.root, recompute=args.recompute, window=args.window, align=args.align,
               noise_model=args.noise_model, shape=args.shape, on_unstable=args.on_unstable, smooth=args.smooth,
               global_mode=not args.block_only, prediction=args.prediction, signal=args.signal,
-              response_smooth=args.response_smooth)
+              response_smooth=args.response_smooth, combine=args.combine, opt=args.opt, lr=args.lr,
+              momentum=args.momentum)
     print(format_report(ds))
     if args.json:
         store.atomic_write_json(args.json, {"scores": link_scores(ds), "protocol": protocol_scores(ds), "options": {
             k: ds.attrs.get(k) for k in OPTIONS}, "source": str(args.source)})
     return _report_status("link", ds, args.strict)
+
+
+# --------------------------------------------------------------------------- export, plot
+def _add_viewers(subparsers):
+    p = subparsers.add_parser("export", help="a trace as TensorBoard scalars or a tidy table",
+                              description="Export a run's trace (a run directory, a trace file, or a "
+                              "directory with trace.nc): per-layer TensorBoard scalars grouped by layer, "
+                              "and/or a tidy (step, layer) table.")
+    p.add_argument("run", help="a run directory, a trace file, or a directory with trace.nc")
+    p.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files here "
+                   "(pip install 'optdyn[tensorboard]')")
+    p.add_argument("--csv", help="write the tidy table as CSV here")
+    p.add_argument("--parquet", help="write the tidy table as Parquet here (needs pyarrow)")
+    p.set_defaults(func=_export_main)
+
+
+    q = subparsers.add_parser("plot", help="the per-layer dashboard of a run (PNG or PDF)",
+                              description="One figure per run: per-layer gradient norm, successive-gradient "
+                              "cosine, update:parameter ratio with DL4J's bands, h/edge at probes, lr, loss. "
+                              "With many layers, a few are coloured and all lie in a grey range band.")
+    q.add_argument("run", help="a run directory, a trace file, or a directory with trace.nc")
+    q.add_argument("--out", help="PNG or PDF file (default: dashboard.png in the run directory, or "
+                   "NAME.dashboard.png beside a trace file)")
+    q.add_argument("--layers", nargs="+", metavar="NAME", help="layers to colour (names or patterns like 'features.*')")
+    q.add_argument("--max-layers", type=int, default=8, help="layers coloured at most (1..8, default 8)")
+    q.add_argument("--smooth", type=int, default=10, help="steps in the cosine's rolling mean (default 10)")
+    q.set_defaults(func=_plot_main)
+
+
+def _plot_main(args):
+    from pathlib import Path
+
+    from experiments.viewers.dashboard import dashboard, save_dashboard
+    from experiments.viewers.export import read_trace
+
+    trace = read_trace(args.run)
+    run = Path(args.run)
+    out = args.out or (run / "dashboard.png" if run.is_dir() else run.with_name(run.stem + ".dashboard.png"))
+    fig, _ = dashboard(trace, layers=args.layers, max_layers=args.max_layers, smooth=args.smooth,
+                       title=run.name)
+    print(f"wrote {save_dashboard(fig, out)}")
+    return 0
+
+
+def _export_main(args):
+    from experiments.viewers.export import read_trace, write_table, write_tensorboard
+
+    if not (args.tensorboard or args.csv or args.parquet):
+        raise ValueError("export needs --tensorboard DIR, --csv FILE or --parquet FILE")
+    trace = read_trace(args.run)
+    if args.tensorboard:
+        print(f"wrote {write_tensorboard(trace, args.tensorboard)} scalars to {args.tensorboard}")
+    for path, suffix in ((args.csv, ".csv"), (args.parquet, ".parquet")):
+        if path:
+            if not path.endswith(suffix):
+                raise ValueError(f"path={path!r} must end with {suffix}")
+            print(f"wrote {len(write_table(trace, path))} rows to {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -86,6 +86,22 @@ def run_method(config):
     return method, (0.0 if method == "gd" else float(config.get("momentum", 0.0)))
 
 
+def trace_config(trace, opt=None, lr=None, momentum=None):
+    """The config the link needs (``opt``, ``lr``, ``momentum``) of a trace: its run's
+    ``attrs["config"]`` (:func:`experiments.store.load_run`), else what the tracer recorded
+    of the optimizer (``opt``, ``lr0``, ``momentum`` attrs:
+    :func:`experiments.trace.tracer.optimizer_attrs`); a value given here overrides either."""
+    a = trace.attrs
+    config = dict(a["config"]) if isinstance(a.get("config"), dict) else {
+        k: a[src] for k, src in (("opt", "opt"), ("lr", "lr0"), ("momentum", "momentum")) if src in a}
+    given = {"opt": opt, "lr": lr, "momentum": momentum}
+    config.update({k: v for k, v in given.items() if v is not None})
+    if "opt" not in config:
+        raise ValueError("opt=None: the trace records no optimizer (a trace from an older tracer "
+                         "or a hand-made one); give it: gd, hb or nag (and lr, momentum)")
+    return config
+
+
 def link_trace(trace, config=None, *, window=None, align="center", noise_model="curvature", shape="power",
                on_unstable="exclude", smooth=3, global_mode=True, prediction="auto", signal="none",
                spectra=None, top_mode_shares=None, response_smooth=3, combine="persistence"):
@@ -118,7 +134,7 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     ``grad_noise``, ``n_params``, ``sharpness_global``), ``pred_*`` and ``meas_*``
     (:func:`measured_window`); the options are in ``attrs``.
     """
-    config = dict(trace.attrs.get("config", {}) if config is None else config)
+    config = dict(trace_config(trace) if config is None else config)
     method, momentum = run_method(config)
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction={prediction!r} is unknown; valid: {', '.join(PREDICTIONS)}")
@@ -253,8 +269,41 @@ def run_dirs(source, root=None):
     return [d for d in candidate_dirs(source, root) if store.is_done(d)]
 
 
-def link(source, *, root=None, recompute=False, write=True, **options):
-    """The link of a run, or of every linkable finished run of a store root or sweep spec.
+def loose_trace(source):
+    """The trace file of ``source`` when it is not a run: a file (``.nc`` or any
+    xarray-readable file), or a directory with ``trace.nc`` and no ``DONE``; else None."""
+    source = Path(source)
+    if source.is_file() and source.suffix != ".toml":
+        return source
+    if source.is_dir() and not store.is_done(source) and (source / store.TRACE).is_file():
+        return source / store.TRACE
+    return None
+
+
+def link_file(path, *, opt=None, lr=None, momentum=None, write=True, **options):
+    """:func:`link_trace` of a trace file (e.g. ``Tracer.dataset()`` saved by one's own loop),
+    its config from the trace's attrs or the given ``opt``, ``lr``, ``momentum``
+    (:func:`trace_config`); written beside it as ``link.nc`` (``NAME.link.nc`` for a file
+    not named ``trace.nc``)."""
+    path = Path(path)
+    try:
+        with xr.open_dataset(path) as ds:
+            trace = ds.load()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"source={str(path)!r} is not a readable trace file: {err}") from None
+    ds = link_trace(trace, trace_config(trace, opt, lr, momentum), **options)
+    ds.attrs["run_id"] = path.parent.name if path.name == store.TRACE else path.stem
+    if write:
+        target = path.with_name(LINK_FILE if path.name == store.TRACE else path.stem + ".link.nc")
+        store.atomic_write_dataset(target, ds)
+    return ds
+
+
+def link(source, *, root=None, recompute=False, write=True, opt=None, lr=None, momentum=None,
+         **options):
+    """The link of a run, or of every linkable finished run of a store root or sweep spec,
+    or of a trace file / a directory with ``trace.nc`` and no config (:func:`link_file`;
+    ``opt``, ``lr``, ``momentum`` there override the trace's attrs).
 
     One run: the Dataset of :func:`link_run` (dims probe_step, layer). Several: those
     stacked along a ``run`` dim (outer join: runs that diverged early have NaN after), with
@@ -262,6 +311,14 @@ def link(source, *, root=None, recompute=False, write=True, **options):
     or without probes are left out and named in ``attrs["skipped"]``. ``attrs`` ``n_finished``,
     ``n_missing``, ``n_failed``, ``n_diverged``, ``n_total`` count the points found (:func:`experiments.store.status_counts`).
     """
+    trace_file = loose_trace(source)
+    if trace_file is not None:
+        return link_file(trace_file, opt=opt, lr=lr, momentum=momentum, write=write, **options)
+    given = {k: v for k, v in (("opt", opt), ("lr", lr), ("momentum", momentum)) if v is not None}
+    if given:
+        name, value = next(iter(given.items()))
+        raise ValueError(f"{name}={value!r} is only for a trace without a run config; "
+                         f"source={str(source)!r} is a run, store root or spec (its configs say it)")
     candidates = candidate_dirs(source, root)
     status = store.status_counts(candidates)
     dirs = [d for d in candidates if store.is_done(d)]

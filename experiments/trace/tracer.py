@@ -1,14 +1,17 @@
 """Per-layer training traces at every step, kept on the device (docs/design.md; docs/theory.md §5-6).
 
-A :class:`Tracer` watches one model and one optimizer (any ``torch.optim`` optimizer). In a
-training step::
+A :class:`Tracer` watches one model and one optimizer (any ``torch.optim`` optimizer).
+Either attach it, one line before any training loop (:meth:`Tracer.attach`; hooks on the
+optimizer's step and the gradients, :mod:`experiments.trace.hooks`), or make four calls
+in the loop's step::
 
-    loss.backward(); tracer.after_backward(loss)
+    if tracer.should_probe(): tracer.probe(loss_fn, batch)   # at θ_k, before the step
+    loss = loss_fn(model, batch); loss.backward(); tracer.after_backward(loss)
     [clip; tracer.record_clip(global_factor=..., layer_factors=...)]
     optimizer.step(); tracer.after_step()
-    if tracer.should_probe(): tracer.probe(loss_fn, batch)   # loss_fn(model, batch) -> mean loss
 
-and ``tracer.dataset()`` returns the trace as an ``xarray.Dataset``.
+(``loss_fn(model, batch)`` -> mean loss); ``tracer.dataset()`` returns the trace as an
+``xarray.Dataset``.
 
 Layers. A parameter belongs to its owning module's qualified name (``features.0.weight`` ->
 ``features.0``; parameters of the root module -> ``"(root)"``). With ``per_tensor=True`` every
@@ -28,7 +31,8 @@ Per step and layer l with elements i (g = raw gradient before clipping, θ = par
   NaN at step 0 (and wherever a norm is 0);
 * ``clip_factor``: what clipping multiplied the layer's gradient by (1 without clipping).
 
-Per step: ``loss``, ``lr`` (``optimizer.param_groups[0]["lr"]`` when ``after_backward`` ran),
+Per step: ``loss``, ``lr`` (``optimizer.param_groups[0]["lr"]`` when ``after_backward`` ran;
+with several param groups also ``lr_layer`` (step, layer), the lr of the layer's group),
 ``grad_norm_global`` (computed exactly as ``torch.nn.utils.get_total_norm``),
 ``grad_cos_global``, ``update_cos_global``, ``clip_factor_global``.
 
@@ -44,7 +48,10 @@ lr, clip factors, probes and the Dataset.
 The per-tensor gradient norms use ``torch._foreach_norm`` so that the global norm is
 bit-identical to ``torch.nn.utils.get_total_norm``. The tracer times itself:
 ``attrs["tracer_seconds"]`` (CUDA events on a GPU, ``perf_counter`` on CPU; probes excluded)
-and ``attrs["probe_seconds"]``. Measured cost: benchmarks/bench_trace.py.
+and ``attrs["probe_seconds"]``. Measured cost: benchmarks/bench_trace.py (docs/findings/tracer_cost.md).
+The trace's attrs also name the optimizer (:func:`optimizer_attrs`: ``optimizer``, ``opt``,
+``momentum``, ``nesterov``, ``dampening``, ``weight_decay``, ``lr0``), which is what
+``optdyn link`` needs of a trace saved from one's own loop.
 
 Probes (every ``probe_every`` steps, run by the training loop through :meth:`probe`): per-layer
 ``sharpness`` (top eigenvalue of the layer's diagonal Hessian block), ``sharpness_global``,
@@ -139,6 +146,53 @@ class Tracer:
         buffer, and the batch sharpness (:func:`experiments.trace.probes.microbatch_curvature`).
     engine : "auto" (numpy for float32/float64 parameters on the CPU, else torch), "numpy"
         or "torch".
+
+    Examples
+    --------
+    One line before an unchanged loop (here with clipping and Nesterov momentum); the probe
+    runs every ``probe_every`` steps before the step, on ``probe_batch``:
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from experiments import Tracer
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    >>> x, y = torch.randn(256, 4), torch.randn(256, 1)
+    >>> def loss_fn(model, batch):
+    ...     return nn.functional.mse_loss(model(batch[0]), batch[1])
+    >>> tracer = Tracer(model, opt, probe_every=10).attach(loss_fn=loss_fn, probe_batch=(x, y))
+    >>> for step in range(30):
+    ...     batch = x[step % 8 * 32:][:32], y[step % 8 * 32:][:32]
+    ...     opt.zero_grad()
+    ...     loss = loss_fn(model, batch)
+    ...     loss.backward()
+    ...     tracer.record_loss(loss)  # optional: else the trace's loss is NaN
+    ...     _ = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    ...     opt.step()
+    >>> ds = tracer.detach().dataset()
+    >>> dict(ds.sizes), ds.probe_step.values.tolist(), ds.layer.values.tolist()
+    ({'step': 30, 'layer': 2, 'probe_step': 3}, [0, 10, 20], ['0', '2'])
+    >>> ds.attrs["opt"], ds.attrs["momentum"], bool((ds.clip_factor_global <= 1).all())
+    ('nag', 0.9, True)
+
+    The same with the four manual calls (the probe first: at θ_k, before step k):
+
+    >>> tracer = Tracer(model, opt, probe_every=10)
+    >>> for step in range(30):
+    ...     batch = x[step % 8 * 32:][:32], y[step % 8 * 32:][:32]
+    ...     if tracer.should_probe():
+    ...         _ = tracer.probe(loss_fn, (x, y))
+    ...     opt.zero_grad()
+    ...     loss = loss_fn(model, batch)
+    ...     loss.backward()
+    ...     tracer.after_backward(loss)
+    ...     norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    ...     tracer.record_clip(global_factor=min(1.0, 1.0 / (float(norm) + 1e-6)))
+    ...     opt.step()
+    ...     tracer.after_step()
+    >>> tracer.dataset().probe_step.values.tolist()
+    [0, 10, 20]
     """
 
     def __init__(self, model, optimizer, *, per_tensor=False, probe_every=0, block_size=256,
@@ -147,9 +201,9 @@ class Tracer:
                  probe_mode="train", seed=0, engine="auto", probe_curvature=False):
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"model={type(model).__name__} is not a torch.nn.Module")
-        if not isinstance(getattr(optimizer, "param_groups", None), list) or not optimizer.param_groups:
-            raise ValueError(f"optimizer={optimizer!r} is not a torch.optim.Optimizer (no param_groups); "
-                             f"pass the optimizer that steps the model")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer={optimizer!r} is not a torch.optim.Optimizer; valid: the optimizer "
+                             "stepping the model's parameters")
         self.model, self.optimizer = model, optimizer
         self.per_tensor = bool(per_tensor)
         self.probe_every = _check_int("probe_every", probe_every, 0)
@@ -201,7 +255,11 @@ class Tracer:
         engine_cls = NumpyEngine if self.engine == "numpy" else TorchEngine
         self._engine = engine_cls(self.params, self.tensor_layer, self.block_size)
         self.layer_sizes = self._engine.layer_sizes
-        self._lrs = []
+        group_of = {id(p): k for k, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        first = [self.tensor_layer.tolist().index(l) for l in range(len(self.layers))]
+        self.layer_group = np.array([group_of.get(id(self.params[i]), -1) for i in first])
+        self._lrs, self._group_lrs = [], []
+        self._hooks = None  # experiments.trace.hooks.Hooks while attached
         self._row = 0
         self.step = 0
         self._phase = "idle"  # idle -> backward (after_backward) -> idle (after_step)
@@ -219,24 +277,91 @@ class Tracer:
             out[self.layers[li]].append(p)
         return out
 
+    # ---------------------------------------------------------------- hooked
+    def attach(self, *, loss_fn=None, probe_batch=None, scaler=None):
+        """Hook the tracer into the optimizer's step; returns ``self`` (see
+        :mod:`experiments.trace.hooks`). The training loop stays as it is.
+
+        ``loss_fn(model, batch)`` and ``probe_batch`` (a batch, a callable returning one, or
+        an iterable of batches, cycled): the probe runs every ``probe_every`` steps before
+        the step, at θ_k. ``scaler``: the ``torch.amp.GradScaler`` of the loop, if any (the
+        raw gradient is taken after its ``unscale_``; steps it skips are not recorded)."""
+        from experiments.trace.hooks import Hooks
+
+        if self._hooks is not None:
+            raise RuntimeError("the tracer is attached already")
+        if self._phase != "idle":
+            raise RuntimeError("attach between steps (after_step was not called)")
+        self._hooks = Hooks(self, loss_fn=loss_fn, probe_batch=probe_batch, scaler=scaler)
+        return self
+
+    def detach(self):
+        """Remove every hook :meth:`attach` added (the model, optimizer and scaler are as
+        before); the trace so far stays. Returns ``self``."""
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    def record_loss(self, loss):
+        """The step's loss for an attached tracer (summed over the calls before the step)."""
+        if self._hooks is None:
+            raise RuntimeError("record_loss is for an attached tracer; pass the loss to "
+                               "after_backward otherwise")
+        self._hooks.record_loss(loss)
+
     # ---------------------------------------------------------------- per step
     def after_backward(self, loss=None):
         """Record the raw gradients (call after ``loss.backward()``, before clipping/step).
 
         Leaves this step's global gradient norm in ``self.grad_norm_global`` (a 0-d tensor
         on the device) for the training loop's divergence check and progress bar."""
+        if self._hooks is not None:
+            raise RuntimeError("the tracer is attached: its hooks record the steps "
+                               "(call detach() before the manual calls)")
         if self._phase != "idle":
             raise RuntimeError("after_backward called twice without after_step")
         self._watch.start()
         with self._no_grad:
-            cur = self.step % 2
-            norms, g_global = self._engine.capture_gradients(cur)
-            self.grad_norm_global = g_global  # 0-d, on the device: read it without a sync
-            self._engine.backward_stats(self._row, cur, norms, g_global, loss)
-            lr = self.optimizer.param_groups[0].get("lr", math.nan)
-            self._lrs.append(lr.detach().clone() if torch.is_tensor(lr) else float(lr))
-        self._phase = "backward"
+            self._capture_raw()
+            self._backward_stats_raw(loss)
         self._watch.stop()
+
+    def _capture(self):
+        """Copy the gradients and θ into the step's buffers (may repeat before a step)."""
+        self._watch.start()
+        with self._no_grad:
+            self._capture_raw()
+        self._watch.stop()
+
+    def _capture_raw(self):
+        self._captured = self._engine.capture_gradients(self.step % 2)
+        self.grad_norm_global = self._captured[1]  # 0-d, on the device: read it without a sync
+
+    def _backward_stats(self, loss):
+        """The gradient statistics of the captured gradients, and the lrs in force."""
+        self._watch.start()
+        with self._no_grad:
+            self._backward_stats_raw(loss)
+        self._watch.stop()
+
+    def _backward_stats_raw(self, loss):
+        norms, g_global = self._captured
+        self._engine.backward_stats(self._row, self.step % 2, norms, g_global, loss)
+        groups = self.optimizer.param_groups
+        lrs = [g.get("lr", math.nan) for g in groups] if len(groups) > 1 else [groups[0].get("lr", math.nan)]
+        lrs = [lr.detach().clone() if torch.is_tensor(lr) else float(lr) for lr in lrs]
+        if self._phase == "backward":  # again before a step (the last one raised): replace
+            self._lrs.pop(), self._group_lrs.pop()
+        self._lrs.append(lrs[0])
+        self._group_lrs.append(lrs)
+        self._phase = "backward"
 
     def record_clip(self, global_factor=None, layer_factors=None):
         """Record clipping factors of the current step (between after_backward and step).
@@ -270,6 +395,12 @@ class Tracer:
 
     def after_step(self):
         """Record the applied update Δθ and θ (call right after ``optimizer.step()``)."""
+        if self._hooks is not None:
+            raise RuntimeError("the tracer is attached: its hooks record the steps "
+                               "(call detach() before the manual calls)")
+        self._after_step()
+
+    def _after_step(self):
         if self._phase != "backward":
             raise RuntimeError("after_step called without after_backward")
         self._watch.start()
@@ -391,7 +522,14 @@ class Tracer:
             },
             coords={"step": np.arange(steps), "layer": list(self.layers)},
         )
+        if len(self.optimizer.param_groups) > 1:
+            G = len(self.optimizer.param_groups)  # groups added later: NaN before they exist
+            group_lrs = np.array([[float(x) for x in lrs] + [np.nan] * (G - len(lrs))
+                                  for lrs in self._group_lrs[:steps]], dtype=float).reshape(steps, G)
+            group_lrs = np.concatenate([group_lrs, np.full((steps, 1), np.nan)], axis=1)
+            ds["lr_layer"] = (sl, group_lrs[:, self.layer_group])  # group -1 (not stepped): NaN
         ds = ds.merge(self._probe_dataset())
+        ds.attrs.update(optimizer_attrs(self.optimizer, lr[0] if steps else None))
         ds.attrs.update(
             tracer_seconds=self._watch.seconds(), tracer_host_seconds=self._watch.host,
             probe_seconds=self.probe_seconds, per_tensor=int(self.per_tensor),
@@ -428,6 +566,24 @@ class Tracer:
             coords={"probe_step": np.asarray(self._probe_steps, dtype=np.int64),
                     "layer": list(self.layers)},
         )
+
+
+def optimizer_attrs(optimizer, lr0=None):
+    """What the link needs of the optimizer, for the trace's attrs: ``optimizer`` (class name),
+    ``opt`` (the RunConfig name: gd/hb/nag for SGD without dampening, adam; "" otherwise),
+    ``momentum`` (SGD's momentum; Adam's beta1, as in RunConfig), ``nesterov``, ``dampening``,
+    ``weight_decay`` of the first param group, and ``lr0`` (the first step's lr; the lr of
+    every step is the ``lr`` variable)."""
+    g = optimizer.param_groups[0]
+    m = float(g.get("momentum", g.get("betas", (0.0,))[0]))
+    nesterov, dampening = bool(g.get("nesterov", False)), float(g.get("dampening", 0.0))
+    if type(optimizer) is torch.optim.SGD:
+        opt = "" if dampening else ("gd" if m == 0 else ("nag" if nesterov else "hb"))
+    else:
+        opt = "adam" if type(optimizer) is torch.optim.Adam else ""
+    lr = g.get("lr", math.nan) if lr0 is None else lr0
+    return dict(optimizer=type(optimizer).__name__, opt=opt, momentum=m, nesterov=int(nesterov),
+                dampening=dampening, weight_decay=float(g.get("weight_decay", 0.0)), lr0=float(lr))
 
 
 def _successive_cos(dots, norms):
