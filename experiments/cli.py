@@ -62,6 +62,8 @@ FIELD_HELP = {
     "eval_every": "test eval every k steps",
     "per_tensor": "trace per parameter tensor instead of per module", "threads": "torch threads (0 = leave)",
     "device": "cpu, cuda, cuda:N", "dtype": f"one of {', '.join(DTYPES)}",
+    "checkpoint_every": "checkpoint every k steps (0 = none); a killed run resumes from the last",
+    "fork_from": "RUN_ID@STEP: start from that run's checkpoint (same store root)",
 }
 
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import numbers
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -57,6 +58,11 @@ class RunConfig:
     examples drawn for it from the training set by its own generator (0: the step's training
     batch), ``hutchinson_samples`` vectors for the trace, ``noise_microbatches`` for the
     gradient noise and signal (0 off, else >= 2).
+    Checkpoints (:mod:`experiments.runs.checkpoint`): every ``checkpoint_every`` steps (0:
+    none). ``fork_from = "RUN_ID@STEP"`` starts the run from run RUN_ID's checkpoint after
+    STEP steps (same store root) with this config's lr, schedule, momentum, method, clipping
+    (:data:`experiments.runs.checkpoint.FORKABLE`); its id hashes the whole config, the
+    parent's id included.
     """
 
     model: str = "mlp"
@@ -87,6 +93,8 @@ class RunConfig:
     per_tensor: bool = False
     threads: int = 0
     dtype: str = "float32"
+    checkpoint_every: int = 0
+    fork_from: str = ""
     data_args: dict = field(default_factory=dict)
     model_args: dict = field(default_factory=dict)
 
@@ -127,6 +135,12 @@ class RunConfig:
         _int_range("eval_every", self.eval_every, 0)
         _int_range("threads", self.threads, 0)
         _int_range("seed", self.seed, 0)
+        _int_range("checkpoint_every", self.checkpoint_every, 0)
+        if self.fork_from:
+            parent, _, at = self.fork_from.partition("@")
+            if not (re.fullmatch(r"[0-9a-f]{16}", parent) and at.isdigit() and 1 <= int(at) < self.steps):
+                raise ValueError(f"fork_from={self.fork_from!r} is not RUN_ID@STEP (16 hex digits, "
+                                 f"then a step in [1, steps={self.steps}))")
         try:
             torch.device(self.device)
         except RuntimeError:
