@@ -266,7 +266,7 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
         "model_grad_corr": model["grad_corr"], "model_grad_sq": model["grad_sq"],
         "model_update_sq": model["update_sq"],
     })
-    ds = ds.assign_coords(label=("change", [ch.label for ch in changes]),
+    ds = ds.transpose("change", "window", "layer").assign_coords(label=("change", [ch.label for ch in changes]),
                           start=("window", [a for a, _ in windows]), stop=("window", [b for _, b in windows]))
     ds.attrs = {"at": int(at), "window": int(window), "n_windows": int(n_windows), "method": method,
                 "momentum": momentum, "persist_h_edge": float(lr_at(trace, at - 1) * lam_top
@@ -299,11 +299,11 @@ def format_whatif(ds):
     lines = [f"what if at step {ds.attrs['at']} ({ds.attrs['method']}, momentum {ds.attrs['momentum']:g}); "
              f"windows of {ds.attrs['window']} steps; persistence = window 0 (steps "
              f"{int(ds.start[0])}-{int(ds.stop[0]) - 1}) measured"]
-    cols = ("corr", "|g|", "log10 u:p")
+    cols = ("corr", "|g|", "u:p")
     head = f"  {'layer':<14}" + "".join(f"{c + ' ' + k:>14}" for c in cols
                                       for k in (("pred", "persist", "meas") if checked else ("pred", "persist")))
     for c, label in enumerate(ds["label"].values):
-        for w in range(1, ds.sizes["window"]):
+        for w in range(1, ds.sizes["window"]):  # u:p = log10 update:parameter ratio
             x = ds.isel(change=c, window=w)
             h = f"h/edge {float(x.pred_h_edge):.3g} ({x.pred_regime.item()})"
             if checked:
