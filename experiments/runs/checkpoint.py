@@ -94,36 +94,6 @@ def check_fork(parent: dict, config):
                          f"{'adam' if parent['opt'] == 'adam' else ', '.join(SGD_METHODS)} only")
 
 
-class _Stop(Exception):
-    pass
-
-
-def ensure(run_dir, step, *, data_dir=None):
-    """Make sure the finished run ``run_dir`` has a checkpoint after ``step`` steps: if it has
-    none, train its config up to ``step`` again and save the state there (on the CPU with the
-    config's ``threads`` this is the run's own state: training is deterministic)."""
-    from experiments.runs.config import RunConfig
-    from experiments.runs.loop import train
-
-    if path(run_dir, step).exists():
-        return
-    parent = store.read_json(Path(run_dir) / store.CONFIG)
-    config = RunConfig.from_dict({**parent, "checkpoint_every": int(step)})
-    if not 1 <= step <= config.steps:
-        raise ValueError(f"step={step} is outside the valid range [1, steps={config.steps}]")
-
-    def keep(state):
-        state["config"] = RunConfig.from_dict(parent).to_dict()
-        save(run_dir, state)
-        raise _Stop
-
-    try:
-        train(config, data_dir=data_dir, on_checkpoint=keep)
-    except _Stop:
-        return
-    raise ValueError(f"run_dir={str(run_dir)!r}: the run ended (diverged?) before step {step}")
-
-
 # --------------------------------------------------------------------------- state
 def capture(config, s, rec, step, checked):
     """Everything needed to continue after ``step`` steps (``s``: the loop's setup, ``rec``:

@@ -29,7 +29,7 @@ from experiments import store
 from experiments.linking.core import run_method
 from experiments.runs import checkpoint
 from experiments.runs.config import RunConfig, run_id
-from experiments.runs.loop import run
+from experiments.runs.loop import run, train
 from experiments.whatif.predict import fork_config, measure_windows, whatif, window_bounds
 
 GROWTH_THRESHOLD = 0.10  # a norm change counts (for the sign score) above 10 %
@@ -53,7 +53,7 @@ def check(run_dir, at, changes, *, window=None, n_windows=2, predictor=None, dat
         if not overrides and trace.sizes["step"] >= horizon:
             forked = trace
         else:
-            checkpoint.ensure(run_dir, at, data_dir=data_dir)
+            ensure_checkpoint(run_dir, at, data_dir=data_dir)
             fork = RunConfig.from_dict(fork_config(config, run_dir.name, at, change, horizon))
             fork_dir = run_dir.parent / run_id(fork)
             run(fork, fork_dir, data_dir=data_dir, progress=progress)
@@ -66,6 +66,33 @@ def check(run_dir, at, changes, *, window=None, n_windows=2, predictor=None, dat
     ds = ds.transpose("change", "window", "layer")
     ds.attrs["scores"] = scores(ds)
     return ds
+
+
+class _Stop(Exception):
+    pass
+
+
+def ensure_checkpoint(run_dir, step, *, data_dir=None):
+    """Make sure the finished run ``run_dir`` has a checkpoint after ``step`` steps: if it has
+    none, train its config up to ``step`` again and save the state there (on the CPU with the
+    config's ``threads`` this is the run's own state: training is deterministic)."""
+    if checkpoint.path(run_dir, step).exists():
+        return
+    parent = store.read_json(Path(run_dir) / store.CONFIG)
+    config = RunConfig.from_dict({**parent, "checkpoint_every": int(step)})
+    if not 1 <= step <= config.steps:
+        raise ValueError(f"step={step} is outside the valid range [1, steps={config.steps}]")
+
+    def keep(state):
+        state["config"] = RunConfig.from_dict(parent).to_dict()
+        checkpoint.save(run_dir, state)
+        raise _Stop
+
+    try:
+        train(config, data_dir=data_dir, on_checkpoint=keep)
+    except _Stop:
+        return
+    raise ValueError(f"run_dir={str(run_dir)!r}: the run ended (diverged?) before step {step}")
 
 
 def scores(ds):
