@@ -282,6 +282,7 @@ def _add_diagnose(subparsers):
     p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
     p.add_argument("--clip", type=float, help="clip threshold to advise on (default: the median global norm)")
     p.add_argument("--last", type=int, help="steps at the end the diagnosis is about (default: a quarter)")
+    p.add_argument("--until", type=int, help="diagnose the run as it was before this step (default: the end)")
     p.add_argument("--figure", help="write the one-page figure here (PDF or PNG; default RUN/diagnose.pdf)")
     p.add_argument("--out", help="also write the printed diagnosis to this file")
     p.set_defaults(func=_diagnose_main)
@@ -292,7 +293,7 @@ def _diagnose_main(args):
 
     from experiments.whatif.diagnose import diagnose, format_diagnosis, plot_diagnosis
 
-    d = diagnose(store.load_run(args.run_dir), clip=args.clip, last=args.last)
+    d = diagnose(store.load_run(args.run_dir), clip=args.clip, last=args.last, until=args.until)
     text = format_diagnosis(d)
     print(text)
     if args.out:

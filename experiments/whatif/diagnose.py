@@ -60,9 +60,17 @@ class Diagnosis:
     info: dict
 
 
-def diagnose(trace, *, clip=None, last=None, config=None):
-    """The findings for every layer (see the module docstring for the rules)."""
+def diagnose(trace, *, clip=None, last=None, until=None, config=None):
+    """The findings for every layer (see the module docstring for the rules); ``until``: look
+    at the trace before that step only (default: all of it)."""
     config = dict(trace.attrs.get("config", {}) if config is None else config)
+    if until is not None:
+        if not 2 <= int(until) <= trace.sizes["step"]:
+            raise ValueError(f"until={until} is outside the valid range [2, {trace.sizes['step']}]")
+        cut = {"step": trace["step"] < int(until)}
+        if "probe_step" in trace.dims:
+            cut["probe_step"] = trace["probe_step"] < int(until)
+        trace = trace.sel(cut)
     method = config.get("opt", "hb")
     momentum = 0.0 if method == "gd" else float(config.get("momentum", 0.0))
     steps = trace.sizes["step"]
