@@ -11,6 +11,7 @@ from the trace and probes up to the step, against the forks that made the change
 """
 
 import numpy as np
+from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
 from paper_figures import style
 from paper_figures._runs import run_dirs
@@ -57,13 +58,19 @@ def plot(ds, ctx):
                title=f"successive-gradient correlation\nSpearman {sc['model']['corr_spearman']:.2f} "
                      f"(persistence {sc['persistence']['corr_spearman']:.2f})")
     a_corr.legend(fontsize=6)
-    g = np.geomspace(0.3, 3.0, 2)
+    a_norm.set(xscale="log", yscale="log")
+    g = np.geomspace(0.4, 2.5, 2)
     a_norm.plot(g, g, "k--", lw=0.7)
-    a_norm.fill_between(g, g / 1.5, g * 1.5, color="0.92", lw=0)
-    a_norm.set(xscale="log", yscale="log", xlabel="forked ‖g_l‖ growth (window j / window 0)",
+    a_norm.fill_between(g, g / 1.5, g * 1.5, color="0.92", lw=0, zorder=0)
+    a_norm.set(xlim=(0.4, 2.5), ylim=(0.4, 2.5), xlabel="forked ‖g_l‖ growth (window j / window 0)",
                ylabel="predicted growth  (open: persistence = 1)",
                title=f"gradient-norm growth at step {ds.attrs['at']}\nwithin x1.5: {sc['model']['norm_factor_1p5']:.0%} "
                      f"(persistence {sc['persistence']['norm_factor_1p5']:.0%})")
+    ticks = [0.5, 0.7, 1.0, 1.4, 2.0]
+    for axis in (a_norm.xaxis, a_norm.yaxis):
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_major_formatter(FixedFormatter([f"{t:g}" for t in ticks]))
+        axis.set_minor_locator(NullLocator())
     return fig
 
 

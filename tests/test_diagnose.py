@@ -107,3 +107,7 @@ def test_output_and_bad_input(tmp_path):
         diagnose(trace(), last=1)
     with pytest.raises(ValueError, match="clip=-1.0 is outside the valid range"):
         diagnose(trace(), clip=-1.0)
+    early = diagnose(trace(ratio=np.r_[np.full(100, -1.5), np.full(100, -3.0)]), until=100)
+    assert early.info["steps"] == 100 and "[ratio.unstable]" in format_diagnosis(early)
+    with pytest.raises(ValueError, match=r"until=300 is outside the valid range \[2, 200\]"):
+        diagnose(trace(), until=300)
