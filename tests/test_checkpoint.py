@@ -1,5 +1,6 @@
 """Checkpoints, resuming after SIGKILL, forks (experiments/runs/checkpoint.py)."""
 
+import copy
 import os
 import signal
 import subprocess
@@ -114,3 +115,45 @@ def test_fork_errors_name_the_problem(tmp_path):
         checkpoint.check_fork(parent, RunConfig(**{**BASE, "seed": 3}, fork_from="0123456789abcdef@50"))
     with pytest.raises(ValueError, match="a fork of a 'hb' run may use gd, hb, nag only"):
         checkpoint.check_fork(parent, RunConfig(**{**BASE, "opt": "adam"}, fork_from="0123456789abcdef@50"))
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_tracer_state_round_trip_continues_the_trace_exactly(engine):
+    # the torch engine is the one used on accelerators; here on the CPU, both engines
+    import torch
+
+    from experiments.trace.tracer import Tracer
+
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, opt, Tracer(model, opt, engine=engine, probe_every=3, block_size=4, noise_microbatches=2)
+
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 5, generator=gen), torch.randn(8, 2, generator=gen)) for _ in range(10)]
+    loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+
+    def steps(model, opt, tracer, batches):
+        for b in batches:
+            if tracer.should_probe():
+                tracer.probe(loss_fn, b)
+            opt.zero_grad()
+            loss = loss_fn(model, b)
+            loss.backward()
+            tracer.after_backward(loss)
+            opt.step()
+            tracer.after_step()
+
+    model, opt, tracer = setup()
+    steps(model, opt, tracer, data[:5])
+    saved = checkpoint.tracer_state(tracer)
+    model_state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    steps(model, opt, tracer, data[5:])
+    whole = tracer.dataset()
+    model2, opt2, tracer2 = setup()
+    model2.load_state_dict(model_state)
+    opt2.load_state_dict(opt_state)
+    checkpoint.load_tracer_state(tracer2, saved)
+    steps(model2, opt2, tracer2, data[5:])
+    xr.testing.assert_identical(data_only(whole), data_only(tracer2.dataset()))

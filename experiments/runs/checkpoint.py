@@ -121,7 +121,7 @@ def restore(config, s, rec, state, factors):
                            config.weight_decay).defaults
     lr = config.lr * float(factors[min(step, len(factors) - 1)])
     for group in s.optimizer.param_groups:
-        group.update({k: v for k, v in fresh.items()}, lr=lr, initial_lr=config.lr)
+        group.update(fresh, lr=lr, initial_lr=config.lr)
     s.scheduler.base_lrs = [config.lr] * len(s.optimizer.param_groups)
     s.scheduler.last_epoch = step
     s.scheduler._last_lr = [lr] * len(s.optimizer.param_groups)
