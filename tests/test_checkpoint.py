@@ -157,3 +157,21 @@ def test_tracer_state_round_trip_continues_the_trace_exactly(engine):
     checkpoint.load_tracer_state(tracer2, saved)
     steps(model2, opt2, tracer2, data[5:])
     xr.testing.assert_identical(data_only(whole), data_only(tracer2.dataset()))
+
+
+def test_a_sweep_spec_forks_from_a_parent_run(tmp_path):
+    from experiments.sweeps import run_sweep
+
+    parent = {**BASE, "probe_every": 0, "eval_every": 0, "steps": 40, "checkpoint_every": 20}
+    pid = run_id(RunConfig(**parent))
+    assert run_sweep({"name": "parent", "base": parent}, root=tmp_path, workers=0, progress=False)["finished"] == 1
+    forks = {"name": "forks", "base": {**parent, "checkpoint_every": 0, "fork_from": f"{pid}@20"},
+             "grid": {"lr": [0.01, 0.1]}}
+    counts = run_sweep(forks, root=tmp_path, workers=0, progress=False)
+    assert (counts["finished"], counts["failed"]) == (2, 0)
+    a = store.load_run(tmp_path / pid)
+    for lr in (0.01, 0.1):
+        fork = RunConfig(**{**forks["base"], "lr": lr})
+        b = store.load_run(tmp_path / run_id(fork))
+        np.testing.assert_array_equal(a.loss.values[:20], b.loss.values[:20])
+        assert b.attrs["config"]["fork_from"] == f"{pid}@20" and b.lr.values[20] == lr

@@ -12,6 +12,7 @@ Scores (:func:`scores`, over layers × changes × the windows after k):
   within a factor 1.5 of the forked one; ``norm_log_mae`` the mean |log10 pred/meas|;
 - ``ratio_mae``: mean absolute error of the update:parameter ratio (decades);
 - ``h_edge_rel_error``: median |pred/meas − 1| of the network's h/edge; ``regime_agreement``;
+  ``h_edge_layer_rel_error`` and ``regime_layer_agreement`` the same per layer (block top mode);
 - ``effect_sign`` / ``effect_factor_1p5``: the same two norm scores for the *effect* of the
   change, the norm in the fork over the norm in the unchanged run in the same window (the
   ``scheduled`` change, which must then be among the changes). The forks share the data
@@ -59,9 +60,9 @@ def check(run_dir, at, changes, *, window=None, n_windows=2, predictor=None, dat
             run(fork, fork_dir, data_dir=data_dir, progress=progress)
             forked = store.load_run(fork_dir)
         method, momentum = run_method({**config, **overrides})
-        measured.append(measure_windows(forked, windows, method, momentum))
+        measured.append(measure_windows(forked, windows, method, momentum, after=at))
     meas = xr.concat(measured, dim="change").assign_coords(change=ds.change)
-    for k in ("grad_corr", "grad_norm", "update_ratio", "h_edge", "regime"):
+    for k in ("grad_corr", "grad_norm", "update_ratio", "h_edge", "regime", "h_edge_layer", "regime_layer"):
         ds[f"meas_{k}"] = meas[k]
     ds = ds.transpose("change", "window", "layer")
     ds.attrs["scores"] = scores(ds)
@@ -114,6 +115,17 @@ def scores(ds):
             h_p = np.full(after["meas_h_edge"].size, ds.attrs["persist_h_edge"])
             reg_p = np.broadcast_to(ds["meas_regime"].isel(window=0).values[:, None],
                                     after["meas_regime"].shape).ravel()
+        if prefix == "pred_":
+            hl_p, rl_p = _flat(after["pred_h_edge_layer"], after["meas_h_edge_layer"])
+            rl = xr.broadcast(after["pred_regime_layer"], after["meas_regime_layer"])
+            rl_pred, rl_meas = rl[0].values.ravel(), rl[1].transpose(*rl[0].dims).values.ravel()
+        else:
+            hl_p, rl_p = _flat(ds["persist_h_edge_layer"], after["meas_h_edge_layer"])
+            rl_meas = after["meas_regime_layer"].values
+            rl_pred = np.broadcast_to(ds["meas_regime_layer"].isel(window=0).values[:, None, :], rl_meas.shape).ravel()
+            rl_meas = rl_meas.ravel()
+        hl_ok = rl_p > 0
+        rl_ok = rl_meas != ""
         h_m, reg_m = after["meas_h_edge"].values.ravel(), after["meas_regime"].values.ravel()
         h_ok = np.isfinite(h_m) & np.isfinite(h_p) & (h_m > 0)
         reg_ok = reg_m != ""
@@ -130,6 +142,9 @@ def scores(ds):
             "ratio_mae": float(np.mean(np.abs(ratio_p - ratio_m))) if ratio_p.size else np.nan,
             "h_edge_rel_error": float(np.median(np.abs(h_p[h_ok] / h_m[h_ok] - 1))) if h_ok.any() else np.nan,
             "regime_agreement": float(np.mean(reg_p[reg_ok] == reg_m[reg_ok])) if reg_ok.any() else np.nan,
+            "h_edge_layer_rel_error": float(np.median(np.abs(hl_p[hl_ok] / rl_p[hl_ok] - 1)))
+            if hl_ok.any() else np.nan,
+            "regime_layer_agreement": float(np.mean(rl_pred[rl_ok] == rl_meas[rl_ok])) if rl_ok.any() else np.nan,
             **effect,
         }
     return out

@@ -16,7 +16,8 @@ windows 1..n: [k+(j−1)W, k+jW)):
   E‖Δθ‖²_0) (the update:parameter ratio's log10(mean|Δθ|/mean|θ|), with mean|Δθ| ∝ ‖Δθ‖
   and θ nearly constant over a window): the model supplies the change, the trace the level;
 - h/edge and the regime of the network's top mode: α_new·λ_max(H) (the last probe's,
-  assumed to persist) over the new method's edge (docs/theory.md §2).
+  assumed to persist) over the new method's edge (docs/theory.md §2); per layer the same for
+  the layer's block top mode (``pred_h_edge_layer``, ``pred_regime_layer``).
 
 Persistence, the baseline (§9), predicts window 0's measured values for every window.
 
@@ -179,15 +180,19 @@ PREDICTOR = nqm_predictor  # the one function an improved link model replaces
 
 
 # --------------------------------------------------------------------------- measured windows
-def measure_windows(trace, windows, method, momentum):
+def measure_windows(trace, windows, method, momentum, after=None):
     """Measured per window and layer: ``grad_corr`` (the link's norm-weighted estimator),
     ``grad_norm`` (√ of the mean ‖g‖²), ``update_ratio`` (mean of the log10 ratio),
     ``h_edge`` (mean over the window's probes of lr·λ_max(H)/edge) and ``regime`` (of the
-    network's top mode at the window's first probe; "" without a probe)."""
+    network's top mode at the window's first probe; "" without a probe), and per layer
+    ``h_edge_layer`` / ``regime_layer`` the same for the layer's block top mode. ``after``:
+    use only probes after that step for these (the probe at the change's step is an input of
+    the prediction, not a measurement of its outcome)."""
     norm, cos, ratio = trace["grad_norm"], trace["grad_cos"], trace["update_ratio"]
     L = trace.sizes["layer"]
     corr, gnorm, upd = (np.full((len(windows), L), np.nan) for _ in range(3))
     h_edge, reg = np.full(len(windows), np.nan), np.array([""] * len(windows), dtype=object)
+    h_layer, reg_layer = np.full((len(windows), L), np.nan), np.full((len(windows), L), "", dtype=object)
     edge = float(stability_edge(method, momentum))
     probes = trace["probe_step"].values if "probe_step" in trace.dims else np.array([], dtype=int)
     for w, (a, b) in enumerate(windows):
@@ -202,14 +207,18 @@ def measure_windows(trace, windows, method, momentum):
             gnorm[w] = np.sqrt(np.nanmean(n ** 2, axis=0)) if len(n) else np.nan
             r = ratio.values[s]
             upd[w] = np.nanmean(np.where(np.isfinite(r), r, np.nan), axis=0) if len(r) else np.nan
-        inside = probes[(probes >= a) & (probes < b)]
+        inside = probes[(probes >= a) & (probes < b) & (probes > (-1 if after is None or w == 0 else after))]
         if inside.size:
             h = trace["lr"].values[inside] * trace["sharpness_global"].sel(probe_step=inside).values / edge
             h_edge[w] = float(np.mean(h))
             reg[w] = str(regime(method, max(h[0] * edge, 1e-12), momentum))
+            hl = trace["lr"].values[inside, None] * trace["sharpness"].sel(probe_step=inside).values
+            h_layer[w] = hl.mean(0) / edge
+            reg_layer[w] = [str(regime(method, max(x, 1e-12), momentum)) for x in hl[0]]
     dims = ("window", "layer")
     return xr.Dataset({"grad_corr": (dims, corr), "grad_norm": (dims, gnorm), "update_ratio": (dims, upd),
-                       "h_edge": ("window", h_edge), "regime": ("window", reg)},
+                       "h_edge": ("window", h_edge), "regime": ("window", reg),
+                       "h_edge_layer": (dims, h_layer), "regime_layer": (dims, reg_layer.astype(str))},
                       coords={"window": np.arange(len(windows)), "layer": trace["layer"].values})
 
 
@@ -250,17 +259,25 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
         norm = meas0["grad_norm"] * np.sqrt(model["grad_sq"] / m0["grad_sq"])
         ratio = meas0["update_ratio"] + 0.5 * np.log10(model["update_sq"] / m0["update_sq"])
     lam_top = float(before["sharpness_global"].values[-1])
+    lam_layer = before["sharpness"].isel(probe_step=-1).values
     h_edge = np.full((len(changes), len(windows)), np.nan)
+    h_layer = np.full((len(changes), len(windows), lam_layer.size), np.nan)
     reg = np.empty((len(changes), len(windows)), dtype=object)
+    reg_layer = np.empty(h_layer.shape, dtype=object)
     for c, p in enumerate(plans):
         for w, (a, b) in enumerate(windows):
             m, beta, lr = p["method"][a], p["momentum"][a], p["lr"][a]
-            h_edge[c, w] = lr * lam_top / float(stability_edge(m, beta))
+            edge = float(stability_edge(m, beta))
+            h_edge[c, w] = lr * lam_top / edge
             reg[c, w] = str(regime(m, lr * lam_top, beta))
+            h_layer[c, w] = lr * lam_layer / edge
+            reg_layer[c, w] = [str(regime(m, max(lr * x, 1e-12), beta)) for x in lam_layer]
     persist = lambda v: meas0[v].expand_dims(change=model.change, window=model.window)  # noqa: E731
     ds = xr.Dataset({
         "pred_grad_corr": corr, "pred_grad_norm": norm, "pred_update_ratio": ratio,
         "pred_h_edge": (("change", "window"), h_edge), "pred_regime": (("change", "window"), reg.astype(str)),
+        "pred_h_edge_layer": (("change", "window", "layer"), h_layer),
+        "pred_regime_layer": (("change", "window", "layer"), reg_layer.astype(str)),
         "persist_grad_corr": persist("grad_corr"), "persist_grad_norm": persist("grad_norm"),
         "persist_update_ratio": persist("update_ratio"),
         "model_grad_corr": model["grad_corr"], "model_grad_sq": model["grad_sq"],
@@ -268,6 +285,7 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     })
     ds = ds.transpose("change", "window", "layer").assign_coords(label=("change", [ch.label for ch in changes]),
                           start=("window", [a for a, _ in windows]), stop=("window", [b for _, b in windows]))
+    ds["persist_h_edge_layer"] = ("layer", lr_at(trace, at - 1) * lam_layer / float(stability_edge(method, momentum)))
     ds.attrs = {"at": int(at), "window": int(window), "n_windows": int(n_windows), "method": method,
                 "momentum": momentum, "persist_h_edge": float(lr_at(trace, at - 1) * lam_top
                                                                 / float(stability_edge(method, momentum)))}
@@ -299,7 +317,7 @@ def format_whatif(ds):
     lines = [f"what if at step {ds.attrs['at']} ({ds.attrs['method']}, momentum {ds.attrs['momentum']:g}); "
              f"windows of {ds.attrs['window']} steps; persistence = window 0 (steps "
              f"{int(ds.start[0])}-{int(ds.stop[0]) - 1}) measured"]
-    cols = ("corr", "|g|", "u:p")
+    cols = ("corr", "|g|", "u:p", "h/edge")
     head = f"  {'layer':<14}" + "".join(f"{c + ' ' + k:>14}" for c in cols
                                       for k in (("pred", "persist", "meas") if checked else ("pred", "persist")))
     for c, label in enumerate(ds["label"].values):
@@ -314,5 +332,7 @@ def format_whatif(ds):
                 vals = []
                 for v in ("grad_corr", "grad_norm", "update_ratio"):
                     vals += [y[f"pred_{v}"], y[f"persist_{v}"]] + ([y[f"meas_{v}"]] if checked else [])
+                before = ds["persist_h_edge_layer"].sel(layer=layer).item()
+                vals += [y["pred_h_edge_layer"], before] + ([y["meas_h_edge_layer"]] if checked else [])
                 lines.append(f"  {str(layer):<14}" + "".join(f"{float(v):>14.3g}" for v in vals))
     return "\n".join(lines)
