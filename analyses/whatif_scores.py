@@ -23,7 +23,7 @@ from experiments.whatif.predict import changes_from
 ROOT = Path("store/runs")
 OUT = Path(__file__).resolve().parents[1] / "results" / "whatif_scores.json"
 KEYS = ("corr_spearman", "norm_sign", "norm_factor_1p5", "effect_sign", "effect_factor_1p5", "ratio_mae",
-        "h_edge_rel_error", "regime_agreement")
+        "h_edge_rel_error", "regime_agreement", "h_edge_layer_rel_error", "regime_layer_agreement")
 
 
 def changes_for(config):
