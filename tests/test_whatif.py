@@ -96,6 +96,8 @@ def test_whatif_errors(tiny_run):
         whatif(trace, 70, changes_from(), window=10)
     with pytest.raises(ValueError, match="changes is empty"):
         whatif(trace, 40, [], window=10)
+    with pytest.raises(ValueError, match="--check forks need the run in a store root under a run id"):
+        check(tiny_run.parent, 40, changes_from(), window=10)
     with pytest.raises(ValueError, match="no probe steps"):
         whatif(trace.isel(probe_step=slice(0, 0)), 40, changes_from(), window=10)
 

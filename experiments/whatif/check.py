@@ -20,6 +20,7 @@ Scores (:func:`scores`, over layers × changes × the windows after k):
   all of them, which no model of the change can predict (persistence: no effect, 0).
 """
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,9 @@ def check(run_dir, at, changes, *, window=None, n_windows=2, predictor=None, dat
     go to the run's store root (``run_dir``'s parent), under their run ids; a change that
     changes nothing (``scheduled``) is read from the run itself when it is long enough."""
     run_dir = Path(run_dir)
+    if not re.fullmatch(r"[0-9a-f]{16}", run_dir.name):
+        raise ValueError(f"run_dir={str(run_dir)!r}: --check forks need the run in a store root under a run id "
+                         f"(ROOT/<16 hex digits>, as sweeps write it); forks are written beside it")
     trace = store.load_run(run_dir)
     config = trace.attrs["config"]
     ds = whatif(trace, at, changes, window=window, n_windows=n_windows, predictor=predictor)
