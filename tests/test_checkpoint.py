@@ -175,3 +175,11 @@ def test_a_sweep_spec_forks_from_a_parent_run(tmp_path):
         b = store.load_run(tmp_path / run_id(fork))
         np.testing.assert_array_equal(a.loss.values[:20], b.loss.values[:20])
         assert b.attrs["config"]["fork_from"] == f"{pid}@20" and b.lr.values[20] == lr
+
+
+def test_resuming_another_configs_checkpoint_is_refused():
+    cfg = RunConfig(**{**BASE, "probe_every": 0, "eval_every": 0, "steps": 20}, checkpoint_every=10)
+    states = []
+    train(cfg, on_checkpoint=states.append)
+    with pytest.raises(ValueError, match="resume_from is a checkpoint of another config"):
+        train(RunConfig(**{**cfg.to_dict(), "lr": 0.01}), resume_from=states[0])

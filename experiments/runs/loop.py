@@ -76,7 +76,7 @@ def evaluate(model, loss_fn, task, x, y, batch_size=1000):
     return total / count, (None if task == "regress" else correct / count)
 
 
-class batches:
+class batches:  # noqa: N801 (lower case: it replaced a generator function of that name)
     """Index tensors of mini-batches: reshuffled every epoch with ``generator``, the
     incomplete last batch dropped (constant batch size); ``batch_size=0``: all of 0..n-1.
     An iterator whose position (the generator's state at the epoch's start and the batches
@@ -290,7 +290,7 @@ def _resume(config, s, rec, state):
     if config.fork_from and state["config"] != config.to_dict():
         checkpoint.check_fork(state["config"], config)
     elif state["config"] != config.to_dict():
-        raise ValueError("start is a checkpoint of another config (and config.fork_from is not set)")
+        raise ValueError("resume_from is a checkpoint of another config (and config.fork_from is not set)")
     factors = lr_factors(config.schedule, config.steps, warmup_steps=config.warmup_steps,
                          step_every=config.step_every, step_gamma=config.step_gamma,
                          final_lr_factor=config.final_lr_factor)
