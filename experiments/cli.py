@@ -38,6 +38,8 @@ def build_parser():
     _add_sweep_and_collect(subparsers)
     _add_link(subparsers)
     _add_viewers(subparsers)
+    _add_whatif(subparsers)
+    _add_diagnose(subparsers)
     return parser
 
 
@@ -73,6 +75,8 @@ FIELD_HELP = {
     "eval_every": "test eval every k steps",
     "per_tensor": "trace per parameter tensor instead of per module", "threads": "torch threads (0 = leave)",
     "device": "cpu, cuda, cuda:N", "dtype": f"one of {', '.join(DTYPES)}",
+    "checkpoint_every": "checkpoint every k steps (0 = none); a killed run resumes from the last",
+    "fork_from": "RUN_ID@STEP: start from that run's checkpoint (same store root)",
 }
 
 
@@ -333,6 +337,79 @@ def _export_main(args):
             if not path.endswith(suffix):
                 raise ValueError(f"path={path!r} must end with {suffix}")
             print(f"wrote {len(write_table(trace, path))} rows to {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- whatif, diagnose
+def _add_whatif(subparsers):
+    p = subparsers.add_parser("whatif", help="predict what a change of lr/momentum/method at a step would do",
+                              description="From RUN's trace and probes up to STEP, predict per layer and "
+                              "change, over the following windows: successive-gradient correlation, gradient "
+                              "norm, update:parameter ratio, h/edge and regime (the link's NQM through the "
+                              "changed schedule), beside persistence. The run's own schedule ('scheduled') "
+                              "is always one of the changes. --check runs the forks and scores.")
+    p.add_argument("run_dir", metavar="RUN", help="a finished run directory (with probes)")
+    p.add_argument("--at", type=int, required=True, metavar="STEP", help="the step the change is made at")
+    p.add_argument("--lr-factor", type=float, nargs="+", default=[], help="lr multiplied by F from STEP on")
+    p.add_argument("--decay", type=float, nargs="+", default=[], help="a decay by G at STEP (lr x G from STEP on)")
+    p.add_argument("--momentum", type=float, nargs="+", default=[], help="momentum set to M from STEP on")
+    p.add_argument("--method", nargs="+", default=[], help="method (gd, hb, nag) from STEP on")
+    p.add_argument("--window", type=int, help="window in steps (default: the probe spacing)")
+    p.add_argument("--windows", type=int, default=2, help="windows after STEP (default 2)")
+    p.add_argument("--check", action="store_true", help="run the forks (from a checkpoint at STEP) and score")
+    p.add_argument("--data-dir", help="directory with local dataset files")
+    p.add_argument("--out", help="write the predictions (and measurements) as netCDF here")
+    p.add_argument("--json", help="with --check: write the scores as JSON here")
+    p.set_defaults(func=_whatif_main)
+
+
+def _whatif_main(args):
+    from experiments.whatif.check import check, format_scores
+    from experiments.whatif.predict import changes_from, format_whatif, whatif
+
+    changes = changes_from(args.lr_factor, args.decay, args.momentum, args.method)
+    if args.check:
+        ds = check(args.run_dir, args.at, changes, window=args.window, n_windows=args.windows,
+                   data_dir=args.data_dir)
+    else:
+        ds = whatif(store.load_run(args.run_dir), args.at, changes, window=args.window, n_windows=args.windows)
+    print(format_whatif(ds))
+    if args.check:
+        print("\nscores over layers x changes x windows after the change\n" + format_scores(ds.attrs["scores"]))
+        if args.json:
+            store.atomic_write_json(args.json, {"run": str(args.run_dir), "at": args.at,
+                                                "changes": [str(x) for x in ds.label.values],
+                                                "scores": ds.attrs["scores"]})
+    if args.out:
+        store.atomic_write_dataset(args.out, ds.drop_attrs())
+    return 0
+
+
+def _add_diagnose(subparsers):
+    p = subparsers.add_parser("diagnose", help="per-layer diagnosis of a run, with the rule behind each statement",
+                              description="Print, per layer, DL4J's update:parameter ratio against its bands, "
+                              "vanishing/exploding gradients, h/edge and regime, oscillation, norm growth "
+                              "and its cause, and clipping advice; write a one-page figure.")
+    p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    p.add_argument("--clip", type=float, help="clip threshold to advise on (default: the median global norm)")
+    p.add_argument("--last", type=int, help="steps at the end the diagnosis is about (default: a quarter)")
+    p.add_argument("--until", type=int, help="diagnose the run as it was before this step (default: the end)")
+    p.add_argument("--figure", help="write the one-page figure here (PDF or PNG; default RUN/diagnose.pdf)")
+    p.add_argument("--out", help="also write the printed diagnosis to this file")
+    p.set_defaults(func=_diagnose_main)
+
+
+def _diagnose_main(args):
+    from pathlib import Path
+
+    from experiments.whatif.diagnose import diagnose, format_diagnosis, plot_diagnosis
+
+    d = diagnose(store.load_run(args.run_dir), clip=args.clip, last=args.last, until=args.until)
+    text = format_diagnosis(d)
+    print(text)
+    if args.out:
+        store.atomic_write_text(args.out, text + "\n")
+    plot_diagnosis(d, args.figure or Path(args.run_dir) / "diagnose.pdf")
     return 0
 
 

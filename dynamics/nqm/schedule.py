@@ -11,7 +11,8 @@ def schedule_prediction(method, lrs, momentum, lam, sigma2, x0_var=0.0, weights=
                         per_mode=False):
     r"""Second moments of the NQM run forward under a per-step lr (PyTorch's buffer form).
 
-    Step t uses ``lrs[t]`` (and ``momentum[t]`` if an array); the gradient at step t is
+    Step t uses ``lrs[t]`` (and ``momentum[t]`` if an array, ``method[t]`` if a sequence of
+    names: a change of method mid-run); the gradient at step t is
     :math:`g_t = \lambda_t x_t + \xi_t`. ``lam`` and ``sigma2`` are per-mode arrays, shape
     (n,) or (T, n) (a per-step spectrum, e.g. rising sharpness); ``x0_var`` is
     :math:`E[x_0^2]` per mode (the mean-square distance of the start from the minimum:
@@ -22,7 +23,10 @@ def schedule_prediction(method, lrs, momentum, lam, sigma2, x0_var=0.0, weights=
     :math:`E[s_{t+1} g_t] = A_t E[s_t g_t] + \sigma_t^2 B_t`.
 
     Returns dict of (T,) arrays indexed like a trace's ``step``: ``grad_sq`` = E|g_t|²,
-    ``full_grad_sq`` = E|H x_t|², ``lag1`` = E[g_t . g_{t-1}] and ``grad_corr`` =
+    ``full_grad_sq`` = E|H x_t|², ``update_sq`` = E|Δθ_t|² with
+    :math:`\Delta\theta_t = -\alpha_t(c_g g_t + c_b b_{t-1})`, i.e. per mode
+    :math:`\alpha_t^2(c_g^2 E g_t^2 + 2 c_g c_b \lambda E[x_t b_{t-1}] + c_b^2 E b_{t-1}^2)`,
+    ``lag1`` = E[g_t . g_{t-1}] and ``grad_corr`` =
     lag1 / sqrt(E|g_t|² E|g_{t-1}|²) (both NaN at t = 0, like the tracer's ``grad_cos``);
     with ``per_mode`` also ``mode_grad_sq``, ``mode_lag1`` (T, n). Unstable steps are not an
     error: the moments then grow (a divergent run is a result).
@@ -31,6 +35,9 @@ def schedule_prediction(method, lrs, momentum, lam, sigma2, x0_var=0.0, weights=
     if lrs.ndim != 1:
         raise ValueError(f"lrs must be one-dimensional (one lr per step), got shape {lrs.shape}")
     T = lrs.shape[0]
+    methods = [method] * T if isinstance(method, str) else list(method)
+    if len(methods) != T:
+        raise ValueError(f"method has {len(methods)} entries; valid: a name or one per step ({T})")
     beta = np.broadcast_to(check_momentum(momentum), (T,))
     sigma2 = check_positive("sigma2", sigma2, allow_zero=True)
     try:
@@ -47,11 +54,12 @@ def schedule_prediction(method, lrs, momentum, lam, sigma2, x0_var=0.0, weights=
         check_positive("weights", weights, allow_zero=True), (n,))
     pxx = np.broadcast_to(check_positive("x0_var", x0_var, allow_zero=True), (n,)).astype(float)
     pxb, pbb, ux = np.zeros(n), np.zeros(n), np.zeros(n)
-    mode_gs, mode_l1 = np.empty((T, n)), np.empty((T, n))
+    mode_gs, mode_l1, mode_u2 = np.empty((T, n)), np.empty((T, n)), np.empty((T, n))
     for t in range(T):
         lm, s2, alpha = lam[t], sigma2[t], lrs[t]
-        cg, cb, bb = (float(c) for c in update_coefficients(method, beta[t]))
+        cg, cb, bb = (float(c) for c in update_coefficients(methods[t], beta[t]))
         mode_gs[t] = lm * lm * pxx + s2
+        mode_u2[t] = alpha * alpha * (cg * cg * mode_gs[t] + 2 * cg * cb * lm * pxb + cb * cb * pbb)
         mode_l1[t] = lm * ux if t else np.nan
         a, c, d, e, p = 1 - alpha * cg * lm, -alpha * cb, lm, bb, -alpha * cg
         ux = a * lm * pxx + c * lm * pxb + s2 * p  # first row of A E[s g] + σ² B
@@ -61,7 +69,7 @@ def schedule_prediction(method, lrs, momentum, lam, sigma2, x0_var=0.0, weights=
     grad_sq = mode_gs @ w
     lag1 = mode_l1 @ w
     prev = np.concatenate([[np.nan], grad_sq[:-1]])
-    out = {"grad_sq": grad_sq, "full_grad_sq": (mode_gs - sigma2) @ w, "lag1": lag1,
+    out = {"grad_sq": grad_sq, "full_grad_sq": (mode_gs - sigma2) @ w, "lag1": lag1, "update_sq": mode_u2 @ w,
            "grad_corr": lag1 / np.sqrt(grad_sq * prev)}
     if per_mode:
         out.update(mode_grad_sq=mode_gs, mode_lag1=mode_l1)

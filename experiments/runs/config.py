@@ -8,7 +8,9 @@ The run id (:func:`run_id`) is ``sha256(RESULT_FORMAT, canonical JSON of the ful
 config)[:16]``: all fields with defaults filled in, keys sorted, ints in float fields made
 floats, ``-0.0`` made ``0.0`` (:func:`canonical_config`). So the same run is computed once,
 across sweeps too; bump :data:`RESULT_FORMAT` when what a run writes changes meaning, and
-every run is recomputed under new ids.
+every run is recomputed under new ids. Fields added after runs were stored
+(:data:`LATE_DEFAULTS`) are left out of the hash while they hold their default, so adding a
+field does not orphan the store; ``config.json`` still lists every field.
 
 Example::
 
@@ -26,6 +28,7 @@ import hashlib
 import json
 import math
 import numbers
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -59,6 +62,11 @@ class RunConfig:
     gradient noise and signal (0 off, else >= 2); ``probe_curvature`` adds the curvature along
     the gradient and the momentum buffer and the batch sharpness
     (:func:`experiments.trace.probes.microbatch_curvature`; needs >= 3 micro-batches).
+    Checkpoints (:mod:`experiments.runs.checkpoint`): every ``checkpoint_every`` steps (0:
+    none). ``fork_from = "RUN_ID@STEP"`` starts the run from run RUN_ID's checkpoint after
+    STEP steps (same store root) with this config's lr, schedule, momentum, method, clipping
+    (:data:`experiments.runs.checkpoint.FORKABLE`); its id hashes the whole config, the
+    parent's id included.
     """
 
     model: str = "mlp"
@@ -90,6 +98,8 @@ class RunConfig:
     per_tensor: bool = False
     threads: int = 0
     dtype: str = "float32"
+    checkpoint_every: int = 0
+    fork_from: str = ""
     data_args: dict = field(default_factory=dict)
     model_args: dict = field(default_factory=dict)
 
@@ -134,6 +144,12 @@ class RunConfig:
         _int_range("eval_every", self.eval_every, 0)
         _int_range("threads", self.threads, 0)
         _int_range("seed", self.seed, 0)
+        _int_range("checkpoint_every", self.checkpoint_every, 0)
+        if self.fork_from:
+            parent, _, at = self.fork_from.partition("@")
+            if not (re.fullmatch(r"[0-9a-f]{16}", parent) and at.isdigit() and 1 <= int(at) < self.steps):
+                raise ValueError(f"fork_from={self.fork_from!r} is not RUN_ID@STEP (16 hex digits, "
+                                 f"then a step in [1, steps={self.steps}))")
         try:
             torch.device(self.device)
         except RuntimeError:
@@ -248,7 +264,7 @@ def canonical_config(config) -> dict:
     return out
 
 
-LATE_DEFAULTS = {"probe_curvature": False}
+LATE_DEFAULTS = {"probe_curvature": False, "checkpoint_every": 0, "fork_from": ""}
 
 
 def canonical_value(value):

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments import store
+from experiments.runs import checkpoint
 from experiments.runs.config import RunConfig
 from experiments.runs.data import load_data
 from experiments.runs.models import build_model
@@ -75,17 +76,38 @@ def evaluate(model, loss_fn, task, x, y, batch_size=1000):
     return total / count, (None if task == "regress" else correct / count)
 
 
-def batches(n, batch_size, generator, device):
+class batches:  # noqa: N801 (lower case: it replaced a generator function of that name)
     """Index tensors of mini-batches: reshuffled every epoch with ``generator``, the
-    incomplete last batch dropped (constant batch size); ``batch_size=0``: all of 0..n-1."""
-    if batch_size == 0:
-        idx = torch.arange(n, device=device)
-        while True:
-            yield idx
-    while True:
-        perm = torch.randperm(n, generator=generator).to(device)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield perm[i:i + batch_size]
+    incomplete last batch dropped (constant batch size); ``batch_size=0``: all of 0..n-1.
+    An iterator whose position (the generator's state at the epoch's start and the batches
+    taken in it) is :meth:`state_dict`, for checkpoints."""
+
+    def __init__(self, n, batch_size, generator, device):
+        self.n, self.batch_size, self.generator, self.device = n, batch_size, generator, device
+        self.perm, self.pos, self.epoch_state = None, 0, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.batch_size == 0:
+            return torch.arange(self.n, device=self.device)
+        if self.perm is None or (self.pos + 1) * self.batch_size > self.n:
+            self.epoch_state = self.generator.get_state()
+            self.perm, self.pos = torch.randperm(self.n, generator=self.generator).to(self.device), 0
+        self.pos += 1
+        return self.perm[(self.pos - 1) * self.batch_size:self.pos * self.batch_size]
+
+    def state_dict(self):
+        return {"epoch_state": self.epoch_state, "pos": self.pos, "state": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        if state["epoch_state"] is not None:  # redraw the epoch's permutation
+            self.generator.set_state(state["epoch_state"])
+            self.epoch_state = state["epoch_state"]
+            self.perm = torch.randperm(self.n, generator=self.generator).to(self.device)
+        self.pos = state["pos"]
+        self.generator.set_state(state["state"])
 
 
 # --------------------------------------------------------------------------- the run
@@ -141,7 +163,8 @@ def versions():
             "python": platform.python_version()}
 
 
-def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None, data=None):
+def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None, data=None, resume_from=None,
+          on_checkpoint=None):
     """Train as ``config`` says; return ``(trace, summary)`` (no I/O besides reading data).
 
     ``trace``: the tracer's Dataset (contract in experiments/trace/tracer.py), cut at the
@@ -169,6 +192,10 @@ def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None, da
 
     The model is built right after ``torch.manual_seed(config.seed)`` (so its
     initialisation can be reproduced outside), then the optimizer and the tracer.
+
+    ``resume_from``: a checkpoint (:mod:`experiments.runs.checkpoint`) to continue from, of this
+    config (resume) or of the parent named by ``config.fork_from`` (fork);
+    ``on_checkpoint(state)`` receives a checkpoint every ``config.checkpoint_every`` steps.
     """
     start = time.perf_counter()
     if data is None:
@@ -176,7 +203,7 @@ def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None, da
     else:
         device = torch.device(config.device)
     with _run_context(config, device):
-        trace, summary = _train(config, data, device, progress, on_probe)
+        trace, summary = _train(config, data, device, progress, on_probe, resume_from, on_checkpoint)
         summary["threads"] = torch.get_num_threads()
     summary.update(versions=versions(), data_fingerprint=data.fingerprint,
                    wall_seconds=time.perf_counter() - start)
@@ -311,6 +338,18 @@ def _step(config, s, rec, step, batch):
     s.scheduler.step()
 
 
+def _resume(config, s, rec, state):
+    """Continue from a checkpoint: this config's own (resume) or its parent's (fork)."""
+    if config.fork_from and state["config"] != config.to_dict():
+        checkpoint.check_fork(state["config"], config)
+    elif state["config"] != config.to_dict():
+        raise ValueError("resume_from is a checkpoint of another config (and config.fork_from is not set)")
+    factors = lr_factors(config.schedule, config.steps, warmup_steps=config.warmup_steps,
+                         step_every=config.step_every, step_gamma=config.step_gamma,
+                         final_lr_factor=config.final_lr_factor)
+    return checkpoint.restore(config, s, rec, state, factors)
+
+
 def _first_nonfinite(rec, start, stop):
     """The first step in [start, stop) whose loss or global gradient norm is not finite, or
     None (one host sync)."""
@@ -319,19 +358,21 @@ def _first_nonfinite(rec, start, stop):
     return None if ok.all() else start + int(np.argmin(ok))
 
 
-def _train(config, data, device, progress, on_probe=None):
+def _train(config, data, device, progress, on_probe=None, resume_from=None, on_checkpoint=None):
     from tqdm.auto import tqdm
 
     s = _setup(config, data, device)
     task = data.info.task
     steps, sync_every = config.steps, (1 if device.type == "cpu" else POSTFIX_EVERY)
     rec = _Record.empty(steps, device)
-    diverged_step, checked = None, 0
-    bar = tqdm(total=steps, disable=not progress, desc=f"{config.model}/{config.data}/{config.opt}",
-               dynamic_ncols=True)
+    diverged_step, checked, first = None, 0, 0
+    if resume_from is not None:
+        first, checked = _resume(config, s, rec, resume_from)
+    bar = tqdm(total=steps, initial=first, disable=not progress,
+               desc=f"{config.model}/{config.data}/{config.opt}", dynamic_ncols=True)
     s.model.train()
     try:
-        for step in range(steps):
+        for step in range(first, steps):
             idx = next(s.order)
             batch = (s.x[idx], s.y[idx])
             if s.tracer.should_probe():
@@ -348,6 +389,12 @@ def _train(config, data, device, progress, on_probe=None):
             if config.eval_every and (step + 1) % config.eval_every == 0:
                 test_loss, test_acc = evaluate(s.model, s.loss_fn, task, s.x_test, s.y_test)
                 rec.eval_steps.append(step + 1), rec.test_losses.append(test_loss), rec.test_accs.append(test_acc)
+            if on_checkpoint and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                diverged_step = _first_nonfinite(rec, checked, step + 1)  # never checkpoint a divergence
+                if diverged_step is not None:
+                    break
+                checked = step + 1
+                on_checkpoint(checkpoint.capture(config, s, rec, step + 1, checked))
     finally:
         bar.close()
     return _finish(config, s, rec, task, diverged_step, steps, device)
@@ -399,7 +446,13 @@ def run(config: RunConfig, out_dir, *, data_dir=None, progress=False):
     directory another live process is training raises :class:`experiments.store.RunHeld`.
     A run that raises leaves ``config.json`` and ``FAILED`` (the traceback) and re-raises;
     no trace or summary is written before training has finished.
+
+    With ``checkpoint_every`` > 0 the directory gets ``config.json`` first and a checkpoint
+    every that many steps (:mod:`experiments.runs.checkpoint`); a run interrupted (even by
+    SIGKILL) continues from its last checkpoint when run again. A fork (``fork_from``)
+    starts from its parent's checkpoint in ``out_dir``'s parent directory (the store root).
     """
+    import shutil
     import traceback
     from pathlib import Path
 
@@ -411,8 +464,19 @@ def run(config: RunConfig, out_dir, *, data_dir=None, progress=False):
     with store.claim(out_dir):
         if store.is_done(out_dir):  # finished by another process while we waited
             return finished_summary(config, out_dir, data.fingerprint)
+        start, save = None, None
+        if config.checkpoint_every:
+            stored = store.read_json(out_dir / store.CONFIG) if (out_dir / store.CONFIG).exists() else None
+            if stored == config.to_dict():
+                start = checkpoint.latest(out_dir)
+            else:  # another config's (or no) checkpoints: start afresh
+                shutil.rmtree(out_dir / checkpoint.CHECKPOINTS, ignore_errors=True)
+                store.atomic_write_json(out_dir / store.CONFIG, config.to_dict())
+            save = lambda state: checkpoint.save(out_dir, state)  # noqa: E731
+        if start is None and config.fork_from:
+            start = checkpoint.parent_checkpoint(out_dir.parent, config.fork_from)
         try:
-            trace, summary = train(config, data=data, progress=progress)
+            trace, summary = train(config, data=data, progress=progress, resume_from=start, on_checkpoint=save)
         except Exception:
             store.write_failure(out_dir, config.to_dict(), traceback.format_exc())
             raise

@@ -1,0 +1,96 @@
+"""Scores of the what-if predictions (issue 15; docs/findings/whatif.md) on the development
+setting (``experiments/specs/whatif_seed_cnn.toml``, HB 0.05 / 0.9, step 400, the setting the
+model choices were made on) and on held-out settings (``experiments/specs/whatif_eval.toml``:
+NAG 0.02 / 0.6, HB 0.1 / 0.6, NAG 0.05 / 0.9, seed 1; steps 300 and 500), and, in the seed
+setting (``experiments/specs/seed_cnn.toml``'s run lr 0.03, momentum 0.9, seed 0, one
+thread), the per-layer norm growth after the step-1000 decay predicted at step 1000.
+Writes ``results/whatif_scores.json``:
+
+    .venv/bin/python -m analyses whatif_scores       # ~10 CPU-minutes (runs + forks)
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from experiments.runs.config import RunConfig, run_id
+from experiments.runs.loop import run
+from experiments.store import atomic_write_json
+from experiments.sweeps import SPECS_DIR, expand, load_spec, run_sweep
+from experiments.whatif.check import check
+from experiments.whatif.predict import changes_from
+
+ROOT = Path("store/runs")
+OUT = Path(__file__).resolve().parents[1] / "results" / "whatif_scores.json"
+KEYS = ("corr_spearman", "norm_sign", "norm_factor_1p5", "effect_sign", "effect_factor_1p5", "ratio_mae",
+        "h_edge_rel_error", "regime_agreement", "h_edge_layer_rel_error", "regime_layer_agreement")
+
+
+def changes_for(config):
+    other_method = "nag" if config.opt == "hb" else "hb"
+    other_momentum = 0.9 if config.momentum < 0.75 else 0.6
+    return changes_from(lr_factors=[0.5, 2.0], decays=[0.1], momenta=[other_momentum], methods=[other_method])
+
+
+def pooled(datasets):
+    """Scores over all points of several checks: the datasets' windows after the change pooled."""
+    from experiments.whatif.check import scores
+
+    out = {}
+    for name in ("model", "persistence"):
+        parts = [scores(ds)[name] for ds in datasets]
+        out[name] = {k: _weighted(parts, k) for k in KEYS}
+    return out
+
+
+def _weighted(parts, key):
+    n = "norm_n_moved" if key == "norm_sign" else "effect_n_moved" if key == "effect_sign" else "n"
+    vals = [(p[key], p[n]) for p in parts if np.isfinite(p[key]) and p[n]]
+    return float(sum(v * w for v, w in vals) / sum(w for _, w in vals)) if vals else float("nan")
+
+
+def score_setting(spec_name, steps):
+    spec = load_spec(SPECS_DIR / f"{spec_name}.toml")
+    run_sweep(spec, root=ROOT, workers=0, progress=False)
+    result, datasets = {}, []
+    for config in expand(spec):
+        for at in steps:
+            ds = check(ROOT / run_id(config), at, changes_for(config), n_windows=2)
+            datasets.append(ds)
+            result[f"{config.opt} lr={config.lr:g} m={config.momentum:g} at={at}"] = {
+                name: {k: ds.attrs["scores"][name][k] for k in KEYS} for name in ("model", "persistence")}
+    return result, pooled(datasets)
+
+
+def seed_decay_growth():
+    """The seed setting: at step 1000 (the first decay, not yet made), predict each layer's
+    norm growth from the first window after the decay (steps 1000-1099) to the last of nine
+    (1800-1899), against the run itself."""
+    spec = load_spec(SPECS_DIR / "seed_cnn.toml")
+    config = RunConfig.from_dict({**spec.base, "lr": 0.03, "momentum": 0.9, "seed": 0, "threads": 1})
+    run(config, ROOT / run_id(config))
+    ds = check(ROOT / run_id(config), 1000, changes_from(), n_windows=9)
+    x = ds.isel(change=0)
+    pred = (x.pred_grad_norm.isel(window=-1) / x.pred_grad_norm.isel(window=1)).values
+    meas = (x.meas_grad_norm.isel(window=-1) / x.meas_grad_norm.isel(window=1)).values
+    within = np.abs(np.log(pred / meas)) <= np.log(1.5)
+    return {"run": run_id(config), "layers": [str(v) for v in ds.layer.values],
+            "predicted_growth": pred.tolist(), "measured_growth": meas.tolist(),
+            "growth_sign_right": float(np.mean(np.sign(pred - 1) == np.sign(meas - 1))),
+            "within_factor_1p5": float(np.mean(within)), "scores_vs_before_decay": ds.attrs["scores"]}
+
+
+def main(argv=()):
+    import torch
+
+    torch.set_num_threads(1)
+    dev, dev_pooled = score_setting("whatif_seed_cnn", [400])
+    ev, ev_pooled = score_setting("whatif_eval", [300, 500])
+    out = {"command": "python -m analyses whatif_scores",
+           "development": {"settings": dev, "pooled": dev_pooled},
+           "evaluation": {"settings": ev, "pooled": ev_pooled},
+           "seed_decay_growth": seed_decay_growth()}
+    atomic_write_json(OUT, out)
+    print({k: out[k]["pooled"] for k in ("development", "evaluation")})
+    print({k: v for k, v in out["seed_decay_growth"].items() if k != "scores_vs_before_decay"})
+    return 0

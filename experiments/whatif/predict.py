@@ -1,0 +1,338 @@
+r"""What a change of lr, momentum or method at step k would do, predicted from the run's trace
+and probes up to k (docs/theory.md §4, §5, §9).
+
+A *change* (:class:`Change`) multiplies the lr from step k on (``lr_factor``; a decay
+``--decay g`` is the factor g), and/or sets the momentum or the method; ``scheduled`` is no
+change (the run's own schedule continues, e.g. its next step decay). Its *plan* is the lr,
+momentum and method of every step 0..k+nW−1 (:func:`plan`).
+
+The prediction per change, layer and window (window 0: the W steps before k, measured;
+windows 1..n: [k+(j−1)W, k+jW)):
+
+- the *link model* (:data:`PREDICTOR`, by default :func:`nqm_predictor`) gives model values of
+  the successive-gradient correlation ρ, E‖g‖² and E‖Δθ‖² per window, for window 0 too;
+- these are anchored on window 0's measurement: ρ̂_j = ρ_meas,0 + (ρ_j − ρ_0),
+  ‖g‖̂_j = ‖g‖_meas,0·√(E‖g‖²_j / E‖g‖²_0), update ratio r̂_j = r_meas,0 + ½log₁₀(E‖Δθ‖²_j /
+  E‖Δθ‖²_0) (the update:parameter ratio's log10(mean|Δθ|/mean|θ|), with mean|Δθ| ∝ ‖Δθ‖
+  and θ nearly constant over a window): the model supplies the change, the trace the level;
+- h/edge and the regime of the network's top mode: α_new·λ_max(H) (the last probe's,
+  assumed to persist) over the new method's edge (docs/theory.md §2); per layer the same for
+  the layer's block top mode (``pred_h_edge_layer``, ``pred_regime_layer``).
+
+Persistence, the baseline (§9), predicts window 0's measured values for every window.
+
+An improved link model plugs in as one function with :func:`nqm_predictor`'s signature:
+``predictor(trace, config, at, plans, windows) -> Dataset (change, window, layer)`` with
+``grad_corr``, ``grad_sq``, ``update_sq`` (model values; window 0 included).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+
+from dynamics.nqm.schedule import schedule_prediction
+from dynamics.quadratic import regime, stability_edge
+from experiments.linking.core import run_method
+from experiments.linking.measure import default_window
+from experiments.linking.predict import EDGE_MARGIN, layer_spectra
+from experiments.runs.optim import lr_factors
+
+METHODS = ("gd", "hb", "nag")
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change at step k: lr × ``lr_factor`` from k on, ``momentum`` / ``method`` if given."""
+
+    label: str
+    lr_factor: float = 1.0
+    momentum: float = None
+    method: str = None
+
+    def __post_init__(self):
+        if not (np.isfinite(self.lr_factor) and self.lr_factor > 0):
+            raise ValueError(f"lr_factor={self.lr_factor!r} is outside the valid range (0, inf)")
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum={self.momentum!r} is outside the valid range [0, 1)")
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; valid: {', '.join(METHODS)}")
+
+    def fork_overrides(self, config):
+        """RunConfig fields of the fork that makes this change (``config``: the parent's dict)."""
+        out = {}
+        if self.lr_factor != 1.0:
+            out["lr"] = config["lr"] * self.lr_factor
+        if self.momentum is not None:
+            out["momentum"] = self.momentum
+        if self.method is not None:
+            out["opt"] = self.method
+        return out
+
+
+SCHEDULED = Change("scheduled")
+
+
+def changes_from(lr_factors=(), decays=(), momenta=(), methods=(), scheduled=True):
+    """The list of changes the CLI's flags ask for (``scheduled`` first)."""
+    out = [SCHEDULED] if scheduled else []
+    out += [Change(f"lr×{f:g}", lr_factor=f) for f in lr_factors]
+    out += [Change(f"decay×{g:g}", lr_factor=g) for g in decays]
+    out += [Change(f"momentum={m:g}", momentum=m) for m in momenta]
+    out += [Change(f"method={m}", method=m) for m in methods]
+    return out
+
+
+def plan(config, at, change, horizon):
+    """Per-step (lr, momentum, method) for steps 0..horizon−1 under ``change`` made at ``at``:
+    the run's schedule (from its config) before, the changed one after."""
+    steps = max(horizon, config["steps"])
+    f = lr_factors(config["schedule"], steps, warmup_steps=config.get("warmup_steps", 0),
+                   step_every=config.get("step_every", 0), step_gamma=config.get("step_gamma", 0.1),
+                   final_lr_factor=config.get("final_lr_factor", 0.0))[:horizon]
+    method, momentum = run_method(config)
+    lrs = config["lr"] * f
+    lrs[at:] *= change.lr_factor
+    mom = np.full(horizon, momentum)
+    meth = np.array([method] * horizon, dtype=object)
+    new_method = change.method or method
+    mom[at:] = 0.0 if new_method == "gd" else (momentum if change.momentum is None else change.momentum)
+    meth[at:] = new_method
+    return {"lr": lrs, "momentum": mom, "method": meth}
+
+
+def window_bounds(at, window, n_windows):
+    """[start, stop) of window 0 (before ``at``) and windows 1..n after it."""
+    return [(at - window, at)] + [(at + j * window, at + (j + 1) * window) for j in range(n_windows)]
+
+
+# --------------------------------------------------------------------------- the link model
+def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True):
+    r"""The link's NQM (:mod:`experiments.linking.predict`) through each plan.
+
+    Each layer's spectrum and noise are built as the link builds them
+    (:func:`experiments.linking.predict.layer_spectra`: power-law spectrum from the block
+    sharpness and trace, the network's top mode put in, curvature-proportional noise), from
+    the probes at or before ``at`` (a trailing mean over ``smooth`` probes). The second-moment
+    recursion (:func:`dynamics.nqm.schedule.schedule_prediction`) runs from the minimum at
+    step 0 through each plan's per-step lr, momentum and method; step t takes the spectrum of
+    the latest probe ≤ t, and from window 0 on that of the last probe ≤ ``at`` (the
+    curvature and noise are assumed to persist, so the model's change between window 0
+    and the windows after is the effect of the change alone), each mode
+    held below the edge of the step's method and lr (:data:`EDGE_MARGIN`). Returns model
+    ``grad_corr`` = Σ E[g_t·g_{t−1}] / √(Σ E‖g_t‖² Σ E‖g_{t−1}‖²), ``grad_sq`` (window mean
+    of E‖g_t‖²) and ``update_sq`` (window mean of E‖Δθ_t‖²) over (change, window, layer).
+
+    ``signal``: add to ``grad_sq`` the part of the probe's measured ‖E g‖² (``grad_signal``,
+    same trailing mean) that the NQM's own E‖Hx‖² in window 0 under the run's own plan does
+    not explain, D = max(‖E g‖² − E‖Hx‖²_NQM, 0), held constant: a mean gradient that the
+    change does not touch (docs/findings/link.md, item 3).
+    """
+    method, momentum = run_method(config)
+    probes = trace["probe_step"].values
+    keep = probes[probes <= at]
+    if keep.size == 0:
+        raise ValueError(f"at={at} is before the run's first probe (step {probes.min() if probes.size else 'none'})")
+    sel = trace.sel(probe_step=keep)
+    fed = {k: sel[k].rolling(probe_step=int(smooth), min_periods=1).mean()
+           for k in ("sharpness", "hessian_trace", "grad_noise", "sharpness_global", "grad_signal") if k in sel}
+    lr_probe = trace["lr"].reindex(step=keep).rename(step="probe_step")
+    lr_probe = lr_probe.fillna(plans[0]["lr"][np.minimum(keep, len(plans[0]["lr"]) - 1)])
+    built = layer_spectra(method, lr_probe, momentum, fed["sharpness"], fed["hessian_trace"], sel["n_params"],
+                          fed["grad_noise"], sharpness_global=fed["sharpness_global"])
+    horizon = windows[-1][1]
+    step = np.arange(horizon)
+    which = np.clip(np.searchsorted(keep, step, side="right") - 1, 0, None)
+    which[windows[0][0]:] = keep.size - 1  # from window 0 on: the last probe's curvature and noise
+    layers = list(built)
+    shape = (len(plans), len(windows), len(layers))
+    out = {k: np.full(shape, np.nan) for k in ("grad_corr", "grad_sq", "update_sq", "full_sq")}
+    for j, layer in enumerate(layers):
+        rows = built[layer]
+        valid = [i for i, (sp, _) in enumerate(rows) if sp is not None]
+        if not valid:
+            continue
+        fill = [max([v for v in valid if v <= i], default=valid[0]) for i in range(len(rows))]
+        lam = np.stack([rows[k][0].eigenvalues for k in fill])[which]
+        s2 = np.stack([rows[k][0].weights * rows[k][0].noise_per_mode(rows[k][1], "curvature") for k in fill])[which]
+        for c, p in enumerate(plans):
+            edge = np.array([float(stability_edge(m, b)) for m, b in zip(p["method"], p["momentum"])])
+            cap = edge * (1 - EDGE_MARGIN) / p["lr"][:horizon]
+            pred = schedule_prediction(list(p["method"][:horizon]), p["lr"][:horizon], p["momentum"][:horizon],
+                                       np.minimum(lam, cap[:, None]), s2)
+            g2, lag, u2 = pred["grad_sq"], np.nan_to_num(pred["lag1"]), pred["update_sq"]
+            prev = np.concatenate([[np.nan], g2[:-1]])
+            for w, (a, b) in enumerate(windows):
+                a = max(a, 1)
+                out["grad_corr"][c, w, j] = lag[a:b].sum() / np.sqrt(g2[a:b].sum() * prev[a:b].sum())
+                out["grad_sq"][c, w, j] = g2[a:b].mean()
+                out["update_sq"][c, w, j] = u2[a:b].mean()
+                out["full_sq"][c, w, j] = pred["full_grad_sq"][a:b].mean()
+        if signal and "grad_signal" in fed:
+            excess = float(fed["grad_signal"].sel(layer=layer).values[-1]) - out["full_sq"][0, 0, j]
+            out["grad_sq"][:, :, j] += max(excess, 0.0) if np.isfinite(excess) else 0.0
+    dims = ("change", "window", "layer")
+    return xr.Dataset({k: (dims, v) for k, v in out.items()},
+                      coords={"change": np.arange(len(plans)), "window": np.arange(len(windows)), "layer": layers})
+
+
+PREDICTOR = nqm_predictor  # the one function an improved link model replaces
+
+
+# --------------------------------------------------------------------------- measured windows
+def measure_windows(trace, windows, method, momentum, after=None):
+    """Measured per window and layer: ``grad_corr`` (the link's norm-weighted estimator),
+    ``grad_norm`` (√ of the mean ‖g‖²), ``update_ratio`` (mean of the log10 ratio),
+    ``h_edge`` (mean over the window's probes of lr·λ_max(H)/edge) and ``regime`` (of the
+    network's top mode at the window's first probe; "" without a probe), and per layer
+    ``h_edge_layer`` / ``regime_layer`` the same for the layer's block top mode. ``after``:
+    use only probes after that step for these (the probe at the change's step is an input of
+    the prediction, not a measurement of its outcome)."""
+    norm, cos, ratio = trace["grad_norm"], trace["grad_cos"], trace["update_ratio"]
+    L = trace.sizes["layer"]
+    corr, gnorm, upd = (np.full((len(windows), L), np.nan) for _ in range(3))
+    h_edge, reg = np.full(len(windows), np.nan), np.array([""] * len(windows), dtype=object)
+    h_layer, reg_layer = np.full((len(windows), L), np.nan), np.full((len(windows), L), "", dtype=object)
+    edge = float(stability_edge(method, momentum))
+    probes = trace["probe_step"].values if "probe_step" in trace.dims else np.array([], dtype=int)
+    for w, (a, b) in enumerate(windows):
+        s = slice(max(a, 0), min(b, trace.sizes["step"]))
+        n, c = norm.values[s], cos.values[s]
+        prev = norm.values[max(a, 0) - 1:s.stop - 1] if a > 0 else np.r_[np.nan * n[:1], n[:-1]]
+        dot = c * n * prev
+        ok = np.isfinite(dot)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            corr[w] = np.where(ok, dot, 0).sum(0) / np.sqrt(np.where(ok, n ** 2, 0).sum(0)
+                                                            * np.where(ok, prev ** 2, 0).sum(0))
+            gnorm[w] = np.sqrt(np.nanmean(n ** 2, axis=0)) if len(n) else np.nan
+            r = ratio.values[s]
+            upd[w] = np.nanmean(np.where(np.isfinite(r), r, np.nan), axis=0) if len(r) else np.nan
+        inside = probes[(probes >= a) & (probes < b) & (probes > (-1 if after is None or w == 0 else after))]
+        if inside.size:
+            h = trace["lr"].values[inside] * trace["sharpness_global"].sel(probe_step=inside).values / edge
+            h_edge[w] = float(np.mean(h))
+            reg[w] = str(regime(method, max(h[0] * edge, 1e-12), momentum))
+            hl = trace["lr"].values[inside, None] * trace["sharpness"].sel(probe_step=inside).values
+            h_layer[w] = hl.mean(0) / edge
+            reg_layer[w] = [str(regime(method, max(x, 1e-12), momentum)) for x in hl[0]]
+    dims = ("window", "layer")
+    return xr.Dataset({"grad_corr": (dims, corr), "grad_norm": (dims, gnorm), "update_ratio": (dims, upd),
+                       "h_edge": ("window", h_edge), "regime": ("window", reg),
+                       "h_edge_layer": (dims, h_layer), "regime_layer": (dims, reg_layer.astype(str))},
+                      coords={"window": np.arange(len(windows)), "layer": trace["layer"].values})
+
+
+# --------------------------------------------------------------------------- whatif
+def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, config=None):
+    """Predictions of each change at step ``at`` from the trace and probes before it.
+
+    Returns a Dataset over (change, window, layer) (window 0: measured before ``at``):
+    ``pred_grad_corr``, ``pred_grad_norm``, ``pred_update_ratio``, ``pred_h_edge``,
+    ``pred_regime`` (model, anchored as in the module docstring), ``persist_*`` (window 0's
+    measured value), ``model_*`` (the predictor's raw values) and ``meas0_*``; the change
+    labels in the ``label`` coordinate. ``window`` defaults to the probe spacing.
+    """
+    config = dict(trace.attrs.get("config", {}) if config is None else config)
+    method, momentum = run_method(config)
+    steps = trace.sizes["step"]
+    probes = trace["probe_step"].values if "probe_step" in trace.dims else np.array([])
+    if probes.size == 0:
+        raise ValueError("the trace has no probe steps (run with probe_every > 0): whatif needs the probes")
+    window = default_window(probes) if window is None else int(window)
+    if not 1 <= window <= at:
+        raise ValueError(f"window={window} is outside the valid range [1, at={at}]")
+    if not window <= at <= steps:
+        raise ValueError(f"at={at} is outside the valid range [{window}, {steps}] (window .. steps done)")
+    if int(n_windows) < 1:
+        raise ValueError(f"n_windows={n_windows} is outside the valid range [1, inf)")
+    if not changes:
+        raise ValueError("changes is empty; give at least one change")
+    windows = window_bounds(at, window, int(n_windows))
+    horizon = windows[-1][1]
+    plans = [plan(config, at, ch, horizon) for ch in changes]
+    before = trace.isel(step=slice(0, at)).sel(probe_step=probes[probes <= at])
+    model = (predictor or PREDICTOR)(before, config, at, plans, windows)
+    meas0 = measure_windows(before, windows[:1], method, momentum).isel(window=0, drop=True)
+    m0 = model.isel(window=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = meas0["grad_corr"] + (model["grad_corr"] - m0["grad_corr"])
+        norm = meas0["grad_norm"] * np.sqrt(model["grad_sq"] / m0["grad_sq"])
+        ratio = meas0["update_ratio"] + 0.5 * np.log10(model["update_sq"] / m0["update_sq"])
+    lam_top = float(before["sharpness_global"].values[-1])
+    lam_layer = before["sharpness"].isel(probe_step=-1).values
+    h_edge = np.full((len(changes), len(windows)), np.nan)
+    h_layer = np.full((len(changes), len(windows), lam_layer.size), np.nan)
+    reg = np.empty((len(changes), len(windows)), dtype=object)
+    reg_layer = np.empty(h_layer.shape, dtype=object)
+    for c, p in enumerate(plans):
+        for w, (a, b) in enumerate(windows):
+            m, beta, lr = p["method"][a], p["momentum"][a], p["lr"][a]
+            edge = float(stability_edge(m, beta))
+            h_edge[c, w] = lr * lam_top / edge
+            reg[c, w] = str(regime(m, lr * lam_top, beta))
+            h_layer[c, w] = lr * lam_layer / edge
+            reg_layer[c, w] = [str(regime(m, max(lr * x, 1e-12), beta)) for x in lam_layer]
+    persist = lambda v: meas0[v].expand_dims(change=model.change, window=model.window)  # noqa: E731
+    ds = xr.Dataset({
+        "pred_grad_corr": corr, "pred_grad_norm": norm, "pred_update_ratio": ratio,
+        "pred_h_edge": (("change", "window"), h_edge), "pred_regime": (("change", "window"), reg.astype(str)),
+        "pred_h_edge_layer": (("change", "window", "layer"), h_layer),
+        "pred_regime_layer": (("change", "window", "layer"), reg_layer.astype(str)),
+        "persist_grad_corr": persist("grad_corr"), "persist_grad_norm": persist("grad_norm"),
+        "persist_update_ratio": persist("update_ratio"),
+        "model_grad_corr": model["grad_corr"], "model_grad_sq": model["grad_sq"],
+        "model_update_sq": model["update_sq"],
+    })
+    ds = ds.transpose("change", "window", "layer").assign_coords(label=("change", [ch.label for ch in changes]),
+                          start=("window", [a for a, _ in windows]), stop=("window", [b for _, b in windows]))
+    ds["persist_h_edge_layer"] = ("layer", lr_at(trace, at - 1) * lam_layer / float(stability_edge(method, momentum)))
+    ds.attrs = {"at": int(at), "window": int(window), "n_windows": int(n_windows), "method": method,
+                "momentum": momentum, "persist_h_edge": float(lr_at(trace, at - 1) * lam_top
+                                                                / float(stability_edge(method, momentum)))}
+    return ds
+
+
+def lr_at(trace, step):
+    return float(trace["lr"].values[step])
+
+
+def fork_config(parent, parent_id, at, change, horizon):
+    """The RunConfig dict of the fork making ``change`` at ``at``: the parent's config with the
+    change, ``fork_from = parent_id@at``, no checkpoints, and (where the schedule's factors
+    do not depend on the run's length: constant, step) only ``horizon`` steps."""
+    d = {**parent, **change.fork_overrides(parent), "fork_from": f"{parent_id}@{at}", "checkpoint_every": 0}
+    if parent["schedule"] in ("constant", "step"):
+        d["steps"] = int(horizon)
+    return d
+
+
+__all__ = ["Change", "SCHEDULED", "changes_from", "fork_config", "measure_windows", "nqm_predictor", "plan",
+           "whatif", "window_bounds", "PREDICTOR"]
+
+
+def format_whatif(ds):
+    """A per-change, per-window, per-layer table of the prediction (``pred``), persistence
+    (``persist``) and, after ``--check``, the fork's measurement (``meas``)."""
+    checked = "meas_grad_corr" in ds
+    lines = [f"what if at step {ds.attrs['at']} ({ds.attrs['method']}, momentum {ds.attrs['momentum']:g}); "
+             f"windows of {ds.attrs['window']} steps; persistence = window 0 (steps "
+             f"{int(ds.start[0])}-{int(ds.stop[0]) - 1}) measured"]
+    cols = ("corr", "|g|", "u:p", "h/edge")
+    head = f"  {'layer':<14}" + "".join(f"{c + ' ' + k:>14}" for c in cols
+                                      for k in (("pred", "persist", "meas") if checked else ("pred", "persist")))
+    for c, label in enumerate(ds["label"].values):
+        for w in range(1, ds.sizes["window"]):  # u:p = log10 update:parameter ratio
+            x = ds.isel(change=c, window=w)
+            h = f"h/edge {float(x.pred_h_edge):.3g} ({x.pred_regime.item()})"
+            if checked:
+                h += f"; fork: {float(x.meas_h_edge):.3g} ({x.meas_regime.item() or 'no probe'})"
+            lines += ["", f"{label}: steps {int(x.start)}-{int(x.stop) - 1}; network top mode {h}", head]
+            for layer in ds["layer"].values:
+                y = x.sel(layer=layer)
+                vals = []
+                for v in ("grad_corr", "grad_norm", "update_ratio"):
+                    vals += [y[f"pred_{v}"], y[f"persist_{v}"]] + ([y[f"meas_{v}"]] if checked else [])
+                before = ds["persist_h_edge_layer"].sel(layer=layer).item()
+                vals += [y["pred_h_edge_layer"], before] + ([y["meas_h_edge_layer"]] if checked else [])
+                lines.append(f"  {str(layer):<14}" + "".join(f"{float(v):>14.3g}" for v in vals))
+    return "\n".join(lines)
