@@ -1,14 +1,15 @@
 r"""Figure 6 — the link, scored on families of runs (issue 16): every (run, probe step, layer)
 one point, predicted vs measured per-layer successive-gradient correlation.
 
-Prediction: the link's default (:func:`experiments.linking.core.link_trace`,
-``prediction="auto"``): the response model (:mod:`dynamics.nqm.response`: the layer's noise as one
-NQM mode at its noise-weighted curvature plus a drift with its one-step response), fed with the
-probe's gradient signal, noise and curvature along the gradient and the momentum buffer. Panels:
+Prediction: the link's default (:func:`experiments.linking.core.link_trace`): the forecast that
+combines, with equal weights, the previous window's measurement and the theory, the response
+model (:mod:`dynamics.nqm.response`: the layer's noise as one NQM mode at its noise-weighted
+curvature plus a drift with its one-step response) fed with the probe's gradient signal, noise and
+curvature along the gradient and the momentum buffer; the theory alone is scored beside it. Panels:
 the development families (the model was chosen on them), the evaluation families (reported only),
 the small-h region (network h/edge < 0.05) of all families, and per family the Spearman score of
-the link beside persistence (the previous probe window's measured value) and one mode at the
-network's h = lr·λ_max; the text gives the pooled scores of the three on the same points.
+the link beside the theory alone, persistence (the previous probe window's measured value) and
+one mode at the network's h = lr·λ_max; the text gives their pooled scores on the same points.
 Quick mode runs the cheap families (seed CNN and MLP development, plain-SGD seed CNN and linear
 regression evaluation); full mode all eight (experiments/specs/link_{dev,eval}_*.toml).
 
@@ -129,7 +130,7 @@ def _scatter(ax, fams, role, title, region=None):
 
 def _scores_text(ax, sc):
     lines = [f"{k}: Spearman {v['spearman']:.2f}, sign {v['sign_agreement']:.0%}"
-             for k, v in sc.items() if k in ("link", "persistence", "one_mode")]
+             for k, v in sc.items() if k in ("link", "theory", "persistence", "one_mode")]
     ax.text(0.03, 0.97, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=4.5)
 
 
@@ -138,7 +139,8 @@ def role_scores(fams, role, region=None):
     on the protocol's common points, optionally only where the network's h/edge < ``region``."""
     from experiments.linking.scores import agreement_scores
 
-    cols = {"link": "pred_grad_corr", "persistence": "base_persist_corr", "one_mode": "base_one_mode_corr"}
+    cols = {"link": "pred_grad_corr", "theory": "theory_grad_corr", "persistence": "base_persist_corr",
+            "one_mode": "base_one_mode_corr"}
     pred = {k: [] for k in cols}
     meas = []
     for r, ds in fams.values():
@@ -166,10 +168,12 @@ def plot(data, ctx):
     _scores_text(axes[2], role_scores(fams, None, region=SMALL_H))
     ax = axes[3]
     names = list(fams)
-    width = 0.27
-    for j, (label, col) in enumerate((("link", "link"), ("persistence", "persistence"), ("one mode", "one_mode"))):
+    bars = (("link", "link"), ("theory alone", "theory"), ("persistence", "persistence"), ("one mode", "one_mode"))
+    width = 0.8 / len(bars)
+    for j, (label, col) in enumerate(bars):
         vals = [protocol_scores(fams[n][1])["corr"][col]["spearman"] for n in names]
-        ax.bar(np.arange(len(names)) + (j - 1) * width, vals, width, label=label, color=style.PALETTE[j])
+        ax.bar(np.arange(len(names)) + (j - (len(bars) - 1) / 2) * width, vals, width, label=label,
+               color=style.PALETTE[j])
     n_dev = sum(fams[n][0] == "development" for n in names)
     ax.axvline(n_dev - 0.5, color="k", lw=0.6)
     ax.set_xticks(np.arange(len(names)), [_short(n) for n in names], rotation=30, ha="right", fontsize=5)

@@ -22,7 +22,7 @@ def test_tiny_figure_is_written_with_expected_axes_and_lines(tmp_path):
     # scatter panels: diagonal + two zero lines; the bar panel: the dev | eval divider
     assert [len(ax.lines) for ax in fig.axes] == [3, 3, 3, 1]
     assert [len(ax.collections) for ax in fig.axes[:3]] == [1, 1, 2]  # one scatter per family shown
-    assert len(fig.axes[3].patches) == 3 * len(fams)  # link, persistence, one mode per family
+    assert len(fig.axes[3].patches) == 4 * len(fams)  # link, theory alone, persistence, one mode per family
     assert "persistence" in fig.axes[0].texts[0].get_text()
     paths = style.save(fig, ctx.out, "link_scores")
     assert all(p.stat().st_size > 1000 for p in paths)
