@@ -181,6 +181,8 @@ def _pair_gradients(loss, w, vectors):
     vector's norm is Σ's Frobenius norm: the least-squares solution is basis-free)."""
     m = vectors.shape[1]
     if m == 1:
+        if callable(getattr(loss, "grad_quadform", None)):  # reuse u: no second eigensolve
+            return np.asarray(loss.grad_quadform(w, vectors[:, 0], vectors[:, 0]), float)[:, None]
         return np.asarray(loss.grad_sharpness(w), float)[:, None]
     cols = []
     for i in range(m):
@@ -322,15 +324,36 @@ def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max
     if t_eval.ndim != 1 or np.any(np.diff(t_eval) < 0) or t_eval[0] < 0 or t_eval[-1] > horizon:
         raise ValueError(f"t_eval must be sorted within [0, horizon={horizon:g}]")
     speed = 1.0 / (1.0 - beta)
+    memo = {}  # one entry: the solver asks the field, then the events, at the same w
+
+    def eigs(w, n):
+        key = ("eigs", w.tobytes())
+        if key not in memo or memo[key][0].size < n:
+            memo.clear() if len(memo) > 4 else None
+            memo[key] = loss.top_eigs(w, max(n, k))
+        vals, vecs = memo[key]
+        return vals[:n], vecs[:, :n]
 
     def field(w, active):
+        key = ("field", w.tobytes(), active)
+        if key in memo:
+            return memo[key]
         g = np.asarray(loss.grad(w), float)
-        if active == 0:
-            return g, None, None
-        vecs = loss.top_eigs(w, active)[1]
-        pairs = _pair_gradients(loss, w, vecs)
-        coef = np.linalg.lstsq(pairs, -2.0 * g, rcond=RCOND)[0]
-        return g + 0.5 * pairs @ coef, _unpack(coef, active), vecs
+        out = (g, None, None)
+        if active:
+            vecs = eigs(w, active)[1]
+            pairs = _pair_gradients(loss, w, vecs)
+            coef = np.linalg.lstsq(pairs, -2.0 * g, rcond=RCOND)[0]
+            out = (g + 0.5 * pairs @ coef, _unpack(coef, active), vecs)
+        memo[key] = out
+        return out
+
+    jac = None
+    if callable(getattr(loss, "hessian", None)) and ode_method in ("LSODA", "BDF", "Radau"):
+        # approximate Jacobian of the field: the stable flow's -H/(1-β) (exact below the edge);
+        # the implicit solvers only use it in their Newton iterations
+        def jac(t, w):
+            return -speed * np.asarray(loss.hessian(w), float)
 
     ts, ws, acts, events = [], [], [], []
     t0, w_start, nfev, seg = 0.0, w0, 0, 0
@@ -343,7 +366,7 @@ def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max
             return -speed * field(w, active)[0]
 
         def enter(t, w, active=active):
-            return loss.top_eigs(w, active + 1)[0][active] - edge
+            return eigs(w, active + 1)[0][active] - edge
         enter.terminal, enter.direction = True, 1.0
         evs = [enter]
         if active > 0:
@@ -353,7 +376,7 @@ def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max
             evs.append(leave)
         inside = t_eval[(t_eval >= t0) & (t_eval <= horizon)]
         sol = solve_ivp(rhs, (t0, horizon), w_start, method=ode_method, t_eval=inside, events=evs,
-                        rtol=rtol, atol=atol)
+                        rtol=rtol, atol=atol, **({"jac": jac} if jac is not None else {}))
         nfev += int(sol.nfev)
         ts.append(sol.t)
         ws.append(sol.y.T)

@@ -274,7 +274,7 @@ def test_two_eigenvalues_at_the_edge(method, lr, tol_sharp):
     t2 = flow.events[1][0]
     late = (flow.t > t2 + 0.25 * (horizon - t2)) & (flow.t < flow.t[-1])
     P = loss.p
-    cov_flow = np.einsum("ai,nia,nab,njb,cj->nac", P, flow.vectors[late], flow.sigma[late],
+    cov_flow = np.einsum("ci,nia,nab,njb,ej->nce", P, flow.vectors[late], flow.sigma[late],
                          flow.vectors[late], P).mean(0)
     po = osc[late] @ P.T
     np.testing.assert_allclose(np.mean(po**2, 0), np.diag(cov_flow), rtol=0.15)

@@ -3,7 +3,7 @@ r"""A torch model on a fixed full batch as the loss object of :mod:`dynamics.cen
 :class:`NetworkLoss` flattens the model's parameters into one float64 vector w and answers,
 with ``torch.func`` on the whole batch (the loop's task loss, :func:`experiments.runs.loop.make_loss_fn`):
 
-- ``value(w)``, ``grad(w)``; ``hvp(w, v)`` = forward-over-reverse ``jvp(grad L, w; v)``;
+- ``value(w)``, ``grad(w)``; ``hvp(w, v)`` = reverse-over-reverse ``vjp(grad L, w)(v)``;
 - ``top_eigs(w, k)``: Lanczos from the probes (:func:`experiments.trace.probes.lanczos_top`,
   full reorthogonalisation, Ritz-residual stop), warm-started from the previous call's Ritz
   vectors plus 10 % of a random direction (as the probes do); eigenpairs after the first by
@@ -30,7 +30,7 @@ Example::
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad, vjp
 
 from experiments.runs.loop import make_loss_fn
 from experiments.trace.probes import WARM_START_NOISE, lanczos_top
@@ -70,7 +70,9 @@ class NetworkLoss:
         return self._task_loss(lambda inp: functional_call(self.model, params, (inp,)), (self.x, self.y))
 
     def _hvp_t(self, w, v):
-        return jvp(self._grad_fn, (w,), (v,))[1]
+        # reverse over reverse (H symmetric: vᵀH = Hv): forward-over-reverse jvp fails on
+        # mse_loss's backward ("ZeroTensors are immutable", torch 2.x)
+        return vjp(self._grad_fn, w)[1](v)[0]
 
     @staticmethod
     def _t(a):
