@@ -378,9 +378,10 @@ def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max
         sol = solve_ivp(rhs, (t0, horizon), w_start, method=ode_method, t_eval=inside, events=evs,
                         rtol=rtol, atol=atol, **({"jac": jac} if jac is not None else {}))
         nfev += int(sol.nfev)
-        ts.append(sol.t)
-        ws.append(sol.y.T)
-        acts.append(np.full(sol.t.size, active))
+        t_seg = np.asarray(sol.t, float)  # a segment may hold no sample (then sol.t is [])
+        ts.append(t_seg)
+        ws.append(np.asarray(sol.y, float).reshape(w0.size, -1).T)
+        acts.append(np.full(t_seg.size, active))
         if sol.status != 1:
             success, message = sol.status == 0, str(sol.message)
             break
