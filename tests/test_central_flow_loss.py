@@ -89,3 +89,16 @@ def test_warm_starts_save_lanczos_steps(tiny):
     cold.top_eigs(w + 1e-4, 1)
     warm_cost = cold.n_hvp - first
     assert warm_cost < first, (warm_cost, first)
+
+
+def test_mlp_activation_option():
+    """The MLP's smooth activations (for the central flow) and the error naming the value."""
+    data = load_data("digits", n_train=8)
+    x = data.x_train.float()
+    for name, fn in (("tanh", torch.tanh), ("gelu", torch.nn.functional.gelu)):
+        torch.manual_seed(0)
+        model = build_model("mlp", data.info, hidden=(5,), activation=name)
+        expected = model.fc2(fn(model.fc1(x.flatten(1))))
+        torch.testing.assert_close(model(x), expected)
+    with pytest.raises(ValueError, match=r"activation='elu' is unknown; valid: relu, tanh, gelu"):
+        build_model("mlp", data.info, activation="elu")
