@@ -1,7 +1,9 @@
 """Full-batch GD / HB / NAG through the training loop against the central flow and the gradient
 flow (dynamics.central_flow, docs/theory_central_flow.md). Writes ``results/central_flow.json``:
 
-    .venv/bin/python -m analyses central_flow [--quick]
+    .venv/bin/python -m analyses central_flow [--quick]     (~25 CPU-minutes; --quick: GD, 100 steps)
+    .venv/bin/python -m analyses central_flow --summarise   (second-half averages from the stored series)
+    .venv/bin/python -m analyses central_flow --plain-start (β = 0.8 again, flows started at w0)
 
 Network: the MLP (hidden 8, 8, tanh; 249 parameters) on 256 examples of ``linreg`` (MSE, full
 batch: ``batch_size=0``; the discrete runs in float32 as usual, the flow in float64). This net
@@ -93,14 +95,35 @@ def window_lag1(trace, probe_steps, width=EVERY):
     return np.array(out)
 
 
-def one_run(method, beta, steps):
+def late_averages(series, start):
+    """Time averages over the probes from step ``start`` on (the discrete run's bursts of
+    oscillation, its self-stabilisation cycles, are averaged out, as the central flow intends):
+    measured over predicted − 1 for the loss and the squared gradient norm, by the central flow
+    and by the gradient flow, and the lag-1 correlation per layer."""
+    sel = np.asarray(series["step"]) >= start
+    mean = {k: np.nanmean(np.asarray(v, float)[sel], axis=0) for k, v in series.items()}
+    return {
+        "from_step": int(start),
+        "loss_measured_over_flow": float(mean["loss_measured"] / mean["loss_flow"] - 1),
+        "loss_measured_over_flow_mean_only": float(mean["loss_measured"] / mean["loss_flow_mean_only"] - 1),
+        "loss_measured_over_gradient_flow": float(mean["loss_measured"] / mean["loss_gradient_flow"] - 1),
+        "grad_sq_measured_over_flow": float(mean["grad_sq_measured"] / mean["grad_sq_flow"] - 1),
+        "sharpness_measured_over_edge": float(mean["sharpness_measured"] / mean["sharpness_flow"] - 1),
+        "lag1_measured_per_layer": np.round(mean["lag1_measured"], 3).tolist(),
+        "lag1_flow_per_layer": np.round(mean["lag1_flow"], 3).tolist(),
+    }
+
+
+def one_run(method, beta, steps, shift_start=True):
     lr = lr_for(method, beta)
     loss = network_loss()
     t0 = time.perf_counter()
     trace, params, summary = discrete(method, beta, lr, steps)
     t_discrete = time.perf_counter() - t0
     probe_steps = np.arange(0, steps, EVERY)
-    w0 = loss.w0 + md.initial_layer_shift(loss, loss.w0, method, lr, beta)  # the loop starts at b = 0
+    w0 = loss.w0  # the loop starts at b = 0: the flows start where those iterates lag to, or at w0
+    if shift_start:
+        w0 = w0 + md.initial_layer_shift(loss, loss.w0, method, lr, beta)
     t_eval = lr * probe_steps
     n0 = loss.n_hvp
     t0 = time.perf_counter()
@@ -122,6 +145,7 @@ def one_run(method, beta, steps):
     later = probe_steps[:n] >= 2 * EVERY  # skip the first windows (initial layer of momentum)
     res = {
         "method": method, "momentum": beta, "lr": lr, "edge": flow.edge, "steps": steps,
+        "flow_start": "w0 + initial_layer_shift" if shift_start else "w0",
         "events_step": [round(t / lr, 1) for t, _, _ in flow.events],
         "edge_phase_fraction": float(edge_phase.mean()),
         "loss_rel_err_flow_median": float(np.median(rel(meas_loss[:n], pred.loss[:n])[later])),
@@ -139,6 +163,14 @@ def one_run(method, beta, steps):
         probe_sharp = meas_sharp[~np.isnan(meas_sharp)][:n]
         res["sharpness_over_edge_in_edge_phase_mean"] = float(np.mean(probe_sharp[edge_phase[:n]] / flow.edge))
         res["sharpness_over_edge_in_edge_phase_median"] = float(np.median(probe_sharp[edge_phase[:n]] / flow.edge))
+    series = {"step": probe_steps[:n], "loss_measured": meas_loss[:n], "loss_flow": pred.loss[:n],
+              "loss_flow_mean_only": pred.loss_mean[:n], "loss_gradient_flow": gf_loss[:n],
+              "grad_sq_measured": meas_gsq[:n], "grad_sq_flow": pred.grad_sq[:n], "sigma2": flow.sigma2[:n],
+              "sharpness_flow": flow.eigenvalues[:n, 0],
+              "sharpness_measured": meas_sharp[:n] if meas_sharp is not None else np.full(n, np.nan),
+              "lag1_measured": lag[:n], "lag1_flow": pred.block_lag1[:n]}
+    res["series"] = {k: np.round(np.asarray(v, float), 6).tolist() for k, v in series.items()}
+    res["second_half_averages"] = late_averages(series, steps // 2)
     ph = edge_phase[:n] & later
     if ph.sum() > 2:
         rho = spearmanr(lag[:n][ph].ravel(), pred.block_lag1[:n][ph].ravel()).statistic
@@ -150,6 +182,20 @@ def one_run(method, beta, steps):
 
 def main(argv=()):
     torch.set_num_threads(1)
+    if "--plain-start" in argv:  # momentum 0.8 again, flows started at w0 (added to the same file)
+        out = json.loads(OUT.read_text())
+        out["runs_plain_start"] = [one_run(m, b, 300, shift_start=False) for m, b in RUNS if b == 0.8]
+        for r in out["runs_plain_start"]:
+            r["second_half_averages"] = late_averages(r["series"], r["steps"] // 2)
+        store.atomic_write_json(OUT, out)
+        return
+    if "--summarise" in argv:  # recompute the second-half averages from the stored series
+        out = json.loads(OUT.read_text())
+        for r in out["runs"]:
+            r["second_half_averages"] = late_averages(r["series"], r["steps"] // 2)
+            print(r["method"], r["momentum"], json.dumps(r["second_half_averages"]))
+        store.atomic_write_json(OUT, out)
+        return
     quick = "--quick" in argv
     steps = 100 if quick else 300
     runs = RUNS[:1] if quick else RUNS
