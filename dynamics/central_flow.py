@@ -324,12 +324,13 @@ def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max
     if t_eval.ndim != 1 or np.any(np.diff(t_eval) < 0) or t_eval[0] < 0 or t_eval[-1] > horizon:
         raise ValueError(f"t_eval must be sorted within [0, horizon={horizon:g}]")
     speed = 1.0 / (1.0 - beta)
-    memo = {}  # one entry: the solver asks the field, then the events, at the same w
+    memo = {}  # a few entries: the solver asks the field, then the events, at the same w
 
     def eigs(w, n):
         key = ("eigs", w.tobytes())
         if key not in memo or memo[key][0].size < n:
-            memo.clear() if len(memo) > 4 else None
+            if len(memo) > 4:
+                memo.clear()
             memo[key] = loss.top_eigs(w, max(n, k))
         vals, vecs = memo[key]
         return vals[:n], vecs[:, :n]
