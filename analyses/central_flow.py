@@ -17,7 +17,7 @@ that records the parameters and λ_max):
   L(w̄) + ½S*σ² and the gradient flow's L(w(t)); relative error, median over the probes;
 - sharpness (the probe's λ_max at the iterate) vs S* over the edge phase;
 - squared gradient norm (window mean of ``grad_norm_global``²) vs ‖ḡ‖² + S*²σ²;
-- per-layer lag-1 gradient correlation (window estimator of experiments.linking.measure) vs
+- per-layer lag-1 gradient correlation (the link's window estimator, measured_window) vs
   the flow's prediction: Spearman over layers × probes in the edge phase;
 - ‖w_k − w̄(t_k)‖ at the end, over the same for the gradient flow.
 """
@@ -34,6 +34,7 @@ from scipy.stats import spearmanr
 from dynamics import central_flow as cf
 from dynamics import modified as md
 from experiments import store
+from experiments.linking.measure import measured_window
 from experiments.runs.config import RunConfig
 from experiments.runs.data import load_data
 from experiments.runs.loop import train
@@ -84,15 +85,10 @@ def window_mean(values, probe_steps, width=EVERY):
 
 
 def window_lag1(trace, probe_steps, width=EVERY):
-    """Per layer, Σ g_t·g_{t−1} / sqrt(Σ|g_t|² Σ|g_{t−1}|²) over each window (the link's estimator)."""
-    norm = trace["grad_norm"].values  # (step, layer)
-    dot = trace["grad_cos"].values * norm * np.vstack([np.full((1, norm.shape[1]), np.nan), norm[:-1]])
-    prev = np.vstack([np.full((1, norm.shape[1]), np.nan), norm[:-1]])
-    out = []
-    for p in probe_steps:
-        sl = slice(max(p - width // 2, 1), min(p + (width + 1) // 2, norm.shape[0]))
-        out.append(np.nansum(dot[sl], 0) / np.sqrt(np.nansum(norm[sl] ** 2, 0) * np.nansum(prev[sl] ** 2, 0)))
-    return np.array(out)
+    """Per layer, Σ g_t·g_{t−1} / sqrt(Σ|g_t|² Σ|g_{t−1}|²) over the ``width`` steps centred on
+    each probe: the link's estimator (experiments.linking.measure.measured_window)."""
+    meas = measured_window(trace, probe_steps=np.asarray(probe_steps), window=width, align="center")
+    return meas["meas_grad_corr"].transpose("probe_step", "layer").values
 
 
 def late_averages(series, start):
