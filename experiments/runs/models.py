@@ -106,10 +106,20 @@ class SeedCNN(nn.Module):
         return self.fc2(x)
 
 
+ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
+
+
 class MLP(nn.Module):
-    def __init__(self, info, hidden=(128, 128)):
+    """Fully connected layers ``fc1..fcN`` with ``activation`` between them ("relu", or a
+    smooth one, "tanh" or "gelu", where a theory needs derivatives beyond the second: the
+    central flow's ODE solver stalls at ReLU kinks)."""
+
+    def __init__(self, info, hidden=(128, 128), activation="relu"):
         super().__init__()
         _require(info, "mlp")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is unknown; valid: {', '.join(ACTIVATIONS)}")
+        self.activation = ACTIVATIONS[activation]
         widths = [math.prod(info.input_shape), *hidden, _out_features(info)]
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]), start=1):
             setattr(self, f"fc{i}", nn.Linear(a, b))
@@ -121,7 +131,7 @@ class MLP(nn.Module):
         for i in range(1, self.n_layers + 1):
             x = getattr(self, f"fc{i}")(x)
             if i < self.n_layers:
-                x = F.relu(x)
+                x = self.activation(x)
         return x.squeeze(1) if self.squeeze else x
 
 

@@ -1,0 +1,148 @@
+r"""A torch model on a fixed full batch as the loss object of :mod:`dynamics.central_flow`.
+
+:class:`NetworkLoss` flattens the model's parameters into one float64 vector w and answers,
+with ``torch.func`` on the whole batch (the loop's task loss, :func:`experiments.runs.loop.make_loss_fn`):
+
+- ``value(w)``, ``grad(w)``; ``hvp(w, v)`` = reverse-over-reverse ``vjp(grad L, w)(v)``;
+- ``top_eigs(w, k)``: Lanczos from the probes (:func:`experiments.trace.probes.lanczos_top`,
+  full reorthogonalisation, Ritz-residual stop), warm-started from the previous call's Ritz
+  vectors plus 10 % of a random direction (as the probes do); eigenpairs after the first by
+  deflation, :math:`H - \sum_{j<i}\lambda_j u_j u_j^\top`;
+- ``grad_quadform(w, u, v)`` = :math:`\nabla_w (v^\top H(w) u)`, by differentiating the HVP
+  once more; ``grad_sharpness(w)`` that with the top eigenvector;
+- ``hessian(w)`` (dense, for tiny networks and tests); ``blocks``: one index slice per layer
+  (owning module, as the tracer names layers).
+
+Counters ``n_grad``, ``n_hvp``, ``n_third`` record the work done (for the benchmark).
+
+Example::
+
+    >>> import torch
+    >>> from experiments.runs.data import load_data
+    >>> from experiments.runs.models import build_model
+    >>> data = load_data("digits", n_train=50)
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <...>
+    >>> loss = NetworkLoss(build_model("mlp", data.info, hidden=(8,)), data.x_train, data.y_train, "classify")
+    >>> loss.w0.shape, [loss.layers[i] for i in range(2)]
+    ((610,), ['fc1', 'fc2'])
+"""
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vjp
+
+from experiments.runs.loop import make_loss_fn
+from experiments.trace.probes import WARM_START_NOISE, lanczos_top
+from experiments.trace.tracer import layer_name
+
+
+class NetworkLoss:
+    """The full-batch loss of ``model`` on ``(x, y)`` for ``task`` ("classify", "regress",
+    "lm"), as a function of the flat float64 parameter vector (module docstring).
+
+    ``lanczos_iters`` caps the Lanczos steps (and ``lanczos_tol`` stops them by the Ritz
+    residual, relative to the eigenvalue); ``seed`` seeds the random part of the starts.
+    """
+
+    def __init__(self, model, x, y, task, lanczos_iters=60, lanczos_tol=1e-10, seed=0):
+        self.model = model.to(torch.float64)
+        self.x = x.to(torch.float64) if x.is_floating_point() else x
+        self.y = y.to(torch.float64) if y.is_floating_point() else y
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shapes = [p.shape for _, p in model.named_parameters()]
+        self.sizes = [p.numel() for _, p in model.named_parameters()]
+        self.w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().numpy().copy()
+        self._task_loss = make_loss_fn(task)
+        self.layers, self.blocks = _layer_slices(self.names, self.sizes)
+        self.lanczos_iters, self.lanczos_tol = int(lanczos_iters), float(lanczos_tol)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._warm = []
+        self.n_grad = self.n_hvp = self.n_third = 0
+        self._grad_fn = grad(self._loss)
+
+    # -- the function of the flat vector
+    def _params(self, w):
+        return dict(zip(self.names, (c.view(s) for c, s in zip(torch.split(w, self.sizes), self.shapes))))
+
+    def _loss(self, w):
+        params = self._params(w)
+        return self._task_loss(lambda inp: functional_call(self.model, params, (inp,)), (self.x, self.y))
+
+    def _hvp_t(self, w, v):
+        # reverse over reverse (H symmetric: vᵀH = Hv): forward-over-reverse jvp fails on
+        # mse_loss's backward ("ZeroTensors are immutable", torch 2.x)
+        return vjp(self._grad_fn, w)[1](v)[0]
+
+    @staticmethod
+    def _t(a):
+        return torch.as_tensor(np.asarray(a, dtype=np.float64))
+
+    # -- the protocol of dynamics.central_flow
+    def value(self, w):
+        with torch.no_grad():
+            return float(self._loss(self._t(w)))
+
+    def grad(self, w):
+        self.n_grad += 1
+        return self._grad_fn(self._t(w)).numpy()
+
+    def hvp(self, w, v):
+        self.n_hvp += 1
+        return self._hvp_t(self._t(w), self._t(v)).numpy()
+
+    def hessian(self, w):
+        """Dense Hessian (d x d), one HVP per column through ``torch.func.vmap``."""
+        wt = self._t(w)
+        eye = torch.eye(wt.numel(), dtype=torch.float64)
+        self.n_hvp += wt.numel()
+        return torch.func.vmap(lambda v: self._hvp_t(wt, v))(eye).numpy()
+
+    def top_eigs(self, w, k):
+        """Top k eigenvalues (descending) and unit eigenvectors (columns) of H(w)."""
+        wt = self._t(w)
+        vals, vecs = [], []
+        for i in range(k):
+            def matvecs(vs, i=i):
+                out = {}
+                for key, v in vs.items():
+                    hv = self._hvp_t(wt, v)
+                    for lam, u in zip(vals[:i], vecs[:i]):  # deflation of the pairs found
+                        hv = hv - lam * torch.dot(u, v) * u
+                    out[key] = hv
+                    self.n_hvp += 1
+                return out
+
+            r = torch.randn(wt.numel(), generator=self._gen, dtype=torch.float64)
+            r = r / r.norm()
+            start = self._warm[i] + WARM_START_NOISE * r if i < len(self._warm) else r
+            value, vector, _ = lanczos_top(matvecs, [start], self.lanczos_iters, self._gen, tol=self.lanczos_tol)
+            vals.append(float(value[0]))
+            vecs.append(vector[0])
+        self._warm = [v.clone() for v in vecs] + self._warm[k:]
+        order = np.argsort(vals)[::-1]  # deflation can return them slightly out of order
+        return np.array(vals)[order], torch.stack(vecs, 1).numpy()[:, order]
+
+    def grad_quadform(self, w, u, v):
+        """∇_w (vᵀ H(w) u) for fixed u, v: a third derivative by one more reverse pass."""
+        self.n_third += 1
+        ut, vt = self._t(u), self._t(v)
+        return grad(lambda x: torch.dot(self._hvp_t(x, ut), vt))(self._t(w)).numpy()
+
+    def grad_sharpness(self, w):
+        u = self.top_eigs(w, 1)[1][:, 0]
+        return self.grad_quadform(w, u, u)
+
+
+def _layer_slices(names, sizes):
+    """Consecutive index slices of the flat vector, one per layer (owning module)."""
+    layers, blocks, start = [], [], 0
+    for name, size in zip(names, sizes):
+        layer = layer_name(name)
+        if layers and layers[-1] == layer:
+            blocks[-1] = slice(blocks[-1].start, start + size)
+        else:
+            layers.append(layer)
+            blocks.append(slice(start, start + size))
+        start += size
+    return layers, blocks

@@ -1,0 +1,104 @@
+"""The torch adapter of the central flow (experiments.trace.central_flow_loss) against
+independent routes on a tiny network: autograd through the model as the training loop runs
+it, dense Hessians by torch.autograd.functional.hessian, finite differences of the top
+eigenvalue."""
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.runs.data import load_data
+from experiments.runs.loop import make_loss_fn
+from experiments.runs.models import build_model
+from experiments.trace.central_flow_loss import NetworkLoss
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    data = load_data("digits", n_train=40)
+    torch.manual_seed(0)
+    model = build_model("mlp", data.info, hidden=(6,))
+    return NetworkLoss(model, data.x_train, data.y_train, "classify"), model, data
+
+
+def _dense_hessian(loss, w):
+    """Independent route: autograd's dense Hessian of the flat-vector loss."""
+    return torch.autograd.functional.hessian(loss._loss, torch.as_tensor(w)).numpy()
+
+
+def test_value_and_grad_match_the_training_loop(tiny):
+    """The loop's loss and .grad after backward (float64 model), flattened in parameter order."""
+    loss, model, data = tiny
+    model.zero_grad()
+    value = make_loss_fn("classify")(model, (data.x_train.double(), data.y_train))
+    value.backward()
+    flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
+    assert loss.value(loss.w0) == pytest.approx(value.item(), rel=1e-14)
+    np.testing.assert_allclose(loss.grad(loss.w0), flat, rtol=1e-12, atol=1e-15)
+    assert loss.layers == ["fc1", "fc2"] and loss.blocks[-1].stop == loss.w0.size
+
+
+def test_hvp_and_eigenpairs_against_the_dense_hessian(tiny):
+    """HVPs equal H v to rounding (1e-12 relative); Lanczos's top 3 eigenvalues equal
+    eigvalsh's to 1e-9 relative (Ritz-residual stop at 1e-10) and its vectors span the same
+    directions (|u·u_dense| = 1 to 1e-6: the eigenvalue gaps here are ≥ 0.08)."""
+    loss, _, _ = tiny
+    rng = np.random.default_rng(1)
+    w = loss.w0 + 0.05 * rng.standard_normal(loss.w0.size)
+    dense = _dense_hessian(loss, w)
+    for _ in range(3):
+        v = rng.standard_normal(w.size)
+        np.testing.assert_allclose(loss.hvp(w, v), dense @ v, rtol=1e-10, atol=1e-12 * np.abs(dense @ v).max())
+    np.testing.assert_allclose(loss.hessian(w), dense, rtol=1e-10, atol=1e-13)
+    vals, vecs = loss.top_eigs(w, 3)
+    ev, evec = np.linalg.eigh(dense)
+    np.testing.assert_allclose(vals, ev[::-1][:3], rtol=1e-9)
+    np.testing.assert_allclose(np.abs(np.sum(vecs * evec[:, ::-1][:, :3], axis=0)), 1.0, atol=1e-6)
+
+
+def test_grad_sharpness_against_finite_differences_of_the_top_eigenvalue(tiny):
+    """⟨∇S, d⟩ against (S(w+εd) − S(w−εd))/2ε with S from the dense Hessian's eigvalsh, three
+    random unit directions, ε = 1e-4: truncation O(ε²·S''') ~ 1e-8, measured agreement 1e-9
+    relative; 1e-6 allowed."""
+    loss, _, _ = tiny
+    rng = np.random.default_rng(2)
+    w = loss.w0
+    grad_s = loss.grad_sharpness(w)
+    eps = 1e-4
+    for _ in range(3):
+        d = rng.standard_normal(w.size)
+        d /= np.linalg.norm(d)
+        top = [np.linalg.eigvalsh(_dense_hessian(loss, w + s * eps * d))[-1] for s in (1, -1)]
+        fd = (top[0] - top[1]) / (2 * eps)
+        assert grad_s @ d == pytest.approx(fd, rel=1e-6, abs=1e-9)
+    # ∇(vᵀHu) is symmetric in u, v and linear: an independent identity check
+    u, v = rng.standard_normal((2, w.size))
+    np.testing.assert_allclose(loss.grad_quadform(w, u, v), loss.grad_quadform(w, v, u), rtol=1e-9, atol=1e-12)
+
+
+def test_warm_starts_save_lanczos_steps(tiny):
+    """At a nearby point the warm-started Lanczos needs fewer HVPs for the same accuracy (Ritz
+    residual 1e-10) than from a random start: measured 25 vs 31 (the 10 % random part of the
+    start, kept as in the probes so that a newly dominant direction stays reachable, limits
+    the saving)."""
+    loss, _, _ = tiny
+    w = loss.w0
+    cold = NetworkLoss(loss.model, loss.x, loss.y, "classify", seed=3)
+    cold.top_eigs(w, 1)
+    first = cold.n_hvp
+    cold.top_eigs(w + 1e-4, 1)
+    warm_cost = cold.n_hvp - first
+    assert warm_cost < first, (warm_cost, first)
+
+
+def test_mlp_activation_option():
+    """The MLP's smooth activations (for the central flow) and the error naming the value."""
+    data = load_data("digits", n_train=8)
+    x = data.x_train.float()
+    for name, fn in (("tanh", torch.tanh), ("gelu", torch.nn.functional.gelu)):
+        torch.manual_seed(0)
+        model = build_model("mlp", data.info, hidden=(5,), activation=name)
+        expected = model.fc2(fn(model.fc1(x.flatten(1))))
+        torch.testing.assert_close(model(x), expected)
+    with pytest.raises(ValueError, match=r"activation='elu' is unknown; valid: relu, tanh, gelu"):
+        build_model("mlp", data.info, activation="elu")
