@@ -1,6 +1,7 @@
 """Analytic models of GD, heavy-ball and Nesterov: exact linear theory (:mod:`.quadratic`),
 the noisy quadratic model (:mod:`.nqm`), modified-equation ODEs (:mod:`.modified`), their
-symbolic derivations (:mod:`.symbolic`) and lr schedules (:mod:`.schedules`). Pure
+symbolic derivations (:mod:`.symbolic`), central flows at the edge of stability
+(:mod:`.central_flow`) and lr schedules (:mod:`.schedules`). Pure
 numpy/scipy/sympy; the formulas and their sources are in docs/theory.md.
 
 The public API::
@@ -12,6 +13,8 @@ The public API::
     0.9
 """
 
+from dynamics.central_flow import predict as central_flow_predict
+from dynamics.central_flow import solve_central_flow
 from dynamics.methods import get_method
 from dynamics.modified import global_error, solve_flow
 from dynamics.nqm import (LayerSpectrum, gradient_autocorrelation, layer_prediction, monte_carlo,
@@ -20,7 +23,7 @@ from dynamics.quadratic import (char_roots, iteration_matrix, max_transient_gain
                                 simulate, spectral_radius, stability_edge)
 from dynamics.schedules import lr_schedule
 
-__all__ = ["LayerSpectrum", "char_roots", "get_method", "global_error", "gradient_autocorrelation",
+__all__ = ["LayerSpectrum", "central_flow_predict", "char_roots", "get_method", "global_error", "gradient_autocorrelation",
            "iteration_matrix", "layer_prediction", "lr_schedule", "max_transient_gain", "monte_carlo",
-           "optimal_hyperparameters", "regime", "schedule_prediction", "simulate", "solve_flow", "spectral_radius",
+           "optimal_hyperparameters", "regime", "schedule_prediction", "simulate", "solve_central_flow", "solve_flow", "spectral_radius",
            "stability_edge", "stationary_gradient_moments"]
