@@ -85,6 +85,29 @@ def _jsonable(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def atomic_write_table(path, table, fmt=None):
+    """Write a pandas DataFrame as CSV or Parquet (``fmt``, by default from the path's suffix;
+    Parquet needs pyarrow), atomically; return the table."""
+    import io
+
+    path = Path(path)
+    fmt = fmt or path.suffix.lstrip(".")
+    if fmt not in ("csv", "parquet"):
+        raise ValueError(f"path={str(path)!r}: table format {fmt!r} is unknown; valid: csv, parquet")
+    if fmt == "csv":
+        atomic_write_text(path, table.to_csv(index=False))
+        return table
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ValueError(f"path={str(path)!r}: Parquet needs pyarrow (pip install pyarrow); "
+                         "write a CSV instead") from None
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
+    return table
+
+
 def atomic_write_dataset(path, ds: xr.Dataset):
     """Write a Dataset as netCDF (scipy engine: no extra dependency) atomically."""
     atomic_write_bytes(path, ds.to_netcdf(None, engine="scipy"))

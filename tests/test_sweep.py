@@ -381,7 +381,7 @@ def test_parquet_without_pyarrow_is_a_clear_error(grid_store, tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
     with pytest.raises(ValueError, match="Parquet needs pyarrow"):
         to_table(collect(spec), tmp_path / "t.parquet")
-    with pytest.raises(ValueError, match="expected csv or parquet"):
+    with pytest.raises(ValueError, match="valid: csv, parquet"):
         to_table(collect(spec), tmp_path / "t.xlsx")
 
 

@@ -151,25 +151,11 @@ def _hashable(value):
 
 
 def to_table(ds: xr.Dataset, path, fmt=None) -> pd.DataFrame:
-    """Write ``ds`` as a tidy table (see :func:`tidy`) and return it.
+    """Write ``ds`` as a tidy table (see :func:`tidy`), atomically, and return it.
 
     ``fmt``: ``"csv"`` or ``"parquet"`` (needs pyarrow); by default from the path's suffix.
     """
-    path = Path(path)
-    fmt = fmt or path.suffix.lstrip(".")
-    if fmt not in ("csv", "parquet"):
-        raise ValueError(f"path={str(path)!r}: table format {fmt!r} is unknown; expected csv or parquet")
-    table = tidy(ds)
-    if fmt == "parquet":
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise ValueError(f"path={str(path)!r}: Parquet needs pyarrow (pip install pyarrow); "
-                             "write a CSV instead") from None
-        table.to_parquet(path, index=False)
-    else:
-        table.to_csv(path, index=False)
-    return table
+    return store.atomic_write_table(path, tidy(ds), fmt)
 
 
 def tidy(ds: xr.Dataset) -> pd.DataFrame:

@@ -23,7 +23,6 @@ optimizers it is left out. Non-finite values (the cosines' NaN at step 0, −inf
 zero update) are not written: TensorBoard draws no point there.
 """
 
-import io
 import os
 import tempfile
 from pathlib import Path
@@ -93,23 +92,7 @@ def trace_table(trace):
 
 def write_table(trace, path):
     """Write :func:`trace_table` as CSV or Parquet (by the suffix) atomically; return it."""
-    path = Path(path)
-    fmt = path.suffix.lstrip(".")
-    if fmt not in ("csv", "parquet"):
-        raise ValueError(f"path={str(path)!r}: table format {fmt!r} is unknown; valid: .csv, .parquet")
-    table = trace_table(trace)
-    if fmt == "parquet":
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise ValueError(f"path={str(path)!r}: Parquet needs pyarrow (pip install pyarrow); "
-                             "write a CSV instead") from None
-        buf = io.BytesIO()
-        table.to_parquet(buf, index=False)
-        store.atomic_write_bytes(path, buf.getvalue())
-    else:
-        store.atomic_write_text(path, table.to_csv(index=False))
-    return table
+    return store.atomic_write_table(path, trace_table(trace))
 
 
 def scalars(trace):
