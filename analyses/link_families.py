@@ -14,7 +14,6 @@ reported, never used to choose.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np

@@ -15,7 +15,7 @@ For every probe step :math:`p` and layer :math:`l` of a run:
   norm :math:`\sum_i E[g_{t,i}^2]` of the NQM layer model (:mod:`dynamics.nqm.layer`),
   whose spectrum is rebuilt from the measured ``sharpness``, ``hessian_trace`` and
   ``n_params`` (power-law shape) with the network's top mode put in
-  (:func:`with_global_mode`), whose noise is the measured ``grad_noise`` spread over the
+  (:func:`experiments.linking.predict.with_global_mode`), whose noise is the measured ``grad_noise`` spread over the
   modes in proportion to curvature, and which is run through the run's lr sequence
   (:func:`schedule_predict_layers`; ``prediction="stationary"`` takes each probe's
   stationary state instead);
@@ -66,7 +66,7 @@ import xarray as xr
 from dynamics.quadratic import regime, stability_edge
 from experiments import store
 from experiments.linking.measure import measured_window
-from experiments.linking.predict import EDGE_MARGIN, layer_spectra, predict_layers, schedule_predict_layers, with_global_mode
+from experiments.linking.predict import EDGE_MARGIN, layer_spectra, predict_layers, schedule_predict_layers
 from experiments.linking.signal import SIGNALS, fluctuation_correlation, mean_part_correlation, with_signal
 from experiments.linking.response import baselines, combine_forecasts, has_response_inputs, response_predict
 
@@ -125,7 +125,7 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     (:func:`schedule_predict_layers`), "stationary" takes each probe's stationary state
     (:func:`predict_layers`; its ``pred_effective_dim`` and ``pred_n_unstable`` are kept in
     both cases). ``global_mode`` puts the network's top mode in every layer
-    (:func:`with_global_mode`); ``top_mode_shares`` (probe_step, layer), if given, are the
+    (:func:`experiments.linking.predict.with_global_mode`); ``top_mode_shares`` (probe_step, layer), if given, are the
     layers' measured shares of that mode instead of the estimate λ_max,l/λ_max(H).
     Returns a Dataset over (probe_step, layer) with ``lr``,
     ``h`` = lr·sharpness, ``edge`` (the method's stability edge in h), ``edge_ratio`` = h/edge,
