@@ -522,6 +522,29 @@ def predict(loss, flow, blocks=None, amplitude_var=0.0):
         block_osc_sq=osc_energy)
 
 
+# --------------------------------------------------------------------------- discrete runs
+JITTER = 1e-6  # per-step noise of discrete_run: seeds the period-2 mode as float32 rounding does
+
+
+def discrete_run(loss, w0, method, lr, beta, steps, jitter=JITTER, seed=0):
+    """The discrete iterates w_0..w_steps of PyTorch's rule (Method.update) on ``loss``, buffer
+    started on the slow manifold ∇L/(1-β) as the flow assumes (dynamics.modified,
+    start="manifold"), plus Gaussian jitter of size ``jitter`` per step. Without it the
+    stable phase damps the period-2 mode to ~1e-30, and the run overshoots the edge by a
+    large amount before the oscillation has grown back."""
+    m = get_method(method)
+    noise = jitter * np.random.default_rng(seed).standard_normal((steps, np.size(w0)))
+    w = np.array(w0, float)
+    buf = loss.grad(w) / (1 - beta) if m.has_momentum else np.zeros_like(w)
+    out = np.empty((steps + 1, w.size))
+    out[0] = w
+    for k in range(steps):
+        step, buf = m.update(loss.grad(w), buf, lr, beta)
+        w = w + step + noise[k]
+        out[k + 1] = w
+    return out
+
+
 # --------------------------------------------------------------------------- toy losses
 @dataclass(frozen=True)
 class ToyLoss:

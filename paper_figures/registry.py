@@ -17,6 +17,7 @@ MODULES = [
     "link_scores",  # 6
     "sharpness_eos",  # 7
     "clipping",  # 8
+    "central_flow",  # 9
     "whatif",  # 10
 ]
 

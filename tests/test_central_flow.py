@@ -23,23 +23,6 @@ from dynamics.methods import get_method
 
 BETA = 0.5
 LRS = (0.02, 0.01, 0.005)
-JITTER = 1e-6
-
-
-def discrete_run(loss, w0, method, lr, beta, steps, jitter=JITTER, seed=0):
-    """PyTorch's rule (Method.update), buffer started on the slow manifold ∇L/(1-β) as the flow
-    assumes (dynamics.modified, start="manifold"), plus Gaussian jitter per step."""
-    m = get_method(method)
-    noise = jitter * np.random.default_rng(seed).standard_normal((steps, w0.size))
-    w = np.array(w0, float)
-    buf = loss.grad(w) / (1 - beta) if m.has_momentum else np.zeros_like(w)
-    out = np.empty((steps + 1, w.size))
-    out[0] = w
-    for k in range(steps):
-        step, buf = m.update(loss.grad(w), buf, lr, beta)
-        w = w + step + noise[k]
-        out[k + 1] = w
-    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,7 +33,7 @@ def study(method, lr):
     loss = cf.sharpening_toy(scale=edge / 2)
     horizon = 30.0 * (1 - beta)  # momentum moves 1/(1-β) faster in t = k·lr
     flow = cf.solve_central_flow(loss, loss.w0, method, lr, beta, horizon)
-    xs = discrete_run(loss, loss.w0, method, lr, beta, flow.t.size - 1)
+    xs = cf.discrete_run(loss, loss.w0, method, lr, beta, flow.t.size - 1)
     gflow = md.solve_flow("first_order", loss, loss.w0, method, lr, beta, horizon).x
     mean, osc = cf.period_two_split(xs)
     (t_in, kind_in, _), (t_out, kind_out, _) = flow.events
@@ -244,7 +227,7 @@ def test_block_shares_are_the_top_eigenvectors():
     r = study("gd", LRS[-1])
     flow, loss = r["flow"], r["loss"]
     ph = flow.active == 1
-    xs = discrete_run(loss, loss.w0, "gd", LRS[-1], 0.0, flow.t.size - 1)
+    xs = cf.discrete_run(loss, loss.w0, "gd", LRS[-1], 0.0, flow.t.size - 1)
     osc = cf.period_two_split(xs)[1][ph]
     measured = np.array([(osc[:, b] ** 2).sum() for b in loss.blocks]) / (osc**2).sum()
     share = cf.predict(loss, flow, loss.blocks).block_osc_share[ph].mean(0)
@@ -269,7 +252,7 @@ def test_two_eigenvalues_at_the_edge(method, lr, tol_sharp):
     assert [(k, a) for _, k, a in flow.events] == [("enter", 1), ("enter", 2)]
     both = flow.active == 2
     np.testing.assert_allclose(flow.eigenvalues[both, :2], edge, rtol=1e-6)
-    xs = discrete_run(loss, loss.w0, method, lr, beta, flow.t.size - 1)
+    xs = cf.discrete_run(loss, loss.w0, method, lr, beta, flow.t.size - 1)
     mean, osc = cf.period_two_split(xs)
     t2 = flow.events[1][0]
     late = (flow.t > t2 + 0.25 * (horizon - t2)) & (flow.t < flow.t[-1])
