@@ -80,7 +80,7 @@ def test_config_rejects_unknown_key_and_bad_combinations():
         RunConfig(model="seed-cnn", data="linreg")
     with pytest.raises(ValueError, match=r"data_args has unknown key\(s\) 'dims'.*valid: .*dim,"):
         RunConfig(**{**LINREG, "data_args": {"dims": 3}})
-    with pytest.raises(ValueError, match=r"model_args has unknown key\(s\) 'width'.*valid: hidden"):
+    with pytest.raises(ValueError, match=r"model_args has unknown key\(s\) 'width'.*valid: activation, hidden"):
         RunConfig(model="mlp", model_args={"width": 3})
     with pytest.raises(ValueError, match="step_every=0.*schedule='step'"):
         RunConfig(schedule="step")
