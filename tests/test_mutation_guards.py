@@ -1,0 +1,290 @@
+"""Guards for the experiments side: each test here fails on a named, plausible breakage (a
+mutation) that the end-to-end tests do not see, and passes on the code.
+
+- the link's lr at a probe step p is the lr of step p (an lr drop exactly at a probe);
+- the network's top mode is capped at (1 − EDGE_MARGIN) = 0.95 of the stability edge (a
+  constructed trace with the top mode past the edge);
+- the link's scores and per-layer table compare predicted against measured (a made-up link
+  dataset with known answers);
+- the clip factors are min(1, ·): a threshold above the gradient norm leaves the gradients
+  bit-for-bit and records factors exactly 1;
+- the atomic write's temporary file is beside its target (same directory, so the rename is
+  atomic), and ``DONE`` is the last file of a run directory to appear.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from dynamics.nqm.layer import LayerSpectrum, layer_prediction
+from dynamics.quadratic import stability_edge
+from experiments import store
+from experiments.linking.core import link_trace
+from experiments.linking.report import format_report, layer_table, link_scores
+from experiments.linking.signal import fluctuation_correlation
+from experiments.runs.optim import clip_gradients
+
+# ------------------------------------------------------------------------------------------
+# the link on constructed traces
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+LAYERS = ("conv", "fc")
+N_PARAMS = {"conv": 50, "fc": 200}
+SHARP = {"conv": 1.2, "fc": 0.6}   # block top eigenvalues
+TRACE = {"conv": 8.0, "fc": 12.0}  # Hutchinson traces
+NOISE = {"conv": 0.5, "fc": 2.0}
+
+
+def _link_input(lr, probes, lam_global, rng, config=None):
+    """A trace as the tracer writes it: per-step lr, grad_norm, grad_cos (random: the
+    measured side is not what is tested here), per-probe constant per-layer summaries."""
+    T = lr.size
+    P = len(probes)
+    per_probe = lambda d: (("probe_step", "layer"), np.tile([d[k] for k in LAYERS], (P, 1)))  # noqa: E731
+    cos = rng.uniform(-1, 1, (T, len(LAYERS)))
+    cos[0] = np.nan
+    return xr.Dataset(
+        {"lr": ("step", lr), "grad_norm": (("step", "layer"), rng.uniform(0.5, 2.0, (T, len(LAYERS)))),
+         "grad_cos": (("step", "layer"), cos),
+         "sharpness": per_probe(SHARP), "hessian_trace": per_probe(TRACE), "grad_noise": per_probe(NOISE),
+         "sharpness_global": ("probe_step", np.full(P, float(lam_global))),
+         "n_params": ("layer", [N_PARAMS[k] for k in LAYERS])},
+        coords={"step": np.arange(T), "layer": list(LAYERS), "probe_step": np.asarray(probes)},
+        attrs={"config": config or {"opt": "hb", "lr": float(lr[0]), "momentum": 0.5}})
+
+
+def _expected_spectrum(layer, lam_global, cap):
+    """The layer's spectrum with the network's top mode, written out from the definition
+    (docs/theory.md §5; experiments.linking.predict.with_global_mode): top mode λ_G capped at
+    ``cap``, weight λ_max,l / (capped λ_G)."""
+    sp = LayerSpectrum.from_summary(SHARP[layer], TRACE[layer], N_PARAMS[layer], clip_trace=True)
+    lam_g = min(lam_global, cap)
+    eig, w = sp.eigenvalues.copy(), sp.weights.copy()
+    eig[0], w[0] = lam_g, SHARP[layer] / lam_g
+    return LayerSpectrum(eig, w)
+
+
+def test_link_reads_the_lr_of_the_probe_step_itself(rng):
+    """lr 1.0 before step 100 and 0.1 from it on, a probe exactly at 100: everything at that
+    probe (lr, h, the cap of the network top mode, the prediction) uses 0.1."""
+    method, beta = "hb", 0.5
+    edge = float(stability_edge(method, beta))  # 3
+    lr = np.where(np.arange(200) < 100, 1.0, 0.1)
+    lam_g = 10.0  # h_G = 1 at lr 0.1 (below the edge); 10 at lr 1.0 (capped at 0.95 edge)
+    trace = _link_input(lr, [0, 50, 100, 150], lam_g, rng)
+    ds = link_trace(trace, smooth=1, prediction="stationary")
+    at = ds.sel(probe_step=100)
+    assert float(at["lr"]) == 0.1 and float(ds["lr"].sel(probe_step=50)) == 1.0
+    for layer in LAYERS:
+        x = at.sel(layer=layer)
+        assert float(x["h"]) == pytest.approx(0.1 * SHARP[layer], rel=1e-15)
+        assert float(x["edge_ratio"]) == pytest.approx(0.1 * SHARP[layer] / edge, rel=1e-15)
+        want = layer_prediction(method, 0.1, beta, _expected_spectrum(layer, lam_g, 0.95 * edge / 0.1),
+                                NOISE[layer], noise_model="curvature")
+        assert float(x["pred_grad_corr"]) == pytest.approx(want.grad_corr, rel=1e-9)
+        assert float(x["pred_grad_sq_norm"]) == pytest.approx(want.grad_sq_norm, rel=1e-9)
+        before = ds.sel(probe_step=50, layer=layer)  # lr 1.0 there: the top mode capped
+        want_before = layer_prediction(method, 1.0, beta, _expected_spectrum(layer, lam_g, 0.95 * edge),
+                                       NOISE[layer], noise_model="curvature")
+        assert float(before["pred_grad_corr"]) == pytest.approx(want_before.grad_corr, rel=1e-9)
+    assert float(at["edge_ratio_global"]) == pytest.approx(0.1 * lam_g / edge, rel=1e-15)
+    # the two lrs give clearly different predictions, so the check above could fail
+    assert abs(float(at["pred_grad_corr"].sel(layer="fc"))
+               - float(ds["pred_grad_corr"].sel(probe_step=50, layer="fc"))) > 0.1
+
+
+@pytest.mark.parametrize("method, beta", [("hb", 0.5), ("nag", 0.9), ("gd", 0.0)])
+def test_network_top_mode_past_the_edge_is_held_at_095_of_it(rng, method, beta):
+    """λ_G·lr = 4/3 of the edge: the prediction is that of a mode at 0.95 of the edge
+    (stationary and, after the burn-in, through the schedule), not of an unstable or excluded
+    one; with the signal term, its lag-1 correlation is that of h = 0.95·edge."""
+    edge = float(stability_edge(method, beta))
+    lr0 = 0.5
+    lam_g = 4 / 3 * edge / lr0
+    T = 800
+    probes = np.arange(0, T, 100)
+    trace = _link_input(np.full(T, lr0), probes, lam_g, rng, {"opt": method, "lr": lr0, "momentum": beta})
+    ds = link_trace(trace, smooth=1, prediction="stationary")
+    assert np.allclose(ds["edge_ratio_global"], 4 / 3)
+    for layer in LAYERS:
+        want = layer_prediction(method, lr0, beta, _expected_spectrum(layer, lam_g, 0.95 * edge / lr0),
+                                NOISE[layer], noise_model="curvature")
+        got = ds.sel(layer=layer)
+        np.testing.assert_allclose(got["pred_grad_corr"], want.grad_corr, rtol=1e-9)
+        np.testing.assert_allclose(got["pred_grad_sq_norm"], want.grad_sq_norm, rtol=1e-9)
+        assert int(got["pred_n_unstable"].max()) == 0
+    # at 0.95 of the edge the network mode dominates and flips the gradient
+    assert float(ds["pred_grad_corr"].max()) < -0.3
+    sched = link_trace(trace, smooth=1, prediction="schedule")
+    # constant lr from x = 0: the moments converge like ρ^(2t), ρ < 0.98 at 0.95 edge, so by
+    # step 400 the gap is < 0.98^800 ≈ 1e-7 of the stationary value (relative)
+    late = sched.sel(probe_step=sched["probe_step"] >= 500)
+    np.testing.assert_allclose(late["pred_grad_corr"], ds["pred_grad_corr"].sel(probe_step=late["probe_step"]),
+                               rtol=1e-5)
+    trace["grad_signal"] = ("probe_step", np.full(probes.size, 1.0))
+    sig = link_trace(trace, smooth=1, prediction="stationary", signal="fluct")
+    np.testing.assert_allclose(sig["pred_mean_corr"], fluctuation_correlation(method, 0.95 * edge, beta),
+                               rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# scores and the per-layer table on a made-up link dataset
+
+def _made_up_link():
+    """Two layers × five probes; the fifth probe is missing (NaN) in both. Layer a: predicted
+    correlation 0.1..0.4, measured in the order 1, 3, 2, 4 (Pearson = Spearman = 0.8: deviations
+    ±1.5, ±0.5 give Σxy = 4, Σx² = Σy² = 5); layer b: all negative, measured in the same rank order
+    (Spearman 1) but one sign flipped. Norms: predicted 10^(0,1,2,3), measured 10^(0,2,1,3) in both layers."""
+    nan = np.nan
+    pc = np.array([[0.1, -0.1], [0.2, -0.2], [0.3, -0.3], [0.4, -0.4], [nan, nan]])
+    mc = np.array([[0.1, 0.05], [0.3, -0.2], [0.2, -0.3], [0.4, -0.4], [nan, nan]])
+    ps = 10.0 ** np.array([[0, 0], [1, 1], [2, 2], [3, 3], [nan, nan]])
+    ms = 10.0 ** np.array([[0, 0], [2, 2], [1, 1], [3, 3], [nan, nan]])
+    er = np.array([[0.5, 1.5], [0.6, 1.1], [0.7, 1.2], [0.8, 1.3], [nan, nan]])
+    reg = np.array([["ripple", "flip"], ["ripple", "flip"], ["flip", "divergent"], ["monotone", "flip"],
+                    ["ripple", "flip"]])
+    dims = ("probe_step", "layer")
+    return xr.Dataset({"pred_grad_corr": (dims, pc), "meas_grad_corr": (dims, mc), "pred_grad_sq_norm": (dims, ps),
+                       "meas_grad_sq_norm": (dims, ms), "edge_ratio": (dims, er), "regime": (dims, reg)},
+                      coords={"probe_step": [0, 10, 20, 30, 40], "layer": ["a", "b"]})
+
+
+def _ranks(x):
+    return np.argsort(np.argsort(x)).astype(float)
+
+
+def test_link_scores_compare_predicted_with_measured():
+    ds = _made_up_link()
+    sc = link_scores(ds)
+    keep = np.isfinite(ds["meas_grad_corr"].values)
+    p, m = ds["pred_grad_corr"].values[keep], ds["meas_grad_corr"].values[keep]
+    c = sc["grad_corr"]
+    assert c["n"] == 8
+    assert c["pearson"] == pytest.approx(np.corrcoef(p, m)[0, 1], rel=1e-12)
+    assert c["spearman"] == pytest.approx(np.corrcoef(_ranks(p), _ranks(m))[0, 1], rel=1e-12)  # no ties
+    assert c["sign_agreement"] == 7 / 8
+    assert c["mean_abs_error"] == pytest.approx(np.mean(np.abs(p - m)), rel=1e-12)
+    # 8 points in 10 bins: one point a bin, so calibration error = mean absolute error
+    assert c["calibration_error"] == pytest.approx(c["mean_abs_error"], rel=1e-12)
+    assert link_scores(ds, bins=1)["grad_corr"]["calibration_error"] == pytest.approx(abs(p.mean() - m.mean()),
+                                                                                     abs=1e-15)
+    n = sc["log10_grad_sq_norm"]
+    # on log10: predicted (0,1,2,3), measured (0,2,1,3) in each layer: Pearson = Spearman = 0.8
+    assert n["n"] == 8 and n["pearson"] == pytest.approx(0.8, rel=1e-12) and n["spearman"] == pytest.approx(0.8)
+    assert n["mean_abs_error"] == pytest.approx(0.5) and n["sign_agreement"] == 1.0
+
+
+def test_layer_table_on_known_answers():
+    t = layer_table(_made_up_link())
+    assert list(t.index) == ["a", "b"]
+    a, b = t.loc["a"], t.loc["b"]
+    assert a["n"] == 4 and b["n"] == 4
+    assert a["h/edge"] == pytest.approx(0.65) and b["h/edge"] == pytest.approx(1.25)
+    assert a["regime"] == "ripple" and b["regime"] == "flip"
+    assert a["pred_corr"] == pytest.approx(0.25) and a["meas_corr"] == pytest.approx(0.25)
+    assert b["pred_corr"] == pytest.approx(-0.25) and b["meas_corr"] == pytest.approx(-0.2125)
+    assert a["spearman"] == pytest.approx(0.8) and b["spearman"] == 1.0  # b: same ranks
+    assert a["sign_agree"] == 1.0 and b["sign_agree"] == 0.75
+    assert a["pred_|g|^2"] == pytest.approx(1111 / 4) and a["meas_|g|^2"] == pytest.approx(1111 / 4)
+    report = format_report(_made_up_link())
+    assert "grad_corr: n=8" in report and "log10_grad_sq_norm: n=8, pearson=0.8, spearman=0.8" in report
+
+
+# ------------------------------------------------------------------------------------------
+# clipping: a factor is min(1, ·)
+
+def _grads(scale):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 4, 5)]
+    for p, s in zip(params, (0.1, 2.0, 10.0)):
+        p.grad = scale * s * torch.randn(p.shape)
+    return {"a": params[:1], "b": params[1:]}, params
+
+
+@pytest.mark.parametrize("mode", ["global", "layer", "value"])
+def test_threshold_above_the_gradient_leaves_it_and_records_factors_exactly_one(mode):
+    groups, params = _grads(1.0)
+    raw = [p.grad.clone() for p in params]
+    total = float(torch.sqrt(sum((g ** 2).sum() for g in raw)))
+    c = 10 * max(total, max(float(g.abs().max()) for g in raw))  # above every norm and entry
+    g_factor, l_factors = clip_gradients(groups, mode, c)
+    for r, p in zip(raw, params):
+        assert torch.equal(p.grad, r)
+    assert float(g_factor) == 1.0
+    assert all(float(f) == 1.0 for f in l_factors.values()) and set(l_factors) == {"a", "b"}
+
+
+def test_layer_clipping_of_one_layer_only():
+    """Threshold between the two layers' norms: layer a untouched (factor exactly 1), layer b
+    scaled to the threshold; the global factor is the change of the global norm."""
+    groups, params = _grads(1.0)
+    na = float(torch.linalg.vector_norm(params[0].grad))
+    nb = float(torch.sqrt(sum((p.grad ** 2).sum() for p in params[1:])))
+    c = (na + nb) / 2
+    assert na < c < nb
+    g_factor, f = clip_gradients(groups, "layer", c)
+    assert float(f["a"]) == 1.0
+    assert float(f["b"]) == pytest.approx(c / (nb + 1e-6), rel=1e-6)
+    assert float(g_factor) == pytest.approx(np.hypot(na, c) / np.hypot(na, nb), rel=1e-5)
+
+
+def test_clip_factor_recorded_in_training_is_one_below_the_threshold():
+    from experiments.runs import RunConfig, train
+
+    cfg = RunConfig(model="mlp", data="digits", model_args={"hidden": [8]}, steps=6, batch_size=16, threads=1,
+                    opt="gd", lr=0.1, clip="global", clip_value=1e6)
+    trace, _ = train(cfg)
+    assert np.all(trace["clip_factor_global"].values == 1.0)
+    assert np.all(trace["clip_factor"].values == 1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# the store: temporary file beside its target, DONE last
+
+def test_atomic_write_renames_from_the_targets_directory(tmp_path, monkeypatch):
+    moves = []
+    real = os.replace
+
+    def spy(src, dst, *a, **k):
+        moves.append((Path(src), Path(dst)))
+        assert Path(src).exists()
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", spy)
+    target = tmp_path / "deep" / "x.json"
+    store.atomic_write_json(target, {"a": 1})
+    assert len(moves) == 1
+    src, dst = moves[0]
+    assert dst == target and src.parent == target.parent and src.name.startswith(".tmp-")
+    assert store.read_json(target) == {"a": 1}
+    assert os.listdir(target.parent) == ["x.json"]
+
+
+def test_done_is_the_last_file_of_a_run_to_appear(tmp_path, monkeypatch):
+    run_dir = tmp_path / "r"
+    store.write_failure(run_dir, {"lr": 1.0}, "Traceback: boom")  # a retried run
+    seen = []
+    real = os.replace
+
+    def spy(src, dst, *a, **k):
+        real(src, dst, *a, **k)
+        seen.append((Path(dst).name, sorted(os.listdir(run_dir))))
+
+    monkeypatch.setattr(os, "replace", spy)
+    trace = xr.Dataset({"loss": ("step", [1.0, 0.5])}, coords={"step": [0, 1]})
+    store.write_run(run_dir, {"lr": 1.0}, trace, {"diverged": False})
+    names = [name for name, _ in seen]
+    assert names[-1] == store.DONE and names.count(store.DONE) == 1
+    assert set(names) == {store.CONFIG, store.TRACE, store.SUMMARY, store.DONE}
+    # when DONE appears everything else is there and FAILED is gone; before, no DONE
+    assert seen[-1][1] == sorted([store.CONFIG, store.TRACE, store.SUMMARY, store.DONE])
+    assert all(store.DONE not in files for _, files in seen[:-1])
+    assert store.is_done(run_dir) and not store.is_failed(run_dir)
