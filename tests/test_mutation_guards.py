@@ -259,7 +259,7 @@ def test_atomic_write_renames_from_the_targets_directory(tmp_path, monkeypatch):
         return real(src, dst, *a, **k)
 
     monkeypatch.setattr(os, "replace", spy)
-    target = tmp_path / "deep" / "x.json"
+    target = tmp_path / "deep" / "er" / "x.json"
     store.atomic_write_json(target, {"a": 1})
     assert len(moves) == 1
     src, dst = moves[0]
@@ -288,3 +288,46 @@ def test_done_is_the_last_file_of_a_run_to_appear(tmp_path, monkeypatch):
     assert seen[-1][1] == sorted([store.CONFIG, store.TRACE, store.SUMMARY, store.DONE])
     assert all(store.DONE not in files for _, files in seen[:-1])
     assert store.is_done(run_dir) and not store.is_failed(run_dir)
+
+
+def test_atomic_write_creates_missing_parents_and_writes_canonical_json(tmp_path):
+    import json
+
+    target = tmp_path / "a" / "b" / "c" / "x.json"
+    obj = {"b": [1, 2], "a": {"z": 1.5, "y": None}}
+    store.atomic_write_json(target, obj)
+    # sorted keys, indent 2, newline at the end: the same object always gives the same bytes
+    assert target.read_text() == json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    assert target.read_text().index('"a"') < target.read_text().index('"b"')
+
+
+def test_json_of_numpy_and_torch_values(tmp_path):
+    obj = {"f32": np.float32(0.5), "i64": np.int64(7), "arr": np.arange(3), "t": torch.tensor(2.5),
+           "tv": torch.tensor([1.0, 2.0]), "b": np.bool_(True)}
+    store.atomic_write_json(tmp_path / "x.json", obj)
+    assert store.read_json(tmp_path / "x.json") == {"f32": 0.5, "i64": 7, "arr": [0, 1, 2], "t": 2.5,
+                                                    "tv": [1.0, 2.0], "b": True}
+    with pytest.raises(TypeError, match="object is not JSON serialisable"):
+        store.atomic_write_json(tmp_path / "y.json", {"a": object()})
+    assert not (tmp_path / "y.json").exists()
+
+
+def test_trace_file_is_netcdf3_that_scipy_reads(tmp_path):
+    ds = xr.Dataset({"loss": ("step", [1.0, 0.5])}, coords={"step": [0, 1]})
+    store.atomic_write_dataset(tmp_path / "t.nc", ds)
+    assert (tmp_path / "t.nc").read_bytes()[:3] == b"CDF"  # netCDF classic, what engine="scipy" writes
+    xr.testing.assert_identical(xr.open_dataset(tmp_path / "t.nc", engine="scipy").load(), ds)
+
+
+def test_failure_record_and_states(tmp_path):
+    run_dir = tmp_path / "r"
+    store.atomic_write_json(run_dir / store.CONFIG, {"lr": 1.0})  # started, neither done nor failed
+    assert not store.is_failed(run_dir) and not store.is_done(run_dir)
+    store.write_failure(run_dir, {"lr": 2.0}, "Traceback: boom")
+    assert store.read_json(run_dir / store.CONFIG) == {"lr": 2.0}
+    assert (run_dir / store.FAILED).read_text() == "Traceback: boom"
+    assert store.is_failed(run_dir)
+    (run_dir / store.DONE).write_text("")  # DONE wins over a stale FAILED
+    assert not store.is_failed(run_dir)
+    with pytest.raises(ValueError, match=f"path={str(tmp_path / 'x')!r} is not a finished run"):
+        store.load_run(tmp_path / "x")
