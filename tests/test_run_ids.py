@@ -101,6 +101,9 @@ def test_canonical_key_equal_numbers():
     assert canonical_key(0.5) == "0.5" and canonical_key(True) == "true"
     assert canonical_key(2 ** 60) != canonical_key(2 ** 60 + 1)  # ints stay exact
     assert canonical_key(float("inf")) == '"inf"'
+    assert canonical_key({"b": 1, "a": [2.0]}) == canonical_key({"a": [2], "b": 1.0}) == '{"a": [2], "b": 1}'
+    with pytest.raises(TypeError, match=r"config value \{1, 2\} of type set has no canonical JSON form"):
+        canonical_key({1, 2})
 
 
 # ids pinned on this code (RESULT_FORMAT 1); a change here recomputes every stored run, so it
