@@ -236,6 +236,66 @@ def test_layer_clipping_of_one_layer_only():
     assert float(g_factor) == pytest.approx(np.hypot(na, c) / np.hypot(na, nb), rel=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["global", "layer"])
+def test_clip_factor_with_small_gradients_is_that_of_clip_grad_norm(mode):
+    """Norms ~1e-4: the 1e-6 in c/(‖g‖ + 1e-6) (clip_grad_norm_'s convention) is ~1 % of the
+    factor, far above float32 rounding (1e-7), so the formula is checked, not just ≈ c/‖g‖."""
+    groups, params = _grads(1e-5)
+    raw = [p.grad.clone() for p in params]
+    n_b = float(torch.sqrt(sum((g.double() ** 2).sum() for g in raw[1:])))
+    n = float(torch.sqrt(sum((g.double() ** 2).sum() for g in raw)))
+    c = 1e-5
+    g_factor, f = clip_gradients(groups, mode, c)
+    if mode == "global":
+        assert float(g_factor) == pytest.approx(c / (n + 1e-6), rel=1e-5)
+        assert float(f["b"]) == float(g_factor)
+    else:
+        assert float(f["b"]) == pytest.approx(c / (n_b + 1e-6), rel=1e-5)
+    assert c / (n + 1e-6) < 0.999 * c / n  # the 1e-6 is visible at this tolerance
+
+
+def test_value_clipping_factors_are_measured_and_a_zero_gradient_has_factor_one():
+    """"value" clips entries; each factor is ‖clipped‖/‖raw‖ (small norms < 1 too), and a
+    layer with a zero gradient, unchanged by clipping, has factor exactly 1 (not 0/0 or 0)."""
+    groups, params = _grads(1e-2)
+    params[0].grad.zero_()
+    raw = [p.grad.clone() for p in params]
+    c = 0.05
+    g_factor, f = clip_gradients(groups, "value", c)
+    assert float(f["a"]) == 1.0
+    clipped_b = torch.sqrt(sum((r.clamp(-c, c).double() ** 2).sum() for r in raw[1:]))
+    raw_b = torch.sqrt(sum((r.double() ** 2).sum() for r in raw[1:]))
+    assert float(raw_b) < 1 and float(clipped_b / raw_b) < 0.9
+    assert float(f["b"]) == pytest.approx(float(clipped_b / raw_b), rel=1e-5)
+    assert float(g_factor) == pytest.approx(float(clipped_b / raw_b), rel=1e-5)  # layer a adds nothing
+    with pytest.raises(ValueError, match="clip='norm' is unknown here; valid: global, layer, value"):
+        clip_gradients(groups, "norm", c)
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_clip_factors_not_recorded_after_a_flush_are_one(engine):
+    """Factors recorded in one block must not leak into the next block's unrecorded steps."""
+    from experiments.trace.tracer import Tracer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracer = Tracer(model, opt, block_size=2, engine=engine)
+    x = torch.randn(8, 3)
+    for step in range(5):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        tracer.after_backward()
+        if step < 2:
+            tracer.record_clip(global_factor=0.5, layer_factors=[0.25] * len(tracer.layers))
+        opt.step()
+        tracer.after_step()
+    ds = tracer.dataset()
+    np.testing.assert_array_equal(ds["clip_factor_global"].values, [0.5, 0.5, 1, 1, 1])
+    np.testing.assert_array_equal(ds["clip_factor"].values[:2], 0.25)
+    np.testing.assert_array_equal(ds["clip_factor"].values[2:], 1.0)
+
+
 def test_clip_factor_recorded_in_training_is_one_below_the_threshold():
     from experiments.runs import RunConfig, train
 
