@@ -391,3 +391,25 @@ def test_failure_record_and_states(tmp_path):
     assert not store.is_failed(run_dir)
     with pytest.raises(ValueError, match=f"path={str(tmp_path / 'x')!r} is not a finished run"):
         store.load_run(tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------------
+# probes: the noise reported for another batch size
+
+def test_noise_for_a_given_batch_size_is_the_per_example_variance_over_it():
+    """tr Cov of a mean over B' examples is σ²/B' (σ² the per-example variance, estimated from
+    micro-batch means of b examples as b·Σs²): so noise(B')·B' is the same for every B', and
+    equals noise(default)·B (default: the probe batch's own size B)."""
+    from experiments.trace.probes import microbatch_moments
+    from tests.test_sharpness import Net, data, loss_fn
+
+    torch.manual_seed(3)
+    model = Net().double()
+    batch = data(16)
+    params = list(model.parameters())
+    blocks = [[0, 1], [2], [3]]
+    default, _ = microbatch_moments(model, params, blocks, loss_fn, batch, 4)
+    for b2 in (4, 64):
+        noise, _ = microbatch_moments(model, params, blocks, loss_fn, batch, 4, noise_batch_size=b2)
+        np.testing.assert_allclose(noise.numpy() * b2, default.numpy() * 16, rtol=1e-12)
+    assert float(default.sum()) > 0
