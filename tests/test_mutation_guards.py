@@ -413,3 +413,82 @@ def test_noise_for_a_given_batch_size_is_the_per_example_variance_over_it():
         noise, _ = microbatch_moments(model, params, blocks, loss_fn, batch, 4, noise_batch_size=b2)
         np.testing.assert_allclose(noise.numpy() * b2, default.numpy() * 16, rtol=1e-12)
     assert float(default.sum()) > 0
+
+
+# ------------------------------------------------------------------------------------------
+# the link's schedule route and smoothing; collect with a failed run
+
+def test_schedule_window_at_probe_zero_skips_step_zero():
+    """Step 0 has no previous gradient: the predicted correlation of a window starting at 0 sums
+    over t = 1..W−1, as the measured one does (grad_cos is NaN at t = 0)."""
+    from dynamics.nqm.schedule import schedule_prediction
+    from experiments.linking.predict import schedule_predict_layers
+
+    sp = LayerSpectrum(np.linspace(0.2, 1.0, 10))
+    lrs = np.full(100, 1.0)
+    corr, sq = schedule_predict_layers("hb", lrs, 0.5, np.array([0, 50]), {"a": [(sp, 0.5)] * 2}, window=50,
+                                       align="after")
+    ref = schedule_prediction("hb", lrs, 0.5, np.broadcast_to(sp.eigenvalues, (100, 10)),
+                              np.broadcast_to(sp.weights * sp.noise_per_mode(0.5, "curvature"), (100, 10)))
+    g2, lag = ref["grad_sq"], ref["lag1"]
+    t = np.arange(1, 50)
+    assert corr[0, 0] == pytest.approx(lag[t].sum() / np.sqrt(g2[t].sum() * g2[t - 1].sum()), rel=1e-12)
+    t = np.arange(50, 100)
+    assert corr[1, 0] == pytest.approx(lag[t].sum() / np.sqrt(g2[t].sum() * g2[t - 1].sum()), rel=1e-12)
+    assert sq[1, 0] == pytest.approx(g2[t].mean(), rel=1e-12)
+
+
+def test_layer_top_mode_past_the_edge_is_held_below_it_in_the_schedule_route(rng):
+    """Without the global mode, a layer whose own top mode has h = 1.2·edge: the schedule route
+    holds that mode at 0.95·edge/α at every step, so after the burn-in it gives the stationary
+    prediction of the spectrum with that mode at 0.95 of the edge (finite, not diverging)."""
+    from dynamics.nqm.stationary import stationary_gradient_moments
+
+    method, beta, lr0 = "hb", 0.5, 0.5
+    edge = float(stability_edge(method, beta))
+    T = 600
+    trace = _link_input(np.full(T, lr0), np.arange(0, T, 100), 0.0, rng)
+    trace["sharpness"] = trace["sharpness"] * 0 + 1.2 * edge / lr0
+    ds = link_trace(trace, smooth=1, prediction="schedule", global_mode=False)
+    for layer in LAYERS:
+        sp = LayerSpectrum.from_summary(1.2 * edge / lr0, TRACE[layer], N_PARAMS[layer], clip_trace=True)
+        # the mode's curvature is capped, its noise (∝ the measured λ, times its weight) is not
+        eig = np.minimum(sp.eigenvalues, 0.95 * edge / lr0)
+        m = stationary_gradient_moments(method, eig, lr0, beta, sp.weights * sp.noise_per_mode(NOISE[layer], "curvature"))
+        late = ds.sel(layer=layer, probe_step=ds["probe_step"] >= 300)
+        # from x = 0 the moments converge like ρ^(2t); the capped mode fast (ρ = √β ≈ 0.71), the
+        # flattest modes of the power law slower: still 2e-8 off at step 300; 1e-6 allows that
+        # (an uncapped mode past the edge would grow without bound)
+        np.testing.assert_allclose(late["pred_grad_corr"], m.lag1.sum() / m.grad_sq.sum(), rtol=1e-6)
+        np.testing.assert_allclose(late["pred_grad_sq_norm"], m.grad_sq.sum(), rtol=1e-6)
+
+
+def test_smoothing_is_the_centred_rolling_mean_of_the_probes(rng):
+    """smooth=3: the model is fed the centred mean over the probe and its two neighbours (two
+    at the ends); with curvature noise the predicted squared norm is linear in the noise."""
+    lr = np.full(500, 0.2)
+    trace = _link_input(lr, np.arange(0, 500, 100), 0.0, rng)
+    noise = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
+    trace["grad_noise"] = (("probe_step", "layer"), np.stack([noise, noise], 1))
+    ds = link_trace(trace, smooth=3, prediction="stationary", global_mode=False)
+    fed = np.array([1.5, 7 / 3, 14 / 3, 28 / 3, 12.0])
+    for layer in LAYERS:
+        sp = LayerSpectrum.from_summary(SHARP[layer], TRACE[layer], N_PARAMS[layer], clip_trace=True)
+        want = layer_prediction("hb", 0.2, 0.5, sp, fed, noise_model="curvature").grad_sq_norm
+        np.testing.assert_allclose(ds["pred_grad_sq_norm"].sel(layer=layer), want, rtol=1e-9)
+    np.testing.assert_array_equal(ds["grad_noise"].sel(layer="fc"), noise)  # the output stays raw
+
+
+def test_collect_skips_a_failed_run_of_the_spec(tmp_path):
+    from experiments.sweeps.collect import collect
+    from experiments.sweeps.spec import parse_spec
+
+    spec = parse_spec({"name": "s", "root": str(tmp_path), "base": {"model": "linear", "data": "linreg", "steps": 2},
+                       "grid": {"lr": [0.1, 0.2]}})
+    (_, c0, id0), (_, c1, id1) = spec.points
+    trace = xr.Dataset({"loss": ("step", [1.0, 0.5])}, coords={"step": [0, 1]})
+    store.write_run(tmp_path / id0, c0.to_dict(), trace, {"final_loss": 0.5, "diverged": False})
+    store.write_failure(tmp_path / id1, c1.to_dict(), "Traceback: boom")
+    ds = collect(spec)
+    assert ds.attrs["n_runs"] == 1
+    assert float(ds["final_loss"].sel(lr=0.1)) == 0.5 and np.isnan(float(ds["final_loss"].sel(lr=0.2)))
