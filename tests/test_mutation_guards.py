@@ -492,3 +492,32 @@ def test_collect_skips_a_failed_run_of_the_spec(tmp_path):
     ds = collect(spec)
     assert ds.attrs["n_runs"] == 1
     assert float(ds["final_loss"].sel(lr=0.1)) == 0.5 and np.isnan(float(ds["final_loss"].sel(lr=0.2)))
+
+
+def test_measured_window_options_and_mean_cosine(rng):
+    """Explicit probe steps and an odd window (centred: p − ⌊W/2⌋ ≤ t < p + ⌈W/2⌉), the plain
+    mean cosine over the finite steps of the window, the default window (smallest spacing; 50
+    for a single probe) and the window's valid range."""
+    from experiments.linking.measure import default_window, measured_window
+
+    T = 30
+    norms = rng.uniform(0.5, 2.0, T)
+    cos = np.concatenate([[np.nan], rng.uniform(-1, 1, T - 1)])
+    cos[12] = np.nan
+    trace = xr.Dataset({"grad_norm": (("step", "layer"), norms[:, None]), "grad_cos": (("step", "layer"), cos[:, None])},
+                       coords={"step": np.arange(T), "layer": ["a"], "probe_step": [0, 10, 20]})
+    ds = measured_window(trace, probe_steps=[13], window=5)
+    assert list(ds["probe_step"].values) == [13] and ds.attrs["window"] == 5
+    t = np.array([11, 13, 14, 15])  # 11..15 without the NaN at 12
+    assert float(ds["meas_mean_cos"].squeeze()) == pytest.approx(cos[t].mean(), rel=1e-12)
+    assert float(ds["meas_grad_sq_norm"].squeeze()) == pytest.approx(np.mean(norms[11:16] ** 2), rel=1e-12)
+    assert int(ds["meas_steps"].squeeze()) == 4
+    one = measured_window(trace, window=1, align="after")
+    assert one.attrs["window"] == 1
+    assert float(one["meas_grad_sq_norm"].sel(probe_step=10, layer="a")) == pytest.approx(norms[10] ** 2)
+    with pytest.raises(ValueError, match=r"window=0 is outside the valid range \[1, inf\)"):
+        measured_window(trace, window=0)
+    with pytest.raises(ValueError, match="align='middle' is unknown; valid: center, after"):
+        measured_window(trace, align="middle")
+    assert measured_window(trace).attrs["window"] == 10
+    assert default_window([0, 30, 40, 100]) == 10 and default_window([7]) == 50 and default_window([5, 5]) == 50
