@@ -521,3 +521,24 @@ def test_measured_window_options_and_mean_cosine(rng):
         measured_window(trace, align="middle")
     assert measured_window(trace).attrs["window"] == 10
     assert default_window([0, 30, 40, 100]) == 10 and default_window([7]) == 50 and default_window([5, 5]) == 50
+
+
+def test_report_edge_cases_bins_and_skipped():
+    """bins reach both scores; a layer without a finite pair has n = 0, NaN means and no regime;
+    the report names the skipped runs and puts one blank line between table and scores."""
+    ds = _made_up_link()
+    log_p, log_m = np.log10(ds["pred_grad_sq_norm"].values), np.log10(ds["meas_grad_sq_norm"].values)
+    keep = np.isfinite(log_p) & np.isfinite(log_m)
+    assert link_scores(ds, bins=1)["log10_grad_sq_norm"]["calibration_error"] == pytest.approx(
+        abs(log_p[keep].mean() - log_m[keep].mean()), abs=1e-15)
+    empty = ds.copy(deep=True)
+    empty["meas_grad_corr"].loc[{"layer": "b"}] = np.nan
+    empty["regime"] = empty["regime"].astype(object)
+    empty["regime"].loc[{"layer": "b"}] = None
+    t = layer_table(empty)
+    assert t.loc["b", "n"] == 0 and np.isnan(t.loc["b", "pred_corr"]) and np.isnan(t.loc["b", "meas_corr"])
+    assert t.loc["b", "regime"] == ""
+    ds.attrs["skipped"] = "r1: opt='adam' is not linked"
+    lines = format_report(ds).split("\n")
+    assert lines[-1] == "skipped: r1: opt='adam' is not linked"
+    assert lines[-4] == "" and lines[-3].startswith("grad_corr: n=8, pearson=") and "h/edge" in lines[0]
