@@ -542,3 +542,18 @@ def test_report_edge_cases_bins_and_skipped():
     lines = format_report(ds).split("\n")
     assert lines[-1] == "skipped: r1: opt='adam' is not linked"
     assert lines[-4] == "" and lines[-3].startswith("grad_corr: n=8, pearson=") and "h/edge" in lines[0]
+
+
+def test_mean_cosine_counts_steps_per_layer(rng):
+    from experiments.linking.measure import measured_window
+
+    T = 20
+    cos = rng.uniform(-1, 1, (T, 2))
+    cos[0] = np.nan
+    cos[3:8, 1] = np.nan  # layer b: five steps fewer
+    trace = xr.Dataset({"grad_norm": (("step", "layer"), np.ones((T, 2))), "grad_cos": (("step", "layer"), cos)},
+                       coords={"step": np.arange(T), "layer": ["a", "b"], "probe_step": [0]})
+    ds = measured_window(trace, window=T, align="after")
+    for j, layer in enumerate("ab"):
+        c = cos[:, j]
+        assert float(ds["meas_mean_cos"].sel(layer=layer, probe_step=0)) == pytest.approx(np.nanmean(c), rel=1e-12)
