@@ -78,10 +78,10 @@ def atomic_write_json(path, obj):
 
 
 def _jsonable(value):
-    if hasattr(value, "item"):  # numpy and torch scalars
-        return value.item()
-    if hasattr(value, "tolist"):
+    if hasattr(value, "tolist"):  # numpy and torch arrays and scalars (.item() fails on arrays)
         return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 

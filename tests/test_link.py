@@ -107,8 +107,15 @@ def test_bad_bins_is_a_value_error():
 # (|d0|² ≈ 20) decays like |z|^(2t) < 1e-15 by step 150, so probes from step 200 on are
 # stationary (their windows start at 150). Noise model: for MSE on Gaussian inputs the
 # mini-batch gradient covariance is (σ² + dᵀHd)H/B + HddᵀH/B; the first part is the
-# "curvature" model, the second is relatively O(ε) with ε = E[dᵀHd]/σ² ≈ 0.1 here (batch
-# 128), so the model is exact to O(ε·|ρ|); the assertion allows 4 SE plus that.
+# "curvature" model, the second adds λ_i² E[d_i²]/B to mode i, which the curvature model
+# leaves out (relatively O(ε), ε = E[dᵀHd]/σ² ≈ 0.1 here). Rather than allow ε·|ρ| (≈ 0.037,
+# 10 %), _model_error computes its size: the NQM with the exact per-mode noise, solved for
+# its self-consistent stationary state, moves ρ by 0.005 and, at the same total
+# noise (the link feeds the measured one), E‖g‖² by 1.6 %. The batches
+# of an epoch are disjoint (N = 4096 examples, B = 128): at fixed parameters two batches'
+# noises correlate −1/(N/B − 1), which moves ρ by that times the noise share of E‖g‖²
+# (≈ 1/3): < 0.011. The assertions allow 4 SE (n = 8 windows) plus these two terms; the SE
+# dominates (it shrinks only with longer runs).
 
 LINREG = {"dim": 20, "spectrum": [1.0 / i for i in range(1, 21)], "noise_std": 1.0}
 BURN_IN = 200
@@ -145,6 +152,28 @@ def _eps(method, lr, momentum):
     return float(np.sum(lam * stationary_iterate_variance(method, lam, lr, momentum, lam / 128)))
 
 
+def _model_error(method, lr, momentum, batch=128, n_train=4096):
+    """(|Δρ|, |Δ E‖g‖²|/E‖g‖²): what the curvature noise model leaves out on linreg, computed
+    (see the block comment above): the exact per-mode noise ((σ² + Σλv)λ + λ²v)/B with v the
+    stationary E d_i², by fixed-point iteration (a contraction: the noise feedback is O(ε)),
+    against the curvature model's (σ² + Σλv)λ/B; plus the disjoint-batch term of ρ."""
+    from dynamics.nqm.stationary import stationary_gradient_moments
+
+    lam, sigma2 = np.array(LINREG["spectrum"]), LINREG["noise_std"] ** 2
+    out = []
+    for extra in (0.0, 1.0):
+        v = np.zeros_like(lam)
+        for _ in range(100):
+            s2 = ((sigma2 + lam @ v) * lam + extra * lam**2 * v) / batch
+            mom = stationary_gradient_moments(method, lam, lr, momentum, s2)
+            v = mom.iterate_var
+        out.append((mom.lag1.sum() / mom.grad_sq.sum(), mom.grad_sq.sum(), 1 - mom.full_grad_sq.sum() / mom.grad_sq.sum()))
+    (rho0, _, share0), (rho1, _, share1) = out
+    # the link feeds the measured (true) total noise, so E‖g‖² is compared at equal total
+    # noise: E‖g‖² = total noise / noise share
+    return abs(rho1 - rho0) + share1 / (n_train / batch - 1), abs(share0 / share1 - 1)
+
+
 @pytest.mark.parametrize("name", ["hb", "nag"])
 def test_link_matches_quadratic_network_with_true_hessian(quadratic_runs, name):
     from experiments import store
@@ -158,19 +187,21 @@ def test_link_matches_quadratic_network_with_true_hessian(quadratic_runs, name):
     cfg = trace.attrs["config"]
     eps = _eps(cfg["opt"], cfg["lr"], cfg["momentum"])
     assert eps < 0.15
+    d_rho, d_sq = _model_error(cfg["opt"], cfg["lr"], cfg["momentum"])
+    assert d_rho < 0.02 and d_sq < 0.03
     assert pred.std() < 1e-12  # curvature noise: the correlation does not depend on the noise level
-    assert abs(meas.mean() - pred[0]) < 4 * se + eps * abs(pred[0]), (meas.mean(), pred[0], se)
+    assert abs(meas.mean() - pred[0]) < 4 * se + d_rho, (meas.mean(), pred[0], se)
     assert pred[0] < -0.3  # a strong signal: the check could fail
     # the squared norm is linear in the measured noise (4 micro-batches: ~40 % per probe), so
     # pooled prediction and pooled measurement are compared with both standard errors
     p, m = ds["pred_grad_sq_norm"].values, ds["meas_grad_sq_norm"].values
     se_norm = np.hypot(p.std(ddof=1), m.std(ddof=1)) / np.sqrt(n)
-    assert abs(p.mean() - m.mean()) < 4 * se_norm + eps * p.mean(), (p.mean(), m.mean(), se_norm)
+    assert abs(p.mean() - m.mean()) < 4 * se_norm + d_sq * p.mean(), (p.mean(), m.mean(), se_norm)
     # the schedule route (NQM recursion through the run from w = w*, lr constant) is stationary
     # after the burn-in; it differs only as the measured noise level changes between probes,
     # which leaves its ratio within the same Monte-Carlo band
     sched = _stationary(link_trace(trace, spectra={"fc": _true_spectrum()}, prediction="schedule", combine="none"))
-    assert abs(meas.mean() - sched["pred_grad_corr"].mean()) < 4 * se + eps * abs(pred[0])
+    assert abs(meas.mean() - sched["pred_grad_corr"].mean()) < 4 * se + d_rho
     assert abs(sched["pred_grad_corr"].mean() - pred[0]) < 0.02
 
 
@@ -396,10 +427,10 @@ def test_signal_term_on_the_quadratic_network(quadratic_runs):
     mixed = _stationary(link_trace(trace, spectra={"fc": _true_spectrum()}, signal="fluct", combine="none"))
     meas = plain["meas_grad_corr"].values
     se = meas.std(ddof=1) / np.sqrt(meas.size)
-    eps = _eps("hb", 2.0, 0.5)
+    d_rho, _ = _model_error("hb", 2.0, 0.5)
     # a weakness this shows: one probe's ‖Hx_p‖² is a single draw, so max(‖E g‖² − F, 0) is
     # sometimes large (here at 1 of 8 probes) although there is no mean gradient at all
     assert np.mean(mixed["pred_mean_sq_norm"].values == 0) >= 0.5
-    assert abs(meas.mean() - mixed["pred_grad_corr"].mean()) < 4 * se + eps * abs(meas.mean())
+    assert abs(meas.mean() - mixed["pred_grad_corr"].mean()) < 4 * se + d_rho
     with pytest.raises(ValueError, match="signal"):
         link_trace(trace, signal="bogus")

@@ -18,7 +18,8 @@ torch.set_num_threads(1)
 
 
 def test_docstring_example_runs():
-    assert doctest.testmod(methods).failed == 0
+    result = doctest.testmod(methods)
+    assert result.failed == 0 and result.attempted > 0  # no example found would pass
 
 
 @pytest.mark.parametrize("name", list(METHODS))

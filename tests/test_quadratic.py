@@ -396,4 +396,5 @@ def test_blockwise_evaluation_matches_a_direct_route_for_every_layout(method, la
 def test_module_docstring_example_runs():
     import doctest
 
-    assert doctest.testmod(q).failed == 0
+    result = doctest.testmod(q)
+    assert result.failed == 0 and result.attempted > 0  # no example found would pass

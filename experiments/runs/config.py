@@ -6,7 +6,8 @@ one line, exit status 2).
 
 The run id (:func:`run_id`) is ``sha256(RESULT_FORMAT, canonical JSON of the full
 config)[:16]``: all fields with defaults filled in, keys sorted, ints in float fields made
-floats, ``-0.0`` made ``0.0`` (:func:`canonical_config`). So the same run is computed once,
+floats, ``-0.0`` made ``0.0``, and inside ``data_args``/``model_args`` an integral float made
+the int it equals, so ``[1, 2]`` and ``[1.0, 2.0]`` give one id (:func:`canonical_config`). So the same run is computed once,
 across sweeps too; bump :data:`RESULT_FORMAT` when what a run writes changes meaning, and
 every run is recomputed under new ids. Fields added after runs were stored
 (:data:`LATE_DEFAULTS`) are left out of the hash while they hold their default, so adding a
@@ -252,10 +253,11 @@ def canonical_config(config) -> dict:
     out = config.to_dict()
     for key in floats:
         value = out[key]
-        if type(value) is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):  # stays a float
+            value = float(value)
             out[key] = value + 0.0 if math.isfinite(value) else repr(value)  # -0.0 + 0.0 == 0.0
         elif value is not None:
-            out[key] = canonical_value(float(value) if isinstance(value, numbers.Real) else value)
+            out[key] = canonical_value(value)
     for key in others:
         out[key] = canonical_value(out[key])
     for key, default in LATE_DEFAULTS.items():  # fields added later: absent at their default, so
@@ -272,9 +274,9 @@ def canonical_value(value):
         return value
     if isinstance(value, numbers.Integral):
         return int(value)
-    if isinstance(value, numbers.Real):
+    if isinstance(value, numbers.Real):  # equal numbers, equal forms: 2.0 -> 2, -0.0 -> 0 (exact)
         value = float(value)
-        return value + 0.0 if math.isfinite(value) else repr(value)  # -0.0 + 0.0 == 0.0
+        return repr(value) if not math.isfinite(value) else int(value) if value.is_integer() else value
     if isinstance(value, dict):
         return {str(k): canonical_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -283,8 +285,8 @@ def canonical_value(value):
 
 
 def canonical_key(value) -> str:
-    """Canonical JSON of one config value: equal values (``[1, 2]`` and ``[1.0, 2.0]`` in a
-    float field aside) give equal keys."""
+    """Canonical JSON of one config value: equal values give equal keys (``[1, 2]`` and
+    ``[1.0, 2.0]`` too: an integral float is written as the int it equals)."""
     return json.dumps(canonical_value(value), sort_keys=True)
 
 
