@@ -80,7 +80,7 @@ def test_link_reads_the_lr_of_the_probe_step_itself(rng):
     lr = np.where(np.arange(200) < 100, 1.0, 0.1)
     lam_g = 10.0  # h_G = 1 at lr 0.1 (below the edge); 10 at lr 1.0 (capped at 0.95 edge)
     trace = _link_input(lr, [0, 50, 100, 150], lam_g, rng)
-    ds = link_trace(trace, smooth=1, prediction="stationary")
+    ds = link_trace(trace, combine="none", smooth=1, prediction="stationary")
     at = ds.sel(probe_step=100)
     assert float(at["lr"]) == 0.1 and float(ds["lr"].sel(probe_step=50)) == 1.0
     for layer in LAYERS:
@@ -112,7 +112,7 @@ def test_network_top_mode_past_the_edge_is_held_at_095_of_it(rng, method, beta):
     T = 800
     probes = np.arange(0, T, 100)
     trace = _link_input(np.full(T, lr0), probes, lam_g, rng, {"opt": method, "lr": lr0, "momentum": beta})
-    ds = link_trace(trace, smooth=1, prediction="stationary")
+    ds = link_trace(trace, combine="none", smooth=1, prediction="stationary")
     assert np.allclose(ds["edge_ratio_global"], 4 / 3)
     for layer in LAYERS:
         want = layer_prediction(method, lr0, beta, _expected_spectrum(layer, lam_g, 0.95 * edge / lr0),
@@ -123,14 +123,14 @@ def test_network_top_mode_past_the_edge_is_held_at_095_of_it(rng, method, beta):
         assert int(got["pred_n_unstable"].max()) == 0
     # at 0.95 of the edge the network mode dominates and flips the gradient
     assert float(ds["pred_grad_corr"].max()) < -0.3
-    sched = link_trace(trace, smooth=1, prediction="schedule")
+    sched = link_trace(trace, combine="none", smooth=1, prediction="schedule")
     # constant lr from x = 0: the moments converge like ρ^(2t), ρ < 0.98 at 0.95 edge, so by
     # step 400 the gap is < 0.98^800 ≈ 1e-7 of the stationary value (relative)
     late = sched.sel(probe_step=sched["probe_step"] >= 500)
     np.testing.assert_allclose(late["pred_grad_corr"], ds["pred_grad_corr"].sel(probe_step=late["probe_step"]),
                                rtol=1e-5)
     trace["grad_signal"] = ("probe_step", np.full(probes.size, 1.0))
-    sig = link_trace(trace, smooth=1, prediction="stationary", signal="fluct")
+    sig = link_trace(trace, combine="none", smooth=1, prediction="stationary", signal="fluct")
     np.testing.assert_allclose(sig["pred_mean_corr"], fluctuation_correlation(method, 0.95 * edge, beta),
                                rtol=1e-12)
 
@@ -449,7 +449,7 @@ def test_layer_top_mode_past_the_edge_is_held_below_it_in_the_schedule_route(rng
     T = 600
     trace = _link_input(np.full(T, lr0), np.arange(0, T, 100), 0.0, rng)
     trace["sharpness"] = trace["sharpness"] * 0 + 1.2 * edge / lr0
-    ds = link_trace(trace, smooth=1, prediction="schedule", global_mode=False)
+    ds = link_trace(trace, combine="none", smooth=1, prediction="schedule", global_mode=False)
     for layer in LAYERS:
         sp = LayerSpectrum.from_summary(1.2 * edge / lr0, TRACE[layer], N_PARAMS[layer], clip_trace=True)
         # the mode's curvature is capped, its noise (∝ the measured λ, times its weight) is not
@@ -470,7 +470,7 @@ def test_smoothing_is_the_centred_rolling_mean_of_the_probes(rng):
     trace = _link_input(lr, np.arange(0, 500, 100), 0.0, rng)
     noise = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
     trace["grad_noise"] = (("probe_step", "layer"), np.stack([noise, noise], 1))
-    ds = link_trace(trace, smooth=3, prediction="stationary", global_mode=False)
+    ds = link_trace(trace, combine="none", smooth=3, prediction="stationary", global_mode=False)
     fed = np.array([1.5, 7 / 3, 14 / 3, 28 / 3, 12.0])
     for layer in LAYERS:
         sp = LayerSpectrum.from_summary(SHARP[layer], TRACE[layer], N_PARAMS[layer], clip_trace=True)
