@@ -106,8 +106,7 @@ class NumpyEngine(_FlatBuffers):
         super().__init__(params, tensor_layer, block_size)
         self.block = np.zeros((block_size, self.width))
         self.clip = np.ones((block_size, self.L + 1))
-        self.Gn, self.Dn = self.G.numpy(), self.D.numpy()
-        self.an = self.a.numpy()
+        self.Gn, self.Dn, self.an = self.G.numpy(), self.D.numpy(), self.a.numpy()
         contiguous = all(x.is_contiguous() for x in self.data)
         self.theta_np = [x.numpy().reshape(-1) for x in self.data] if contiguous else None  # views
         self.asum, self.dot = scipy.linalg.blas.get_blas_funcs(("asum", "dot"), (self.an,))
@@ -118,13 +117,13 @@ class NumpyEngine(_FlatBuffers):
 
     def backward_stats(self, row_index, cur, norms, g_global, loss):
         G, a, n, L, asum, dot = self.Gn, self.an, self.n, self.L, self.asum, self.dot
-        absolute, g = np.abs, G[cur]
+        g = G[cur]
         row = self.block[row_index]
         row[:n] = norms.numpy()
         for l, (s, m) in enumerate(self.seg):  # each segment once from memory, then from cache
             row[n + l] = asum(g[s:s + m])  # BLAS Σ|g|
             row[n + 3 * L + l] = dot(G[0, s:s + m], G[1, s:s + m])
-        absolute(g, out=a)
+        np.abs(g, out=a)
         row[n + L:n + 2 * L] = np.maximum.reduceat(a, self.seg_start)
         row[n + 2 * L:n + 3 * L] = np.minimum.reduceat(a, self.seg_start)
         row[n + 4 * L] = math.nan if loss is None else float(loss)
