@@ -110,16 +110,22 @@ class NumpyEngine(_FlatBuffers):
         contiguous = all(x.is_contiguous() for x in self.data)
         self.theta_np = [x.numpy().reshape(-1) for x in self.data] if contiguous else None  # views
         self.asum, self.dot = scipy.linalg.blas.get_blas_funcs(("asum", "dot"), (self.an,))
+        self.d_np = [[x.numpy().reshape(-1) for x in f] for f in self.d_t]  # views
+        self.layer_tensors = [[i for i in range(self.n) if self.tensor_layer[i] == l] for l in range(self.L)]
+        self.per_tensor = np.zeros(2 * self.n)  # ‖θ_i‖², Σ|θ_i| per tensor
+        self.bins = np.concatenate([self.tensor_layer, self.tensor_layer + self.L])
 
     def backward_stats(self, row_index, cur, norms, g_global, loss):
-        G, a, st, n, L = self.Gn, self.an, self.seg_start, self.n, self.L
+        G, a, n, L, asum, dot = self.Gn, self.an, self.n, self.L, self.asum, self.dot
+        g = G[cur]
         row = self.block[row_index]
-        np.abs(G[cur], out=a)
         row[:n] = norms.numpy()
-        row[n:n + L] = [self.asum(G[cur, s:s + m]) for s, m in self.seg]  # BLAS Σ|g|
-        row[n + L:n + 2 * L] = np.maximum.reduceat(a, st)
-        row[n + 2 * L:n + 3 * L] = np.minimum.reduceat(a, st)
-        row[n + 3 * L:n + 4 * L] = [self.dot(G[0, s:s + m], G[1, s:s + m]) for s, m in self.seg]
+        for l, (s, m) in enumerate(self.seg):  # each segment once from memory, then from cache
+            row[n + l] = asum(g[s:s + m])  # BLAS Σ|g|
+            row[n + 3 * L + l] = dot(G[0, s:s + m], G[1, s:s + m])
+        np.abs(g, out=a)
+        row[n + L:n + 2 * L] = np.maximum.reduceat(a, self.seg_start)
+        row[n + 2 * L:n + 3 * L] = np.minimum.reduceat(a, self.seg_start)
         row[n + 4 * L] = math.nan if loss is None else float(loss)
         row[n + 4 * L + 1] = float(g_global)
 
@@ -127,13 +133,29 @@ class NumpyEngine(_FlatBuffers):
         self.clip[row_index, col] = float(factor)
 
     def step_stats(self, row_index, cur, prev):
+        if self.theta_np is None:  # non-contiguous parameters: copies of θ
+            return self._step_stats_copy(row_index, cur, prev)
+        D, L, n, asum, dot, sub = self.Dn, self.L, self.n, self.asum, self.dot, np.subtract
+        theta, d_t, per_tensor = self.theta_np, self.d_np[cur], self.per_tensor
+        row = self.block[row_index, self.w_back:]
+        # layer by layer, so that each segment is still in cache for the next pass over it
+        for l, (s, m), tensors in zip(range(L), self.seg, self.layer_tensors):
+            for i in tensors:
+                x, d = theta[i], d_t[i]
+                sub(d, x, out=d)  # θ_before − θ_after = −Δθ (the sign cancels in every statistic)
+                per_tensor[i], per_tensor[n + i] = dot(x, x), asum(x)
+            d = D[cur, s:s + m]
+            row[l], row[L + l], row[2 * L + l] = dot(d, d), asum(d), dot(d, D[prev, s:s + m])
+        row[3 * L:5 * L] = np.bincount(self.bins, per_tensor, 2 * L)  # per-layer sums, in order
+
+    def _step_stats_copy(self, row_index, cur, prev):
         D, L, asum, dot = self.Dn, self.L, self.asum, self.dot
         torch._foreach_sub_(self.d_t[cur], self.data)  # θ_before − θ_after = −Δθ
         row = self.block[row_index, self.w_back:]
         for l, (s, m) in enumerate(self.seg):  # one BLAS pass per statistic, no temporaries
             d = D[cur, s:s + m]
             row[l], row[L + l], row[2 * L + l] = dot(d, d), asum(d), dot(d, D[prev, s:s + m])
-        theta = self.theta_np or [x.numpy().reshape(-1) for x in self.data]
+        theta = [x.numpy().reshape(-1) for x in self.data]
         row[3 * L:4 * L] = np.bincount(self.tensor_layer, [dot(x, x) for x in theta], L)
         row[4 * L:5 * L] = np.bincount(self.tensor_layer, [asum(x) for x in theta], L)
 

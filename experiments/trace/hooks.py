@@ -34,6 +34,8 @@ Loss: the hooks do not see it; ``tracer.record_loss(loss)`` (any time before the
 accumulation, the recorded losses of the step are summed) fills ``loss``, else it is NaN.
 """
 
+import operator
+
 import torch
 
 
@@ -72,7 +74,7 @@ class Hooks:
         self.next_batch = None if probe_batch is None else batch_source(probe_batch)
         self.captured = False  # gradients copied since the last step
         self.queued = False  # a callback is queued for the end of the running backward pass
-        self.versions = None
+        self.grads = self.versions = None
         self.loss = None
         self.frozen = False  # the step's gradient statistics are taken: no more copies
         opt = tracer.optimizer
@@ -118,15 +120,15 @@ class Hooks:
         t = self.tracer
         t._capture()
         self.captured = True
-        self.versions = [(g, g._version) if g is not None else None for g in (p.grad for p in t.params)]
+        self.grads = [p.grad for p in t.params]  # the gradient tensors just copied
+        self.versions = [g._version for g in self.grads if g is not None]
 
     def changed(self):
         """True when a gradient was replaced or changed in place since the copy."""
-        for p, v in zip(self.tracer.params, self.versions):
-            g = p.grad
-            if (g is None) != (v is None) or (g is not None and (g is not v[0] or g._version != v[1])):
-                return True
-        return False
+        grads = [p.grad for p in self.tracer.params]
+        if any(map(operator.is_not, grads, self.grads)):
+            return True
+        return [g._version for g in grads if g is not None] != self.versions
 
     def record_clip(self):
         """Factors ‖g at the step‖/‖g raw‖ per layer and globally (docstring: clip factors)."""
@@ -189,4 +191,4 @@ class Hooks:
 
     def skip(self):
         """Forget this step's gradients and loss (a step the GradScaler skipped)."""
-        self.captured, self.loss, self.versions, self.frozen = False, None, None, False
+        self.captured, self.loss, self.grads, self.versions, self.frozen = False, None, None, None, False
