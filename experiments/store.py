@@ -299,6 +299,21 @@ def _acquire(run_dir):
     raise RunHeld(_held_message(run_dir, read_lock(run_dir) or {}))
 
 
+def drop_stale_lock(run_dir):
+    """Remove ``run_dir``'s LOCK if its owner is dead (a claimant killed between writing
+    ``DONE`` and releasing its claim leaves one in a finished run); return whether one was
+    removed. A live owner's lock is left alone."""
+    run_dir = Path(run_dir)
+    info = read_lock(run_dir)
+    if info is None or not lock_is_stale(run_dir, info):
+        return False
+    with _directory_flock(run_dir):
+        if read_lock(run_dir) == info:
+            (run_dir / LOCK).unlink(missing_ok=True)
+            return True
+    return False
+
+
 def _release(run_dir):
     info = read_lock(run_dir)
     if info and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():

@@ -223,6 +223,21 @@ def test_a_sweep_skips_runs_another_process_holds(tmp_path, live_process, monkey
     assert any("another process" in h for h in runner.format_hints(counts))
 
 
+
+def test_a_finished_run_keeps_no_lock_of_a_claimant_killed_after_done(tmp_path, live_process, monkeypatch):
+    """A claimant killed between writing DONE and releasing its claim leaves its LOCK in a
+    finished run; the next plan of the sweep removes it (a live owner's lock stays)."""
+    root = tmp_path / "store"
+    spec = write_spec(tmp_path / "s.toml", root, 2)
+    monkeypatch.setenv(LOG_ENV, str(tmp_path / "log"))
+    runner.run_sweep(spec, workers=0, progress=False, run_fn=COUNTING)
+    dead, live = (root / rid for rid in runner.plan(spec).ids)
+    _lock(dead, pid=dead_pid(), start=1)
+    _lock(live, pid=live_process.pid, start=store._process_start(live_process.pid)[0])
+    assert runner.plan(spec).status == ["done", "done"]
+    assert not (dead / store.LOCK).exists()
+    assert store.read_lock(live)["pid"] == live_process.pid
+
 # ------------------------------------------------------------------ 5, 6: stale or silent results
 
 def test_train_into_a_finished_out_says_nothing_was_trained(tmp_path, capsys):

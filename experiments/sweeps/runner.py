@@ -58,7 +58,8 @@ class Plan:
 
 
 def plan(spec_or_path, *, root=None) -> Plan:
-    """Expand the spec and stat each run's markers (no JSON is read)."""
+    """Expand the spec and stat each run's markers (no JSON is read). A finished run that
+    still has the LOCK of a claimant killed after writing ``DONE`` has it removed."""
     spec = as_spec(spec_or_path)
     root = resolve_root(spec, root)
     configs, ids = (list(t) for t in zip(*distinct_runs(spec)))
@@ -66,6 +67,8 @@ def plan(spec_or_path, *, root=None) -> Plan:
     for rid in ids:
         if exists(f"{prefix}{rid}/{store.DONE}"):
             status.append("done")
+            if exists(f"{prefix}{rid}/{store.LOCK}"):
+                store.drop_stale_lock(f"{prefix}{rid}")
         elif exists(f"{prefix}{rid}/{store.FAILED}"):
             status.append("failed")
         else:
