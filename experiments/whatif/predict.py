@@ -34,7 +34,7 @@ import xarray as xr
 from dynamics.nqm.schedule import schedule_prediction
 from dynamics.quadratic import regime, stability_edge
 from experiments.linking.core import run_method
-from experiments.linking.measure import default_window
+from experiments.linking.measure import default_window, measured_window
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra
 from experiments.runs.optim import lr_factors
 
@@ -188,23 +188,24 @@ def measure_windows(trace, windows, method, momentum, after=None):
     ``h_edge_layer`` / ``regime_layer`` the same for the layer's block top mode. ``after``:
     use only probes after that step for these (the probe at the change's step is an input of
     the prediction, not a measurement of its outcome)."""
-    norm, cos, ratio = trace["grad_norm"], trace["grad_cos"], trace["update_ratio"]
+    ratio = trace["update_ratio"]
     L = trace.sizes["layer"]
-    corr, gnorm, upd = (np.full((len(windows), L), np.nan) for _ in range(3))
+    width = {b - a for a, b in windows}
+    if len(width) != 1:
+        raise ValueError(f"windows={windows!r} must all have one width")
+    # the link's estimators over [a, a + W): the norm-weighted lag-1 correlation and E||g||^2
+    link_meas = measured_window(trace, [a for a, _ in windows], width.pop(), align="after").transpose(
+        "probe_step", "layer")
+    corr = link_meas["meas_grad_corr"].values
+    gnorm = np.sqrt(link_meas["meas_grad_sq_norm"].values)
+    upd = np.full((len(windows), L), np.nan)
     h_edge, reg = np.full(len(windows), np.nan), np.array([""] * len(windows), dtype=object)
     h_layer, reg_layer = np.full((len(windows), L), np.nan), np.full((len(windows), L), "", dtype=object)
     edge = float(stability_edge(method, momentum))
     probes = trace["probe_step"].values if "probe_step" in trace.dims else np.array([], dtype=int)
     for w, (a, b) in enumerate(windows):
         s = slice(max(a, 0), min(b, trace.sizes["step"]))
-        n, c = norm.values[s], cos.values[s]
-        prev = norm.values[max(a, 0) - 1:s.stop - 1] if a > 0 else np.r_[np.nan * n[:1], n[:-1]]
-        dot = c * n * prev
-        ok = np.isfinite(dot)
         with np.errstate(invalid="ignore", divide="ignore"):
-            corr[w] = np.where(ok, dot, 0).sum(0) / np.sqrt(np.where(ok, n ** 2, 0).sum(0)
-                                                            * np.where(ok, prev ** 2, 0).sum(0))
-            gnorm[w] = np.sqrt(np.nanmean(n ** 2, axis=0)) if len(n) else np.nan
             r = ratio.values[s]
             upd[w] = np.nanmean(np.where(np.isfinite(r), r, np.nan), axis=0) if len(r) else np.nan
         inside = probes[(probes >= a) & (probes < b) & (probes > (-1 if after is None or w == 0 else after))]
