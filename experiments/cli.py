@@ -313,9 +313,7 @@ def _plot_main(args):
     from pathlib import Path
 
     from experiments.viewers.dashboard import dashboard, save_dashboard
-    from experiments.viewers.export import read_trace
-
-    trace = read_trace(args.run)
+    trace = store.read_trace(args.run, "run")
     run = Path(args.run)
     out = args.out or (run / "dashboard.png" if run.is_dir() else run.with_name(run.stem + ".dashboard.png"))
     fig, _ = dashboard(trace, layers=args.layers, max_layers=args.max_layers, smooth=args.smooth,
@@ -325,11 +323,11 @@ def _plot_main(args):
 
 
 def _export_main(args):
-    from experiments.viewers.export import read_trace, write_table, write_tensorboard
+    from experiments.viewers.export import write_table, write_tensorboard
 
     if not (args.tensorboard or args.csv or args.parquet):
         raise ValueError("export needs --tensorboard DIR, --csv FILE or --parquet FILE")
-    trace = read_trace(args.run)
+    trace = store.read_trace(args.run, "run")
     if args.tensorboard:
         print(f"wrote {write_tensorboard(trace, args.tensorboard)} scalars to {args.tensorboard}")
     for path, suffix in ((args.csv, ".csv"), (args.parquet, ".parquet")):

@@ -169,6 +169,24 @@ def load_run(path) -> xr.Dataset:
 
 
 # --------------------------------------------------------------------------- output checks
+def read_trace(source, name="source"):
+    """The trace of a finished run directory (:func:`load_run`, config and summary in its
+    attrs), of a trace file, or of a directory holding ``trace.nc`` (e.g. ``Tracer.dataset()``
+    saved by one's own loop); ``name`` is the parameter the error messages name."""
+    source = Path(source)
+    if is_done(source):
+        return load_run(source)
+    path = source / TRACE if source.is_dir() else source
+    if not path.is_file():
+        raise ValueError(f"{name}={str(source)!r} is not a run directory, a trace file or a directory "
+                         f"with {TRACE}")
+    try:
+        with xr.open_dataset(path) as ds:
+            return ds.load()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{name}={str(source)!r} is not a readable trace: {err}") from None
+
+
 def check_writable(path, name, *, directory=False):
     """ValueError (one line, naming ``name``) unless files can be written at ``path``.
 

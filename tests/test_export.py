@@ -6,7 +6,8 @@ import pytest
 
 from experiments.cli import main
 from experiments.store import atomic_write_dataset, write_run
-from experiments.viewers.export import h_edge, read_trace
+from experiments.store import read_trace
+from experiments.viewers.export import h_edge
 from tests.traces import small_trace
 
 

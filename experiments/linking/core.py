@@ -286,11 +286,7 @@ def link_file(path, *, opt=None, lr=None, momentum=None, write=True, **options):
     (:func:`trace_config`); written beside it as ``link.nc`` (``NAME.link.nc`` for a file
     not named ``trace.nc``)."""
     path = Path(path)
-    try:
-        with xr.open_dataset(path) as ds:
-            trace = ds.load()
-    except (OSError, ValueError) as err:
-        raise ValueError(f"source={str(path)!r} is not a readable trace file: {err}") from None
+    trace = store.read_trace(path)
     ds = link_trace(trace, trace_config(trace, opt, lr, momentum), **options)
     ds.attrs["run_id"] = path.parent.name if path.name == store.TRACE else path.stem
     if write:

@@ -1,6 +1,6 @@
 """A trace as a tidy table (CSV, Parquet) and as TensorBoard scalars.
 
-Sources (:func:`read_trace`): a run directory (:func:`experiments.store.load_run`), a trace file,
+Sources (:func:`experiments.store.read_trace`): a run directory (:func:`experiments.store.load_run`), a trace file,
 or a directory with ``trace.nc`` and no config (a trace saved from one's own loop).
 
 The tidy table (:func:`trace_table`) has one row per (step, layer): the per-layer variables, the
@@ -28,29 +28,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import xarray as xr
 
 from dynamics.quadratic import stability_edge
 from experiments import store
 
 LAYER_SCALARS = ("grad_norm", "update_norm", "param_norm", "update_ratio", "grad_cos")
 GLOBAL_SCALARS = {"loss": "loss", "lr": "lr", "grad_norm_global": "grad_norm", "grad_cos_global": "grad_cos"}
-
-
-def read_trace(source):
-    """The trace of a run directory, a trace file or a directory with ``trace.nc``."""
-    source = Path(source)
-    if store.is_done(source):
-        return store.load_run(source)
-    path = source / store.TRACE if source.is_dir() else source
-    if not path.is_file():
-        raise ValueError(f"run={str(source)!r} is not a run directory, a trace file or a directory "
-                         f"with {store.TRACE}")
-    try:
-        with xr.open_dataset(path) as ds:
-            return ds.load()
-    except (OSError, ValueError) as err:
-        raise ValueError(f"run={str(source)!r} is not a readable trace: {err}") from None
 
 
 def method_edge(trace):
