@@ -279,7 +279,7 @@ def _validate(loss, w0, method, lr, momentum, horizon):
     horizon = float(check_positive("horizon", horizon))
     w0 = np.asarray(w0, dtype=float)
     if w0.ndim != 1 or w0.size == 0 or not np.all(np.isfinite(w0)):
-        raise ValueError(f"w0 must be a finite 1-D array with at least one entry; got shape {w0.shape}")
+        raise ValueError(f"w0=array of shape {w0.shape} is not valid; valid: a finite 1-D array with at least one entry")
     for name in ("grad", "top_eigs", "grad_sharpness"):
         if not callable(getattr(loss, name, None)):
             raise ValueError(f"loss={loss!r} has no callable {name!r}")
