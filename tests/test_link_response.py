@@ -284,3 +284,22 @@ def test_link_default_forecast_is_theory_combined_with_persistence(quadratic_run
     np.testing.assert_array_equal(alone["pred_grad_corr"], theory)
     with pytest.raises(ValueError, match="combine='mean'"):
         link_trace(quadratic_run_with_curvature, combine="mean")
+
+
+def test_link_carries_the_window_halves_and_the_protocol_reports_the_ceiling(quadratic_run_with_curvature):
+    """The halves cover the full window's step pairs: the full estimate is λ₁·half₁ + λ₂·half₂ with
+    λ_k = √(S_k P_k / (S P)) ≥ 0 and λ₁ + λ₂ ≤ 1 (Cauchy–Schwarz; S, P the sums of ‖g_t‖², ‖g_{t−1}‖²),
+    so it lies in the hull of 0 and the two halves."""
+    from experiments.linking.core import link_trace
+    from experiments.linking.report import format_protocol, protocol_scores
+
+    ds = link_trace(quadratic_run_with_curvature)
+    a, b, full = (ds[k].values for k in ("meas_half1_grad_corr", "meas_half2_grad_corr", "meas_grad_corr"))
+    ok = np.isfinite(a) & np.isfinite(b)
+    assert ok.sum() > 0
+    lo, hi = np.minimum(np.minimum(a, b), 0)[ok], np.maximum(np.maximum(a, b), 0)[ok]
+    assert np.all(full[ok] >= lo - 1e-12) and np.all(full[ok] <= hi + 1e-12)
+    sc = protocol_scores(ds)
+    assert set(sc["ceiling"]) == {"n", "split_half", "reliability", "ceiling"} and sc["ceiling"]["n"] <= sc["n"]
+    assert set(sc["ceiling_regimes"]) == {"h/edge<0.05", "0.05-0.5", ">=0.5"}
+    assert "noise ceiling" in format_protocol(sc)

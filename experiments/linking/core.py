@@ -65,7 +65,7 @@ import xarray as xr
 
 from dynamics.quadratic import regime, stability_edge
 from experiments import store
-from experiments.linking.measure import measured_window
+from experiments.linking.measure import measured_window, split_half_windows
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra, predict_layers, schedule_predict_layers
 from experiments.linking.signal import SIGNALS, fluctuation_correlation, mean_part_correlation, with_signal
 from experiments.linking.response import baselines, combine_forecasts, has_response_inputs, response_predict
@@ -132,7 +132,9 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     ``edge_ratio_global`` (the same for the network's sharpness),
     ``regime`` of the top mode, the measured inputs (``sharpness``, ``hessian_trace``,
     ``grad_noise``, ``n_params``, ``sharpness_global``), ``pred_*`` and ``meas_*``
-    (:func:`measured_window`); the options are in ``attrs``.
+    (:func:`measured_window`), ``meas_half1_grad_corr`` / ``meas_half2_grad_corr`` (the window's two
+    halves, :func:`experiments.linking.measure.split_half_windows`: its noise ceiling); the options
+    are in ``attrs``.
     """
     config = dict(trace_config(trace) if config is None else config)
     method, momentum = run_method(config)
@@ -196,7 +198,8 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
         corr, sq = combine_forecasts(pred["pred_grad_corr"], pred["pred_grad_sq_norm"],
                                      base["base_persist_corr"], base["base_persist_sq"])
         pred = pred.assign(pred_grad_corr=corr, pred_grad_sq_norm=sq)
-    ds = xr.merge([pred, meas.drop_attrs(), base])
+    halves = split_half_windows(trace, probe, meas.attrs["window"], align) if meas.attrs["window"] >= 2 else None
+    ds = xr.merge([pred, meas.drop_attrs(), base] + ([halves] if halves is not None else []))
     h_global = lr * trace["sharpness_global"]
     ds = ds.assign(lr=lr, h=h, edge=edge, edge_ratio=h / edge, regime=regime_top,
                    sharpness_global=trace["sharpness_global"], edge_ratio_global=h_global / edge,

@@ -70,3 +70,23 @@ def default_window(probe_steps):
     """The smallest spacing of the probe steps (50 if there is only one probe)."""
     spacing = np.diff(np.unique(np.asarray(probe_steps)))
     return int(spacing.min()) if spacing.size else 50
+
+
+def split_half_windows(trace, probe_steps=None, window=None, align="center"):
+    """The measured correlation over each half of the window of :func:`measured_window`:
+    ``meas_half1_grad_corr`` over its first ⌊W/2⌋ steps, ``meas_half2_grad_corr`` over the rest
+    (the two cover exactly the full window's step pairs), on the same ``probe_step`` coordinates.
+    Their agreement across points is the split-half reliability of the full window's estimate
+    (:func:`experiments.linking.scores.noise_ceiling`)."""
+    probe_steps = np.asarray(trace["probe_step"].values if probe_steps is None else probe_steps)
+    window = default_window(probe_steps) if window is None else int(window)
+    if window < 2:
+        raise ValueError(f"window={window} is outside the valid range [2, inf) for split halves")
+    if align not in ALIGNS:
+        raise ValueError(f"align={align!r} is unknown; valid: {', '.join(ALIGNS)}")
+    start = probe_steps - window // 2 if align == "center" else probe_steps
+    first = measured_window(trace, start, window // 2, align="after")["meas_grad_corr"]
+    second = measured_window(trace, start + window // 2, window - window // 2, align="after")["meas_grad_corr"]
+    coord = {"probe_step": probe_steps}
+    return xr.Dataset({"meas_half1_grad_corr": first.assign_coords(coord),
+                       "meas_half2_grad_corr": second.assign_coords(coord)})

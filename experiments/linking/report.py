@@ -4,7 +4,7 @@
 import numpy as np
 import pandas as pd
 
-from experiments.linking.scores import SCORES, agreement_scores
+from experiments.linking.scores import SCORES, agreement_scores, noise_ceiling
 
 
 def link_scores(ds, bins=10):
@@ -103,7 +103,10 @@ def protocol_scores(ds, bins=10):
     constant) the agreement of the correlation pooled and per regime of the network's h/edge
     (``edge_ratio_global``: < 0.05, 0.05–0.5, ≥ 0.5), the within-probe layer ranking, and for the
     norm (link, NQM, persistence) the agreement of log10 E‖g‖² with its mean absolute error in
-    decades — all on the same points (:func:`protocol_points`)."""
+    decades — all on the same points (:func:`protocol_points`). Where the Dataset has the window's
+    halves (``meas_half*_grad_corr``), ``ceiling`` (pooled) and ``ceiling_regimes`` (per regime) are
+    the noise ceiling of the measured correlation on those points
+    (:func:`experiments.linking.scores.noise_ceiling`): the Spearman score no forecast can beat."""
     keep = protocol_points(ds)
     meas = np.where(keep, _flat(ds, "meas_grad_corr"), np.nan)
     ratio = np.broadcast_to(np.asarray(ds["edge_ratio_global"].broadcast_like(ds["meas_grad_corr"])
@@ -124,6 +127,11 @@ def protocol_scores(ds, bins=10):
                 float("nan"), float("nan"))
             sc["pred_pos_meas_neg"] = int(np.sum((pred[ok] > 0) & (meas[ok] < 0)))
             out["regimes"].setdefault(reg, {})[label] = sc
+    if "meas_half1_grad_corr" in ds and "meas_half2_grad_corr" in ds:
+        a, b = (np.where(keep, _flat(ds, k), np.nan) for k in ("meas_half1_grad_corr", "meas_half2_grad_corr"))
+        out["ceiling"] = noise_ceiling(a, b)
+        out["ceiling_regimes"] = {reg: noise_ceiling(a[(ratio >= lo) & (ratio < hi)], b[(ratio >= lo) & (ratio < hi)])
+                                  for reg, lo, hi in REGIMES}
     with np.errstate(divide="ignore", invalid="ignore"):
         meas_n = np.log10(np.where(keep, _flat(ds, "meas_grad_sq_norm"), np.nan))
         for label, name in NORM_PREDICTORS.items():
@@ -144,6 +152,10 @@ def format_protocol(sc):
     for reg, by in sc["regimes"].items():
         lines.append(f"regime {reg} (n={next(iter(by.values()))['n']}): " + "; ".join(
             f"{label} {f(s['spearman'])}/{f(s['sign_agreement'])}" for label, s in by.items() if label != "constant"))
+    if "ceiling" in sc:
+        lines.append("noise ceiling of the measured correlation (split-half, Spearman-Brown): "
+                     f"{f(sc['ceiling']['ceiling'])} (split-half {f(sc['ceiling']['split_half'])}); per regime "
+                     + "; ".join(f"{reg} {f(c['ceiling'])}" for reg, c in sc["ceiling_regimes"].items()))
     lines.append("log10 |g|^2: " + "; ".join(f"{label} spearman {f(s['spearman'])}, err {f(s['mean_abs_error'])} dec"
                                              for label, s in sc["log10_norm"].items()))
     return "\n".join(lines)
