@@ -100,12 +100,56 @@ def bates_granger(ds):
     return out
 
 
+def inverse_variance(ds):
+    """Candidate (d): weights inversely proportional to each forecast's error variance from the model
+    of the estimator, w_theory = v_P / (v_T + v_P), per run and layer. The window's sampling variance
+    is v_s = (half₁ − half₂)²/4 (Spearman–Brown: the full window's error variance is half a half's;
+    E(half₁ − half₂)² = 2σ_h²); each forecast's own error variance is its past mean squared error
+    (probes q < p, same run and layer) less the target's sampling variance, which both share and which
+    does not change the optimal weights. Equal until two earlier probes; the norm keeps equal weights
+    (no half-window norms are recorded); ``pred_grad_corr`` replaced."""
+    out = ds.copy()
+    theory, pers, meas = ds["theory_grad_corr"], ds["base_persist_corr"], ds["meas_grad_corr"]
+    v_s = (ds["meas_half1_grad_corr"] - ds["meas_half2_grad_corr"]) ** 2 / 4
+
+    def past_var(err):
+        e = (err**2 - v_s).shift(probe_step=1)
+        n = np.isfinite(e).cumsum("probe_step")
+        return (e.fillna(0.0).cumsum("probe_step") / n).where(n >= 2).clip(min=1e-6)
+
+    v_t, v_p = past_var(meas - theory), past_var(meas - pers)
+    w = (v_p / (v_t + v_p)).fillna(0.5)
+    out["pred_grad_corr"] = xr.where(np.isfinite(pers), w * theory + (1 - w) * pers, theory)
+    return out
+
+
+def variants(names, linked, root=None):
+    """The forecasts tried (candidates of docs/findings/link.md), pooled over ``names``: label →
+    protocol scores. Chosen on the development families only; the evaluation ones are reported."""
+    makes = {"combine=none (theory alone)": lambda n: family(n, root, combine="none"),
+             "combine=persistence (equal weights, default)": lambda n: linked[n],
+             "combine=residual (a: theory + past mean residual)": lambda n: family(n, root, combine="residual"),
+             "combine=change (b: persistence + theory's change)": lambda n: family(n, root, combine="change"),
+             "combine=persistence2 (c: theory with two past windows)": lambda n: family(n, root, combine="persistence2"),
+             "inverse-variance weights, sampling variance from the halves (d)": lambda n: inverse_variance(linked[n]),
+             "Bates-Granger weights from past errors": lambda n: bates_granger(linked[n])}
+    out = {}
+    for label, make in makes.items():
+        dss = [make(n) for n in names]
+        scs = [protocol_scores(d) for d in dss]
+        out[label] = pooled(dss, scs)
+        out[label]["families"] = {n: {"spearman": s["corr"]["link"]["spearman"],
+                                      "sign_agreement": s["corr"]["link"]["sign_agreement"]} for n, s in zip(names, scs)}
+    return out
+
+
 def main(argv=()):
     parser = argparse.ArgumentParser(prog="python -m analyses link_families", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="store root of the runs (default: the specs' root)")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--variants", action="store_true",
-                        help="also the development families pooled for response_smooth 1, 3 (default), 5")
+                        help="also the forecasts tried (development: chosen on; evaluation: reported) and the "
+                             "development families pooled for response_smooth 1, 3 (default), 5")
     args = parser.parse_args(list(argv))
     result = {"development": DEVELOPMENT, "evaluation": EVALUATION, "families": {}, "pooled": {}}
     linked = {}
@@ -123,14 +167,10 @@ def main(argv=()):
         result["pooled"][role] = sc
         print(f"=== pooled {role}\n{format_protocol(sc)}\n")
     if args.variants:
-        result["development_variants"] = {}
-        for label, make in (("combine=none (theory alone)", lambda n: family(n, args.root, combine="none")),
-                            ("combine=persistence (equal weights, default)", lambda n: linked[n]),
-                            ("Bates-Granger weights from past errors", lambda n: bates_granger(linked[n]))):
-            dss = [make(n) for n in DEVELOPMENT]
-            sc = pooled(dss, [protocol_scores(d) for d in dss])
-            result["development_variants"][label] = sc
-            print(f"=== development, {label}\n{format_protocol(sc)}\n")
+        for role, names in (("development", DEVELOPMENT), ("evaluation", EVALUATION)):
+            result[f"{role}_variants"] = variants(names, linked, args.root)
+            for label, sc in result[f"{role}_variants"].items():
+                print(f"=== {role}, {label}\n{format_protocol(sc)}\n")
         for smooth in (1, 3, 5):
             dss = [family(n, args.root, response_smooth=smooth) for n in DEVELOPMENT]
             sc = pooled(dss, [protocol_scores(d) for d in dss])

@@ -256,7 +256,8 @@ def _add_link(subparsers):
     p.add_argument("--response-smooth", type=int, default=3, help="probes in the rolling mean of the response "
                    "model's inputs (default 3)")
     p.add_argument("--combine", default="persistence", help="persistence (default: the forecast is the "
-                   "theory's averaged with the previous window's measurement) or none (the theory alone)")
+                   "theory's averaged with the previous window's measurement), none (the theory alone), or the "
+                   "alternatives residual, change, persistence2 (docs/findings/link.md)")
     p.add_argument("--signal", default="none", help="mean-gradient term from the probe's grad_signal: none "
                    "(default), fluct / root (lag-1 of the network top mode's fluctuation / dominant root), drift (+1)")
     p.add_argument("--block-only", action="store_true",

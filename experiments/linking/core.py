@@ -68,12 +68,13 @@ from experiments import store
 from experiments.linking.measure import measured_window, split_half_windows
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra, predict_layers, schedule_predict_layers
 from experiments.linking.signal import SIGNALS, fluctuation_correlation, mean_part_correlation, with_signal
-from experiments.linking.response import baselines, combine_forecasts, has_response_inputs, response_predict
+from experiments.linking.response import (baselines, combine_forecasts, forecast_link, has_response_inputs,
+                                         response_predict)
 
 
 LINK_FILE = "link.nc"
 PREDICTIONS = ("auto", "response", "schedule", "stationary")
-COMBINES = ("persistence", "none")
+COMBINES = ("persistence", "none", "residual", "change", "persistence2")
 LINKED_METHODS = ("gd", "hb", "nag")
 
 
@@ -115,7 +116,8 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     ``combine``: "persistence" (default) makes ``pred_*`` the forecast combination of the theory
     and the previous probe window's measurement (:func:`experiments.linking.response.combine_forecasts`;
     the theory alone stays as ``theory_grad_corr``, ``theory_grad_sq_norm``), "none" leaves
-    ``pred_*`` the theory's.
+    ``pred_*`` the theory's; "residual", "change", "persistence2" are the alternatives tried on the
+    development families (:func:`experiments.linking.response.forecast`; not better there).
     ``prediction``: "response" (:mod:`experiments.linking.response`: the probe's curvature along the
     gradient and the momentum buffer in :func:`dynamics.nqm.response.response_model`; its inputs
     are smoothed over ``response_smooth`` probes); "auto" (default) is "response" where the trace
@@ -197,6 +199,10 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     if combine == "persistence":
         corr, sq = combine_forecasts(pred["pred_grad_corr"], pred["pred_grad_sq_norm"],
                                      base["base_persist_corr"], base["base_persist_sq"])
+        pred = pred.assign(pred_grad_corr=corr, pred_grad_sq_norm=sq)
+    elif combine != "none":
+        corr, sq = forecast_link(combine, pred["pred_grad_corr"], pred["pred_grad_sq_norm"], meas["meas_grad_corr"],
+                                 meas["meas_grad_sq_norm"])
         pred = pred.assign(pred_grad_corr=corr, pred_grad_sq_norm=sq)
     halves = split_half_windows(trace, probe, meas.attrs["window"], align) if meas.attrs["window"] >= 2 else None
     ds = xr.merge([pred, meas.drop_attrs(), base] + ([halves] if halves is not None else []))

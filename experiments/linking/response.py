@@ -96,3 +96,61 @@ def combine_forecasts(theory_corr, theory_sq, persist_corr, persist_sq):
     both = np.isfinite(persist_sq) & (persist_sq > 0) & (theory_sq > 0)
     sq = xr.where(both, np.sqrt(theory_sq.where(both, 1.0) * persist_sq.where(both, 1.0)), theory_sq)
     return corr, sq
+
+
+# ---------------------------------------------------------------------------------------
+# other forecasts from the theory and the measured past (tried on the development families;
+# docs/findings/link.md). Each is a function of the theory's prediction and the measured windows
+# of the same run and layer before p (along ``probe_step``); none uses the window it forecasts.
+
+FORECASTS = ("persistence", "residual", "change", "persistence2")
+
+
+def _past_mean(x):
+    """Mean of ``x`` over the probes q < p (same run and layer), non-finite entries skipped; NaN
+    where no earlier probe has a value."""
+    prev = x.shift(probe_step=1)
+    n = np.isfinite(prev).cumsum("probe_step")
+    return (prev.fillna(0.0).cumsum("probe_step") / n).where(n > 0)
+
+
+def forecast(mode, theory, meas):
+    r"""A forecast of the window at p from the theory's prediction ``theory`` (at every p) and the
+    measured windows ``meas`` (used only before p), both DataArrays with a ``probe_step`` dim
+    (for E‖g‖² pass their logarithms: every mode is then a ratio model). Where a mode's past input
+    is missing (the first probes) it falls back to the combination with one window, and where
+    there is no window before p to the theory alone.
+
+    - "persistence": :math:`\tfrac12[T(p) + M(p-1)]` (:func:`combine_forecasts`);
+    - "residual": :math:`T(p) + \overline{M(q) - T(q)}_{q<p}`: the theory supplies the dynamics and
+      the run-and-layer's past residuals its offset; exact for a theory that is off by a constant
+      per layer;
+    - "change": :math:`M(p-1) + T(p) - T(p-1)`: the theory's predicted change laid on the measured
+      level (exact when the theory's error is constant in time: an lr decay between p−1 and p
+      that persistence misses is then carried by the theory);
+    - "persistence2": :math:`\tfrac12[T(p) + \tfrac12(M(p-1) + M(p-2))]`: persistence over two
+      windows, whose sampling noise is half that of one if the two windows' errors are
+      independent and the true value has not moved.
+    """
+    if mode not in FORECASTS:
+        raise ValueError(f"combine={mode!r} is unknown; valid: none, {', '.join(FORECASTS)}")
+    p1 = meas.shift(probe_step=1)
+    half = xr.where(np.isfinite(p1), 0.5 * (theory + p1), theory)
+    if mode == "persistence":
+        return half
+    if mode == "residual":
+        new = theory + _past_mean(meas - theory)
+    elif mode == "change":
+        new = p1 + theory - theory.shift(probe_step=1)
+    else:
+        new = 0.5 * (theory + 0.5 * (p1 + meas.shift(probe_step=2)))
+    return xr.where(np.isfinite(new), new, half)
+
+
+def forecast_link(mode, theory_corr, theory_sq, meas_corr, meas_sq):
+    """:func:`forecast` of the correlation (clipped into [−1, 1]) and of E‖g‖² (in log space) of a
+    link; non-positive norms are undefined (NaN) in log space."""
+    corr = forecast(mode, theory_corr, meas_corr).clip(-1.0, 1.0)
+    log = lambda x: np.log(x.where(x > 0))  # noqa: E731
+    sq = np.exp(forecast(mode, log(theory_sq), log(meas_sq)))
+    return corr, sq
