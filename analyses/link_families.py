@@ -21,7 +21,7 @@ import xarray as xr
 
 from experiments import store
 from experiments.linking.core import link
-from experiments.linking.report import format_protocol, protocol_scores
+from experiments.linking.report import format_protocol, protocol_scores, ranking_ceiling
 
 SPECS = Path(__file__).resolve().parents[1] / "experiments" / "specs"
 DEVELOPMENT = ("link_dev_seed_cnn", "link_dev_mlp_digits", "link_dev_gru_pytext")
@@ -58,6 +58,11 @@ def pooled(datasets, scores):
         n = sum(c for _, c in pairs)
         sc["layer_ranking"][label] = float(sum(v * c for v, c in pairs) / n) if n else float("nan")
         sc["layer_ranking_probes"][label] = n
+    if all("ceiling_layer_ranking" in f for f in scores):
+        n = sum(f["ceiling_layer_ranking"]["probes"] for f in scores)
+        r = sum(f["ceiling_layer_ranking"]["split_half"] * f["ceiling_layer_ranking"]["probes"] for f in scores
+                if f["ceiling_layer_ranking"]["probes"]) / n if n else float("nan")
+        sc["ceiling_layer_ranking"] = ranking_ceiling(r, n)
     return sc
 
 

@@ -129,13 +129,16 @@ def test_noise_ceiling_is_the_score_of_the_true_values_on_an_ar1_trace(window):
     −0.007 ± 0.005 (W = 24) and −0.011 ± 0.015 (W = 8; sd per seed): a small systematic part
     (the Spearman–Brown step applied to ranks and to a ratio estimator) plus noise; the tolerance
     of the 6-seed mean is that part plus 5 standard errors (0.02 and 0.04). A forecast with its
-    own error scores below the ceiling; a shorter window has a lower ceiling."""
+    own error scores below the ceiling; a shorter window has a lower ceiling. The same holds for the
+    within-probe ranking's ceiling (φ varies across layers within each probe here)."""
     from scipy import stats
 
     from experiments.linking.measure import measured_window, split_half_windows
     from experiments.linking.scores import noise_ceiling
 
-    gaps, ceilings, noisy = [], [], []
+    from experiments.linking.report import ranking_ceiling, within_probe_ranking
+
+    gaps, ceilings, noisy, rank_gaps = [], [], [], []
     for seed in range(6):
         trace, phi = _ar1_trace(seed, window=window)
         full = measured_window(trace, window=window)["meas_grad_corr"].values
@@ -145,9 +148,13 @@ def test_noise_ceiling_is_the_score_of_the_true_values_on_an_ar1_trace(window):
         best = stats.spearmanr(phi.ravel(), full.ravel()).statistic
         guess = phi + np.random.default_rng(seed).normal(0, 0.3, phi.shape)
         gaps.append(c["ceiling"] - best)
+        within = ranking_ceiling(*within_probe_ranking(halves["meas_half1_grad_corr"], halves["meas_half2_grad_corr"],
+                                                       return_count=True))
+        rank_gaps.append(within["ceiling"] - within_probe_ranking(phi, full))
         ceilings.append(c["ceiling"])
         noisy.append(stats.spearmanr(guess.ravel(), full.ravel()).statistic)
     assert abs(np.mean(gaps)) < (0.02 if window == 24 else 0.04)
+    assert abs(np.mean(rank_gaps)) < (0.02 if window == 24 else 0.04)  # within probes: 50 layers, 40 probes
     assert np.all(np.array(noisy) < np.array(ceilings))
     assert np.mean(ceilings) < (1.0 if window == 24 else 0.85)  # W=24: ~0.91; W=8: ~0.75
 

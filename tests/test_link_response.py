@@ -302,6 +302,7 @@ def test_link_carries_the_window_halves_and_the_protocol_reports_the_ceiling(qua
     sc = protocol_scores(ds)
     assert set(sc["ceiling"]) == {"n", "split_half", "reliability", "ceiling"} and sc["ceiling"]["n"] <= sc["n"]
     assert set(sc["ceiling_regimes"]) == {"h/edge<0.05", "0.05-0.5", ">=0.5"}
+    assert set(sc["ceiling_layer_ranking"]) == {"probes", "split_half", "reliability", "ceiling"}
     assert "noise ceiling" in format_protocol(sc)
 
 

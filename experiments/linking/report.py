@@ -98,6 +98,17 @@ def within_probe_ranking(pred, meas, return_count=False):
     return (mean, len(values)) if return_count else mean
 
 
+def ranking_ceiling(split_half, probes):
+    """The noise ceiling of the within-probe layer ranking: ``split_half`` is the within-probe
+    ranking of one half-window against the other (:func:`within_probe_ranking`), averaged over
+    ``probes``; Spearman–Brown applied to that average as in
+    :func:`experiments.linking.scores.noise_ceiling` (an approximation: the per-probe reliabilities
+    vary, and the mean of √R is not √ of the mean)."""
+    rel = 2 * split_half / (1 + split_half) if np.isfinite(split_half) and split_half > -1 else float("nan")
+    return {"probes": int(probes), "split_half": float(split_half), "reliability": float(rel),
+            "ceiling": float(np.sqrt(max(rel, 0.0))) if np.isfinite(rel) else float("nan")}
+
+
 def protocol_scores(ds, bins=10):
     """The protocol's scores of a link Dataset: per predictor (link, NQM, persistence, one mode,
     constant) the agreement of the correlation pooled and per regime of the network's h/edge
@@ -106,7 +117,8 @@ def protocol_scores(ds, bins=10):
     decades — all on the same points (:func:`protocol_points`). Where the Dataset has the window's
     halves (``meas_half*_grad_corr``), ``ceiling`` (pooled) and ``ceiling_regimes`` (per regime) are
     the noise ceiling of the measured correlation on those points
-    (:func:`experiments.linking.scores.noise_ceiling`): the Spearman score no forecast can beat."""
+    (:func:`experiments.linking.scores.noise_ceiling`): the Spearman score no forecast can beat;
+    ``ceiling_layer_ranking`` that of the within-probe layer ranking (:func:`ranking_ceiling`)."""
     keep = protocol_points(ds)
     meas = np.where(keep, _flat(ds, "meas_grad_corr"), np.nan)
     ratio = np.broadcast_to(np.asarray(ds["edge_ratio_global"].broadcast_like(ds["meas_grad_corr"])
@@ -132,6 +144,8 @@ def protocol_scores(ds, bins=10):
         out["ceiling"] = noise_ceiling(a, b)
         out["ceiling_regimes"] = {reg: noise_ceiling(a[(ratio >= lo) & (ratio < hi)], b[(ratio >= lo) & (ratio < hi)])
                                   for reg, lo, hi in REGIMES}
+        r, probes = within_probe_ranking(a, b, return_count=True)
+        out["ceiling_layer_ranking"] = ranking_ceiling(r, probes)
     with np.errstate(divide="ignore", invalid="ignore"):
         meas_n = np.log10(np.where(keep, _flat(ds, "meas_grad_sq_norm"), np.nan))
         for label, name in NORM_PREDICTORS.items():
@@ -155,7 +169,8 @@ def format_protocol(sc):
     if "ceiling" in sc:
         lines.append("noise ceiling of the measured correlation (split-half, Spearman-Brown): "
                      f"{f(sc['ceiling']['ceiling'])} (split-half {f(sc['ceiling']['split_half'])}); per regime "
-                     + "; ".join(f"{reg} {f(c['ceiling'])}" for reg, c in sc["ceiling_regimes"].items()))
+                     + "; ".join(f"{reg} {f(c['ceiling'])}" for reg, c in sc["ceiling_regimes"].items())
+                     + f"; layer ranking {f(sc['ceiling_layer_ranking']['ceiling'])}")
     lines.append("log10 |g|^2: " + "; ".join(f"{label} spearman {f(s['spearman'])}, err {f(s['mean_abs_error'])} dec"
                                              for label, s in sc["log10_norm"].items()))
     return "\n".join(lines)
