@@ -9,7 +9,9 @@ curvature along the gradient and the momentum buffer; the theory alone is scored
 the development families (the model was chosen on them), the evaluation families (reported only),
 the small-h region (network h/edge < 0.05) of all families, and per family the Spearman score of
 the link beside the theory alone, persistence (the previous probe window's measured value) and
-one mode at the network's h = lr·λ_max; the text gives their pooled scores on the same points.
+one mode at the network's h = lr·λ_max, with the family's noise ceiling (the split-half reliability of
+the measured window correlation, :func:`experiments.linking.scores.noise_ceiling`: no forecast can
+score above it); the text gives their pooled scores on the same points.
 Quick mode runs the cheap families (seed CNN and MLP development, plain-SGD seed CNN and linear
 regression evaluation); full mode all eight (experiments/specs/link_{dev,eval}_*.toml).
 
@@ -170,10 +172,14 @@ def plot(data, ctx):
     names = list(fams)
     bars = (("link", "link"), ("theory alone", "theory"), ("persistence", "persistence"), ("one mode", "one_mode"))
     width = 0.8 / len(bars)
+    scores = {n: protocol_scores(fams[n][1]) for n in names}
     for j, (label, col) in enumerate(bars):
-        vals = [protocol_scores(fams[n][1])["corr"][col]["spearman"] for n in names]
+        vals = [scores[n]["corr"][col]["spearman"] for n in names]
         ax.bar(np.arange(len(names)) + (j - (len(bars) - 1) / 2) * width, vals, width, label=label,
                color=style.PALETTE[j])
+    ceiling = [scores[n].get("ceiling", {}).get("ceiling", np.nan) for n in names]  # split-half noise ceiling
+    ax.hlines(ceiling, np.arange(len(names)) - 0.45, np.arange(len(names)) + 0.45, color="k", lw=1,
+              label="noise ceiling")
     n_dev = sum(fams[n][0] == "development" for n in names)
     ax.axvline(n_dev - 0.5, color="k", lw=0.6)
     ax.set_xticks(np.arange(len(names)), [_short(n) for n in names], rotation=30, ha="right", fontsize=5)

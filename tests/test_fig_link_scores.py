@@ -23,6 +23,8 @@ def test_tiny_figure_is_written_with_expected_axes_and_lines(tmp_path):
     assert [len(ax.lines) for ax in fig.axes] == [3, 3, 3, 1]
     assert [len(ax.collections) for ax in fig.axes[:3]] == [1, 1, 2]  # one scatter per family shown
     assert len(fig.axes[3].patches) == 4 * len(fams)  # link, theory alone, persistence, one mode per family
+    ceiling = fig.axes[3].collections  # the noise ceiling: one tick per family
+    assert len(ceiling) == 1 and len(ceiling[0].get_segments()) == len(fams)
     assert "persistence" in fig.axes[0].texts[0].get_text()
     paths = style.save(fig, ctx.out, "link_scores")
     assert all(p.stat().st_size > 1000 for p in paths)
