@@ -105,6 +105,27 @@ def bates_granger(ds):
     return out
 
 
+def theory_residuals(ds):
+    """Why correcting the theory by its past residuals can help or not: the Pearson correlation of the
+    theory's residual e = meas − theory at p with e at p−1 (``lag1``) and with the mean of e over q < p
+    (``past_mean``), same run and layer; subtracting a past residual lowers the error variance only where
+    that correlation exceeds ½ (var(e_p − e_{p−1}) = 2σ²(1 − r)). ``with_persistence``: the correlation
+    of the theory's and persistence's errors (a combination gains most where it is low)."""
+    from scipy import stats
+
+    e = ds["meas_grad_corr"] - ds["theory_grad_corr"]
+    prev = e.shift(probe_step=1)
+    n = np.isfinite(prev).cumsum("probe_step")
+    past = (prev.fillna(0.0).cumsum("probe_step") / n).where(n > 0)
+    e_p = ds["meas_grad_corr"] - ds["base_persist_corr"]
+    out = {}
+    for label, other in (("lag1", prev), ("past_mean", past), ("with_persistence", e_p)):
+        a, b = e.values.ravel(), other.broadcast_like(e).values.ravel()
+        ok = np.isfinite(a) & np.isfinite(b) & np.isfinite(ds["base_persist_corr"].values.ravel())
+        out[label] = float(stats.pearsonr(a[ok], b[ok]).statistic) if ok.sum() > 2 else float("nan")
+    return out
+
+
 def inverse_variance(ds):
     """Candidate (d): weights inversely proportional to each forecast's error variance from the model
     of the estimator, w_theory = v_P / (v_T + v_P), per run and layer. The window's sampling variance
@@ -166,6 +187,7 @@ def main(argv=()):
             sc["skipped"] = ds.attrs.get("skipped", "")
             sc["runs"] = int(ds.sizes.get("run", 1))
             sc["measured"] = measured(ds)
+            sc["theory_residuals"] = theory_residuals(ds)
             result["families"][name] = {"role": role, **sc}
             print(f"=== {name} ({role}, {sc['runs']} runs)\n{format_protocol(sc)}\n")
         sc = pooled([linked[n] for n in names], [result["families"][n] for n in names])

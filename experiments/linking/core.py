@@ -37,7 +37,8 @@ constant 0. A block whose measured top eigenvalue is ≤ 0 (BatchNorm at initial
 
 Agreement (:func:`agreement_scores`, :func:`link_scores`) pools layers × probe steps × runs;
 :func:`experiments.linking.report.protocol_scores` gives the protocol (baselines, regimes of the
-network's h/edge, within-probe layer ranking, log10-norm error), printed by ``optdyn link``.
+network's h/edge, within-probe layer ranking, log10-norm error, the measurement's noise ceiling from
+the window's two halves), printed by ``optdyn link``.
 
 Optionally (``signal``, :func:`with_signal`) a mean-gradient part measured by the probe
 (``grad_signal`` = ‖E g‖², less the NQM's own E‖Hx‖²) is mixed in, with the lag-1
