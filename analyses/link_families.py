@@ -149,6 +149,16 @@ def inverse_variance(ds):
     return out
 
 
+def with_nqm(ds):
+    """Candidate (e): equal weights over every forecast at hand that has no fitted constant and
+    ranks layers — the response model, persistence and the earlier NQM link (``nqm_grad_corr``);
+    the default's forecast where persistence is undefined; ``pred_grad_corr`` replaced."""
+    out = ds.copy()
+    three = (ds["theory_grad_corr"] + ds["base_persist_corr"] + ds["nqm_grad_corr"]) / 3
+    out["pred_grad_corr"] = xr.where(np.isfinite(three), three, ds["pred_grad_corr"])
+    return out
+
+
 def variants(names, linked, root=None):
     """The forecasts tried (candidates of docs/findings/link.md), pooled over ``names``: label →
     protocol scores. Chosen on the development families only; the evaluation ones are reported."""
@@ -158,7 +168,8 @@ def variants(names, linked, root=None):
              "combine=change (b: persistence + theory's change)": lambda n: family(n, root, combine="change"),
              "combine=persistence2 (c: theory with two past windows)": lambda n: family(n, root, combine="persistence2"),
              "inverse-variance weights, sampling variance from the halves (d)": lambda n: inverse_variance(linked[n]),
-             "Bates-Granger weights from past errors": lambda n: bates_granger(linked[n])}
+             "Bates-Granger weights from past errors": lambda n: bates_granger(linked[n]),
+             "equal weights over theory, persistence and the NQM link (e)": lambda n: with_nqm(linked[n])}
     out = {}
     for label, make in makes.items():
         dss = [make(n) for n in names]
