@@ -303,6 +303,10 @@ def test_link_carries_the_window_halves_and_the_protocol_reports_the_ceiling(qua
     assert set(sc["ceiling"]) == {"n", "split_half", "reliability", "ceiling"} and sc["ceiling"]["n"] <= sc["n"]
     assert set(sc["ceiling_regimes"]) == {"h/edge<0.05", "0.05-0.5", ">=0.5"}
     assert set(sc["ceiling_layer_ranking"]) == {"probes", "split_half", "reliability", "ceiling"}
+    assert set(sc["ceiling_alternate"]) == {"n", "split_half", "reliability", "ceiling"}
+    alt = np.stack([ds["meas_alt1_grad_corr"].values, ds["meas_alt2_grad_corr"].values])
+    ok = np.isfinite(alt).all(0)
+    assert np.all(full[ok] >= np.minimum(alt.min(0), 0)[ok] - 1e-12) and np.all(full[ok] <= np.maximum(alt.max(0), 0)[ok] + 1e-12)
     assert "noise ceiling" in format_protocol(sc)
 
 

@@ -73,20 +73,37 @@ def default_window(probe_steps):
 
 
 def split_half_windows(trace, probe_steps=None, window=None, align="center"):
-    """The measured correlation over each half of the window of :func:`measured_window`:
-    ``meas_half1_grad_corr`` over its first ⌊W/2⌋ steps, ``meas_half2_grad_corr`` over the rest
-    (the two cover exactly the full window's step pairs), on the same ``probe_step`` coordinates.
+    """The measured correlation over two halves of the window of :func:`measured_window`, on the
+    same ``probe_step`` coordinates: ``meas_half1_grad_corr`` over its first ⌊W/2⌋ steps,
+    ``meas_half2_grad_corr`` over the rest; ``meas_alt1_grad_corr`` / ``meas_alt2_grad_corr`` over
+    its even / odd steps t (the pair t−1, t). Each split covers exactly the full window's step pairs.
     Their agreement across points is the split-half reliability of the full window's estimate
-    (:func:`experiments.linking.scores.noise_ceiling`)."""
+    (:func:`experiments.linking.scores.noise_ceiling`). The two splits fail in opposite directions:
+    the state's change within the window separates the first and second halves (understating the
+    reliability) but not the alternating ones, whose estimates share every gradient between them
+    (correlated errors, overstating it)."""
     probe_steps = np.asarray(trace["probe_step"].values if probe_steps is None else probe_steps)
     window = default_window(probe_steps) if window is None else int(window)
     if window < 2:
         raise ValueError(f"window={window} is outside the valid range [2, inf) for split halves")
     if align not in ALIGNS:
         raise ValueError(f"align={align!r} is unknown; valid: {', '.join(ALIGNS)}")
-    start = probe_steps - window // 2 if align == "center" else probe_steps
-    first = measured_window(trace, start, window // 2, align="after")["meas_grad_corr"]
-    second = measured_window(trace, start + window // 2, window - window // 2, align="after")["meas_grad_corr"]
-    coord = {"probe_step": probe_steps}
-    return xr.Dataset({"meas_half1_grad_corr": first.assign_coords(coord),
-                       "meas_half2_grad_corr": second.assign_coords(coord)})
+    step = trace["step"]
+    probe = xr.DataArray(probe_steps, dims="probe_step", coords={"probe_step": probe_steps})
+    start = probe - window // 2 if align == "center" else probe
+    inside = (step >= start) & (step < start + window)
+    first = inside & (step < start + window // 2)
+    return xr.Dataset({"meas_half1_grad_corr": _corr_over(trace, first),
+                       "meas_half2_grad_corr": _corr_over(trace, inside & ~first),
+                       "meas_alt1_grad_corr": _corr_over(trace, inside & (step % 2 == 0)),
+                       "meas_alt2_grad_corr": _corr_over(trace, inside & (step % 2 == 1))})
+
+
+def _corr_over(trace, mask):
+    """``meas_grad_corr`` of :func:`measured_window` over the steps where ``mask`` holds."""
+    norm = trace["grad_norm"]
+    prev = norm.shift(step=1)
+    dot = trace["grad_cos"] * norm * prev
+    ok = mask & np.isfinite(dot)
+    total = lambda values: xr.where(ok, values, 0.0).sum("step")  # noqa: E731
+    return total(dot) / np.sqrt(total(norm**2) * total(prev**2))

@@ -118,7 +118,10 @@ def protocol_scores(ds, bins=10):
     halves (``meas_half*_grad_corr``), ``ceiling`` (pooled) and ``ceiling_regimes`` (per regime) are
     the noise ceiling of the measured correlation on those points
     (:func:`experiments.linking.scores.noise_ceiling`): the Spearman score no forecast can beat;
-    ``ceiling_layer_ranking`` that of the within-probe layer ranking (:func:`ranking_ceiling`)."""
+    ``ceiling_layer_ranking`` that of the within-probe layer ranking (:func:`ranking_ceiling`);
+    ``ceiling_alternate`` (and ``_regimes``) the same from the even / odd steps split
+    (:func:`experiments.linking.measure.split_half_windows`: the two splits err in opposite
+    directions)."""
     keep = protocol_points(ds)
     meas = np.where(keep, _flat(ds, "meas_grad_corr"), np.nan)
     ratio = np.broadcast_to(np.asarray(ds["edge_ratio_global"].broadcast_like(ds["meas_grad_corr"])
@@ -146,6 +149,12 @@ def protocol_scores(ds, bins=10):
                                   for reg, lo, hi in REGIMES}
         r, probes = within_probe_ranking(a, b, return_count=True)
         out["ceiling_layer_ranking"] = ranking_ceiling(r, probes)
+    if "meas_alt1_grad_corr" in ds and "meas_alt2_grad_corr" in ds:  # the even / odd steps split
+        a, b = (np.where(keep, _flat(ds, k), np.nan) for k in ("meas_alt1_grad_corr", "meas_alt2_grad_corr"))
+        out["ceiling_alternate"] = noise_ceiling(a, b)
+        out["ceiling_alternate_regimes"] = {reg: noise_ceiling(a[(ratio >= lo) & (ratio < hi)],
+                                                               b[(ratio >= lo) & (ratio < hi)])
+                                            for reg, lo, hi in REGIMES}
     with np.errstate(divide="ignore", invalid="ignore"):
         meas_n = np.log10(np.where(keep, _flat(ds, "meas_grad_sq_norm"), np.nan))
         for label, name in NORM_PREDICTORS.items():
@@ -171,6 +180,9 @@ def format_protocol(sc):
                      f"{f(sc['ceiling']['ceiling'])} (split-half {f(sc['ceiling']['split_half'])}); per regime "
                      + "; ".join(f"{reg} {f(c['ceiling'])}" for reg, c in sc["ceiling_regimes"].items())
                      + f"; layer ranking {f(sc['ceiling_layer_ranking']['ceiling'])}")
+    if "ceiling_alternate" in sc:
+        lines.append(f"  from the even/odd steps split: {f(sc['ceiling_alternate']['ceiling'])}; per regime "
+                     + "; ".join(f"{reg} {f(c['ceiling'])}" for reg, c in sc["ceiling_alternate_regimes"].items()))
     lines.append("log10 |g|^2: " + "; ".join(f"{label} spearman {f(s['spearman'])}, err {f(s['mean_abs_error'])} dec"
                                              for label, s in sc["log10_norm"].items()))
     return "\n".join(lines)
