@@ -10,8 +10,8 @@ the development families (the model was chosen on them), the evaluation families
 the small-h region (network h/edge < 0.05) of all families, and per family the Spearman score of
 the link beside the theory alone, persistence (the previous probe window's measured value) and
 one mode at the network's h = lr·λ_max, with the family's noise ceiling (the split-half reliability of
-the measured window correlation, :func:`experiments.linking.scores.noise_ceiling`: no forecast can
-score above it); the text gives their pooled scores on the same points.
+the measured window correlation, :func:`experiments.linking.scores.noise_ceiling`: an estimate of
+the best score a forecast independent of the window's noise can reach); the text gives their pooled scores on the same points.
 Quick mode runs the cheap families (seed CNN and MLP development, plain-SGD seed CNN and linear
 regression evaluation); full mode all eight (experiments/specs/link_{dev,eval}_*.toml).
 
