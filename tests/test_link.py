@@ -324,8 +324,8 @@ def test_link_run_writes_link_nc_and_reuses_it(quadratic_runs):
     assert path.stat().st_mtime_ns != stamp and again.attrs["smooth"] == 1
     from experiments import store
 
-    store.atomic_write_dataset(path, again.drop_vars(["meas_half1_grad_corr", "meas_half2_grad_corr"]))
-    assert "meas_half1_grad_corr" in link(quadratic_runs / "hb", smooth=1)  # a file from before the halves: redone
+    store.atomic_write_dataset(path, again.drop_vars(["meas_alt1_grad_corr", "meas_alt2_grad_corr"]))
+    assert "meas_alt1_grad_corr" in link(quadratic_runs / "hb", smooth=1)  # a file from before the splits: redone
 
 
 def test_link_store_root_stacks_runs_and_cli_prints_table(quadratic_runs, capsys):
