@@ -20,7 +20,15 @@ imported), times are this process's CPU time (``time.process_time``), so other p
 on a shared machine disturb the ratios less (they still compete for caches and memory
 bandwidth, which the tracer's memory-bound work feels more than the model's compute).
 
-    .venv/bin/python benchmarks/bench_trace.py [--quick]
+With ``--baseline REV`` parts 1 and 2 also measure "before" in the same run, with the engines,
+hooks and probes of git revision REV (experiments/trace/{engines,hooks,probes}.py read with
+``git show``), so that before and after share the machine's load: part 1 gets the same tracer
+on REV's engine (manual calls, and attached with REV's hooks) as two more rotating arms; in
+part 2 every probe is also run by REV's probes at the same parameters from the same warm
+start (the order alternating), and "before" is the traced arm with that probe's CPU time in
+place of this one's.
+
+    .venv/bin/python benchmarks/bench_trace.py [--quick] [--every-step-only] [--baseline REV]
 """
 
 import os
@@ -29,6 +37,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -47,8 +57,22 @@ def loss_fn(model, batch):
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
+def load_baseline(rev):
+    """{name: module} for experiments/trace/{engines,hooks,probes}.py at git revision ``rev``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mods = {}
+    for name in ("engines", "hooks", "probes"):
+        path = f"experiments/trace/{name}.py"
+        src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout
+        mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(f"baseline_{name}", None))
+        exec(compile(src, f"{rev}:{path}", "exec"), mod.__dict__)
+        mods[name] = mod
+    return mods
+
+
 class Bench:
-    def __init__(self, name, data, seed=0, **tracer_kw):
+    def __init__(self, name, data, seed=0, baseline=None, **tracer_kw):
         torch.manual_seed(seed)
         self.model = build_model(name, data.info)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
@@ -57,39 +81,76 @@ class Bench:
         self.gen = torch.Generator().manual_seed(seed)
         self.errors = []
         self.probe_cpu = 0.0
+        self.base, self.base_tracer, self.base_probe_cpu, self.n_probes = baseline, None, 0.0, 0
+        if baseline is not None:  # the same tracer on the baseline's engine, hooks and probes
+            tr = self.base_tracer = Tracer(self.model, self.opt, **tracer_kw)
+            engine = getattr(baseline["engines"], type(tr._engine).__name__)
+            tr._engine = engine(tr.params, tr.tensor_layer, tr.block_size)
+            self.base_state = baseline["probes"].ProbeState(tr.seed)
+
+    def probes(self, batch):
+        """The tracer's probe (CPU time added to ``probe_cpu``) and, with a baseline, the
+        baseline's probe at the same parameters from the same warm start (CPU time added to
+        ``base_probe_cpu``; the order alternates). Returns the baseline's CPU time (not part of
+        the arm's time)."""
+        saved = dict(self.tracer._probe_state.vectors)
+        spent = [0.0, 0.0]
+        self.n_probes += 1
+        order = (0, 1) if self.n_probes % 2 else (1, 0)
+        for arm in (0,) if self.base is None else order:
+            if arm == 1:
+                self.base_state.vectors = dict(saved)
+            p0 = time.process_time()
+            self.base_probe(batch) if arm == 1 else self.tracer.probe(loss_fn, batch)
+            spent[arm] = time.process_time() - p0
+        self.probe_cpu += spent[0]
+        self.base_probe_cpu += spent[1]
+        return spent[1]
+
+    def base_probe(self, batch):
+        """One probe by the baseline's probes (``--baseline``)."""
+        tr = self.base_tracer
+        blocks = [[i for i, li in enumerate(tr.tensor_layer) if li == k] for k in range(len(tr.layers))]
+        return self.base["probes"].probe(
+            self.model, tr.params, blocks, loss_fn, batch, state=self.base_state,
+            iters=tr.sharpness_iters, tol=tr.sharpness_tol, hutchinson_samples=tr.hutchinson_samples,
+            microbatches=tr.noise_microbatches, mode=tr.probe_mode)
 
     def batch(self):
         idx = torch.randint(0, len(self.y), (BATCH,), generator=self.gen)
         return self.x[idx], self.y[idx]
 
-    def steps(self, n, traced, probe=False, check=False, hooked=False):
+    def steps(self, n, traced, probe=False, check=False, hooked=False, base=False):
         """CPU seconds of n training steps (the accuracy check is not timed). ``hooked``: the
-        tracer attached for these steps (attach/detach not timed) instead of the manual calls."""
+        tracer attached for these steps (attach/detach not timed) instead of the manual calls.
+        ``base``: the baseline's tracer (``--baseline``) instead of this one."""
+        tracer = self.base_tracer if base else self.tracer
         if hooked:
-            return self.hooked_steps(n)
+            return self.hooked_steps(n, tracer, base)
         spent = 0.0
         for i in range(n):
             batch = self.batch()
-            if probe and i == 0 and check:
+            if probe and i == 0 and check and not base:
                 self.errors.append(self.sharpness_error(batch))
             t0 = time.process_time()
             if probe and i == 0:
-                p0 = time.process_time()
-                self.tracer.probe(loss_fn, batch)
-                self.probe_cpu += time.process_time() - p0
+                spent -= self.probes(batch)
             self.opt.zero_grad(set_to_none=True)
             loss = loss_fn(self.model, batch)
             loss.backward()
             if traced:
-                self.tracer.after_backward(loss)
+                tracer.after_backward(loss)
             self.opt.step()
             if traced:
-                self.tracer.after_step()
+                tracer.after_step()
             spent += time.process_time() - t0
         return spent
 
-    def hooked_steps(self, n):
-        self.tracer.attach()
+    def hooked_steps(self, n, tracer, base=False):
+        if base:  # the baseline's hooks on this tracer
+            tracer._hooks = self.base["hooks"].Hooks(tracer)
+        else:
+            tracer.attach()
         spent = 0.0
         for _ in range(n):
             batch = self.batch()
@@ -97,10 +158,10 @@ class Bench:
             self.opt.zero_grad(set_to_none=True)
             loss = loss_fn(self.model, batch)
             loss.backward()
-            self.tracer.record_loss(loss)
+            tracer.record_loss(loss)
             self.opt.step()
             spent += time.process_time() - t0
-        self.tracer.detach()
+        tracer.detach()
         return spent
 
     def sharpness_error(self, batch):
@@ -132,12 +193,14 @@ def alternate(bench, pairs, n, probe=False, check=False):
 
 
 def rotate(bench, rounds, n):
-    """Total CPU seconds (manual calls, no tracer, attached) over ``rounds`` rounds of one
-    ``n``-step block per arm, the arms' order rotating."""
-    t = np.zeros((rounds, 3))
+    """Total CPU seconds (manual calls, no tracer, attached[, baseline manual, baseline
+    attached]) over ``rounds`` rounds of one ``n``-step block per arm, the order rotating."""
     arms = [dict(traced=True), dict(traced=False), dict(traced=True, hooked=True)]
+    if bench.base is not None:
+        arms += [dict(traced=True, base=True), dict(traced=True, hooked=True, base=True)]
+    t = np.zeros((rounds, len(arms)))
     for k in range(rounds):
-        for a in np.roll(np.arange(3), k):
+        for a in np.roll(np.arange(len(arms)), k):
             t[k, a] = bench.steps(n, **arms[a])
     return t.sum(0)
 
@@ -147,7 +210,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--curvature-only", action="store_true", help="only part 3 (probe_curvature's cost)")
     parser.add_argument("--every-step-only", action="store_true", help="skip the probe benchmarks")
+    parser.add_argument("--baseline", metavar="REV", help="add before arms: the engines, hooks and "
+                        "probes of this git revision")
     args = parser.parse_args()
+    base = load_baseline(args.baseline) if args.baseline else None
     torch.set_num_threads(1)
     data = load_data("mnist1d")
     pairs, probe_pairs = (10, 2) if args.quick else (40, 4)
@@ -161,11 +227,14 @@ def main():
             print(name)
             curvature_cost(name, data, 2 if args.quick else 6)
             continue
-        bench = Bench(name, data)
+        bench = Bench(name, data, baseline=base)
         bench.steps(20, traced=True)  # warm-up both paths
         bench.steps(20, traced=False)
         bench.steps(20, traced=True, hooked=True)
-        traced, plain, hooked = rotate(bench, pairs, BLOCK)
+        if base is not None:
+            bench.steps(20, traced=True, base=True)
+            bench.steps(20, traced=True, hooked=True, base=True)
+        traced, plain, hooked, *before = rotate(bench, pairs, BLOCK)
         n_params = sum(p.numel() for p in bench.tracer.params)
         print(f"\n{name}: {n_params} parameters in {len(bench.tracer.layers)} layers, "
               f"untraced step {1e3 * plain / (pairs * BLOCK):.2f} ms CPU "
@@ -174,10 +243,13 @@ def main():
               f"({pairs} x {BLOCK} steps per arm)")
         print(f"  every-step trace attached (hooks) / no tracer: {hooked / plain:.3f}x "
               f"(hooked / manual calls {hooked / traced:.3f}x)")
+        if before:
+            print(f"  before ({args.baseline}): manual {before[0] / plain:.3f}x, attached "
+                  f"{before[1] / plain:.3f}x (hooked / manual calls {before[1] / before[0]:.3f}x)")
         for iters in ((20, 5) if probe_pairs else ()):
-            bench = Bench(name, data, sharpness_iters=iters)
+            bench = Bench(name, data, baseline=base, sharpness_iters=iters)
             bench.steps(20, traced=True, probe=True)  # first probe: a cold start, untimed
-            bench.probe_cpu = 0.0
+            bench.probe_cpu = bench.base_probe_cpu = 0.0
             traced, plain = alternate(bench, probe_pairs, 100, probe=True, check=True)
             ds = bench.tracer.dataset()
             used = np.concatenate([ds.sharpness_steps.values.ravel(),
@@ -188,6 +260,10 @@ def main():
                   f"{ds.attrs['probe_seconds'] / (probe_pairs + 1):.2f} s wall per probe; "
                   f"{used.mean():.1f} steps used on average; sharpness within "
                   f"{100 * max(bench.errors):.2g} % of converged)")
+            if base is not None:  # the same steps with the baseline's probe in place of this one
+                print(f"    before ({args.baseline}), same parameters and warm starts: "
+                      f"{(traced - bench.probe_cpu + bench.base_probe_cpu) / plain:.3f}x (the probe "
+                      f"alone: {1 + bench.base_probe_cpu / plain:.3f}x)")
 
         if not args.every_step_only:
             curvature_cost(name, data, 2 if args.quick else 6)
