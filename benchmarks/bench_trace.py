@@ -13,6 +13,10 @@
 3. The probe's curvature along the gradient and the momentum buffer (``probe_curvature``,
    issue 16): the same probe with and without it, alternated at the same parameters (and
    the same warm start), with 4 and with 16 micro-batches; ratio = with / without CPU time.
+4. ``--profile``: where the time goes, per phase of a traced step and per part of a probe
+   (:func:`profile`).
+5. ``--tol-sweep``: Lanczos steps and sharpness error per early-stop tolerance
+   (:func:`tolerance_sweep`), seed CNN and MLP, seeds 0 and 1.
 
 Seed CNN and MLP (experiments.runs.models defaults) on MNIST-1D, batch 32, SGD with momentum 0.9.
 Single-threaded: torch threads = 1 and OPENBLAS/OMP/MKL threads = 1 (set before numpy is
@@ -29,6 +33,7 @@ start (the order alternating), and "before" is the traced arm with that probe's 
 place of this one's.
 
     .venv/bin/python benchmarks/bench_trace.py [--quick] [--every-step-only] [--baseline REV]
+    .venv/bin/python benchmarks/bench_trace.py --profile | --tol-sweep | --curvature-only
 """
 
 import os
@@ -82,6 +87,7 @@ class Bench:
         self.errors = []
         self.probe_cpu = 0.0
         self.base, self.base_tracer, self.base_probe_cpu, self.n_probes = baseline, None, 0.0, 0
+        self.base_diff, self.base_same_steps = {}, True  # this probe's values against the baseline's
         if baseline is not None:  # the same tracer on the baseline's engine, hooks and probes
             tr = self.base_tracer = Tracer(self.model, self.opt, **tracer_kw)
             engine = getattr(baseline["engines"], type(tr._engine).__name__)
@@ -93,16 +99,24 @@ class Bench:
         baseline's probe at the same parameters from the same warm start (CPU time added to
         ``base_probe_cpu``; the order alternates). Returns the baseline's CPU time (not part of
         the arm's time)."""
-        saved = dict(self.tracer._probe_state.vectors)
-        spent = [0.0, 0.0]
+        state = self.tracer._probe_state
+        saved, rng = dict(state.vectors), state.generator(self.tracer.device).get_state()
+        spent, out = [0.0, 0.0], [None, None]
         self.n_probes += 1
         order = (0, 1) if self.n_probes % 2 else (1, 0)
         for arm in (0,) if self.base is None else order:
-            if arm == 1:
-                self.base_state.vectors = dict(saved)
+            st = self.base_state if arm == 1 else state
+            st.vectors = dict(saved)  # the same warm starts and random draws for both
+            st.generator(self.tracer.device).set_state(rng)
             p0 = time.process_time()
-            self.base_probe(batch) if arm == 1 else self.tracer.probe(loss_fn, batch)
+            out[arm] = self.base_probe(batch) if arm == 1 else self.tracer.probe(loss_fn, batch)
             spent[arm] = time.process_time() - p0
+        if self.base is not None:
+            for key in ("sharpness", "sharpness_global", "hessian_trace", "grad_noise", "grad_signal"):
+                a, b = np.atleast_1d(getattr(out[0], key)), np.atleast_1d(getattr(out[1], key))
+                self.base_diff[key] = max(self.base_diff.get(key, 0.0), float(np.max(np.abs(a / b - 1))))
+            self.base_same_steps &= bool(np.array_equal(out[0].sharpness_steps, out[1].sharpness_steps)
+                                         and out[0].sharpness_global_steps == out[1].sharpness_global_steps)
         self.probe_cpu += spent[0]
         self.base_probe_cpu += spent[1]
         return spent[1]
@@ -210,6 +224,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--curvature-only", action="store_true", help="only part 3 (probe_curvature's cost)")
     parser.add_argument("--every-step-only", action="store_true", help="skip the probe benchmarks")
+    parser.add_argument("--profile", action="store_true", help="only where the time goes (per phase, per probe part)")
+    parser.add_argument("--tol-sweep", action="store_true", help="only the Lanczos early-stop tolerance sweep")
     parser.add_argument("--baseline", metavar="REV", help="add before arms: the engines, hooks and "
                         "probes of this git revision")
     args = parser.parse_args()
@@ -223,6 +239,13 @@ def main():
           f"BLAS threads {os.environ['OPENBLAS_NUM_THREADS']}, CPU, batch {BATCH}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for name in ("seed-cnn", "mlp"):
+        if args.profile or args.tol_sweep:
+            print(name)
+            if args.profile:
+                profile(name, data)
+            for seed in ((0, 1) if args.tol_sweep else ()):
+                tolerance_sweep(name, data, seed)
+            continue
         if args.curvature_only:
             print(name)
             curvature_cost(name, data, 2 if args.quick else 6)
@@ -263,10 +286,115 @@ def main():
             if base is not None:  # the same steps with the baseline's probe in place of this one
                 print(f"    before ({args.baseline}), same parameters and warm starts: "
                       f"{(traced - bench.probe_cpu + bench.base_probe_cpu) / plain:.3f}x (the probe "
-                      f"alone: {1 + bench.base_probe_cpu / plain:.3f}x)")
+                      f"alone: {1 + bench.base_probe_cpu / plain:.3f}x); largest relative difference "
+                      f"of this probe's values from before's: "
+                      + ", ".join(f"{k} {v:.1e}" for k, v in bench.base_diff.items())
+                      + f"; the same Lanczos steps: {'yes' if bench.base_same_steps else 'no'}")
 
         if not args.every_step_only:
             curvature_cost(name, data, 2 if args.quick else 6)
+
+
+def profile(name, data, steps=1000, reps=5):
+    """Where the time goes. Every step: CPU µs per phase of a step with the manual calls and of
+    one without a tracer (alternating). Probe, at fixed parameters after 200 steps (a warm start
+    from step 100): µs of the first-order graph, one full HVP, one HVP per block, the Hutchinson
+    sample, the micro-batch moments, and the block/global Lanczos (its HVPs apart)."""
+    bench = Bench(name, data)
+    tr, pc = bench.tracer, time.process_time
+    t = {}
+    bench.steps(50, traced=True)
+    bench.steps(50, traced=False)
+    for i in range(steps):
+        arm = "traced" if i % 2 == 0 else "plain"
+        batch = bench.batch()
+        marks = [pc()]
+        bench.opt.zero_grad(set_to_none=True)
+        loss = loss_fn(bench.model, batch)
+        marks.append(pc())
+        loss.backward()
+        marks.append(pc())
+        if arm == "traced":
+            tr.after_backward(loss)
+        marks.append(pc())
+        bench.opt.step()
+        marks.append(pc())
+        if arm == "traced":
+            tr.after_step()
+        marks.append(pc())
+        for k, phase in enumerate(("forward", "backward", "after_backward", "optimizer.step", "after_step")):
+            t[arm, phase] = t.get((arm, phase), 0.0) + marks[k + 1] - marks[k]
+    per = lambda arm, ph: 1e6 * t[arm, ph] / (steps // 2)  # noqa: E731
+    phases = ("forward", "backward", "after_backward", "optimizer.step", "after_step")
+    print("  CPU us per step, traced (manual calls) / untraced: " + ", ".join(
+        f"{ph} {per('traced', ph):.0f} / {per('plain', ph):.0f}" for ph in phases))
+
+    bench.steps(50, traced=True, probe=True)
+    bench.steps(100, traced=True)
+    batch, blocks = bench.batch(), [[i for i, li in enumerate(tr.tensor_layer) if li == k]
+                                    for k in range(len(tr.layers))]
+    saved, params, hvp = dict(tr._probe_state.vectors), tr.params, sharpness.block_hvp
+    spent = {}
+
+    def timed(key, fn, *args):
+        t0 = pc()
+        out = fn(*args)
+        spent[key] = spent.get(key, 0.0) + (pc() - t0) / reps
+        return out
+
+    def counted(*args):  # block_hvp, its time counted apart within the Lanczos
+        return timed("  of which HVPs", hvp, *args)
+    for _ in range(reps):
+        tr._probe_state.vectors = dict(saved)
+        with sharpness.probe_context(bench.model):
+            grads = timed("first-order graph", lambda: sharpness.first_order_graph(loss_fn(bench.model, batch), params))
+            dim = sum(p.numel() for p in params)
+            timed("full HVP", sharpness.full_hvp, grads, params, torch.randn(dim))
+            for k, b in enumerate(blocks):
+                timed(f"HVP block {k}", hvp, grads, params, b, torch.randn(sum(params[i].numel() for i in b)))
+            sharpness.block_hvp = counted
+            try:
+                _, _, used = timed("Lanczos (blocks and global)", sharpness.block_sharpness, grads, params, blocks,
+                                   tr.sharpness_iters, tr._probe_state, True, tr.sharpness_tol)
+            finally:
+                sharpness.block_hvp = hvp
+            timed("Hutchinson (1 sample)", sharpness.hutchinson_block_traces, grads, params, blocks, 1,
+                  torch.Generator().manual_seed(0))
+            del grads
+            timed("micro-batch moments", sharpness.microbatch_moments, bench.model, params, blocks, loss_fn, batch,
+                  tr.noise_microbatches, None, tr.global_top_vector)
+    order = [k for k in spent if "of which" not in k] + ["  of which HVPs"]
+    order.insert(order.index("Lanczos (blocks and global)") + 1, order.pop())
+    print("  probe, CPU ms: " + ", ".join(f"{k.strip()} {1e3 * spent[k]:.2f}" for k in order)
+          + f"; Lanczos steps per block {used[:-1].tolist()}, global {int(used[-1])}")
+
+
+def tolerance_sweep(name, data, seed, tols=(1e-3, 3e-3, 1e-2, 3e-2), probes=8):
+    """Lanczos steps and the sharpness's relative error (all blocks and global) against an
+    80-step cold run, per early-stop tolerance, each tolerance with its own warm starts along one
+    training run (probes every 100 steps; the first probe, a cold start, not counted)."""
+    bench = Bench(name, data, seed=seed)
+    tr = bench.tracer
+    blocks = [[i for i, li in enumerate(tr.tensor_layer) if li == k] for k in range(len(tr.layers))]
+    states = {tol: sharpness.ProbeState(seed) for tol in tols}
+    rows = {tol: [] for tol in tols}
+    for k in range(probes + 1):
+        batch = bench.batch()
+        with sharpness.probe_context(bench.model):
+            grads = sharpness.first_order_graph(loss_fn(bench.model, batch), tr.params)
+            ref, ref_g, _ = sharpness.block_sharpness(grads, tr.params, blocks, 80, sharpness.ProbeState(99))
+            for tol in tols:
+                est, est_g, used = sharpness.block_sharpness(grads, tr.params, blocks, tr.sharpness_iters,
+                                                             states[tol], tol=tol)
+                if k:
+                    err = np.abs(np.append(est, est_g) / np.append(ref, ref_g) - 1)
+                    rows[tol].append((err.max(), used[:-1].sum(), used[-1]))
+        bench.steps(100, traced=False)
+    for tol in tols:
+        r = np.array(rows[tol])
+        print(f"  {name} seed {seed}, tol {tol:g}: sharpness error max {r[:, 0].max():.1e}, median "
+              f"{np.median(r[:, 0]):.1e}; Lanczos steps per probe: blocks {r[:, 1].mean():.1f}, "
+              f"global {r[:, 2].mean():.1f} ({probes} probes)")
 
 
 def curvature_cost(name, data, pairs):
