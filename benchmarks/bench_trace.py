@@ -238,6 +238,8 @@ def main():
     print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
           f"BLAS threads {os.environ['OPENBLAS_NUM_THREADS']}, CPU, batch {BATCH}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if args.profile:
+        kernels()
     for name in ("seed-cnn", "mlp"):
         if args.profile or args.tol_sweep:
             print(name)
@@ -328,6 +330,35 @@ def profile(name, data, steps=1000, reps=5):
     phases = ("forward", "backward", "after_backward", "optimizer.step", "after_step")
     print("  CPU us per step, traced (manual calls) / untraced: " + ", ".join(
         f"{ph} {per('traced', ph):.0f} / {per('plain', ph):.0f}" for ph in phases))
+    # the engine's three calls inside the step, and each repeated at once (buffers in cache);
+    # the repeat of step_stats works on −Δθ, which only spoils this loop's trace values
+    e, hot = tr._engine, np.zeros((2, 3))
+    for i in range(steps // 2):
+        batch = bench.batch()
+        bench.opt.zero_grad(set_to_none=True)
+        loss = loss_fn(bench.model, batch)
+        loss.backward()
+        cur = tr.step % 2
+        with torch.no_grad():
+            for rep in range(2):
+                t0 = pc()
+                captured = e.capture_gradients(cur)
+                t1 = pc()
+                e.backward_stats(tr._row, cur, *captured, loss)
+                hot[rep, :2] += pc() - t1, t1 - t0
+        tr._captured, tr._phase = captured, "backward"
+        tr._lrs.append(0.0), tr._group_lrs.append([0.0])
+        bench.opt.step()
+        for rep in range(2):
+            t0 = pc()
+            with torch.no_grad():
+                e.step_stats(tr._row, cur, 1 - cur)
+            hot[rep, 2] += pc() - t0
+        tr._after_step()
+    hot *= 1e6 / (steps // 2)
+    print("  engine CPU us per step, in the step / repeated at once: "
+          f"capture {hot[0, 1]:.0f} / {hot[1, 1]:.0f}, backward stats {hot[0, 0]:.0f} / {hot[1, 0]:.0f}, "
+          f"step stats {hot[0, 2]:.0f} / {hot[1, 2]:.0f}")
 
     bench.steps(50, traced=True, probe=True)
     bench.steps(100, traced=True)
@@ -367,6 +398,37 @@ def profile(name, data, steps=1000, reps=5):
     order.insert(order.index("Lanczos (blocks and global)") + 1, order.pop())
     print("  probe, CPU ms: " + ", ".join(f"{k.strip()} {1e3 * spent[k]:.2f}" for k in order)
           + f"; Lanczos steps per block {used[:-1].tolist()}, global {int(used[-1])}")
+
+
+def kernels(reps=200):
+    """CPU µs of single kernels the findings compare (each repeated, data in cache)."""
+    import scipy.linalg
+    import scipy.linalg.blas
+
+    def us(fn):
+        fn()
+        t0 = time.process_time()
+        for _ in range(reps):
+            fn()
+        return 1e6 * (time.process_time() - t0) / reps
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(144000, generator=g)
+    asum, dot = scipy.linalg.blas.get_blas_funcs(("asum", "dot"), (x.numpy(),))
+    D = torch.randn(3, 144450, generator=g).numpy()
+    rows = torch.randn(4, 161504, generator=g)
+
+    def two_pass():
+        dev = rows - rows.mean(0)
+        return dev.mul_(dev).sum(0).div_(3)
+    a, b = np.random.default_rng(0).random(8), np.random.default_rng(1).random(7)
+    T = np.diag(a) + np.diag(b, 1) + np.diag(b, -1)
+    print(f"  kernels, CPU us: torch norm of 144000 floats {us(lambda: torch.linalg.vector_norm(x)):.1f}, "
+          f"BLAS asum {us(lambda: asum(x.numpy())):.1f}; (4, 161504).var(dim=0) "
+          f"{us(lambda: rows.var(dim=0)):.0f}, two passes {us(two_pass):.0f}; top Ritz pair of an 8x8 "
+          f"tridiagonal by eigh_tridiagonal(select) "
+          f"{us(lambda: scipy.linalg.eigh_tridiagonal(a, b, select='i', select_range=(7, 7))):.0f}, "
+          f"dense eigh {us(lambda: np.linalg.eigh(T)):.0f}; (3, 144450) Gram by sgemm {us(lambda: D @ D.T):.0f}, "
+          f"three sdot {us(lambda: (dot(D[0], D[0]), dot(D[0], D[1]), dot(D[2], D[2]))):.0f}")
 
 
 def tolerance_sweep(name, data, seed, tols=(1e-3, 3e-3, 1e-2, 3e-2), probes=8):
