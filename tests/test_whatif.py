@@ -1,17 +1,21 @@
 """whatif: the model's update moments, plans, the plug-in predictor, forks and scores, the CLI."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 import xarray as xr
 
 from dynamics.nqm.schedule import schedule_prediction
+from dynamics.quadratic import stability_edge
 from experiments import store
 from experiments.cli import main
 from experiments.runs.config import RunConfig, run_id
 from experiments.runs.loop import run
 from experiments.whatif.check import check, scores
-from experiments.whatif.predict import Change, changes_from, fork_config, plan, whatif
+from experiments.whatif.curvature import CurvatureForecast
+from experiments.whatif.predict import Change, changes_from, fork_config, nqm_predictor, plan, whatif
 
 TINY = dict(model="seed-cnn", data="digits", model_args={"channels": 4, "hidden": 16}, steps=60, batch_size=64,
             threads=1, seed=1, lr=0.05, momentum=0.9, probe_every=10, probe_batch_size=128, hutchinson_samples=2,
@@ -88,6 +92,23 @@ def test_a_predictor_plugs_in_and_a_model_without_change_is_persistence(tiny_run
         [nqm.pred_h_edge.values[0, 1] * f for f in (1, 0.5, 2)])
     ratio = nqm.model_update_sq.isel(window=1) / nqm.model_update_sq.isel(window=0)
     assert (ratio.isel(change=1) < 1).all() and (ratio.isel(change=2) > 1).all()  # smaller lr, smaller steps
+
+
+def test_with_the_forecast_off_the_predictions_are_the_fixed_curvature_ones(tiny_run):
+    trace = store.load_run(tiny_run)
+    changes = changes_from([0.5, 2.0], [0.1], [0.6], ["nag"])
+    fixed = whatif(trace, 40, changes, window=10, predictor=functools.partial(nqm_predictor, curvature=None))
+    off = whatif(trace, 40, changes, window=10,
+                 predictor=functools.partial(nqm_predictor, curvature=CurvatureForecast(cap=False, sharpening=False)))
+    on = whatif(trace, 40, changes, window=10,
+                predictor=functools.partial(nqm_predictor, curvature=CurvatureForecast()))
+    xr.testing.assert_identical(fixed.drop_vars("curvature_factor", errors="ignore"), off)
+    lam = float(trace.sharpness_global.sel(probe_step=40))
+    lr_edge = 0.05 / float(stability_edge("hb", 0.9))
+    np.testing.assert_allclose(fixed.pred_h_edge.isel(change=0), lam * lr_edge)  # the probe's λ, held fixed
+    assert not on.pred_grad_norm.equals(fixed.pred_grad_norm)
+    assert (on.pred_h_edge.isel(window=slice(1, None)) <= 0.95 + 1e-9).all()  # capped below the edge
+    xr.testing.assert_identical(on.model_grad_sq.isel(window=0), fixed.model_grad_sq.isel(window=0))
 
 
 def test_whatif_errors(tiny_run):

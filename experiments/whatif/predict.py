@@ -107,7 +107,7 @@ def window_bounds(at, window, n_windows):
 
 
 # --------------------------------------------------------------------------- the link model
-def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True):
+def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curvature=None):
     r"""The link's NQM (:mod:`experiments.linking.predict`) through each plan.
 
     Each layer's spectrum and noise are built as the link builds them
@@ -127,6 +127,12 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True):
     same trailing mean) that the NQM's own E‖Hx‖² in window 0 under the run's own plan does
     not explain, D = max(‖E g‖² − E‖Hx‖²_NQM, 0), held constant: a mean gradient that the
     change does not touch (docs/findings/link.md, item 3).
+
+    ``curvature``: a :class:`experiments.whatif.curvature.CurvatureForecast` (None: the
+    curvature held fixed, as above). From step ``at`` on, each plan's spectra are multiplied
+    by its forecast factor κ_t (and the per-mode noise too where the forecast's ``noise`` is
+    on); κ at each window's first step is returned as ``curvature_factor`` (change, window),
+    which :func:`whatif` applies to the probe's λ_max in h/edge.
     """
     method, momentum = run_method(config)
     probes = trace["probe_step"].values
@@ -141,6 +147,13 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True):
     built = layer_spectra(method, lr_probe, momentum, fed["sharpness"], fed["hessian_trace"], sel["n_params"],
                           fed["grad_noise"], sharpness_global=fed["sharpness_global"])
     horizon = windows[-1][1]
+    kappa = np.ones((len(plans), horizon))
+    lam_at = float(sel["sharpness_global"].values[-1]) if "sharpness_global" in sel else np.nan
+    if curvature is not None and np.isfinite(lam_at) and lam_at > 0:
+        h_probe = lr_probe.values * sel["sharpness_global"].values / float(stability_edge(method, momentum))
+        rate = curvature.rate(keep, sel["sharpness_global"].values, h_probe, at)
+        kappa = np.stack([curvature.factor(lam_at, rate, at, {k: v[:horizon] for k, v in p.items()})
+                          for p in plans])
     step = np.arange(horizon)
     which = np.clip(np.searchsorted(keep, step, side="right") - 1, 0, None)
     which[windows[0][0]:] = keep.size - 1  # from window 0 on: the last probe's curvature and noise
@@ -158,8 +171,10 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True):
         for c, p in enumerate(plans):
             edge = np.array([float(stability_edge(m, b)) for m, b in zip(p["method"], p["momentum"])])
             cap = edge * (1 - EDGE_MARGIN) / p["lr"][:horizon]
+            k_lam = kappa[c][:, None]
+            k_s2 = k_lam if curvature is not None and curvature.noise else 1.0
             pred = schedule_prediction(list(p["method"][:horizon]), p["lr"][:horizon], p["momentum"][:horizon],
-                                       np.minimum(lam, cap[:, None]), s2)
+                                       np.minimum(lam * k_lam, cap[:, None]), s2 * k_s2)
             g2, lag, u2 = pred["grad_sq"], np.nan_to_num(pred["lag1"]), pred["update_sq"]
             prev = np.concatenate([[np.nan], g2[:-1]])
             for w, (a, b) in enumerate(windows):
@@ -172,8 +187,10 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True):
             excess = float(fed["grad_signal"].sel(layer=layer).values[-1]) - out["full_sq"][0, 0, j]
             out["grad_sq"][:, :, j] += max(excess, 0.0) if np.isfinite(excess) else 0.0
     dims = ("change", "window", "layer")
-    return xr.Dataset({k: (dims, v) for k, v in out.items()},
-                      coords={"change": np.arange(len(plans)), "window": np.arange(len(windows)), "layer": layers})
+    ds = xr.Dataset({k: (dims, v) for k, v in out.items()},
+                    coords={"change": np.arange(len(plans)), "window": np.arange(len(windows)), "layer": layers})
+    ds["curvature_factor"] = (("change", "window"), kappa[:, [a for a, _ in windows]])
+    return ds
 
 
 PREDICTOR = nqm_predictor  # the one function an improved link model replaces
@@ -261,6 +278,7 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
         ratio = meas0["update_ratio"] + 0.5 * np.log10(model["update_sq"] / m0["update_sq"])
     lam_top = float(before["sharpness_global"].values[-1])
     lam_layer = before["sharpness"].isel(probe_step=-1).values
+    kappa = model["curvature_factor"].values if "curvature_factor" in model else np.ones((len(changes), len(windows)))
     h_edge = np.full((len(changes), len(windows)), np.nan)
     h_layer = np.full((len(changes), len(windows), lam_layer.size), np.nan)
     reg = np.empty((len(changes), len(windows)), dtype=object)
@@ -268,11 +286,11 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     for c, p in enumerate(plans):
         for w, (a, b) in enumerate(windows):
             m, beta, lr = p["method"][a], p["momentum"][a], p["lr"][a]
-            edge = float(stability_edge(m, beta))
-            h_edge[c, w] = lr * lam_top / edge
-            reg[c, w] = str(regime(m, lr * lam_top, beta))
-            h_layer[c, w] = lr * lam_layer / edge
-            reg_layer[c, w] = [str(regime(m, max(lr * x, 1e-12), beta)) for x in lam_layer]
+            edge, k = float(stability_edge(m, beta)), kappa[c, w]
+            h_edge[c, w] = lr * k * lam_top / edge
+            reg[c, w] = str(regime(m, lr * k * lam_top, beta))
+            h_layer[c, w] = lr * k * lam_layer / edge
+            reg_layer[c, w] = [str(regime(m, max(lr * k * x, 1e-12), beta)) for x in lam_layer]
     persist = lambda v: meas0[v].expand_dims(change=model.change, window=model.window)  # noqa: E731
     ds = xr.Dataset({
         "pred_grad_corr": corr, "pred_grad_norm": norm, "pred_update_ratio": ratio,
