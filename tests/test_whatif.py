@@ -99,14 +99,17 @@ def test_with_the_forecast_off_the_predictions_are_the_fixed_curvature_ones(tiny
     changes = changes_from([0.5, 2.0], [0.1], [0.6], ["nag"])
     fixed = whatif(trace, 40, changes, window=10, predictor=functools.partial(nqm_predictor, curvature=None))
     off = whatif(trace, 40, changes, window=10,
-                 predictor=functools.partial(nqm_predictor, curvature=CurvatureForecast(cap=False, sharpening=False)))
+                 predictor=functools.partial(nqm_predictor,
+                                             curvature=CurvatureForecast(cap=False, sharpening=False, start=3)))
     on = whatif(trace, 40, changes, window=10,
                 predictor=functools.partial(nqm_predictor, curvature=CurvatureForecast()))
-    xr.testing.assert_identical(fixed.drop_vars("curvature_factor", errors="ignore"), off)
+    # no cap, no sharpening, λ_k the spectra's own 3-probe mean: the fixed curvature (up to rounding)
+    for v in ("pred_grad_corr", "pred_grad_norm", "pred_update_ratio"):
+        xr.testing.assert_allclose(fixed[v], off[v], rtol=1e-12)
     lam = float(trace.sharpness_global.sel(probe_step=40))
     lr_edge = 0.05 / float(stability_edge("hb", 0.9))
     np.testing.assert_allclose(fixed.pred_h_edge.isel(change=0), lam * lr_edge)  # the probe's λ, held fixed
-    assert not on.pred_grad_norm.equals(fixed.pred_grad_norm)
+    assert not np.allclose(on.pred_grad_norm, fixed.pred_grad_norm, rtol=1e-3)
     assert (on.pred_h_edge.isel(window=slice(1, None)) <= 0.95 + 1e-9).all()  # capped below the edge
     xr.testing.assert_identical(on.model_grad_sq.isel(window=0), fixed.model_grad_sq.isel(window=0))
 

@@ -20,9 +20,10 @@ networks, the curvature moves in two ways that depend on the lr and method:
     ``last`` of them. Assumed: the rate persists after the change until λ_max meets the
     new edge, i.e. per step
     :math:`\lambda'_{t+1} = \min(\lambda'_t e^{r}, (1-m)\,\mathrm{edge}_{t+1}/\alpha_{t+1})`,
-    from :math:`\lambda'_k = \min(\lambda_k, (1-m)\,\mathrm{edge}_k/\alpha_k)`, λ_k the probe
-    at k. After a decay ×0.1 the cap moves ten times higher and (b) predicts a rise; after an
-    lr increase (a) predicts a fall. With fewer than two such probes r = 0.
+    from :math:`\lambda'_k = \min(\lambda_k, (1-m)\,\mathrm{edge}_k/\alpha_k)`, λ_k the mean of
+    the last ``start`` probes at or before k (one probe's λ_max is a noisy estimate of a
+    quantity that moves slowly below the edge). After a decay ×0.1 the cap moves ten times
+    higher and (b) predicts a rise; after an lr increase (a) predicts a fall. With fewer than two such probes r = 0.
 
 The forecast is a factor κ_t = λ'_t / λ_k (1 before k). Assumed: each layer's block
 spectrum scales with the network's top mode (the whole Hessian is multiplied by κ_t, as
@@ -43,7 +44,7 @@ from experiments.linking.predict import EDGE_MARGIN
 @dataclass(frozen=True)
 class CurvatureForecast:
     """Which parts of the forecast are on: ``cap`` (a), ``sharpening`` (b) with its probe
-    rule (``below``, ``last``), ``noise`` (c)."""
+    rule (``below``, ``last``), ``noise`` (c); ``start``: probes averaged for λ_k."""
 
     cap: bool = True
     sharpening: bool = True
@@ -51,12 +52,15 @@ class CurvatureForecast:
     below: float = 0.5
     last: int = 0  # 0: all probes that qualify
     margin: float = EDGE_MARGIN
+    start: int = 1
 
     def __post_init__(self):
         if not 0 < self.below <= np.inf:
             raise ValueError(f"below={self.below!r} is outside the valid range (0, inf]")
         if int(self.last) < 0:
             raise ValueError(f"last={self.last!r} is outside the valid range [0, inf) (0: all probes)")
+        if int(self.start) < 1:
+            raise ValueError(f"start={self.start!r} is outside the valid range [1, inf)")
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin={self.margin!r} is outside the valid range [0, 1)")
 
@@ -65,6 +69,12 @@ class CurvatureForecast:
         (the last ``last`` of them; 0 if fewer than two, or if ``sharpening`` is off)."""
         return sharpening_rate(probe_steps, lam, h_edge, at, below=self.below, last=self.last) \
             if self.sharpening else 0.0
+
+    def start_value(self, lam):
+        """λ_k: the mean of the last ``start`` finite values of the probes' λ_max ``lam``."""
+        lam = np.asarray(lam, dtype=float)
+        lam = lam[np.isfinite(lam)]
+        return float(lam[-int(self.start):].mean()) if lam.size else np.nan
 
     def factor(self, lam_at, rate, at, plan):
         """κ_t, t = 0..T−1 (T = len(plan["lr"])): the forecast λ'_t / ``lam_at`` under a plan

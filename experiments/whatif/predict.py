@@ -130,9 +130,10 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
 
     ``curvature``: a :class:`experiments.whatif.curvature.CurvatureForecast` (None: the
     curvature held fixed, as above). From step ``at`` on, each plan's spectra are multiplied
-    by its forecast factor κ_t (and the per-mode noise too where the forecast's ``noise`` is
-    on); κ at each window's first step is returned as ``curvature_factor`` (change, window),
-    which :func:`whatif` applies to the probe's λ_max in h/edge.
+    by λ'_t / λ̄ (λ'_t the forecast λ_max, λ̄ the smoothed λ_max the spectra were built
+    from), and the per-mode noise too where the forecast's ``noise`` is on; λ'_t / λ_k (λ_k
+    the last probe's) at each window's first step is returned as ``curvature_factor``
+    (change, window), which :func:`whatif` applies to the last probe's λ_max in h/edge.
     """
     method, momentum = run_method(config)
     probes = trace["probe_step"].values
@@ -147,13 +148,17 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
     built = layer_spectra(method, lr_probe, momentum, fed["sharpness"], fed["hessian_trace"], sel["n_params"],
                           fed["grad_noise"], sharpness_global=fed["sharpness_global"])
     horizon = windows[-1][1]
-    kappa = np.ones((len(plans), horizon))
-    lam_at = float(sel["sharpness_global"].values[-1]) if "sharpness_global" in sel else np.nan
-    if curvature is not None and np.isfinite(lam_at) and lam_at > 0:
-        h_probe = lr_probe.values * sel["sharpness_global"].values / float(stability_edge(method, momentum))
-        rate = curvature.rate(keep, sel["sharpness_global"].values, h_probe, at)
-        kappa = np.stack([curvature.factor(lam_at, rate, at, {k: v[:horizon] for k, v in p.items()})
-                          for p in plans])
+    kappa = np.ones((len(plans), horizon))  # on the spectra (their top: the smoothed probe)
+    kappa_h = np.ones((len(plans), horizon))  # on the last probe's λ_max (h/edge)
+    lam_g = sel["sharpness_global"].values if "sharpness_global" in sel else np.full(keep.size, np.nan)
+    lam_fed = float(fed["sharpness_global"].values[-1]) if "sharpness_global" in fed else np.nan
+    if curvature is not None and np.isfinite(lam_g[-1]) and lam_g[-1] > 0 and np.isfinite(lam_fed):
+        h_probe = lr_probe.values * lam_g / float(stability_edge(method, momentum))
+        rate = curvature.rate(keep, lam_g, h_probe, at)
+        lam_k = curvature.start_value(lam_g)
+        for c, p in enumerate(plans):
+            lam_f = lam_k * curvature.factor(lam_k, rate, at, {k: v[:horizon] for k, v in p.items()})
+            kappa[c, at:], kappa_h[c, at:] = lam_f[at:] / lam_fed, lam_f[at:] / lam_g[-1]
     step = np.arange(horizon)
     which = np.clip(np.searchsorted(keep, step, side="right") - 1, 0, None)
     which[windows[0][0]:] = keep.size - 1  # from window 0 on: the last probe's curvature and noise
@@ -189,7 +194,7 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
     dims = ("change", "window", "layer")
     ds = xr.Dataset({k: (dims, v) for k, v in out.items()},
                     coords={"change": np.arange(len(plans)), "window": np.arange(len(windows)), "layer": layers})
-    ds["curvature_factor"] = (("change", "window"), kappa[:, [a for a, _ in windows]])
+    ds["curvature_factor"] = (("change", "window"), kappa_h[:, [a for a, _ in windows]])
     return ds
 
 
