@@ -4,11 +4,17 @@ model choices were made on) and on held-out settings (``experiments/specs/whatif
 NAG 0.02 / 0.6, HB 0.1 / 0.6, NAG 0.05 / 0.9, seed 1; steps 300 and 500), and, in the seed
 setting (``experiments/specs/seed_cnn.toml``'s run lr 0.03, momentum 0.9, seed 0, one
 thread), the per-layer norm growth after the step-1000 decay predicted at step 1000.
+``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`, with its
+curvature forecast); beside it, on the same cases, ``fixed_curvature`` (the forecast off:
+the last probe's curvature held fixed), ``edge_cap`` (capped at the method's edge instead
+of the run's own level) and ``sharpening`` (the progressive-sharpening rate on), both not
+chosen, and ``persistence``.
 Writes ``results/whatif_scores.json``:
 
     .venv/bin/python -m analyses whatif_scores       # ~10 CPU-minutes (runs + forks)
 """
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +24,18 @@ from experiments.runs.loop import run
 from experiments.store import atomic_write_json
 from experiments.sweeps import SPECS_DIR, expand, load_spec, run_sweep
 from experiments.whatif.check import check
-from experiments.whatif.predict import changes_from
+from experiments.whatif.curvature import CurvatureForecast
+from experiments.whatif.predict import PREDICTOR, changes_from, nqm_predictor
 
 ROOT = Path("store/runs")
 OUT = Path(__file__).resolve().parents[1] / "results" / "whatif_scores.json"
+VARIANTS = {  # name -> predictor; "model" is the one in use
+    "model": PREDICTOR,
+    "fixed_curvature": functools.partial(nqm_predictor, curvature=None),
+    "edge_cap": functools.partial(nqm_predictor, curvature=CurvatureForecast(level="edge")),
+    "sharpening": functools.partial(nqm_predictor, curvature=CurvatureForecast(sharpening=True)),
+}
+NAMES = (*VARIANTS, "persistence")
 KEYS = ("corr_spearman", "norm_sign", "norm_factor_1p5", "effect_sign", "effect_factor_1p5", "ratio_mae",
         "h_edge_rel_error", "regime_agreement", "h_edge_layer_rel_error", "regime_layer_agreement")
 
@@ -32,15 +46,19 @@ def changes_for(config):
     return changes_from(lr_factors=[0.5, 2.0], decays=[0.1], momenta=[other_momentum], methods=[other_method])
 
 
-def pooled(datasets):
-    """Scores over all points of several checks: the datasets' windows after the change pooled."""
-    from experiments.whatif.check import scores
+def pooled(parts):
+    """Scores over all points of several checks: ``parts`` is a list of {name: scores} (one
+    per check), the windows after the change pooled (weighted by each check's counts)."""
+    return {name: {k: _weighted([p[name] for p in parts], k) for k in KEYS} for name in NAMES}
 
-    out = {}
-    for name in ("model", "persistence"):
-        parts = [scores(ds)[name] for ds in datasets]
-        out[name] = {k: _weighted(parts, k) for k in KEYS}
-    return out
+
+def check_variants(run_dir, at, changes, n_windows):
+    """{name: the check's dataset} for each predictor of :data:`VARIANTS` (the forks are run
+    once, by the first), and {name: scores}, persistence from the first."""
+    out = {name: check(run_dir, at, changes, n_windows=n_windows, predictor=pr) for name, pr in VARIANTS.items()}
+    sc = {name: ds.attrs["scores"]["model"] for name, ds in out.items()}
+    sc["persistence"] = out["model"].attrs["scores"]["persistence"]
+    return out, sc
 
 
 def _weighted(parts, key):
@@ -52,14 +70,14 @@ def _weighted(parts, key):
 def score_setting(spec_name, steps):
     spec = load_spec(SPECS_DIR / f"{spec_name}.toml")
     run_sweep(spec, root=ROOT, workers=0, progress=False)
-    result, datasets = {}, []
+    result, parts = {}, []
     for config in expand(spec):
         for at in steps:
-            ds = check(ROOT / run_id(config), at, changes_for(config), n_windows=2)
-            datasets.append(ds)
+            _, sc = check_variants(ROOT / run_id(config), at, changes_for(config), n_windows=2)
+            parts.append(sc)
             result[f"{config.opt} lr={config.lr:g} m={config.momentum:g} at={at}"] = {
-                name: {k: ds.attrs["scores"][name][k] for k in KEYS} for name in ("model", "persistence")}
-    return result, pooled(datasets)
+                name: {k: sc[name][k] for k in KEYS} for name in NAMES}
+    return result, pooled(parts)
 
 
 def seed_decay_growth():
@@ -69,15 +87,19 @@ def seed_decay_growth():
     spec = load_spec(SPECS_DIR / "seed_cnn.toml")
     config = RunConfig.from_dict({**spec.base, "lr": 0.03, "momentum": 0.9, "seed": 0, "threads": 1})
     run(config, ROOT / run_id(config))
-    ds = check(ROOT / run_id(config), 1000, changes_from(), n_windows=9)
-    x = ds.isel(change=0)
-    pred = (x.pred_grad_norm.isel(window=-1) / x.pred_grad_norm.isel(window=1)).values
-    meas = (x.meas_grad_norm.isel(window=-1) / x.meas_grad_norm.isel(window=1)).values
-    within = np.abs(np.log(pred / meas)) <= np.log(1.5)
-    return {"run": run_id(config), "layers": [str(v) for v in ds.layer.values],
-            "predicted_growth": pred.tolist(), "measured_growth": meas.tolist(),
-            "growth_sign_right": float(np.mean(np.sign(pred - 1) == np.sign(meas - 1))),
-            "within_factor_1p5": float(np.mean(within)), "scores_vs_before_decay": ds.attrs["scores"]}
+    dss, sc = check_variants(ROOT / run_id(config), 1000, changes_from(), n_windows=9)
+    out = {"run": run_id(config), "layers": [str(v) for v in dss["model"].layer.values]}
+    meas = None
+    for name, ds in dss.items():
+        x = ds.isel(change=0)
+        pred = (x.pred_grad_norm.isel(window=-1) / x.pred_grad_norm.isel(window=1)).values
+        meas = (x.meas_grad_norm.isel(window=-1) / x.meas_grad_norm.isel(window=1)).values
+        out[name] = {"predicted_growth": pred.tolist(),
+                     "growth_sign_right": float(np.mean(np.sign(pred - 1) == np.sign(meas - 1))),
+                     "within_factor_1p5": float(np.mean(np.abs(np.log(pred / meas)) <= np.log(1.5)))}
+    out["measured_growth"] = meas.tolist()
+    out["scores_vs_before_decay"] = sc
+    return out
 
 
 def main(argv=()):
@@ -93,4 +115,5 @@ def main(argv=()):
     atomic_write_json(OUT, out)
     print({k: out[k]["pooled"] for k in ("development", "evaluation")})
     print({k: v for k, v in out["seed_decay_growth"].items() if k != "scores_vs_before_decay"})
+    print("seed, vs before the decay:", out["seed_decay_growth"]["scores_vs_before_decay"])
     return 0

@@ -87,7 +87,8 @@ def test_a_predictor_plugs_in_and_a_model_without_change_is_persistence(tiny_run
     ds = whatif(trace, 40, changes_from([0.5]), window=10, predictor=constant_model)
     for v in ("grad_corr", "grad_norm", "update_ratio"):
         xr.testing.assert_allclose(ds[f"pred_{v}"], ds[f"persist_{v}"])
-    nqm = whatif(trace, 40, changes_from([0.5, 2.0]), window=10)
+    fixed = functools.partial(nqm_predictor, curvature=None)  # the curvature held fixed: h/edge scales with the lr
+    nqm = whatif(trace, 40, changes_from([0.5, 2.0]), window=10, predictor=fixed)
     assert nqm.pred_h_edge.sel(window=1).values.tolist() == pytest.approx(
         [nqm.pred_h_edge.values[0, 1] * f for f in (1, 0.5, 2)])
     ratio = nqm.model_update_sq.isel(window=1) / nqm.model_update_sq.isel(window=0)
@@ -102,7 +103,7 @@ def test_with_the_forecast_off_the_predictions_are_the_fixed_curvature_ones(tiny
                  predictor=functools.partial(nqm_predictor,
                                              curvature=CurvatureForecast(cap=False, sharpening=False, start=3)))
     on = whatif(trace, 40, changes, window=10,
-                predictor=functools.partial(nqm_predictor, curvature=CurvatureForecast()))
+                predictor=functools.partial(nqm_predictor, curvature=CurvatureForecast(level="edge")))
     # no cap, no sharpening, λ_k the spectra's own 3-probe mean: the fixed curvature (up to rounding)
     for v in ("pred_grad_corr", "pred_grad_norm", "pred_update_ratio"):
         xr.testing.assert_allclose(fixed[v], off[v], rtol=1e-12)

@@ -42,7 +42,7 @@ def test_the_cap_binds_after_an_lr_increase_and_a_decay_lets_the_sharpness_rise(
     cfg = {"lr": 0.05, "momentum": 0.9, "opt": "hb", "schedule": "constant", "steps": 400}
     edge = float(stability_edge("hb", 0.9))
     lam_at = 0.7 * edge / 0.05  # h/edge 0.7 before the change
-    fc = CurvatureForecast(margin=0.05)
+    fc = CurvatureForecast(level="edge", margin=0.05)
     up = fc.factor(lam_at, 1e-3, 200, plan(cfg, 200, Change("x2", lr_factor=2.0), 400))
     assert up[:200].tolist() == [1.0] * 200
     np.testing.assert_allclose(up[200:] * lam_at * 0.1 / edge, 0.95)  # held at the new edge (less the margin)
@@ -50,6 +50,14 @@ def test_the_cap_binds_after_an_lr_increase_and_a_decay_lets_the_sharpness_rise(
     np.testing.assert_allclose(nag[200:] * lam_at * 0.05 / float(stability_edge("nag", 0.9)), 0.95)
     down = fc.factor(lam_at, 1e-3, 200, plan(cfg, 200, Change("d", lr_factor=0.1), 400))
     np.testing.assert_allclose(down[200:], np.exp(1e-3 * np.arange(200)), rtol=1e-12)
+    # at the run's own level h̄ = 0.3: doubling the lr halves λ_max; a decay leaves it (no sharpening)
+    run = CurvatureForecast(level="run")
+    np.testing.assert_allclose(run.factor(lam_at, 1e-3, 200, plan(cfg, 200, Change("x2", lr_factor=2.0), 400),
+                                          h_run=0.3)[200:] * lam_at * 0.1 / edge, 0.3)
+    np.testing.assert_array_equal(run.factor(lam_at, run.rate([0, 100], [1.0, 2.0], [0.1, 0.1], 100), 200,
+                                             plan(cfg, 200, Change("d", lr_factor=0.1), 400), h_run=0.7), 1.0)
+    with pytest.raises(ValueError, match="level='x' is unknown"):
+        CurvatureForecast(level="x")
     off = CurvatureForecast(cap=False, sharpening=False)
     assert off.rate([0, 100], [1.0, 2.0], [0.1, 0.1], 100) == 0.0
     np.testing.assert_array_equal(off.factor(lam_at, 0.0, 200, plan(cfg, 200, Change("x2", lr_factor=2.0), 400)), 1.0)

@@ -12,7 +12,12 @@ networks, the curvature moves in two ways that depend on the lr and method:
     Lee 2023, "Self-stabilization: the implicit bias of gradient descent at the edge of
     stability"; the catapult of Lewkowycz et al. 2020). After a change to the lr α', the
     momentum β' or the method, λ_max ≤ (1 − m)·edge(method', β')/α', with the link's margin
-    m (:data:`experiments.linking.predict.EDGE_MARGIN`).
+    m (:data:`experiments.linking.predict.EDGE_MARGIN`). With mini-batch SGD the full-batch
+    λ_max settles *below* the edge, at the level where the batch sharpness reaches it
+    (Andreyev & Beneventano 2024, "Edge of stochastic stability", docs/theory.md §7); with
+    ``level="run"`` the cap is that level, measured: λ_max ≤ h̄·edge(method', β')/α', h̄ the
+    run's own α λ_max / edge over the last ``start`` probes at or before k (at most 1 − m),
+    assuming the ratio of λ_max to the batch sharpness is not changed by the change.
 (b) *Progressive sharpening.* Below the edge λ_max rises (Cohen et al. 2021), at a rate r = d log λ_max / dt that is measured from the run's
     own probes before the change: the least-squares slope of log λ_max against the step over
     the probes at or before k where h/edge = α λ_max / edge < ``below`` (the run still far
@@ -43,14 +48,17 @@ from experiments.linking.predict import EDGE_MARGIN
 
 @dataclass(frozen=True)
 class CurvatureForecast:
-    """Which parts of the forecast are on: ``cap`` (a), ``sharpening`` (b) with its probe
-    rule (``below``, ``last``), ``noise`` (c); ``start``: probes averaged for λ_k."""
+    """Which parts of the forecast are on: ``cap`` (a) at the ``level`` "run" or "edge",
+    ``sharpening`` (b) with its probe rule (``below``, ``last``), ``noise`` (c); ``start``:
+    probes averaged for λ_k. The defaults are the forecast chosen on the development setting
+    (docs/findings/whatif.md)."""
 
     cap: bool = True
-    sharpening: bool = True
+    level: str = "run"  # the cap at the run's own h/edge, or "edge": at (1 - margin) x the edge
+    sharpening: bool = False
     noise: bool = True
-    below: float = 0.5
-    last: int = 0  # 0: all probes that qualify
+    below: float = 0.25
+    last: int = 2  # 0: all probes that qualify
     margin: float = EDGE_MARGIN
     start: int = 1
 
@@ -59,6 +67,8 @@ class CurvatureForecast:
             raise ValueError(f"below={self.below!r} is outside the valid range (0, inf]")
         if int(self.last) < 0:
             raise ValueError(f"last={self.last!r} is outside the valid range [0, inf) (0: all probes)")
+        if self.level not in ("edge", "run"):
+            raise ValueError(f"level={self.level!r} is unknown; valid: edge, run")
         if int(self.start) < 1:
             raise ValueError(f"start={self.start!r} is outside the valid range [1, inf)")
         if not 0 <= self.margin < 1:
@@ -71,19 +81,21 @@ class CurvatureForecast:
             if self.sharpening else 0.0
 
     def start_value(self, lam):
-        """λ_k: the mean of the last ``start`` finite values of the probes' λ_max ``lam``."""
+        """λ_k (or h̄): the mean of the last ``start`` finite values of ``lam``."""
         lam = np.asarray(lam, dtype=float)
         lam = lam[np.isfinite(lam)]
         return float(lam[-int(self.start):].mean()) if lam.size else np.nan
 
-    def factor(self, lam_at, rate, at, plan):
+    def factor(self, lam_at, rate, at, plan, h_run=np.inf):
         """κ_t, t = 0..T−1 (T = len(plan["lr"])): the forecast λ'_t / ``lam_at`` under a plan
-        (per-step ``lr``, ``momentum``, ``method``), 1 before ``at``."""
+        (per-step ``lr``, ``momentum``, ``method``), 1 before ``at``; ``h_run``: the run's
+        h/edge at k (h̄, used with ``level="run"``)."""
         lrs = np.asarray(plan["lr"], dtype=float)
         caps = np.full(lrs.size, np.inf)
         if self.cap:
             edges = np.array([float(stability_edge(m, b)) for m, b in zip(plan["method"], plan["momentum"])])
-            caps = (1 - self.margin) * edges / lrs
+            h = 1 - self.margin if self.level == "edge" or not np.isfinite(h_run) else min(h_run, 1 - self.margin)
+            caps = h * edges / lrs
         return forecast_factor(lam_at, rate, at, caps)
 
 

@@ -15,15 +15,19 @@ windows 1..n: [k+(j−1)W, k+jW)):
   ‖g‖̂_j = ‖g‖_meas,0·√(E‖g‖²_j / E‖g‖²_0), update ratio r̂_j = r_meas,0 + ½log₁₀(E‖Δθ‖²_j /
   E‖Δθ‖²_0) (the update:parameter ratio's log10(mean|Δθ|/mean|θ|), with mean|Δθ| ∝ ‖Δθ‖
   and θ nearly constant over a window): the model supplies the change, the trace the level;
-- h/edge and the regime of the network's top mode: α_new·λ_max(H) (the last probe's,
-  assumed to persist) over the new method's edge (docs/theory.md §2); per layer the same for
-  the layer's block top mode (``pred_h_edge_layer``, ``pred_regime_layer``).
+- h/edge and the regime of the network's top mode: α_new·λ'_max over the new method's edge
+  (docs/theory.md §2), λ'_max the curvature forecast's (:mod:`experiments.whatif.curvature`:
+  held below the new edge; with the forecast off, the last probe's λ_max, assumed to
+  persist); per layer the same for the layer's block top mode, scaled with it
+  (``pred_h_edge_layer``, ``pred_regime_layer``).
 
 Persistence, the baseline (§9), predicts window 0's measured values for every window.
 
 An improved link model plugs in as one function with :func:`nqm_predictor`'s signature:
 ``predictor(trace, config, at, plans, windows) -> Dataset (change, window, layer)`` with
-``grad_corr``, ``grad_sq``, ``update_sq`` (model values; window 0 included).
+``grad_corr``, ``grad_sq``, ``update_sq`` (model values; window 0 included) and optionally
+``curvature_factor`` (change, window): the forecast λ'_max over the last probe's λ_max at
+each window's first step (1 if absent).
 """
 
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ from experiments.linking.core import run_method
 from experiments.linking.measure import default_window, measured_window
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra
 from experiments.runs.optim import lr_factors
+from experiments.whatif.curvature import CurvatureForecast
 
 METHODS = ("gd", "hb", "nag")
 
@@ -107,7 +112,13 @@ def window_bounds(at, window, n_windows):
 
 
 # --------------------------------------------------------------------------- the link model
-def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curvature=None):
+# The curvature forecast in use (chosen on the development setting, docs/findings/whatif.md):
+# λ_max capped at the run's own h/edge under the new lr and method, from the last probe, the
+# noise following the curvature; the progressive-sharpening rate off (it did not help there).
+FORECAST = CurvatureForecast()
+
+
+def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curvature=FORECAST):
     r"""The link's NQM (:mod:`experiments.linking.predict`) through each plan.
 
     Each layer's spectrum and noise are built as the link builds them
@@ -128,8 +139,8 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
     not explain, D = max(‖E g‖² − E‖Hx‖²_NQM, 0), held constant: a mean gradient that the
     change does not touch (docs/findings/link.md, item 3).
 
-    ``curvature``: a :class:`experiments.whatif.curvature.CurvatureForecast` (None: the
-    curvature held fixed, as above). From step ``at`` on, each plan's spectra are multiplied
+    ``curvature``: a :class:`experiments.whatif.curvature.CurvatureForecast` (default
+    :data:`FORECAST`; None: the curvature held fixed, as above). From step ``at`` on, each plan's spectra are multiplied
     by λ'_t / λ̄ (λ'_t the forecast λ_max, λ̄ the smoothed λ_max the spectra were built
     from), and the per-mode noise too where the forecast's ``noise`` is on; λ'_t / λ_k (λ_k
     the last probe's) at each window's first step is returned as ``curvature_factor``
@@ -155,9 +166,9 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
     if curvature is not None and np.isfinite(lam_g[-1]) and lam_g[-1] > 0 and np.isfinite(lam_fed):
         h_probe = lr_probe.values * lam_g / float(stability_edge(method, momentum))
         rate = curvature.rate(keep, lam_g, h_probe, at)
-        lam_k = curvature.start_value(lam_g)
+        lam_k, h_run = curvature.start_value(lam_g), curvature.start_value(h_probe)
         for c, p in enumerate(plans):
-            lam_f = lam_k * curvature.factor(lam_k, rate, at, {k: v[:horizon] for k, v in p.items()})
+            lam_f = lam_k * curvature.factor(lam_k, rate, at, {k: v[:horizon] for k, v in p.items()}, h_run)
             kappa[c, at:], kappa_h[c, at:] = lam_f[at:] / lam_fed, lam_f[at:] / lam_g[-1]
     step = np.arange(horizon)
     which = np.clip(np.searchsorted(keep, step, side="right") - 1, 0, None)
