@@ -2,33 +2,38 @@ r"""A forecast of the curvature after a change, for the what-if predictions
 (:mod:`experiments.whatif.predict`; docs/theory.md §2, §4, §5).
 
 The link model holds the last probe's spectrum fixed after the change. Measured on real
-networks, the curvature moves in two ways that depend on the lr and method:
+networks, the curvature moves in ways that depend on the lr and method:
 
-(a) *Edge cap / self-stabilisation.* The network's top Hessian eigenvalue λ_max does not stay
+(a) *Cap / self-stabilisation.* The network's top Hessian eigenvalue λ_max does not stay
     above the stability edge of the method in use: full-batch GD and momentum methods train
     at the edge, λ_max ≈ edge(method, β)/α (Cohen et al. 2021, "Gradient descent on neural
     networks typically occurs at the edge of stability"), and when a step makes λ_max
     exceed it, the dynamics lower λ_max back to it within a few steps (Damian, Nichani &
     Lee 2023, "Self-stabilization: the implicit bias of gradient descent at the edge of
-    stability"; the catapult of Lewkowycz et al. 2020). After a change to the lr α', the
-    momentum β' or the method, λ_max ≤ (1 − m)·edge(method', β')/α', with the link's margin
-    m (:data:`experiments.linking.predict.EDGE_MARGIN`). With mini-batch SGD the full-batch
-    λ_max settles *below* the edge, at the level where the batch sharpness reaches it
-    (Andreyev & Beneventano 2024, "Edge of stochastic stability", docs/theory.md §7); with
-    ``level="run"`` the cap is that level, measured: λ_max ≤ h̄·edge(method', β')/α', h̄ the
-    run's own α λ_max / edge over the last ``start`` probes at or before k (at most 1 − m),
-    assuming the ratio of λ_max to the batch sharpness is not changed by the change.
-(b) *Progressive sharpening.* Below the edge λ_max rises (Cohen et al. 2021), at a rate r = d log λ_max / dt that is measured from the run's
-    own probes before the change: the least-squares slope of log λ_max against the step over
-    the probes at or before k where h/edge = α λ_max / edge < ``below`` (the run still far
-    from the edge, so the rise is sharpening and not the edge holding λ_max), the last
-    ``last`` of them. Assumed: the rate persists after the change until λ_max meets the
-    new edge, i.e. per step
-    :math:`\lambda'_{t+1} = \min(\lambda'_t e^{r}, (1-m)\,\mathrm{edge}_{t+1}/\alpha_{t+1})`,
-    from :math:`\lambda'_k = \min(\lambda_k, (1-m)\,\mathrm{edge}_k/\alpha_k)`, λ_k the mean of
-    the last ``start`` probes at or before k (one probe's λ_max is a noisy estimate of a
-    quantity that moves slowly below the edge). After a decay ×0.1 the cap moves ten times
-    higher and (b) predicts a rise; after an lr increase (a) predicts a fall. With fewer than two such probes r = 0.
+    stability"; the catapult of Lewkowycz et al. 2020). With mini-batch SGD the full-batch
+    λ_max settles *below* the edge, at the level where the *batch* sharpness reaches it
+    (Andreyev & Beneventano 2024, "Edge of stochastic stability", docs/theory.md §7). So
+    after a change to the lr α', the momentum β' or the method,
+    :math:`\lambda_{\max} \le h_c\,\mathrm{edge}(\text{method}', \beta')/\alpha'` with
+    ``level="edge"``: :math:`h_c = 1 - m` (the link's margin m,
+    :data:`experiments.linking.predict.EDGE_MARGIN`), or ``level="run"``: :math:`h_c =
+    \min(\bar h, 1 - m)`, h̄ the run's own α λ_max / edge over the last ``start`` probes
+    at or before k, the stochastic edge measured (assumed: the run sits at it, and the
+    change does not change the ratio of λ_max to the batch sharpness). Doubling the lr then
+    halves λ_max.
+(b) *Progressive sharpening.* Below the edge λ_max rises (Cohen et al. 2021), at a rate
+    r = d log λ_max / dt measured from the run's own probes before the change: the
+    least-squares slope of log λ_max against the step over the probes at or before k where
+    h/edge = α λ_max / edge < ``below`` (far from the edge, so that the rise is sharpening
+    and not the edge holding λ_max), the last ``last`` of them (r = 0 with fewer than
+    two). Assumed: the rate persists after the change until λ_max meets the cap.
+
+Per step, with the cap :math:`c_t = h_c\,\mathrm{edge}_t/\alpha_t` of the plan,
+:math:`\lambda'_k = \min(\lambda_k, c_k)` and
+:math:`\lambda'_{t+1} = \min(\lambda'_t e^{r}, c_{t+1})`, λ_k the mean of the last
+``start`` probes at or before k (one probe's λ_max is a noisy estimate). After a decay ×0.1
+the cap moves ten times higher and (b) predicts a rise at the rate r; after an lr increase
+(a) predicts a fall.
 
 The forecast is a factor κ_t = λ'_t / λ_k (1 before k). Assumed: each layer's block
 spectrum scales with the network's top mode (the whole Hessian is multiplied by κ_t, as
