@@ -115,6 +115,19 @@ def test_with_the_forecast_off_the_predictions_are_the_fixed_curvature_ones(tiny
     xr.testing.assert_identical(on.model_grad_sq.isel(window=0), fixed.model_grad_sq.isel(window=0))
 
 
+def test_the_run_level_is_measured_with_the_lr_before_a_decay_due_at_the_change(tiny_run):
+    # a decay ×0.1 due at step 40: the probe at 40 was reached with the lr before it (0.05), so
+    # h̄ = 0.05 λ/edge; a change ×20 on top of the decay trains at 0.1, and the run-level cap holds
+    # h/edge there at h̄ (λ_max halved), not at a level measured with the decayed lr
+    trace = store.load_run(tiny_run)
+    config = {**trace.attrs["config"], "schedule": "step", "step_every": 40, "step_gamma": 0.1}
+    out = whatif(trace, 40, changes_from([20.0]), window=10, config=config)
+    h_bar = 0.05 * float(trace.sharpness_global.sel(probe_step=40)) / float(stability_edge("hb", 0.9))
+    assert h_bar < 0.95
+    assert float(out.pred_h_edge.sel(window=1).isel(change=1)) == pytest.approx(h_bar, rel=1e-12)
+    assert float(out.pred_h_edge.sel(window=1).isel(change=0)) == pytest.approx(h_bar / 10, rel=1e-12)
+
+
 def test_whatif_errors(tiny_run):
     trace = store.load_run(tiny_run)
     with pytest.raises(ValueError, match=r"at=70 is outside the valid range \[10, 60\]"):

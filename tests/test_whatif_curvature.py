@@ -61,3 +61,4 @@ def test_the_cap_binds_after_an_lr_increase_and_a_decay_lets_the_sharpness_rise(
     off = CurvatureForecast(cap=False, sharpening=False)
     assert off.rate([0, 100], [1.0, 2.0], [0.1, 0.1], 100) == 0.0
     np.testing.assert_array_equal(off.factor(lam_at, 0.0, 200, plan(cfg, 200, Change("x2", lr_factor=2.0), 400)), 1.0)
+

@@ -164,7 +164,10 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
     lam_g = sel["sharpness_global"].values if "sharpness_global" in sel else np.full(keep.size, np.nan)
     lam_fed = float(fed["sharpness_global"].values[-1]) if "sharpness_global" in fed else np.nan
     if curvature is not None and np.isfinite(lam_g[-1]) and lam_g[-1] > 0 and np.isfinite(lam_fed):
-        h_probe = lr_probe.values * lam_g / float(stability_edge(method, momentum))
+        # h/edge of each probe with the lr that brought the network there (step p - 1's; the
+        # probe at ``at`` is taken before the change, and before a decay due at ``at``)
+        lr_before = trace["lr"].values[np.clip(keep - 1, 0, trace.sizes["step"] - 1)]
+        h_probe = lr_before * lam_g / float(stability_edge(method, momentum))
         rate = curvature.rate(keep, lam_g, h_probe, at)
         lam_k, h_run = curvature.start_value(lam_g), curvature.start_value(h_probe)
         for c, p in enumerate(plans):
