@@ -28,19 +28,17 @@ def candidates():
     """name -> CurvatureForecast (None: the curvature held fixed)."""
     out = {"fixed": None}
     for level in ("edge", "run"):
-        for start in (1, 3):
-            for noise in (False, True):
-                out[f"cap={level} start={start} noise={noise}"] = CF(level=level, start=start, noise=noise)
+        for noise in (False, True):
+            out[f"cap={level} noise={noise}"] = CF(level=level, noise=noise)
     for below, last in ((0.5, 0), (0.5, 3), (0.25, 2)):
-        out[f"cap=run start=1 noise=True sharpening(below={below}, last={last})"] = CF(
-            sharpening=True, below=below, last=last)
+        out[f"cap=run noise=True sharpening(below={below}, last={last})"] = CF(sharpening=True, below=below, last=last)
     return out
 
 
 def parts_on(forecast):
     if forecast is None:
         return 0
-    return sum((forecast.cap, forecast.noise, forecast.sharpening, forecast.start > 1))
+    return sum((forecast.cap, forecast.noise, forecast.sharpening))
 
 
 def choose(rows, forecasts):

@@ -101,28 +101,34 @@ def test_with_the_forecast_off_the_predictions_are_the_fixed_curvature_ones(tiny
     fixed = whatif(trace, 40, changes, window=10, predictor=functools.partial(nqm_predictor, curvature=None))
     off = whatif(trace, 40, changes, window=10,
                  predictor=functools.partial(nqm_predictor,
-                                             curvature=CurvatureForecast(cap=False, sharpening=False, start=3)))
-    on = whatif(trace, 40, changes, window=10,
-                predictor=functools.partial(nqm_predictor, curvature=CurvatureForecast(level="edge")))
-    # no cap, no sharpening, λ_k the spectra's own 3-probe mean: the fixed curvature (up to rounding)
+                                             curvature=CurvatureForecast(cap=False, sharpening=False)))
+    edge_cap = functools.partial(nqm_predictor, curvature=CurvatureForecast(level="edge"))
+    on = whatif(trace, 40, changes_from([500.0]), window=10, predictor=edge_cap)  # h/edge ≈ 0.003 × 500
+    # no cap, no sharpening: the fixed curvature (up to rounding)
     for v in ("pred_grad_corr", "pred_grad_norm", "pred_update_ratio"):
         xr.testing.assert_allclose(fixed[v], off[v], rtol=1e-12)
     lam = float(trace.sharpness_global.sel(probe_step=40))
     lr_edge = 0.05 / float(stability_edge("hb", 0.9))
     np.testing.assert_allclose(fixed.pred_h_edge.isel(change=0), lam * lr_edge)  # the probe's λ, held fixed
-    assert not np.allclose(on.pred_grad_norm, fixed.pred_grad_norm, rtol=1e-3)
-    assert (on.pred_h_edge.isel(window=slice(1, None)) <= 0.95 + 1e-9).all()  # capped below the edge
-    xr.testing.assert_identical(on.model_grad_sq.isel(window=0), fixed.model_grad_sq.isel(window=0))
+    assert float(on.persist_h_edge) * 500 > 1  # past the edge without the cap
+    np.testing.assert_allclose(on.pred_h_edge.isel(change=1, window=slice(1, None)), 0.95)  # capped below it
+    xr.testing.assert_identical(on.model_grad_sq.isel(window=0, change=0), fixed.model_grad_sq.isel(window=0, change=0))
+    # the default forecast (run-level cap): the run's own schedule, unchanged, keeps its curvature
+    default = whatif(trace, 40, changes, window=10)
+    for v in ("pred_grad_corr", "pred_grad_norm", "pred_update_ratio"):
+        xr.testing.assert_allclose(fixed[v].isel(change=0), default[v].isel(change=0), rtol=1e-9)
+    assert not np.allclose(default.pred_grad_norm.isel(change=2), fixed.pred_grad_norm.isel(change=2), rtol=1e-3)
 
 
 def test_the_run_level_is_measured_with_the_lr_before_a_decay_due_at_the_change(tiny_run):
-    # a decay ×0.1 due at step 40: the probe at 40 was reached with the lr before it (0.05), so
-    # h̄ = 0.05 λ/edge; a change ×20 on top of the decay trains at 0.1, and the run-level cap holds
+    # a decay ×0.1 due at step 40: the probes up to 40 were reached with the lr before it (0.05), so
+    # h̄ = 0.05 λ̄/edge; a change ×20 on top of the decay trains at 0.1, and the run-level cap holds
     # h/edge there at h̄ (λ_max halved), not at a level measured with the decayed lr
     trace = store.load_run(tiny_run)
     config = {**trace.attrs["config"], "schedule": "step", "step_every": 40, "step_gamma": 0.1}
     out = whatif(trace, 40, changes_from([20.0]), window=10, config=config)
-    h_bar = 0.05 * float(trace.sharpness_global.sel(probe_step=40)) / float(stability_edge("hb", 0.9))
+    lam_bar = float(trace.sharpness_global.sel(probe_step=[20, 30, 40]).mean())  # the spectra's 3-probe mean
+    h_bar = 0.05 * lam_bar / float(stability_edge("hb", 0.9))
     assert h_bar < 0.95
     assert float(out.pred_h_edge.sel(window=1).isel(change=1)) == pytest.approx(h_bar, rel=1e-12)
     assert float(out.pred_h_edge.sel(window=1).isel(change=0)) == pytest.approx(h_bar / 10, rel=1e-12)

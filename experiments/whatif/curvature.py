@@ -17,8 +17,8 @@ networks, the curvature moves in ways that depend on the lr and method:
     :math:`\lambda_{\max} \le h_c\,\mathrm{edge}(\text{method}', \beta')/\alpha'` with
     ``level="edge"``: :math:`h_c = 1 - m` (the link's margin m,
     :data:`experiments.linking.predict.EDGE_MARGIN`), or ``level="run"``: :math:`h_c =
-    \min(\bar h, 1 - m)`, h̄ the run's own α λ_max / edge over the last ``start`` probes
-    at or before k, the stochastic edge measured (assumed: the run sits at it, and the
+    \min(\bar h, 1 - m)`, h̄ the run's own α λ_max / edge at k (over the probes λ_k is
+    taken from, below), the stochastic edge measured (assumed: the run sits at it, and the
     change does not change the ratio of λ_max to the batch sharpness). Doubling the lr then
     halves λ_max.
 (b) *Progressive sharpening.* Below the edge λ_max rises (Cohen et al. 2021), at a rate
@@ -30,8 +30,11 @@ networks, the curvature moves in ways that depend on the lr and method:
 
 Per step, with the cap :math:`c_t = h_c\,\mathrm{edge}_t/\alpha_t` of the plan,
 :math:`\lambda'_k = \min(\lambda_k, c_k)` and
-:math:`\lambda'_{t+1} = \min(\lambda'_t e^{r}, c_{t+1})`, λ_k the mean of the last
-``start`` probes at or before k (one probe's λ_max is a noisy estimate). After a decay ×0.1
+:math:`\lambda'_{t+1} = \min(\lambda'_t e^{r}, c_{t+1})`, λ_k the curvature the link model's
+spectra are built from (the trailing mean of the last probes at or before k,
+:func:`experiments.whatif.predict.nqm_predictor`'s ``smooth``): so a plan that changes
+nothing, without sharpening, has λ' ≡ λ_k and its prediction is the fixed-curvature one.
+After a decay ×0.1
 the cap moves ten times higher and (b) predicts a rise at the rate r; after an lr increase
 (a) predicts a fall.
 
@@ -54,8 +57,7 @@ from experiments.linking.predict import EDGE_MARGIN
 @dataclass(frozen=True)
 class CurvatureForecast:
     """Which parts of the forecast are on: ``cap`` (a) at the ``level`` "run" or "edge",
-    ``sharpening`` (b) with its probe rule (``below``, ``last``), ``noise`` (c); ``start``:
-    probes averaged for λ_k. The defaults are the forecast chosen on the development setting
+    ``sharpening`` (b) with its probe rule (``below``, ``last``), ``noise`` (c). The defaults are the forecast chosen on the development setting
     (docs/findings/whatif.md)."""
 
     cap: bool = True
@@ -65,7 +67,6 @@ class CurvatureForecast:
     below: float = 0.25
     last: int = 2  # 0: all probes that qualify
     margin: float = EDGE_MARGIN
-    start: int = 1
 
     def __post_init__(self):
         if not 0 < self.below <= np.inf:
@@ -74,8 +75,6 @@ class CurvatureForecast:
             raise ValueError(f"last={self.last!r} is outside the valid range [0, inf) (0: all probes)")
         if self.level not in ("edge", "run"):
             raise ValueError(f"level={self.level!r} is unknown; valid: edge, run")
-        if int(self.start) < 1:
-            raise ValueError(f"start={self.start!r} is outside the valid range [1, inf)")
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin={self.margin!r} is outside the valid range [0, 1)")
 
@@ -84,12 +83,6 @@ class CurvatureForecast:
         (the last ``last`` of them; 0 if fewer than two, or if ``sharpening`` is off)."""
         return sharpening_rate(probe_steps, lam, h_edge, at, below=self.below, last=self.last) \
             if self.sharpening else 0.0
-
-    def start_value(self, lam):
-        """λ_k (or h̄): the mean of the last ``start`` finite values of ``lam``."""
-        lam = np.asarray(lam, dtype=float)
-        lam = lam[np.isfinite(lam)]
-        return float(lam[-int(self.start):].mean()) if lam.size else np.nan
 
     def factor(self, lam_at, rate, at, plan, h_run=np.inf):
         """κ_t, t = 0..T−1 (T = len(plan["lr"])): the forecast λ'_t / ``lam_at`` under a plan

@@ -113,8 +113,8 @@ def window_bounds(at, window, n_windows):
 
 # --------------------------------------------------------------------------- the link model
 # The curvature forecast in use (chosen on the development setting, docs/findings/whatif.md):
-# λ_max capped at the run's own h/edge under the new lr and method, from the last probe, the
-# noise following the curvature; the progressive-sharpening rate off (it did not help there).
+# λ_max capped at the run's own h/edge under the new lr and method, the noise following the
+# curvature; the progressive-sharpening rate off (it did not help there).
 FORECAST = CurvatureForecast()
 
 
@@ -141,7 +141,7 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
 
     ``curvature``: a :class:`experiments.whatif.curvature.CurvatureForecast` (default
     :data:`FORECAST`; None: the curvature held fixed, as above). From step ``at`` on, each plan's spectra are multiplied
-    by λ'_t / λ̄ (λ'_t the forecast λ_max, λ̄ the smoothed λ_max the spectra were built
+    by λ'_t / λ̄ (λ'_t the forecast λ_max, from λ̄, the smoothed λ_max the spectra were built
     from), and the per-mode noise too where the forecast's ``noise`` is on; λ'_t / λ_k (λ_k
     the last probe's) at each window's first step is returned as ``curvature_factor``
     (change, window), which :func:`whatif` applies to the last probe's λ_max in h/edge.
@@ -163,15 +163,15 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
     kappa_h = np.ones((len(plans), horizon))  # on the last probe's λ_max (h/edge)
     lam_g = sel["sharpness_global"].values if "sharpness_global" in sel else np.full(keep.size, np.nan)
     lam_fed = float(fed["sharpness_global"].values[-1]) if "sharpness_global" in fed else np.nan
-    if curvature is not None and np.isfinite(lam_g[-1]) and lam_g[-1] > 0 and np.isfinite(lam_fed):
+    if curvature is not None and np.isfinite(lam_g[-1]) and lam_g[-1] > 0 and np.isfinite(lam_fed) and lam_fed > 0:
         # h/edge of each probe with the lr that brought the network there (step p - 1's; the
         # probe at ``at`` is taken before the change, and before a decay due at ``at``)
         lr_before = trace["lr"].values[np.clip(keep - 1, 0, trace.sizes["step"] - 1)]
         h_probe = lr_before * lam_g / float(stability_edge(method, momentum))
         rate = curvature.rate(keep, lam_g, h_probe, at)
-        lam_k, h_run = curvature.start_value(lam_g), curvature.start_value(h_probe)
+        h_run = float(np.nanmean(h_probe[-int(smooth):]))  # over the probes of lam_fed's trailing mean
         for c, p in enumerate(plans):
-            lam_f = lam_k * curvature.factor(lam_k, rate, at, {k: v[:horizon] for k, v in p.items()}, h_run)
+            lam_f = lam_fed * curvature.factor(lam_fed, rate, at, {k: v[:horizon] for k, v in p.items()}, h_run)
             kappa[c, at:], kappa_h[c, at:] = lam_f[at:] / lam_fed, lam_f[at:] / lam_g[-1]
     step = np.arange(horizon)
     which = np.clip(np.searchsorted(keep, step, side="right") - 1, 0, None)
