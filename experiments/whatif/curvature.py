@@ -57,8 +57,8 @@ from experiments.linking.predict import EDGE_MARGIN
 @dataclass(frozen=True)
 class CurvatureForecast:
     """Which parts of the forecast are on: ``cap`` (a) at the ``level`` "run" or "edge",
-    ``sharpening`` (b) with its probe rule (``below``, ``last``), ``noise`` (c). The defaults are the forecast chosen on the development setting
-    (docs/findings/whatif.md)."""
+    ``sharpening`` (b) with its probe rule (``below``, ``last``), ``noise`` (c). The defaults
+    are the forecast chosen on the development setting (docs/findings/whatif.md)."""
 
     cap: bool = True
     level: str = "run"  # the cap at the run's own h/edge, or "edge": at (1 - margin) x the edge
@@ -130,6 +130,3 @@ def forecast_factor(lam_at, rate, at, caps):
         lam = min(lam if t == at else lam * np.exp(rate), caps[t])
         kappa[t] = lam / lam_at
     return kappa
-
-
-OFF = None  # no forecast: the last probe's curvature held fixed after the change

@@ -13,8 +13,8 @@ windows 1..n: [k+(j−1)W, k+jW)):
   the successive-gradient correlation ρ, E‖g‖² and E‖Δθ‖² per window, for window 0 too;
 - these are anchored on window 0's measurement: ρ̂_j = ρ_meas,0 + (ρ_j − ρ_0),
   ‖g‖̂_j = ‖g‖_meas,0·√(E‖g‖²_j / E‖g‖²_0), update ratio
-  r̂_j = r_meas,0 + ½log₁₀(E‖Δθ‖²_j / E‖Δθ‖²_0) (the update:parameter ratio's log10(mean|Δθ|/mean|θ|), with mean|Δθ| ∝ ‖Δθ‖
-  and θ nearly constant over a window): the model supplies the change, the trace the level;
+  r̂_j = r_meas,0 + ½log₁₀(E‖Δθ‖²_j / E‖Δθ‖²_0) (the update:parameter ratio's
+  log10(mean|Δθ|/mean|θ|), with mean|Δθ| ∝ ‖Δθ‖ and θ nearly constant over a window): the model supplies the change, the trace the level;
 - h/edge and the regime of the network's top mode: α_new·λ'_max over the new method's edge
   (docs/theory.md §2), λ'_max the curvature forecast's (:mod:`experiments.whatif.curvature`:
   held at or below the run's level under the new lr and method; with the forecast off, the
