@@ -14,12 +14,13 @@ windows 1..n: [k+(j−1)W, k+jW)):
 - these are anchored on window 0's measurement: ρ̂_j = ρ_meas,0 + (ρ_j − ρ_0),
   ‖g‖̂_j = ‖g‖_meas,0·√(E‖g‖²_j / E‖g‖²_0), update ratio
   r̂_j = r_meas,0 + ½log₁₀(E‖Δθ‖²_j / E‖Δθ‖²_0) (the update:parameter ratio's
-  log10(mean|Δθ|/mean|θ|), with mean|Δθ| ∝ ‖Δθ‖ and θ nearly constant over a window): the model supplies the change, the trace the level;
+  log10(mean|Δθ|/mean|θ|), with mean|Δθ| ∝ ‖Δθ‖ and θ nearly constant over a window):
+  the model supplies the change, the trace the level;
 - h/edge and the regime of the network's top mode: α_new·λ'_max over the new method's edge
   (docs/theory.md §2), λ'_max the curvature forecast's (:mod:`experiments.whatif.curvature`:
   held at or below the run's level under the new lr and method; with the forecast off, the
-  last probe's λ_max, assumed to persist); per layer the same for the layer's block top mode, scaled with it
-  (``pred_h_edge_layer``, ``pred_regime_layer``).
+  last probe's λ_max, assumed to persist); per layer the same for the layer's block top
+  mode, scaled with it (``pred_h_edge_layer``, ``pred_regime_layer``).
 
 Persistence, the baseline (§9), predicts window 0's measured values for every window.
 
