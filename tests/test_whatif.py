@@ -113,11 +113,17 @@ def test_with_the_forecast_off_the_predictions_are_the_fixed_curvature_ones(tiny
     assert float(on.persist_h_edge) * 500 > 1  # past the edge without the cap
     np.testing.assert_allclose(on.pred_h_edge.isel(change=1, window=slice(1, None)), 0.95)  # capped below it
     xr.testing.assert_identical(on.model_grad_sq.isel(window=0, change=0), fixed.model_grad_sq.isel(window=0, change=0))
-    # the default forecast (run-level cap): the run's own schedule, unchanged, keeps its curvature
-    default = whatif(trace, 40, changes, window=10)
+    # the run-level cap: the run's own schedule, unchanged, keeps its curvature; lr x2 lowers it
+    run_cap = whatif(trace, 40, changes, window=10,
+                     predictor=functools.partial(nqm_predictor, curvature=CurvatureForecast(level="run")))
     for v in ("pred_grad_corr", "pred_grad_norm", "pred_update_ratio"):
-        xr.testing.assert_allclose(fixed[v].isel(change=0), default[v].isel(change=0), rtol=1e-9)
-    assert not np.allclose(default.pred_grad_norm.isel(change=2), fixed.pred_grad_norm.isel(change=2), rtol=1e-3)
+        xr.testing.assert_allclose(fixed[v].isel(change=0), run_cap[v].isel(change=0), rtol=1e-9)
+    assert not np.allclose(run_cap.pred_grad_norm.isel(change=2), fixed.pred_grad_norm.isel(change=2), rtol=1e-3)
+    # the stochastic-edge cap on a trace without the batch sharpness: the edge cap only
+    gated = whatif(trace, 40, changes, window=10,
+                   predictor=functools.partial(nqm_predictor, curvature=CurvatureForecast(level="stochastic")))
+    edge = whatif(trace, 40, changes, window=10, predictor=edge_cap)
+    xr.testing.assert_allclose(gated.pred_grad_norm, edge.pred_grad_norm, rtol=1e-12)
 
 
 def test_the_run_level_is_measured_with_the_lr_before_a_decay_due_at_the_change(tiny_run):
@@ -126,7 +132,8 @@ def test_the_run_level_is_measured_with_the_lr_before_a_decay_due_at_the_change(
     # h/edge there at h̄ (λ_max halved), not at a level measured with the decayed lr
     trace = store.load_run(tiny_run)
     config = {**trace.attrs["config"], "schedule": "step", "step_every": 40, "step_gamma": 0.1}
-    out = whatif(trace, 40, changes_from([20.0]), window=10, config=config)
+    out = whatif(trace, 40, changes_from([20.0]), window=10, config=config,
+                 predictor=functools.partial(nqm_predictor, curvature=CurvatureForecast(level="run")))
     lam_bar = float(trace.sharpness_global.sel(probe_step=[20, 30, 40]).mean())  # the spectra's 3-probe mean
     h_bar = 0.05 * lam_bar / float(stability_edge("hb", 0.9))
     assert h_bar < 0.95

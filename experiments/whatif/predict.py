@@ -18,7 +18,8 @@ windows 1..n: [k+(j−1)W, k+jW)):
   the model supplies the change, the trace the level;
 - h/edge and the regime of the network's top mode: α_new·λ'_max over the new method's edge
   (docs/theory.md §2), λ'_max the curvature forecast's (:mod:`experiments.whatif.curvature`:
-  held at or below the run's level under the new lr and method; with the forecast off, the
+  held at or below the edge, or the run's level where it sits at its stochastic edge, under the
+  new lr and method; with the forecast off, the
   last probe's λ_max, assumed to persist); per layer the same for the layer's block top
   mode, scaled with it (``pred_h_edge_layer``, ``pred_regime_layer``).
 
@@ -42,7 +43,7 @@ from experiments.linking.core import run_method
 from experiments.linking.measure import default_window, measured_window
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra
 from experiments.runs.optim import lr_factors
-from experiments.whatif.curvature import CurvatureForecast
+from experiments.whatif.curvature import CurvatureForecast, at_stochastic_edge, below_edge, flow_time
 
 METHODS = ("gd", "hb", "nag")
 
@@ -113,9 +114,9 @@ def window_bounds(at, window, n_windows):
 
 
 # --------------------------------------------------------------------------- the link model
-# The curvature forecast in use (chosen on the development setting, docs/findings/whatif.md):
-# λ_max capped at the run's own h/edge under the new lr and method, the noise following the
-# curvature; the progressive-sharpening rate off (it did not help there).
+# The curvature forecast in use (chosen on the development settings, docs/findings/whatif.md):
+# λ_max capped at the run's own h/edge under the new lr and method where the run sits at its
+# stochastic edge (batch sharpness), else at the method's edge; the noise following the curvature.
 FORECAST = CurvatureForecast()
 
 
@@ -166,13 +167,20 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
     lam_fed = float(fed["sharpness_global"].values[-1]) if "sharpness_global" in fed else np.nan
     if curvature is not None and np.isfinite(lam_g[-1]) and lam_g[-1] > 0 and np.isfinite(lam_fed) and lam_fed > 0:
         # h/edge of each probe with the lr that brought the network there (step p - 1's; the
-        # probe at ``at`` is taken before the change, and before a decay due at ``at``)
+        # probe at ``at`` is taken before the change, and before a decay due at ``at``), from
+        # λ_max and from the batch sharpness (NaN where the trace has none)
         lr_before = trace["lr"].values[np.clip(keep - 1, 0, trace.sizes["step"] - 1)]
-        h_probe = lr_before * lam_g / float(stability_edge(method, momentum))
-        rate = curvature.rate(keep, lam_g, h_probe, at)
+        edge0 = float(stability_edge(method, momentum))
+        h_probe = lr_before * lam_g / edge0
+        bs = sel["batch_sharpness_global"].values if "batch_sharpness_global" in sel else np.full(keep.size, np.nan)
+        h_batch = lr_before * bs / edge0
+        tau = flow_time(trace["lr"].values, momentum)[np.clip(keep, 0, trace.sizes["step"])]
+        rate = curvature.rate(tau, lam_g, below_edge(h_probe, h_batch, curvature.margin))
         h_run = float(np.nanmean(h_probe[-int(smooth):]))  # over the probes of lam_fed's trailing mean
+        at_edge = at_stochastic_edge(h_batch[-int(smooth):], curvature.margin)
         for c, p in enumerate(plans):
-            lam_f = lam_fed * curvature.factor(lam_fed, rate, at, {k: v[:horizon] for k, v in p.items()}, h_run)
+            lam_f = lam_fed * curvature.factor(lam_fed, rate, at, {k: v[:horizon] for k, v in p.items()}, h_run,
+                                               at_edge)
             kappa[c, at:], kappa_h[c, at:] = lam_f[at:] / lam_fed, lam_f[at:] / lam_g[-1]
     step = np.arange(horizon)
     which = np.clip(np.searchsorted(keep, step, side="right") - 1, 0, None)
