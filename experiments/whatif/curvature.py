@@ -71,8 +71,8 @@ from experiments.linking.predict import EDGE_MARGIN
 class CurvatureForecast:
     """Which parts of the forecast are on: ``cap`` (a) at the ``level`` "stochastic", "edge"
     or "run", ``sharpening`` (b) over the ``last`` probes below the edge (0: all), ``noise``
-    (c). The defaults are the forecast chosen on the development settings
-    (docs/findings/whatif.md)."""
+    (c). The defaults: the stochastic-edge cap with the noise following the curvature (not on
+    in the what-if predictions by default: :data:`experiments.whatif.predict.FORECAST`)."""
 
     cap: bool = True
     level: str = "stochastic"  # the run's own h/edge where it sits at its stochastic edge, else the edge's

@@ -43,7 +43,7 @@ from experiments.linking.core import run_method
 from experiments.linking.measure import default_window, measured_window
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra
 from experiments.runs.optim import lr_factors
-from experiments.whatif.curvature import CurvatureForecast, at_stochastic_edge, below_edge, flow_time
+from experiments.whatif.curvature import at_stochastic_edge, below_edge, flow_time
 
 METHODS = ("gd", "hb", "nag")
 
@@ -114,10 +114,11 @@ def window_bounds(at, window, n_windows):
 
 
 # --------------------------------------------------------------------------- the link model
-# The curvature forecast in use (chosen on the development settings, docs/findings/whatif.md):
-# λ_max capped at the run's own h/edge under the new lr and method where the run sits at its
-# stochastic edge (batch sharpness), else at the method's edge; the noise following the curvature.
-FORECAST = CurvatureForecast()
+# The curvature forecast in use, chosen on the development settings (docs/findings/whatif.md):
+# none, the curvature held fixed. The stochastic-edge cap (CurvatureForecast()) predicts the same
+# there (no development run sits at its stochastic edge, and the method's edge does not bind),
+# and the rule's tie goes to the simpler model; the flow-time sharpening fails the correlation floor.
+FORECAST = None
 
 
 def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curvature=FORECAST):
@@ -142,8 +143,8 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
     change does not touch (docs/findings/link.md, item 3).
 
     ``curvature``: a :class:`experiments.whatif.curvature.CurvatureForecast` (default
-    :data:`FORECAST`; None: the curvature held fixed, as above). From step ``at`` on, each plan's spectra are multiplied
-    by λ'_t / λ̄ (λ'_t the forecast λ_max, from λ̄, the smoothed λ_max the spectra were built
+    :data:`FORECAST`, None: the curvature held fixed, as above). From step ``at`` on, each
+    plan's spectra are multiplied by λ'_t / λ̄ (λ'_t the forecast λ_max, from λ̄, the smoothed λ_max the spectra were built
     from), and the per-mode noise too where the forecast's ``noise`` is on; λ'_t / λ_k (λ_k
     the last probe's) at each window's first step is returned as ``curvature_factor``
     (change, window), which :func:`whatif` applies to the last probe's λ_max in h/edge.
