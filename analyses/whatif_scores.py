@@ -17,7 +17,7 @@ the method's edge only), ``sharpening`` (the stochastic-edge cap with the flow-t
 ``persistence``.
 Writes ``results/whatif_scores.json``:
 
-    .venv/bin/python -m analyses whatif_scores       # ~15 CPU-minutes (runs + forks)
+    .venv/bin/python -m analyses whatif_scores       # runs + forks the first time, then minutes
 """
 
 import functools
