@@ -1,17 +1,21 @@
 """whatif: the model's update moments, plans, the plug-in predictor, forks and scores, the CLI."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 import xarray as xr
 
 from dynamics.nqm.schedule import schedule_prediction
+from dynamics.quadratic import stability_edge
 from experiments import store
 from experiments.cli import main
 from experiments.runs.config import RunConfig, run_id
 from experiments.runs.loop import run
 from experiments.whatif.check import check, scores
-from experiments.whatif.predict import Change, changes_from, fork_config, plan, whatif
+from experiments.whatif.curvature import CurvatureForecast
+from experiments.whatif.predict import Change, changes_from, fork_config, nqm_predictor, plan, whatif
 
 TINY = dict(model="seed-cnn", data="digits", model_args={"channels": 4, "hidden": 16}, steps=60, batch_size=64,
             threads=1, seed=1, lr=0.05, momentum=0.9, probe_every=10, probe_batch_size=128, hutchinson_samples=2,
@@ -83,11 +87,58 @@ def test_a_predictor_plugs_in_and_a_model_without_change_is_persistence(tiny_run
     ds = whatif(trace, 40, changes_from([0.5]), window=10, predictor=constant_model)
     for v in ("grad_corr", "grad_norm", "update_ratio"):
         xr.testing.assert_allclose(ds[f"pred_{v}"], ds[f"persist_{v}"])
-    nqm = whatif(trace, 40, changes_from([0.5, 2.0]), window=10)
+    fixed = functools.partial(nqm_predictor, curvature=None)  # the curvature held fixed: h/edge scales with the lr
+    nqm = whatif(trace, 40, changes_from([0.5, 2.0]), window=10, predictor=fixed)
     assert nqm.pred_h_edge.sel(window=1).values.tolist() == pytest.approx(
         [nqm.pred_h_edge.values[0, 1] * f for f in (1, 0.5, 2)])
     ratio = nqm.model_update_sq.isel(window=1) / nqm.model_update_sq.isel(window=0)
     assert (ratio.isel(change=1) < 1).all() and (ratio.isel(change=2) > 1).all()  # smaller lr, smaller steps
+
+
+def test_with_the_forecast_off_the_predictions_are_the_fixed_curvature_ones(tiny_run):
+    trace = store.load_run(tiny_run)
+    changes = changes_from([0.5, 2.0], [0.1], [0.6], ["nag"])
+    fixed = whatif(trace, 40, changes, window=10, predictor=functools.partial(nqm_predictor, curvature=None))
+    off = whatif(trace, 40, changes, window=10,
+                 predictor=functools.partial(nqm_predictor,
+                                             curvature=CurvatureForecast(cap=False, sharpening=False)))
+    edge_cap = functools.partial(nqm_predictor, curvature=CurvatureForecast(level="edge"))
+    on = whatif(trace, 40, changes_from([500.0]), window=10, predictor=edge_cap)  # h/edge ≈ 0.003 × 500
+    # no cap, no sharpening: the fixed curvature (up to rounding)
+    for v in ("pred_grad_corr", "pred_grad_norm", "pred_update_ratio"):
+        xr.testing.assert_allclose(fixed[v], off[v], rtol=1e-12)
+    lam = float(trace.sharpness_global.sel(probe_step=40))
+    lr_edge = 0.05 / float(stability_edge("hb", 0.9))
+    np.testing.assert_allclose(fixed.pred_h_edge.isel(change=0), lam * lr_edge)  # the probe's λ, held fixed
+    assert float(on.persist_h_edge) * 500 > 1  # past the edge without the cap
+    np.testing.assert_allclose(on.pred_h_edge.isel(change=1, window=slice(1, None)), 0.95)  # capped below it
+    xr.testing.assert_identical(on.model_grad_sq.isel(window=0, change=0), fixed.model_grad_sq.isel(window=0, change=0))
+    # the run-level cap: the run's own schedule, unchanged, keeps its curvature; lr x2 lowers it
+    run_cap = whatif(trace, 40, changes, window=10,
+                     predictor=functools.partial(nqm_predictor, curvature=CurvatureForecast(level="run")))
+    for v in ("pred_grad_corr", "pred_grad_norm", "pred_update_ratio"):
+        xr.testing.assert_allclose(fixed[v].isel(change=0), run_cap[v].isel(change=0), rtol=1e-9)
+    assert not np.allclose(run_cap.pred_grad_norm.isel(change=2), fixed.pred_grad_norm.isel(change=2), rtol=1e-3)
+    # the stochastic-edge cap on a trace without the batch sharpness: the edge cap only
+    gated = whatif(trace, 40, changes, window=10,
+                   predictor=functools.partial(nqm_predictor, curvature=CurvatureForecast(level="stochastic")))
+    edge = whatif(trace, 40, changes, window=10, predictor=edge_cap)
+    xr.testing.assert_allclose(gated.pred_grad_norm, edge.pred_grad_norm, rtol=1e-12)
+
+
+def test_the_run_level_is_measured_with_the_lr_before_a_decay_due_at_the_change(tiny_run):
+    # a decay ×0.1 due at step 40: the probes up to 40 were reached with the lr before it (0.05), so
+    # h̄ = 0.05 λ̄/edge; a change ×20 on top of the decay trains at 0.1, and the run-level cap holds
+    # h/edge there at h̄ (λ_max halved), not at a level measured with the decayed lr
+    trace = store.load_run(tiny_run)
+    config = {**trace.attrs["config"], "schedule": "step", "step_every": 40, "step_gamma": 0.1}
+    out = whatif(trace, 40, changes_from([20.0]), window=10, config=config,
+                 predictor=functools.partial(nqm_predictor, curvature=CurvatureForecast(level="run")))
+    lam_bar = float(trace.sharpness_global.sel(probe_step=[20, 30, 40]).mean())  # the spectra's 3-probe mean
+    h_bar = 0.05 * lam_bar / float(stability_edge("hb", 0.9))
+    assert h_bar < 0.95
+    assert float(out.pred_h_edge.sel(window=1).isel(change=1)) == pytest.approx(h_bar, rel=1e-12)
+    assert float(out.pred_h_edge.sel(window=1).isel(change=0)) == pytest.approx(h_bar / 10, rel=1e-12)
 
 
 def test_whatif_errors(tiny_run):

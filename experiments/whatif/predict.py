@@ -12,18 +12,24 @@ windows 1..n: [k+(j−1)W, k+jW)):
 - the *link model* (:data:`PREDICTOR`, by default :func:`nqm_predictor`) gives model values of
   the successive-gradient correlation ρ, E‖g‖² and E‖Δθ‖² per window, for window 0 too;
 - these are anchored on window 0's measurement: ρ̂_j = ρ_meas,0 + (ρ_j − ρ_0),
-  ‖g‖̂_j = ‖g‖_meas,0·√(E‖g‖²_j / E‖g‖²_0), update ratio r̂_j = r_meas,0 + ½log₁₀(E‖Δθ‖²_j /
-  E‖Δθ‖²_0) (the update:parameter ratio's log10(mean|Δθ|/mean|θ|), with mean|Δθ| ∝ ‖Δθ‖
-  and θ nearly constant over a window): the model supplies the change, the trace the level;
-- h/edge and the regime of the network's top mode: α_new·λ_max(H) (the last probe's,
-  assumed to persist) over the new method's edge (docs/theory.md §2); per layer the same for
-  the layer's block top mode (``pred_h_edge_layer``, ``pred_regime_layer``).
+  ‖g‖̂_j = ‖g‖_meas,0·√(E‖g‖²_j / E‖g‖²_0), update ratio
+  r̂_j = r_meas,0 + ½log₁₀(E‖Δθ‖²_j / E‖Δθ‖²_0) (the update:parameter ratio's
+  log10(mean|Δθ|/mean|θ|), with mean|Δθ| ∝ ‖Δθ‖ and θ nearly constant over a window):
+  the model supplies the change, the trace the level;
+- h/edge and the regime of the network's top mode: α_new·λ'_max over the new method's edge
+  (docs/theory.md §2), λ'_max the curvature forecast's (:mod:`experiments.whatif.curvature`:
+  held at or below the edge, or the run's level where it sits at its stochastic edge, under the
+  new lr and method; with the forecast off, the
+  last probe's λ_max, assumed to persist); per layer the same for the layer's block top
+  mode, scaled with it (``pred_h_edge_layer``, ``pred_regime_layer``).
 
 Persistence, the baseline (§9), predicts window 0's measured values for every window.
 
 An improved link model plugs in as one function with :func:`nqm_predictor`'s signature:
 ``predictor(trace, config, at, plans, windows) -> Dataset (change, window, layer)`` with
-``grad_corr``, ``grad_sq``, ``update_sq`` (model values; window 0 included).
+``grad_corr``, ``grad_sq``, ``update_sq`` (model values; window 0 included) and optionally
+``curvature_factor`` (change, window): the forecast λ'_max over the last probe's λ_max at
+each window's first step (1 if absent).
 """
 
 from dataclasses import dataclass
@@ -37,6 +43,7 @@ from experiments.linking.core import run_method
 from experiments.linking.measure import default_window, measured_window
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra
 from experiments.runs.optim import lr_factors
+from experiments.whatif.curvature import at_stochastic_edge, below_edge, flow_time
 
 METHODS = ("gd", "hb", "nag")
 
@@ -107,7 +114,14 @@ def window_bounds(at, window, n_windows):
 
 
 # --------------------------------------------------------------------------- the link model
-def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True):
+# The curvature forecast in use, chosen on the development settings (docs/findings/whatif.md):
+# none, the curvature held fixed. The stochastic-edge cap (CurvatureForecast()) predicts the same
+# there (no development run sits at its stochastic edge, and the method's edge does not bind),
+# and the rule's tie goes to the simpler model; the flow-time sharpening fails the correlation floor.
+FORECAST = None
+
+
+def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curvature=FORECAST):
     r"""The link's NQM (:mod:`experiments.linking.predict`) through each plan.
 
     Each layer's spectrum and noise are built as the link builds them
@@ -127,6 +141,13 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True):
     same trailing mean) that the NQM's own E‖Hx‖² in window 0 under the run's own plan does
     not explain, D = max(‖E g‖² − E‖Hx‖²_NQM, 0), held constant: a mean gradient that the
     change does not touch (docs/findings/link.md, item 3).
+
+    ``curvature``: a :class:`experiments.whatif.curvature.CurvatureForecast` (default
+    :data:`FORECAST`, None: the curvature held fixed, as above). From step ``at`` on, each
+    plan's spectra are multiplied by λ'_t / λ̄ (λ'_t the forecast λ_max, from λ̄, the smoothed λ_max the spectra were built
+    from), and the per-mode noise too where the forecast's ``noise`` is on; λ'_t / λ_k (λ_k
+    the last probe's) at each window's first step is returned as ``curvature_factor``
+    (change, window), which :func:`whatif` applies to the last probe's λ_max in h/edge.
     """
     method, momentum = run_method(config)
     probes = trace["probe_step"].values
@@ -141,6 +162,27 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True):
     built = layer_spectra(method, lr_probe, momentum, fed["sharpness"], fed["hessian_trace"], sel["n_params"],
                           fed["grad_noise"], sharpness_global=fed["sharpness_global"])
     horizon = windows[-1][1]
+    kappa = np.ones((len(plans), horizon))  # on the spectra (their top: the smoothed probe)
+    kappa_h = np.ones((len(plans), horizon))  # on the last probe's λ_max (h/edge)
+    lam_g = sel["sharpness_global"].values if "sharpness_global" in sel else np.full(keep.size, np.nan)
+    lam_fed = float(fed["sharpness_global"].values[-1]) if "sharpness_global" in fed else np.nan
+    if curvature is not None and np.isfinite(lam_g[-1]) and lam_g[-1] > 0 and np.isfinite(lam_fed) and lam_fed > 0:
+        # h/edge of each probe with the lr that brought the network there (step p - 1's; the
+        # probe at ``at`` is taken before the change, and before a decay due at ``at``), from
+        # λ_max and from the batch sharpness (NaN where the trace has none)
+        lr_before = trace["lr"].values[np.clip(keep - 1, 0, trace.sizes["step"] - 1)]
+        edge0 = float(stability_edge(method, momentum))
+        h_probe = lr_before * lam_g / edge0
+        bs = sel["batch_sharpness_global"].values if "batch_sharpness_global" in sel else np.full(keep.size, np.nan)
+        h_batch = lr_before * bs / edge0
+        tau = flow_time(trace["lr"].values, momentum)[np.clip(keep, 0, trace.sizes["step"])]
+        rate = curvature.rate(tau, lam_g, below_edge(h_probe, h_batch, curvature.margin))
+        h_run = float(np.nanmean(h_probe[-int(smooth):]))  # over the probes of lam_fed's trailing mean
+        at_edge = at_stochastic_edge(h_batch[-int(smooth):], curvature.margin)
+        for c, p in enumerate(plans):
+            lam_f = lam_fed * curvature.factor(lam_fed, rate, at, {k: v[:horizon] for k, v in p.items()}, h_run,
+                                               at_edge)
+            kappa[c, at:], kappa_h[c, at:] = lam_f[at:] / lam_fed, lam_f[at:] / lam_g[-1]
     step = np.arange(horizon)
     which = np.clip(np.searchsorted(keep, step, side="right") - 1, 0, None)
     which[windows[0][0]:] = keep.size - 1  # from window 0 on: the last probe's curvature and noise
@@ -158,8 +200,10 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True):
         for c, p in enumerate(plans):
             edge = np.array([float(stability_edge(m, b)) for m, b in zip(p["method"], p["momentum"])])
             cap = edge * (1 - EDGE_MARGIN) / p["lr"][:horizon]
+            k_lam = kappa[c][:, None]
+            k_s2 = k_lam if curvature is not None and curvature.noise else 1.0
             pred = schedule_prediction(list(p["method"][:horizon]), p["lr"][:horizon], p["momentum"][:horizon],
-                                       np.minimum(lam, cap[:, None]), s2)
+                                       np.minimum(lam * k_lam, cap[:, None]), s2 * k_s2)
             g2, lag, u2 = pred["grad_sq"], np.nan_to_num(pred["lag1"]), pred["update_sq"]
             prev = np.concatenate([[np.nan], g2[:-1]])
             for w, (a, b) in enumerate(windows):
@@ -172,8 +216,10 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True):
             excess = float(fed["grad_signal"].sel(layer=layer).values[-1]) - out["full_sq"][0, 0, j]
             out["grad_sq"][:, :, j] += max(excess, 0.0) if np.isfinite(excess) else 0.0
     dims = ("change", "window", "layer")
-    return xr.Dataset({k: (dims, v) for k, v in out.items()},
-                      coords={"change": np.arange(len(plans)), "window": np.arange(len(windows)), "layer": layers})
+    ds = xr.Dataset({k: (dims, v) for k, v in out.items()},
+                    coords={"change": np.arange(len(plans)), "window": np.arange(len(windows)), "layer": layers})
+    ds["curvature_factor"] = (("change", "window"), kappa_h[:, [a for a, _ in windows]])
+    return ds
 
 
 PREDICTOR = nqm_predictor  # the one function an improved link model replaces
@@ -261,6 +307,7 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
         ratio = meas0["update_ratio"] + 0.5 * np.log10(model["update_sq"] / m0["update_sq"])
     lam_top = float(before["sharpness_global"].values[-1])
     lam_layer = before["sharpness"].isel(probe_step=-1).values
+    kappa = model["curvature_factor"].values if "curvature_factor" in model else np.ones((len(changes), len(windows)))
     h_edge = np.full((len(changes), len(windows)), np.nan)
     h_layer = np.full((len(changes), len(windows), lam_layer.size), np.nan)
     reg = np.empty((len(changes), len(windows)), dtype=object)
@@ -268,11 +315,11 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     for c, p in enumerate(plans):
         for w, (a, b) in enumerate(windows):
             m, beta, lr = p["method"][a], p["momentum"][a], p["lr"][a]
-            edge = float(stability_edge(m, beta))
-            h_edge[c, w] = lr * lam_top / edge
-            reg[c, w] = str(regime(m, lr * lam_top, beta))
-            h_layer[c, w] = lr * lam_layer / edge
-            reg_layer[c, w] = [str(regime(m, max(lr * x, 1e-12), beta)) for x in lam_layer]
+            edge, k = float(stability_edge(m, beta)), kappa[c, w]
+            h_edge[c, w] = lr * k * lam_top / edge
+            reg[c, w] = str(regime(m, lr * k * lam_top, beta))
+            h_layer[c, w] = lr * k * lam_layer / edge
+            reg_layer[c, w] = [str(regime(m, max(lr * k * x, 1e-12), beta)) for x in lam_layer]
     persist = lambda v: meas0[v].expand_dims(change=model.change, window=model.window)  # noqa: E731
     ds = xr.Dataset({
         "pred_grad_corr": corr, "pred_grad_norm": norm, "pred_update_ratio": ratio,
