@@ -21,8 +21,8 @@ Tiny and quick mode: the toy loss :func:`dynamics.central_flow.sharpening_toy` w
 curvature scaled to the method's edge (scale = S*/2, as tests/test_central_flow.py) at lr 0.02
 (tiny) or 0.005 (quick); the discrete runs are :func:`dynamics.central_flow.discrete_run`
 (jitter 1e-6 per step). Full mode: the real network of analyses/central_flow.py (MLP 8-8
-tanh on 256 ``linreg`` examples, full batch, through the training loop; 300 steps, every
-method's edge at S* = 10), through its :func:`analyses.central_flow.one_run`; its series are
+tanh on 256 ``linreg`` examples, full batch, through the training loop; its ``STEPS`` steps, every
+method's edge at its ``EDGE``), through its :func:`analyses.central_flow.one_run`; its series are
 sampled at the probes (every 10 steps) and it does not record the oscillation along u, so
 panel 4 shows the central flow's σ² alone there.
 """
@@ -91,7 +91,7 @@ def _network_run(method, beta, steps):
     """analyses/central_flow.py's run on the real network, in this figure's series."""
     from analyses import central_flow as acf  # torch: imported only in full mode
 
-    r = acf.one_run(method, beta, steps)
+    r = acf.one_run(method, beta, steps or acf.STEPS)
     s = {k: np.asarray(v, float) for k, v in r["series"].items()}
     nan = np.full(s["step"].size, np.nan)
     return {
@@ -115,7 +115,7 @@ def phase_ratio(r, key):
 def data(ctx):
     if ctx.mode == "full":
         return {"setting": "MLP 8-8 tanh, linreg n=256, MSE, full batch",
-                "runs": {m: _network_run(m, b, 300) for m, b in RUNS}}
+                "runs": {m: _network_run(m, b, None) for m, b in RUNS}}
     lr = ctx.pick(0.02, 0.005, None)
     width = ctx.pick(40, 100, None)
     return {"setting": f"sharpening toy, lr {lr:g}, window {width} steps",

@@ -33,3 +33,42 @@ def test_lrs_put_every_edge_at_the_same_sharpness():
     for method, beta in a.RUNS:
         assert a.lr_for(method, beta) * a.EDGE == pytest.approx(
             {"gd": 2.0, "hb": 2 * (1 + beta), "nag": 2 * (1 + beta) / (1 + 2 * beta)}[method])
+
+
+def _series(n=8, layers=2):
+    steps = np.arange(0, 10 * n, 10)
+    rng = np.random.default_rng(0)
+    lag_flow = -1 + 0.1 * rng.random((n, layers))
+    return {"step": steps, "loss_measured": np.full(n, 1.1), "loss_flow": np.full(n, 1.0),
+            "loss_flow_mean_only": np.full(n, 0.5), "loss_gradient_flow": np.full(n, 2.0),
+            "grad_sq_measured": np.full(n, 3.0), "grad_sq_flow": np.full(n, 4.0),
+            "grad_sq_gradient_flow": np.full(n, 1.0),
+            "layer_grad_sq_measured": np.full((n, layers), 2.0), "layer_grad_sq_flow": np.full((n, layers), 2.5),
+            "layer_grad_sq_gradient_flow": np.full((n, layers), 1.0),
+            "sharpness_measured": np.where(steps < 40, 9.0, 12.6), "sharpness_flow": np.full(n, 12.0),
+            "lag1_measured": lag_flow + 0.01, "lag1_flow": lag_flow, "lag1_flow_grad_at_mean": np.full((n, layers), 0.5)}
+
+
+def test_phase_scores_per_phase():
+    """Relative errors |measured/predicted − 1| per probe, summarised over each mask; the lag-1
+    score ranks measured against predicted over layers × probes (a monotone shift: Spearman 1)."""
+    series = _series()
+    late = series["step"] >= 40
+    out = a.phase_scores(series, {"all": np.ones(8, bool), "late": late, "empty": np.zeros(8, bool)})
+    assert set(out) == {"all", "late"}  # fewer than 3 probes: left out
+    r = out["late"]
+    assert r["probes"] == 4
+    assert r["loss_rel_err_flow_median"] == pytest.approx(0.1)
+    assert r["loss_rel_err_gradient_flow_median"] == pytest.approx(0.45)
+    assert r["grad_sq_rel_err_flow_median"] == pytest.approx(0.25)
+    assert r["layer_grad_sq_rel_err_flow_median"] == [0.2, 0.2]
+    assert r["sharpness_abs_rel_err_median"] == pytest.approx(0.05)
+    assert out["all"]["sharpness_abs_rel_err_median"] == pytest.approx(0.15)  # 4 at −25 %, 4 at +5 %
+    assert r["lag1_spearman_layers_x_time"] == pytest.approx(1.0)
+    assert r["lag1_median_abs_diff"] == pytest.approx(0.01)
+    assert r["lag1_median_abs_diff_grad_at_mean"] == pytest.approx(
+        np.median(np.abs(series["lag1_measured"][late] - 0.5)))
+
+
+def test_parse_only():
+    assert a._parse_only("gd:0,hb:0.5,nag") == [("gd", 0.0), ("hb", 0.5), ("nag", 0.0)]
