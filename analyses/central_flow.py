@@ -5,6 +5,7 @@ flow (dynamics.central_flow, docs/theory_central_flow.md). Writes ``results/cent
     .venv/bin/python -m analyses central_flow --steps 2000  (the same runs twice as long: key runs_2000_steps)
     .venv/bin/python -m analyses central_flow --only gd:0,hb:0.5   (those runs, merged into the file)
     .venv/bin/python -m analyses central_flow --summarise   (second-half averages from the stored series)
+    .venv/bin/python -m analyses central_flow --scan        (discrete runs alone: does λ_max settle at S*?)
     .venv/bin/python -m analyses central_flow --decay       (GD with one lr decay, key ``lr_decay``; ~10 CPU-minutes)
 
 Network: the MLP (hidden 8, 8, tanh; 249 parameters) on 256 examples of ``linreg`` (MSE, full
@@ -291,6 +292,38 @@ def decay_run(lr=None, gamma=0.75, steps=STEPS):
     return res
 
 
+def settled_from(ratio, tol=0.01, every=EVERY):
+    """First probe step of the final stretch of probes with |ratio − 1| ≤ tol, if that stretch
+    covers at least a tenth of them; else None."""
+    ratio = np.asarray(ratio, float)
+    bad = np.flatnonzero(~(np.abs(ratio - 1) <= tol))
+    first = int(bad[-1]) + 1 if bad.size else 0
+    return first * every if ratio.size - first >= max(ratio.size // 10, 1) else None
+
+
+SCAN = [("gd", 0.0, 10.0, 1000), ("gd", 0.0, 12.0, 1000), ("gd", 0.0, 14.0, 1500),
+        ("hb", 0.2, 12.0, 1000), ("hb", 0.3, 12.0, 1000), ("hb", 0.5, 12.0, 1000), ("hb", 0.8, 12.0, 1000),
+        ("nag", 0.3, 12.0, 1000), ("nag", 0.5, 12.0, 1000), ("nag", 0.8, 12.0, 1000)]
+
+
+def settle_scan(settings=SCAN, tol=0.01):
+    """Discrete runs alone (no flow): for each (method, β, S*, steps), λ_max's largest overshoot
+    over S* and the first probe step after which it stays within ``tol`` of S* (None: it does
+    not, or only over the last tenth of the run). The setting of the scores was chosen on these numbers."""
+    out = []
+    for method, beta, edge, steps in settings:
+        lr = float(cf.edge_sharpness(method, 1.0, beta)) / edge
+        trace, _, _ = discrete(method, beta, lr, steps)
+        lam = trace["sharpness_global"].values / edge
+        settled = settled_from(lam, tol)
+        out.append({"method": method, "momentum": beta, "edge": edge, "lr": lr, "steps": steps,
+                    "max_sharpness_over_edge": float(lam.max()), "settled_within_1pct_from_step": settled,
+                    "last_fifth_sharpness_over_edge_range": [float(lam[-lam.size // 5:].min()),
+                                                             float(lam[-lam.size // 5:].max())]})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def _parse_only(arg):
     out = []
     for item in arg.split(","):
@@ -310,6 +343,12 @@ def main(argv=()):
             for r in out[key]:
                 r["second_half_averages"] = late_averages(r["series"], r["steps"] // 2)
                 print(key, r["method"], r["momentum"], json.dumps(r["second_half_averages"]))
+        store.atomic_write_json(OUT, out)
+        return
+    if "--scan" in argv:  # discrete runs alone: where λ_max settles at the edge
+        scan = settle_scan()
+        out = json.loads(OUT.read_text()) if OUT.exists() else {}  # the other runs may have written meanwhile
+        out["settle_scan"] = scan
         store.atomic_write_json(OUT, out)
         return
     if "--decay" in argv:  # GD with one lr decay, added to the same file

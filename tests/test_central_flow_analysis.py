@@ -72,3 +72,11 @@ def test_phase_scores_per_phase():
 
 def test_parse_only():
     assert a._parse_only("gd:0,hb:0.5,nag") == [("gd", 0.0), ("hb", 0.5), ("nag", 0.0)]
+
+
+def test_settled_from_needs_a_final_stretch_within_tolerance():
+    ratio = np.r_[1.2, 0.9, 1.05, np.full(17, 1.005)]
+    assert a.settled_from(ratio, tol=0.01, every=10) == 30
+    assert a.settled_from(np.r_[np.full(19, 1.1), 1.0], tol=0.01, every=10) is None  # only the last probe
+    assert a.settled_from(np.full(5, 1.0)) == 0
+    assert a.settled_from(np.r_[1.0, np.nan, 1.0, 1.0]) == 20  # a missing probe is not within tol
