@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 from scipy.stats import spearmanr
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dynamics import central_flow as cf
 from experiments import store
@@ -65,20 +66,45 @@ def lr_for(method, beta):
     return float(cf.edge_sharpness(method, 1.0, beta)) / EDGE
 
 
+def _flat(params):
+    return torch.cat([p.detach().reshape(-1) for p in params]).double().numpy()
+
+
 def discrete(method, beta, lr, steps):
     """The loop's full-batch run; parameters and λ_max recorded at every probe (before that
-    step's update: the parameters are w_k at probe step k)."""
+    step's update: the parameters are w_k at probe step k), and every iterate w_0..w_steps (an
+    optimizer step post-hook; the probes do not step the optimizer)."""
     config = RunConfig(model="mlp", data="linreg", opt=method, lr=lr, momentum=beta, steps=steps, batch_size=0,
                        probe_every=EVERY, hutchinson_samples=0, noise_microbatches=0,
                        data_args={"n_train": N_TRAIN}, model_args={"hidden": HIDDEN, "activation": ACTIVATION},
                        threads=1)
-    params = []
+    params, iterates = [], []
 
     def on_probe(tracer):
-        params.append(torch.cat([p.detach().reshape(-1) for p in tracer.model.parameters()]).double().numpy())
+        params.append(_flat(tracer.model.parameters()))
 
-    trace, summary = train(config, on_probe=on_probe)
-    return trace, np.array(params), summary
+    def after_step(optimizer, args, kwargs):
+        iterates.append(_flat(p for group in optimizer.param_groups for p in group["params"]))
+
+    handle = register_optimizer_step_post_hook(after_step)
+    try:
+        trace, summary = train(config, on_probe=on_probe)
+    finally:
+        handle.remove()
+    params = np.array(params)
+    iterates = np.vstack([params[:1], np.array(iterates)])
+    if not np.array_equal(iterates[::EVERY][: len(params)], params):
+        raise RuntimeError("the iterates recorded after each step differ from those at the probes")
+    return trace, params, summary, iterates
+
+
+def window_sigma2(iterates, vectors, probe_steps, width=EVERY):
+    """The discrete run's oscillation variance along the flow's edge vector at each probe: the
+    mean over the ``width`` steps centred on it of (osc_k·u)², osc the period-2 part of the
+    iterates (:func:`dynamics.central_flow.period_two_split`), u the flow's unit top
+    eigenvector at the probe (zero off the edge: then 0)."""
+    _, osc = cf.period_two_split(iterates)
+    return window_mean((osc @ vectors.T) ** 2, probe_steps, width)[np.arange(len(probe_steps)), np.arange(len(probe_steps))]
 
 
 def network_loss():
@@ -138,6 +164,10 @@ def phase_scores(series, phases):
             r[f"lag1_median_abs_diff{tag}"] = float(np.median(np.abs(s["lag1_measured"][ok] - s[key][ok])))
             rho = spearmanr(s["lag1_measured"][ok], s[key][ok]).statistic if ok.sum() > 2 else np.nan
             r[f"lag1_spearman_layers_x_time{tag}"] = float(rho)
+        if "sigma2_measured" in s and np.any(s["sigma2"] > 0):
+            on = s["sigma2"] > 0
+            r["sigma2_rel_err_median"] = float(np.median(rel_err(s["sigma2_measured"][on], s["sigma2"][on])))
+            r["sigma2_measured_over_flow_mean"] = float(np.mean(s["sigma2_measured"][on]) / np.mean(s["sigma2"][on]))
         r["lag1_mean_measured_per_layer"] = np.round(np.nanmean(s["lag1_measured"], 0), 3).tolist()
         r["lag1_mean_flow_per_layer"] = np.round(np.nanmean(s["lag1_flow"], 0), 3).tolist()
         r["lag1_mean_flow_grad_at_mean_per_layer"] = np.round(np.nanmean(s["lag1_flow_grad_at_mean"], 0), 3).tolist()
@@ -169,7 +199,7 @@ def one_run(method, beta, steps=STEPS):
     lr = lr_for(method, beta)
     loss = network_loss()
     t0 = time.perf_counter()
-    trace, params, summary = discrete(method, beta, lr, steps)
+    trace, params, summary, iterates = discrete(method, beta, lr, steps)
     t_discrete = time.perf_counter() - t0
     probe_steps = np.arange(0, steps, EVERY)
     lag = cf.start_lag_steps(method, beta)  # the loop starts at b = 0: step k is the flow at k − lag
@@ -196,6 +226,8 @@ def one_run(method, beta, steps=STEPS):
     meas_gsq = window_mean(trace["grad_norm_global"].values ** 2, probe_steps)[:n]
     meas_lag, meas_layer_gsq = window_measures(trace, probe_steps)
     meas_sharp = trace["sharpness_global"].values[:n]
+    meas_sigma2 = window_sigma2(iterates, flow.vectors[:n, :, 0], probe_steps[:n])
+    mean_w = cf.period_two_split(iterates)[0]  # the discrete run with its period-2 part filtered out
     series = {"step": probe_steps[:n], "loss_measured": meas_loss, "loss_flow": pred.loss[:n],
               "loss_flow_mean_only": pred.loss_mean[:n], "loss_gradient_flow": gf_loss,
               "grad_sq_measured": meas_gsq, "grad_sq_flow": pred.grad_sq[:n],
@@ -205,7 +237,7 @@ def one_run(method, beta, steps=STEPS):
               "sigma2": flow.sigma2[:n], "sharpness_flow": flow.eigenvalues[:n, 0],
               "sharpness_gradient_flow": np.full(n, np.nan), "sharpness_measured": meas_sharp,
               "lag1_measured": meas_lag[:n], "lag1_flow": pred.block_lag1[:n],
-              "lag1_flow_grad_at_mean": lag1_at_mean}
+              "lag1_flow_grad_at_mean": lag1_at_mean, "sigma2_measured": meas_sigma2}
     edge_phase = flow.active[:n] > 0
     later = probe_steps[:n] >= 2 * EVERY  # skip the first windows (initial layer of momentum)
     phases = {"all": later, "edge": edge_phase & later, "late": probe_steps[:n] >= steps // 2}
@@ -218,6 +250,8 @@ def one_run(method, beta, steps=STEPS):
         "dist_end_flow": float(np.linalg.norm(params[n - 1] - flow.w[n - 1])),
         "dist_end_gradient_flow": float(np.linalg.norm(params[n - 1] - gf_w[n - 1])),
         "oscillation_rms_end_flow": float(np.sqrt(flow.sigma2[n - 1])),
+        "dist_end_filtered_flow": float(np.linalg.norm(mean_w[probe_steps[n - 1]] - flow.w[n - 1])),
+        "dist_end_filtered_gradient_flow": float(np.linalg.norm(mean_w[probe_steps[n - 1]] - gf_w[n - 1])),
         "seconds_discrete": t_discrete, "seconds_flow": t_flow, "hvp_flow": int(hvp_flow),
         "flow_nfev": flow.nfev, "flow_success": flow.success, "flow_message": flow.message,
     }
@@ -313,7 +347,7 @@ def settle_scan(settings=SCAN, tol=0.01):
     out = []
     for method, beta, edge, steps in settings:
         lr = float(cf.edge_sharpness(method, 1.0, beta)) / edge
-        trace, _, _ = discrete(method, beta, lr, steps)
+        trace = discrete(method, beta, lr, steps)[0]
         lam = trace["sharpness_global"].values / edge
         settled = settled_from(lam, tol)
         out.append({"method": method, "momentum": beta, "edge": edge, "lr": lr, "steps": steps,
