@@ -366,29 +366,35 @@ def _parse_only(arg):
     return out
 
 
+def _merge_write(**items):
+    """Write ``items`` into results/central_flow.json, re-read first: the settings run as
+    separate processes, each writing its own keys."""
+    now = json.loads(OUT.read_text()) if OUT.exists() else {}
+    for stale in ("runs_plain_start", "complete", "steps"):  # keys of an earlier layout
+        now.pop(stale, None)
+    now.update(items)
+    store.atomic_write_json(OUT, now)
+
+
 def main(argv=()):
     torch.set_num_threads(1)
     argv = list(argv)
     out = json.loads(OUT.read_text()) if OUT.exists() else {}
-    for stale in ("runs_plain_start", "complete", "steps"):  # keys of an earlier layout
-        out.pop(stale, None)
     if "--summarise" in argv:  # recompute the second-half averages from the stored series
-        for key in [k for k in out if k.startswith("runs") and isinstance(out[k], list)]:
+        keys = [k for k in out if k.startswith("runs") and isinstance(out[k], list)]
+        for key in keys:
             for r in out[key]:
                 r["second_half_averages"] = late_averages(r["series"], r["steps"] // 2)
                 print(key, r["method"], r["momentum"], json.dumps(r["second_half_averages"]))
-        store.atomic_write_json(OUT, out)
+        _merge_write(**{k: out[k] for k in keys})
         return
     if "--scan" in argv:  # discrete runs alone: where λ_max settles at the edge
-        scan = settle_scan()
-        out = json.loads(OUT.read_text()) if OUT.exists() else {}  # the other runs may have written meanwhile
-        out["settle_scan"] = scan
-        store.atomic_write_json(OUT, out)
+        _merge_write(settle_scan=settle_scan())
         return
     if "--decay" in argv:  # GD with one lr decay, added to the same file
-        out["lr_decay"] = decay_run()
-        store.atomic_write_json(OUT, out)
-        print(json.dumps({k: v for k, v in out["lr_decay"].items() if k != "series"}, indent=1))
+        decay = decay_run()
+        _merge_write(lr_decay=decay)
+        print(json.dumps({k: v for k, v in decay.items() if k != "series"}, indent=1))
         return
     quick = "--quick" in argv
     steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else (200 if quick else STEPS)
@@ -408,7 +414,7 @@ def main(argv=()):
         out[key] = done
         out[f"{key}_complete"] = {(x["method"], x["momentum"]) for x in done} >= set(RUNS)
         if not quick:
-            store.atomic_write_json(OUT, out)
+            _merge_write(**{k: out[k] for k in ("command", "network", "edge", key, f"{key}_complete")})
         print(json.dumps({k: v for k, v in r.items() if k != "series"}, indent=1), flush=True)
 
 

@@ -101,3 +101,14 @@ def test_window_sigma2_is_the_period_two_variance_along_u():
     want = [np.mean(delta[p - 5:p + 5] ** 2) for p in probes[:3]] + [0.0]
     # the filter sees δ's change over one step: (δ_{k−1} − 2δ_k + δ_{k+1})/4 = 0 for linear δ
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_merge_write_keeps_the_other_settings_keys(tmp_path, monkeypatch):
+    """Each setting runs as its own process and writes only its keys into the shared file."""
+    import json
+
+    monkeypatch.setattr(a, "OUT", tmp_path / "central_flow.json")
+    a._merge_write(runs=[1], lr_decay={"x": 1}, complete=True)
+    a._merge_write(runs_2000_steps=[2])
+    a._merge_write(runs=[3])
+    assert json.loads(a.OUT.read_text()) == {"runs": [3], "lr_decay": {"x": 1}, "runs_2000_steps": [2]}
