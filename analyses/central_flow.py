@@ -9,15 +9,14 @@ flow (dynamics.central_flow, docs/theory_central_flow.md). Writes ``results/cent
     .venv/bin/python -m analyses central_flow --decay       (GD with one lr decay, key ``lr_decay``; ~10 CPU-minutes)
 
 Network: the MLP (hidden 8, 8, tanh; 249 parameters) on 256 examples of ``linreg`` (MSE, full
-batch: ``batch_size=0``; the discrete runs in float32 as usual, the flow in float64). This net
-sharpens progressively: under GD at lr 0.05 λ_max passes 10 by step 250 and keeps rising
-slowly (16.6 at step 1500). The lrs put every method's edge S* at the same sharpness (``EDGE`` =
-12), where the sharpening has slowed down, and the runs last ``STEPS`` = 1000 steps: chosen on
-the GD run alone (docs/findings/central_flow.md), where the first overshoot and its
-self-stabilisation cycles have died out by step ~700 and λ_max stays at S* within 0.2 %.
-tanh, not ReLU: at ReLU kinks the flow's right-hand side jumps and the ODE solver's steps
-collapse. The flows start at w0 and are read at t = lr·(k − start_lag_steps) for step k
-(the lag of the zero-momentum start, :func:`dynamics.central_flow.start_lag_steps`).
+batch: ``batch_size=0``; the discrete runs in float32 as usual, the flow in float64). It
+sharpens progressively; the lrs put every method's edge S* at the same sharpness (``EDGE``),
+and the runs last long enough (``STEPS``) for the discrete run to settle at the edge after its
+first overshoot (``--scan``; the choice and the numbers: docs/findings/central_flow.md). The
+central flow models the settled state, not the overshoot and the self-stabilisation cycles
+that precede it. tanh, not ReLU: at ReLU kinks the flow's right-hand side jumps and the ODE
+solver's steps collapse. The flows start at w0 and are read at t = lr·(k − start_lag_steps)
+for step k (the lag of the zero-momentum start, :func:`dynamics.central_flow.start_lag_steps`).
 
 Per run (discrete, via :func:`experiments.runs.loop.train` with a probe every ``EVERY`` steps
 that records the parameters and λ_max), at each probe k and over three sets of probes
@@ -30,7 +29,10 @@ that records the parameters and λ_max), at each probe k and over three sets of 
 - per-layer lag-1 gradient correlation (the link's window estimator, measured_window) vs the
   flow's (‖ḡ_l‖² − S*²σ²_l)/(‖ḡ_l‖² + S*²σ²_l) and the same with ∇L(w̄)_l in place of ḡ_l:
   Spearman over layers × probes in the edge phase, and the median absolute difference;
-- ‖w_k − w̄(t_k)‖ at the end, over the same for the gradient flow.
+- σ²: the window mean of the iterates' period-2 part along the flow's top eigenvector, squared
+  (every iterate is recorded by an optimizer step post-hook) vs the flow's σ²;
+- ‖w_k − w̄(t_k)‖ at the end (and of the period-2-filtered iterate), over the same for the
+  gradient flow.
 """
 
 import json
