@@ -1,25 +1,38 @@
 """Full-batch GD / HB / NAG through the training loop against the central flow and the gradient
 flow (dynamics.central_flow, docs/theory_central_flow.md). Writes ``results/central_flow.json``:
 
-    .venv/bin/python -m analyses central_flow [--quick]     (~25 CPU-minutes; --quick: GD, 100 steps)
+    .venv/bin/python -m analyses central_flow [--quick]     (~15 CPU-minutes; --quick: GD, 200 steps)
+    .venv/bin/python -m analyses central_flow --steps 2000  (the same runs twice as long: key runs_2000_steps)
+    .venv/bin/python -m analyses central_flow --only gd:0,hb:0.5   (those runs, merged into the file)
     .venv/bin/python -m analyses central_flow --summarise   (second-half averages from the stored series)
-    .venv/bin/python -m analyses central_flow --plain-start (β = 0.8 again, flows started at w0)
+    .venv/bin/python -m analyses central_flow --scan        (discrete runs alone: does λ_max settle at S*?)
+    .venv/bin/python -m analyses central_flow --decay       (GD with one lr decay, key ``lr_decay``; ~10 CPU-minutes)
 
 Network: the MLP (hidden 8, 8, tanh; 249 parameters) on 256 examples of ``linreg`` (MSE, full
-batch: ``batch_size=0``; the discrete runs in float32 as usual, the flow in float64). This net
-sharpens progressively from λ_max ≈ 1.9 past 13 under GD at lr 0.2; the lrs put every method's
-edge S* at the same sharpness (``EDGE``). tanh, not ReLU: at ReLU kinks the flow's right-hand
-side jumps and the ODE solver's steps collapse (a 300-step GD flow did not finish in 10 min).
+batch: ``batch_size=0``; the discrete runs in float32 as usual, the flow in float64). It
+sharpens progressively; the lrs put every method's edge S* at the same sharpness (``EDGE``),
+and the runs last long enough (``STEPS``) for the discrete run to settle at the edge after its
+first overshoot (``--scan``; the choice and the numbers: docs/findings/central_flow.md). The
+central flow models the settled state, not the overshoot and the self-stabilisation cycles
+that precede it. tanh, not ReLU: at ReLU kinks the flow's right-hand side jumps and the ODE
+solver's steps collapse. The flows start at w0 and are read at t = lr·(k − start_lag_steps)
+for step k (the lag of the zero-momentum start, :func:`dynamics.central_flow.start_lag_steps`).
+
 Per run (discrete, via :func:`experiments.runs.loop.train` with a probe every ``EVERY`` steps
-that records the parameters and λ_max):
+that records the parameters and λ_max), at each probe k and over three sets of probes
+(``all``: k ≥ 20; ``edge``: the flow's edge phase; ``late``: the second half of the run):
 
 - train loss, averaged over the ``EVERY`` steps centred on each probe, vs the central flow's
-  L(w̄) + ½S*σ² and the gradient flow's L(w(t)); relative error, median over the probes;
+  L(w̄) + ½S*σ² and the gradient flow's L(w(t)); relative error, median (and 90th percentile);
 - sharpness (the probe's λ_max at the iterate) vs S* over the edge phase;
-- squared gradient norm (window mean of ``grad_norm_global``²) vs ‖ḡ‖² + S*²σ²;
-- per-layer lag-1 gradient correlation (the link's window estimator, measured_window) vs
-  the flow's prediction: Spearman over layers × probes in the edge phase;
-- ‖w_k − w̄(t_k)‖ at the end, over the same for the gradient flow.
+- squared gradient norm (window mean of ``grad_norm_global``², and per layer) vs ‖ḡ‖² + S*²σ²;
+- per-layer lag-1 gradient correlation (the link's window estimator, measured_window) vs the
+  flow's (‖ḡ_l‖² − S*²σ²_l)/(‖ḡ_l‖² + S*²σ²_l) and the same with ∇L(w̄)_l in place of ḡ_l:
+  Spearman over layers × probes in the edge phase, and the median absolute difference;
+- σ²: the window mean of the iterates' period-2 part along the flow's top eigenvector, squared
+  (every iterate is recorded by an optimizer step post-hook) vs the flow's σ²;
+- ‖w_k − w̄(t_k)‖ at the end (and of the period-2-filtered iterate), over the same for the
+  gradient flow.
 """
 
 import json
@@ -29,10 +42,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.integrate import solve_ivp
 from scipy.stats import spearmanr
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dynamics import central_flow as cf
-from dynamics import modified as md
 from experiments import store
 from experiments.linking.measure import measured_window
 from experiments.runs.config import RunConfig
@@ -42,10 +56,11 @@ from experiments.runs.models import build_model
 from experiments.trace.central_flow_loss import NetworkLoss
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "central_flow.json"
-EDGE = 10.0  # S* of every run
+EDGE = 12.0  # S* of every run
+STEPS = 1000
 EVERY = 10
 N_TRAIN, HIDDEN, ACTIVATION = 256, (8, 8), "tanh"
-RUNS = [("gd", 0.0), ("hb", 0.5), ("nag", 0.5), ("hb", 0.8), ("nag", 0.8)]
+RUNS = [("gd", 0.0), ("hb", 0.2), ("hb", 0.5), ("nag", 0.3), ("nag", 0.5)]
 
 
 def lr_for(method, beta):
@@ -53,19 +68,45 @@ def lr_for(method, beta):
     return float(cf.edge_sharpness(method, 1.0, beta)) / EDGE
 
 
+def _flat(params):
+    return torch.cat([p.detach().reshape(-1) for p in params]).double().numpy()
+
+
 def discrete(method, beta, lr, steps):
-    """The loop's full-batch run; parameters and λ_max recorded at every probe."""
+    """The loop's full-batch run; parameters and λ_max recorded at every probe (before that
+    step's update: the parameters are w_k at probe step k), and every iterate w_0..w_steps (an
+    optimizer step post-hook; the probes do not step the optimizer)."""
     config = RunConfig(model="mlp", data="linreg", opt=method, lr=lr, momentum=beta, steps=steps, batch_size=0,
                        probe_every=EVERY, hutchinson_samples=0, noise_microbatches=0,
                        data_args={"n_train": N_TRAIN}, model_args={"hidden": HIDDEN, "activation": ACTIVATION},
                        threads=1)
-    params = []
+    params, iterates = [], []
 
     def on_probe(tracer):
-        params.append(torch.cat([p.detach().reshape(-1) for p in tracer.model.parameters()]).double().numpy())
+        params.append(_flat(tracer.model.parameters()))
 
-    trace, summary = train(config, on_probe=on_probe)
-    return trace, np.array(params), summary
+    def after_step(optimizer, args, kwargs):
+        iterates.append(_flat(p for group in optimizer.param_groups for p in group["params"]))
+
+    handle = register_optimizer_step_post_hook(after_step)
+    try:
+        trace, summary = train(config, on_probe=on_probe)
+    finally:
+        handle.remove()
+    params = np.array(params)
+    iterates = np.vstack([params[:1], np.array(iterates)])
+    if not np.array_equal(iterates[::EVERY][: len(params)], params):
+        raise RuntimeError("the iterates recorded after each step differ from those at the probes")
+    return trace, params, summary, iterates
+
+
+def window_sigma2(iterates, vectors, probe_steps, width=EVERY):
+    """The discrete run's oscillation variance along the flow's edge vector at each probe: the
+    mean over the ``width`` steps centred on it of (osc_k·u)², osc the period-2 part of the
+    iterates (:func:`dynamics.central_flow.period_two_split`), u the flow's unit top
+    eigenvector at the probe (zero off the edge: then 0)."""
+    _, osc = cf.period_two_split(iterates)
+    return window_mean((osc @ vectors.T) ** 2, probe_steps, width)[np.arange(len(probe_steps)), np.arange(len(probe_steps))]
 
 
 def network_loss():
@@ -80,22 +121,68 @@ def window_mean(values, probe_steps, width=EVERY):
     out = []
     for p in probe_steps:
         lo, hi = max(p - width // 2, 0), min(p + (width + 1) // 2, len(values))
-        out.append(np.nanmean(values[lo:hi]))
+        out.append(np.nanmean(values[lo:hi], axis=0))
     return np.array(out)
 
 
-def window_lag1(trace, probe_steps, width=EVERY):
-    """Per layer, Σ g_t·g_{t−1} / sqrt(Σ|g_t|² Σ|g_{t−1}|²) over the ``width`` steps centred on
-    each probe: the link's estimator (experiments.linking.measure.measured_window)."""
+def window_measures(trace, probe_steps, width=EVERY):
+    """Per layer and probe, over the ``width`` steps centred on it (the link's estimators,
+    experiments.linking.measure.measured_window): the lag-1 correlation
+    Σ g_t·g_{t−1} / sqrt(Σ|g_t|² Σ|g_{t−1}|²) and the mean squared gradient norm."""
     meas = measured_window(trace, probe_steps=np.asarray(probe_steps), window=width, align="center")
-    return meas["meas_grad_corr"].transpose("probe_step", "layer").values
+    return (meas["meas_grad_corr"].transpose("probe_step", "layer").values,
+            meas["meas_grad_sq_norm"].transpose("probe_step", "layer").values)
+
+
+def rel_err(measured, predicted):
+    """|measured / predicted − 1|."""
+    return np.abs(np.asarray(measured, float) / np.asarray(predicted, float) - 1)
+
+
+def phase_scores(series, phases):
+    """Median and 90th percentile of the relative errors of the loss and squared gradient norm
+    (network and per layer), for the central flow and the gradient flow, and the sharpness's
+    |λ/S* − 1| and the lag-1 agreement, over each named set of probes (boolean masks)."""
+    out = {}
+    for name, sel in phases.items():
+        if sel.sum() < 3:
+            continue
+        s = {k: np.asarray(v, float)[sel] for k, v in series.items()}
+        r = {"probes": int(sel.sum())}
+        for q, key in (("loss", "loss"), ("grad_sq", "grad_sq")):
+            e_cf = rel_err(s[f"{key}_measured"], s[f"{key}_flow"])
+            e_gf = rel_err(s[f"{key}_measured"], s[f"{key}_gradient_flow"])
+            r[f"{q}_rel_err_flow_median"] = float(np.median(e_cf))
+            r[f"{q}_rel_err_flow_p90"] = float(np.quantile(e_cf, 0.9))
+            r[f"{q}_rel_err_gradient_flow_median"] = float(np.median(e_gf))
+        lay = rel_err(s["layer_grad_sq_measured"], s["layer_grad_sq_flow"])
+        r["layer_grad_sq_rel_err_flow_median"] = np.round(np.median(lay, 0), 4).tolist()
+        r["layer_grad_sq_rel_err_gradient_flow_median"] = np.round(
+            np.median(rel_err(s["layer_grad_sq_measured"], s["layer_grad_sq_gradient_flow"]), 0), 4).tolist()
+        r["sharpness_abs_rel_err_median"] = float(np.median(np.abs(s["sharpness_measured"] / s["sharpness_flow"] - 1)))
+        r["sharpness_measured_over_flow_mean"] = float(np.mean(s["sharpness_measured"]) / np.mean(s["sharpness_flow"]))
+        for tag, key in (("", "lag1_flow"), ("_grad_at_mean", "lag1_flow_grad_at_mean")):
+            ok = np.isfinite(s["lag1_measured"]) & np.isfinite(s[key])
+            r[f"lag1_median_abs_diff{tag}"] = float(np.median(np.abs(s["lag1_measured"][ok] - s[key][ok])))
+            rho = spearmanr(s["lag1_measured"][ok], s[key][ok]).statistic if ok.sum() > 2 else np.nan
+            r[f"lag1_spearman_layers_x_time{tag}"] = float(rho)
+        if "sigma2_measured" in s and np.any(s["sigma2"] > 0):
+            on = s["sigma2"] > 0
+            r["sigma2_rel_err_median"] = float(np.median(rel_err(s["sigma2_measured"][on], s["sigma2"][on])))
+            r["sigma2_measured_over_flow_mean"] = float(np.mean(s["sigma2_measured"][on]) / np.mean(s["sigma2"][on]))
+        r["lag1_mean_measured_per_layer"] = np.round(np.nanmean(s["lag1_measured"], 0), 3).tolist()
+        r["lag1_mean_flow_per_layer"] = np.round(np.nanmean(s["lag1_flow"], 0), 3).tolist()
+        r["lag1_mean_flow_grad_at_mean_per_layer"] = np.round(np.nanmean(s["lag1_flow_grad_at_mean"], 0), 3).tolist()
+        out[name] = r
+    return out
 
 
 def late_averages(series, start):
     """Time averages over the probes from step ``start`` on (the discrete run's bursts of
     oscillation, its self-stabilisation cycles, are averaged out, as the central flow intends):
     measured over predicted − 1 for the loss and the squared gradient norm, by the central flow
-    and by the gradient flow, and the lag-1 correlation per layer."""
+    and by the gradient flow; mean measured λ_max over the flow's mean sharpness − 1; the lag-1
+    correlation per layer."""
     sel = np.asarray(series["step"]) >= start
     mean = {k: np.nanmean(np.asarray(v, float)[sel], axis=0) for k, v in series.items()}
     return {
@@ -110,102 +197,227 @@ def late_averages(series, start):
     }
 
 
-def one_run(method, beta, steps, shift_start=True):
+def one_run(method, beta, steps=STEPS):
     lr = lr_for(method, beta)
     loss = network_loss()
     t0 = time.perf_counter()
-    trace, params, summary = discrete(method, beta, lr, steps)
+    trace, params, summary, iterates = discrete(method, beta, lr, steps)
     t_discrete = time.perf_counter() - t0
     probe_steps = np.arange(0, steps, EVERY)
-    w0 = loss.w0  # the loop starts at b = 0: the flows start where those iterates lag to, or at w0
-    if shift_start:
-        w0 = w0 + md.initial_layer_shift(loss, loss.w0, method, lr, beta)
-    t_eval = lr * probe_steps
+    lag = cf.start_lag_steps(method, beta)  # the loop starts at b = 0: step k is the flow at k − lag
+    t_eval = lr * np.maximum(probe_steps - lag, 0.0)
+    horizon = float(t_eval[-1])
     n0 = loss.n_hvp
     t0 = time.perf_counter()
-    flow = cf.solve_central_flow(loss, w0, method, lr, beta, lr * steps, t_eval=t_eval, max_edge=1,
+    flow = cf.solve_central_flow(loss, loss.w0, method, lr, beta, horizon, t_eval=t_eval, max_edge=1,
                                  rtol=1e-6, atol=1e-9)
     t_flow = time.perf_counter() - t0
     hvp_flow = loss.n_hvp - n0
-    pred = cf.predict(loss, flow, loss.blocks)
-    gflow = md.solve_flow("first_order", loss, w0, method, lr, beta, lr * steps, rtol=1e-6, atol=1e-9)
-    gf_w = gflow.x[probe_steps]
-    gf_loss = np.array([loss.value(w) for w in gf_w])
-    meas_loss = window_mean(trace["loss"].values, probe_steps)
-    meas_gsq = window_mean(trace["grad_norm_global"].values ** 2, probe_steps)
-    meas_sharp = trace["sharpness_global"].values if "sharpness_global" in trace else None
-    lag = window_lag1(trace, probe_steps)
-    edge_phase = flow.active[: len(probe_steps)] > 0
-    rel = lambda a, b: np.abs(a / b - 1)  # noqa: E731
     n = min(len(probe_steps), flow.t.size)
+    pred = cf.predict(loss, flow, loss.blocks)
+    # the gradient flow: dynamics.modified's first-order flow -∇L/(1−β), read at the same times
+    gflow = solve_ivp(lambda t, w: -loss.grad(w) / (1.0 - beta), (0.0, horizon), loss.w0, method="LSODA",
+                      t_eval=t_eval, rtol=1e-6, atol=1e-9)
+    gf_w = gflow.y.T[:n]
+    gf_loss = np.array([loss.value(w) for w in gf_w])
+    gf_g = np.array([loss.grad(w) for w in gf_w])
+    grad_at_mean = np.array([loss.grad(w) for w in flow.w[:n]])  # ∇L(w̄), not the averaged ḡ
+    block_sq = lambda g: np.stack([(g[:, b] ** 2).sum(1) for b in loss.blocks], 1)  # noqa: E731
+    lag1_at_mean = cf.lag1_correlation(block_sq(grad_at_mean), pred.block_osc_sq[:n])
+    meas_loss = window_mean(trace["loss"].values, probe_steps)[:n]
+    meas_gsq = window_mean(trace["grad_norm_global"].values ** 2, probe_steps)[:n]
+    meas_lag, meas_layer_gsq = window_measures(trace, probe_steps)
+    meas_sharp = trace["sharpness_global"].values[:n]
+    meas_sigma2 = window_sigma2(iterates, flow.vectors[:n, :, 0], probe_steps[:n])
+    mean_w = cf.period_two_split(iterates)[0]  # the discrete run with its period-2 part filtered out
+    series = {"step": probe_steps[:n], "loss_measured": meas_loss, "loss_flow": pred.loss[:n],
+              "loss_flow_mean_only": pred.loss_mean[:n], "loss_gradient_flow": gf_loss,
+              "grad_sq_measured": meas_gsq, "grad_sq_flow": pred.grad_sq[:n],
+              "grad_sq_gradient_flow": (gf_g**2).sum(1),
+              "layer_grad_sq_measured": meas_layer_gsq[:n], "layer_grad_sq_flow": pred.block_grad_sq[:n],
+              "layer_grad_sq_gradient_flow": block_sq(gf_g),
+              "sigma2": flow.sigma2[:n], "sharpness_flow": flow.eigenvalues[:n, 0],
+              "sharpness_gradient_flow": np.full(n, np.nan), "sharpness_measured": meas_sharp,
+              "lag1_measured": meas_lag[:n], "lag1_flow": pred.block_lag1[:n],
+              "lag1_flow_grad_at_mean": lag1_at_mean, "sigma2_measured": meas_sigma2}
+    edge_phase = flow.active[:n] > 0
     later = probe_steps[:n] >= 2 * EVERY  # skip the first windows (initial layer of momentum)
-    gf_gsq = np.array([np.sum(loss.grad(w) ** 2) for w in gf_w[:n]])
+    phases = {"all": later, "edge": edge_phase & later, "late": probe_steps[:n] >= steps // 2}
     res = {
         "method": method, "momentum": beta, "lr": lr, "edge": flow.edge, "steps": steps,
-        "flow_start": "w0 + initial_layer_shift" if shift_start else "w0",
-        "events_step": [round(t / lr, 1) for t, _, _ in flow.events],
+        "flow_start": f"w0, read at t = lr·(k − {lag:g})",
+        "events_step": [round(t / lr + lag, 1) for t, _, _ in flow.events],
         "edge_phase_fraction": float(edge_phase.mean()),
-        "loss_rel_err_flow_median": float(np.median(rel(meas_loss[:n], pred.loss[:n])[later])),
-        "loss_rel_err_flow_max": float(np.max(rel(meas_loss[:n], pred.loss[:n])[later])),
-        "loss_rel_err_gradient_flow_median": float(np.median(rel(meas_loss[:n], gf_loss[:n])[later])),
-        "grad_sq_rel_err_flow_median": float(np.median(rel(meas_gsq[:n], pred.grad_sq[:n])[later])),
-        "grad_sq_rel_err_gradient_flow_median": float(np.median(rel(meas_gsq[:n], gf_gsq)[later])),
+        "scores": phase_scores(series, phases),
         "dist_end_flow": float(np.linalg.norm(params[n - 1] - flow.w[n - 1])),
         "dist_end_gradient_flow": float(np.linalg.norm(params[n - 1] - gf_w[n - 1])),
+        "oscillation_rms_end_flow": float(np.sqrt(flow.sigma2[n - 1])),
+        "dist_end_filtered_flow": float(np.linalg.norm(mean_w[probe_steps[n - 1]] - flow.w[n - 1])),
+        "dist_end_filtered_gradient_flow": float(np.linalg.norm(mean_w[probe_steps[n - 1]] - gf_w[n - 1])),
         "seconds_discrete": t_discrete, "seconds_flow": t_flow, "hvp_flow": int(hvp_flow),
-        "flow_nfev": flow.nfev, "flow_success": flow.success,
+        "flow_nfev": flow.nfev, "flow_success": flow.success, "flow_message": flow.message,
     }
-    if meas_sharp is not None:
-        probe_sharp = meas_sharp[~np.isnan(meas_sharp)][:n]
-        res["sharpness_over_edge_in_edge_phase_mean"] = float(np.mean(probe_sharp[edge_phase[:n]] / flow.edge))
-        res["sharpness_over_edge_in_edge_phase_median"] = float(np.median(probe_sharp[edge_phase[:n]] / flow.edge))
-    series = {"step": probe_steps[:n], "loss_measured": meas_loss[:n], "loss_flow": pred.loss[:n],
-              "loss_flow_mean_only": pred.loss_mean[:n], "loss_gradient_flow": gf_loss[:n],
-              "grad_sq_measured": meas_gsq[:n], "grad_sq_flow": pred.grad_sq[:n],
-              "grad_sq_gradient_flow": gf_gsq, "sigma2": flow.sigma2[:n],
-              "sharpness_flow": flow.eigenvalues[:n, 0],
-              "sharpness_measured": meas_sharp[:n] if meas_sharp is not None else np.full(n, np.nan),
-              "lag1_measured": lag[:n], "lag1_flow": pred.block_lag1[:n]}
     res["series"] = {k: np.round(np.asarray(v, float), 6).tolist() for k, v in series.items()}
     res["second_half_averages"] = late_averages(series, steps // 2)
-    ph = edge_phase[:n] & later
-    if ph.sum() > 2:
-        rho = spearmanr(lag[:n][ph].ravel(), pred.block_lag1[:n][ph].ravel()).statistic
-        res["lag1_spearman_layers_x_time"] = float(rho)
-        res["lag1_mean_measured_per_layer"] = np.nanmean(lag[:n][ph], 0).round(3).tolist()
-        res["lag1_mean_predicted_per_layer"] = np.nanmean(pred.block_lag1[:n][ph], 0).round(3).tolist()
     return res
+
+
+def decay_run(lr=None, gamma=0.75, steps=STEPS):
+    """GD at lr (edge EDGE) for ``steps`` steps, then at gamma·lr for ``steps`` more (the loop's
+    "step" schedule): the central flow in two segments (the second from the first's end, at
+    the new lr, below its higher edge), the gradient flow (lr-free in t = Σ lr) and the
+    measured λ_max, which should rise after the decay to the new edge as the flow's does."""
+    lr = lr_for("gd", 0.0) if lr is None else lr
+    loss = network_loss()
+    config = RunConfig(model="mlp", data="linreg", opt="gd", lr=lr, momentum=0.0, steps=2 * steps, batch_size=0,
+                       schedule="step", step_every=steps, step_gamma=gamma, probe_every=EVERY,
+                       hutchinson_samples=0, noise_microbatches=0, data_args={"n_train": N_TRAIN},
+                       model_args={"hidden": HIDDEN, "activation": ACTIVATION}, threads=1)
+    params = []
+    trace, _ = train(config, on_probe=lambda tr: params.append(
+        torch.cat([p.detach().reshape(-1) for p in tr.model.parameters()]).double().numpy()))
+    probe_steps = np.arange(0, 2 * steps, EVERY)
+    first, second = probe_steps < steps, probe_steps >= steps
+    t1 = lr * probe_steps[first]
+    t2 = gamma * lr * (probe_steps[second] - steps)
+    t0 = time.perf_counter()
+    f1 = cf.solve_central_flow(loss, loss.w0, "gd", lr, 0.0, lr * steps, t_eval=np.append(t1, lr * steps),
+                               max_edge=1, rtol=1e-6, atol=1e-9)
+    f2 = cf.solve_central_flow(loss, f1.w[-1], "gd", gamma * lr, 0.0, float(t2[-1]), t_eval=t2, max_edge=1,
+                               rtol=1e-6, atol=1e-9)
+    t_flow = time.perf_counter() - t0
+    p1, p2 = cf.predict(loss, f1), cf.predict(loss, f2)
+    t_all = np.concatenate([t1, lr * steps + t2])
+    gflow = solve_ivp(lambda t, w: -loss.grad(w), (0.0, t_all[-1]), loss.w0, method="LSODA", t_eval=t_all,
+                      rtol=1e-6, atol=1e-9)
+    gf_w = gflow.y.T
+    series = {
+        "step": probe_steps, "lr": np.where(first, lr, gamma * lr),
+        "edge": np.where(first, f1.edge, f2.edge),
+        "sharpness_measured": trace["sharpness_global"].values[: probe_steps.size],
+        "sharpness_flow": np.concatenate([f1.eigenvalues[:-1, 0], f2.eigenvalues[:, 0]]),
+        "sharpness_gradient_flow": np.array([loss.top_eigs(w, 1)[0][0] for w in gf_w]),
+        "loss_measured": window_mean(trace["loss"].values, probe_steps),
+        "loss_flow": np.concatenate([p1.loss[:-1], p2.loss]),
+        "loss_gradient_flow": np.array([loss.value(w) for w in gf_w]),
+        "sigma2": np.concatenate([f1.sigma2[:-1], f2.sigma2]),
+    }
+    after = second & (probe_steps >= steps + 2 * EVERY)
+    late2 = probe_steps >= steps + steps // 2
+    sh = lambda sel, key: float(np.median(np.abs(series["sharpness_measured"][sel] / series[key][sel] - 1)))  # noqa: E731
+    ls = lambda sel, key: float(np.median(rel_err(series["loss_measured"][sel], series[key][sel])))  # noqa: E731
+    res = {
+        "method": "gd", "lr": lr, "gamma": gamma, "steps_per_lr": steps,
+        "command": "python -m analyses central_flow --decay",
+        "events_step": [round(t / lr, 1) for t, _, _ in f1.events]
+                       + [round(steps + t / (gamma * lr), 1) for t, _, _ in f2.events],
+        "edges": [f1.edge, f2.edge],
+        "after_decay": {"sharpness_abs_rel_err_median_flow": sh(after, "sharpness_flow"),
+                        "sharpness_abs_rel_err_median_gradient_flow": sh(after, "sharpness_gradient_flow"),
+                        "loss_rel_err_median_flow": ls(after, "loss_flow"),
+                        "loss_rel_err_median_gradient_flow": ls(after, "loss_gradient_flow")},
+        "second_half_after_decay": {"sharpness_abs_rel_err_median_flow": sh(late2, "sharpness_flow"),
+                                    "sharpness_abs_rel_err_median_gradient_flow": sh(late2, "sharpness_gradient_flow"),
+                                    "loss_rel_err_median_flow": ls(late2, "loss_flow"),
+                                    "loss_rel_err_median_gradient_flow": ls(late2, "loss_gradient_flow")},
+        "dist_end_flow": float(np.linalg.norm(params[-1] - f2.w[-1])),
+        "dist_end_gradient_flow": float(np.linalg.norm(params[-1] - gf_w[-1])),
+        "seconds_flow": t_flow, "flow_success": bool(f1.success and f2.success),
+        "series": {k: np.round(np.asarray(v, float), 6).tolist() for k, v in series.items()},
+    }
+    return res
+
+
+def settled_from(ratio, tol=0.01, every=EVERY):
+    """First probe step of the final stretch of probes with |ratio − 1| ≤ tol, if that stretch
+    covers at least a tenth of them; else None."""
+    ratio = np.asarray(ratio, float)
+    bad = np.flatnonzero(~(np.abs(ratio - 1) <= tol))
+    first = int(bad[-1]) + 1 if bad.size else 0
+    return first * every if ratio.size - first >= max(ratio.size // 10, 1) else None
+
+
+SCAN = [("gd", 0.0, 10.0, 1000), ("gd", 0.0, 12.0, 1000), ("gd", 0.0, 14.0, 1500),
+        ("hb", 0.2, 12.0, 1000), ("hb", 0.3, 12.0, 1000), ("hb", 0.5, 12.0, 1000), ("hb", 0.8, 12.0, 1000),
+        ("nag", 0.3, 12.0, 1000), ("nag", 0.5, 12.0, 1000), ("nag", 0.8, 12.0, 1000)]
+
+
+def settle_scan(settings=SCAN, tol=0.01):
+    """Discrete runs alone (no flow): for each (method, β, S*, steps), λ_max's largest overshoot
+    over S* and the first probe step after which it stays within ``tol`` of S* (None: it does
+    not, or only over the last tenth of the run). The setting of the scores was chosen on these numbers."""
+    out = []
+    for method, beta, edge, steps in settings:
+        lr = float(cf.edge_sharpness(method, 1.0, beta)) / edge
+        trace = discrete(method, beta, lr, steps)[0]
+        lam = trace["sharpness_global"].values / edge
+        settled = settled_from(lam, tol)
+        out.append({"method": method, "momentum": beta, "edge": edge, "lr": lr, "steps": steps,
+                    "max_sharpness_over_edge": float(lam.max()), "settled_within_1pct_from_step": settled,
+                    "last_fifth_sharpness_over_edge_range": [float(lam[-lam.size // 5:].min()),
+                                                             float(lam[-lam.size // 5:].max())]})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def _parse_only(arg):
+    out = []
+    for item in arg.split(","):
+        method, _, beta = item.partition(":")
+        out.append((method, float(beta or 0.0)))
+    return out
+
+
+def _merge_write(**items):
+    """Write ``items`` into results/central_flow.json, re-read first: the settings run as
+    separate processes, each writing its own keys."""
+    now = json.loads(OUT.read_text()) if OUT.exists() else {}
+    for stale in ("runs_plain_start", "complete", "steps"):  # keys of an earlier layout
+        now.pop(stale, None)
+    now.update(items)
+    store.atomic_write_json(OUT, now)
 
 
 def main(argv=()):
     torch.set_num_threads(1)
-    if "--plain-start" in argv:  # momentum 0.8 again, flows started at w0 (added to the same file)
-        out = json.loads(OUT.read_text())
-        out["runs_plain_start"] = [one_run(m, b, 300, shift_start=False) for m, b in RUNS if b == 0.8]
-        for r in out["runs_plain_start"]:
-            r["second_half_averages"] = late_averages(r["series"], r["steps"] // 2)
-        store.atomic_write_json(OUT, out)
-        return
+    argv = list(argv)
+    out = json.loads(OUT.read_text()) if OUT.exists() else {}
     if "--summarise" in argv:  # recompute the second-half averages from the stored series
-        out = json.loads(OUT.read_text())
-        for r in out["runs"]:
-            r["second_half_averages"] = late_averages(r["series"], r["steps"] // 2)
-            print(r["method"], r["momentum"], json.dumps(r["second_half_averages"]))
-        store.atomic_write_json(OUT, out)
+        keys = [k for k in out if k.startswith("runs") and isinstance(out[k], list)]
+        for key in keys:
+            for r in out[key]:
+                r["second_half_averages"] = late_averages(r["series"], r["steps"] // 2)
+                print(key, r["method"], r["momentum"], json.dumps(r["second_half_averages"]))
+        _merge_write(**{k: out[k] for k in keys})
+        return
+    if "--scan" in argv:  # discrete runs alone: where λ_max settles at the edge
+        _merge_write(settle_scan=settle_scan())
+        return
+    if "--decay" in argv:  # GD with one lr decay, added to the same file
+        decay = decay_run()
+        _merge_write(lr_decay=decay)
+        print(json.dumps({k: v for k, v in decay.items() if k != "series"}, indent=1))
         return
     quick = "--quick" in argv
-    steps = 100 if quick else 300
-    runs = RUNS[:1] if quick else RUNS
-    out = {"command": "python -m analyses central_flow" + (" --quick" if quick else ""),
-           "network": f"mlp hidden={HIDDEN} {ACTIVATION} on linreg n_train={N_TRAIN}, MSE, full batch "
-                      f"(discrete float32 through the training loop, flows float64)",
-           "edge": EDGE, "runs": []}
+    steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else (200 if quick else STEPS)
+    key = "runs" if steps == STEPS else f"runs_{steps}_steps"
+    runs = _parse_only(argv[argv.index("--only") + 1]) if "--only" in argv else (RUNS[:1] if quick else RUNS)
+    done = out.get(key, []) if "--only" in argv else []  # --only: merged into the stored runs of this setting
+    done = [x for x in done if x.get("steps") == steps and abs(x.get("edge", 0) / EDGE - 1) < 1e-9]
+    out.update({"command": "python -m analyses central_flow [--steps N] (key runs_N_steps) and --decay",
+                "network": f"mlp hidden={HIDDEN} {ACTIVATION} on linreg n_train={N_TRAIN}, MSE, full batch "
+                           f"(discrete float32 through the training loop, flows float64)",
+                "edge": EDGE})
+    order = {k: i for i, k in enumerate(RUNS)}
     for m, b in runs:  # written after each run: a long analysis leaves its finished part
-        out["runs"].append(one_run(m, b, steps))
-        out["complete"] = len(out["runs"]) == len(runs)
+        r = one_run(m, b, steps)
+        done = [x for x in done if (x["method"], x["momentum"]) != (m, b)] + [r]
+        done.sort(key=lambda x: order.get((x["method"], x["momentum"]), len(order)))
+        out[key] = done
+        out[f"{key}_complete"] = {(x["method"], x["momentum"]) for x in done} >= set(RUNS)
         if not quick:
-            store.atomic_write_json(OUT, out)
-        print(json.dumps(out["runs"][-1], indent=1), flush=True)
+            _merge_write(**{k: out[k] for k in ("command", "network", "edge", key, f"{key}_complete")})
+        print(json.dumps({k: v for k, v in r.items() if k != "series"}, indent=1), flush=True)
 
 
 if __name__ == "__main__":

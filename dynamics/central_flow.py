@@ -140,6 +140,24 @@ def sutskever_amplitude_ratio(method, momentum=0.0):
     return 1.0 + 2.0 * b if m.nesterov else np.ones_like(b)
 
 
+def start_lag_steps(method, momentum=0.0):
+    r"""Steps by which a run started from zero momentum lags the flow started at the same
+    point: :math:`c_b/(1-\beta)`, i.e. :math:`\beta/(1-\beta)` (HB), :math:`\beta^2/(1-\beta)`
+    (NAG), 0 (GD), with :math:`c_b` read off :meth:`Method.update` as in
+    :func:`dynamics.modified.initial_layer_shift`. For a constant gradient the zero-buffer
+    iterate after K steps is :math:`w_0 - \eta g\,(K - c_b/(1-\beta))/(1-\beta)`: the flow from
+    :math:`w_0` at time :math:`\eta(K - c_b/(1-\beta))`. The same first-order correction as
+    the initial-layer shift of the start point, but as a shift of time it never leaves the
+    trajectory (that shift, :math:`\eta c_b\nabla L(w_0)/(1-\beta)^2`, is far outside the
+    region where it is linear on a network at β = 0.8)."""
+    m = get_method(method)
+    if not m.has_momentum:
+        return 0.0
+    beta = float(check_momentum(momentum))
+    c_b = -float(m.update(0.0, 1.0, 1.0, beta)[0])
+    return c_b / (1.0 - beta)
+
+
 def time_averaged_loss(loss_mean, edge, sigma2):
     r""":math:`L(\bar w) + \tfrac12 S^*\operatorname{tr}\Sigma`, broadcast."""
     return np.asarray(loss_mean, float) + 0.5 * np.asarray(edge, float) * np.asarray(sigma2, float)

@@ -21,10 +21,9 @@ Tiny and quick mode: the toy loss :func:`dynamics.central_flow.sharpening_toy` w
 curvature scaled to the method's edge (scale = S*/2, as tests/test_central_flow.py) at lr 0.02
 (tiny) or 0.005 (quick); the discrete runs are :func:`dynamics.central_flow.discrete_run`
 (jitter 1e-6 per step). Full mode: the real network of analyses/central_flow.py (MLP 8-8
-tanh on 256 ``linreg`` examples, full batch, through the training loop; 300 steps, every
-method's edge at S* = 10), through its :func:`analyses.central_flow.one_run`; its series are
-sampled at the probes (every 10 steps) and it does not record the oscillation along u, so
-panel 4 shows the central flow's σ² alone there.
+tanh on 256 ``linreg`` examples, full batch, through the training loop; its ``STEPS`` steps, every
+method's edge at its ``EDGE``), through its :func:`analyses.central_flow.one_run`; its series are
+sampled at the probes (every 10 steps; σ² from the iterates' period-2 part along the flow's u).
 """
 
 import numpy as np
@@ -91,7 +90,7 @@ def _network_run(method, beta, steps):
     """analyses/central_flow.py's run on the real network, in this figure's series."""
     from analyses import central_flow as acf  # torch: imported only in full mode
 
-    r = acf.one_run(method, beta, steps)
+    r = acf.one_run(method, beta, steps or acf.STEPS)
     s = {k: np.asarray(v, float) for k, v in r["series"].items()}
     nan = np.full(s["step"].size, np.nan)
     return {
@@ -101,7 +100,8 @@ def _network_run(method, beta, steps):
         "loss_raw": nan, "loss": s["loss_measured"], "loss_cf": s["loss_flow"], "loss_gf": s["loss_gradient_flow"],
         "sharp": s["sharpness_measured"], "sharp_cf": s["sharpness_flow"], "sharp_gf": nan,
         "gsq": s["grad_sq_measured"], "gsq_cf": s["grad_sq_flow"], "gsq_gf": s.get("grad_sq_gradient_flow", nan),
-        "sigma2": nan, "sigma2_cf": s["sigma2"], "lag": s["lag1_measured"], "lag_cf": s["lag1_flow"],
+        "sigma2": s.get("sigma2_measured", nan), "sigma2_cf": s["sigma2"], "lag": s["lag1_measured"],
+        "lag_cf": s["lag1_flow"],
     }
 
 
@@ -115,7 +115,7 @@ def phase_ratio(r, key):
 def data(ctx):
     if ctx.mode == "full":
         return {"setting": "MLP 8-8 tanh, linreg n=256, MSE, full batch",
-                "runs": {m: _network_run(m, b, 300) for m, b in RUNS}}
+                "runs": {m: _network_run(m, b, None) for m, b in RUNS}}
     lr = ctx.pick(0.02, 0.005, None)
     width = ctx.pick(40, 100, None)
     return {"setting": f"sharpening toy, lr {lr:g}, window {width} steps",

@@ -33,3 +33,82 @@ def test_lrs_put_every_edge_at_the_same_sharpness():
     for method, beta in a.RUNS:
         assert a.lr_for(method, beta) * a.EDGE == pytest.approx(
             {"gd": 2.0, "hb": 2 * (1 + beta), "nag": 2 * (1 + beta) / (1 + 2 * beta)}[method])
+
+
+def _series(n=8, layers=2):
+    steps = np.arange(0, 10 * n, 10)
+    rng = np.random.default_rng(0)
+    lag_flow = -1 + 0.1 * rng.random((n, layers))
+    return {"step": steps, "loss_measured": np.full(n, 1.1), "loss_flow": np.full(n, 1.0),
+            "loss_flow_mean_only": np.full(n, 0.5), "loss_gradient_flow": np.full(n, 2.0),
+            "grad_sq_measured": np.full(n, 3.0), "grad_sq_flow": np.full(n, 4.0),
+            "grad_sq_gradient_flow": np.full(n, 1.0),
+            "layer_grad_sq_measured": np.full((n, layers), 2.0), "layer_grad_sq_flow": np.full((n, layers), 2.5),
+            "layer_grad_sq_gradient_flow": np.full((n, layers), 1.0),
+            "sharpness_measured": np.where(steps < 40, 9.0, 12.6), "sharpness_flow": np.full(n, 12.0),
+            "lag1_measured": lag_flow + 0.01, "lag1_flow": lag_flow, "lag1_flow_grad_at_mean": np.full((n, layers), 0.5),
+            "sigma2": np.where(steps >= 20, 0.002, 0.0), "sigma2_measured": np.where(steps >= 20, 0.0025, 0.0)}
+
+
+def test_phase_scores_per_phase():
+    """Relative errors |measured/predicted − 1| per probe, summarised over each mask; the lag-1
+    score ranks measured against predicted over layers × probes (a monotone shift: Spearman 1)."""
+    series = _series()
+    late = series["step"] >= 40
+    out = a.phase_scores(series, {"all": np.ones(8, bool), "late": late, "empty": np.zeros(8, bool)})
+    assert set(out) == {"all", "late"}  # fewer than 3 probes: left out
+    r = out["late"]
+    assert r["probes"] == 4
+    assert r["loss_rel_err_flow_median"] == pytest.approx(0.1)
+    assert r["loss_rel_err_gradient_flow_median"] == pytest.approx(0.45)
+    assert r["grad_sq_rel_err_flow_median"] == pytest.approx(0.25)
+    assert r["layer_grad_sq_rel_err_flow_median"] == [0.2, 0.2]
+    assert r["sharpness_abs_rel_err_median"] == pytest.approx(0.05)
+    assert out["all"]["sharpness_abs_rel_err_median"] == pytest.approx(0.15)  # 4 at −25 %, 4 at +5 %
+    assert r["lag1_spearman_layers_x_time"] == pytest.approx(1.0)
+    assert r["lag1_median_abs_diff"] == pytest.approx(0.01)
+    assert r["sigma2_rel_err_median"] == pytest.approx(0.25)  # over the probes where the flow has σ² > 0
+    assert r["lag1_median_abs_diff_grad_at_mean"] == pytest.approx(
+        np.median(np.abs(series["lag1_measured"][late] - 0.5)))
+
+
+def test_parse_only():
+    assert a._parse_only("gd:0,hb:0.5,nag") == [("gd", 0.0), ("hb", 0.5), ("nag", 0.0)]
+
+
+def test_settled_from_needs_a_final_stretch_within_tolerance():
+    ratio = np.r_[1.2, 0.9, 1.05, np.full(17, 1.005)]
+    assert a.settled_from(ratio, tol=0.01, every=10) == 30
+    assert a.settled_from(np.r_[np.full(19, 1.1), 1.0], tol=0.01, every=10) is None  # only the last probe
+    assert a.settled_from(np.full(5, 1.0)) == 0
+    assert a.settled_from(np.r_[1.0, np.nan, 1.0, 1.0]) == 20  # a missing probe is not within tol
+
+
+def test_window_sigma2_is_the_period_two_variance_along_u():
+    """Iterates a + b·k + (−1)^k δ_k u (a linear drift plus an alternation of amplitude δ_k along
+    the unit vector u): the window mean of (osc·u)² is the window mean of δ_k², the drift
+    removed exactly; where the flow is off the edge (u = 0) it is 0."""
+    rng = np.random.default_rng(1)
+    d, steps = 5, 60
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    delta = 0.1 + 0.01 * np.arange(steps + 1)
+    k = np.arange(steps + 1)[:, None]
+    iterates = rng.standard_normal(d) + 0.3 * k * rng.standard_normal(d) + ((-1.0) ** k) * delta[:, None] * u
+    probes = np.array([10, 20, 30, 40])
+    vectors = np.stack([u, u, u, np.zeros(d)])
+    got = a.window_sigma2(iterates, vectors, probes, width=10)
+    want = [np.mean(delta[p - 5:p + 5] ** 2) for p in probes[:3]] + [0.0]
+    # the filter sees δ's change over one step: (δ_{k−1} − 2δ_k + δ_{k+1})/4 = 0 for linear δ
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_merge_write_keeps_the_other_settings_keys(tmp_path, monkeypatch):
+    """Each setting runs as its own process and writes only its keys into the shared file."""
+    import json
+
+    monkeypatch.setattr(a, "OUT", tmp_path / "central_flow.json")
+    a._merge_write(runs=[1], lr_decay={"x": 1}, complete=True)
+    a._merge_write(runs_2000_steps=[2])
+    a._merge_write(runs=[3])
+    assert json.loads(a.OUT.read_text()) == {"runs": [3], "lr_decay": {"x": 1}, "runs_2000_steps": [2]}
