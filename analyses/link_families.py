@@ -187,7 +187,7 @@ def main(argv=()):
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--variants", action="store_true",
                         help="also the forecasts tried (development: chosen on; evaluation: reported) and the "
-                             "development families pooled for response_smooth 1, 3 (default), 5")
+                             "development families pooled for response_smooth 1 (default), 2, 3 (trailing means)")
     args = parser.parse_args(list(argv))
     result = {"development": DEVELOPMENT, "evaluation": EVALUATION, "families": {}, "pooled": {}}
     linked = {}
@@ -210,7 +210,7 @@ def main(argv=()):
             result[f"{role}_variants"] = variants(names, linked, args.root)
             for label, sc in result[f"{role}_variants"].items():
                 print(f"=== {role}, {label}\n{format_protocol(sc)}\n")
-        for smooth in (1, 3, 5):
+        for smooth in (1, 2, 3):
             dss = [family(n, args.root, response_smooth=smooth) for n in DEVELOPMENT]
             sc = pooled(dss, [protocol_scores(d) for d in dss])
             result["development_variants"][f"response_smooth={smooth}"] = sc

@@ -253,8 +253,8 @@ def _add_link(subparsers):
                    help="auto (default: response where the probe recorded its inputs, else schedule), response "
                    "(drift + noise-driven mode, dynamics.nqm.response), schedule (NQM run through the lr sequence) "
                    "or stationary")
-    p.add_argument("--response-smooth", type=int, default=3, help="probes in the rolling mean of the response "
-                   "model's inputs (default 3)")
+    p.add_argument("--response-smooth", type=int, default=1, help="probes (at or before each probe) in the "
+                   "trailing mean of the response model's inputs (default 1: raw)")
     p.add_argument("--combine", default="persistence", help="persistence (default: the forecast is the "
                    "theory's averaged with the previous window's measurement), none (the theory alone), or the "
                    "alternatives residual, change, persistence2 (docs/findings/link.md)")

@@ -106,7 +106,7 @@ def trace_config(trace, opt=None, lr=None, momentum=None):
 
 def link_trace(trace, config=None, *, window=None, align="center", noise_model="curvature", shape="power",
                on_unstable="exclude", smooth=3, global_mode=True, prediction="auto", signal="none",
-               spectra=None, top_mode_shares=None, response_smooth=3, combine="persistence"):
+               spectra=None, top_mode_shares=None, response_smooth=1, combine="persistence"):
     """Predicted and measured per-layer oscillation and norm of one run, side by side.
 
     ``trace`` is a run's trace (``experiments.store.load_run`` puts the config in its
@@ -121,7 +121,7 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     development families (:func:`experiments.linking.response.forecast`; not better there).
     ``prediction``: "response" (:mod:`experiments.linking.response`: the probe's curvature along the
     gradient and the momentum buffer in :func:`dynamics.nqm.response.response_model`; its inputs
-    are smoothed over ``response_smooth`` probes); "auto" (default) is "response" where the trace
+    are fed raw, or as the trailing mean over ``response_smooth`` probes at or before each probe); "auto" (default) is "response" where the trace
     has its inputs (``probe_curvature=True``) and "schedule" otherwise; the NQM predictions
     below stay in the output as ``nqm_grad_corr`` and ``nqm_grad_sq_norm`` either way.
     "schedule" runs the NQM through the run's actual lr sequence

@@ -8,8 +8,10 @@ measured at each probe step (``probe_curvature=True``; :func:`experiments.trace.
 its noise-weighted curvature :math:`h_N = \alpha\,\mathrm{tr}(H\Sigma)_{ll}/\mathrm{tr}\,\Sigma_{ll}`
 and the part of the mean gradient the noise does not explain is a drift with its one-step response
 (derivation, assumptions and references in :mod:`dynamics.nqm.response`). The probe estimates are
-fed as their centred rolling mean over ``smooth`` probes (default 3; the model's inputs are
-expectations, and one probe's micro-batch estimates are noisy). Points where the estimates leave
+fed raw by default, or as their trailing mean over ``smooth`` probes (the probe at p and the ones
+before it). Only probes at or before p: the measured window around p ends before the next probe, so
+a centred mean would feed the forecast a measurement taken after the window it forecasts, which
+persistence is denied (docs/findings/link.md). Points where the estimates leave
 the model undefined (N ≤ 0, missing) are NaN; nothing is skipped.
 
 :func:`combine_forecasts` is the link's default forecast: the equal-weight combination of the
@@ -46,11 +48,11 @@ def has_response_inputs(trace):
     return all(k in trace for k in RESPONSE_KEYS)
 
 
-def response_predict(trace, method, momentum, smooth=3):
+def response_predict(trace, method, momentum, smooth=1):
     """``pred_grad_corr``, ``pred_grad_sq_norm`` and the model's parts (``pred_h_noise``,
     ``pred_fluct``, ``pred_drift``, ``pred_drift_corr``, ``pred_noise_corr``) over (probe_step,
     layer) of :func:`dynamics.nqm.response.response_model` fed with the probe's estimates
-    (their centred rolling mean over ``smooth`` probes; 1: raw)."""
+    (their trailing mean over ``smooth`` probes at or before each probe; 1: raw)."""
     if not has_response_inputs(trace):
         missing = [k for k in RESPONSE_KEYS if k not in trace]
         raise ValueError(f"the trace lacks {', '.join(missing)}: run with probe_curvature=True "
@@ -59,7 +61,7 @@ def response_predict(trace, method, momentum, smooth=3):
         raise ValueError(f"response_smooth={smooth} is outside the valid range [1, inf)")
     probe = trace["probe_step"].values
     lr = trace["lr"].reindex(step=probe).rename(step="probe_step")
-    terms = {k: trace[k].rolling(probe_step=int(smooth), center=True, min_periods=1).mean()
+    terms = {k: trace[k].rolling(probe_step=int(smooth), center=False, min_periods=1).mean()
              for k in RESPONSE_KEYS}
     S = terms["grad_signal"]
     out = response_model(method, lr.broadcast_like(S).values, momentum, S.values, terms["grad_noise"].values,
