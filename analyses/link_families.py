@@ -6,9 +6,10 @@ the log10-norm error. Writes ``results/link_families.json``.
 
 The roles were fixed before any score was looked at: the model (:mod:`dynamics.nqm.response`, its
 input smoothing) was chosen on the development families only; the evaluation families are
-reported, never used to choose.
+reported, never used to choose. The held-out families (``link_heldout_*``) were written after the
+last choice (the causal response inputs) and scored once with the default link.
 
-    for f in experiments/specs/link_dev_*.toml experiments/specs/link_eval_*.toml; do
+    for f in experiments/specs/link_dev_*.toml experiments/specs/link_eval_*.toml experiments/specs/link_heldout_*.toml; do
         .venv/bin/optdyn sweep $f --workers 1; done          # ~25 CPU-min on 2 shared cores
     .venv/bin/python -m analyses link_families --variants    # -> results/link_families.json
 """
@@ -25,6 +26,8 @@ from experiments.linking.report import format_protocol, protocol_scores, ranking
 
 SPECS = Path(__file__).resolve().parents[1] / "experiments" / "specs"
 DEVELOPMENT = ("link_dev_seed_cnn", "link_dev_mlp_digits", "link_dev_gru_pytext")
+# written after every choice above was made and scored once with the default link (nothing chosen on them)
+HELDOUT = ("link_heldout_seed_cnn", "link_heldout_mlp_digits")
 EVALUATION = ("link_eval_resnet_mnist1d", "link_eval_transformer_pytext", "link_eval_seed_cnn_sgd",
               "link_eval_seed_cnn_b128", "link_eval_linreg")
 OUT = Path(__file__).resolve().parents[1] / "results" / "link_families.json"
@@ -189,9 +192,9 @@ def main(argv=()):
                         help="also the forecasts tried (development: chosen on; evaluation: reported) and the "
                              "development families pooled for response_smooth 1 (default), 2, 3 (trailing means)")
     args = parser.parse_args(list(argv))
-    result = {"development": DEVELOPMENT, "evaluation": EVALUATION, "families": {}, "pooled": {}}
+    result = {"development": DEVELOPMENT, "evaluation": EVALUATION, "held_out": HELDOUT, "families": {}, "pooled": {}}
     linked = {}
-    for role, names in (("development", DEVELOPMENT), ("evaluation", EVALUATION)):
+    for role, names in (("development", DEVELOPMENT), ("evaluation", EVALUATION), ("held_out", HELDOUT)):
         for name in names:
             ds = family(name, args.root)
             linked[name] = ds
