@@ -201,6 +201,15 @@ def phase_scores(series, phases):
     return out
 
 
+def oscillating_probes(series, floor=1e-6):
+    """Probes from step 20 at which the flow is at the edge and the discrete run does oscillate
+    (its window σ² along the flow's u above ``floor``, the series' rounding): a diagnostic
+    conditioned on the run, reported beside the unconditioned phases, never instead of them."""
+    step = np.asarray(series["step"])
+    return ((np.asarray(series["sigma2"], float) > 0) & (np.asarray(series["sigma2_measured"], float) > floor)
+            & (step >= 2 * EVERY))
+
+
 def late_averages(series, start):
     """Time averages over the probes from step ``start`` on (the discrete run's bursts of
     oscillation, its self-stabilisation cycles, are averaged out, as the central flow intends):
@@ -377,6 +386,7 @@ def settle_scan(settings=SCAN, tol=0.01, setting=LINREG):
         lam = trace["sharpness_global"].values / edge
         settled = settled_from(lam, tol)
         out.append({"method": method, "momentum": beta, "edge": edge, "lr": lr, "steps": steps,
+                    "hidden": list(setting.hidden), "n_train": setting.n_train,
                     "max_sharpness_over_edge": float(lam.max()), "settled_within_1pct_from_step": settled,
                     "last_fifth_sharpness_over_edge_range": [float(lam[-lam.size // 5:].min()),
                                                              float(lam[-lam.size // 5:].max())],
@@ -438,6 +448,11 @@ def main(argv=()):
     if "--edge" in argv:  # another S* for the same network: its own keys
         edge = float(_arg(argv, "--edge"))
         setting = dataclasses.replace(setting, edge=edge, prefix=f"{setting.prefix}edge{edge:g}_")
+    if "--hidden" in argv or "--n-train" in argv:  # another width or sample size: for --scan only
+        if "--scan" not in argv:
+            raise ValueError("--hidden and --n-train are for --scan only (the scored settings are fixed)")
+        hidden = tuple(int(h) for h in _arg(argv, "--hidden", ",".join(map(str, setting.hidden))).split(","))
+        setting = dataclasses.replace(setting, hidden=hidden, n_train=int(_arg(argv, "--n-train", setting.n_train)))
     block = setting.prefix.rstrip("_") if setting.name != "linreg" else None
     if "--summarise" in argv:  # recompute the second-half averages from the stored series
         keys = [k for k in out if k.startswith("runs") and isinstance(out[k], list)]
@@ -447,12 +462,30 @@ def main(argv=()):
                 print(key, r["method"], r["momentum"], json.dumps(r["second_half_averages"]))
         _merge_write(**{k: out[k] for k in keys})
         return
+    if "--rescore" in argv:  # from the stored series: the probes where both the flow and the run oscillate
+        stored = out.get(block, {}) if block else out
+        keys = [k for k in stored if k.startswith("runs" if block else setting.prefix + "runs")
+                and isinstance(stored[k], list)]
+        for key in keys:
+            for r in stored[key]:
+                r["scores"].update(phase_scores(r["series"], {"oscillating": oscillating_probes(r["series"])}))
+                print(key, r["method"], r["momentum"], json.dumps(r["scores"].get("oscillating")))
+        if block:
+            _merge_block(block, **{k: stored[k] for k in keys})
+        else:
+            _merge_write(**{k: stored[k] for k in keys})
+        return
     if "--scan" in argv:  # discrete runs alone: where λ_max settles at the edge
         spec = _arg(argv, "--scan")
         spec = None if spec is None or spec.startswith("--") else spec
         scan = settle_scan(_parse_scan(spec) if spec else SCAN, setting=setting)
-        if block:
-            _merge_block(block, settle_scan=scan, network=_describe(setting))
+        if block:  # merged by (method, β, S*, steps, hidden, n_train)
+            ident = lambda x: (x["method"], x["momentum"], x["edge"], x["steps"],  # noqa: E731
+                               tuple(x.get("hidden", DIGITS.hidden)), x.get("n_train", DIGITS.n_train))
+            now = json.loads(OUT.read_text()) if OUT.exists() else {}
+            merged = {ident(x): x for x in now.get(block, {}).get("settle_scan", [])}
+            merged.update({ident(x): x for x in scan})
+            _merge_block(block, settle_scan=list(merged.values()))
         elif spec:  # more settings of the linreg network, merged by (method, β, S*, steps)
             more = {(x["method"], x["momentum"], x["edge"], x["steps"]): x for x in out.get("settle_scan_more", [])}
             more.update({(x["method"], x["momentum"], x["edge"], x["steps"]): x for x in scan})

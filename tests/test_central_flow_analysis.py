@@ -128,3 +128,9 @@ def test_unknown_setting_names_the_valid_ones():
 def test_digits_setting_is_real_data_with_cross_entropy():
     assert a.DIGITS.data == "digits" and a._describe(a.DIGITS).count("cross-entropy") == 1
     assert a.lr_for("nag", 0.3, a.DIGITS.edge) * a.DIGITS.edge == pytest.approx(2 * 1.3 / 1.6)
+
+
+def test_oscillating_probes_need_the_flow_at_the_edge_and_a_measured_oscillation():
+    series = {"step": np.arange(0, 60, 10), "sigma2": np.array([0, 0, 1e-4, 1e-4, 1e-4, 0.0]),
+              "sigma2_measured": np.array([1e-4, 0, 2e-4, 0, 1e-4, 1e-4])}
+    assert a.oscillating_probes(series).tolist() == [False, False, True, False, True, False]
