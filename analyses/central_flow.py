@@ -37,6 +37,7 @@ that records the parameters and λ_max), at each probe k and over three sets of 
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -422,7 +423,14 @@ def _merge_write(**items):
     for stale in ("runs_plain_start", "complete", "steps"):  # keys of an earlier layout
         now.pop(stale, None)
     now.update(items)
-    store.atomic_write_json(OUT, now)
+    store.atomic_write_text(OUT, _compact_json(now))
+
+
+def _compact_json(obj):
+    """JSON with indent 1 but each list of scalars on one line (the per-probe series), so the
+    results file stays small and readable."""
+    text = json.dumps(obj, indent=1, sort_keys=True, default=store._jsonable)
+    return re.sub(r"\[[^\[\]{}\"]*\]", lambda m: " ".join(m.group(0).split()), text) + "\n"
 
 
 def _merge_block(name, **items):

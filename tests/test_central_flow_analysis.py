@@ -134,3 +134,11 @@ def test_oscillating_probes_need_the_flow_at_the_edge_and_a_measured_oscillation
     series = {"step": np.arange(0, 60, 10), "sigma2": np.array([0, 0, 1e-4, 1e-4, 1e-4, 0.0]),
               "sigma2_measured": np.array([1e-4, 0, 2e-4, 0, 1e-4, 1e-4])}
     assert a.oscillating_probes(series).tolist() == [False, False, True, False, True, False]
+
+
+def test_compact_json_round_trips_with_scalar_lists_on_one_line():
+    obj = {"series": {"loss": [0.5, 0.25, 1e-6], "layer": [[1.0, 2.0], [3.0, 4.0]]}, "names": ["a b", "c"], "n": 3}
+    text = a._compact_json(obj)
+    assert a.json.loads(text) == obj
+    assert '"loss": [ 0.5, 0.25, 1e-06 ]' in text and "[ 1.0, 2.0 ]" in text
+    assert '"a b"' in text  # strings are left as they are
