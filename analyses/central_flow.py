@@ -7,6 +7,13 @@ flow (dynamics.central_flow, docs/theory_central_flow.md). Writes ``results/cent
     .venv/bin/python -m analyses central_flow --summarise   (second-half averages from the stored series)
     .venv/bin/python -m analyses central_flow --scan        (discrete runs alone: does λ_max settle at S*?)
     .venv/bin/python -m analyses central_flow --decay       (GD with one lr decay, key ``lr_decay``; ~10 CPU-minutes)
+    .venv/bin/python -m analyses central_flow --scan hb:0.3:12:2000,...   (those discrete runs: key settle_scan_more)
+    .venv/bin/python -m analyses central_flow --edge 10 --only hb:0.3      (another S*: keys edge10_runs...)
+    .venv/bin/python -m analyses central_flow --setting digits [--only ...|--scan ... [--hidden 3,3] [--n-train 512]]
+    .venv/bin/python -m analyses central_flow --setting digits --rescore   (adds the phase "oscillating" from the series)
+
+``--setting digits``: the MLP (hidden 4, 4, tanh) on 256 sklearn digits with cross-entropy
+(:data:`DIGITS`), everything under the key ``digits_ce``.
 
 Network: the MLP (hidden 8, 8, tanh; 249 parameters) on 256 examples of ``linreg`` (MSE, full
 batch: ``batch_size=0``; the discrete runs in float32 as usual, the flow in float64). It
