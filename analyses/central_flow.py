@@ -7,6 +7,13 @@ flow (dynamics.central_flow, docs/theory_central_flow.md). Writes ``results/cent
     .venv/bin/python -m analyses central_flow --summarise   (second-half averages from the stored series)
     .venv/bin/python -m analyses central_flow --scan        (discrete runs alone: does λ_max settle at S*?)
     .venv/bin/python -m analyses central_flow --decay       (GD with one lr decay, key ``lr_decay``; ~10 CPU-minutes)
+    .venv/bin/python -m analyses central_flow --scan hb:0.3:12:2000,...   (those discrete runs: key settle_scan_more)
+    .venv/bin/python -m analyses central_flow --edge 10 --only hb:0.3      (another S*: keys edge10_runs...)
+    .venv/bin/python -m analyses central_flow --setting digits [--only ...|--scan ... [--hidden 3,3] [--n-train 512]]
+    .venv/bin/python -m analyses central_flow --setting digits --rescore   (adds the phase "oscillating" from the series)
+
+``--setting digits``: the MLP (hidden 4, 4, tanh) on 256 sklearn digits with cross-entropy
+(:data:`DIGITS`), everything under the key ``digits_ce``.
 
 Network: the MLP (hidden 8, 8, tanh; 249 parameters) on 256 examples of ``linreg`` (MSE, full
 batch: ``batch_size=0``; the discrete runs in float32 as usual, the flow in float64). It
@@ -35,7 +42,9 @@ that records the parameters and λ_max), at each probe k and over three sets of 
   gradient flow.
 """
 
+import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -63,23 +72,46 @@ N_TRAIN, HIDDEN, ACTIVATION = 256, (8, 8), "tanh"
 RUNS = [("gd", 0.0), ("hb", 0.2), ("hb", 0.5), ("nag", 0.3), ("nag", 0.5)]
 
 
-def lr_for(method, beta):
-    """The lr whose edge is EDGE: h*/EDGE."""
-    return float(cf.edge_sharpness(method, 1.0, beta)) / EDGE
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A network and data set of the scores: the loop's ``data`` (its first ``n_train``
+    examples, full batch, the data set's own task loss), the MLP's hidden widths and activation,
+    the edge S* of every run, the run length, the (method, β) runs and the prefix of the result keys."""
+    name: str
+    data: str
+    n_train: int
+    hidden: tuple
+    activation: str
+    edge: float
+    steps: int
+    runs: tuple
+    prefix: str = ""
+
+
+LINREG = Setting("linreg", "linreg", N_TRAIN, HIDDEN, ACTIVATION, EDGE, STEPS, tuple(RUNS))
+#: real data, cross-entropy: the MLP (4, 4) on 256 sklearn digits (S* and steps from --scan alone)
+DIGITS = Setting("digits", "digits", 256, (4, 4), "tanh", 12.0, 2000,
+                 (("gd", 0.0), ("hb", 0.2), ("nag", 0.3), ("nag", 0.5)), prefix="digits_ce_")
+SETTINGS = {"linreg": LINREG, "digits": DIGITS}
+
+
+def lr_for(method, beta, edge=EDGE):
+    """The lr whose edge is ``edge``: h*/edge."""
+    return float(cf.edge_sharpness(method, 1.0, beta)) / edge
 
 
 def _flat(params):
     return torch.cat([p.detach().reshape(-1) for p in params]).double().numpy()
 
 
-def discrete(method, beta, lr, steps):
+def discrete(method, beta, lr, steps, setting=LINREG):
     """The loop's full-batch run; parameters and λ_max recorded at every probe (before that
     step's update: the parameters are w_k at probe step k), and every iterate w_0..w_steps (an
     optimizer step post-hook; the probes do not step the optimizer)."""
-    config = RunConfig(model="mlp", data="linreg", opt=method, lr=lr, momentum=beta, steps=steps, batch_size=0,
+    config = RunConfig(model="mlp", data=setting.data, opt=method, lr=lr, momentum=beta, steps=steps, batch_size=0,
                        probe_every=EVERY, hutchinson_samples=0, noise_microbatches=0,
-                       data_args={"n_train": N_TRAIN}, model_args={"hidden": HIDDEN, "activation": ACTIVATION},
-                       threads=1)
+                       data_args={"n_train": setting.n_train},
+                       model_args={"hidden": setting.hidden, "activation": setting.activation}, threads=1)
     params, iterates = [], []
 
     def on_probe(tracer):
@@ -109,10 +141,10 @@ def window_sigma2(iterates, vectors, probe_steps, width=EVERY):
     return window_mean((osc @ vectors.T) ** 2, probe_steps, width)[np.arange(len(probe_steps)), np.arange(len(probe_steps))]
 
 
-def network_loss():
-    data = load_data("linreg", n_train=N_TRAIN)
+def network_loss(setting=LINREG):
+    data = load_data(setting.data, n_train=setting.n_train)
     torch.manual_seed(0)  # as train() builds it: right after seeding with config.seed
-    model = build_model("mlp", data.info, hidden=HIDDEN, activation=ACTIVATION)
+    model = build_model("mlp", data.info, hidden=setting.hidden, activation=setting.activation)
     return NetworkLoss(model, data.x_train, data.y_train, data.info.task, lanczos_iters=60, lanczos_tol=1e-9)
 
 
@@ -177,6 +209,15 @@ def phase_scores(series, phases):
     return out
 
 
+def oscillating_probes(series, floor=1e-6):
+    """Probes from step 20 at which the flow is at the edge and the discrete run does oscillate
+    (its window σ² along the flow's u above ``floor``, the series' rounding): a diagnostic
+    conditioned on the run, reported beside the unconditioned phases, never instead of them."""
+    step = np.asarray(series["step"])
+    return ((np.asarray(series["sigma2"], float) > 0) & (np.asarray(series["sigma2_measured"], float) > floor)
+            & (step >= 2 * EVERY))
+
+
 def late_averages(series, start):
     """Time averages over the probes from step ``start`` on (the discrete run's bursts of
     oscillation, its self-stabilisation cycles, are averaged out, as the central flow intends):
@@ -197,11 +238,11 @@ def late_averages(series, start):
     }
 
 
-def one_run(method, beta, steps=STEPS):
-    lr = lr_for(method, beta)
-    loss = network_loss()
+def one_run(method, beta, steps=STEPS, setting=LINREG):
+    lr = lr_for(method, beta, setting.edge)
+    loss = network_loss(setting)
     t0 = time.perf_counter()
-    trace, params, summary, iterates = discrete(method, beta, lr, steps)
+    trace, params, summary, iterates = discrete(method, beta, lr, steps, setting)
     t_discrete = time.perf_counter() - t0
     probe_steps = np.arange(0, steps, EVERY)
     lag = cf.start_lag_steps(method, beta)  # the loop starts at b = 0: step k is the flow at k − lag
@@ -342,20 +383,23 @@ SCAN = [("gd", 0.0, 10.0, 1000), ("gd", 0.0, 12.0, 1000), ("gd", 0.0, 14.0, 1500
         ("nag", 0.3, 12.0, 1000), ("nag", 0.5, 12.0, 1000), ("nag", 0.8, 12.0, 1000)]
 
 
-def settle_scan(settings=SCAN, tol=0.01):
+def settle_scan(settings=SCAN, tol=0.01, setting=LINREG):
     """Discrete runs alone (no flow): for each (method, β, S*, steps), λ_max's largest overshoot
     over S* and the first probe step after which it stays within ``tol`` of S* (None: it does
     not, or only over the last tenth of the run). The setting of the scores was chosen on these numbers."""
     out = []
     for method, beta, edge, steps in settings:
         lr = float(cf.edge_sharpness(method, 1.0, beta)) / edge
-        trace = discrete(method, beta, lr, steps)[0]
+        trace = discrete(method, beta, lr, steps, setting)[0]
         lam = trace["sharpness_global"].values / edge
         settled = settled_from(lam, tol)
         out.append({"method": method, "momentum": beta, "edge": edge, "lr": lr, "steps": steps,
+                    "hidden": list(setting.hidden), "n_train": setting.n_train,
                     "max_sharpness_over_edge": float(lam.max()), "settled_within_1pct_from_step": settled,
                     "last_fifth_sharpness_over_edge_range": [float(lam[-lam.size // 5:].min()),
-                                                             float(lam[-lam.size // 5:].max())]})
+                                                             float(lam[-lam.size // 5:].max())],
+                    "fraction_within_5pct": float(np.mean(np.abs(lam - 1) <= 0.05)),
+                    "sharpness_over_edge_every_100_steps": np.round(lam[:: 100 // EVERY], 3).tolist()})
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -368,6 +412,17 @@ def _parse_only(arg):
     return out
 
 
+def _parse_scan(arg):
+    """"method:β:S*:steps,..." → [(method, β, S*, steps), ...]."""
+    out = []
+    for item in arg.split(","):
+        parts = item.split(":")
+        if len(parts) != 4:
+            raise ValueError(f"--scan item {item!r} is not of the form method:beta:edge:steps")
+        out.append((parts[0], float(parts[1]), float(parts[2]), int(parts[3])))
+    return out
+
+
 def _merge_write(**items):
     """Write ``items`` into results/central_flow.json, re-read first: the settings run as
     separate processes, each writing its own keys."""
@@ -375,13 +430,45 @@ def _merge_write(**items):
     for stale in ("runs_plain_start", "complete", "steps"):  # keys of an earlier layout
         now.pop(stale, None)
     now.update(items)
-    store.atomic_write_json(OUT, now)
+    store.atomic_write_text(OUT, _compact_json(now))
+
+
+def _compact_json(obj):
+    """JSON with indent 1 but each list of scalars on one line (the per-probe series), so the
+    results file stays small and readable."""
+    text = json.dumps(obj, indent=1, sort_keys=True, default=store._jsonable)
+    return re.sub(r"\[[^\[\]{}\"]*\]", lambda m: " ".join(m.group(0).split()), text) + "\n"
+
+
+def _merge_block(name, **items):
+    """Merge ``items`` into the block ``name`` of the results file (a setting other than linreg)."""
+    now = json.loads(OUT.read_text()) if OUT.exists() else {}
+    block = now.get(name, {})
+    block.update(items)
+    _merge_write(**{name: block})
+
+
+def _arg(argv, flag, default=None):
+    return argv[argv.index(flag) + 1] if flag in argv else default
 
 
 def main(argv=()):
     torch.set_num_threads(1)
     argv = list(argv)
     out = json.loads(OUT.read_text()) if OUT.exists() else {}
+    name = _arg(argv, "--setting", "linreg")
+    if name not in SETTINGS:
+        raise ValueError(f"--setting={name!r} is unknown; valid: {', '.join(SETTINGS)}")
+    setting = SETTINGS[name]
+    if "--edge" in argv:  # another S* for the same network: its own keys
+        edge = float(_arg(argv, "--edge"))
+        setting = dataclasses.replace(setting, edge=edge, prefix=f"{setting.prefix}edge{edge:g}_")
+    if "--hidden" in argv or "--n-train" in argv:  # another width or sample size: for --scan only
+        if "--scan" not in argv:
+            raise ValueError("--hidden and --n-train are for --scan only (the scored settings are fixed)")
+        hidden = tuple(int(h) for h in _arg(argv, "--hidden", ",".join(map(str, setting.hidden))).split(","))
+        setting = dataclasses.replace(setting, hidden=hidden, n_train=int(_arg(argv, "--n-train", setting.n_train)))
+    block = setting.prefix.rstrip("_") if setting.name != "linreg" else None
     if "--summarise" in argv:  # recompute the second-half averages from the stored series
         keys = [k for k in out if k.startswith("runs") and isinstance(out[k], list)]
         for key in keys:
@@ -390,8 +477,36 @@ def main(argv=()):
                 print(key, r["method"], r["momentum"], json.dumps(r["second_half_averages"]))
         _merge_write(**{k: out[k] for k in keys})
         return
+    if "--rescore" in argv:  # from the stored series: the probes where both the flow and the run oscillate
+        stored = out.get(block, {}) if block else out
+        keys = [k for k in stored if k.startswith("runs" if block else setting.prefix + "runs")
+                and isinstance(stored[k], list)]
+        for key in keys:
+            for r in stored[key]:
+                r["scores"].update(phase_scores(r["series"], {"oscillating": oscillating_probes(r["series"])}))
+                print(key, r["method"], r["momentum"], json.dumps(r["scores"].get("oscillating")))
+        if block:
+            _merge_block(block, **{k: stored[k] for k in keys})
+        else:
+            _merge_write(**{k: stored[k] for k in keys})
+        return
     if "--scan" in argv:  # discrete runs alone: where λ_max settles at the edge
-        _merge_write(settle_scan=settle_scan())
+        spec = _arg(argv, "--scan")
+        spec = None if spec is None or spec.startswith("--") else spec
+        scan = settle_scan(_parse_scan(spec) if spec else SCAN, setting=setting)
+        if block:  # merged by (method, β, S*, steps, hidden, n_train)
+            ident = lambda x: (x["method"], x["momentum"], x["edge"], x["steps"],  # noqa: E731
+                               tuple(x.get("hidden", DIGITS.hidden)), x.get("n_train", DIGITS.n_train))
+            now = json.loads(OUT.read_text()) if OUT.exists() else {}
+            merged = {ident(x): x for x in now.get(block, {}).get("settle_scan", [])}
+            merged.update({ident(x): x for x in scan})
+            _merge_block(block, settle_scan=list(merged.values()))
+        elif spec:  # more settings of the linreg network, merged by (method, β, S*, steps)
+            more = {(x["method"], x["momentum"], x["edge"], x["steps"]): x for x in out.get("settle_scan_more", [])}
+            more.update({(x["method"], x["momentum"], x["edge"], x["steps"]): x for x in scan})
+            _merge_write(settle_scan_more=list(more.values()))
+        else:
+            _merge_write(settle_scan=scan)
         return
     if "--decay" in argv:  # GD with one lr decay, added to the same file
         decay = decay_run()
@@ -399,25 +514,42 @@ def main(argv=()):
         print(json.dumps({k: v for k, v in decay.items() if k != "series"}, indent=1))
         return
     quick = "--quick" in argv
-    steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else (200 if quick else STEPS)
+    steps = int(_arg(argv, "--steps")) if "--steps" in argv else (200 if quick else setting.steps)
     key = "runs" if steps == STEPS else f"runs_{steps}_steps"
-    runs = _parse_only(argv[argv.index("--only") + 1]) if "--only" in argv else (RUNS[:1] if quick else RUNS)
-    done = out.get(key, []) if "--only" in argv else []  # --only: merged into the stored runs of this setting
-    done = [x for x in done if x.get("steps") == steps and abs(x.get("edge", 0) / EDGE - 1) < 1e-9]
-    out.update({"command": "python -m analyses central_flow [--steps N] (key runs_N_steps) and --decay",
-                "network": f"mlp hidden={HIDDEN} {ACTIVATION} on linreg n_train={N_TRAIN}, MSE, full batch "
-                           f"(discrete float32 through the training loop, flows float64)",
-                "edge": EDGE})
-    order = {k: i for i, k in enumerate(RUNS)}
+    key = key if block else setting.prefix + key
+    runs = _parse_only(_arg(argv, "--only")) if "--only" in argv else (
+        list(setting.runs[:1]) if quick else list(setting.runs))
+    stored = out.get(block, {}) if block else out
+    done = stored.get(key, []) if "--only" in argv else []  # --only: merged into the stored runs of this setting
+    done = [x for x in done if x.get("steps") == steps and abs(x.get("edge", 0) / setting.edge - 1) < 1e-9]
+    head = {"command": "python -m analyses central_flow [--setting NAME] [--edge S] [--steps N] "
+                       "(key [NAME block:] [edgeS_]runs[_N_steps]) and --decay",
+            "network": _describe(setting), "edge": setting.edge}
+    order = {k: i for i, k in enumerate(setting.runs)}
     for m, b in runs:  # written after each run: a long analysis leaves its finished part
-        r = one_run(m, b, steps)
+        r = one_run(m, b, steps, setting)
+        if "--only" in argv:  # re-read: runs of the same setting may finish in other processes meanwhile
+            now = json.loads(OUT.read_text()) if OUT.exists() else {}
+            stored = now.get(block, {}) if block else now
+            done = [x for x in stored.get(key, []) if x.get("steps") == steps
+                    and abs(x.get("edge", 0) / setting.edge - 1) < 1e-9]
         done = [x for x in done if (x["method"], x["momentum"]) != (m, b)] + [r]
         done.sort(key=lambda x: order.get((x["method"], x["momentum"]), len(order)))
-        out[key] = done
-        out[f"{key}_complete"] = {(x["method"], x["momentum"]) for x in done} >= set(RUNS)
+        items = {key: done, f"{key}_complete": {(x["method"], x["momentum"]) for x in done} >= set(setting.runs)}
         if not quick:
-            _merge_write(**{k: out[k] for k in ("command", "network", "edge", key, f"{key}_complete")})
+            if block:
+                _merge_block(block, **head, **items)
+            elif setting.prefix:  # another S* of the linreg network: the file's head stays the main setting's
+                _merge_write(**items)
+            else:
+                _merge_write(**head, **items)
         print(json.dumps({k: v for k, v in r.items() if k != "series"}, indent=1), flush=True)
+
+
+def _describe(setting):
+    task = {"linreg": "MSE", "digits": "cross-entropy"}.get(setting.data, "the data set's task loss")
+    return (f"mlp hidden={setting.hidden} {setting.activation} on {setting.data} n_train={setting.n_train}, "
+            f"{task}, full batch (discrete float32 through the training loop, flows float64)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ Measured (shared 2-core machine, load ~10): toy flow/discrete wall ratio 2.0 (GD
 network: ratio 282 (32.5 s vs 0.12 s for 120 steps), per unit time 25 gradients, 476 HVPs and
 12 third-order passes against 5 gradients, 499 solver evaluations.
 
-Run: .venv/bin/python benchmarks/bench_central_flow.py [--network]
+3. ``--hvp-cost`` (alone): one HVP of the scored MLPs and of the seed CNN on 1000 MNIST-1D
+   examples, as a multiple of the linreg MLP's (to size a central flow of the CNN).
+
+Run: .venv/bin/python benchmarks/bench_central_flow.py [--network | --hvp-cost]
 """
 
 import sys
@@ -87,8 +90,40 @@ def network():
           f"(discrete: {steps / horizon:.0f} gradients); solver evaluations {flow.nfev}")
 
 
+def hvp_cost(reps=5):
+    """One HVP of the scored MLPs (linreg; digits with cross-entropy) and of the seed CNN on
+    1000 MNIST-1D examples (eval mode: no dropout), arms alternated, median of ``reps`` after a
+    warm-up: the CNN's cost as a multiple of the linreg MLP's, to size a central flow of it."""
+    from analyses.central_flow import DIGITS, network_loss
+    from experiments.runs.data import load_data
+    from experiments.runs.models import build_model
+    from experiments.trace.central_flow_loss import NetworkLoss
+
+    torch.set_num_threads(1)
+    data = load_data("mnist1d", n_train=1000)
+    torch.manual_seed(0)
+    cnn = build_model("seed-cnn", data.info).eval()
+    losses = {"mlp linreg": network_loss(), "mlp digits": network_loss(DIGITS),
+              "seed-cnn mnist1d": NetworkLoss(cnn, data.x_train, data.y_train, "classify")}
+    rng = np.random.default_rng(0)
+    times = {k: [] for k in losses}
+    for _ in range(reps + 1):
+        for name, loss in losses.items():
+            v = rng.standard_normal(loss.w0.size)
+            t0 = time.perf_counter()
+            loss.hvp(loss.w0, v)
+            times[name].append(time.perf_counter() - t0)
+    base = np.median(times["mlp linreg"][1:])
+    for name, loss in losses.items():
+        t = np.median(times[name][1:])
+        print(f"{name}: {loss.w0.size} parameters, {t * 1e3:.1f} ms per HVP, {t / base:.1f}x the linreg MLP's")
+
+
 if __name__ == "__main__":
     with threadpool_limits(1):
+        if "--hvp-cost" in sys.argv[1:]:
+            hvp_cost()
+            sys.exit()
         toy()
         if "--network" in sys.argv[1:]:
             network()

@@ -112,3 +112,33 @@ def test_merge_write_keeps_the_other_settings_keys(tmp_path, monkeypatch):
     a._merge_write(runs_2000_steps=[2])
     a._merge_write(runs=[3])
     assert json.loads(a.OUT.read_text()) == {"runs": [3], "lr_decay": {"x": 1}, "runs_2000_steps": [2]}
+
+
+def test_parse_scan_and_its_error():
+    assert a._parse_scan("hb:0.3:12:2000,gd:0:10:500") == [("hb", 0.3, 12.0, 2000), ("gd", 0.0, 10.0, 500)]
+    with pytest.raises(ValueError, match="method:beta:edge:steps"):
+        a._parse_scan("hb:0.3:12")
+
+
+def test_unknown_setting_names_the_valid_ones():
+    with pytest.raises(ValueError, match="linreg, digits"):
+        a.main(["--setting", "cifar", "--scan"])
+
+
+def test_digits_setting_is_real_data_with_cross_entropy():
+    assert a.DIGITS.data == "digits" and a._describe(a.DIGITS).count("cross-entropy") == 1
+    assert a.lr_for("nag", 0.3, a.DIGITS.edge) * a.DIGITS.edge == pytest.approx(2 * 1.3 / 1.6)
+
+
+def test_oscillating_probes_need_the_flow_at_the_edge_and_a_measured_oscillation():
+    series = {"step": np.arange(0, 60, 10), "sigma2": np.array([0, 0, 1e-4, 1e-4, 1e-4, 0.0]),
+              "sigma2_measured": np.array([1e-4, 0, 2e-4, 0, 1e-4, 1e-4])}
+    assert a.oscillating_probes(series).tolist() == [False, False, True, False, True, False]
+
+
+def test_compact_json_round_trips_with_scalar_lists_on_one_line():
+    obj = {"series": {"loss": [0.5, 0.25, 1e-6], "layer": [[1.0, 2.0], [3.0, 4.0]]}, "names": ["a b", "c"], "n": 3}
+    text = a._compact_json(obj)
+    assert a.json.loads(text) == obj
+    assert '"loss": [ 0.5, 0.25, 1e-06 ]' in text and "[ 1.0, 2.0 ]" in text
+    assert '"a b"' in text  # strings are left as they are
