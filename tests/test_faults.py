@@ -533,7 +533,10 @@ def test_two_sweeps_racing_on_one_root_train_each_run_once(tmp_path):
 def test_ctrl_c_on_a_sweep_stops_cleanly_and_a_rerun_resumes(tmp_path):
     root, log = tmp_path / "store", tmp_path / "log"
     n = 8
-    spec = write_spec(tmp_path / "s.toml", root, n, steps=400)  # 1-2 s a run here: Ctrl-C lands mid-run
+    # 3-4 s a run here: after the first run is done the other seven take >= 10 s on 2 workers, so
+    # the Ctrl-C lands mid-sweep even if this process is starved for seconds (with 400 steps a
+    # loaded CI machine once let the whole sweep finish before the signal was sent)
+    spec = write_spec(tmp_path / "s.toml", root, n, steps=2000)
     command = [sys.executable, "-m", "experiments.cli", "sweep", str(spec), "--workers", "2", "--no-progress"]
     proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
