@@ -62,7 +62,7 @@ from experiments.runs.config import RunConfig
 from experiments.runs.data import load_data
 from experiments.runs.loop import train
 from experiments.runs.models import build_model
-from experiments.trace.central_flow_loss import NetworkLoss
+from experiments.trace.central_flow_loss import LOSSES, NetworkLoss
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "central_flow.json"
 EDGE = 12.0  # S* of every run
@@ -76,7 +76,8 @@ RUNS = [("gd", 0.0), ("hb", 0.2), ("hb", 0.5), ("nag", 0.3), ("nag", 0.5)]
 class Setting:
     """A network and data set of the scores: the loop's ``data`` (its first ``n_train``
     examples, full batch, the data set's own task loss), the MLP's hidden widths and activation,
-    the edge S* of every run, the run length, the (method, β) runs and the prefix of the result keys."""
+    the edge S* of every run, the run length, the (method, β) runs, the prefix of the result keys and
+    the loss (``task``: the data set's own; ``onehot_mse``: :func:`experiments.trace.central_flow_loss.onehot_mse`)."""
     name: str
     data: str
     n_train: int
@@ -86,13 +87,17 @@ class Setting:
     steps: int
     runs: tuple
     prefix: str = ""
+    loss: str = "task"
 
 
 LINREG = Setting("linreg", "linreg", N_TRAIN, HIDDEN, ACTIVATION, EDGE, STEPS, tuple(RUNS))
 #: real data, cross-entropy: the MLP (4, 4) on 256 sklearn digits (S* and steps from --scan alone)
 DIGITS = Setting("digits", "digits", 256, (4, 4), "tanh", 12.0, 2000,
                  (("gd", 0.0), ("hb", 0.2), ("nag", 0.3), ("nag", 0.5)), prefix="digits_ce_")
-SETTINGS = {"linreg": LINREG, "digits": DIGITS}
+#: real data, MSE against one-hot targets: the same MLP and examples (S*, width and steps from --scan alone)
+DIGITS_MSE = Setting("digits_mse", "digits", 256, (16, 16), "tanh", 0.5, 2000,
+                     (("gd", 0.0), ("nag", 0.3), ("hb", 0.2)), prefix="digits_mse_", loss="onehot_mse")
+SETTINGS = {"linreg": LINREG, "digits": DIGITS, "digits_mse": DIGITS_MSE}
 
 
 def lr_for(method, beta, edge=EDGE):
@@ -122,7 +127,7 @@ def discrete(method, beta, lr, steps, setting=LINREG):
 
     handle = register_optimizer_step_post_hook(after_step)
     try:
-        trace, summary = train(config, on_probe=on_probe)
+        trace, summary = train(config, on_probe=on_probe, loss_fn=LOSSES[setting.loss])
     finally:
         handle.remove()
     params = np.array(params)
@@ -145,7 +150,8 @@ def network_loss(setting=LINREG):
     data = load_data(setting.data, n_train=setting.n_train)
     torch.manual_seed(0)  # as train() builds it: right after seeding with config.seed
     model = build_model("mlp", data.info, hidden=setting.hidden, activation=setting.activation)
-    return NetworkLoss(model, data.x_train, data.y_train, data.info.task, lanczos_iters=60, lanczos_tol=1e-9)
+    return NetworkLoss(model, data.x_train, data.y_train, data.info.task, lanczos_iters=60, lanczos_tol=1e-9,
+                       loss_fn=LOSSES[setting.loss])
 
 
 def window_mean(values, probe_steps, width=EVERY):
@@ -548,6 +554,7 @@ def main(argv=()):
 
 def _describe(setting):
     task = {"linreg": "MSE", "digits": "cross-entropy"}.get(setting.data, "the data set's task loss")
+    task = "MSE against one-hot targets (1/2 mean over examples and outputs)" if setting.loss == "onehot_mse" else task
     return (f"mlp hidden={setting.hidden} {setting.activation} on {setting.data} n_train={setting.n_train}, "
             f"{task}, full batch (discrete float32 through the training loop, flows float64)")
 

@@ -142,3 +142,12 @@ def test_compact_json_round_trips_with_scalar_lists_on_one_line():
     assert a.json.loads(text) == obj
     assert '"loss": [ 0.5, 0.25, 1e-06 ]' in text and "[ 1.0, 2.0 ]" in text
     assert '"a b"' in text  # strings are left as they are
+
+
+def test_digits_mse_setting_is_the_same_data_with_the_one_hot_mse():
+    from experiments.trace.central_flow_loss import LOSSES, onehot_mse
+
+    s = a.SETTINGS["digits_mse"]
+    assert s.data == a.DIGITS.data and s.n_train == a.DIGITS.n_train and LOSSES[s.loss] is onehot_mse
+    assert "MSE against one-hot" in a._describe(s) and "cross-entropy" not in a._describe(s)
+    assert s.prefix.rstrip("_") not in ("", a.DIGITS.prefix.rstrip("_"))  # its own block of the results file
