@@ -103,6 +103,24 @@ def test_window_sigma2_is_the_period_two_variance_along_u():
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
 
 
+def test_window_sigma2_sums_over_the_active_edge_vectors():
+    """Two orthonormal edge vectors u, v with alternations δ_k and ε_k: with both active the
+    window mean of δ² + ε² (tr Σ); with one active that of δ² alone (the old single-vector value)."""
+    rng = np.random.default_rng(2)
+    d, steps = 6, 60
+    q = np.linalg.qr(rng.standard_normal((d, 2)))[0]
+    delta, eps = 0.1 + 0.01 * np.arange(steps + 1), 0.2 - 0.002 * np.arange(steps + 1)
+    k = np.arange(steps + 1)[:, None]
+    iterates = 0.3 * k * rng.standard_normal(d) + ((-1.0) ** k) * (delta[:, None] * q[:, 0] + eps[:, None] * q[:, 1])
+    probes = np.array([10, 20, 30])
+    vectors = np.repeat(q[None], 3, axis=0)
+    got = a.window_sigma2(iterates, vectors, probes, width=10, active=np.array([2, 1, 2]))
+    both = [np.mean(delta[p - 5:p + 5] ** 2 + eps[p - 5:p + 5] ** 2) for p in probes]
+    np.testing.assert_allclose(got, [both[0], np.mean(delta[15:25] ** 2), both[2]], rtol=1e-12)
+    np.testing.assert_allclose(a.window_sigma2(iterates, vectors[:, :, 0], probes, width=10),
+                               [np.mean(delta[p - 5:p + 5] ** 2) for p in probes], rtol=1e-12)
+
+
 def test_merge_write_keeps_the_other_settings_keys(tmp_path, monkeypatch):
     """Each setting runs as its own process and writes only its keys into the shared file."""
     import json
