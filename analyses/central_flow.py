@@ -568,7 +568,8 @@ def main(argv=()):
 
 def _describe(setting):
     task = {"linreg": "MSE", "digits": "cross-entropy"}.get(setting.data, "the data set's task loss")
-    task = "MSE against one-hot targets (1/2 mean over examples and outputs)" if setting.loss == "onehot_mse" else task
+    if setting.loss == "onehot_mse":
+        task = "MSE against one-hot targets (1/2 mean over examples and outputs)"
     return (f"mlp hidden={setting.hidden} {setting.activation} on {setting.data} n_train={setting.n_train}, "
             f"{task}, full batch (discrete float32 through the training loop, flows float64)")
 

@@ -111,7 +111,8 @@ def test_window_sigma2_sums_over_the_active_edge_vectors():
     q = np.linalg.qr(rng.standard_normal((d, 2)))[0]
     delta, eps = 0.1 + 0.01 * np.arange(steps + 1), 0.2 - 0.002 * np.arange(steps + 1)
     k = np.arange(steps + 1)[:, None]
-    iterates = 0.3 * k * rng.standard_normal(d) + ((-1.0) ** k) * (delta[:, None] * q[:, 0] + eps[:, None] * q[:, 1])
+    alternation = delta[:, None] * q[:, 0] + eps[:, None] * q[:, 1]
+    iterates = 0.3 * k * rng.standard_normal(d) + ((-1.0) ** k) * alternation
     probes = np.array([10, 20, 30])
     vectors = np.repeat(q[None], 3, axis=0)
     got = a.window_sigma2(iterates, vectors, probes, width=10, active=np.array([2, 1, 2]))

@@ -295,7 +295,8 @@ def _setup(config, data, device, loss_fn=None):
         groups.setdefault(layer_name(name), []).append(p)
     to_tracer = {layer_name(n, config.per_tensor): layer_name(n) for n, _ in model.named_parameters()}
     x, y = as_input(data.x_train), as_input(data.y_train)
-    return _Setup(model, optimizer, scheduler, loss_fn or make_loss_fn(data.info.task), tracer, groups, to_tracer, x, y,
+    loss_fn = loss_fn or make_loss_fn(data.info.task)
+    return _Setup(model, optimizer, scheduler, loss_fn, tracer, groups, to_tracer, x, y,
                   as_input(data.x_test), as_input(data.y_test),
                   order=batches(len(y), config.batch_size, torch.Generator().manual_seed(config.seed), device),
                   probe_rng=torch.Generator().manual_seed(config.seed + PROBE_SEED_OFFSET))
