@@ -13,7 +13,9 @@ flow (dynamics.central_flow, docs/theory_central_flow.md). Writes ``results/cent
     .venv/bin/python -m analyses central_flow --setting digits --rescore   (adds the phase "oscillating" from the series)
 
 ``--setting digits``: the MLP (hidden 4, 4, tanh) on 256 sklearn digits with cross-entropy
-(:data:`DIGITS`), everything under the key ``digits_ce``.
+(:data:`DIGITS`), everything under the key ``digits_ce``. ``--setting digits_mse``: the same
+digits with ½ mean squared error against one-hot targets, MLP (16, 16, tanh), S* = 0.5
+(:data:`DIGITS_MSE`), key ``digits_mse``.
 
 Network: the MLP (hidden 8, 8, tanh; 249 parameters) on 256 examples of ``linreg`` (MSE, full
 batch: ``batch_size=0``; the discrete runs in float32 as usual, the flow in float64). It
@@ -62,7 +64,7 @@ from experiments.runs.config import RunConfig
 from experiments.runs.data import load_data
 from experiments.runs.loop import train
 from experiments.runs.models import build_model
-from experiments.trace.central_flow_loss import NetworkLoss
+from experiments.trace.central_flow_loss import LOSSES, NetworkLoss
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "central_flow.json"
 EDGE = 12.0  # S* of every run
@@ -76,7 +78,9 @@ RUNS = [("gd", 0.0), ("hb", 0.2), ("hb", 0.5), ("nag", 0.3), ("nag", 0.5)]
 class Setting:
     """A network and data set of the scores: the loop's ``data`` (its first ``n_train``
     examples, full batch, the data set's own task loss), the MLP's hidden widths and activation,
-    the edge S* of every run, the run length, the (method, β) runs and the prefix of the result keys."""
+    the edge S* of every run, the run length, the (method, β) runs, the prefix of the result keys and
+    the loss (``task``: the data set's own; ``onehot_mse``: :func:`experiments.trace.central_flow_loss.onehot_mse`)
+    and the flow's ``max_edge`` (how many eigenvalues may sit at the edge together)."""
     name: str
     data: str
     n_train: int
@@ -86,13 +90,18 @@ class Setting:
     steps: int
     runs: tuple
     prefix: str = ""
+    loss: str = "task"
+    max_edge: int = 1
 
 
 LINREG = Setting("linreg", "linreg", N_TRAIN, HIDDEN, ACTIVATION, EDGE, STEPS, tuple(RUNS))
 #: real data, cross-entropy: the MLP (4, 4) on 256 sklearn digits (S* and steps from --scan alone)
 DIGITS = Setting("digits", "digits", 256, (4, 4), "tanh", 12.0, 2000,
                  (("gd", 0.0), ("hb", 0.2), ("nag", 0.3), ("nag", 0.5)), prefix="digits_ce_")
-SETTINGS = {"linreg": LINREG, "digits": DIGITS}
+#: real data, MSE against one-hot targets: the same MLP and examples (S*, width and steps from --scan alone)
+DIGITS_MSE = Setting("digits_mse", "digits", 256, (16, 16), "tanh", 0.5, 2000,
+                     (("gd", 0.0), ("nag", 0.3), ("hb", 0.2)), prefix="digits_mse_", loss="onehot_mse", max_edge=2)
+SETTINGS = {"linreg": LINREG, "digits": DIGITS, "digits_mse": DIGITS_MSE}
 
 
 def lr_for(method, beta, edge=EDGE):
@@ -122,7 +131,7 @@ def discrete(method, beta, lr, steps, setting=LINREG):
 
     handle = register_optimizer_step_post_hook(after_step)
     try:
-        trace, summary = train(config, on_probe=on_probe)
+        trace, summary = train(config, on_probe=on_probe, loss_fn=LOSSES[setting.loss])
     finally:
         handle.remove()
     params = np.array(params)
@@ -132,20 +141,29 @@ def discrete(method, beta, lr, steps, setting=LINREG):
     return trace, params, summary, iterates
 
 
-def window_sigma2(iterates, vectors, probe_steps, width=EVERY):
-    """The discrete run's oscillation variance along the flow's edge vector at each probe: the
-    mean over the ``width`` steps centred on it of (osc_k·u)², osc the period-2 part of the
-    iterates (:func:`dynamics.central_flow.period_two_split`), u the flow's unit top
-    eigenvector at the probe (zero off the edge: then 0)."""
+def window_sigma2(iterates, vectors, probe_steps, width=EVERY, active=None):
+    """The discrete run's oscillation variance along the flow's edge vectors at each probe: the
+    mean over the ``width`` steps centred on it of Σ_j (osc_k·u_j)², osc the period-2 part of the
+    iterates (:func:`dynamics.central_flow.period_two_split`), u_j the flow's unit eigenvectors
+    at the edge at the probe (``vectors`` (probes, d) or (probes, d, m), the first ``active``
+    of them at each probe; default 1: the top one). The flow's σ² is tr Σ, the same sum."""
     _, osc = cf.period_two_split(iterates)
-    return window_mean((osc @ vectors.T) ** 2, probe_steps, width)[np.arange(len(probe_steps)), np.arange(len(probe_steps))]
+    vectors = np.asarray(vectors)[:, :, None] if np.ndim(vectors) == 2 else np.asarray(vectors)
+    active = np.ones(len(probe_steps), int) if active is None else np.asarray(active)
+    diag = np.arange(len(probe_steps))
+    out = np.zeros(len(probe_steps))
+    for j in range(vectors.shape[2]):
+        part = window_mean((osc @ vectors[:, :, j].T) ** 2, probe_steps, width)[diag, diag]
+        out += np.where(active > j, part, 0.0)
+    return out
 
 
 def network_loss(setting=LINREG):
     data = load_data(setting.data, n_train=setting.n_train)
     torch.manual_seed(0)  # as train() builds it: right after seeding with config.seed
     model = build_model("mlp", data.info, hidden=setting.hidden, activation=setting.activation)
-    return NetworkLoss(model, data.x_train, data.y_train, data.info.task, lanczos_iters=60, lanczos_tol=1e-9)
+    return NetworkLoss(model, data.x_train, data.y_train, data.info.task, lanczos_iters=60, lanczos_tol=1e-9,
+                       loss_fn=LOSSES[setting.loss])
 
 
 def window_mean(values, probe_steps, width=EVERY):
@@ -250,7 +268,8 @@ def one_run(method, beta, steps=STEPS, setting=LINREG):
     horizon = float(t_eval[-1])
     n0 = loss.n_hvp
     t0 = time.perf_counter()
-    flow = cf.solve_central_flow(loss, loss.w0, method, lr, beta, horizon, t_eval=t_eval, max_edge=1,
+    flow = cf.solve_central_flow(loss, loss.w0, method, lr, beta, horizon, t_eval=t_eval,
+                                 max_edge=setting.max_edge,
                                  rtol=1e-6, atol=1e-9)
     t_flow = time.perf_counter() - t0
     hvp_flow = loss.n_hvp - n0
@@ -269,7 +288,8 @@ def one_run(method, beta, steps=STEPS, setting=LINREG):
     meas_gsq = window_mean(trace["grad_norm_global"].values ** 2, probe_steps)[:n]
     meas_lag, meas_layer_gsq = window_measures(trace, probe_steps)
     meas_sharp = trace["sharpness_global"].values[:n]
-    meas_sigma2 = window_sigma2(iterates, flow.vectors[:n, :, 0], probe_steps[:n])
+    meas_sigma2 = window_sigma2(iterates, flow.vectors[:n, :, :setting.max_edge], probe_steps[:n],
+                                active=np.maximum(flow.active[:n], 1) if setting.max_edge > 1 else None)
     mean_w = cf.period_two_split(iterates)[0]  # the discrete run with its period-2 part filtered out
     series = {"step": probe_steps[:n], "loss_measured": meas_loss, "loss_flow": pred.loss[:n],
               "loss_flow_mean_only": pred.loss_mean[:n], "loss_gradient_flow": gf_loss,
@@ -548,6 +568,8 @@ def main(argv=()):
 
 def _describe(setting):
     task = {"linreg": "MSE", "digits": "cross-entropy"}.get(setting.data, "the data set's task loss")
+    if setting.loss == "onehot_mse":
+        task = "MSE against one-hot targets (1/2 mean over examples and outputs)"
     return (f"mlp hidden={setting.hidden} {setting.activation} on {setting.data} n_train={setting.n_train}, "
             f"{task}, full batch (discrete float32 through the training loop, flows float64)")
 

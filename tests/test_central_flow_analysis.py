@@ -103,6 +103,25 @@ def test_window_sigma2_is_the_period_two_variance_along_u():
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
 
 
+def test_window_sigma2_sums_over_the_active_edge_vectors():
+    """Two orthonormal edge vectors u, v with alternations δ_k and ε_k: with both active the
+    window mean of δ² + ε² (tr Σ); with one active that of δ² alone (the old single-vector value)."""
+    rng = np.random.default_rng(2)
+    d, steps = 6, 60
+    q = np.linalg.qr(rng.standard_normal((d, 2)))[0]
+    delta, eps = 0.1 + 0.01 * np.arange(steps + 1), 0.2 - 0.002 * np.arange(steps + 1)
+    k = np.arange(steps + 1)[:, None]
+    alternation = delta[:, None] * q[:, 0] + eps[:, None] * q[:, 1]
+    iterates = 0.3 * k * rng.standard_normal(d) + ((-1.0) ** k) * alternation
+    probes = np.array([10, 20, 30])
+    vectors = np.repeat(q[None], 3, axis=0)
+    got = a.window_sigma2(iterates, vectors, probes, width=10, active=np.array([2, 1, 2]))
+    both = [np.mean(delta[p - 5:p + 5] ** 2 + eps[p - 5:p + 5] ** 2) for p in probes]
+    np.testing.assert_allclose(got, [both[0], np.mean(delta[15:25] ** 2), both[2]], rtol=1e-12)
+    np.testing.assert_allclose(a.window_sigma2(iterates, vectors[:, :, 0], probes, width=10),
+                               [np.mean(delta[p - 5:p + 5] ** 2) for p in probes], rtol=1e-12)
+
+
 def test_merge_write_keeps_the_other_settings_keys(tmp_path, monkeypatch):
     """Each setting runs as its own process and writes only its keys into the shared file."""
     import json
@@ -142,3 +161,12 @@ def test_compact_json_round_trips_with_scalar_lists_on_one_line():
     assert a.json.loads(text) == obj
     assert '"loss": [ 0.5, 0.25, 1e-06 ]' in text and "[ 1.0, 2.0 ]" in text
     assert '"a b"' in text  # strings are left as they are
+
+
+def test_digits_mse_setting_is_the_same_data_with_the_one_hot_mse():
+    from experiments.trace.central_flow_loss import LOSSES, onehot_mse
+
+    s = a.SETTINGS["digits_mse"]
+    assert s.data == a.DIGITS.data and s.n_train == a.DIGITS.n_train and LOSSES[s.loss] is onehot_mse
+    assert "MSE against one-hot" in a._describe(s) and "cross-entropy" not in a._describe(s)
+    assert s.prefix.rstrip("_") not in ("", a.DIGITS.prefix.rstrip("_"))  # its own block of the results file

@@ -164,7 +164,7 @@ def versions():
 
 
 def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None, data=None, resume_from=None,
-          on_checkpoint=None):
+          on_checkpoint=None, loss_fn=None):
     """Train as ``config`` says; return ``(trace, summary)`` (no I/O besides reading data).
 
     ``trace``: the tracer's Dataset (contract in experiments/trace/tracer.py), cut at the
@@ -185,7 +185,8 @@ def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None, da
     The environment is recorded here, not in the config: the run id names the experiment,
     and the same config on another machine is the same experiment (thread counts change
     results at round-off level: docs/findings/faults.md).
-    ``data``: the loaded data (from :func:`prepare`), else loaded here.
+    ``data``: the loaded data (from :func:`prepare`), else loaded here. ``loss_fn(model, batch)``:
+    a loss in place of the task's (:func:`make_loss_fn`), for an analysis (the run id does not know it).
 
     ``on_probe(tracer)``, if given, is called right after each probe (at the same
     parameters, before the step): the place for an analysis to measure more at the probes.
@@ -203,7 +204,7 @@ def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None, da
     else:
         device = torch.device(config.device)
     with _run_context(config, device):
-        trace, summary = _train(config, data, device, progress, on_probe, resume_from, on_checkpoint)
+        trace, summary = _train(config, data, device, progress, on_probe, resume_from, on_checkpoint, loss_fn)
         summary["threads"] = torch.get_num_threads()
     summary.update(versions=versions(), data_fingerprint=data.fingerprint,
                    wall_seconds=time.perf_counter() - start)
@@ -274,7 +275,7 @@ class _Record:
         return cls(nan_t(), nan_t(), np.full(steps, np.nan), np.full(steps, np.nan))
 
 
-def _setup(config, data, device):
+def _setup(config, data, device, loss_fn=None):
     """Model (built right after seeding), optimizer, lr scheduler, loss, tracer, clipping
     groups, the data on the device and the two random streams (data order, probe batches)."""
     from experiments.trace.tracer import Tracer, layer_name
@@ -294,7 +295,8 @@ def _setup(config, data, device):
         groups.setdefault(layer_name(name), []).append(p)
     to_tracer = {layer_name(n, config.per_tensor): layer_name(n) for n, _ in model.named_parameters()}
     x, y = as_input(data.x_train), as_input(data.y_train)
-    return _Setup(model, optimizer, scheduler, make_loss_fn(data.info.task), tracer, groups, to_tracer, x, y,
+    loss_fn = loss_fn or make_loss_fn(data.info.task)
+    return _Setup(model, optimizer, scheduler, loss_fn, tracer, groups, to_tracer, x, y,
                   as_input(data.x_test), as_input(data.y_test),
                   order=batches(len(y), config.batch_size, torch.Generator().manual_seed(config.seed), device),
                   probe_rng=torch.Generator().manual_seed(config.seed + PROBE_SEED_OFFSET))
@@ -358,10 +360,10 @@ def _first_nonfinite(rec, start, stop):
     return None if ok.all() else start + int(np.argmin(ok))
 
 
-def _train(config, data, device, progress, on_probe=None, resume_from=None, on_checkpoint=None):
+def _train(config, data, device, progress, on_probe=None, resume_from=None, on_checkpoint=None, loss_fn=None):
     from tqdm.auto import tqdm
 
-    s = _setup(config, data, device)
+    s = _setup(config, data, device, loss_fn)
     task = data.info.task
     steps, sync_every = config.steps, (1 if device.type == "cpu" else POSTFIX_EVERY)
     rec = _Record.empty(steps, device)

@@ -30,6 +30,7 @@ Example::
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call, grad, vjp
 
 from experiments.runs.loop import make_loss_fn
@@ -42,10 +43,11 @@ class NetworkLoss:
     "lm"), as a function of the flat float64 parameter vector (module docstring).
 
     ``lanczos_iters`` caps the Lanczos steps (and ``lanczos_tol`` stops them by the Ritz
-    residual, relative to the eigenvalue); ``seed`` seeds the random part of the starts.
+    residual, relative to the eigenvalue); ``seed`` seeds the random part of the starts;
+    ``loss_fn(model, (x, y))`` replaces the task's loss (e.g. :func:`onehot_mse`).
     """
 
-    def __init__(self, model, x, y, task, lanczos_iters=60, lanczos_tol=1e-10, seed=0):
+    def __init__(self, model, x, y, task, lanczos_iters=60, lanczos_tol=1e-10, seed=0, loss_fn=None):
         self.model = model.to(torch.float64)
         self.x = x.to(torch.float64) if x.is_floating_point() else x
         self.y = y.to(torch.float64) if y.is_floating_point() else y
@@ -53,7 +55,7 @@ class NetworkLoss:
         self.shapes = [p.shape for _, p in model.named_parameters()]
         self.sizes = [p.numel() for _, p in model.named_parameters()]
         self.w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().numpy().copy()
-        self._task_loss = make_loss_fn(task)
+        self._task_loss = loss_fn or make_loss_fn(task)
         self.layers, self.blocks = _layer_slices(self.names, self.sizes)
         self.lanczos_iters, self.lanczos_tol = int(lanczos_iters), float(lanczos_tol)
         self._gen = torch.Generator().manual_seed(seed)
@@ -132,6 +134,17 @@ class NetworkLoss:
     def grad_sharpness(self, w):
         u = self.top_eigs(w, 1)[1][:, 0]
         return self.grad_quadform(w, u, u)
+
+
+def onehot_mse(model, batch):
+    r"""MSE against one-hot targets for a classification batch ``(x, labels)``:
+    :math:`\tfrac12 \cdot \frac{1}{NC}\sum_{n,c} (f_c(x_n) - [y_n = c])^2` over the N examples
+    and the C outputs (the loop's ``regress`` loss, ½·mean squared error, with the labels one-hot)."""
+    out = model(batch[0])
+    return 0.5 * F.mse_loss(out, F.one_hot(batch[1], out.shape[-1]).to(out.dtype))
+
+
+LOSSES = {"task": None, "onehot_mse": onehot_mse}
 
 
 def _layer_slices(names, sizes):
