@@ -237,26 +237,28 @@ def test_probe_curvature_keeps_existing_run_ids_and_needs_three_microbatches():
         RunConfig(probe_curvature=True, noise_microbatches=2)
 
 
-def test_combine_forecasts_halves_independent_errors_and_falls_back_to_the_theory():
+def test_persistence_forecast_halves_independent_errors_and_falls_back_to_the_theory():
     """Bates & Granger: two unbiased forecasts with independent errors of variance σ² combine with
     weights ½ to error variance σ²/2. With 20,000 draws the sample variance's relative standard
-    error is √(2/20000) = 1 %, so the ratio is checked to ±5 %."""
+    error is √(2/20000) = 1 %, so the ratio is checked to ±5 %. The default forecast reads the
+    measured window before p: measured[p − 1] = b[p] here."""
     import xarray as xr
 
-    from experiments.linking.response import combine_forecasts
+    from experiments.linking.response import forecast_link
 
     rng = np.random.default_rng(0)
     truth = rng.uniform(-0.8, 0.8, 20000)
     a, b = truth + rng.normal(0, 0.1, truth.size), truth + rng.normal(0, 0.1, truth.size)
-    da = lambda x: xr.DataArray(x, dims="point")  # noqa: E731
-    corr, sq = combine_forecasts(da(a), da(np.exp(a)), da(b), da(np.exp(b)))
-    ratio = np.var(corr.values - truth) / np.var(a - truth)
+    da = lambda x: xr.DataArray(x, dims="probe_step")  # noqa: E731
+    before = lambda x: np.append(x[1:], np.nan)  # noqa: E731  (the window before p holds x[p])
+    corr, sq = forecast_link("persistence", da(a), da(np.exp(a)), da(before(b)), da(np.exp(before(b))))
+    ratio = np.var(corr.values[1:] - truth[1:]) / np.var(a[1:] - truth[1:])
     assert abs(ratio - 0.5) < 0.025
-    np.testing.assert_allclose(np.log(sq.values), 0.5 * (a + b), rtol=0, atol=1e-12)  # geometric mean
-    b[:10] = np.nan  # no previous window: the theory alone
-    corr, sq = combine_forecasts(da(a), da(np.exp(a)), da(b), da(np.exp(b)))
+    np.testing.assert_allclose(np.log(sq.values[1:]), 0.5 * (a + b)[1:], rtol=0, atol=1e-12)  # geometric mean
+    b[:10] = np.nan  # no previous window (and none at p = 0): the theory alone
+    corr, sq = forecast_link("persistence", da(a), da(np.exp(a)), da(before(b)), da(np.exp(before(b))))
     np.testing.assert_array_equal(corr.values[:10], a[:10])
-    np.testing.assert_array_equal(sq.values[:10], np.exp(a[:10]))
+    np.testing.assert_allclose(sq.values[:10], np.exp(a[:10]), rtol=1e-15, atol=0)
 
 
 @pytest.fixture(scope="module")

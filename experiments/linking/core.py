@@ -69,8 +69,7 @@ from experiments import store
 from experiments.linking.measure import measured_window, split_half_windows
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra, predict_layers, schedule_predict_layers
 from experiments.linking.signal import SIGNALS, fluctuation_correlation, mean_part_correlation, with_signal
-from experiments.linking.response import (baselines, combine_forecasts, forecast_link, has_response_inputs,
-                                         response_predict)
+from experiments.linking.response import baselines, forecast_link, has_response_inputs, response_predict
 
 
 LINK_FILE = "link.nc"
@@ -115,7 +114,7 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     centred rolling mean over ``smooth`` probes (1: raw); ``sharpness`` etc. in the output
     stay raw, and ``h``, ``edge_ratio`` and ``regime`` use the raw sharpness.
     ``combine``: "persistence" (default) makes ``pred_*`` the forecast combination of the theory
-    and the previous probe window's measurement (:func:`experiments.linking.response.combine_forecasts`;
+    and the previous probe window's measurement (:func:`experiments.linking.response.forecast`;
     the theory alone stays as ``theory_grad_corr``, ``theory_grad_sq_norm``), "none" leaves
     ``pred_*`` the theory's; "residual", "change", "persistence2" are the alternatives tried on the
     development families (:func:`experiments.linking.response.forecast`; not better there).
@@ -197,11 +196,7 @@ def link_trace(trace, config=None, *, window=None, align="center", noise_model="
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r} is unknown; valid: {', '.join(COMBINES)}")
     pred = pred.assign(theory_grad_corr=pred["pred_grad_corr"], theory_grad_sq_norm=pred["pred_grad_sq_norm"])
-    if combine == "persistence":
-        corr, sq = combine_forecasts(pred["pred_grad_corr"], pred["pred_grad_sq_norm"],
-                                     base["base_persist_corr"], base["base_persist_sq"])
-        pred = pred.assign(pred_grad_corr=corr, pred_grad_sq_norm=sq)
-    elif combine != "none":
+    if combine != "none":
         corr, sq = forecast_link(combine, pred["pred_grad_corr"], pred["pred_grad_sq_norm"], meas["meas_grad_corr"],
                                  meas["meas_grad_sq_norm"])
         pred = pred.assign(pred_grad_corr=corr, pred_grad_sq_norm=sq)

@@ -14,7 +14,7 @@ a centred mean would feed the forecast a measurement taken after the window it f
 persistence is denied (docs/findings/link.md). Points where the estimates leave
 the model undefined (N ≤ 0, missing) are NaN; nothing is skipped.
 
-:func:`combine_forecasts` is the link's default forecast: the equal-weight combination of the
+:func:`forecast` with ``mode="persistence"`` is the link's default forecast: the equal-weight combination of the
 theory's prediction (made from the probe at p) and persistence (the window before p). Two
 forecasts with error variances σ₁², σ₂² and error correlation r combine, with weights ½, to error
 variance (σ₁² + σ₂² + 2rσ₁σ₂)/4, below the smaller of the two whenever r < min(σ₁/σ₂, σ₂/σ₁)
@@ -91,18 +91,9 @@ def baselines(meas, lr, sharpness_global, method, momentum):
     })
 
 
-def combine_forecasts(theory_corr, theory_sq, persist_corr, persist_sq):
-    """The link's forecast: ½(theory + persistence) for the correlation, the geometric mean for
-    E‖g‖² (module docstring); the theory alone where persistence is undefined."""
-    corr = xr.where(np.isfinite(persist_corr), 0.5 * (theory_corr + persist_corr), theory_corr)
-    both = np.isfinite(persist_sq) & (persist_sq > 0) & (theory_sq > 0)
-    sq = xr.where(both, np.sqrt(theory_sq.where(both, 1.0) * persist_sq.where(both, 1.0)), theory_sq)
-    return corr, sq
-
-
 # ---------------------------------------------------------------------------------------
-# other forecasts from the theory and the measured past (tried on the development families;
-# docs/findings/link.md). Each is a function of the theory's prediction and the measured windows
+# forecasts from the theory and the measured past: the default and the alternatives tried on the
+# development families (docs/findings/link.md). Each is a function of the theory's prediction and the measured windows
 # of the same run and layer before p (along ``probe_step``); none uses the window it forecasts.
 
 FORECASTS = ("persistence", "residual", "change", "persistence2")
@@ -123,7 +114,8 @@ def forecast(mode, theory, meas):
     is missing (the first probes) it falls back to the combination with one window, and where
     there is no window before p to the theory alone.
 
-    - "persistence": :math:`\tfrac12[T(p) + M(p-1)]` (:func:`combine_forecasts`);
+    - "persistence" (the default, module docstring): :math:`\tfrac12[T(p) + M(p-1)]`, the
+      geometric mean for E‖g‖²;
     - "residual": :math:`T(p) + \overline{M(q) - T(q)}_{q<p}`: the theory supplies the dynamics and
       the run-and-layer's past residuals its offset; exact for a theory that is off by a constant
       per layer;
