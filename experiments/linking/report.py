@@ -4,7 +4,7 @@
 import numpy as np
 import pandas as pd
 
-from experiments.linking.scores import SCORES, agreement_scores, noise_ceiling
+from experiments.linking.scores import SCORES, agreement_scores, noise_ceiling, spearman_brown
 
 
 def link_scores(ds, bins=10):
@@ -104,7 +104,7 @@ def ranking_ceiling(split_half, probes):
     ``probes``; Spearman–Brown applied to that average as in
     :func:`experiments.linking.scores.noise_ceiling` (an approximation: the per-probe reliabilities
     vary, and the mean of √R is not √ of the mean)."""
-    rel = 2 * split_half / (1 + split_half) if np.isfinite(split_half) and split_half > -1 else float("nan")
+    rel = spearman_brown(split_half) if np.isfinite(split_half) else float("nan")
     return {"probes": int(probes), "split_half": float(split_half), "reliability": float(rel),
             "ceiling": float(np.sqrt(max(rel, 0.0))) if np.isfinite(rel) else float("nan")}
 
@@ -142,19 +142,16 @@ def protocol_scores(ds, bins=10):
                 float("nan"), float("nan"))
             sc["pred_pos_meas_neg"] = int(np.sum((pred[ok] > 0) & (meas[ok] < 0)))
             out["regimes"].setdefault(reg, {})[label] = sc
-    if "meas_half1_grad_corr" in ds and "meas_half2_grad_corr" in ds:
-        a, b = (np.where(keep, _flat(ds, k), np.nan) for k in ("meas_half1_grad_corr", "meas_half2_grad_corr"))
-        out["ceiling"] = noise_ceiling(a, b)
-        out["ceiling_regimes"] = {reg: noise_ceiling(a[(ratio >= lo) & (ratio < hi)], b[(ratio >= lo) & (ratio < hi)])
-                                  for reg, lo, hi in REGIMES}
-        r, probes = within_probe_ranking(a, b, return_count=True)
-        out["ceiling_layer_ranking"] = ranking_ceiling(r, probes)
-    if "meas_alt1_grad_corr" in ds and "meas_alt2_grad_corr" in ds:  # the even / odd steps split
-        a, b = (np.where(keep, _flat(ds, k), np.nan) for k in ("meas_alt1_grad_corr", "meas_alt2_grad_corr"))
-        out["ceiling_alternate"] = noise_ceiling(a, b)
-        out["ceiling_alternate_regimes"] = {reg: noise_ceiling(a[(ratio >= lo) & (ratio < hi)],
-                                                               b[(ratio >= lo) & (ratio < hi)])
-                                            for reg, lo, hi in REGIMES}
+    for key, split in (("ceiling", "half"), ("ceiling_alternate", "alt")):  # halves; even / odd steps
+        names = (f"meas_{split}1_grad_corr", f"meas_{split}2_grad_corr")
+        if not all(n in ds for n in names):
+            continue
+        a, b = (np.where(keep, _flat(ds, n), np.nan) for n in names)
+        out[key] = noise_ceiling(a, b)
+        out[f"{key}_regimes"] = {reg: noise_ceiling(a[(ratio >= lo) & (ratio < hi)], b[(ratio >= lo) & (ratio < hi)])
+                                 for reg, lo, hi in REGIMES}
+        if split == "half":
+            out["ceiling_layer_ranking"] = ranking_ceiling(*within_probe_ranking(a, b, return_count=True))
     with np.errstate(divide="ignore", invalid="ignore"):
         meas_n = np.log10(np.where(keep, _flat(ds, "meas_grad_sq_norm"), np.nan))
         for label, name in NORM_PREDICTORS.items():

@@ -98,5 +98,11 @@ def noise_ceiling(half1, half2, rank=True):
     if n < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return {"n": int(n), "split_half": float("nan"), "reliability": float("nan"), "ceiling": float("nan")}
     r = float((stats.spearmanr if rank else stats.pearsonr)(a, b).statistic)
-    rel = 2 * r / (1 + r) if r > -1 else float("-inf")
+    rel = spearman_brown(r)
     return {"n": int(n), "split_half": r, "reliability": rel, "ceiling": float(np.sqrt(max(rel, 0.0)))}
+
+
+def spearman_brown(r):
+    """The reliability 2r/(1 + r) of a measurement over a whole window from the split-half
+    correlation r of its two halves (:func:`noise_ceiling`); −inf at r = −1."""
+    return 2 * r / (1 + r) if r > -1 else float("-inf")
