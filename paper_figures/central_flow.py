@@ -122,6 +122,14 @@ def data(ctx):
             "runs": {m: _toy_run(m, b, lr, width) for m, b in RUNS}}
 
 
+def _with_flows(ax, k, r, key, colour):
+    """The run's series ``key`` beside the central flow's (``key_cf``, dashed) and the gradient
+    flow's (``key_gf``, dotted)."""
+    ax.plot(k, r[key], color=colour)
+    ax.plot(k, r[f"{key}_cf"], color=style.PALETTE[1], ls="--")
+    ax.plot(k, r[f"{key}_gf"], color=style.PALETTE[2], ls=":")
+
+
 def plot(d, ctx):
     fig, axes = style.new_figure(ncols=5, nrows=len(RUNS), height=5.4)
     for row, (m, b) in zip(axes, RUNS):
@@ -130,19 +138,13 @@ def plot(d, ctx):
         name = "GD" if m == "gd" else f"{m.upper()} β={b:g}"
         ax_l, ax_s, ax_g, ax_v, ax_c = row
         ax_l.plot(k, r["loss_raw"], color=col, lw=0.3, alpha=0.35)
-        ax_l.plot(k, r["loss"], color=col)
-        ax_l.plot(k, r["loss_cf"], color=style.PALETTE[1], ls="--")
-        ax_l.plot(k, r["loss_gf"], color=style.PALETTE[2], ls=":")
+        _with_flows(ax_l, k, r, "loss", col)
         ax_l.set(ylabel=f"{name}\ntrain loss", yscale="log")
-        ax_s.plot(k, r["sharp"], color=col)
-        ax_s.plot(k, r["sharp_cf"], color=style.PALETTE[1], ls="--")
-        ax_s.plot(k, r["sharp_gf"], color=style.PALETTE[2], ls=":")
+        _with_flows(ax_s, k, r, "sharp", col)
         ax_s.axhline(r["edge"], color="0.4", lw=0.7, ls="-.")
         ax_s.annotate(f"$S^*$={r['edge']:.4g}", (0.97, 0.03), xycoords="axes fraction", ha="right", fontsize=6)
         ax_s.set(ylabel=r"$\lambda_{max}$")
-        ax_g.plot(k, r["gsq"], color=col)
-        ax_g.plot(k, r["gsq_cf"], color=style.PALETTE[1], ls="--")
-        ax_g.plot(k, r["gsq_gf"], color=style.PALETTE[2], ls=":")
+        _with_flows(ax_g, k, r, "gsq", col)
         ax_g.set(ylabel=r"$\|\nabla L\|^2$", yscale="log")
         ax_v.plot(k, r["sigma2"], color=col)
         ax_v.plot(k, r["sigma2_cf"], color=style.PALETTE[1], ls="--")
