@@ -43,8 +43,8 @@ def pooled(datasets, scores):
     families, so the points are pooled flat)."""
     keys = ("pred_grad_corr", "theory_grad_corr", "theory_grad_sq_norm", "nqm_grad_corr", "base_persist_corr", "base_one_mode_corr", "base_const_corr",
             "meas_grad_corr", "pred_grad_sq_norm", "nqm_grad_sq_norm", "base_persist_sq", "meas_grad_sq_norm")
-    keys += tuple(k for k in ("meas_half1_grad_corr", "meas_half2_grad_corr", "meas_alt1_grad_corr",
-                              "meas_alt2_grad_corr") if all(k in d for d in datasets))
+    keys += tuple(f"meas_{s}{i}_grad_{q}" for q in ("corr", "sq_norm") for s in ("half", "alt") for i in (1, 2)
+                  if all(f"meas_{s}{i}_grad_{q}" in d for d in datasets))
     parts = []
     for i, ds in enumerate(datasets):
         ratio = ds["edge_ratio_global"].broadcast_like(ds["meas_grad_corr"])
