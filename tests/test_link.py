@@ -371,7 +371,7 @@ def test_link_run_writes_link_nc_and_reuses_it(quadratic_runs):
     from experiments import store
 
     store.atomic_write_dataset(path, again.drop_vars(["meas_alt1_grad_sq_norm", "meas_alt2_grad_sq_norm"]))
-    assert "meas_alt1_grad_sq_norm" in link(quadratic_runs / "hb", smooth=1)  # a file from before the norm splits: redone
+    assert "meas_alt1_grad_sq_norm" in link(quadratic_runs / "hb", smooth=1)  # from before the norm splits: redone
 
 
 def test_link_store_root_stacks_runs_and_cli_prints_table(quadratic_runs, capsys):

@@ -95,7 +95,8 @@ def split_half_windows(trace, probe_steps=None, window=None, align="center"):
     start = probe - window // 2 if align == "center" else probe
     inside = (step >= start) & (step < start + window)
     first = inside & (step < start + window // 2)
-    parts = {"half1": first, "half2": inside & ~first, "alt1": inside & (step % 2 == 0), "alt2": inside & (step % 2 == 1)}
+    parts = {"half1": first, "half2": inside & ~first,
+             "alt1": inside & (step % 2 == 0), "alt2": inside & (step % 2 == 1)}
     out = {f"meas_{k}_grad_corr": _corr_over(trace, m) for k, m in parts.items()}
     norm_sq = trace["grad_norm"] ** 2
     for k, m in parts.items():

@@ -159,8 +159,8 @@ def protocol_scores(ds, bins=10):
         out[f"{key}_regimes"] = {reg: noise_ceiling(a[(ratio >= lo) & (ratio < hi)], b[(ratio >= lo) & (ratio < hi)])
                                  for reg, lo, hi in REGIMES}
         out[f"{key}_sign"] = sign_ceiling(a, b)
-        out[f"{key}_sign_regimes"] = {reg: sign_ceiling(a[(ratio >= lo) & (ratio < hi)], b[(ratio >= lo) & (ratio < hi)])
-                                      for reg, lo, hi in REGIMES}
+        out[f"{key}_sign_regimes"] = {reg: sign_ceiling(a[(ratio >= lo) & (ratio < hi)],
+                                                        b[(ratio >= lo) & (ratio < hi)]) for reg, lo, hi in REGIMES}
         out[f"{key}_calibration"] = calibration_floor(a, b, meas, bins=bins)
         norms = (f"meas_{split}1_grad_sq_norm", f"meas_{split}2_grad_sq_norm")
         if all(n in ds for n in norms):
