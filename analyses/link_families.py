@@ -237,14 +237,20 @@ def variants(names, linked, root=None):
              "equal weights over theory, persistence and the NQM link (e)": lambda n: with_nqm(linked[n]),
              "top direction as the top mode's displacement, on the default (f)":
                  lambda n: top_direction(linked[n], "mode"),
-             "top direction, exact one-step noise term (g)": lambda n: top_direction(linked[n], "exact")}
+             "top direction, exact one-step noise term (g)": lambda n: top_direction(linked[n], "exact"),
+             "(g) with no signal along the top direction (its exact noise term alone)":
+                 lambda n: top_direction(linked[n].assign(grad_signal_top=0 * linked[n]["grad_signal_top"]), "exact")}
     out = {}
     for label, make in makes.items():
         dss = [make(n) for n in names]
         scs = [protocol_scores(d) for d in dss]
         out[label] = pooled(dss, scs)
+        edge = lambda s, p: {k: s["regimes"][">=0.5"][p][k] for k in  # noqa: E731
+                             ("n", "mean_pred", "mean_meas", "pred_pos_meas_neg", "sign_agreement")}
         out[label]["families"] = {n: {"spearman": s["corr"]["link"]["spearman"],
-                                      "sign_agreement": s["corr"]["link"]["sign_agreement"]} for n, s in zip(names, scs)}
+                                      "sign_agreement": s["corr"]["link"]["sign_agreement"],
+                                      "edge_link": edge(s, "link"), "edge_theory": edge(s, "theory")}
+                                  for n, s in zip(names, scs)}
     return out
 
 
