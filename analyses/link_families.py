@@ -7,9 +7,13 @@ the log10-norm error. Writes ``results/link_families.json``.
 The roles were fixed before any score was looked at: the model (:mod:`dynamics.nqm.response`, its
 input smoothing) was chosen on the development families only; the evaluation families are
 reported, never used to choose. The held-out families (``link_heldout_*``) were written after the
-last choice (the causal response inputs) and scored once with the default link.
+last choice (the causal response inputs) and scored once with the default link; the second held-out
+family (``link_heldout2_*``) was committed before any run of it and scored once with the final default,
+after the candidates (f), (g) were rejected on the development families. Per family and pooled, the
+protocol's ceilings of every target (``ceiling*``: Spearman, sign, calibration floor, small h, layer
+ranking, log10-norm floor) and where the link's sign misses (``sign_misses``).
 
-    for f in experiments/specs/link_dev_*.toml experiments/specs/link_eval_*.toml experiments/specs/link_heldout_*.toml; do
+    for f in experiments/specs/link_dev_*.toml experiments/specs/link_eval_*.toml experiments/specs/link_heldout*.toml; do
         .venv/bin/optdyn sweep $f --workers 1; done          # ~25 CPU-min on 2 shared cores
     .venv/bin/python -m analyses link_families --variants    # -> results/link_families.json
 """
@@ -28,6 +32,9 @@ SPECS = Path(__file__).resolve().parents[1] / "experiments" / "specs"
 DEVELOPMENT = ("link_dev_seed_cnn", "link_dev_mlp_digits", "link_dev_gru_pytext")
 # written after every choice above was made and scored once with the default link (nothing chosen on them)
 HELDOUT = ("link_heldout_seed_cnn", "link_heldout_mlp_digits")
+# written and committed before any run of it, after the candidates (f), (g) were rejected on the development
+# families; scored once with the default link (nothing chosen on it)
+HELDOUT2 = ("link_heldout2_mlp_mnist1d",)
 EVALUATION = ("link_eval_resnet_mnist1d", "link_eval_transformer_pytext", "link_eval_seed_cnn_sgd",
               "link_eval_seed_cnn_b128", "link_eval_linreg")
 OUT = Path(__file__).resolve().parents[1] / "results" / "link_families.json"
@@ -43,8 +50,8 @@ def pooled(datasets, scores):
     families, so the points are pooled flat)."""
     keys = ("pred_grad_corr", "theory_grad_corr", "theory_grad_sq_norm", "nqm_grad_corr", "base_persist_corr", "base_one_mode_corr", "base_const_corr",
             "meas_grad_corr", "pred_grad_sq_norm", "nqm_grad_sq_norm", "base_persist_sq", "meas_grad_sq_norm")
-    keys += tuple(k for k in ("meas_half1_grad_corr", "meas_half2_grad_corr", "meas_alt1_grad_corr",
-                              "meas_alt2_grad_corr") if all(k in d for d in datasets))
+    keys += tuple(f"meas_{s}{i}_grad_{q}" for q in ("corr", "sq_norm") for s in ("half", "alt") for i in (1, 2)
+                  if all(f"meas_{s}{i}_grad_{q}" in d for d in datasets))
     parts = []
     for i, ds in enumerate(datasets):
         ratio = ds["edge_ratio_global"].broadcast_like(ds["meas_grad_corr"])
@@ -86,6 +93,35 @@ def measured(ds):
             "lr_batch_sharpness_over_edge": {"median": q(e, 0.5), "max": float(e.max()) if e.size else float("nan")},
             "predicted_share_where_measured": float(np.isfinite(ds["pred_grad_corr"]).sum()
                                                     / max(int(np.isfinite(ds["meas_grad_corr"]).sum()), 1))}
+
+
+def sign_misses(ds):
+    """Where the link's sign misses, per regime of the network's h/edge (protocol points): the count of
+    points and of misses (predicted > 0 where measured < 0, and the reverse), the mean link, theory,
+    persistence and measured values at the misses, the share of misses with |measured| < 0.05 (within
+    the window's sampling noise of 0), and the median drift share D/(N + S⁺) at the misses and over the
+    regime (the response model's parts, ``pred_drift``)."""
+    from experiments.linking.report import REGIMES, _dims, _flat, protocol_points
+
+    keep = protocol_points(ds)
+    f = lambda k: np.where(keep, _flat(ds, k), np.nan)  # noqa: E731
+    meas, link_, theory, pers = f("meas_grad_corr"), f("pred_grad_corr"), f("theory_grad_corr"), f("base_persist_corr")
+    ratio = np.asarray(ds["edge_ratio_global"].broadcast_like(ds["meas_grad_corr"]).transpose(*_dims(ds)).values, float)
+    share = f("pred_drift") / (f("grad_noise") + np.clip(f("grad_signal"), 0, None))
+    ok = np.isfinite(meas) & np.isfinite(link_)
+    miss = ok & (np.sign(link_) != np.sign(meas))
+    mean = lambda x, m: float(np.nanmean(x[m])) if m.any() else float("nan")  # noqa: E731
+    med = lambda x, m: float(np.nanmedian(x[m])) if m.any() else float("nan")  # noqa: E731
+    out = {}
+    for reg, lo, hi in REGIMES:
+        r = ok & (ratio >= lo) & (ratio < hi)
+        m = r & miss
+        out[reg] = {"n": int(r.sum()), "misses": int(m.sum()), "pred_pos_meas_neg": int((m & (link_ > 0)).sum()),
+                    "pred_neg_meas_pos": int((m & (link_ < 0)).sum()), "mean_link": mean(link_, m),
+                    "mean_theory": mean(theory, m), "mean_persistence": mean(pers, m), "mean_meas": mean(meas, m),
+                    "share_abs_meas_below_0.05": mean(np.abs(meas) < 0.05, m),
+                    "drift_share_median_misses": med(share, m), "drift_share_median_all": med(share, r)}
+    return out
 
 
 def bates_granger(ds):
@@ -163,6 +199,31 @@ def with_nqm(ds):
     return out
 
 
+def top_direction(ds, noise_term):
+    """Candidates (f) ``noise_term="mode"`` and (g) ``"exact"``: the theory of
+    :func:`dynamics.nqm.response.top_direction_response` (the mean gradient's part along the network's
+    top Ritz vector, ``grad_signal_top``, given the top mode's displacement correlation at h = lr·λ_max)
+    from the probe's raw inputs, combined with persistence as the default is; ``pred_grad_corr`` and
+    ``theory_grad_corr`` replaced (the norm is the default's: N + S⁺ either way)."""
+    from dynamics.nqm.response import top_direction_response
+    from experiments.linking.response import forecast_link
+
+    parts = []
+    for r in ds["run"].values:
+        x = ds.sel(run=r)
+        g = lambda k: x[k].broadcast_like(x["grad_signal"]).values  # noqa: E731
+        out = top_direction_response(str(x["opt"].values), g("lr"), float(x["momentum"].values), g("grad_signal"),
+                                     g("grad_noise"), g("grad_curv"), g("grad_curv_mean"), g("buffer_curv"),
+                                     g("grad_signal_top"), g("sharpness_global"), noise_term=noise_term)
+        parts.append(out["corr"])
+    theory = xr.DataArray(np.stack(parts), dims=("run",) + ds["grad_signal"].dims[-2:],
+                          coords={d: ds[d] for d in ("run",) + ds["grad_signal"].dims[-2:]})
+    theory = theory.transpose(*ds["theory_grad_corr"].dims).where(np.isfinite(ds["theory_grad_corr"]))
+    corr, _ = forecast_link("persistence", theory, ds["theory_grad_sq_norm"], ds["meas_grad_corr"],
+                            ds["meas_grad_sq_norm"])
+    return ds.assign(theory_grad_corr=theory, pred_grad_corr=corr)
+
+
 def variants(names, linked, root=None):
     """The forecasts tried (candidates of docs/findings/link.md), pooled over ``names``: label →
     protocol scores. Chosen on the development families only; the evaluation ones are reported."""
@@ -173,14 +234,23 @@ def variants(names, linked, root=None):
              "combine=persistence2 (c: theory with two past windows)": lambda n: family(n, root, combine="persistence2"),
              "inverse-variance weights, sampling variance from the halves (d)": lambda n: inverse_variance(linked[n]),
              "Bates-Granger weights from past errors": lambda n: bates_granger(linked[n]),
-             "equal weights over theory, persistence and the NQM link (e)": lambda n: with_nqm(linked[n])}
+             "equal weights over theory, persistence and the NQM link (e)": lambda n: with_nqm(linked[n]),
+             "top direction as the top mode's displacement, on the default (f)":
+                 lambda n: top_direction(linked[n], "mode"),
+             "top direction, exact one-step noise term (g)": lambda n: top_direction(linked[n], "exact"),
+             "(g) with no signal along the top direction (its exact noise term alone)":
+                 lambda n: top_direction(linked[n].assign(grad_signal_top=0 * linked[n]["grad_signal_top"]), "exact")}
     out = {}
     for label, make in makes.items():
         dss = [make(n) for n in names]
         scs = [protocol_scores(d) for d in dss]
         out[label] = pooled(dss, scs)
+        edge = lambda s, p: {k: s["regimes"][">=0.5"][p][k] for k in  # noqa: E731
+                             ("n", "mean_pred", "mean_meas", "pred_pos_meas_neg", "sign_agreement")}
         out[label]["families"] = {n: {"spearman": s["corr"]["link"]["spearman"],
-                                      "sign_agreement": s["corr"]["link"]["sign_agreement"]} for n, s in zip(names, scs)}
+                                      "sign_agreement": s["corr"]["link"]["sign_agreement"],
+                                      "edge_link": edge(s, "link"), "edge_theory": edge(s, "theory")}
+                                  for n, s in zip(names, scs)}
     return out
 
 
@@ -192,9 +262,11 @@ def main(argv=()):
                         help="also the forecasts tried (development: chosen on; evaluation: reported) and the "
                              "development families pooled for response_smooth 1 (default), 2, 3 (trailing means)")
     args = parser.parse_args(list(argv))
-    result = {"development": DEVELOPMENT, "evaluation": EVALUATION, "held_out": HELDOUT, "families": {}, "pooled": {}}
+    result = {"development": DEVELOPMENT, "evaluation": EVALUATION, "held_out": HELDOUT, "held_out2": HELDOUT2,
+              "families": {}, "pooled": {}}
     linked = {}
-    for role, names in (("development", DEVELOPMENT), ("evaluation", EVALUATION), ("held_out", HELDOUT)):
+    for role, names in (("development", DEVELOPMENT), ("evaluation", EVALUATION), ("held_out", HELDOUT),
+                        ("held_out2", HELDOUT2)):
         for name in names:
             ds = family(name, args.root)
             linked[name] = ds
@@ -203,6 +275,7 @@ def main(argv=()):
             sc["runs"] = int(ds.sizes.get("run", 1))
             sc["measured"] = measured(ds)
             sc["theory_residuals"] = theory_residuals(ds)
+            sc["sign_misses"] = sign_misses(ds)
             result["families"][name] = {"role": role, **sc}
             print(f"=== {name} ({role}, {sc['runs']} runs)\n{format_protocol(sc)}\n")
         sc = pooled([linked[n] for n in names], [result["families"][n] for n in names])

@@ -371,3 +371,26 @@ def test_link_trace_alternative_combines_use_the_measured_past_only(quadratic_ru
         changed = base["meas_grad_corr"].copy()
         changed[-1] = changed[-1] + 0.5  # the window being forecast does not enter its forecast
         np.testing.assert_array_equal(forecast(mode, base["theory_grad_corr"], changed).values[-1], want.values[-1])
+
+
+@pytest.mark.parametrize("method,beta", [("gd", 0.0), ("hb", 0.9), ("nag", 0.7)])
+def test_top_direction_candidate_on_the_stationary_top_mode(method, beta):
+    """The candidate with the top direction's own dynamics (:func:`top_direction_response`): on one
+    stationary NQM mode whose mean gradient lies all along the top direction, "exact" is the NQM's
+    ρ_g(h) (to rounding); with no signal along the top direction it is :func:`response_model`;
+    "mode" double-counts the top displacement's correlation (documented), so it differs."""
+    from dynamics.nqm.response import response_model, stationary_terms, top_direction_response
+    from dynamics.nqm.stationary import mode_factors
+
+    edge = stability_edge(method, beta)
+    h = np.array([0.05, 0.3, 0.7, 0.9]) * edge
+    lam, lr = 2.0, h / 2.0
+    t = stationary_terms(method, lam, lr, beta, 0.5)
+    args = (method, lr, beta, t["signal"], t["noise"], t["grad_curv"], lam * t["signal"], t["buffer_curv"])
+    _, rho_g = mode_factors(method, h, beta)
+    np.testing.assert_allclose(top_direction_response(*args, t["signal"], lam)["corr"], rho_g, atol=1e-9)
+    np.testing.assert_allclose(top_direction_response(*args, 0 * t["signal"], lam)["corr"],
+                               response_model(*args)["corr"], atol=1e-9)
+    assert np.max(np.abs(top_direction_response(*args, t["signal"], lam, noise_term="mode")["corr"] - rho_g)) > 0.01
+    with pytest.raises(ValueError, match="noise_term"):
+        top_direction_response(*args, t["signal"], lam, noise_term="both")

@@ -157,3 +157,69 @@ def response_model(method, lr, momentum, signal, noise, grad_curv, grad_curv_mea
     nan = lambda x: np.where(ok, x, np.nan)  # noqa: E731
     return {"corr": nan(corr), "grad_sq": nan(N + Sp), "h_noise": h_noise, "fluct": nan(F), "drift": nan(D),
             "drift_corr": nan(rho_d), "noise_corr": nan(rho_g)}
+
+
+def top_direction_response(method, lr, momentum, signal, noise, grad_curv, grad_curv_mean, buffer_curv, signal_top,
+                           lam_top, noise_term="exact", edge_margin=0.05):
+    r"""A candidate (docs/findings/link.md; not the link's default): :func:`response_model` with the
+    mean gradient's part along the network's top Ritz direction given the top mode's dynamics.
+
+    Inputs as :func:`response_model`, plus ``signal_top`` :math:`S_T = (m_l\cdot u_l)^2` (the layer's
+    mean gradient along :math:`u_l`, its unit piece of the top Ritz vector v; ``grad_signal_top``) and
+    ``lam_top`` λ = λ_max(H). Assumptions: v is an eigenvector (Hv = λv), so the mean gradient's
+    coordinate along it evolves as one NQM mode at :math:`h_T = \alpha\lambda` (held below the edge by
+    ``edge_margin``), decoupled from the rest; it is that mode's stationary displacement, whose
+    gradient λx has lag-1 correlation :math:`\rho_x(h_T) = 1 - h_T(c_g + c_b\kappa(h_T))`
+    (:func:`experiments.linking.signal.fluctuation_correlation`; κ the buffer alignment of
+    :func:`stationary_terms`) — near the edge ≈ −1, the flip the window shows, where the probe's
+    single snapshot of the buffer term :math:`m^\top Hb` need not have the flip's sign. Its
+    curvature terms are the stationary ones, :math:`\lambda S_T` and :math:`\lambda\kappa S_T`, taken
+    out of the measured ones; the rest :math:`S - S_T` is split into fluctuation and drift as in
+    :func:`response_model`.
+
+    ``noise_term``: "exact" uses the exact one-step response of the module docstring for the noise,
+    :math:`-\alpha c_g(C - a)` (the noise's response to its own step), with each mean-gradient part
+    at its lag-1 correlation (:math:`\rho_x(h_T) S_T + \rho_x(h_N) F + \rho_D D`); on a stationary
+    one-mode NQM with the mean gradient all along v it gives the NQM's ρ_g(h) exactly, and with
+    :math:`S_T = 0` and an uncapped fluctuation (F = N v) it is :func:`response_model`. "mode" keeps
+    :func:`response_model` for the rest (noise at :math:`\rho_g(h_N)`, which already counts the
+    fluctuation it drives) and adds :math:`\rho_x(h_T) S_T`: simpler, but on the one-mode NQM it
+    counts the top displacement's correlation twice. Returns a dict with ``corr`` and ``grad_sq``
+    (N + S⁺, as :func:`response_model`)."""
+    from dynamics.nqm.stationary import mode_factors
+    from dynamics.quadratic import stability_edge
+
+    if noise_term not in ("exact", "mode"):
+        raise ValueError(f"noise_term={noise_term!r} is unknown; valid: exact, mode")
+    S, N, C, a, Bc, St, lam, lr = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (
+        signal, noise, grad_curv, grad_curv_mean, buffer_curv, signal_top, lam_top, lr)))
+    cg, cb, _ = (float(np.asarray(c)) for c in update_coefficients(method, momentum))
+    edge = float(stability_edge(method, momentum))
+    ok = np.isfinite(S) & np.isfinite(N) & np.isfinite(C) & np.isfinite(a) & np.isfinite(lr) & (N > 0) & (lr > 0)
+    Bc = np.where(np.isfinite(Bc), Bc, 0.0)
+    Sp = np.clip(np.nan_to_num(S), 0.0, None)
+    top_ok = np.isfinite(St) & np.isfinite(lam) & (lam > 0)
+    ST = np.where(top_ok, np.clip(np.nan_to_num(St), 0.0, Sp), 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hT = np.clip(np.where(top_ok, lr * lam, 1.0), 1e-12, edge * (1 - edge_margin))
+        lamT = np.where(top_ok, hT / lr, 0.0)
+        kT = _unit_buffer_ratio(method, hT, momentum) if cb else 0.0
+        P = stationary_state_covariance(method, 1.0, hT, momentum, 1.0)
+        rho_x = 1 - hT * (cg + cb * P[..., 0, 1] / P[..., 0, 0])
+        a_r, b_r, C_r = a - lamT * ST, Bc - lamT * kT * ST, C - lamT * ST
+        if noise_term == "mode":
+            rest = response_model(method, lr, momentum, Sp - ST, N, C_r, a_r, b_r, edge_margin)
+            corr = (rest["corr"] * rest["grad_sq"] + rho_x * ST) / (N + Sp)
+        else:
+            hN = np.clip(np.nan_to_num(lr * (C - a) / N, nan=1.0), 1e-12, edge * (1 - edge_margin))
+            v, _ = mode_factors(method, hN, momentum)
+            F = np.minimum(Sp - ST, N * v)
+            D = Sp - ST - F
+            kN = _unit_buffer_ratio(method, hN, momentum) if cb else 0.0
+            PN = stationary_state_covariance(method, 1.0, hN, momentum, 1.0)
+            rho_f = 1 - hN * (cg + cb * PN[..., 0, 1] / PN[..., 0, 0])
+            lamN = hN / lr
+            a_d, b_d = a_r - lamN * F, b_r - lamN * kN * F
+            rho_d = np.where(D > 0, np.clip(1 - lr * (cg * a_d + cb * b_d) / np.where(D > 0, D, 1.0), -1, 1), 1.0)
+            corr = (rho_x * ST + rho_f * F + rho_d * D - lr * cg * (C - a)) / (N + Sp)
+    return {"corr": np.where(ok, np.clip(corr, -1.0, 1.0), np.nan), "grad_sq": np.where(ok, N + Sp, np.nan)}

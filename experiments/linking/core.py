@@ -237,7 +237,7 @@ def link_run(run_dir, *, recompute=False, write=True, **options):
     if not recompute and target.exists() and target.stat().st_mtime >= (run_dir / store.TRACE).stat().st_mtime:
         with xr.open_dataset(target, engine="scipy") as cached:
             ds = cached.load()
-        current = "meas_alt1_grad_corr" in ds or int(ds.attrs.get("window", 0)) < 2  # older files lack the halves
+        current = "meas_alt1_grad_sq_norm" in ds or int(ds.attrs.get("window", 0)) < 2  # older files lack the halves
         if current and all(_same_option(ds.attrs.get(k), int(v) if isinstance(v, bool) else v)
                            for k, v in wanted.items() if v is not None):
             return ds

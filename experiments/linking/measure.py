@@ -77,6 +77,8 @@ def split_half_windows(trace, probe_steps=None, window=None, align="center"):
     same ``probe_step`` coordinates: ``meas_half1_grad_corr`` over its first ⌊W/2⌋ steps,
     ``meas_half2_grad_corr`` over the rest; ``meas_alt1_grad_corr`` / ``meas_alt2_grad_corr`` over
     its even / odd steps t (the pair t−1, t). Each split covers exactly the full window's step pairs.
+    ``meas_{half,alt}{1,2}_grad_sq_norm``: the mean squared gradient norm over the same steps (the
+    noise floor of the norm's error, :func:`experiments.linking.scores.error_floor`).
     Their agreement across points is the split-half reliability of the full window's estimate
     (:func:`experiments.linking.scores.noise_ceiling`). The two splits fail in opposite directions:
     the state's change within the window separates the first and second halves (understating the
@@ -93,10 +95,14 @@ def split_half_windows(trace, probe_steps=None, window=None, align="center"):
     start = probe - window // 2 if align == "center" else probe
     inside = (step >= start) & (step < start + window)
     first = inside & (step < start + window // 2)
-    return xr.Dataset({"meas_half1_grad_corr": _corr_over(trace, first),
-                       "meas_half2_grad_corr": _corr_over(trace, inside & ~first),
-                       "meas_alt1_grad_corr": _corr_over(trace, inside & (step % 2 == 0)),
-                       "meas_alt2_grad_corr": _corr_over(trace, inside & (step % 2 == 1))})
+    parts = {"half1": first, "half2": inside & ~first,
+             "alt1": inside & (step % 2 == 0), "alt2": inside & (step % 2 == 1)}
+    out = {f"meas_{k}_grad_corr": _corr_over(trace, m) for k, m in parts.items()}
+    norm_sq = trace["grad_norm"] ** 2
+    for k, m in parts.items():
+        ok = m & np.isfinite(norm_sq)
+        out[f"meas_{k}_grad_sq_norm"] = xr.where(ok, norm_sq, 0.0).sum("step") / ok.sum("step")
+    return xr.Dataset(out)
 
 
 def _corr_over(trace, mask):

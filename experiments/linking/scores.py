@@ -106,3 +106,83 @@ def spearman_brown(r):
     """The reliability 2r/(1 + r) of a measurement over a whole window from the split-half
     correlation r of its two halves (:func:`noise_ceiling`); −inf at r = −1."""
     return 2 * r / (1 + r) if r > -1 else float("-inf")
+
+
+def sign_ceiling(half1, half2):
+    r"""The best sign agreement any forecast can reach against a windowed measurement, from the
+    sign disagreement of the window's two halves.
+
+    Model as in :func:`noise_ceiling`: :math:`X_k = T + e_k` per half, the full window
+    :math:`X = T + e` with :math:`e = (e_1 + e_2)/2`, the half errors independent of each other
+    and of T and symmetric about 0. The best sign forecast made without the window's error is
+    sign(T) (for noise symmetric about 0 the sign of X most often equals that of T), and it misses
+    where 0 lies between T and X. To first order in the noise (T's density f smooth near 0 on the
+    noise's scale) that happens with probability :math:`f(0)\,E|e|`, and the two halves disagree
+    in sign where 0 lies between :math:`X_1` and :math:`X_2`: :math:`f(0)\,E|e_1 - e_2|`. For
+    independent symmetric errors :math:`e_1 + e_2` and :math:`e_1 - e_2` have the same
+    distribution, so :math:`E|e| = E|e_1 - e_2|/2` and
+
+    .. math:: \text{sign ceiling} = 1 - D_h / 2,
+
+    with :math:`D_h` the fraction of points whose halves differ in sign: no Gaussian assumption, no
+    constant fitted (with heterogeneous noise across points the relation holds point by point and
+    so for the mean). The departures err as in :func:`noise_ceiling`: state change between the
+    halves raises :math:`D_h` (understates the ceiling), correlated errors of adjacent halves lower
+    it (overstate); where the noise is large against the spread of T near 0 the first-order step
+    fails (the test measures it on a constructed AR(1) trace). Returns a dict: ``n``,
+    ``half_disagreement`` D_h, ``ceiling``; NaN where n = 0."""
+    a, b = _finite_pairs(half1, half2)
+    if a.size == 0:
+        return {"n": 0, "half_disagreement": float("nan"), "ceiling": float("nan")}
+    d = float(np.mean(np.sign(a) != np.sign(b)))
+    return {"n": int(a.size), "half_disagreement": d, "ceiling": 1 - d / 2}
+
+
+def error_floor(half1, half2):
+    r"""The smallest mean absolute error any forecast can reach against a windowed measurement
+    (the forecast equal to the window's true value T, scored against X = T + e): with
+    :math:`e = (e_1 + e_2)/2` and independent symmetric half errors, :math:`e_1 + e_2` has the
+    distribution of :math:`e_1 - e_2 = X_1 - X_2`, so :math:`E|e| = E|X_1 - X_2|/2` exactly (no
+    Gaussian assumption). For the norm pass the halves' log10 mean squared norms (the full
+    window's log is then the mean of the halves' to first order in the relative error). A trend
+    within the window counts as error with the first/second halves (overstating the floor), not
+    with the even/odd steps. Returns a dict: ``n``, ``floor``."""
+    a, b = _finite_pairs(half1, half2)
+    return {"n": int(a.size), "floor": float(np.mean(np.abs(a - b)) / 2) if a.size else float("nan")}
+
+
+def calibration_floor(half1, half2, full, bins=10):
+    r"""The calibration error (:func:`calibration_error`, ``bins`` groups) of the forecast equal
+    to the window's true value T, scored against the measured X: per group of n_b points
+    :math:`|\bar\beta_b + \bar e_b|`, the estimator's bias β plus the mean of its errors.
+
+    Sampling part: :math:`E e^2 = E(X_1 - X_2)^2/4` per point (independent halves, the full window
+    their mean), so the mean of n_b errors has variance :math:`v_b = \overline{(X_1-X_2)^2}_b/(4 n_b)`.
+    Bias part: a ratio estimator's bias falls as 1/W (the halves' is twice the full window's), so
+    :math:`\beta = E[\bar X_h - X]` with :math:`\bar X_h = (X_1 + X_2)/2`, the jackknife estimate.
+    T is unknown, so the groups are cut by X (a proxy: the bias varies slowly with T). The floor is
+    :math:`\sum_b (n_b/n)\,E|N(\hat\beta_b, v_b)|`. Returns a dict: ``n``, ``floor``, ``sampling``
+    (the floor with β = 0) and ``bias`` (the count-weighted mean of |β̂_b|)."""
+    from scipy.stats import norm as normal
+
+    a, b, x = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (half1, half2, full)))
+    keep = np.isfinite(a) & np.isfinite(b) & np.isfinite(x)
+    a, b, x = a[keep], b[keep], x[keep]
+    if x.size == 0:
+        return {"n": 0, "floor": float("nan"), "sampling": float("nan"), "bias": float("nan")}
+    groups = np.array_split(np.argsort(x, kind="stable"), min(bins, x.size))
+
+    def folded(mu, sd):  # E|N(mu, sd^2)|
+        if sd == 0:
+            return abs(mu)
+        return sd * np.sqrt(2 / np.pi) * np.exp(-mu**2 / (2 * sd**2)) + mu * (1 - 2 * normal.cdf(-mu / sd))
+
+    floor = sampling = bias = 0.0
+    for g in groups:
+        sd = np.sqrt(np.mean((a[g] - b[g]) ** 2) / 4 / g.size)
+        beta = float(np.mean((a[g] + b[g]) / 2 - x[g]))
+        floor += g.size * folded(beta, sd)
+        sampling += g.size * folded(0.0, sd)
+        bias += g.size * abs(beta)
+    n = x.size
+    return {"n": int(n), "floor": float(floor / n), "sampling": float(sampling / n), "bias": float(bias / n)}
