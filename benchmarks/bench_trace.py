@@ -90,7 +90,8 @@ class Bench:
         self.base_diff, self.base_same_steps = {}, True  # this probe's values against the baseline's
         if baseline is not None:  # the same tracer on the baseline's engine, hooks and probes
             tr = self.base_tracer = Tracer(self.model, self.opt, **tracer_kw)
-            engine = getattr(baseline["engines"], type(tr._engine).__name__)
+            name = type(tr._engine).__name__  # a compiled engine the baseline lacks: its numpy engine
+            engine = getattr(baseline["engines"], name, None) or baseline["engines"].NumpyEngine
             tr._engine = engine(tr.params, tr.tensor_layer, tr.block_size)
             self.base_state = baseline["probes"].ProbeState(tr.seed)
 

@@ -116,7 +116,7 @@ def test_hooked_trace_equals_manual_trace_bit_for_bit(kw):
     assert np.all(b.clip_factor.values == 1.0)  # nothing changed the gradients: no factor
 
 
-@pytest.mark.parametrize("engine", ["numpy", "torch"])
+@pytest.mark.parametrize("engine", ["fused", "numpy", "torch"])
 def test_user_clipping_records_raw_gradient_and_factor(engine):
     """The trace holds the raw gradient (before clipping) and clip factors equal to the ones
     clip_grad_norm_ applied, up to float32 rounding of ‖c·g‖/‖g‖ (a few ulp: rtol 1e-6).
@@ -124,7 +124,7 @@ def test_user_clipping_records_raw_gradient_and_factor(engine):
     a, b = manual(max_norm=0.05, engine=engine), hooked(max_norm=0.05, engine=engine)
     assert_same(a, b, clip_rtol=1e-6)
     assert (b.clip_factor_global.values < 1).sum() >= STEPS // 2  # the clipping was active
-    unclipped = hooked()
+    unclipped = hooked(engine=engine)
     assert b.grad_norm.values[0].tolist() == unclipped.grad_norm.values[0].tolist()
 
 

@@ -226,3 +226,11 @@ class TorchEngine(_FlatBuffers):
         out = host(self.block), host(self.clip)
         self.clip[:] = 1.0
         return out
+
+
+def fused_supported(params):
+    """True when the compiled engine (:mod:`experiments.trace.fused`) can trace these
+    parameters: contiguous CPU tensors of one dtype, float32 or float64."""
+    dtypes = {p.dtype for p in params}
+    return (len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
+            and all(p.device.type == "cpu" and p.is_contiguous() for p in params))

@@ -60,6 +60,7 @@ micro-batches); see :mod:`experiments.trace.probes` for the estimators and the t
 dropout and BatchNorm.
 """
 
+import contextlib
 import math
 import time
 
@@ -68,7 +69,7 @@ import torch
 import xarray as xr
 
 from experiments.trace import probes
-from experiments.trace.engines import BACKWARD_STATS, STEP_STATS, NumpyEngine, TorchEngine
+from experiments.trace.engines import BACKWARD_STATS, STEP_STATS, NumpyEngine, TorchEngine, fused_supported
 
 ROOT_LAYER = "(root)"
 
@@ -236,11 +237,16 @@ class Tracer:
         dtypes = {p.dtype for p in self.params}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         numpy_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
-        if engine not in ("auto", "numpy", "torch") or (engine == "numpy" and not numpy_ok):
+        fused_ok = numpy_ok and fused_supported(self.params)
+        if (engine not in ("auto", "fused", "numpy", "torch") or (engine == "numpy" and not numpy_ok)
+                or (engine == "fused" and not fused_ok)):
             raise ValueError(f"engine={engine!r} is not valid here; valid: auto, torch"
                              + (", numpy" if numpy_ok else " (numpy needs float32/float64 "
-                                                          "parameters on the CPU)"))
-        self.engine = ("numpy" if numpy_ok else "torch") if engine == "auto" else engine
+                                                          "parameters on the CPU)")
+                             + (", fused" if fused_ok else " (fused needs contiguous float32/float64 "
+                                                          "CPU parameters of one dtype)"))
+        auto = "fused" if fused_ok else ("numpy" if numpy_ok else "torch")
+        self.engine = auto if engine == "auto" else engine
 
         self.layers = []
         tensor_layer = []
@@ -252,8 +258,13 @@ class Tracer:
         self.tensor_layer = np.asarray(tensor_layer)
         # the buffers and kernels (experiments.trace.engines); create the Tracer after moving
         # the model: the engine aliases the parameters' storage
-        engine_cls = NumpyEngine if self.engine == "numpy" else TorchEngine
+        if self.engine == "fused":
+            from experiments.trace.fused import FusedEngine as engine_cls  # imports numba
+        else:
+            engine_cls = NumpyEngine if self.engine == "numpy" else TorchEngine
         self._engine = engine_cls(self.params, self.tensor_layer, self.block_size)
+        if self.engine == "fused":  # no torch op per step: skip the grad-mode switch
+            self._no_grad = contextlib.nullcontext()
         self.layer_sizes = self._engine.layer_sizes
         group_of = {id(p): k for k, g in enumerate(optimizer.param_groups) for p in g["params"]}
         first = [self.tensor_layer.tolist().index(l) for l in range(len(self.layers))]
@@ -321,7 +332,8 @@ class Tracer:
         """Record the raw gradients (call after ``loss.backward()``, before clipping/step).
 
         Leaves this step's global gradient norm in ``self.grad_norm_global`` (a 0-d tensor
-        on the device) for the training loop's divergence check and progress bar."""
+        on the device; a float with the fused engine) for the training loop's divergence
+        check and progress bar."""
         if self._hooks is not None:
             raise RuntimeError("the tracer is attached: its hooks record the steps "
                                "(call detach() before the manual calls)")
