@@ -90,9 +90,10 @@ class Bench:
         self.base_diff, self.base_same_steps = {}, True  # this probe's values against the baseline's
         if baseline is not None:  # the same tracer on the baseline's engine, hooks and probes
             tr = self.base_tracer = Tracer(self.model, self.opt, **tracer_kw)
-            name = type(tr._engine).__name__  # a compiled engine the baseline lacks: its numpy engine
-            engine = getattr(baseline["engines"], name, None) or baseline["engines"].NumpyEngine
-            tr._engine = engine(tr.params, tr.tensor_layer, tr.block_size)
+            name = type(tr._engine).__name__
+            if not hasattr(baseline["engines"], name):  # no compiled engine there: its CPU default
+                name, tr.engine, tr._no_grad = "NumpyEngine", "numpy", torch.no_grad()
+            tr._engine = getattr(baseline["engines"], name)(tr.params, tr.tensor_layer, tr.block_size)
             self.base_state = baseline["probes"].ProbeState(tr.seed)
 
     def probes(self, batch):

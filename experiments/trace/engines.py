@@ -83,7 +83,7 @@ class _FlatBuffers:
         ``torch.nn.utils.get_total_norm``'s: the 2-norm of the per-tensor norms of the tensors
         that have a gradient, in parameter order; a missing ``.grad`` counts as zero here."""
         g_t = self.g_t[cur]
-        grads = [p.grad for p in self.params]
+        grads = self.grads = [p.grad for p in self.params]  # the tensors copied (for the hooks)
         all_present = all(x is not None for x in grads)
         if all_present:
             torch._foreach_copy_(g_t, grads)

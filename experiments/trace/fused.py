@@ -192,7 +192,7 @@ class FusedEngine(NumpyEngine):
         """Copy the raw gradients into G[cur] and θ into D[cur] and take the gradient's
         statistics (kept for :meth:`backward_stats`); returns (the per-tensor norms, a float64
         tensor overwritten by the next capture, and the global norm, a float)."""
-        grads = [p.grad for p in self.params]
+        grads = self.grads = [p.grad for p in self.params]  # the tensors copied (for the hooks)
         try:  # the gradients' addresses; -1: not contiguous
             ptrs = [g.data_ptr() if g.is_contiguous() else -1 for g in grads]
         except (AttributeError, RuntimeError):  # a missing or sparse gradient

@@ -120,7 +120,7 @@ class Hooks:
         t = self.tracer
         t._capture()
         self.captured = True
-        self.grads = [p.grad for p in t.params]  # the gradient tensors just copied
+        self.grads = t._engine.grads  # the gradient tensors just copied
         self.versions = [g._version for g in self.grads if g is not None]
 
     def changed(self):
