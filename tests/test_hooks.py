@@ -128,6 +128,14 @@ def test_user_clipping_records_raw_gradient_and_factor(engine):
     assert b.grad_norm.values[0].tolist() == unclipped.grad_norm.values[0].tolist()
 
 
+@pytest.mark.parametrize("engine", ["fused", "numpy", "torch"])
+def test_clipping_that_does_not_clip_records_factor_one_exactly(engine):
+    """clip_grad_norm_ multiplies by 1.0 in place below the threshold (the gradient's version
+    moves): the hooks measure ‖g now‖/‖g raw‖ with one method for both, so exactly 1."""
+    ds = hooked(max_norm=1e9, engine=engine)
+    assert np.all(ds.clip_factor.values == 1.0) and np.all(ds.clip_factor_global.values == 1.0)
+
+
 def test_per_layer_lr_of_param_groups():
     ds = hooked(groups=True)
     lr = ds.lr_layer.sel(step=0).to_series()

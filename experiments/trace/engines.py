@@ -99,6 +99,14 @@ class _FlatBuffers:
         return norms, g_global
 
 
+    def clip_norms(self, cur, norms):
+        """Per-tensor norms of the raw gradients (``norms``, from the capture into G[cur]) and of
+        the parameters' gradients now (a missing one: zero), computed alike, for the clip
+        factors now/raw (exactly 1 for an unchanged gradient)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        return norms, torch.stack(torch._foreach_norm(grads, 2)).to(norms.dtype)
+
+
 class NumpyEngine(_FlatBuffers):
     """Statistics by numpy/BLAS on views of the flat buffers (float32/float64 on the CPU)."""
 

@@ -167,6 +167,22 @@ def step_kernel(meta, D, cur, block, row, w_back):
             out[k * L + l] += stats[k]
 
 
+@numba.njit(**FLAGS)
+def _sum_sq(g):
+    s = 0.0
+    for j in range(g.shape[0]):
+        x = np.float64(g[j])
+        s += x * x
+    return s
+
+
+@numba.njit(**FLAGS)
+def norms_kernel(ptrs, sizes, like, out):
+    """out[i] = ‖tensor i‖ (float64 sum) for tensors at addresses ``ptrs`` of the dtype of ``like``."""
+    for i in range(ptrs.shape[0]):
+        out[i] = math.sqrt(_sum_sq(numba.carray(_pointer(ptrs[i], like), sizes[i])))
+
+
 class FusedEngine(NumpyEngine):
     """Statistics by the compiled kernels above (float32/float64 parameters on the CPU, each
     contiguous, all of one dtype: :func:`~experiments.trace.engines.fused_supported`); the block, clip block and flush are the
@@ -207,6 +223,16 @@ class FusedEngine(NumpyEngine):
         capture_kernel(self.meta, self.Gn, self.Dn, cur, self.masks, self.ext_bits, self.ext,
                        self.scratch)
         return self.norms_t, float(self.scratch[-1])
+
+    def clip_norms(self, cur, norms):
+        """Per-tensor norms of the raw gradients (the copies in G[cur]) and of the parameters'
+        gradients now, by one kernel (equal for an unchanged gradient, to the bit)."""
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.contiguous() for p in self.params]
+        base = self.G[cur].data_ptr() + self.meta[0] * self.G.element_size()
+        ptrs = np.concatenate([base, [g.data_ptr() for g in grads]]).astype(np.int64)
+        out = np.empty(2 * self.n)
+        norms_kernel(ptrs, np.tile(self.meta[1], 2), self.Gn, out)
+        return torch.from_numpy(out[:self.n]), torch.from_numpy(out[self.n:])
 
     def backward_stats(self, row_index, cur, norms, g_global, loss):
         loss = math.nan if loss is None else (loss.item() if torch.is_tensor(loss) else float(loss))

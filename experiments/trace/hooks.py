@@ -133,9 +133,7 @@ class Hooks:
     def record_clip(self):
         """Factors ‖g at the step‖/‖g raw‖ per layer and globally (docstring: clip factors)."""
         t = self.tracer
-        raw, _ = t._captured
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in t.params]
-        now = torch.stack(torch._foreach_norm(grads, 2)).to(raw.dtype)
+        raw, now = t._engine.clip_norms(t.step % 2, t._captured[0])
         index = torch.as_tensor(t.tensor_layer, device=raw.device)
         L = len(t.layers)
         sq = lambda x: torch.zeros(L, dtype=x.dtype, device=x.device).index_add_(0, index, x * x)  # noqa: E731
