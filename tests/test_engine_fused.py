@@ -120,3 +120,16 @@ def test_needs_contiguous_parameters_of_one_dtype():
         FusedEngine([torch.zeros(3, 4).t()], [0], 2)
     with pytest.raises(ValueError, match="engine='fused'"):
         FusedEngine([torch.zeros(3), torch.zeros(3, dtype=torch.float64)], [0, 0], 2)
+
+
+def test_auto_picks_fused_where_it_can_and_numpy_elsewhere():
+    from experiments.trace.tracer import Tracer
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert Tracer(model, opt).engine == "fused"
+    model[0].weight = torch.nn.Parameter(torch.randn(3, 4).t())  # not contiguous
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert Tracer(model, opt).engine == "numpy"
+    with pytest.raises(ValueError, match="engine='fused' is not valid here.*contiguous"):
+        Tracer(model, opt, engine="fused")

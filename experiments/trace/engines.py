@@ -18,6 +18,10 @@ plus a clip block (L layer factors, then the global one; 1 where nothing was rec
   to whole chunks), row reductions plus tiny matmuls over chunks and per-layer Gram matrices
   X Xᵀ, results in a preallocated device block copied to the host only when it is flushed — no
   host synchronisation per step.
+
+The CPU default is the compiled engine of :mod:`experiments.trace.fused`, a
+:class:`NumpyEngine` whose three per-step calls are each one numba kernel (same buffers, rows
+and flush).
 """
 
 import math

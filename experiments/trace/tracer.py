@@ -33,20 +33,22 @@ Per step and layer l with elements i (g = raw gradient before clipping, θ = par
 
 Per step: ``loss``, ``lr`` (``optimizer.param_groups[0]["lr"]`` when ``after_backward`` ran;
 with several param groups also ``lr_layer`` (step, layer), the lr of the layer's group),
-``grad_norm_global`` (computed exactly as ``torch.nn.utils.get_total_norm``),
+``grad_norm_global`` (the 2-norm of all raw gradients, as ``torch.nn.utils.get_total_norm``),
 ``grad_cos_global``, ``update_cos_global``, ``clip_factor_global``.
 
-Cost. Per step the gradients and θ_before are copied once (``torch._foreach_copy_``) into
-flat buffers in which every layer is one contiguous segment; the work is a fixed handful of
-calls plus a few per layer, never a Python loop of small ops per element group. Two engines
-(:mod:`experiments.trace.engines`) compute the same numbers, both tested against references:
-``"numpy"`` (CPU default; numpy/BLAS on views of the buffers) and ``"torch"`` (other devices;
-results stay in a device block copied to the host only when full or at :meth:`dataset` — no
-host synchronisation per step). This module is the bookkeeping: layers, step phases, the
-lr, clip factors, probes and the Dataset.
+Cost. Per step the gradients and θ_before are copied once into flat buffers in which every
+layer is one contiguous segment; the work is a fixed handful of calls plus a few per layer,
+never a Python loop of small ops per element group. Three engines compute the same numbers,
+each tested against float64 references: ``"fused"`` (the CPU default,
+:mod:`experiments.trace.fused`: one compiled loop per phase that copies and reduces at once,
+sums in float64), ``"numpy"`` (CPU, :mod:`experiments.trace.engines`: ``torch._foreach_copy_``
+and ``_foreach_norm``, then numpy/BLAS on views of the buffers; its global norm is
+bit-identical to ``get_total_norm``, the fused engine's is within float64 rounding of the
+exact norm) and ``"torch"`` (other devices; results stay in a device block copied to the host
+only when full or at :meth:`dataset` — no host synchronisation per step). This module is the
+bookkeeping: layers, step phases, the lr, clip factors, probes and the Dataset.
 
-The per-tensor gradient norms use ``torch._foreach_norm`` so that the global norm is
-bit-identical to ``torch.nn.utils.get_total_norm``. The tracer times itself:
+The tracer times itself:
 ``attrs["tracer_seconds"]`` (CUDA events on a GPU, ``perf_counter`` on CPU; probes excluded)
 and ``attrs["probe_seconds"]``. Measured cost: benchmarks/bench_trace.py (docs/findings/tracer_cost.md).
 The trace's attrs also name the optimizer (:func:`optimizer_attrs`: ``optimizer``, ``opt``,
@@ -61,6 +63,7 @@ dropout and BatchNorm.
 """
 
 import contextlib
+import importlib.util
 import math
 import time
 
@@ -145,8 +148,9 @@ class Tracer:
     seed : seed of the probes' own random generator (Lanczos starts, Rademacher vectors).
     probe_curvature : also probe the curvature along the gradient and along the momentum
         buffer, and the batch sharpness (:func:`experiments.trace.probes.microbatch_curvature`).
-    engine : "auto" (numpy for float32/float64 parameters on the CPU, else torch), "numpy"
-        or "torch".
+    engine : "auto" (fused for contiguous float32/float64 CPU parameters of one dtype, numpy
+        for other float32/float64 CPU parameters or without numba, else torch), "fused",
+        "numpy" or "torch".
 
     Examples
     --------
@@ -237,14 +241,14 @@ class Tracer:
         dtypes = {p.dtype for p in self.params}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         numpy_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
-        fused_ok = numpy_ok and fused_supported(self.params)
+        fused_ok = numpy_ok and fused_supported(self.params) and importlib.util.find_spec("numba") is not None
         if (engine not in ("auto", "fused", "numpy", "torch") or (engine == "numpy" and not numpy_ok)
                 or (engine == "fused" and not fused_ok)):
             raise ValueError(f"engine={engine!r} is not valid here; valid: auto, torch"
                              + (", numpy" if numpy_ok else " (numpy needs float32/float64 "
                                                           "parameters on the CPU)")
-                             + (", fused" if fused_ok else " (fused needs contiguous float32/float64 "
-                                                          "CPU parameters of one dtype)"))
+                             + (", fused" if fused_ok else " (fused needs numba and contiguous "
+                                                          "float32/float64 CPU parameters of one dtype)"))
         auto = "fused" if fused_ok else ("numpy" if numpy_ok else "torch")
         self.engine = auto if engine == "auto" else engine
 
