@@ -184,8 +184,11 @@ class Hooks:
         self.skip()
 
     def record_loss(self, loss):
-        loss = loss.detach() if torch.is_tensor(loss) else torch.tensor(float(loss))
-        self.loss = loss if self.loss is None else self.loss + loss
+        """The step's loss (summed over calls); the first one is kept as given (one torch op
+        less per step; the engines read it without autograd), a sum is detached."""
+        if not torch.is_tensor(loss):
+            loss = torch.tensor(float(loss))
+        self.loss = loss if self.loss is None else self.loss.detach() + loss.detach()
 
     def skip(self):
         """Forget this step's gradients and loss (a step the GradScaler skipped)."""
