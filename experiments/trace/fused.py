@@ -124,6 +124,7 @@ def capture_kernel(meta, G, D, cur, masks, ext_bits, ext, out):
         else:
             out[n + L + l], out[n + 2 * L + l] = ext[0, l], ext[1, l]
     out[n + 4 * L + 1] = math.sqrt(total)
+    return out[n + 4 * L + 1]
 
 
 @numba.njit(**FLAGS)
@@ -220,9 +221,9 @@ class FusedEngine(NumpyEngine):
                     v.copy_(x)
                 ptrs.append(0 if x is None else v.data_ptr())
         self.meta[4] = ptrs
-        capture_kernel(self.meta, self.Gn, self.Dn, cur, self.masks, self.ext_bits, self.ext,
-                       self.scratch)
-        return self.norms_t, float(self.scratch[-1])
+        g_global = capture_kernel(self.meta, self.Gn, self.Dn, cur, self.masks, self.ext_bits,
+                                  self.ext, self.scratch)
+        return self.norms_t, g_global
 
     def clip_norms(self, cur, norms):
         """Per-tensor norms of the raw gradients (the copies in G[cur]) and of the parameters'
