@@ -107,10 +107,11 @@ def assert_same(a, b, clip_rtol=0.0):
     np.testing.assert_array_equal(a.probe_step.values, b.probe_step.values)
 
 
+@pytest.mark.parametrize("engine", ["fused", "numpy"])
 @pytest.mark.parametrize("kw", [{}, {"probe_every": 4}, {"accum": 3}, {"groups": True},
                                 {"opt": "adam"}])
-def test_hooked_trace_equals_manual_trace_bit_for_bit(kw):
-    a, b = manual(**kw), hooked(**kw)
+def test_hooked_trace_equals_manual_trace_bit_for_bit(kw, engine):
+    a, b = manual(**kw, engine=engine), hooked(**kw, engine=engine)
     assert a.sizes["step"] == STEPS
     assert_same(a, b)
     assert np.all(b.clip_factor.values == 1.0)  # nothing changed the gradients: no factor
