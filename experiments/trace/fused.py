@@ -155,7 +155,8 @@ def _step_pass(th, dc, dp):
 
 @numba.njit(**FLAGS)
 def step_kernel(meta, D, cur, block, row, w_back):
-    """The step phase: block[row, w_back:] = [‖Δθ‖², Σ|Δθ|, ⟨Δθ(t), Δθ(t−1)⟩, ‖θ‖², Σ|θ| (L each)]."""
+    """The step phase: block[row, w_back:] = [‖Δθ‖², Σ|Δθ|, ⟨Δθ(t), Δθ(t−1)⟩, ‖θ‖², Σ|θ|
+    (L each)]."""
     out = block[row, w_back:]
     L = out.shape[0] // 5
     prev = 1 - cur
@@ -179,15 +180,16 @@ def _sum_sq(g):
 
 @numba.njit(**FLAGS)
 def norms_kernel(ptrs, sizes, like, out):
-    """out[i] = ‖tensor i‖ (float64 sum) for tensors at addresses ``ptrs`` of the dtype of ``like``."""
+    """out[i] = ‖tensor i‖ (float64 sum) for the tensors at addresses ``ptrs``, of ``like``'s
+    dtype."""
     for i in range(ptrs.shape[0]):
         out[i] = math.sqrt(_sum_sq(numba.carray(_pointer(ptrs[i], like), sizes[i])))
 
 
 class FusedEngine(NumpyEngine):
     """Statistics by the compiled kernels above (float32/float64 parameters on the CPU, each
-    contiguous, all of one dtype: :func:`~experiments.trace.engines.fused_supported`); the block, clip block and flush are the
-    numpy engine's."""
+    contiguous, all of one dtype: :func:`~experiments.trace.engines.fused_supported`); the
+    block, clip block and flush are the numpy engine's."""
 
     def __init__(self, params, tensor_layer, block_size):
         if not fused_supported(params):

@@ -72,7 +72,8 @@ import torch
 import xarray as xr
 
 from experiments.trace import probes
-from experiments.trace.engines import BACKWARD_STATS, STEP_STATS, NumpyEngine, TorchEngine, fused_supported
+from experiments.trace.engines import (BACKWARD_STATS, STEP_STATS, NumpyEngine, TorchEngine,
+                                       fused_supported)
 
 ROOT_LAYER = "(root)"
 
@@ -241,7 +242,8 @@ class Tracer:
         dtypes = {p.dtype for p in self.params}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         numpy_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
-        fused_ok = numpy_ok and fused_supported(self.params) and importlib.util.find_spec("numba") is not None
+        fused_ok = (numpy_ok and fused_supported(self.params)
+                    and importlib.util.find_spec("numba") is not None)
         if (engine not in ("auto", "fused", "numpy", "torch") or (engine == "numpy" and not numpy_ok)
                 or (engine == "fused" and not fused_ok)):
             raise ValueError(f"engine={engine!r} is not valid here; valid: auto, torch"
