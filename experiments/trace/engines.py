@@ -102,7 +102,6 @@ class _FlatBuffers:
         torch._foreach_copy_(self.d_t[cur], self.data)  # θ_before
         return norms, g_global
 
-
     def clip_norms(self, cur, norms):
         """Per-tensor norms of the raw gradients (``norms``, from the capture into G[cur]) and of
         the parameters' gradients now (a missing one: zero), computed alike, for the clip
