@@ -25,8 +25,8 @@ on a shared machine disturb the ratios less (they still compete for caches and m
 bandwidth, which the tracer's memory-bound work feels more than the model's compute).
 
 With ``--baseline REV`` parts 1 and 2 also measure "before" in the same run, with the engines,
-hooks and probes of git revision REV (experiments/trace/{engines,hooks,probes}.py read with
-``git show``), so that before and after share the machine's load: part 1 gets the same tracer
+hooks and probes of git revision REV (experiments/trace/{engines,fused,hooks,probes}.py read
+with ``git show``; REV's numpy engine where REV has no fused one), so that before and after share the machine's load: part 1 gets the same tracer
 on REV's engine (manual calls, and attached with REV's hooks) as two more rotating arms; in
 part 2 every probe is also run by REV's probes at the same parameters from the same warm
 start (the order alternating), and "before" is the traced arm with that probe's CPU time in
@@ -42,8 +42,12 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import importlib.util  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -63,17 +67,25 @@ def loss_fn(model, batch):
 
 
 def load_baseline(rev):
-    """{name: module} for experiments/trace/{engines,hooks,probes}.py at git revision ``rev``."""
+    """{name: module} for experiments/trace/{engines,fused,hooks,probes}.py at git revision
+    ``rev`` (fused only where ``rev`` has it), written as the package ``baseline_trace`` into a
+    temporary directory (numba caches compiled kernels next to a real file), their imports of
+    each other redirected there."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    mods = {}
-    for name in ("engines", "hooks", "probes"):
-        path = f"experiments/trace/{name}.py"
-        src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout
-        mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(f"baseline_{name}", None))
-        exec(compile(src, f"{rev}:{path}", "exec"), mod.__dict__)
-        mods[name] = mod
-    return mods
+    tmp = tempfile.mkdtemp(prefix="bench_trace_baseline_")
+    atexit.register(shutil.rmtree, tmp, True)
+    os.makedirs(os.path.join(tmp, "baseline_trace"))
+    open(os.path.join(tmp, "baseline_trace", "__init__.py"), "w").close()
+    names = []
+    for name in ("engines", "fused", "hooks", "probes"):
+        out = subprocess.run(["git", "show", f"{rev}:experiments/trace/{name}.py"], cwd=root,
+                             capture_output=True, text=True, check=name != "fused")
+        if out.returncode == 0:
+            with open(os.path.join(tmp, "baseline_trace", f"{name}.py"), "w") as f:
+                f.write(out.stdout.replace("experiments.trace.", "baseline_trace."))
+            names.append(name)
+    sys.path.insert(0, tmp)
+    return {name: importlib.import_module(f"baseline_trace.{name}") for name in names}
 
 
 class Bench:
@@ -90,8 +102,11 @@ class Bench:
         self.base_diff, self.base_same_steps = {}, True  # this probe's values against the baseline's
         if baseline is not None:  # the same tracer on the baseline's engine, hooks and probes
             tr = self.base_tracer = Tracer(self.model, self.opt, **tracer_kw)
-            engine = getattr(baseline["engines"], type(tr._engine).__name__)
-            tr._engine = engine(tr.params, tr.tensor_layer, tr.block_size)
+            kernels = {**vars(baseline["engines"]), **vars(baseline.get("fused", baseline["engines"]))}
+            name = type(tr._engine).__name__
+            if name not in kernels:  # no compiled engine there: its CPU default, under no_grad
+                name, tr.engine, tr._no_grad = "NumpyEngine", "numpy", torch.no_grad()
+            tr._engine = kernels[name](tr.params, tr.tensor_layer, tr.block_size)
             self.base_state = baseline["probes"].ProbeState(tr.seed)
 
     def probes(self, batch):

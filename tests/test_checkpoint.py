@@ -117,9 +117,9 @@ def test_fork_errors_name_the_problem(tmp_path):
         checkpoint.check_fork(parent, RunConfig(**{**BASE, "opt": "adam"}, fork_from="0123456789abcdef@50"))
 
 
-@pytest.mark.parametrize("engine", ["numpy", "torch"])
+@pytest.mark.parametrize("engine", ["fused", "numpy", "torch"])
 def test_tracer_state_round_trip_continues_the_trace_exactly(engine):
-    # the torch engine is the one used on accelerators; here on the CPU, both engines
+    # the torch engine is the one used on accelerators; here on the CPU, all three engines
     import torch
 
     from experiments.trace.tracer import Tracer

@@ -107,16 +107,17 @@ def assert_same(a, b, clip_rtol=0.0):
     np.testing.assert_array_equal(a.probe_step.values, b.probe_step.values)
 
 
+@pytest.mark.parametrize("engine", ["fused", "numpy"])
 @pytest.mark.parametrize("kw", [{}, {"probe_every": 4}, {"accum": 3}, {"groups": True},
                                 {"opt": "adam"}])
-def test_hooked_trace_equals_manual_trace_bit_for_bit(kw):
-    a, b = manual(**kw), hooked(**kw)
+def test_hooked_trace_equals_manual_trace_bit_for_bit(kw, engine):
+    a, b = manual(**kw, engine=engine), hooked(**kw, engine=engine)
     assert a.sizes["step"] == STEPS
     assert_same(a, b)
     assert np.all(b.clip_factor.values == 1.0)  # nothing changed the gradients: no factor
 
 
-@pytest.mark.parametrize("engine", ["numpy", "torch"])
+@pytest.mark.parametrize("engine", ["fused", "numpy", "torch"])
 def test_user_clipping_records_raw_gradient_and_factor(engine):
     """The trace holds the raw gradient (before clipping) and clip factors equal to the ones
     clip_grad_norm_ applied, up to float32 rounding of ‖c·g‖/‖g‖ (a few ulp: rtol 1e-6).
@@ -124,8 +125,16 @@ def test_user_clipping_records_raw_gradient_and_factor(engine):
     a, b = manual(max_norm=0.05, engine=engine), hooked(max_norm=0.05, engine=engine)
     assert_same(a, b, clip_rtol=1e-6)
     assert (b.clip_factor_global.values < 1).sum() >= STEPS // 2  # the clipping was active
-    unclipped = hooked()
+    unclipped = hooked(engine=engine)
     assert b.grad_norm.values[0].tolist() == unclipped.grad_norm.values[0].tolist()
+
+
+@pytest.mark.parametrize("engine", ["fused", "numpy", "torch"])
+def test_clipping_that_does_not_clip_records_factor_one_exactly(engine):
+    """clip_grad_norm_ multiplies by 1.0 in place below the threshold (the gradient's version
+    moves): the hooks measure ‖g now‖/‖g raw‖ with one method for both, so exactly 1."""
+    ds = hooked(max_norm=1e9, engine=engine)
+    assert np.all(ds.clip_factor.values == 1.0) and np.all(ds.clip_factor_global.values == 1.0)
 
 
 def test_per_layer_lr_of_param_groups():

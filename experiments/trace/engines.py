@@ -18,6 +18,10 @@ plus a clip block (L layer factors, then the global one; 1 where nothing was rec
   to whole chunks), row reductions plus tiny matmuls over chunks and per-layer Gram matrices
   X Xᵀ, results in a preallocated device block copied to the host only when it is flushed — no
   host synchronisation per step.
+
+The CPU default is the compiled engine of :mod:`experiments.trace.fused`, a
+:class:`NumpyEngine` whose three per-step calls are each one numba kernel (same buffers, rows
+and flush).
 """
 
 import math
@@ -83,7 +87,7 @@ class _FlatBuffers:
         ``torch.nn.utils.get_total_norm``'s: the 2-norm of the per-tensor norms of the tensors
         that have a gradient, in parameter order; a missing ``.grad`` counts as zero here."""
         g_t = self.g_t[cur]
-        grads = [p.grad for p in self.params]
+        grads = self.grads = [p.grad for p in self.params]  # the tensors copied (for the hooks)
         all_present = all(x is not None for x in grads)
         if all_present:
             torch._foreach_copy_(g_t, grads)
@@ -97,6 +101,13 @@ class _FlatBuffers:
         g_global = torch.linalg.vector_norm(present, 2)
         torch._foreach_copy_(self.d_t[cur], self.data)  # θ_before
         return norms, g_global
+
+    def clip_norms(self, cur, norms):
+        """Per-tensor norms of the raw gradients (``norms``, from the capture into G[cur]) and of
+        the parameters' gradients now (a missing one: zero), computed alike, for the clip
+        factors now/raw (exactly 1 for an unchanged gradient)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        return norms, torch.stack(torch._foreach_norm(grads, 2)).to(norms.dtype)
 
 
 class NumpyEngine(_FlatBuffers):
@@ -226,3 +237,11 @@ class TorchEngine(_FlatBuffers):
         out = host(self.block), host(self.clip)
         self.clip[:] = 1.0
         return out
+
+
+def fused_supported(params):
+    """True when the compiled engine (:mod:`experiments.trace.fused`) can trace these
+    parameters: contiguous CPU tensors of one dtype, float32 or float64."""
+    dtypes = {p.dtype for p in params}
+    return (len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
+            and all(p.device.type == "cpu" and p.is_contiguous() for p in params))

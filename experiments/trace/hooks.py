@@ -120,7 +120,7 @@ class Hooks:
         t = self.tracer
         t._capture()
         self.captured = True
-        self.grads = [p.grad for p in t.params]  # the gradient tensors just copied
+        self.grads = t._engine.grads  # the gradient tensors just copied
         self.versions = [g._version for g in self.grads if g is not None]
 
     def changed(self):
@@ -133,9 +133,7 @@ class Hooks:
     def record_clip(self):
         """Factors ‖g at the step‖/‖g raw‖ per layer and globally (docstring: clip factors)."""
         t = self.tracer
-        raw, _ = t._captured
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in t.params]
-        now = torch.stack(torch._foreach_norm(grads, 2)).to(raw.dtype)
+        raw, now = t._engine.clip_norms(t.step % 2, t._captured[0])
         index = torch.as_tensor(t.tensor_layer, device=raw.device)
         L = len(t.layers)
         sq = lambda x: torch.zeros(L, dtype=x.dtype, device=x.device).index_add_(0, index, x * x)  # noqa: E731
@@ -186,8 +184,11 @@ class Hooks:
         self.skip()
 
     def record_loss(self, loss):
-        loss = loss.detach() if torch.is_tensor(loss) else torch.tensor(float(loss))
-        self.loss = loss if self.loss is None else self.loss + loss
+        """The step's loss (summed over calls); the first one is kept as given (one torch op
+        less per step; the engines read it without autograd), a sum is detached."""
+        if not torch.is_tensor(loss):
+            loss = torch.tensor(float(loss))
+        self.loss = loss if self.loss is None else self.loss.detach() + loss.detach()
 
     def skip(self):
         """Forget this step's gradients and loss (a step the GradScaler skipped)."""

@@ -33,20 +33,22 @@ Per step and layer l with elements i (g = raw gradient before clipping, θ = par
 
 Per step: ``loss``, ``lr`` (``optimizer.param_groups[0]["lr"]`` when ``after_backward`` ran;
 with several param groups also ``lr_layer`` (step, layer), the lr of the layer's group),
-``grad_norm_global`` (computed exactly as ``torch.nn.utils.get_total_norm``),
+``grad_norm_global`` (the 2-norm of all raw gradients, as ``torch.nn.utils.get_total_norm``),
 ``grad_cos_global``, ``update_cos_global``, ``clip_factor_global``.
 
-Cost. Per step the gradients and θ_before are copied once (``torch._foreach_copy_``) into
-flat buffers in which every layer is one contiguous segment; the work is a fixed handful of
-calls plus a few per layer, never a Python loop of small ops per element group. Two engines
-(:mod:`experiments.trace.engines`) compute the same numbers, both tested against references:
-``"numpy"`` (CPU default; numpy/BLAS on views of the buffers) and ``"torch"`` (other devices;
-results stay in a device block copied to the host only when full or at :meth:`dataset` — no
-host synchronisation per step). This module is the bookkeeping: layers, step phases, the
-lr, clip factors, probes and the Dataset.
+Cost. Per step the gradients and θ_before are copied once into flat buffers in which every
+layer is one contiguous segment; the work is a fixed handful of calls plus a few per layer,
+never a Python loop of small ops per element group. Three engines compute the same numbers,
+each tested against float64 references: ``"fused"`` (the CPU default,
+:mod:`experiments.trace.fused`: one compiled loop per phase that copies and reduces at once,
+sums in float64), ``"numpy"`` (CPU, :mod:`experiments.trace.engines`: ``torch._foreach_copy_``
+and ``_foreach_norm``, then numpy/BLAS on views of the buffers; its global norm is
+bit-identical to ``get_total_norm``, the fused engine's is within float64 rounding of the
+exact norm) and ``"torch"`` (other devices; results stay in a device block copied to the host
+only when full or at :meth:`dataset` — no host synchronisation per step). This module is the
+bookkeeping: layers, step phases, the lr, clip factors, probes and the Dataset.
 
-The per-tensor gradient norms use ``torch._foreach_norm`` so that the global norm is
-bit-identical to ``torch.nn.utils.get_total_norm``. The tracer times itself:
+The tracer times itself:
 ``attrs["tracer_seconds"]`` (CUDA events on a GPU, ``perf_counter`` on CPU; probes excluded)
 and ``attrs["probe_seconds"]``. Measured cost: benchmarks/bench_trace.py (docs/findings/tracer_cost.md).
 The trace's attrs also name the optimizer (:func:`optimizer_attrs`: ``optimizer``, ``opt``,
@@ -60,6 +62,8 @@ micro-batches); see :mod:`experiments.trace.probes` for the estimators and the t
 dropout and BatchNorm.
 """
 
+import contextlib
+import importlib.util
 import math
 import time
 
@@ -68,7 +72,8 @@ import torch
 import xarray as xr
 
 from experiments.trace import probes
-from experiments.trace.engines import BACKWARD_STATS, STEP_STATS, NumpyEngine, TorchEngine
+from experiments.trace.engines import (BACKWARD_STATS, STEP_STATS, NumpyEngine, TorchEngine,
+                                       fused_supported)
 
 ROOT_LAYER = "(root)"
 
@@ -144,8 +149,9 @@ class Tracer:
     seed : seed of the probes' own random generator (Lanczos starts, Rademacher vectors).
     probe_curvature : also probe the curvature along the gradient and along the momentum
         buffer, and the batch sharpness (:func:`experiments.trace.probes.microbatch_curvature`).
-    engine : "auto" (numpy for float32/float64 parameters on the CPU, else torch), "numpy"
-        or "torch".
+    engine : "auto" (fused for contiguous float32/float64 CPU parameters of one dtype, numpy
+        for other float32/float64 CPU parameters or without numba, else torch), "fused",
+        "numpy" or "torch".
 
     Examples
     --------
@@ -236,11 +242,17 @@ class Tracer:
         dtypes = {p.dtype for p in self.params}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         numpy_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
-        if engine not in ("auto", "numpy", "torch") or (engine == "numpy" and not numpy_ok):
+        fused_ok = (numpy_ok and fused_supported(self.params)
+                    and importlib.util.find_spec("numba") is not None)
+        if (engine not in ("auto", "fused", "numpy", "torch") or (engine == "numpy" and not numpy_ok)
+                or (engine == "fused" and not fused_ok)):
             raise ValueError(f"engine={engine!r} is not valid here; valid: auto, torch"
                              + (", numpy" if numpy_ok else " (numpy needs float32/float64 "
-                                                          "parameters on the CPU)"))
-        self.engine = ("numpy" if numpy_ok else "torch") if engine == "auto" else engine
+                                                          "parameters on the CPU)")
+                             + (", fused" if fused_ok else " (fused needs numba and contiguous "
+                                                          "float32/float64 CPU parameters of one dtype)"))
+        auto = "fused" if fused_ok else ("numpy" if numpy_ok else "torch")
+        self.engine = auto if engine == "auto" else engine
 
         self.layers = []
         tensor_layer = []
@@ -252,8 +264,13 @@ class Tracer:
         self.tensor_layer = np.asarray(tensor_layer)
         # the buffers and kernels (experiments.trace.engines); create the Tracer after moving
         # the model: the engine aliases the parameters' storage
-        engine_cls = NumpyEngine if self.engine == "numpy" else TorchEngine
+        if self.engine == "fused":
+            from experiments.trace.fused import FusedEngine as engine_cls  # imports numba
+        else:
+            engine_cls = NumpyEngine if self.engine == "numpy" else TorchEngine
         self._engine = engine_cls(self.params, self.tensor_layer, self.block_size)
+        if self.engine == "fused":  # no torch op per step: skip the grad-mode switch
+            self._no_grad = contextlib.nullcontext()
         self.layer_sizes = self._engine.layer_sizes
         group_of = {id(p): k for k, g in enumerate(optimizer.param_groups) for p in g["params"]}
         first = [self.tensor_layer.tolist().index(l) for l in range(len(self.layers))]
@@ -321,7 +338,8 @@ class Tracer:
         """Record the raw gradients (call after ``loss.backward()``, before clipping/step).
 
         Leaves this step's global gradient norm in ``self.grad_norm_global`` (a 0-d tensor
-        on the device) for the training loop's divergence check and progress bar."""
+        on the device; a float with the fused engine) for the training loop's divergence
+        check and progress bar."""
         if self._hooks is not None:
             raise RuntimeError("the tracer is attached: its hooks record the steps "
                                "(call detach() before the manual calls)")
