@@ -76,16 +76,30 @@ def _weighted(parts, key):
     return float(sum(v * w for v, w in vals) / sum(w for _, w in vals)) if vals else float("nan")
 
 
-def score_setting(spec_name, steps):
+GROUPS = {"development": ("whatif_seed_cnn", [400]),
+          "evaluation_seen_during_development": ("whatif_eval", [300, 500]),
+          "evaluation_new": ("whatif_eval2", [300, 500])}
+
+
+def setting_checks(spec_name, steps):
+    """{"opt lr=.. m=.. at=..": (run_dir, step, changes)} of a spec's runs (run first if missing)."""
     spec = load_spec(SPECS_DIR / f"{spec_name}.toml")
     run_sweep(spec, root=ROOT, workers=0, progress=False)
+    return {f"{c.opt} lr={c.lr:g} m={c.momentum:g} at={at}": (ROOT / run_id(c), at, changes_for(c))
+            for c in expand(spec) for at in steps}
+
+
+def checks(groups=None):
+    """{group: setting_checks} over :data:`GROUPS` (or the names given)."""
+    return {g: setting_checks(*GROUPS[g]) for g in (GROUPS if groups is None else groups)}
+
+
+def score_setting(spec_name, steps):
     result, parts = {}, []
-    for config in expand(spec):
-        for at in steps:
-            _, sc = check_variants(ROOT / run_id(config), at, changes_for(config), n_windows=2)
-            parts.append(sc)
-            result[f"{config.opt} lr={config.lr:g} m={config.momentum:g} at={at}"] = {
-                name: {k: sc[name][k] for k in KEYS} for name in NAMES}
+    for key, (run_dir, at, changes) in setting_checks(spec_name, steps).items():
+        _, sc = check_variants(run_dir, at, changes, n_windows=2)
+        parts.append(sc)
+        result[key] = {name: {k: sc[name][k] for k in KEYS} for name in NAMES}
     return result, pooled(parts)
 
 

@@ -344,11 +344,14 @@ def lr_at(trace, step):
     return float(trace["lr"].values[step])
 
 
-def fork_config(parent, parent_id, at, change, horizon):
+def fork_config(parent, parent_id, at, change, horizon, data_seed=0):
     """The RunConfig dict of the fork making ``change`` at ``at``: the parent's config with the
     change, ``fork_from = parent_id@at``, no checkpoints, and (where the schedule's factors
-    do not depend on the run's length: constant, step) only ``horizon`` steps."""
+    do not depend on the run's length: constant, step) only ``horizon`` steps. ``data_seed``
+    (≥ 1): the fork's data order redrawn from ``at`` on (``RunConfig.fork_data_seed``)."""
     d = {**parent, **change.fork_overrides(parent), "fork_from": f"{parent_id}@{at}", "checkpoint_every": 0}
+    if data_seed:
+        d["fork_data_seed"] = int(data_seed)
     if parent["schedule"] in ("constant", "step"):
         d["steps"] = int(horizon)
     return d
