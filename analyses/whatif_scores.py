@@ -103,16 +103,22 @@ def score_setting(spec_name, steps):
     return result, pooled(parts)
 
 
-def seed_decay_growth(variants=None):
-    """The seed setting: at step 1000 (the first decay, not yet made), predict each layer's
+def seed_config():
+    """The seed setting's run: seed_cnn.toml's lr 0.03, momentum 0.9, seed 0, one thread."""
+    spec = load_spec(SPECS_DIR / "seed_cnn.toml")
+    return RunConfig.from_dict({**spec.base, "lr": 0.03, "momentum": 0.9, "seed": 0, "threads": 1})
+
+
+def seed_decay_growth(variants=None, config=None):
+    """The seed setting (``config``, default :func:`seed_config`; held-out runs of the same
+    kind: ``whatif_eval3_decay.toml``): at step 1000 (the first decay, not yet made), predict each layer's
     norm growth from the first window after the decay (steps 1000-1099) to the last of nine
     (1800-1899), against the run itself; ``right``: the fraction of layers with the sign right
     and the size within ×1.5 (the issue's target). Beside it the rise of the layers'
     sharpness as the diagnosis measures it (mean over the probes 1500-1900 over the mean over
     1000-1400) and as the forecast predicts it (κ at the windows' first steps 1500-1800 over
     1000-1400)."""
-    spec = load_spec(SPECS_DIR / "seed_cnn.toml")
-    config = RunConfig.from_dict({**spec.base, "lr": 0.03, "momentum": 0.9, "seed": 0, "threads": 1})
+    config = seed_config() if config is None else config
     run(config, ROOT / run_id(config))
     dss, sc = check_variants(ROOT / run_id(config), 1000, changes_from(), n_windows=9, variants=variants)
     first = next(iter(dss.values()))

@@ -43,7 +43,7 @@ from experiments.linking.core import run_method
 from experiments.linking.measure import default_window, measured_window
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra
 from experiments.runs.optim import lr_factors
-from experiments.whatif.curvature import at_stochastic_edge, below_edge, flow_time
+from experiments.whatif.curvature import below_edge, flow_time, held_by_lr
 
 METHODS = ("gd", "hb", "nag")
 
@@ -178,7 +178,9 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
         tau = flow_time(trace["lr"].values, momentum)[np.clip(keep, 0, trace.sizes["step"])]
         rate = curvature.rate(tau, lam_g, below_edge(h_probe, h_batch, curvature.margin))
         h_run = float(np.nanmean(h_probe[-int(smooth):]))  # over the probes of lam_fed's trailing mean
-        at_edge = at_stochastic_edge(h_batch[-int(smooth):], curvature.margin)
+        at_edge = held_by_lr(curvature.level, h_batch=h_batch[-int(smooth):], lam_first=lam_g[0], lam_now=lam_fed,
+                             lr=lr_before[-1], momentum=momentum, window=windows[0][1] - windows[0][0],
+                             margin=curvature.margin)
         for c, p in enumerate(plans):
             lam_f = lam_fed * curvature.factor(lam_fed, rate, at, {k: v[:horizon] for k, v in p.items()}, h_run,
                                                at_edge)
