@@ -24,6 +24,9 @@ checkpoints that differ from them only in the data order after the change
   even/odd steps, ``align="after"`` as the what-if windows); ``corr_repeat``: the same from the
   two replicates' whole-window correlations (test-retest: the reliability is their Spearman r,
   the ceiling √r), the noise a held-out prediction actually faces;
+- ``drift_share``: of the scored ``norm_sign`` cases of the changes (not ``scheduled``), the
+  fraction in which the unchanged run moved by more than 10 % the same way in the same window
+  (the run's own drift, there whatever the change);
 - the default model's scores against the replicate forks (``model_on_replicate``).
 
 Writes ``results/whatif_ceilings.json``:
@@ -91,6 +94,16 @@ def split_halves(ds):
     return {k: np.stack(v) for k, v in halves.items()}
 
 
+def drift_share(ds):
+    """``drift_share`` of the module docstring and its count."""
+    grow, _ = growth_and_effect(ds)
+    i = list(ds["label"].values).index("scheduled")
+    others, base = np.delete(grow, i, axis=0), grow[i][None]
+    moved = np.abs(others - 1) > GROWTH_THRESHOLD
+    same = moved & (np.abs(base - 1) > GROWTH_THRESHOLD) & (np.sign(base - 1) == np.sign(others - 1))
+    return int(moved.sum()), int(same.sum())
+
+
 def one_check(run_dir, at, changes):
     base = check(run_dir, at, changes, n_windows=2)
     rep = check(run_dir, at, changes, n_windows=2, data_seed=DATA_SEED)
@@ -102,7 +115,9 @@ def one_check(run_dir, at, changes):
     h = split_halves(base)
     corr_a, corr_b = base["meas_grad_corr"].values[:, 1:], rep["meas_grad_corr"].values[:, 1:]
     rep_r = noise_ceiling(corr_a, corr_b)["split_half"]  # Spearman r of the two replicates
+    n_moved, n_drift = drift_share(base)
     return {
+        "drift_share": n_drift / n_moved if n_moved else float("nan"),
         "control_n": int(ctrl_a.size),
         "control_moved": float(np.mean(np.abs(ctrl_a - 1) > GROWTH_THRESHOLD)) if ctrl_a.size else float("nan"),
         "control_moved_replicate": float(np.mean(np.abs(ctrl_b - 1) > GROWTH_THRESHOLD)) if ctrl_b.size
@@ -118,6 +133,7 @@ def one_check(run_dir, at, changes):
         "model_on_replicate": {k: rep.attrs["scores"]["model"][k] for k in ("corr_spearman", "norm_sign",
                                                                            "effect_sign")},
         "_arrays": (grow_a, grow_b, eff_a, eff_b, ctrl_a, ctrl_b, corr_a, corr_b, h),
+        "_drift": (n_moved, n_drift),
     }
 
 
@@ -127,7 +143,8 @@ def pool(rows):
     grow_a, grow_b, eff_a, eff_b, ctrl_a, ctrl_b, corr_a, corr_b = (cat(i) for i in range(8))
     h = {k: np.concatenate([np.ravel(r["_arrays"][8][k]) for r in rows]) for k in rows[0]["_arrays"][8]}
     rep_r = noise_ceiling(corr_a, corr_b)["split_half"]
-    return {"control_n": int(ctrl_a.size),
+    n_moved, n_drift = (sum(r["_drift"][i] for r in rows) for i in (0, 1))
+    return {"drift_share": n_drift / n_moved if n_moved else float("nan"), "control_n": int(ctrl_a.size),
             "control_moved": float(np.mean(np.abs(ctrl_a - 1) > GROWTH_THRESHOLD)),
             "control_moved_replicate": float(np.mean(np.abs(ctrl_b - 1) > GROWTH_THRESHOLD)),
             "growth_sign": sign_repeat(grow_a, grow_b), "effect_sign": sign_repeat(eff_a, eff_b),
@@ -147,9 +164,9 @@ def main(argv=()):
         rows = {}
         for key, (run_dir, at, changes) in items.items():
             rows[key] = one_check(run_dir, at, changes)
-            print(group, key, {k: v for k, v in rows[key].items() if k != "_arrays"}, flush=True)
+            print(group, key, {k: v for k, v in rows[key].items() if not k.startswith("_")}, flush=True)
         pooled = pool(list(rows.values()))
-        out[group] = {"settings": {k: {kk: vv for kk, vv in v.items() if kk != "_arrays"} for k, v in rows.items()},
+        out[group] = {"settings": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in rows.items()},
                       "pooled": pooled}
         print(group, "pooled", pooled, flush=True)
     atomic_write_json(OUT, out)

@@ -59,3 +59,18 @@ def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
     assert choose(rows, fc) == ("fixed", pytest.approx(0.04))  # +0.025 < 2 se = 0.04; the record-only is no candidate
     rows["cap=sharpened noise"] = {"S": [0.53, 0.53], "score": 0.53}
     assert choose(rows, fc)[0] == "cap=sharpened noise"
+
+
+def test_drift_share_counts_the_moves_the_unchanged_run_made_too():
+    import xarray as xr
+
+    from analyses.whatif_ceilings import drift_share, growth_and_effect
+
+    # window 0 norm 1; the unchanged run moves +30 % in layer a, 0 in b; the change moves +50 % in a
+    # (with the drift), −40 % in b (its own): one of two scored cases is drift
+    g = np.array([[[1.0, 1.0], [1.3, 1.0]], [[1.0, 1.0], [1.5, 0.6]]])
+    ds = xr.Dataset({"meas_grad_norm": (("change", "window", "layer"), g)},
+                    coords={"label": ("change", ["scheduled", "lr×2"])})
+    assert drift_share(ds) == (2, 1)
+    grow, effect = growth_and_effect(ds)
+    np.testing.assert_allclose(effect[0, 0], [1.5 / 1.3, 0.6])
