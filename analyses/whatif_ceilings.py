@@ -26,7 +26,8 @@ checkpoints that differ from them only in the data order after the change
   the ceiling √r), the noise a held-out prediction actually faces;
 - ``drift_share``: of the scored ``norm_sign`` cases of the changes (not ``scheduled``), the
   fraction in which the unchanged run moved by more than 10 % the same way in the same window
-  (the run's own drift, there whatever the change);
+  (the run's own drift, there whatever the change), and the default model's norm sign on those
+  cases and on the others (``model_sign_drift`` / ``model_sign_own``);
 - the default model's scores against the replicate forks (``model_on_replicate``).
 
 Writes ``results/whatif_ceilings.json``:
@@ -95,13 +96,26 @@ def split_halves(ds):
 
 
 def drift_share(ds):
-    """``drift_share`` of the module docstring and its count."""
+    """``drift_share`` of the module docstring: (cases, drift cases, of those with the predicted
+    sign right, of the other cases with it right)."""
     grow, _ = growth_and_effect(ds)
     i = list(ds["label"].values).index("scheduled")
     others, base = np.delete(grow, i, axis=0), grow[i][None]
     moved = np.abs(others - 1) > GROWTH_THRESHOLD
     same = moved & (np.abs(base - 1) > GROWTH_THRESHOLD) & (np.sign(base - 1) == np.sign(others - 1))
-    return int(moved.sum()), int(same.sum())
+    right = np.zeros_like(moved)
+    if "pred_grad_norm" in ds:
+        pred = ds["pred_grad_norm"].values
+        pred = np.delete(pred[:, 1:] / ds["meas_grad_norm"].values[:, :1], i, axis=0)
+        right = np.sign(pred - 1) == np.sign(others - 1)
+    return int(moved.sum()), int(same.sum()), int((same & right).sum()), int((moved & ~same & right).sum())
+
+
+def _drift_scores(counts):
+    n, drift, right_drift, right_own = counts
+    ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+    return {"drift_share": ratio(drift, n), "model_sign_drift": ratio(right_drift, drift),
+            "model_sign_own": ratio(right_own, n - drift), "drift_n": [n, drift]}
 
 
 def one_check(run_dir, at, changes):
@@ -115,9 +129,9 @@ def one_check(run_dir, at, changes):
     h = split_halves(base)
     corr_a, corr_b = base["meas_grad_corr"].values[:, 1:], rep["meas_grad_corr"].values[:, 1:]
     rep_r = noise_ceiling(corr_a, corr_b)["split_half"]  # Spearman r of the two replicates
-    n_moved, n_drift = drift_share(base)
+    counts = drift_share(base)
     return {
-        "drift_share": n_drift / n_moved if n_moved else float("nan"),
+        **_drift_scores(counts),
         "control_n": int(ctrl_a.size),
         "control_moved": float(np.mean(np.abs(ctrl_a - 1) > GROWTH_THRESHOLD)) if ctrl_a.size else float("nan"),
         "control_moved_replicate": float(np.mean(np.abs(ctrl_b - 1) > GROWTH_THRESHOLD)) if ctrl_b.size
@@ -133,7 +147,7 @@ def one_check(run_dir, at, changes):
         "model_on_replicate": {k: rep.attrs["scores"]["model"][k] for k in ("corr_spearman", "norm_sign",
                                                                            "effect_sign")},
         "_arrays": (grow_a, grow_b, eff_a, eff_b, ctrl_a, ctrl_b, corr_a, corr_b, h),
-        "_drift": (n_moved, n_drift),
+        "_drift": counts,
     }
 
 
@@ -143,8 +157,7 @@ def pool(rows):
     grow_a, grow_b, eff_a, eff_b, ctrl_a, ctrl_b, corr_a, corr_b = (cat(i) for i in range(8))
     h = {k: np.concatenate([np.ravel(r["_arrays"][8][k]) for r in rows]) for k in rows[0]["_arrays"][8]}
     rep_r = noise_ceiling(corr_a, corr_b)["split_half"]
-    n_moved, n_drift = (sum(r["_drift"][i] for r in rows) for i in (0, 1))
-    return {"drift_share": n_drift / n_moved if n_moved else float("nan"), "control_n": int(ctrl_a.size),
+    return {**_drift_scores([sum(r["_drift"][i] for r in rows) for i in range(4)]), "control_n": int(ctrl_a.size),
             "control_moved": float(np.mean(np.abs(ctrl_a - 1) > GROWTH_THRESHOLD)),
             "control_moved_replicate": float(np.mean(np.abs(ctrl_b - 1) > GROWTH_THRESHOLD)),
             "growth_sign": sign_repeat(grow_a, grow_b), "effect_sign": sign_repeat(eff_a, eff_b),

@@ -71,6 +71,9 @@ def test_drift_share_counts_the_moves_the_unchanged_run_made_too():
     g = np.array([[[1.0, 1.0], [1.3, 1.0]], [[1.0, 1.0], [1.5, 0.6]]])
     ds = xr.Dataset({"meas_grad_norm": (("change", "window", "layer"), g)},
                     coords={"label": ("change", ["scheduled", "lr×2"])})
-    assert drift_share(ds) == (2, 1)
+    assert drift_share(ds) == (2, 1, 0, 0)
+    # predicted: +20 % in a (right, a drift case), +10 % in b (wrong, its own case)
+    ds["pred_grad_norm"] = (("change", "window", "layer"), np.array([[[1.0, 1.0]] * 2, [[1.0, 1.0], [1.2, 1.1]]]))
+    assert drift_share(ds) == (2, 1, 1, 0)
     grow, effect = growth_and_effect(ds)
     np.testing.assert_allclose(effect[0, 0], [1.5 / 1.3, 0.6])
