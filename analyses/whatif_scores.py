@@ -2,18 +2,23 @@
 setting (``experiments/specs/whatif_seed_cnn.toml``, HB 0.05 / 0.9, step 400, the setting the
 model choices were made on), on the settings seen during development
 (``experiments/specs/whatif_eval.toml``: NAG 0.02 / 0.6, HB 0.1 / 0.6, NAG 0.05 / 0.9, seed 1;
-steps 300 and 500; held out for the first forecast, scored twice since), on the new held-out
-settings (``experiments/specs/whatif_eval2.toml``: NAG 0.01 / 0.5, HB 0.2 / 0.5, NAG 0.03 /
-0.8, seed 2; steps 300 and 500), and, in the seed setting (``experiments/specs/seed_cnn.toml``'s
-run lr 0.03, momentum 0.9, seed 0, one thread; a development setting), the per-layer norm
-growth after the step-1000 decay predicted at step 1000.
+steps 300 and 500; held out for the first forecast, scored twice since), on the second
+evaluation settings (``experiments/specs/whatif_eval2.toml``: NAG 0.01 / 0.5, HB 0.2 / 0.5, NAG
+0.03 / 0.8, seed 2; steps 300 and 500; scored once in the second round, development since), on
+the third, held out in the third round (``experiments/specs/whatif_eval3.toml``: HB 0.03 / 0.8,
+NAG 0.1 / 0.5, HB 0.01 / 0.95, NAG 0.02 / 0.3, seed 3; steps 200 and 400), and, in the
+seed setting (``experiments/specs/seed_cnn.toml``'s run lr 0.03, momentum 0.9, seed 0, one
+thread; a development setting), the per-layer norm growth after the step-1000 decay predicted at step 1000 (and on the held-out runs of
+``experiments/specs/whatif_eval3_decay.toml``: seed 3, lr 0.03 and 0.1).
 ``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`; its
 curvature forecast chosen on development is none: the last probe's curvature held fixed);
 beside it, on the same cases, ``stochastic_cap`` (the forecast's cap at the run's own level
 where the batch sharpness shows the run at its stochastic edge, else at the method's edge,
 with the noise following the curvature), ``run_cap`` (the earlier forecast: capped at the
 run's own level whether or not the run sits at its stochastic edge), ``edge_cap`` (capped at
-the method's edge only), ``sharpening`` (the stochastic-edge cap with the flow-time sharpening rate on) and
+the method's edge only), ``sharpening`` (the stochastic-edge cap with the flow-time sharpening rate on),
+``sharpened_cap`` / ``relaxed_cap`` (the run-level cap gated on the curvature having left its
+initial value / on the top mode moving within a window; third-round candidates) and
 ``persistence``.
 Writes ``results/whatif_scores.json``:
 
@@ -41,6 +46,8 @@ VARIANTS = {  # name -> predictor; "model" is the one in use
     "run_cap": functools.partial(nqm_predictor, curvature=CurvatureForecast(level="run")),
     "edge_cap": functools.partial(nqm_predictor, curvature=CurvatureForecast(level="edge")),
     "sharpening": functools.partial(nqm_predictor, curvature=CurvatureForecast(sharpening=True)),
+    "sharpened_cap": functools.partial(nqm_predictor, curvature=CurvatureForecast(level="sharpened")),
+    "relaxed_cap": functools.partial(nqm_predictor, curvature=CurvatureForecast(level="relaxed")),
 }
 NAMES = (*VARIANTS, "persistence")
 KEYS = ("corr_spearman", "norm_sign", "norm_factor_1p5", "effect_sign", "effect_factor_1p5", "ratio_mae",
@@ -76,29 +83,50 @@ def _weighted(parts, key):
     return float(sum(v * w for v, w in vals) / sum(w for _, w in vals)) if vals else float("nan")
 
 
-def score_setting(spec_name, steps):
+GROUPS = {"development": ("whatif_seed_cnn", [400]),
+          "evaluation_seen_during_development": ("whatif_eval", [300, 500]),
+          "evaluation_new": ("whatif_eval2", [300, 500]),
+          "evaluation_3": ("whatif_eval3", [200, 400])}
+
+
+def setting_checks(spec_name, steps):
+    """{"opt lr=.. m=.. at=..": (run_dir, step, changes)} of a spec's runs (run first if missing)."""
     spec = load_spec(SPECS_DIR / f"{spec_name}.toml")
     run_sweep(spec, root=ROOT, workers=0, progress=False)
+    return {f"{c.opt} lr={c.lr:g} m={c.momentum:g} at={at}": (ROOT / run_id(c), at, changes_for(c))
+            for c in expand(spec) for at in steps}
+
+
+def checks(groups=None):
+    """{group: setting_checks} over :data:`GROUPS` (or the names given)."""
+    return {g: setting_checks(*GROUPS[g]) for g in (GROUPS if groups is None else groups)}
+
+
+def score_setting(spec_name, steps):
     result, parts = {}, []
-    for config in expand(spec):
-        for at in steps:
-            _, sc = check_variants(ROOT / run_id(config), at, changes_for(config), n_windows=2)
-            parts.append(sc)
-            result[f"{config.opt} lr={config.lr:g} m={config.momentum:g} at={at}"] = {
-                name: {k: sc[name][k] for k in KEYS} for name in NAMES}
+    for key, (run_dir, at, changes) in setting_checks(spec_name, steps).items():
+        _, sc = check_variants(run_dir, at, changes, n_windows=2)
+        parts.append(sc)
+        result[key] = {name: {k: sc[name][k] for k in KEYS} for name in NAMES}
     return result, pooled(parts)
 
 
-def seed_decay_growth(variants=None):
-    """The seed setting: at step 1000 (the first decay, not yet made), predict each layer's
+def seed_config():
+    """The seed setting's run: seed_cnn.toml's lr 0.03, momentum 0.9, seed 0, one thread."""
+    spec = load_spec(SPECS_DIR / "seed_cnn.toml")
+    return RunConfig.from_dict({**spec.base, "lr": 0.03, "momentum": 0.9, "seed": 0, "threads": 1})
+
+
+def seed_decay_growth(variants=None, config=None):
+    """The seed setting (``config``, default :func:`seed_config`; held-out runs of the same
+    kind: ``whatif_eval3_decay.toml``): at step 1000 (the first decay, not yet made), predict each layer's
     norm growth from the first window after the decay (steps 1000-1099) to the last of nine
     (1800-1899), against the run itself; ``right``: the fraction of layers with the sign right
     and the size within ×1.5 (the issue's target). Beside it the rise of the layers'
     sharpness as the diagnosis measures it (mean over the probes 1500-1900 over the mean over
     1000-1400) and as the forecast predicts it (κ at the windows' first steps 1500-1800 over
     1000-1400)."""
-    spec = load_spec(SPECS_DIR / "seed_cnn.toml")
-    config = RunConfig.from_dict({**spec.base, "lr": 0.03, "momentum": 0.9, "seed": 0, "threads": 1})
+    config = seed_config() if config is None else config
     run(config, ROOT / run_id(config))
     dss, sc = check_variants(ROOT / run_id(config), 1000, changes_from(), n_windows=9, variants=variants)
     first = next(iter(dss.values()))
@@ -129,16 +157,16 @@ def main(argv=()):
     import torch
 
     torch.set_num_threads(1)
-    dev, dev_pooled = score_setting("whatif_seed_cnn", [400])
-    ev, ev_pooled = score_setting("whatif_eval", [300, 500])
-    ev2, ev2_pooled = score_setting("whatif_eval2", [300, 500])
-    out = {"command": "python -m analyses whatif_scores",
-           "development": {"settings": dev, "pooled": dev_pooled},
-           "evaluation_seen_during_development": {"settings": ev, "pooled": ev_pooled},
-           "evaluation_new": {"settings": ev2, "pooled": ev2_pooled},
-           "seed_decay_growth": seed_decay_growth()}
+    out = {"command": "python -m analyses whatif_scores"}
+    for group, (spec_name, steps) in GROUPS.items():
+        settings, pooled_scores = score_setting(spec_name, steps)
+        out[group] = {"settings": settings, "pooled": pooled_scores}
+    out["seed_decay_growth"] = seed_decay_growth()
+    spec = load_spec(SPECS_DIR / "whatif_eval3_decay.toml")
+    run_sweep(spec, root=ROOT, workers=0, progress=False)
+    out["seed_decay_growth_eval3"] = {f"lr={c.lr:g} seed={c.seed}": seed_decay_growth(config=c) for c in expand(spec)}
     atomic_write_json(OUT, out)
-    print({k: out[k]["pooled"] for k in ("development", "evaluation_seen_during_development", "evaluation_new")})
-    print({k: v for k, v in out["seed_decay_growth"].items() if k != "scores_vs_before_decay"})
-    print("seed, vs before the decay:", out["seed_decay_growth"]["scores_vs_before_decay"])
+    print({g: out[g]["pooled"] for g in GROUPS})
+    for key, res in [("seed", out["seed_decay_growth"])] + list(out["seed_decay_growth_eval3"].items()):
+        print(key, {k: v for k, v in res.items() if k != "scores_vs_before_decay"})
     return 0

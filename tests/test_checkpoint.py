@@ -14,7 +14,7 @@ import xarray as xr
 
 from experiments import store
 from experiments.runs import checkpoint
-from experiments.runs.config import RunConfig, run_id
+from experiments.runs.config import RunConfig, canonical_config, run_id, same_config
 from experiments.runs.loop import run, train
 
 # dropout (global RNG), a probe every 30 steps with its own batch draws (probe RNG, Lanczos
@@ -183,3 +183,40 @@ def test_resuming_another_configs_checkpoint_is_refused():
     train(cfg, on_checkpoint=states.append)
     with pytest.raises(ValueError, match="resume_from is a checkpoint of another config"):
         train(RunConfig(**{**cfg.to_dict(), "lr": 0.01}), resume_from=states[0])
+
+
+@pytest.mark.slow
+def test_a_data_seed_fork_differs_only_in_its_data_order_and_resumes_itself(tmp_path):
+    """fork_data_seed redraws the mini-batch order from the fork's step on: the trace before it
+    is the parent's, the lr is the parent's, the gradients after it differ; the same seed gives
+    the same fork; a fork resumed from its own checkpoint is not redrawn a second time."""
+    parent = RunConfig(**{**BASE, "probe_every": 0, "eval_every": 0}, checkpoint_every=25)
+    pid = run_id(parent)
+    run(parent, tmp_path / pid)
+    fork = RunConfig(**{**parent.to_dict(), "checkpoint_every": 0, "fork_from": f"{pid}@25", "fork_data_seed": 5})
+    run(fork, tmp_path / run_id(fork))
+    a, b = store.load_run(tmp_path / pid), store.load_run(tmp_path / run_id(fork))
+    xr.testing.assert_identical(data_only(a.isel(step=slice(0, 25))), data_only(b.isel(step=slice(0, 25))))
+    np.testing.assert_array_equal(a.lr.values, b.lr.values)
+    assert not np.array_equal(a.grad_norm.values[25], b.grad_norm.values[25])  # another batch at step 25
+    again, _ = train(fork, resume_from=checkpoint.load(checkpoint.path(tmp_path / pid, 25)))
+    np.testing.assert_array_equal(again.grad_norm.values, b.grad_norm.values)
+    states = []  # the fork's own checkpoint at 40, resumed: the uninterrupted fork
+    own = RunConfig(**{**fork.to_dict(), "checkpoint_every": 40})
+    whole, _ = train(own, resume_from=checkpoint.load(checkpoint.path(tmp_path / pid, 25)),
+                     on_checkpoint=states.append)
+    resumed, _ = train(own, resume_from=states[0])
+    np.testing.assert_array_equal(resumed.grad_norm.values, whole.grad_norm.values)
+    np.testing.assert_array_equal(whole.grad_norm.values, b.grad_norm.values)
+
+
+def test_fork_data_seed_is_left_out_of_old_ids_and_needs_a_fork(tmp_path):
+    cfg = RunConfig(**BASE)
+    assert "fork_data_seed" not in canonical_config(cfg)
+    assert run_id(cfg) == run_id(RunConfig(**BASE, fork_data_seed=0))
+    with pytest.raises(ValueError, match=r"fork_data_seed=3 needs fork_from"):
+        RunConfig(**BASE, fork_data_seed=3)
+    with pytest.raises(ValueError, match=r"fork_data_seed=-1 is outside the valid range \[0, inf\)"):
+        RunConfig(**BASE, fork_data_seed=-1, fork_from="0123456789abcdef@50")
+    old = {k: v for k, v in cfg.to_dict().items() if k != "fork_data_seed"}  # a config.json of before
+    assert same_config(old, cfg) and not same_config({**old, "lr": 0.5}, cfg)

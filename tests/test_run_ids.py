@@ -49,6 +49,7 @@ CHANGES = {
     "probe_curvature": {"probe_curvature": True},
     "checkpoint_every": {"checkpoint_every": 10},
     "fork_from": {"fork_from": "0123456789abcdef@10"},
+    "fork_data_seed": {"fork_from": "0123456789abcdef@10", "fork_data_seed": 1},
 }
 
 

@@ -8,7 +8,7 @@ import xarray as xr
 
 from dynamics.quadratic import stability_edge
 from experiments.whatif.curvature import (CurvatureForecast, at_stochastic_edge, below_edge, flow_time,
-                                          forecast_factor, sharpening_rate)
+                                          forecast_factor, held_by_lr, sharpening_rate)
 from experiments.whatif.predict import Change, nqm_predictor, plan
 
 CFG = {"lr": 0.05, "momentum": 0.9, "opt": "hb", "schedule": "constant", "steps": 400}
@@ -80,16 +80,18 @@ def test_the_stochastic_edge_decides_the_cap():
                                   [True, True, False, False])
 
 
-def _trace(h_batch, lam=20.0, lr=0.05, n_probes=5, every=100):
+def _trace(h_batch, lam=20.0, lr=0.05, n_probes=5, every=100, lam_first=None):
     """A constructed trace: one layer whose block is the network's top mode, λ_max = ``lam`` at
-    every probe, the batch sharpness b with α b/edge = ``h_batch`` (None: not recorded)."""
+    every probe (``lam_first`` at the first, if given), the batch sharpness b with
+    α b/edge = ``h_batch`` (None: not recorded)."""
     steps = n_probes * every
     probes = np.arange(0, steps + 1, every)
-    pv = lambda v: (("probe_step", "layer"), np.full((probes.size, 1), v))  # noqa: E731
+    first = lam if lam_first is None else lam_first
+    pv = lambda v: (("probe_step", "layer"), np.r_[v * first / lam, np.full(probes.size - 1, v)][:, None])  # noqa: E731
     ds = xr.Dataset({"lr": ("step", np.full(steps, lr)),
                      "sharpness": pv(lam), "hessian_trace": pv(lam * 20), "grad_noise": pv(1.0),
                      "grad_signal": pv(0.01), "n_params": ("layer", [100]),
-                     "sharpness_global": ("probe_step", np.full(probes.size, lam))},
+                     "sharpness_global": ("probe_step", np.r_[first, np.full(probes.size - 1, lam)])},
                     coords={"step": np.arange(steps), "probe_step": probes, "layer": ["fc"]})
     if h_batch is not None:
         ds["batch_sharpness_global"] = ("probe_step", np.full(probes.size, h_batch * EDGE / lr))
@@ -107,3 +109,22 @@ def test_the_predictor_caps_at_the_run_level_only_at_the_stochastic_edge(h_batch
     kappa = ds.curvature_factor.isel(change=0).values
     np.testing.assert_allclose(kappa[1:], 0.5 if binds else 1.0, rtol=1e-12)
     assert kappa[0] == 1.0
+
+
+@pytest.mark.parametrize("level, lam, lam_first, binds", [
+    ("sharpened", 20.0, 0.2, True),  # λ_max rose ×100 from the first probe: the lr holds it
+    ("sharpened", 20.0, 12.0, False),  # ×1.7 < 2: still at its initial curvature
+    ("relaxed", 20.0, None, True),  # α λ/(1 − β) = 10 per step ≥ 1/W = 0.01
+    ("relaxed", 0.01, None, False),  # 0.005 < 0.01: the top mode does not move within a window
+])
+def test_the_gated_run_level_caps_where_the_lr_can_hold_the_curvature(level, lam, lam_first, binds):
+    # lr ×2 at 500: where the gate holds, the run's level h̄ is kept and λ_max halves; elsewhere
+    # the method's edge caps only, which h/edge ≤ 0.53 does not reach (λ_max stays)
+    trace, at = _trace(None, lam=lam, lam_first=lam_first), 500
+    plans = [plan(CFG, at, Change("x2", lr_factor=2.0), at + 200)]
+    ds = nqm_predictor(trace, CFG, at, plans, [(400, 500), (500, 600), (600, 700)],
+                       curvature=CurvatureForecast(level=level))
+    np.testing.assert_allclose(ds.curvature_factor.isel(change=0).values[1:], 0.5 if binds else 1.0, rtol=1e-12)
+    assert held_by_lr(level, lam_first=lam_first if lam_first else lam, lam_now=lam, lr=0.05, momentum=0.9,
+                      window=100) == binds
+    assert held_by_lr("run") and not held_by_lr("edge") and not held_by_lr("sharpened", lam_first=np.nan, lam_now=1)

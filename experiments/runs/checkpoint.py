@@ -36,7 +36,7 @@ from experiments.runs.optim import get_rng_state, make_optimizer, set_rng_state
 CHECKPOINTS = "checkpoints"
 FORKABLE = ("opt", "lr", "momentum", "weight_decay", "schedule", "warmup_steps", "step_every", "step_gamma",
             "final_lr_factor", "steps", "clip", "clip_value", "line_search", "line_search_evals",
-            "line_search_max", "eval_every", "checkpoint_every", "threads", "device", "fork_from")
+            "line_search_max", "eval_every", "checkpoint_every", "threads", "device", "fork_from", "fork_data_seed")
 SGD_METHODS = ("gd", "hb", "nag")
 
 
@@ -126,6 +126,9 @@ def restore(config, s, rec, state, factors):
     s.scheduler.last_epoch = step
     s.scheduler._last_lr = [lr] * len(s.optimizer.param_groups)
     s.order.load_state_dict(state["order"])
+    if config.fork_data_seed and state["config"].get("fork_data_seed", 0) != config.fork_data_seed:
+        s.order.generator.manual_seed(config.fork_data_seed)  # a fork's start (not its own resume):
+        s.order.perm, s.order.epoch_state = None, None  # a fresh epoch from this seed at step k
     s.probe_rng.set_state(state["probe_rng"])
     load_tracer_state(s.tracer, state["tracer"])
     r = state["record"]

@@ -67,7 +67,9 @@ class RunConfig:
     none). ``fork_from = "RUN_ID@STEP"`` starts the run from run RUN_ID's checkpoint after
     STEP steps (same store root) with this config's lr, schedule, momentum, method, clipping
     (:data:`experiments.runs.checkpoint.FORKABLE`); its id hashes the whole config, the
-    parent's id included.
+    parent's id included. ``fork_data_seed`` (forks only; 0: the parent's data order) redraws
+    the fork's mini-batch order from step STEP on with a generator seeded by it (a fresh epoch),
+    everything else restored: a replicate of the fork that differs only in its data order.
     """
 
     model: str = "mlp"
@@ -101,6 +103,7 @@ class RunConfig:
     dtype: str = "float32"
     checkpoint_every: int = 0
     fork_from: str = ""
+    fork_data_seed: int = 0
     data_args: dict = field(default_factory=dict)
     model_args: dict = field(default_factory=dict)
 
@@ -146,6 +149,9 @@ class RunConfig:
         _int_range("threads", self.threads, 0)
         _int_range("seed", self.seed, 0)
         _int_range("checkpoint_every", self.checkpoint_every, 0)
+        _int_range("fork_data_seed", self.fork_data_seed, 0)
+        if self.fork_data_seed and not self.fork_from:
+            raise ValueError(f"fork_data_seed={self.fork_data_seed} needs fork_from (valid: 0 without a fork)")
         if self.fork_from:
             parent, _, at = self.fork_from.partition("@")
             if not (re.fullmatch(r"[0-9a-f]{16}", parent) and at.isdigit() and 1 <= int(at) < self.steps):
@@ -266,7 +272,14 @@ def canonical_config(config) -> dict:
     return out
 
 
-LATE_DEFAULTS = {"probe_curvature": False, "checkpoint_every": 0, "fork_from": ""}
+LATE_DEFAULTS = {"probe_curvature": False, "checkpoint_every": 0, "fork_from": "", "fork_data_seed": 0}
+
+
+def same_config(stored, config) -> bool:
+    """Whether the config dict ``stored`` (a config.json, a checkpoint's) is ``config``, a field
+    of :data:`LATE_DEFAULTS` absent from ``stored`` counting as its default (it was written
+    before the field existed)."""
+    return {**LATE_DEFAULTS, **stored} == {**LATE_DEFAULTS, **config.to_dict()}
 
 
 def canonical_value(value):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from experiments import store
 from experiments.runs import checkpoint
-from experiments.runs.config import RunConfig
+from experiments.runs.config import RunConfig, same_config
 from experiments.runs.data import load_data
 from experiments.runs.models import build_model
 from experiments.runs.optim import (clip_gradients, get_rng_state, line_search_step, lr_factors, make_optimizer,
@@ -342,9 +342,9 @@ def _step(config, s, rec, step, batch):
 
 def _resume(config, s, rec, state):
     """Continue from a checkpoint: this config's own (resume) or its parent's (fork)."""
-    if config.fork_from and state["config"] != config.to_dict():
+    if config.fork_from and not same_config(state["config"], config):
         checkpoint.check_fork(state["config"], config)
-    elif state["config"] != config.to_dict():
+    elif not same_config(state["config"], config):
         raise ValueError("resume_from is a checkpoint of another config (and config.fork_from is not set)")
     factors = lr_factors(config.schedule, config.steps, warmup_steps=config.warmup_steps,
                          step_every=config.step_every, step_gamma=config.step_gamma,
@@ -469,7 +469,7 @@ def run(config: RunConfig, out_dir, *, data_dir=None, progress=False):
         start, save = None, None
         if config.checkpoint_every:
             stored = store.read_json(out_dir / store.CONFIG) if (out_dir / store.CONFIG).exists() else None
-            if stored == config.to_dict():
+            if stored is not None and same_config(stored, config):
                 start = checkpoint.latest(out_dir)
             else:  # another config's (or no) checkpoints: start afresh
                 shutil.rmtree(out_dir / checkpoint.CHECKPOINTS, ignore_errors=True)
@@ -491,7 +491,7 @@ def finished_summary(config: RunConfig, out_dir, fingerprint):
     this fingerprint (runs written before fingerprints were recorded are taken as matching);
     else a ValueError."""
     stored = store.read_json(out_dir / store.CONFIG)
-    if stored != config.to_dict():
+    if not same_config(stored, config):
         raise ValueError(f"out_dir={str(out_dir)!r} holds a finished run of another config; "
                          f"write to another directory")
     summary = store.read_json(out_dir / store.SUMMARY)

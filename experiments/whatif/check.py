@@ -38,11 +38,15 @@ GROWTH_THRESHOLD = 0.10  # a norm change counts (for the sign score) above 10 %
 FACTOR = 1.5
 
 
-def check(run_dir, at, changes, *, window=None, n_windows=2, predictor=None, data_dir=None, progress=False):
+def check(run_dir, at, changes, *, window=None, n_windows=2, predictor=None, data_dir=None, progress=False,
+          data_seed=0):
     """:func:`experiments.whatif.predict.whatif` of the run at ``run_dir`` plus, per change,
     the fork's measured windows (``meas_*``) and ``attrs["scores"]`` (:func:`scores`). Forks
     go to the run's store root (``run_dir``'s parent), under their run ids; a change that
-    changes nothing (``scheduled``) is read from the run itself when it is long enough."""
+    changes nothing (``scheduled``) is read from the run itself when it is long enough.
+    ``data_seed`` ≥ 1: every fork (``scheduled`` too) draws its data order afresh from ``at``
+    on with that seed (a replicate of the check that differs only in the data order); the
+    fork directories are in ``attrs["fork_dirs"]``."""
     run_dir = Path(run_dir)
     if not re.fullmatch(r"[0-9a-f]{16}", run_dir.name):
         raise ValueError(f"run_dir={str(run_dir)!r}: --check forks need the run in a store root under a run id "
@@ -52,17 +56,18 @@ def check(run_dir, at, changes, *, window=None, n_windows=2, predictor=None, dat
     ds = whatif(trace, at, changes, window=window, n_windows=n_windows, predictor=predictor)
     windows = window_bounds(at, ds.attrs["window"], ds.attrs["n_windows"])
     horizon = windows[-1][1]
-    measured = []
+    measured, dirs = [], []
     for change in changes:
         overrides = change.fork_overrides(config)
-        if not overrides and trace.sizes["step"] >= horizon:
-            forked = trace
+        if not overrides and not data_seed and trace.sizes["step"] >= horizon:
+            forked, fork_dir = trace, run_dir
         else:
             ensure_checkpoint(run_dir, at, data_dir=data_dir)
-            fork = RunConfig.from_dict(fork_config(config, run_dir.name, at, change, horizon))
+            fork = RunConfig.from_dict(fork_config(config, run_dir.name, at, change, horizon, data_seed=data_seed))
             fork_dir = run_dir.parent / run_id(fork)
             run(fork, fork_dir, data_dir=data_dir, progress=progress)
             forked = store.load_run(fork_dir)
+        dirs.append(str(fork_dir))
         method, momentum = run_method({**config, **overrides})
         measured.append(measure_windows(forked, windows, method, momentum, after=at))
     meas = xr.concat(measured, dim="change").assign_coords(change=ds.change)
@@ -70,6 +75,7 @@ def check(run_dir, at, changes, *, window=None, n_windows=2, predictor=None, dat
         ds[f"meas_{k}"] = meas[k]
     ds = ds.transpose("change", "window", "layer")
     ds.attrs["scores"] = scores(ds)
+    ds.attrs["fork_dirs"] = dirs
     return ds
 
 

@@ -29,6 +29,20 @@ networks, the curvature moves in ways that depend on the lr and method:
     e.g. a small lr's lazy phase, where the lr does not hold λ_max) and where the trace has
     no batch sharpness (the assumption cannot be checked), the method's edge cap only.
     ``level="run"`` applies h̄ unconditionally (the earlier model, kept for comparison).
+
+    At batch 32 the batch sharpness stays at 0.1–0.6 of its edge, so the stochastic gate
+    never opens, yet λ_max did fall after an lr increase in runs at h̄ = 0.2–0.8 and did not
+    in runs still in their lazy phase (h̄ ≈ 0.001, λ_max at its initial value; docs/findings/
+    whatif.md). Two gates ask instead whether the lr can be what holds λ_max at all:
+    ``level="sharpened"``: the run has left its lazy phase, its λ̄ at least
+    :data:`SHARPENED` (2) times the λ_max of its first probe (progressive sharpening has begun,
+    Cohen et al. 2021; before it λ_max is the initialization's, set by no lr). Assumed: the
+    level a sharpened run reached is the one its lr holds. ``level="relaxed"``: the network's
+    top mode relaxes within one window W of the prediction, α λ̄/(1 − β) ≥ 1/W (its time
+    constant (1 − β)/(αλ) in steps, the overdamped root of HB and NAG,
+    docs/theory.md §2): the lr can act on λ_max only through the top mode's motion, which a
+    slower mode does not make within the horizon. Both apply h̄ where they hold and the
+    method's edge elsewhere.
 (b) *Progressive sharpening* (Cohen et al. 2021) happens in the time of the gradient flow
     the method follows, :math:`\tau = \sum_j \alpha_j/(1-\beta_j)` (docs/theory.md §3: the
     first-order modified equation ẋ = −∇f/(1−β) in t = kα; the same for HB and NAG), not in
@@ -95,9 +109,9 @@ class CurvatureForecast:
         return sharpening_rate(probe_tau, lam, below_edge, last=self.last) if self.sharpening else 0.0
 
     def cap_level(self, h_run=np.inf, at_edge=False):
-        """h_c: 1 − margin, or min(h̄, 1 − margin) (``level="run"``, or ``"stochastic"`` where
-        ``at_edge``)."""
-        run_level = self.level == "run" or (self.level == "stochastic" and at_edge)
+        """h_c: 1 − margin, or min(h̄, 1 − margin) (``level="run"``, or a gated level where
+        ``at_edge``: :func:`held_by_lr`)."""
+        run_level = self.level == "run" or (self.level not in ("run", "edge") and at_edge)
         return min(h_run, 1 - self.margin) if run_level and np.isfinite(h_run) else 1 - self.margin
 
     def factor(self, lam_at, rate, at, plan, h_run=np.inf, at_edge=False):
@@ -113,7 +127,22 @@ class CurvatureForecast:
         return forecast_factor(lam_at, rate, at, caps, flow_steps(lrs, plan["momentum"]))
 
 
-LEVELS = ("stochastic", "edge", "run")
+LEVELS = ("stochastic", "edge", "run", "sharpened", "relaxed")
+SHARPENED = 2.0  # level="sharpened": λ̄ at least this many times the first probe's λ_max
+
+
+def held_by_lr(level, *, h_batch=(), lam_first=np.nan, lam_now=np.nan, lr=np.nan, momentum=0.0, window=np.inf,
+               margin=EDGE_MARGIN):
+    r"""Whether the run-level cap applies under ``level``: "stochastic": :func:`at_stochastic_edge`
+    of ``h_batch``; "sharpened": λ̄ (``lam_now``) ≥ :data:`SHARPENED` × ``lam_first``;
+    "relaxed": α λ̄/(1 − β) ≥ 1/``window``; "run": always; "edge": never."""
+    if level == "stochastic":
+        return at_stochastic_edge(h_batch, margin)
+    if level == "sharpened":
+        return bool(np.isfinite(lam_first) and lam_first > 0 and lam_now >= SHARPENED * lam_first)
+    if level == "relaxed":
+        return bool(np.isfinite(lr * lam_now) and lr * lam_now / (1 - momentum) >= 1 / window)
+    return level == "run"
 
 
 def flow_steps(lr, momentum):

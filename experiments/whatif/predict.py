@@ -43,7 +43,7 @@ from experiments.linking.core import run_method
 from experiments.linking.measure import default_window, measured_window
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra
 from experiments.runs.optim import lr_factors
-from experiments.whatif.curvature import at_stochastic_edge, below_edge, flow_time
+from experiments.whatif.curvature import below_edge, flow_time, held_by_lr
 
 METHODS = ("gd", "hb", "nag")
 
@@ -178,7 +178,9 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
         tau = flow_time(trace["lr"].values, momentum)[np.clip(keep, 0, trace.sizes["step"])]
         rate = curvature.rate(tau, lam_g, below_edge(h_probe, h_batch, curvature.margin))
         h_run = float(np.nanmean(h_probe[-int(smooth):]))  # over the probes of lam_fed's trailing mean
-        at_edge = at_stochastic_edge(h_batch[-int(smooth):], curvature.margin)
+        at_edge = held_by_lr(curvature.level, h_batch=h_batch[-int(smooth):], lam_first=lam_g[0], lam_now=lam_fed,
+                             lr=lr_before[-1], momentum=momentum, window=windows[0][1] - windows[0][0],
+                             margin=curvature.margin)
         for c, p in enumerate(plans):
             lam_f = lam_fed * curvature.factor(lam_fed, rate, at, {k: v[:horizon] for k, v in p.items()}, h_run,
                                                at_edge)
@@ -344,11 +346,14 @@ def lr_at(trace, step):
     return float(trace["lr"].values[step])
 
 
-def fork_config(parent, parent_id, at, change, horizon):
+def fork_config(parent, parent_id, at, change, horizon, data_seed=0):
     """The RunConfig dict of the fork making ``change`` at ``at``: the parent's config with the
     change, ``fork_from = parent_id@at``, no checkpoints, and (where the schedule's factors
-    do not depend on the run's length: constant, step) only ``horizon`` steps."""
+    do not depend on the run's length: constant, step) only ``horizon`` steps. ``data_seed``
+    (≥ 1): the fork's data order redrawn from ``at`` on (``RunConfig.fork_data_seed``)."""
     d = {**parent, **change.fork_overrides(parent), "fork_from": f"{parent_id}@{at}", "checkpoint_every": 0}
+    if data_seed:
+        d["fork_data_seed"] = int(data_seed)
     if parent["schedule"] in ("constant", "step"):
         d["steps"] = int(horizon)
     return d

@@ -1,0 +1,79 @@
+"""The what-if scores' noise ceilings (analyses/whatif_ceilings.py), the replicate check with
+another data order, and the third round's choice rule (analyses/whatif_forecast_choice.py)."""
+
+import numpy as np
+import pytest
+
+from analyses.whatif_ceilings import sign_repeat
+from analyses.whatif_forecast_choice import GROUPS, RECORD_ONLY, candidates, choose, rule_score
+from experiments import store
+from experiments.runs.config import RunConfig, run_id
+from experiments.runs.loop import run
+from experiments.whatif.check import check
+from experiments.whatif.predict import changes_from
+
+
+@pytest.mark.parametrize("p", [0.8, 0.95])
+def test_sign_repeat_recovers_the_probability_of_the_expected_sign(p):
+    # expected moves ±30 %; each replicate shows the expected sign with probability p, independently:
+    # agreement q = p² + (1 − p)², and the ceiling (1 + √(2q − 1))/2 = p. n = 4000: the standard error
+    # of q is √(q(1 − q)/n) ≤ 0.008, of p ≤ 0.008/(2√(2q − 1)) ≤ 0.007; 4 se.
+    rng = np.random.default_rng(1)
+    n = 4000
+    sign = rng.choice([-1.0, 1.0], n)
+    a = 1 + 0.3 * sign * np.where(rng.random(n) < p, 1, -1)
+    b = 1 + 0.3 * sign * np.where(rng.random(n) < p, 1, -1)
+    out = sign_repeat(a, b)
+    assert out["n"] == 2 * n
+    assert out["repeat"] == pytest.approx(p**2 + (1 - p) ** 2, abs=4 * 0.008)
+    assert out["ceiling"] == pytest.approx(p, abs=4 * 0.007)
+    # moves below the threshold do not count; none moved: no score
+    assert sign_repeat(np.full(5, 1.05), np.full(5, 0.95))["n"] == 0
+    small = sign_repeat(np.r_[1.5, 1.05], np.r_[1.4, 0.95])  # only the first pair moved (twice)
+    assert small["n"] == 2 and small["repeat"] == 1.0 and small["ceiling"] == 1.0
+
+
+@pytest.mark.slow
+def test_a_replicate_check_forks_every_change_with_another_data_order(tmp_path):
+    cfg = RunConfig(model="seed-cnn", data="digits", model_args={"channels": 4, "hidden": 16}, steps=60,
+                    batch_size=64, threads=1, seed=1, lr=0.05, momentum=0.9, probe_every=10, probe_batch_size=128,
+                    hutchinson_samples=2, noise_microbatches=4)
+    run(cfg, tmp_path / run_id(cfg))
+    changes = changes_from([0.5])
+    a = check(tmp_path / run_id(cfg), 30, changes, window=10, n_windows=2)
+    b = check(tmp_path / run_id(cfg), 30, changes, window=10, n_windows=2, data_seed=1)
+    assert a.attrs["fork_dirs"][0] == str(tmp_path / run_id(cfg))  # scheduled: the run itself
+    assert b.attrs["fork_dirs"][0] != a.attrs["fork_dirs"][0] and len(set(b.attrs["fork_dirs"])) == 2
+    assert store.load_run(b.attrs["fork_dirs"][0]).attrs["config"]["fork_data_seed"] == 1
+    np.testing.assert_array_equal(a.meas_grad_norm.isel(window=0), b.meas_grad_norm.isel(window=0))  # before k
+    assert not np.allclose(a.meas_grad_norm.isel(window=1), b.meas_grad_norm.isel(window=1))  # other batches
+    np.testing.assert_array_equal(a.pred_grad_norm, b.pred_grad_norm)  # the prediction sees only the past
+
+
+def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
+    groups = {g: {"corr_spearman": 0.6, "norm_sign": 0.4} for g in GROUPS}
+    assert rule_score(groups, 1.0) == pytest.approx((3 * 0.5 + 1.0) / 4)
+    fc = candidates()
+    rows = {"fixed": {"S": [0.46, 0.50], "score": 0.48}, "cap=sharpened noise": {"S": [0.51, 0.50], "score": 0.505},
+            "cap=relaxed noise": {"S": [0.48, 0.48], "score": 0.48}, RECORD_ONLY: {"S": [0.9, 0.9], "score": 0.9}}
+    assert choose(rows, fc) == ("fixed", pytest.approx(0.04))  # +0.025 < 2 se = 0.04; the record-only is no candidate
+    rows["cap=sharpened noise"] = {"S": [0.53, 0.53], "score": 0.53}
+    assert choose(rows, fc)[0] == "cap=sharpened noise"
+
+
+def test_drift_share_counts_the_moves_the_unchanged_run_made_too():
+    import xarray as xr
+
+    from analyses.whatif_ceilings import drift_share, growth_and_effect
+
+    # window 0 norm 1; the unchanged run moves +30 % in layer a, 0 in b; the change moves +50 % in a
+    # (with the drift), −40 % in b (its own): one of two scored cases is drift
+    g = np.array([[[1.0, 1.0], [1.3, 1.0]], [[1.0, 1.0], [1.5, 0.6]]])
+    ds = xr.Dataset({"meas_grad_norm": (("change", "window", "layer"), g)},
+                    coords={"label": ("change", ["scheduled", "lr×2"])})
+    assert drift_share(ds) == (2, 1, 0, 0)
+    # predicted: +20 % in a (right, a drift case), +10 % in b (wrong, its own case)
+    ds["pred_grad_norm"] = (("change", "window", "layer"), np.array([[[1.0, 1.0]] * 2, [[1.0, 1.0], [1.2, 1.1]]]))
+    assert drift_share(ds) == (2, 1, 1, 0)
+    grow, effect = growth_and_effect(ds)
+    np.testing.assert_allclose(effect[0, 0], [1.5 / 1.3, 0.6])
