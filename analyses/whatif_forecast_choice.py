@@ -35,7 +35,6 @@ Writes ``results/whatif_forecast_choice.json``:
     .venv/bin/python -m analyses whatif_forecast_choice     # minutes (the forks are in the store)
 """
 
-import functools
 from pathlib import Path
 
 import numpy as np

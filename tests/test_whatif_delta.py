@@ -23,7 +23,7 @@ def constant_plan(lr, momentum, steps):
 def test_a_known_log_linear_drift_and_a_known_effect_are_both_recovered():
     # the unchanged run: log|g| = a + s·τ per layer, ρ = c + d·τ; windows of 10 steps at lr 0.01, β 0.9
     # (τ per step 0.1); the change doubles the lr at k = 30, so its windows after k run at τ 0.2 / step
-    W, at, layers = 10, 30, 3
+    at, layers = 30, 3
     a, s = np.array([0.0, 1.0, -2.0]), np.array([0.5, -0.3, 0.0])
     c, d = np.array([0.1, -0.2, 0.3]), np.array([0.05, 0.0, -0.1])
     ref = constant_plan(0.01, 0.9, 50)
