@@ -1,60 +1,73 @@
-"""The choice of the what-if curvature forecast (:mod:`experiments.whatif.curvature`), third
-round (docs/findings/whatif.md, "Third round"). Written, rule included, before any candidate
-of this round was scored; ``experiments/specs/whatif_eval3.toml`` and
-``whatif_eval3_decay.toml`` (committed before this file) are held out and not read here.
+"""The choice of the what-if predictor (:mod:`experiments.whatif.predict`), fourth round
+(docs/findings/whatif.md, "Fourth round"), by the rule of the third round with the development
+settings extended to every setting seen so far.
+
+Candidates added in this round (written here, with the development set below, before any of
+them was scored on a check): the prediction as a forecast of the unchanged run times the
+model's effect of the change (:mod:`experiments.whatif.delta`), with the unchanged run's
+forecast by persistence of window 0 (``delta-persistence``) or by window 0 plus the flow-time
+trend of the last three windows (``delta-trend``). Against them the default: the link's NQM
+with the curvature held fixed, anchored on window 0 (``fixed``). The third round's candidates
+(the gated run-level caps) were rejected by this rule then (docs/findings/whatif.md, "Third
+round") and are not candidates again. ``experiments/specs/whatif_eval4.toml`` and
+``whatif_eval4_decay.toml`` (committed before this file was changed) are held out and not read here.
 
 Development, now every setting seen in the earlier rounds: the forks of
 ``whatif_seed_cnn.toml`` (step 400), ``whatif_eval.toml`` and ``whatif_eval2.toml`` (steps
-300, 500; both have been scored and looked at, so neither is held out any more), and the seed
-setting's growth after its step-1000 decay (``seed_cnn.toml``'s lr 0.03, momentum 0.9, seed
-0). Each fork check is scored twice: on the forks of the scores and on replicate forks that
-differ from them only in the data order (``RunConfig.fork_data_seed`` = 1; the noise
-ceilings' forks, ``analyses/whatif_ceilings.py``).
+300, 500), ``whatif_eval3.toml`` (steps 200, 400; scored once in the third round, so no longer
+held out), and the seed setting's growth after its step-1000 decay on the three runs seen:
+``seed_cnn.toml``'s lr 0.03, momentum 0.9, seed 0, and ``whatif_eval3_decay.toml``'s seed 3,
+lr 0.03 and 0.1. Each fork check is scored twice: on the forks of the scores and on replicate
+forks that differ from them only in the data order (``RunConfig.fork_data_seed`` = 1; the
+noise ceilings' forks, ``analyses/whatif_ceilings.py``).
 
-The rule. Per candidate and data order, S = the mean of four terms: for each of the three
-fork groups ½(pooled correlation Spearman + pooled norm-change sign) (the issue's two
-targets), and the seed setting's fraction of layers whose growth has the right sign and a
-size within ×1.5 (the issue's seed target; one run, the same in both orders). A candidate's
-score is S averaged over the two data orders. The candidate with the highest score replaces
-the default (the fixed curvature) only if it beats the default's score by more than twice
-the default's data-order standard error, |S₀ − S₁|/2 (two replicates: the standard error of
-their mean); otherwise the default stays. Ties go to fewer parts on.
-The earlier forecast (the run-level cap whether or not the lr holds the curvature) is scored
-for the record and is not a candidate.
+The rule. Per candidate and data order, S = the mean of five terms: for each of the four fork
+groups ½(pooled correlation Spearman + pooled norm-change sign) (the issue's two targets), and
+the seed setting's fraction of layers whose growth has the right sign and a size within ×1.5
+(the issue's seed target; the mean over its three runs, the same in both orders). A
+candidate's score is S averaged over the two data orders. The candidate with the highest score
+replaces the default (``fixed``) only if it beats the default's score by more than twice the
+default's data-order standard error, |S₀ − S₁|/2 (two replicates: the standard error of their
+mean); otherwise the default stays. Ties go to fewer parts (``fixed`` < ``delta-persistence`` <
+``delta-trend``).
 Writes ``results/whatif_forecast_choice.json``:
 
     .venv/bin/python -m analyses whatif_forecast_choice     # minutes (the forks are in the store)
 """
 
-import functools
 from pathlib import Path
 
 import numpy as np
 
-from analyses.whatif_scores import KEYS, _weighted, checks, seed_decay_growth
+from analyses.whatif_scores import KEYS, _weighted, checks, seed_config, seed_decay_growth
 from experiments.store import atomic_write_json
+from experiments.sweeps import SPECS_DIR, expand, load_spec
+from experiments.whatif import delta
 from experiments.whatif.check import check
-from experiments.whatif.curvature import CurvatureForecast as CF
-from experiments.whatif.predict import FORECAST, nqm_predictor
+from experiments.whatif.predict import PREDICTOR, nqm_predictor
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "whatif_forecast_choice.json"
-GROUPS = ("development", "evaluation_seen_during_development", "evaluation_new")
+GROUPS = ("development", "evaluation_seen_during_development", "evaluation_new", "evaluation_3")
 DATA_SEEDS = (0, 1)  # 0: the forks of the scores; 1: the replicate forks (another data order)
-RECORD_ONLY = "cap=run noise (earlier forecast)"
+RECORD_ONLY = None  # no record-only candidate this round
+PARTS = {"fixed": 0, "delta-persistence": 1, "delta-trend": 2}
 
 
 def candidates():
-    """name -> CurvatureForecast (None: the curvature held fixed)."""
-    return {"fixed": None,
-            "cap=sharpened noise": CF(level="sharpened"),
-            "cap=relaxed noise": CF(level="relaxed"),
-            RECORD_ONLY: CF(level="run")}
+    """name -> predictor (``fixed``: the NQM with the curvature held fixed (its default,
+    :data:`experiments.whatif.predict.FORECAST`), anchored on window 0)."""
+    return {"fixed": nqm_predictor,
+            "delta-persistence": delta.predictor("persistence"),
+            "delta-trend": delta.predictor("trend")}
 
 
-def parts_on(forecast):
-    if forecast is None:
-        return 0
-    return sum((forecast.cap, forecast.noise, forecast.sharpening))
+def parts_on(name):
+    return PARTS[name]
+
+
+def seed_configs():
+    """The seed setting's runs seen so far: seed_cnn.toml's (seed 0) and whatif_eval3_decay.toml's."""
+    return [seed_config(), *expand(load_spec(SPECS_DIR / "whatif_eval3_decay.toml"))]
 
 
 def rule_score(groups, seed_right):
@@ -63,13 +76,13 @@ def rule_score(groups, seed_right):
     return float(np.mean(terms))
 
 
-def choose(rows, forecasts, default="fixed"):
+def choose(rows, default="fixed"):
     """The rule of the module docstring over {name: {"score": mean S, "S": [S per data order]}}:
     (chosen name, the margin a candidate had to beat)."""
     s0, s1 = rows[default]["S"]
     margin = 2 * abs(s0 - s1) / 2
     ok = [n for n in rows if n != RECORD_ONLY]
-    best = max(ok, key=lambda n: (rows[n]["score"], -parts_on(forecasts[n])))
+    best = max(ok, key=lambda n: (rows[n]["score"], -parts_on(n)))
     return (best if rows[best]["score"] - rows[default]["score"] > margin else default), margin
 
 
@@ -77,9 +90,9 @@ def main(argv=()):
     import torch
 
     torch.set_num_threads(1)
-    forecasts = candidates()
-    predictors = {n: functools.partial(nqm_predictor, curvature=fc) for n, fc in forecasts.items()}
-    seed = seed_decay_growth(predictors)
+    predictors = candidates()
+    seeds = [seed_decay_growth(predictors, config=c) for c in seed_configs()]
+    seed_right = {n: float(np.mean([sd[n]["right"] for sd in seeds])) for n in predictors}
     found = checks(GROUPS)
     rows = {}
     for name, pr in predictors.items():
@@ -90,17 +103,19 @@ def main(argv=()):
                 parts = [check(run_dir, at, changes, n_windows=2, predictor=pr, data_seed=ds_seed).attrs["scores"]
                          for run_dir, at, changes in items.values()]
                 per_seed[ds_seed][group] = {k: _weighted([p["model"] for p in parts], k) for k in KEYS}
-        S = [rule_score(per_seed[d], seed[name]["right"]) for d in DATA_SEEDS]
-        rows[name] = {"S": S, "score": float(np.mean(S)), "groups": per_seed, "seed": seed[name]}
-        print(f"{name:34s} S {S[0]:.3f} / {S[1]:.3f} (mean {np.mean(S):.3f}); " + "; ".join(
-            f"{g[:12]} {per_seed[0][g]['corr_spearman']:.2f}/{per_seed[0][g]['norm_sign']:.2f}" for g in GROUPS)
-              + f"; seed right {seed[name]['right']:.2f}", flush=True)
-    chosen, margin = choose(rows, forecasts)
+        S = [rule_score(per_seed[d], seed_right[name]) for d in DATA_SEEDS]
+        rows[name] = {"S": S, "score": float(np.mean(S)), "groups": per_seed, "seed_right": seed_right[name],
+                      "seed": [{k: sd[name][k] for k in ("predicted_growth", "right")} for sd in seeds]}
+        print(f"{name:20s} S {S[0]:.3f} / {S[1]:.3f} (mean {np.mean(S):.3f}); " + "; ".join(
+            f"{g[:12]} {per_seed[0][g]['corr_spearman']:.2f}/{per_seed[0][g]['norm_sign']:.2f}"
+            f"/{per_seed[0][g]['effect_sign']:.2f}" for g in GROUPS) + f"; seed right {seed_right[name]:.2f}",
+              flush=True)
+    chosen, margin = choose(rows)
     out = {"command": "python -m analyses whatif_forecast_choice", "rule": __doc__.split("The rule. ")[1].split(
         "Writes")[0].strip(), "data_seeds": list(DATA_SEEDS), "candidates": rows,
-           "seed_measured_growth": seed["measured_growth"], "margin": margin, "chosen": chosen,
-           "chosen_is_the_default": forecasts[chosen] == FORECAST}
+           "seed_runs": [sd["run"] for sd in seeds], "seed_measured_growth": [sd["measured_growth"] for sd in seeds],
+           "margin": margin, "chosen": chosen, "chosen_is_the_default": predictors[chosen] is PREDICTOR}
     atomic_write_json(OUT, out)
     print("margin", round(margin, 4), "chosen:", chosen,
-          "(the default FORECAST)" if out["chosen_is_the_default"] else "(NOT the default)")
+          "(the default predictor)" if out["chosen_is_the_default"] else "(NOT the default predictor)")
     return 0

@@ -1,25 +1,26 @@
 """Scores of the what-if predictions (issue 15; docs/findings/whatif.md) on the development
 setting (``experiments/specs/whatif_seed_cnn.toml``, HB 0.05 / 0.9, step 400, the setting the
-model choices were made on), on the settings seen during development
+first model choices were made on), on the settings seen during development
 (``experiments/specs/whatif_eval.toml``: NAG 0.02 / 0.6, HB 0.1 / 0.6, NAG 0.05 / 0.9, seed 1;
-steps 300 and 500; held out for the first forecast, scored twice since), on the second
-evaluation settings (``experiments/specs/whatif_eval2.toml``: NAG 0.01 / 0.5, HB 0.2 / 0.5, NAG
-0.03 / 0.8, seed 2; steps 300 and 500; scored once in the second round, development since), on
-the third, held out in the third round (``experiments/specs/whatif_eval3.toml``: HB 0.03 / 0.8,
-NAG 0.1 / 0.5, HB 0.01 / 0.95, NAG 0.02 / 0.3, seed 3; steps 200 and 400), and, in the
-seed setting (``experiments/specs/seed_cnn.toml``'s run lr 0.03, momentum 0.9, seed 0, one
-thread; a development setting), the per-layer norm growth after the step-1000 decay predicted at step 1000 (and on the held-out runs of
-``experiments/specs/whatif_eval3_decay.toml``: seed 3, lr 0.03 and 0.1).
-``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`; its
-curvature forecast chosen on development is none: the last probe's curvature held fixed);
-beside it, on the same cases, ``stochastic_cap`` (the forecast's cap at the run's own level
-where the batch sharpness shows the run at its stochastic edge, else at the method's edge,
-with the noise following the curvature), ``run_cap`` (the earlier forecast: capped at the
-run's own level whether or not the run sits at its stochastic edge), ``edge_cap`` (capped at
-the method's edge only), ``sharpening`` (the stochastic-edge cap with the flow-time sharpening rate on),
-``sharpened_cap`` / ``relaxed_cap`` (the run-level cap gated on the curvature having left its
-initial value / on the top mode moving within a window; third-round candidates) and
-``persistence``.
+steps 300 and 500), on the second evaluation settings (``experiments/specs/whatif_eval2.toml``:
+NAG 0.01 / 0.5, HB 0.2 / 0.5, NAG 0.03 / 0.8, seed 2; steps 300 and 500; scored once in the
+second round, development since), on the third (``experiments/specs/whatif_eval3.toml``: HB
+0.03 / 0.8, NAG 0.1 / 0.5, HB 0.01 / 0.95, NAG 0.02 / 0.3, seed 3; steps 200 and 400; held out
+in the third round, development since), on the fourth, held out in the fourth round
+(``experiments/specs/whatif_eval4.toml``: HB 0.02 / 0.9, NAG 0.05 / 0.7, HB 0.07 / 0.7, seed 4,
+constant lr; steps 300 and 500), and, in the seed setting (``experiments/specs/seed_cnn.toml``'s
+run lr 0.03, momentum 0.9, seed 0, one thread; a development setting), the per-layer norm growth
+after the step-1000 decay predicted at step 1000 (and on the runs of
+``experiments/specs/whatif_eval3_decay.toml``: seed 3, lr 0.03 and 0.1, seen since the third
+round, and the held-out run of ``whatif_eval4_decay.toml``: seed 4, lr 0.05).
+``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`); beside it, on
+the same cases, those of the other candidates that differ from it: ``fixed`` (the link's NQM
+with the curvature held fixed, anchored on window 0), ``delta_persistence`` / ``delta_trend``
+(:mod:`experiments.whatif.delta`: the unchanged run forecast by persistence / by its flow-time
+trend, times the model's effect of the change; fourth-round candidates), ``sharpening`` (the
+stochastic-edge cap with the flow-time sharpening rate on; second round), ``sharpened_cap`` (the
+run-level cap gated on the curvature having left its initial value; third round), and
+``persistence``. (The earlier rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json``:
 
     .venv/bin/python -m analyses whatif_scores       # runs + forks the first time, then minutes
@@ -34,21 +35,27 @@ from experiments.runs.config import RunConfig, run_id
 from experiments.runs.loop import run
 from experiments.store import atomic_write_json, load_run
 from experiments.sweeps import SPECS_DIR, expand, load_spec, run_sweep
+from experiments.whatif import delta
 from experiments.whatif.check import check
 from experiments.whatif.curvature import CurvatureForecast
 from experiments.whatif.predict import PREDICTOR, changes_from, nqm_predictor
 
 ROOT = Path("store/runs")
 OUT = Path(__file__).resolve().parents[1] / "results" / "whatif_scores.json"
-VARIANTS = {  # name -> predictor; "model" is the one in use
-    "model": PREDICTOR,
-    "stochastic_cap": functools.partial(nqm_predictor, curvature=CurvatureForecast()),
-    "run_cap": functools.partial(nqm_predictor, curvature=CurvatureForecast(level="run")),
-    "edge_cap": functools.partial(nqm_predictor, curvature=CurvatureForecast(level="edge")),
+CANDIDATES = {  # name -> predictor
+    "fixed": nqm_predictor,
+    "delta_persistence": delta.predictor("persistence"),
+    "delta_trend": delta.predictor("trend"),
     "sharpening": functools.partial(nqm_predictor, curvature=CurvatureForecast(sharpening=True)),
     "sharpened_cap": functools.partial(nqm_predictor, curvature=CurvatureForecast(level="sharpened")),
-    "relaxed_cap": functools.partial(nqm_predictor, curvature=CurvatureForecast(level="relaxed")),
 }
+
+
+def _key(pr):
+    return (pr.func, pr.args, tuple(sorted(pr.keywords.items()))) if isinstance(pr, functools.partial) else (pr,)
+
+
+VARIANTS = {"model": PREDICTOR, **{n: pr for n, pr in CANDIDATES.items() if _key(pr) != _key(PREDICTOR)}}
 NAMES = (*VARIANTS, "persistence")
 KEYS = ("corr_spearman", "norm_sign", "norm_factor_1p5", "effect_sign", "effect_factor_1p5", "ratio_mae",
         "h_edge_rel_error", "regime_agreement", "h_edge_layer_rel_error", "regime_layer_agreement")
@@ -86,7 +93,8 @@ def _weighted(parts, key):
 GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_seen_during_development": ("whatif_eval", [300, 500]),
           "evaluation_new": ("whatif_eval2", [300, 500]),
-          "evaluation_3": ("whatif_eval3", [200, 400])}
+          "evaluation_3": ("whatif_eval3", [200, 400]),
+          "evaluation_4": ("whatif_eval4", [300, 500])}
 
 
 def setting_checks(spec_name, steps):
@@ -165,8 +173,12 @@ def main(argv=()):
     spec = load_spec(SPECS_DIR / "whatif_eval3_decay.toml")
     run_sweep(spec, root=ROOT, workers=0, progress=False)
     out["seed_decay_growth_eval3"] = {f"lr={c.lr:g} seed={c.seed}": seed_decay_growth(config=c) for c in expand(spec)}
+    spec = load_spec(SPECS_DIR / "whatif_eval4_decay.toml")
+    run_sweep(spec, root=ROOT, workers=0, progress=False)
+    out["seed_decay_growth_eval4"] = {f"lr={c.lr:g} seed={c.seed}": seed_decay_growth(config=c) for c in expand(spec)}
     atomic_write_json(OUT, out)
     print({g: out[g]["pooled"] for g in GROUPS})
-    for key, res in [("seed", out["seed_decay_growth"])] + list(out["seed_decay_growth_eval3"].items()):
+    for key, res in [("seed", out["seed_decay_growth"])] + list(out["seed_decay_growth_eval3"].items()) + list(
+            out["seed_decay_growth_eval4"].items()):
         print(key, {k: v for k, v in res.items() if k != "scores_vs_before_decay"})
     return 0

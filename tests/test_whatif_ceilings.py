@@ -1,11 +1,11 @@
 """The what-if scores' noise ceilings (analyses/whatif_ceilings.py), the replicate check with
-another data order, and the third round's choice rule (analyses/whatif_forecast_choice.py)."""
+another data order, and the choice rule (analyses/whatif_forecast_choice.py)."""
 
 import numpy as np
 import pytest
 
 from analyses.whatif_ceilings import sign_repeat
-from analyses.whatif_forecast_choice import GROUPS, RECORD_ONLY, candidates, choose, rule_score
+from analyses.whatif_forecast_choice import GROUPS, candidates, choose, rule_score
 from experiments import store
 from experiments.runs.config import RunConfig, run_id
 from experiments.runs.loop import run
@@ -52,13 +52,15 @@ def test_a_replicate_check_forks_every_change_with_another_data_order(tmp_path):
 
 def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
     groups = {g: {"corr_spearman": 0.6, "norm_sign": 0.4} for g in GROUPS}
-    assert rule_score(groups, 1.0) == pytest.approx((3 * 0.5 + 1.0) / 4)
-    fc = candidates()
-    rows = {"fixed": {"S": [0.46, 0.50], "score": 0.48}, "cap=sharpened noise": {"S": [0.51, 0.50], "score": 0.505},
-            "cap=relaxed noise": {"S": [0.48, 0.48], "score": 0.48}, RECORD_ONLY: {"S": [0.9, 0.9], "score": 0.9}}
-    assert choose(rows, fc) == ("fixed", pytest.approx(0.04))  # +0.025 < 2 se = 0.04; the record-only is no candidate
-    rows["cap=sharpened noise"] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows, fc)[0] == "cap=sharpened noise"
+    assert rule_score(groups, 1.0) == pytest.approx((4 * 0.5 + 1.0) / 5)
+    assert set(candidates()) == {"fixed", "delta-persistence", "delta-trend"}
+    rows = {"fixed": {"S": [0.46, 0.50], "score": 0.48}, "delta-persistence": {"S": [0.51, 0.50], "score": 0.505},
+            "delta-trend": {"S": [0.48, 0.48], "score": 0.48}}
+    assert choose(rows) == ("fixed", pytest.approx(0.04))  # +0.025 < 2 se = 0.04
+    rows["delta-trend"] = {"S": [0.53, 0.53], "score": 0.53}
+    assert choose(rows)[0] == "delta-trend"
+    rows["delta-persistence"] = {"S": [0.53, 0.53], "score": 0.53}
+    assert choose(rows)[0] == "delta-persistence"  # a tie: fewer parts
 
 
 def test_drift_share_counts_the_moves_the_unchanged_run_made_too():

@@ -29,7 +29,10 @@ An improved link model plugs in as one function with :func:`nqm_predictor`'s sig
 ``predictor(trace, config, at, plans, windows) -> Dataset (change, window, layer)`` with
 ``grad_corr``, ``grad_sq``, ``update_sq`` (model values; window 0 included) and optionally
 ``curvature_factor`` (change, window): the forecast λ'_max over the last probe's λ_max at
-each window's first step (1 if absent).
+each window's first step (1 if absent), and optionally its own anchored predictions
+``anchored_grad_corr`` / ``anchored_grad_norm`` / ``anchored_update_ratio`` (change, window,
+layer), used in place of the window-0 anchoring above (:mod:`experiments.whatif.delta`: a
+forecast of the unchanged run times the model's effect of the change).
 """
 
 from dataclasses import dataclass
@@ -44,6 +47,7 @@ from experiments.linking.measure import default_window, measured_window
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra
 from experiments.runs.optim import lr_factors
 from experiments.whatif.curvature import below_edge, flow_time, held_by_lr
+from experiments.whatif.delta import ANCHORED
 
 METHODS = ("gd", "hb", "nag")
 
@@ -307,6 +311,8 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
         corr = meas0["grad_corr"] + (model["grad_corr"] - m0["grad_corr"])
         norm = meas0["grad_norm"] * np.sqrt(model["grad_sq"] / m0["grad_sq"])
         ratio = meas0["update_ratio"] + 0.5 * np.log10(model["update_sq"] / m0["update_sq"])
+    if all(k in model for k in ANCHORED):  # the predictor anchors itself (experiments.whatif.delta)
+        corr, norm, ratio = (model[k] for k in ANCHORED)
     lam_top = float(before["sharpness_global"].values[-1])
     lam_layer = before["sharpness"].isel(probe_step=-1).values
     kappa = model["curvature_factor"].values if "curvature_factor" in model else np.ones((len(changes), len(windows)))
