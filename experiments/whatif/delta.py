@@ -58,10 +58,10 @@ import numpy as np
 
 from experiments.linking.core import run_method
 from experiments.whatif.curvature import flow_time
+from experiments.whatif.predict import ANCHORED, measure_windows, nqm_predictor
 
 BASES = ("persistence", "trend")
 N_TREND = 3  # windows before k in the trend fit (window 0 and the two before it)
-ANCHORED = ("anchored_grad_corr", "anchored_grad_norm", "anchored_update_ratio")
 
 
 def reference_plan(p, at):
@@ -117,8 +117,6 @@ def delta_predictor(trace, config, at, plans, windows, base="persistence", n_tre
     ``anchored_update_ratio``, the prediction of the module docstring, which
     :func:`experiments.whatif.predict.whatif` uses in place of its window-0 anchoring.
     ``trace``: the run before ``at`` (as :func:`whatif` passes it)."""
-    from experiments.whatif.predict import measure_windows, nqm_predictor
-
     if base not in BASES:
         raise ValueError(f"base={base!r} is unknown; valid: {', '.join(BASES)}")
     if int(n_trend) < 1:

@@ -47,9 +47,11 @@ from experiments.linking.measure import default_window, measured_window
 from experiments.linking.predict import EDGE_MARGIN, layer_spectra
 from experiments.runs.optim import lr_factors
 from experiments.whatif.curvature import below_edge, flow_time, held_by_lr
-from experiments.whatif.delta import ANCHORED
 
 METHODS = ("gd", "hb", "nag")
+# The outputs by which a predictor anchors its own prediction (experiments.whatif.delta); whatif()
+# then uses them in place of its window-0 anchoring.
+ANCHORED = ("anchored_grad_corr", "anchored_grad_norm", "anchored_update_ratio")
 
 
 @dataclass(frozen=True)
