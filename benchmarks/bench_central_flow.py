@@ -25,7 +25,8 @@ network: ratio 282 (32.5 s vs 0.12 s for 120 steps), per unit time 25 gradients,
    old, new: HVPs, third-derivative passes, evaluations and wall time as new/old ratios, and
    the largest relative differences of the predictions (loss, λ_max, ‖g‖², σ², per-layer
    lag-1) at the probes; with ``--yardstick`` also the new path at rtol 1e-7 (eig_tol 1e-9),
-   whose difference from rtol 1e-6 is the integrator's own error at the scored tolerance.
+   whose difference from rtol 1e-6 is the integrator's own error at the scored tolerance
+   (``--new-only``: only that comparison, without the old path).
 
 Run: .venv/bin/python benchmarks/bench_central_flow.py [--network | --hvp-cost | --flow-cost SETTING [STEPS]]
 """
@@ -168,19 +169,24 @@ def _differences(a, b, fa, fb):
     return out
 
 
-def flow_cost(name, steps, abba=False, yardstick=False):
+def flow_cost(name, steps, abba=False, yardstick=False, new_only=False):
     from analyses.central_flow import SETTINGS
 
     torch.set_num_threads(1)
     setting = SETTINGS[name]
-    arms = ["old", "new", "new", "old"] if abba else ["old", "new"]
+    arms = ["new"] if new_only else ["old", "new", "new", "old"] if abba else ["old", "new"]
     res = {"old": [], "new": []}
     for path in arms:
         flow, pred, counts, seconds = _flow_arm(setting, path, steps, 1e-6)
         res[path].append((flow, pred, counts, seconds))
         print(f"{name} {steps} steps, {path} path: {seconds:.0f} s, {counts}, "
               f"events {[(round(t / flow.lr), k, m) for t, k, m in flow.events]}", flush=True)
-    (fo, po, co, so), (fn, pn, cn, sn) = res["old"][0], res["new"][0]
+    fn, pn, cn, sn = res["new"][0]
+    if new_only:
+        fy, py, cy, sy = _flow_arm(setting, "new", steps, 1e-7)
+        print(f"{name}: new path at rtol 1e-7: {sy:.0f} s, {cy}; against rtol 1e-6: {_differences(pn, py, fn, fy)}")
+        return
+    fo, po, co, so = res["old"][0]
     t_old = np.mean([r[3] for r in res["old"]])
     t_new = np.mean([r[3] for r in res["new"]])
     print(f"{name}: new/old HVPs {cn['hvp'] / co['hvp']:.3f}, third-order passes {cn['third'] / co['third']:.3f}, "
@@ -202,7 +208,8 @@ if __name__ == "__main__":
             i = sys.argv.index("--flow-cost")
             rest = [a for a in sys.argv[i + 1:] if not a.startswith("--")]
             flow_cost(rest[0] if rest else "linreg", int(rest[1]) if len(rest) > 1 else 2000,
-                      abba="--abba" in sys.argv, yardstick="--yardstick" in sys.argv)
+                      abba="--abba" in sys.argv, yardstick="--yardstick" in sys.argv,
+                      new_only="--new-only" in sys.argv)
             sys.exit()
         toy()
         if "--network" in sys.argv[1:]:
