@@ -13,7 +13,11 @@ with ``torch.func`` on the whole batch (the loop's task loss, :func:`experiments
   flow the top eigenvectors move little between solver evaluations, and a block method needs
   no deflation), its products one batched HVP per block (``torch.func.vmap``); converged
   when every residual ‖Hx − θx‖ ≤ ``eig_tol``·|θ_1|, so an eigenvalue is off by about
-  (eig_tol·θ_1)²/gap and a vector by eig_tol·θ_1/gap;
+  (eig_tol·θ_1)²/gap and a vector by eig_tol·θ_1/gap. Caveat: started from the previous
+  block, LOBPCG reaches a direction outside it only through its residuals, so an eigenvalue
+  rising from below the k-th past it can go unseen for a while (the Lanczos path's random
+  part guards against that); on the scored flows the two paths give the same events and
+  λ_max to 3e-7 (docs/findings/central_flow.md §7), which is a check, not a guarantee;
 - ``grad_quadform(w, u, v)`` = :math:`\nabla_w (v^\top H(w) u)`, by differentiating the HVP
   once more; ``grad_sharpness(w)`` that with the top eigenvector;
 - ``hessian(w)`` (dense, for tiny networks and tests); ``blocks``: one index slice per layer
