@@ -11,6 +11,9 @@ flow (dynamics.central_flow, docs/theory_central_flow.md). Writes ``results/cent
     .venv/bin/python -m analyses central_flow --edge 10 --only hb:0.3      (another S*: keys edge10_runs...)
     .venv/bin/python -m analyses central_flow --setting digits [--only ...|--scan ... [--hidden 3,3] [--n-train 512]]
     .venv/bin/python -m analyses central_flow --setting digits --rescore   (adds the phase "oscillating" from the series)
+    .venv/bin/python -m analyses central_flow --setting digits_mse --max-edge 3 --edge-space --only gd:0
+        (the flow with max_edge 3, key digits_mse_max_edge3; --edge-space: where the run's period-2
+        part lies against its own top Ritz vectors and the flow's edge span, :func:`edge_space`)
 
 ``--setting digits``: the MLP (hidden 4, 4, tanh) on 256 sklearn digits with cross-entropy
 (:data:`DIGITS`), everything under the key ``digits_ce``. ``--setting digits_mse``: the same
@@ -162,8 +165,10 @@ def network_loss(setting=LINREG):
     data = load_data(setting.data, n_train=setting.n_train)
     torch.manual_seed(0)  # as train() builds it: right after seeding with config.seed
     model = build_model("mlp", data.info, hidden=setting.hidden, activation=setting.activation)
+    # eigenpairs by warm LOBPCG at a residual of rtol/100 of θ_1 (rtol = 1e-6, the flows' below):
+    # eigenvector errors ≤ rtol where the relative gap is ≥ 1 % (benchmarks/bench_central_flow.py --flow-cost)
     return NetworkLoss(model, data.x_train, data.y_train, data.info.task, lanczos_iters=60, lanczos_tol=1e-9,
-                       loss_fn=LOSSES[setting.loss])
+                       loss_fn=LOSSES[setting.loss], eig_solver="lobpcg", eig_tol=1e-8)
 
 
 def window_mean(values, probe_steps, width=EVERY):
@@ -256,7 +261,43 @@ def late_averages(series, start):
     }
 
 
-def one_run(method, beta, steps=STEPS, setting=LINREG):
+def edge_space(loss, flow, iterates, probe_steps, start, edge, k=6, every=100, width=EVERY):
+    """Where the discrete run's period-2 part lies, every ``every`` steps from ``start``: the top
+    ``k`` Ritz pairs (Lanczos, ``loss.top_eigs``) of the run's own Hessian at its
+    period-2-filtered iterate (:func:`dynamics.central_flow.period_two_split`), and over the
+    ``width`` steps centred there the mean squared projection of the period-2 part on each Ritz
+    vector, on the span of the flow's active edge vectors, and in total (‖osc‖²). Returns the
+    per-point rows and their means: λ_j / S*, the cumulative shares of the total in the top
+    1..k Ritz vectors and in the flow's edge span, and each of those variances over the flow's
+    σ² (tr Σ)."""
+    mean, osc = cf.period_two_split(iterates)
+    rows = []
+    for i, p in enumerate(probe_steps[:flow.t.size]):
+        if p < start or p % every or flow.active[i] == 0:
+            continue
+        vals, vecs = loss.top_eigs(mean[p], k)
+        win = osc[p - width // 2: p + (width + 1) // 2]
+        total = float(np.mean((win**2).sum(1)))
+        per_ritz = np.mean((win @ vecs) ** 2, axis=0)
+        a = int(flow.active[i])
+        in_flow = float(np.mean(((win @ flow.vectors[i][:, :a]) ** 2).sum(1)))
+        # cosines of the principal angles between the run's top-a Ritz span and the flow's edge span
+        cos = np.linalg.svd(vecs[:, :a].T @ flow.vectors[i][:, :a], compute_uv=False)
+        rows.append({"step": int(p), "flow_active": a, "ritz_over_edge": np.round(vals / edge, 4).tolist(),
+                     "share_top_cumulative": np.round(np.cumsum(per_ritz) / total, 4).tolist(),
+                     "share_flow_span": round(in_flow / total, 4),
+                     "total_over_flow_sigma2": total / float(flow.sigma2[i]),
+                     "top_cumulative_over_flow_sigma2": np.round(np.cumsum(per_ritz) / flow.sigma2[i], 4).tolist(),
+                     "flow_span_over_flow_sigma2": in_flow / float(flow.sigma2[i]),
+                     "run_top_vs_flow_span_cosines": np.round(cos, 4).tolist()})
+    avg = {key: np.round(np.mean([r[key] for r in rows], axis=0), 4).tolist()
+           for key in ("ritz_over_edge", "share_top_cumulative", "share_flow_span", "total_over_flow_sigma2",
+                       "top_cumulative_over_flow_sigma2", "flow_span_over_flow_sigma2",
+                       "run_top_vs_flow_span_cosines")} if rows else {}
+    return {"from_step": int(start), "every": every, "k": k, "mean": avg, "points": rows}
+
+
+def one_run(method, beta, steps=STEPS, setting=LINREG, with_edge_space=False):
     lr = lr_for(method, beta, setting.edge)
     loss = network_loss(setting)
     t0 = time.perf_counter()
@@ -320,6 +361,10 @@ def one_run(method, beta, steps=STEPS, setting=LINREG):
     }
     res["series"] = {k: np.round(np.asarray(v, float), 6).tolist() for k, v in series.items()}
     res["second_half_averages"] = late_averages(series, steps // 2)
+    res["flow_eigenvalues_over_edge_second_half_mean"] = np.round(
+        np.mean(flow.eigenvalues[:n][probe_steps[:n] >= steps // 2], 0) / flow.edge, 4).tolist()
+    if with_edge_space:
+        res["edge_space"] = edge_space(loss, flow, iterates, probe_steps, steps // 2, flow.edge)
     return res
 
 
@@ -483,6 +528,9 @@ def main(argv=()):
     if "--edge" in argv:  # another S* for the same network: its own keys
         edge = float(_arg(argv, "--edge"))
         setting = dataclasses.replace(setting, edge=edge, prefix=f"{setting.prefix}edge{edge:g}_")
+    if "--max-edge" in argv:  # the flow with more eigenvalues allowed at the edge: its own keys
+        max_edge = int(_arg(argv, "--max-edge"))
+        setting = dataclasses.replace(setting, max_edge=max_edge, prefix=f"{setting.prefix}max_edge{max_edge}_")
     if "--hidden" in argv or "--n-train" in argv:  # another width or sample size: for --scan only
         if "--scan" not in argv:
             raise ValueError("--hidden and --n-train are for --scan only (the scored settings are fixed)")
@@ -547,7 +595,7 @@ def main(argv=()):
             "network": _describe(setting), "edge": setting.edge}
     order = {k: i for i, k in enumerate(setting.runs)}
     for m, b in runs:  # written after each run: a long analysis leaves its finished part
-        r = one_run(m, b, steps, setting)
+        r = one_run(m, b, steps, setting, with_edge_space="--edge-space" in argv)
         if "--only" in argv:  # re-read: runs of the same setting may finish in other processes meanwhile
             now = json.loads(OUT.read_text()) if OUT.exists() else {}
             stored = now.get(block, {}) if block else now

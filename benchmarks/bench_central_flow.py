@@ -17,7 +17,23 @@ network: ratio 282 (32.5 s vs 0.12 s for 120 steps), per unit time 25 gradients,
 3. ``--hvp-cost`` (alone): one HVP of the scored MLPs and of the seed CNN on 1000 MNIST-1D
    examples, as a multiple of the linreg MLP's (to size a central flow of the CNN).
 
-Run: .venv/bin/python benchmarks/bench_central_flow.py [--network | --hvp-cost]
+4. ``--flow-cost [linreg|digits_mse] [STEPS]`` (alone): the scored GD flow of that setting
+   (``analyses/central_flow.py``: rtol 1e-6, probes every 10 steps) by the previous eigen
+   path (Lanczos with deflation, residual 1e-9, all max_edge + 1 eigenpairs at every
+   evaluation) and by the present one (warm LOBPCG at eig_tol = rtol/100, only the eigenpairs
+   a segment needs), arms in the order old, new, new, old where time allows (``--abba``), else
+   old, new: HVPs, third-derivative passes, evaluations and wall time as new/old ratios, and
+   the largest relative differences of the predictions (loss, λ_max, ‖g‖², σ², per-layer
+   lag-1) at the probes; with ``--yardstick`` also the new path at rtol 1e-7 (eig_tol 1e-9),
+   whose difference from rtol 1e-6 is the integrator's own error at the scored tolerance
+   (``--new-only``: only that comparison, without the old path).
+
+   Measured (2000 steps, loaded 2-core machine): linreg HVPs 36,100 -> 18,943 (0.525), wall 0.550
+   (arms old, new, new, old), predictions within 1.5e-5 (the integrator's own error at rtol 1e-6,
+   against 1e-7: 1.2e-5); digits_mse HVPs 212,436 -> 141,640 (0.667), wall 0.32 (one pair),
+   predictions within 4.5e-5.
+
+Run: .venv/bin/python benchmarks/bench_central_flow.py [--network | --hvp-cost | --flow-cost SETTING [STEPS]]
 """
 
 import sys
@@ -119,10 +135,86 @@ def hvp_cost(reps=5):
         print(f"{name}: {loss.w0.size} parameters, {t * 1e3:.1f} ms per HVP, {t / base:.1f}x the linreg MLP's")
 
 
+def _flow_arm(setting, path, steps, rtol):
+    """One GD flow of ``setting`` as analyses/central_flow.py solves it, by the eigen ``path``
+    ("old" or "new"): the flow, its predictions at the probes, counters and wall time."""
+    from analyses.central_flow import EVERY, lr_for, network_loss
+
+    loss = network_loss(setting)
+    if path == "old":
+        loss.eig_solver, loss.lanczos_tol = "lanczos", 1e-9
+    else:
+        loss.eig_solver, loss.eig_tol = "lobpcg", rtol / 100
+    lr = lr_for("gd", 0.0, setting.edge)
+    t_eval = lr * np.arange(0, steps, EVERY)
+    loss.grad(loss.w0)  # warm up torch.func
+    loss.n_grad = loss.n_hvp = loss.n_third = 0
+    t0 = time.perf_counter()
+    flow = cf.solve_central_flow(loss, loss.w0, "gd", lr, 0.0, float(t_eval[-1]), t_eval=t_eval,
+                                 max_edge=setting.max_edge, rtol=rtol, atol=rtol * 1e-3, lazy_eigs=path == "new")
+    seconds = time.perf_counter() - t0
+    counts = {"hvp": loss.n_hvp, "third": loss.n_third, "grad": loss.n_grad, "nfev": flow.nfev,
+              "fallbacks": getattr(loss, "n_lobpcg_fallback", 0)}
+    pred = cf.predict(loss, flow, loss.blocks)
+    out = {"loss": pred.loss, "sharpness": pred.sharpness, "grad_sq": pred.grad_sq, "sigma2": pred.sigma2,
+           "layer_grad_sq": pred.block_grad_sq, "lag1": pred.block_lag1}
+    return flow, out, counts, seconds
+
+
+def _differences(a, b, fa, fb):
+    """Largest relative differences of the predictions of two flows at the probes (σ² and
+    lag-1 where both flows are at the edge; lag-1 as an absolute difference), and the events."""
+    both = (fa.active > 0) & (fb.active > 0)
+    out = {}
+    for key in ("loss", "sharpness", "grad_sq", "layer_grad_sq"):
+        out[key] = float(np.nanmax(np.abs(a[key] / b[key] - 1)))
+    out["sigma2"] = float(np.max(np.abs(a["sigma2"][both] / b["sigma2"][both] - 1))) if both.any() else np.nan
+    out["lag1_abs"] = float(np.nanmax(np.abs(a["lag1"][both] - b["lag1"][both]))) if both.any() else np.nan
+    out["active_disagree"] = int(np.sum(fa.active != fb.active))
+    return out
+
+
+def flow_cost(name, steps, abba=False, yardstick=False, new_only=False):
+    from analyses.central_flow import SETTINGS
+
+    torch.set_num_threads(1)
+    setting = SETTINGS[name]
+    arms = ["new"] if new_only else ["old", "new", "new", "old"] if abba else ["old", "new"]
+    res = {"old": [], "new": []}
+    for path in arms:
+        flow, pred, counts, seconds = _flow_arm(setting, path, steps, 1e-6)
+        res[path].append((flow, pred, counts, seconds))
+        print(f"{name} {steps} steps, {path} path: {seconds:.0f} s, {counts}, "
+              f"events {[(round(t / flow.lr), k, m) for t, k, m in flow.events]}", flush=True)
+    fn, pn, cn, sn = res["new"][0]
+    if new_only:
+        fy, py, cy, sy = _flow_arm(setting, "new", steps, 1e-7)
+        print(f"{name}: new path at rtol 1e-7: {sy:.0f} s, {cy}; against rtol 1e-6: {_differences(pn, py, fn, fy)}")
+        return
+    fo, po, co, so = res["old"][0]
+    t_old = np.mean([r[3] for r in res["old"]])
+    t_new = np.mean([r[3] for r in res["new"]])
+    print(f"{name}: new/old HVPs {cn['hvp'] / co['hvp']:.3f}, third-order passes {cn['third'] / co['third']:.3f}, "
+          f"evaluations {cn['nfev'] / co['nfev']:.3f}, wall {t_new / t_old:.3f} (means over the arms); "
+          f"HVPs per evaluation {co['hvp'] / co['nfev']:.1f} -> {cn['hvp'] / cn['nfev']:.1f}")
+    print(f"{name}: new vs old, largest relative differences at the probes {_differences(pn, po, fn, fo)}")
+    if yardstick:
+        fy, py, cy, sy = _flow_arm(setting, "new", steps, 1e-7)
+        print(f"{name}: new path at rtol 1e-7: {sy:.0f} s, {cy}; against rtol 1e-6 (new): "
+              f"{_differences(pn, py, fn, fy)}; against old: {_differences(po, py, fo, fy)}", flush=True)
+
+
 if __name__ == "__main__":
     with threadpool_limits(1):
         if "--hvp-cost" in sys.argv[1:]:
             hvp_cost()
+            sys.exit()
+        if "--flow-cost" in sys.argv[1:]:
+            i = sys.argv.index("--flow-cost")
+            rest = [a for a in sys.argv[i + 1:] if not a.startswith("--")]
+            flow_cost(rest[0] if rest else "linreg", int(rest[1]) if len(rest) > 1 else 2000,
+                      abba="--abba" in sys.argv, yardstick="--yardstick" in sys.argv,
+                      new_only="--new-only" in sys.argv)
             sys.exit()
         toy()
         if "--network" in sys.argv[1:]:

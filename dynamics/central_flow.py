@@ -318,14 +318,19 @@ def _edge_set(loss, w, edge, k, edge_rtol):
 
 
 def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max_edge=3,
-                       ode_method="LSODA", rtol=1e-9, atol=1e-12, edge_rtol=1e-6, max_events=50):
+                       ode_method="LSODA", rtol=1e-9, atol=1e-12, edge_rtol=1e-6, max_events=50,
+                       lazy_eigs=True):
     r"""Integrate the central flow of ``method`` (PyTorch's lr and momentum) from ``w0`` over
     [0, horizon] (t = k·lr) with ``solve_ivp``; returns a :class:`CentralFlow` sampled at
     ``t_eval`` (default: every step, t_k = k·lr).
 
     ``max_edge`` is the largest number of eigenvalues allowed at the edge together (the loss's
-    top ``max_edge + 1`` eigenpairs are computed). ``w0`` must lie below the edge: from above,
-    the discrete method catapults first, which the central flow does not model.
+    top ``max_edge + 1`` eigenpairs are computed at the events and the samples; between events,
+    with ``lazy_eigs``, only the m + 1 that a segment with m eigenvalues at the edge needs: its
+    field needs m vectors, its entering event the (m+1)-th eigenvalue; ``lazy_eigs=False``
+    computes all max_edge + 1 at every evaluation, the same flow at more cost). ``w0`` must lie
+    below the edge: from above, the discrete method catapults first, which the central flow
+    does not model.
     """
     m, lr, beta, horizon, w0 = _validate(loss, w0, method, lr, momentum, horizon)
     if int(max_edge) != max_edge or max_edge < 1:
@@ -349,7 +354,7 @@ def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max
         if key not in memo or memo[key][0].size < n:
             if len(memo) > 4:
                 memo.clear()
-            memo[key] = loss.top_eigs(w, max(n, k))
+            memo[key] = loss.top_eigs(w, n if lazy_eigs else max(n, k))
         vals, vecs = memo[key]
         return vals[:n], vecs[:, :n]
 

@@ -293,6 +293,37 @@ def test_two_eigenvalues_at_the_edge(method, lr, tol_sharp):
     np.testing.assert_allclose(curv, edge, rtol=tol_sharp)
 
 
+def test_lazy_eigenpairs_give_the_same_flow():
+    """``lazy_eigs`` (only the m + 1 eigenpairs a segment needs) against every evaluation
+    computing max_edge + 1 = 3: on two_edge_toy (dense eigh, so both fields are the same
+    function) the same events and the same samples to rounding (1e-9 relative; the
+    integrator sees identical right-hand sides), and fewer eigenpairs asked for."""
+    lr = 0.005
+    edge = float(cf.edge_sharpness("gd", lr))
+    base = cf.two_edge_toy(scale=edge / 2)
+    counts = {}
+
+    class Counting:
+        def __init__(self, key):
+            self.key = key
+            counts[key] = 0
+
+        def __getattr__(self, name):
+            return getattr(base, name)
+
+        def top_eigs(self, w, k):
+            counts[self.key] += k
+            return base.top_eigs(w, k)
+
+    flows = {lazy: cf.solve_central_flow(Counting(lazy), base.w0, "gd", lr, 0.0, 20.0, max_edge=2,
+                                         t_eval=np.linspace(0.0, 20.0, 201), lazy_eigs=lazy)
+             for lazy in (True, False)}
+    assert [e[1:] for e in flows[True].events] == [e[1:] for e in flows[False].events] == [("enter", 1), ("enter", 2)]
+    np.testing.assert_allclose(flows[True].w, flows[False].w, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(flows[True].sigma, flows[False].sigma, rtol=1e-9, atol=1e-12)
+    assert counts[True] < counts[False], counts
+
+
 # --------------------------------------------------------------------------- validation
 def test_bad_input_names_parameter_value_and_range():
     loss = cf.sharpening_toy(scale=100.0)

@@ -170,3 +170,30 @@ def test_digits_mse_setting_is_the_same_data_with_the_one_hot_mse():
     assert s.data == a.DIGITS.data and s.n_train == a.DIGITS.n_train and LOSSES[s.loss] is onehot_mse
     assert "MSE against one-hot" in a._describe(s) and "cross-entropy" not in a._describe(s)
     assert s.prefix.rstrip("_") not in ("", a.DIGITS.prefix.rstrip("_"))  # its own block of the results file
+
+
+def test_edge_space_splits_the_period_two_part_by_ritz_vectors_and_the_flow_span():
+    """Constructed run: a linear drift plus (−1)^k (a e_1 + b e_3) in R^5, the loss's Ritz
+    vectors the coordinate axes (eigenvalues 2, 1.9, 1.5, 1, 0.5), the flow's edge span e_1
+    with σ² = a²: the filter removes the drift exactly, so the cumulative shares are
+    a²/(a²+b²) after e_1 and e_2, 1 after e_3; the flow span's share a²/(a²+b²); the total
+    over the flow's σ² (a²+b²)/a²; the run's top Ritz vector is the flow's (cosine 1)."""
+    from types import SimpleNamespace
+
+    d, steps, a_amp, b_amp = 5, 300, 0.3, 0.1
+    k = np.arange(steps + 1)[:, None]
+    e = np.eye(d)
+    iterates = 0.01 * k * np.ones(d) + (-1.0) ** k * (a_amp * e[0] + b_amp * e[2])
+    vals = np.array([2.0, 1.9, 1.5, 1.0, 0.5])
+    loss = SimpleNamespace(top_eigs=lambda w, n: (vals[:n], e[:, :n]))
+    probes = np.arange(0, steps, 10)
+    flow = SimpleNamespace(t=probes * 1.0, active=np.ones(probes.size, int),
+                           vectors=np.tile(e[:, :1], (probes.size, 1, 1)), sigma2=np.full(probes.size, a_amp**2))
+    out = a.edge_space(loss, flow, iterates, probes, start=100, edge=2.0, k=4, every=50)
+    assert [r["step"] for r in out["points"]] == [100, 150, 200, 250]
+    share = a_amp**2 / (a_amp**2 + b_amp**2)
+    np.testing.assert_allclose(out["mean"]["share_top_cumulative"], [share, share, 1.0, 1.0], atol=1e-4)
+    assert out["mean"]["share_flow_span"] == pytest.approx(share, abs=1e-4)
+    assert out["mean"]["total_over_flow_sigma2"] == pytest.approx(1 / share, rel=1e-4)
+    np.testing.assert_allclose(out["mean"]["ritz_over_edge"], vals[:4] / 2.0)
+    assert out["mean"]["run_top_vs_flow_span_cosines"] == [1.0]

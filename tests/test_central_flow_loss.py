@@ -91,6 +91,37 @@ def test_warm_starts_save_lanczos_steps(tiny):
     assert warm_cost < first, (warm_cost, first)
 
 
+def test_lobpcg_path_against_the_dense_hessian(tiny):
+    """``eig_solver="lobpcg"``: the first call by Lanczos, then warm calls at points moved by
+    1e-4 and 1e-3 per coordinate, each against eigh of the dense Hessian: eigenvalues
+    within the residual bound |θ − λ| ≤ ‖r‖ ≤ eig_tol·θ_1 (1e-8 relative; 1e-8·1.25 absolute
+    allowed), vectors |u·u_dense| = 1 to 1e-6 (angle ≤ ‖r‖/gap ≈ 1e-8·1.25/0.035 here); every
+    warm call converged without falling back to Lanczos, and fewer HVPs than the Lanczos path
+    (residual 1e-10) over the same sequence of points."""
+    loss, _, _ = tiny
+    rng = np.random.default_rng(4)
+    new = NetworkLoss(loss.model, loss.x, loss.y, "classify", eig_solver="lobpcg", eig_tol=1e-8, seed=1)
+    old = NetworkLoss(loss.model, loss.x, loss.y, "classify", seed=1)
+    w = loss.w0 + 0.05 * rng.standard_normal(loss.w0.size)
+    new.top_eigs(w, 3)
+    old.top_eigs(w, 3)
+    n_new, n_old = new.n_hvp, old.n_hvp
+    for step in (1e-4, 1e-4, 1e-3):
+        w = w + step * rng.standard_normal(w.size)
+        vals, vecs = new.top_eigs(w, 3)
+        old.top_eigs(w, 3)
+        ev, evec = np.linalg.eigh(old.hessian(w))  # equals autograd's: test_hvp_and_eigenpairs_...
+        np.testing.assert_allclose(vals, ev[::-1][:3], rtol=0, atol=1e-8 * ev[-1])
+        np.testing.assert_allclose(np.abs(np.sum(vecs * evec[:, ::-1][:, :3], axis=0)), 1.0, atol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=0), 1.0, rtol=1e-12)
+    assert new.n_lobpcg_fallback == 0
+    assert new.n_hvp - n_new < old.n_hvp - n_old, (new.n_hvp - n_new, old.n_hvp - n_old)
+    with pytest.raises(ValueError, match=r"eig_solver='arpack' is not valid; valid: lanczos, lobpcg"):
+        NetworkLoss(loss.model, loss.x, loss.y, "classify", eig_solver="arpack")
+    with pytest.raises(ValueError, match=r"eig_tol=0 is outside the valid range \(0, 1\)"):
+        NetworkLoss(loss.model, loss.x, loss.y, "classify", eig_tol=0)
+
+
 def test_mlp_activation_option():
     """The MLP's smooth activations (for the central flow) and the error naming the value."""
     data = load_data("digits", n_train=8)

@@ -7,13 +7,24 @@ with ``torch.func`` on the whole batch (the loop's task loss, :func:`experiments
 - ``top_eigs(w, k)``: Lanczos from the probes (:func:`experiments.trace.probes.lanczos_top`,
   full reorthogonalisation, Ritz-residual stop), warm-started from the previous call's Ritz
   vectors plus 10 % of a random direction (as the probes do); eigenpairs after the first by
-  deflation, :math:`H - \sum_{j<i}\lambda_j u_j u_j^\top`;
+  deflation, :math:`H - \sum_{j<i}\lambda_j u_j u_j^\top`; or, with ``eig_solver="lobpcg"``,
+  the first call by that Lanczos and every later one by ``scipy.sparse.linalg.lobpcg``
+  (Knyazev 2001) on the block of the previous call's k eigenvectors (no random part: along a
+  flow the top eigenvectors move little between solver evaluations, and a block method needs
+  no deflation), its products one batched HVP per block (``torch.func.vmap``); converged
+  when every residual ‖Hx − θx‖ ≤ ``eig_tol``·|θ_1|, so an eigenvalue is off by about
+  (eig_tol·θ_1)²/gap and a vector by eig_tol·θ_1/gap. Caveat: started from the previous
+  block, LOBPCG reaches a direction outside it only through its residuals, so an eigenvalue
+  rising from below the k-th past it can go unseen for a while (the Lanczos path's random
+  part guards against that); on the scored flows the two paths give the same events and
+  λ_max to 3e-7 (docs/findings/central_flow.md §7), which is a check, not a guarantee;
 - ``grad_quadform(w, u, v)`` = :math:`\nabla_w (v^\top H(w) u)`, by differentiating the HVP
   once more; ``grad_sharpness(w)`` that with the top eigenvector;
 - ``hessian(w)`` (dense, for tiny networks and tests); ``blocks``: one index slice per layer
   (owning module, as the tracer names layers).
 
-Counters ``n_grad``, ``n_hvp``, ``n_third`` record the work done (for the benchmark).
+Counters ``n_grad``, ``n_hvp``, ``n_third`` record the work done (for the benchmark; a batched
+product of a block of b vectors counts b HVPs).
 
 Example::
 
@@ -28,8 +39,11 @@ Example::
     ((610,), ['fc1', 'fc2'])
 """
 
+import warnings
+
 import numpy as np
 import torch
+from scipy.sparse.linalg import LinearOperator, lobpcg
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vjp
 
@@ -44,10 +58,22 @@ class NetworkLoss:
 
     ``lanczos_iters`` caps the Lanczos steps (and ``lanczos_tol`` stops them by the Ritz
     residual, relative to the eigenvalue); ``seed`` seeds the random part of the starts;
-    ``loss_fn(model, (x, y))`` replaces the task's loss (e.g. :func:`onehot_mse`).
+    ``loss_fn(model, (x, y))`` replaces the task's loss (e.g. :func:`onehot_mse`);
+    ``eig_solver`` "lanczos" (every call) or "lobpcg" (warm calls; module docstring), whose
+    relative residual tolerance is ``eig_tol`` and iteration cap ``lobpcg_iters`` (a call that
+    does not converge within it falls back to Lanczos).
     """
 
-    def __init__(self, model, x, y, task, lanczos_iters=60, lanczos_tol=1e-10, seed=0, loss_fn=None):
+    EIG_SOLVERS = ("lanczos", "lobpcg")
+
+    def __init__(self, model, x, y, task, lanczos_iters=60, lanczos_tol=1e-10, seed=0, loss_fn=None,
+                 eig_solver="lanczos", eig_tol=1e-8, lobpcg_iters=40):
+        if eig_solver not in self.EIG_SOLVERS:
+            raise ValueError(f"eig_solver={eig_solver!r} is not valid; valid: {', '.join(self.EIG_SOLVERS)}")
+        if not 0 < eig_tol < 1:
+            raise ValueError(f"eig_tol={eig_tol!r} is outside the valid range (0, 1)")
+        self.eig_solver, self.eig_tol, self.lobpcg_iters = eig_solver, float(eig_tol), int(lobpcg_iters)
+        self.n_lobpcg_fallback = 0
         self.model = model.to(torch.float64)
         self.x = x.to(torch.float64) if x.is_floating_point() else x
         self.y = y.to(torch.float64) if y.is_floating_point() else y
@@ -100,8 +126,43 @@ class NetworkLoss:
         self.n_hvp += wt.numel()
         return torch.func.vmap(lambda v: self._hvp_t(wt, v))(eye).numpy()
 
+    def _hvp_block(self, wt, vs):
+        """H(w) applied to the columns of ``vs`` (d, b), one batched pass."""
+        self.n_hvp += vs.shape[1]
+        return torch.func.vmap(lambda v: self._hvp_t(wt, v))(vs.T).T
+
     def top_eigs(self, w, k):
         """Top k eigenvalues (descending) and unit eigenvectors (columns) of H(w)."""
+        if self.eig_solver == "lobpcg" and len(self._warm) >= k:
+            out = self._top_eigs_lobpcg(w, k)
+            if out is not None:
+                return out
+            self.n_lobpcg_fallback += 1
+        return self._top_eigs_lanczos(w, k)
+
+    def _top_eigs_lobpcg(self, w, k):
+        """``scipy.sparse.linalg.lobpcg`` from the previous call's k vectors; None if it does
+        not reach the tolerance within ``lobpcg_iters`` iterations."""
+        wt = self._t(w)
+        start = torch.stack(self._warm[:k], 1).numpy()
+        op = LinearOperator((wt.numel(),) * 2, dtype=np.float64,
+                            matvec=lambda v: self._hvp_block(wt, self._t(v).reshape(-1, 1)).numpy().ravel(),
+                            matmat=lambda v: self._hvp_block(wt, self._t(v)).numpy())
+        scale = abs(self._warm_value)  # θ_1 of the previous call
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "not converged": checked below
+            vals, vecs, hist = lobpcg(op, start, largest=True, tol=self.eig_tol * scale,
+                                      maxiter=self.lobpcg_iters, retResidualNormsHistory=True)
+        if np.max(hist[-1]) > self.eig_tol * scale:
+            return None
+        order = np.argsort(vals)[::-1]
+        vals, vecs = vals[order], vecs[:, order]
+        vecs = vecs / np.linalg.norm(vecs, axis=0)
+        self._warm = [torch.as_tensor(v.copy()) for v in vecs.T] + self._warm[k:]
+        self._warm_value = float(vals[0])
+        return vals, vecs
+
+    def _top_eigs_lanczos(self, w, k):
         wt = self._t(w)
         vals, vecs = [], []
         for i in range(k):
@@ -122,6 +183,7 @@ class NetworkLoss:
             vals.append(float(value[0]))
             vecs.append(vector[0])
         self._warm = [v.clone() for v in vecs] + self._warm[k:]
+        self._warm_value = max(vals)
         order = np.argsort(vals)[::-1]  # deflation can return them slightly out of order
         return np.array(vals)[order], torch.stack(vecs, 1).numpy()[:, order]
 
