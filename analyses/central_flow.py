@@ -14,6 +14,8 @@ flow (dynamics.central_flow, docs/theory_central_flow.md). Writes ``results/cent
     .venv/bin/python -m analyses central_flow --setting digits_mse --max-edge 3 --edge-space --only gd:0
         (the flow with max_edge 3, key digits_mse_max_edge3; --edge-space: where the run's period-2
         part lies against its own top Ritz vectors and the flow's edge span, :func:`edge_space`)
+    .venv/bin/python -m analyses central_flow --setting digits_mse --only hb:0.4 --tag second_momentum
+        (runs under their own key, runs_2000_steps_second_momentum; with --rescore: only that key)
 
 ``--setting digits``: the MLP (hidden 4, 4, tanh) on 256 sklearn digits with cross-entropy
 (:data:`DIGITS`), everything under the key ``digits_ce``. ``--setting digits_mse``: the same
@@ -537,6 +539,9 @@ def main(argv=()):
         hidden = tuple(int(h) for h in _arg(argv, "--hidden", ",".join(map(str, setting.hidden))).split(","))
         setting = dataclasses.replace(setting, hidden=hidden, n_train=int(_arg(argv, "--n-train", setting.n_train)))
     block = setting.prefix.rstrip("_") if setting.name != "linreg" else None
+    tag = _arg(argv, "--tag")  # runs kept apart from the stored ones: key ..._TAG (--rescore: only those)
+    if tag is not None and not re.fullmatch(r"[a-z0-9_]+", tag):
+        raise ValueError(f"--tag={tag!r} is invalid; valid: lower-case letters, digits and _")
     if "--summarise" in argv:  # recompute the second-half averages from the stored series
         keys = [k for k in out if k.startswith("runs") and isinstance(out[k], list)]
         for key in keys:
@@ -548,7 +553,7 @@ def main(argv=()):
     if "--rescore" in argv:  # from the stored series: the probes where both the flow and the run oscillate
         stored = out.get(block, {}) if block else out
         keys = [k for k in stored if k.startswith("runs" if block else setting.prefix + "runs")
-                and isinstance(stored[k], list)]
+                and isinstance(stored[k], list) and (tag is None or k.endswith("_" + tag))]
         for key in keys:
             for r in stored[key]:
                 r["scores"].update(phase_scores(r["series"], {"oscillating": oscillating_probes(r["series"])}))
@@ -585,6 +590,7 @@ def main(argv=()):
     steps = int(_arg(argv, "--steps")) if "--steps" in argv else (200 if quick else setting.steps)
     key = "runs" if steps == STEPS else f"runs_{steps}_steps"
     key = key if block else setting.prefix + key
+    key = key if tag is None else f"{key}_{tag}"
     runs = _parse_only(_arg(argv, "--only")) if "--only" in argv else (
         list(setting.runs[:1]) if quick else list(setting.runs))
     stored = out.get(block, {}) if block else out

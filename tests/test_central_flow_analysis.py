@@ -197,3 +197,23 @@ def test_edge_space_splits_the_period_two_part_by_ritz_vectors_and_the_flow_span
     assert out["mean"]["total_over_flow_sigma2"] == pytest.approx(1 / share, rel=1e-4)
     np.testing.assert_allclose(out["mean"]["ritz_over_edge"], vals[:4] / 2.0)
     assert out["mean"]["run_top_vs_flow_span_cosines"] == [1.0]
+
+
+def test_tag_must_be_a_plain_name():
+    with pytest.raises(ValueError, match="--tag='Bad!'"):
+        a.main(["--setting", "digits_mse", "--tag", "Bad!", "--rescore"])
+
+
+def test_rescore_with_a_tag_touches_only_that_key(tmp_path, monkeypatch):
+    """Runs added under their own key are rescored without rewriting the stored runs' scores."""
+    import json
+
+    monkeypatch.setattr(a, "OUT", tmp_path / "central_flow.json")
+    monkeypatch.setattr(a, "phase_scores", lambda series, phases: {"oscillating": {"n": len(series["step"])}})
+    monkeypatch.setattr(a, "oscillating_probes", lambda series: None)
+    run = {"method": "hb", "momentum": 0.2, "scores": {}, "series": {"step": [0, 10]}}
+    a._merge_write(digits_mse={"runs_2000_steps": [run], "runs_2000_steps_two": [dict(run, momentum=0.4)]})
+    a.main(["--setting", "digits_mse", "--tag", "two", "--rescore"])
+    got = json.loads(a.OUT.read_text())["digits_mse"]
+    assert got["runs_2000_steps"][0]["scores"] == {}
+    assert got["runs_2000_steps_two"][0]["scores"] == {"oscillating": {"n": 2}}
