@@ -153,6 +153,8 @@ def run_sweep(spec_or_path, *, root=None, workers=None, scheduler=None, dask_loc
                 bar.set_postfix({k: counts[k] for k in ("finished", "diverged", "failed")}, refresh=False)
                 bar.update(1)
     except KeyboardInterrupt:
+        # a run can write DONE before its outcome reaches this process: count from the store
+        counts["finished"] = sum(store.is_done(t.run_dir) for t in tasks)
         raise SweepInterrupted(counts) from None
     return counts
 
