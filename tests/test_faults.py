@@ -591,26 +591,16 @@ def run_then_interrupt(config, run_dir, data_dir=None):
     raise KeyboardInterrupt
 
 
-def test_ctrl_c_after_a_run_wrote_done_counts_it_from_the_store(tmp_path, monkeypatch, capsys):
-    # the race a loaded CI machine hit: "0 of 8 runs finished" with one run's DONE on disk
+@pytest.mark.parametrize("run_fn", ["interrupting_run", "run_then_interrupt"])
+def test_ctrl_c_in_process_leaves_nothing_and_reports_one_line(tmp_path, monkeypatch, capsys, run_fn):
+    # run_then_interrupt: the race a loaded CI machine hit ("0 of 8 runs finished" with one run's
+    # DONE on disk): the count must come from the store, not from the outcomes received
     import experiments.cli as cli
 
     root = tmp_path / "store"
     spec = write_spec(tmp_path / "s.toml", root, 3)
     real = runner.run_sweep
-    monkeypatch.setattr(cli, "run_sweep", lambda *a, **k: real(*a, **{**k, "run_fn": __name__ + ":run_then_interrupt"}))
-    assert exit_code(["sweep", str(spec), "--workers", "0", "--no-progress"]) == 130
-    assert len(done_ids(root)) == 1
-    assert capsys.readouterr().err == "interrupted: 1 of 3 runs finished; rerun to resume\n"
-
-
-def test_ctrl_c_in_process_leaves_nothing_and_reports_one_line(tmp_path, monkeypatch, capsys):
-    import experiments.cli as cli
-
-    root = tmp_path / "store"
-    spec = write_spec(tmp_path / "s.toml", root, 3)
-    real = runner.run_sweep
-    monkeypatch.setattr(cli, "run_sweep", lambda *a, **k: real(*a, **{**k, "run_fn": __name__ + ":interrupting_run"}))
+    monkeypatch.setattr(cli, "run_sweep", lambda *a, **k: real(*a, **{**k, "run_fn": f"{__name__}:{run_fn}"}))
     assert exit_code(["sweep", str(spec), "--workers", "0", "--no-progress"]) == 130
     captured = capsys.readouterr()
     assert captured.err == "interrupted: 1 of 3 runs finished; rerun to resume\n" and captured.out == ""

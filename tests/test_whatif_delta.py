@@ -6,14 +6,10 @@ import pytest
 import xarray as xr
 
 from experiments import store
-from experiments.runs.config import RunConfig, run_id
-from experiments.runs.loop import run
+from experiments.runs.config import RunConfig
 from experiments.whatif import delta
 from experiments.whatif.predict import Change, changes_from, plan, whatif
-
-TINY = dict(model="seed-cnn", data="digits", model_args={"channels": 4, "hidden": 16}, steps=60, batch_size=64,
-            threads=1, seed=1, lr=0.05, momentum=0.9, probe_every=10, probe_batch_size=128, hutchinson_samples=2,
-            noise_microbatches=4)
+from tests.test_whatif import TINY, tiny_run  # noqa: F401 (tiny_run: a fixture)
 
 
 def constant_plan(lr, momentum, steps):
@@ -73,14 +69,6 @@ def test_the_reference_plan_holds_the_step_before_the_change():
     np.testing.assert_allclose(r["lr"], 0.05)
     assert set(r["method"]) == {"hb"} and np.all(r["momentum"] == 0.9)
     assert p["lr"][45] == pytest.approx(0.0025) and p["method"][45] == "nag"  # the plan itself untouched
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    cfg = RunConfig(**TINY)
-    run(cfg, root / run_id(cfg))
-    return root / run_id(cfg)
 
 
 def constant_model(trace, config, at, plans, windows):
