@@ -120,6 +120,8 @@ def test_lobpcg_path_against_the_dense_hessian(tiny):
         NetworkLoss(loss.model, loss.x, loss.y, "classify", eig_solver="arpack")
     with pytest.raises(ValueError, match=r"eig_tol=0 is outside the valid range \(0, 1\)"):
         NetworkLoss(loss.model, loss.x, loss.y, "classify", eig_tol=0)
+    with pytest.raises(ValueError, match=r"lobpcg_iters=0 is outside the valid range \[1, inf\)"):
+        NetworkLoss(loss.model, loss.x, loss.y, "classify", lobpcg_iters=0)
 
 
 def test_mlp_activation_option():

@@ -127,4 +127,6 @@ def test_the_gated_run_level_caps_where_the_lr_can_hold_the_curvature(level, lam
     np.testing.assert_allclose(ds.curvature_factor.isel(change=0).values[1:], 0.5 if binds else 1.0, rtol=1e-12)
     assert held_by_lr(level, lam_first=lam_first if lam_first else lam, lam_now=lam, lr=0.05, momentum=0.9,
                       window=100) == binds
+    with pytest.raises(ValueError, match=r"level='stochastik' is unknown; valid: stochastic, edge, run"):
+        held_by_lr("stochastik")  # a typo used to read as "never held"
     assert held_by_lr("run") and not held_by_lr("edge") and not held_by_lr("sharpened", lam_first=np.nan, lam_now=1)

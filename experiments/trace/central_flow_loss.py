@@ -72,6 +72,8 @@ class NetworkLoss:
             raise ValueError(f"eig_solver={eig_solver!r} is not valid; valid: {', '.join(self.EIG_SOLVERS)}")
         if not 0 < eig_tol < 1:
             raise ValueError(f"eig_tol={eig_tol!r} is outside the valid range (0, 1)")
+        if int(lobpcg_iters) < 1:
+            raise ValueError(f"lobpcg_iters={lobpcg_iters!r} is outside the valid range [1, inf)")
         self.eig_solver, self.eig_tol, self.lobpcg_iters = eig_solver, float(eig_tol), int(lobpcg_iters)
         self.n_lobpcg_fallback = 0
         self.model = model.to(torch.float64)

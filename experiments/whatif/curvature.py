@@ -136,6 +136,8 @@ def held_by_lr(level, *, h_batch=(), lam_first=np.nan, lam_now=np.nan, lr=np.nan
     r"""Whether the run-level cap applies under ``level``: "stochastic": :func:`at_stochastic_edge`
     of ``h_batch``; "sharpened": λ̄ (``lam_now``) ≥ :data:`SHARPENED` × ``lam_first``;
     "relaxed": α λ̄/(1 − β) ≥ 1/``window``; "run": always; "edge": never."""
+    if level not in LEVELS:
+        raise ValueError(f"level={level!r} is unknown; valid: {', '.join(LEVELS)}")
     if level == "stochastic":
         return at_stochastic_edge(h_batch, margin)
     if level == "sharpened":
