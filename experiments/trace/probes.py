@@ -150,8 +150,9 @@ def lanczos_top(matvecs, starts, iters, generator=None, tol=0.0, min_steps=3):
          for m, s in zip(steps, starts)]
     for k in range(K):
         Q[k][0] = starts[k] / starts[k].norm()
-    alphas = [torch.empty(m, dtype=torch.float64) for m in steps]
-    betas = [torch.empty(max(m - 1, 0), dtype=torch.float64) for m in steps]
+    # the recurrence's scalars live on the host as float64 numpy: no 0-d tensor ops per step
+    alphas = [np.empty(m) for m in steps]
+    betas = [np.empty(max(m - 1, 0)) for m in steps]
     tiny = [100 * torch.finfo(s.dtype).eps for s in starts]
     beta_prev = {}
     for j in range(max(steps)):
@@ -159,12 +160,12 @@ def lanczos_top(matvecs, starts, iters, generator=None, tol=0.0, min_steps=3):
         if not active:  # all converged early
             break
         ws = matvecs({k: Q[k][j] for k in active})
-        grow, new, stats = [k for k in active if j + 1 < steps[k]], {}, []
+        new, stats = {}, []
         for k in active:
             q, w = Q[k][j], ws[k]
             alpha = torch.dot(q, w)
             stats.append(alpha)
-            if k in grow:  # w − α q − β q_prev, then reorthogonalised; one new vector, in place
+            if j + 1 < steps[k]:  # w − α q − β q_prev, then reorthogonalised; one new vector, in place
                 w = torch.addcmul(w, q, alpha, value=-1)
                 if j:
                     w.sub_(Q[k][j - 1], alpha=beta_prev[k])
@@ -172,13 +173,13 @@ def lanczos_top(matvecs, starts, iters, generator=None, tol=0.0, min_steps=3):
                 w.addmv_(basis.T, basis @ w, alpha=-1)
                 new[k] = w
                 stats.append(w.norm())
-        host = torch.stack(stats).cpu().double()  # the one synchronisation of this step
+        host = torch.stack(stats).cpu().double().numpy()  # the one synchronisation of this step
         pos = 0
         for k in active:
             alphas[k][j] = host[pos]
             pos += 1
-            if k in grow:
-                beta = host[pos]
+            if k in new:
+                beta = float(host[pos])
                 pos += 1
                 betas[k][j] = beta
                 w = new[k]
@@ -194,8 +195,8 @@ def lanczos_top(matvecs, starts, iters, generator=None, tol=0.0, min_steps=3):
                         w = w - basis.T @ (basis @ w)
                     Q[k][j + 1] = w / w.norm()
                 else:
-                    torch.div(w, beta.item(), out=Q[k][j + 1])
-                beta_prev[k] = beta.item()
+                    torch.div(w, beta, out=Q[k][j + 1])
+                beta_prev[k] = beta
     values, vectors = np.empty(K), []
     for k in range(K):
         m = steps[k]
@@ -208,10 +209,12 @@ def lanczos_top(matvecs, starts, iters, generator=None, tol=0.0, min_steps=3):
 def _top_ritz(alphas, betas):
     """Largest eigenvalue and its unit eigenvector of the tridiagonal T(alphas, betas) (at most
     ``iters`` rows: a dense LAPACK eigh costs less than scipy's tridiagonal driver's checks)."""
-    T = np.diag(np.asarray(alphas))
-    if len(betas):
-        off = np.asarray(betas)
-        T += np.diag(off, 1) + np.diag(off, -1)
+    n = len(alphas)
+    T = np.zeros((n, n))
+    T.flat[::n + 1] = alphas
+    if n > 1:
+        T.flat[1::n + 1] = betas
+        T.flat[n::n + 1] = betas
     w, y = np.linalg.eigh(T)
     return w[-1], y[:, -1]
 
