@@ -17,6 +17,8 @@
    (:func:`profile`).
 5. ``--tol-sweep``: Lanczos steps and sharpness error per early-stop tolerance
    (:func:`tolerance_sweep`), seed CNN and MLP, seeds 0 and 1.
+6. ``--probe-floor``: the probe's inherent parts (HVPs, first-order graph, micro-batch passes)
+   timed inside part 2's probe sequence (:func:`probe_floor`).
 
 Seed CNN and MLP (experiments.runs.models defaults) on MNIST-1D, batch 32, SGD with momentum 0.9.
 Single-threaded: torch threads = 1 and OPENBLAS/OMP/MKL threads = 1 (set before numpy is
@@ -32,8 +34,10 @@ part 2 every probe is also run by REV's probes at the same parameters from the s
 start (the order alternating), and "before" is the traced arm with that probe's CPU time in
 place of this one's.
 
-    .venv/bin/python benchmarks/bench_trace.py [--quick] [--every-step-only] [--baseline REV]
+    .venv/bin/python benchmarks/bench_trace.py [--quick] [--every-step-only | --probe-only]
+        [--probe-pairs N] [--baseline REV]
     .venv/bin/python benchmarks/bench_trace.py --profile | --tol-sweep | --curvature-only
+    .venv/bin/python benchmarks/bench_trace.py --probe-floor [--probe-pairs N]
 """
 
 import os
@@ -239,8 +243,13 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--curvature-only", action="store_true", help="only part 3 (probe_curvature's cost)")
     parser.add_argument("--every-step-only", action="store_true", help="skip the probe benchmarks")
+    parser.add_argument("--probe-only", action="store_true", help="only part 2 (probes every 100 steps)")
+    parser.add_argument("--probe-pairs", type=int, default=None, metavar="N",
+                        help="part 2: N pairs of 100-step blocks per arm (default 4, --quick 2)")
     parser.add_argument("--profile", action="store_true", help="only where the time goes (per phase, per probe part)")
     parser.add_argument("--tol-sweep", action="store_true", help="only the Lanczos early-stop tolerance sweep")
+    parser.add_argument("--probe-floor", action="store_true", help="only the probe's inherent parts "
+                        "(HVPs, first-order graph, micro-batch passes) in part 2's probe sequence")
     parser.add_argument("--baseline", metavar="REV", help="add before arms: the engines, hooks and "
                         "probes of this git revision")
     args = parser.parse_args()
@@ -248,6 +257,10 @@ def main():
     torch.set_num_threads(1)
     data = load_data("mnist1d")
     pairs, probe_pairs = (10, 2) if args.quick else (40, 4)
+    if args.probe_pairs is not None:
+        if args.probe_pairs < 1:
+            parser.error(f"--probe-pairs={args.probe_pairs} is outside the valid range [1, inf)")
+        probe_pairs = args.probe_pairs
     if args.every_step_only:
         probe_pairs = 0
     print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
@@ -256,6 +269,9 @@ def main():
     if args.profile:
         kernels()
     for name in ("seed-cnn", "mlp"):
+        if args.probe_floor:
+            probe_floor(name, data, probe_pairs)
+            continue
         if args.profile or args.tol_sweep:
             print(name)
             if args.profile:
@@ -267,25 +283,28 @@ def main():
             print(name)
             curvature_cost(name, data, 2 if args.quick else 6)
             continue
-        bench = Bench(name, data, baseline=base)
-        bench.steps(20, traced=True)  # warm-up both paths
-        bench.steps(20, traced=False)
-        bench.steps(20, traced=True, hooked=True)
-        if base is not None:
-            bench.steps(20, traced=True, base=True)
-            bench.steps(20, traced=True, hooked=True, base=True)
-        traced, plain, hooked, *before = rotate(bench, pairs, BLOCK)
-        n_params = sum(p.numel() for p in bench.tracer.params)
-        print(f"\n{name}: {n_params} parameters in {len(bench.tracer.layers)} layers, "
-              f"untraced step {1e3 * plain / (pairs * BLOCK):.2f} ms CPU "
-              f"(tracer engine {bench.tracer.engine})")
-        print(f"  every-step trace / no tracer:                {traced / plain:.3f}x "
-              f"({pairs} x {BLOCK} steps per arm)")
-        print(f"  every-step trace attached (hooks) / no tracer: {hooked / plain:.3f}x "
-              f"(hooked / manual calls {hooked / traced:.3f}x)")
-        if before:
-            print(f"  before ({args.baseline}): manual {before[0] / plain:.3f}x, attached "
-                  f"{before[1] / plain:.3f}x (hooked / manual calls {before[1] / before[0]:.3f}x)")
+        if not args.probe_only:  # part 1
+            bench = Bench(name, data, baseline=base)
+            bench.steps(20, traced=True)  # warm-up both paths
+            bench.steps(20, traced=False)
+            bench.steps(20, traced=True, hooked=True)
+            if base is not None:
+                bench.steps(20, traced=True, base=True)
+                bench.steps(20, traced=True, hooked=True, base=True)
+            traced, plain, hooked, *before = rotate(bench, pairs, BLOCK)
+            n_params = sum(p.numel() for p in bench.tracer.params)
+            print(f"\n{name}: {n_params} parameters in {len(bench.tracer.layers)} layers, "
+                  f"untraced step {1e3 * plain / (pairs * BLOCK):.2f} ms CPU "
+                  f"(tracer engine {bench.tracer.engine})")
+            print(f"  every-step trace / no tracer:                {traced / plain:.3f}x "
+                  f"({pairs} x {BLOCK} steps per arm)")
+            print(f"  every-step trace attached (hooks) / no tracer: {hooked / plain:.3f}x "
+                  f"(hooked / manual calls {hooked / traced:.3f}x)")
+            if before:
+                print(f"  before ({args.baseline}): manual {before[0] / plain:.3f}x, attached "
+                      f"{before[1] / plain:.3f}x (hooked / manual calls {before[1] / before[0]:.3f}x)")
+        if args.probe_only:
+            print(f"\n{name}")
         for iters in ((20, 5) if probe_pairs else ()):
             bench = Bench(name, data, baseline=base, sharpness_iters=iters)
             bench.steps(20, traced=True, probe=True)  # first probe: a cold start, untimed
@@ -297,6 +316,7 @@ def main():
             print(f"  trace + probe every 100 steps, <= {iters:2d} Lanczos steps: "
                   f"{traced / plain:.3f}x (the probe alone: {1 + bench.probe_cpu / plain:.3f}x; "
                   f"{probe_pairs} x 100 steps per arm; "
+                  f"untraced step {10 * plain / probe_pairs:.2f} ms CPU; "
                   f"{ds.attrs['probe_seconds'] / (probe_pairs + 1):.2f} s wall per probe; "
                   f"{used.mean():.1f} steps used on average; sharpness within "
                   f"{100 * max(bench.errors):.2g} % of converged)")
@@ -308,15 +328,16 @@ def main():
                       + ", ".join(f"{k} {v:.1e}" for k, v in bench.base_diff.items())
                       + f"; the same Lanczos steps: {'yes' if bench.base_same_steps else 'no'}")
 
-        if not args.every_step_only:
+        if not (args.every_step_only or args.probe_only):
             curvature_cost(name, data, 2 if args.quick else 6)
 
 
 def profile(name, data, steps=1000, reps=5):
     """Where the time goes. Every step: CPU µs per phase of a step with the manual calls and of
     one without a tracer (alternating). Probe, at fixed parameters after 200 steps (a warm start
-    from step 100): µs of the first-order graph, one full HVP, one HVP per block, the Hutchinson
-    sample, the micro-batch moments, and the block/global Lanczos (its HVPs apart)."""
+    from step 100): µs of the first-order graph, one full HVP, one HVP per block, the same K
+    block products as K zero-padded full HVPs and as one batched double backward, the
+    Hutchinson sample, the micro-batch moments, and the block/global Lanczos (its HVPs apart)."""
     bench = Bench(name, data)
     tr, pc = bench.tracer, time.process_time
     t = {}
@@ -396,8 +417,28 @@ def profile(name, data, steps=1000, reps=5):
             grads = timed("first-order graph", lambda: sharpness.first_order_graph(loss_fn(bench.model, batch), params))
             dim = sum(p.numel() for p in params)
             timed("full HVP", sharpness.full_hvp, grads, params, torch.randn(dim))
+            vs = [torch.randn(sum(params[i].numel() for i in b)) for b in blocks]
             for k, b in enumerate(blocks):
-                timed(f"HVP block {k}", hvp, grads, params, b, torch.randn(sum(params[i].numel() for i in b)))
+                timed(f"HVP block {k}", hvp, grads, params, b, vs[k])
+            # the same K block products by other routes: a full HVP with the vector zero outside
+            # the block (its block part), and one batched double backward (row k: v_k on block k)
+            offsets = np.cumsum([0] + [len(v) for v in vs])
+
+            def zero_padded():
+                for k in range(len(blocks)):
+                    z = torch.zeros(dim)
+                    z[offsets[k]:offsets[k + 1]] = vs[k]
+                    sharpness.full_hvp(grads, params, z)[offsets[k]:offsets[k + 1]]
+
+            def batched():
+                rows = torch.zeros(len(blocks), dim)
+                for k in range(len(blocks)):
+                    rows[k, offsets[k]:offsets[k + 1]] = vs[k]
+                cols = rows.split([p.numel() for p in params], dim=1)
+                torch.autograd.grad(grads, params, [c.reshape(len(blocks), *p.shape) for c, p in zip(cols, params)],
+                                    retain_graph=True, is_grads_batched=True)
+            timed("K block HVPs as zero-padded full HVPs", zero_padded)
+            timed("K block HVPs as one batched double backward", batched)
             sharpness.block_hvp = counted
             try:
                 _, _, used = timed("Lanczos (blocks and global)", sharpness.block_sharpness, grads, params, blocks,
@@ -413,6 +454,54 @@ def profile(name, data, steps=1000, reps=5):
     order.insert(order.index("Lanczos (blocks and global)") + 1, order.pop())
     print("  probe, CPU ms: " + ", ".join(f"{k.strip()} {1e3 * spent[k]:.2f}" for k in order)
           + f"; Lanczos steps per block {used[:-1].tolist()}, global {int(used[-1])}")
+
+
+def probe_floor(name, data, pairs):
+    """Part 2's probe sequence (a cold probe, then one probe per traced 100-step block,
+    alternating with untraced blocks) with the probe's inherent parts timed inside each probe:
+    the Hessian-vector products (Lanczos and Hutchinson), the first-order graph (the probe
+    batch's forward and backward pass) and the micro-batch passes. Their sum over the untraced steps' CPU time is the probe's
+    floor for these Lanczos step counts: what is left if everything else cost nothing."""
+    spent, wrapped = {}, {}
+    parts = (("block_hvp", "HVPs"), ("first_order_graph", "first-order graph"),
+             ("microbatch_gradients", "micro-batch passes"))
+
+    def timer(fn, key):
+        def timed(*args, **kwargs):
+            t0 = time.process_time()
+            out = fn(*args, **kwargs)
+            spent[key] = spent.get(key, 0.0) + time.process_time() - t0
+            return out
+        return timed
+    for attr, key in parts:
+        wrapped[attr] = getattr(sharpness, attr)
+        setattr(sharpness, attr, timer(wrapped[attr], key))
+    try:
+        bench = Bench(name, data)
+        probe = bench.tracer.probe
+
+        def timed_forward(model, batch):  # the probe batch's forward (micro-batches: in their passes)
+            t0 = time.process_time()
+            out = loss_fn(model, batch)
+            if len(batch[1]) == BATCH:
+                spent["first-order graph"] = spent.get("first-order graph", 0.0) + time.process_time() - t0
+            return out
+        bench.tracer.probe = lambda fn, batch, **kw: probe(timed_forward, batch, **kw)
+        bench.steps(20, traced=True, probe=True)  # first probe: a cold start, not counted
+        spent.clear()
+        bench.probe_cpu = 0.0
+        _, plain = alternate(bench, pairs, 100, probe=True)
+    finally:
+        for attr, fn in wrapped.items():
+            setattr(sharpness, attr, fn)
+    ds = bench.tracer.dataset()
+    steps = np.column_stack([ds.sharpness_steps.values, ds.sharpness_global_steps.values])[1:]
+    print(f"{name}: untraced step {10 * plain / pairs:.2f} ms CPU; per probe, CPU ms: all "
+          f"{1e3 * bench.probe_cpu / pairs:.1f}, " + ", ".join(f"{k} {1e3 * spent.get(k, 0.0) / pairs:.1f}"
+                                                            for _, k in parts))
+    print(f"  probe alone {1 + bench.probe_cpu / plain:.3f}x; the HVPs alone {1 + spent['HVPs'] / plain:.3f}x; "
+          f"the three parts {1 + sum(spent.values()) / plain:.3f}x ({pairs} probes)")
+    print(f"  Lanczos steps per probe (layers, then global): {steps.astype(int).tolist()}")
 
 
 def kernels(reps=200):
