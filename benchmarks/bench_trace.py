@@ -12,7 +12,8 @@
    against a converged (60-step, cold) Lanczos run at the same parameters (not timed).
 3. The probe's curvature along the gradient and the momentum buffer (``probe_curvature``,
    issue 16): the same probe with and without it, alternated at the same parameters (and
-   the same warm start), with 4 and with 16 micro-batches; ratio = with / without CPU time.
+   the same warm start), with 4 and with 16 micro-batches; ratio = with / without CPU time
+   (with ``--baseline REV``, also this probe with curvature / REV's with curvature).
 4. ``--profile``: where the time goes, per phase of a traced step and per part of a probe
    (:func:`profile`).
 5. ``--tol-sweep``: Lanczos steps and sharpness error per early-stop tolerance
@@ -35,7 +36,7 @@ start (the order alternating), and "before" is the traced arm with that probe's 
 place of this one's.
 
     .venv/bin/python benchmarks/bench_trace.py [--quick] [--every-step-only | --probe-only]
-        [--probe-pairs N] [--baseline REV]
+        [--probe-pairs N] [--sharpness-tol TOL] [--baseline REV]
     .venv/bin/python benchmarks/bench_trace.py --profile | --tol-sweep | --curvature-only
     .venv/bin/python benchmarks/bench_trace.py --probe-floor [--probe-pairs N]
 """
@@ -244,6 +245,8 @@ def main():
     parser.add_argument("--curvature-only", action="store_true", help="only part 3 (probe_curvature's cost)")
     parser.add_argument("--every-step-only", action="store_true", help="skip the probe benchmarks")
     parser.add_argument("--probe-only", action="store_true", help="only part 2 (probes every 100 steps)")
+    parser.add_argument("--sharpness-tol", type=float, default=None, metavar="TOL",
+                        help="part 2: this code's probe stops Lanczos at TOL (the baseline's keeps the default)")
     parser.add_argument("--probe-pairs", type=int, default=None, metavar="N",
                         help="part 2: N pairs of 100-step blocks per arm (default 4, --quick 2)")
     parser.add_argument("--profile", action="store_true", help="only where the time goes (per phase, per probe part)")
@@ -281,7 +284,7 @@ def main():
             continue
         if args.curvature_only:
             print(name)
-            curvature_cost(name, data, 2 if args.quick else 6)
+            curvature_cost(name, data, 2 if args.quick else 6, base, args.baseline)
             continue
         if not args.probe_only:  # part 1
             bench = Bench(name, data, baseline=base)
@@ -307,6 +310,8 @@ def main():
             print(f"\n{name}")
         for iters in ((20, 5) if probe_pairs else ()):
             bench = Bench(name, data, baseline=base, sharpness_iters=iters)
+            if args.sharpness_tol is not None:  # this probe only; before's (base_tracer) keeps the default
+                bench.tracer.sharpness_tol = args.sharpness_tol
             bench.steps(20, traced=True, probe=True)  # first probe: a cold start, untimed
             bench.probe_cpu = bench.base_probe_cpu = 0.0
             traced, plain = alternate(bench, probe_pairs, 100, probe=True, check=True)
@@ -329,7 +334,7 @@ def main():
                       + f"; the same Lanczos steps: {'yes' if bench.base_same_steps else 'no'}")
 
         if not (args.every_step_only or args.probe_only):
-            curvature_cost(name, data, 2 if args.quick else 6)
+            curvature_cost(name, data, 2 if args.quick else 6, base, args.baseline)
 
 
 def profile(name, data, steps=1000, reps=5):
@@ -424,21 +429,21 @@ def profile(name, data, steps=1000, reps=5):
             # the block (its block part), and one batched double backward (row k: v_k on block k)
             offsets = np.cumsum([0] + [len(v) for v in vs])
 
-            def zero_padded():
+            def zero_padded(grads):
                 for k in range(len(blocks)):
                     z = torch.zeros(dim)
                     z[offsets[k]:offsets[k + 1]] = vs[k]
                     sharpness.full_hvp(grads, params, z)[offsets[k]:offsets[k + 1]]
 
-            def batched():
+            def batched(grads):
                 rows = torch.zeros(len(blocks), dim)
                 for k in range(len(blocks)):
                     rows[k, offsets[k]:offsets[k + 1]] = vs[k]
                 cols = rows.split([p.numel() for p in params], dim=1)
                 torch.autograd.grad(grads, params, [c.reshape(len(blocks), *p.shape) for c, p in zip(cols, params)],
                                     retain_graph=True, is_grads_batched=True)
-            timed("K block HVPs as zero-padded full HVPs", zero_padded)
-            timed("K block HVPs as one batched double backward", batched)
+            timed("K block HVPs as zero-padded full HVPs", zero_padded, grads)
+            timed("K block HVPs as one batched double backward", batched, grads)
             sharpness.block_hvp = counted
             try:
                 _, _, used = timed("Lanczos (blocks and global)", sharpness.block_sharpness, grads, params, blocks,
@@ -563,26 +568,42 @@ def tolerance_sweep(name, data, seed, tols=(1e-3, 3e-3, 1e-2, 3e-2), probes=8):
               f"global {r[:, 2].mean():.1f} ({probes} probes)")
 
 
-def curvature_cost(name, data, pairs):
-    """CPU time of the probe with ``probe_curvature`` / without, alternated at fixed parameters."""
+def curvature_cost(name, data, pairs, base=None, rev=None):
+    """CPU time of the probe with ``probe_curvature`` / without, alternated at fixed parameters.
+    With a baseline (``--baseline``) the baseline's probe with curvature also runs at the same
+    parameters, warm start and random draws, alternating with this one's."""
     for micro in (4, 16):
-        bench = Bench(name, data, noise_microbatches=micro)
+        bench = Bench(name, data, noise_microbatches=micro, baseline=base)
         bench.steps(20, traced=True)
         tr = bench.tracer
         tr.probe(loss_fn, bench.batch())  # warm start
         saved = dict(tr._probe_state.vectors)
-        t = np.zeros(2)
+        rng = tr._probe_state.generator(tr.device).get_state()
+        t = np.zeros(3)
         for k in range(pairs):
             batch = bench.batch() if micro == 4 else tuple(torch.cat([x] * 4) for x in bench.batch())
-            for arm in ((0, 1) if k % 2 == 0 else (1, 0)):
-                tr._probe_state.vectors = dict(saved)
+            arms = (0, 1, 2) if base is not None else (0, 1)
+            for arm in (arms if k % 2 == 0 else arms[::-1]):
+                st = bench.base_state if arm == 2 else tr._probe_state
+                st.vectors = dict(saved)
+                st.generator(tr.device).set_state(rng)
                 tr.probe_curvature = arm == 0
                 t0 = time.process_time()
-                tr.probe(loss_fn, batch, noise_batch_size=BATCH)
+                if arm == 2:
+                    bt = bench.base_tracer
+                    blocks = [[i for i, li in enumerate(bt.tensor_layer) if li == j] for j in range(len(bt.layers))]
+                    base["probes"].probe(bench.model, bt.params, blocks, loss_fn, batch, state=st,
+                                         iters=bt.sharpness_iters, tol=bt.sharpness_tol,
+                                         hutchinson_samples=bt.hutchinson_samples, microbatches=micro,
+                                         mode=bt.probe_mode, noise_batch_size=BATCH, curvature=True,
+                                         buffer=tr._momentum_buffer())
+                else:
+                    tr.probe(loss_fn, batch, noise_batch_size=BATCH)
                 t[arm] += time.process_time() - t0
+        extra = (f"; this probe with it / before's ({rev}) with it, same parameters and warm starts: "
+                 f"{t[0] / t[2]:.3f}x" if base is not None else "")
         print(f"  probe with / without probe_curvature, {micro:2d} micro-batches of "
-              f"{BATCH * (1 if micro == 4 else 4) // micro}: {t[0] / t[1]:.3f}x ({pairs} probes per arm)")
-
+              f"{BATCH * (1 if micro == 4 else 4) // micro}: {t[0] / t[1]:.3f}x ({pairs} probes per arm){extra}")
 
 if __name__ == "__main__":
     main()
