@@ -207,7 +207,7 @@ class TorchEngine(_FlatBuffers):
         self.member_f = self.member.to(self.block_dtype)
         # fill of the masked extrema: 0 for max|g| (|g| >= 0, every layer has an element),
         # +inf for min|g|
-        self.extrema_fill = torch.tensor([0.0, math.inf], **opts).view(2, 1, 1)
+        self.extrema_fill = torch.tensor([0.0, math.inf], dtype=self.dtype, device=self.device).view(2, 1, 1)
         # after the step, per chunk: the 3x3 Gram matrix of the rows of D (−Δθ(0), −Δθ(1), θ)
         # flattened (columns 0..8), then Σ|·| of each row (9..11); the statistics' columns
         # ‖Δθ‖², Σ|Δθ|, ⟨Δθ(t), Δθ(t−1)⟩, ‖θ‖², Σ|θ| for each (cur, prev)
@@ -215,6 +215,10 @@ class TorchEngine(_FlatBuffers):
                                                       dtype=torch.long, device=self.device)
                              for c in (0, 1)}
         self.layer_index = torch.as_tensor(self.tensor_layer, dtype=torch.long, device=self.device)
+
+    def _as_block(self, x):
+        """``x`` in the block's dtype (no call at all when it is already: a call costs)."""
+        return x if self.dtype == self.block_dtype else x.to(self.block_dtype)
 
     def _write(self, dst, parts):
         """``dst`` (a contiguous slice of the block) = the concatenation of ``parts``: one op."""
@@ -229,11 +233,11 @@ class TorchEngine(_FlatBuffers):
         torch.abs(self.G[cur], out=a)
         rows = a.view(C, k)
         dots = torch.bmm(G[0].unsqueeze(1), G[1].unsqueeze(2)).view(C)  # ⟨g(t), g(t−1)⟩ per chunk
-        per_layer = self.member_f @ torch.stack([rows.sum(1), dots], 1).to(self.block_dtype)
+        per_layer = self.member_f @ self._as_block(torch.stack([rows.sum(1), dots], 1))
         high = rows.amax(1)
         a.index_fill_(0, self.pad_index, math.inf)  # padding must not count as min|g| = 0
         low = rows.amin(1)
-        masked = torch.where(self.member, torch.stack([high, low]).unsqueeze(1), self.extrema_fill.to(a.dtype))
+        masked = torch.where(self.member, torch.stack([high, low]).unsqueeze(1), self.extrema_fill)
         lows, highs = torch.aminmax(masked, dim=2)  # highs[0]: max|g| per layer, lows[1]: min|g|
         if torch.is_tensor(loss) and loss.device == self.device:
             loss_t = loss.detach().reshape(1)
@@ -260,7 +264,7 @@ class TorchEngine(_FlatBuffers):
         rows = D.view(3, C, k).transpose(0, 1)  # (chunks, 3, k)
         gram = torch.bmm(rows, rows.transpose(1, 2)).view(C, 9)
         abs_sums = torch.linalg.vector_norm(rows, 1, dim=2)  # Σ|·| per chunk and row
-        per_layer = self.member_f @ torch.cat([gram, abs_sums], 1).to(self.block_dtype)
+        per_layer = self.member_f @ self._as_block(torch.cat([gram, abs_sums], 1))
         # columns: ‖Δθ‖², Σ|Δθ|, ⟨Δθ(t), Δθ(t−1)⟩, ‖θ‖², Σ|θ|, each (L,), into the row at once
         out = self.block[row_index, self.w_back:].view(len(STEP_STATS), self.L)
         torch.index_select(per_layer.T, 0, self.step_columns[cur, prev], out=out)
