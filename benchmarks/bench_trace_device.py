@@ -25,6 +25,9 @@ its JSON atomically after every setting.
     PYTHONPATH=$PWD python benchmarks/bench_trace_device.py --device cpu --engine torch \\
         --budget-s 30 --large-factor 2 --out /tmp/trace_cpu.json
 
+``--count-ops`` only counts the device ops (kernel launches on a GPU) of one step per arm, on the
+meta device (shapes only: runs anywhere, takes a second), at the specs' batch sizes.
+
 ``--baseline REV`` adds two rotating arms, the manual calls and the attached tracer with the
 engines and hooks of git revision REV (``bench_trace.load_baseline``; needs the git history).
 """
@@ -138,6 +141,57 @@ class Setting:
         return spent
 
 
+def count_ops(model_name, base=None):
+    """Device ops (non-view aten ops touching a non-CPU tensor) of one step per arm, the
+    optimizer's momentum buffers already made; on the meta device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            if not func.is_view and any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in leaves):
+                self.n += 1
+            return out
+
+    cfg = SETTINGS[model_name]
+    info, x, y = stand_in(cfg["data"], cfg["data_args"])
+    with torch.device("meta"):
+        model = build_model(model_name, info, **cfg["model_args"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    tracers = {"": Tracer(model, opt, engine="torch")}
+    if base is not None:
+        tr = tracers["@base"] = Tracer(model, opt, engine="torch")
+        tr._engine = base["engines"].TorchEngine(tr.params, tr.tensor_layer, tr.block_size)
+    loss_fn = make_loss_fn(info.task)
+    batch = (x[:cfg["batch"]].to("meta"), y[:cfg["batch"]].to("meta"))
+    counts = {}
+    for arm in ARMS + (() if base is None else ("manual@base", "attached@base")):
+        mode, _, which = arm.partition("@")
+        tracer = tracers["@" + which if which else ""]
+        if mode == "attached":
+            tracer._hooks = base["hooks"].Hooks(tracer) if which else None
+            if not which:
+                tracer.attach()
+        for _ in range(2):  # the second step counts
+            with Count() as c:
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model, batch)
+                loss.backward()
+                if mode == "manual":
+                    tracer.after_backward(loss)
+                elif mode == "attached":
+                    tracer.record_loss(loss)
+                opt.step()
+                if mode == "manual":
+                    tracer.after_step()
+        tracer.detach()
+        counts[arm] = c.n
+    return dict(model=model_name, n_layers=len(tracers[""].layers), batch_size=cfg["batch"], ops=counts)
+
+
 def quartiles(x):
     q = np.quantile(x, [0.25, 0.5, 0.75])
     return dict(q25=float(q[0]), median=float(q[1]), q75=float(q[2]))
@@ -213,8 +267,9 @@ def main(argv=None):
     parser.add_argument("--block-s", type=float, default=0.1, help="target seconds of one block")
     parser.add_argument("--min-rounds", type=int, default=5, help="kept rounds at least (may overrun the budget)")
     parser.add_argument("--baseline", metavar="REV", help="add arms with the engines and hooks of this git revision")
+    parser.add_argument("--count-ops", action="store_true", help="only count the device ops per step (meta device)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--out", required=True, help="JSON file (written atomically after each setting)")
+    parser.add_argument("--out", help="JSON file (written atomically after each setting); needed unless --count-ops")
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in SETTINGS]
@@ -222,8 +277,10 @@ def main(argv=None):
         parser.error(f"--models={args.models!r} is not valid; valid: a comma-separated subset of {', '.join(SETTINGS)}")
     if args.large_factor < 0 or args.budget_s <= 0 or args.warmup < 0 or args.min_rounds < 1 or args.block_s <= 0:
         parser.error("--large-factor >= 0, --budget-s > 0, --warmup >= 0, --min-rounds >= 1 and --block-s > 0")
+    if args.out is None and not args.count_ops:
+        parser.error("--out is needed (the JSON file of the results)")
     try:
-        device = torch.device(args.device)
+        device = torch.device("meta" if args.count_ops else args.device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as err:
         parser.error(f"--device={args.device!r} is not available here: {err}")
@@ -233,6 +290,13 @@ def main(argv=None):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_trace import load_baseline
         base = load_baseline(args.baseline)
+    if args.count_ops:
+        for model in models:
+            r = count_ops(model, base)
+            ops = r["ops"]
+            print(f"{model} ({r['n_layers']} layers, batch {r['batch_size']}): device ops per step " + ", ".join(
+                f"{arm} {n}" + (f" (+{n - ops['untraced']})" if arm != "untraced" else "") for arm, n in ops.items()))
+        return
     start = time.perf_counter()
     settings = [(m, SETTINGS[m]["batch"] * f) for m in models for f in ((1, args.large_factor) if args.large_factor > 1 else (1,))]
     result = dict(
