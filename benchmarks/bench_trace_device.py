@@ -28,6 +28,9 @@ its JSON atomically after every setting.
 ``--count-ops`` only counts the device ops (kernel launches on a GPU) of one step per arm, on the
 meta device (shapes only: runs anywhere, takes a second), at the specs' batch sizes.
 
+``--graph`` adds two rotating arms, the manual calls and the attached tracer with the opt-in
+engine "torch-graph" (the torch engine's phases replayed from CUDA graphs).
+
 ``--baseline REV`` adds two rotating arms, the manual calls and the attached tracer with the
 engines and hooks of git revision REV (``bench_trace.load_baseline``; needs the git history).
 """
@@ -83,7 +86,7 @@ def load(name, data_args):
 class Setting:
     """One model, optimizer and tracer; :meth:`block` times n steps of one arm."""
 
-    def __init__(self, model_name, batch, device, engine, seed=0, base=None):
+    def __init__(self, model_name, batch, device, engine, seed=0, base=None, graph=False):
         cfg = SETTINGS[model_name]
         info, x, y, self.data = load(cfg["data"], cfg["data_args"])
         torch.manual_seed(seed)
@@ -95,7 +98,9 @@ class Setting:
             tr = self.tracers["@base"] = Tracer(self.model, self.opt, engine=engine)
             tr._engine = getattr(base["engines"], type(tr._engine).__name__)(tr.params, tr.tensor_layer,
                                                                               tr.block_size)
-        self.base = base
+        if graph:
+            self.tracers["@graph"] = Tracer(self.model, self.opt, engine="torch-graph")
+        self.base, self.graph = base, graph
         self.loss_fn = make_loss_fn(info.task)
         g = torch.Generator().manual_seed(seed)
         idx = [torch.randint(0, len(y), (batch,), generator=g) for _ in range(POOL)]
@@ -104,7 +109,8 @@ class Setting:
         self.steps = {arm: 0 for arm in self.arms()}
 
     def arms(self):
-        return ARMS + (() if self.base is None else ("manual@base", "attached@base"))
+        return (ARMS + (() if self.base is None else ("manual@base", "attached@base"))
+                + (("manual@graph", "attached@graph") if self.graph else ()))
 
     def sync(self):
         if self.device.type == "cuda":
@@ -115,7 +121,7 @@ class Setting:
         mode, _, which = arm.partition("@")
         model, opt, tracer, loss_fn = self.model, self.opt, self.tracers["@" + which if which else ""], self.loss_fn
         manual, attached = mode == "manual", mode == "attached"
-        if attached and which:
+        if attached and which == "base":
             tracer._hooks = self.base["hooks"].Hooks(tracer)
         elif attached:
             tracer.attach()
@@ -197,10 +203,10 @@ def quartiles(x):
     return dict(q25=float(q[0]), median=float(q[1]), q75=float(q[2]))
 
 
-def measure(model_name, batch, device, engine, budget_s, warmup, block_s, min_rounds, base=None):
+def measure(model_name, batch, device, engine, budget_s, warmup, block_s, min_rounds, base=None, graph=False):
     """Rotating rounds of one block per arm until the budget is spent; see the docstring."""
     start = time.perf_counter()
-    s = Setting(model_name, batch, device, engine, base=base)
+    s = Setting(model_name, batch, device, engine, base=base, graph=graph)
     arms = s.arms()
     for arm in arms:  # first calls: allocator, autotuning, lazy init
         s.block(arm, 3)
@@ -244,14 +250,20 @@ def measure(model_name, batch, device, engine, budget_s, warmup, block_s, min_ro
         tracer_ms_per_step=1e3 * tracer_s / max(traced_steps, 1),
         seconds=time.perf_counter() - start,
     )
-    if base is not None:
-        ds_b = s.tracers["@base"].dataset()
-        out.update(ratio_manual_base=float(t[:, 3].sum() / t[:, 0].sum()),
-                   ratio_attached_base=float(t[:, 4].sum() / t[:, 0].sum()),
-                   per_round_manual_base=quartiles(per_round["manual@base"]),
-                   per_round_attached_base=quartiles(per_round["attached@base"]),
-                   tracer_ms_per_step_base=1e3 * float(ds_b.attrs["tracer_seconds"])
-                   / max(s.steps["manual@base"] + s.steps["attached@base"], 1))
+    for which in ("base", "graph"):
+        if "@" + which not in s.tracers:
+            continue
+        tr, col = s.tracers["@" + which], {arm: i for i, arm in enumerate(arms)}
+        ds_w = tr.dataset()
+        out.update({f"ratio_manual_{which}": float(t[:, col["manual@" + which]].sum() / t[:, 0].sum()),
+                    f"ratio_attached_{which}": float(t[:, col["attached@" + which]].sum() / t[:, 0].sum()),
+                    f"per_round_manual_{which}": quartiles(per_round["manual@" + which]),
+                    f"per_round_attached_{which}": quartiles(per_round["attached@" + which]),
+                    f"trace_finite_{which}": bool(np.isfinite(ds_w.grad_norm.values).all()),
+                    f"tracer_ms_per_step_{which}": 1e3 * float(ds_w.attrs["tracer_seconds"])
+                    / max(s.steps["manual@" + which] + s.steps["attached@" + which], 1)})
+        if which == "graph":
+            out["graphs_captured"] = len(tr._engine.graphs)
     return out
 
 
@@ -266,6 +278,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="rounds discarded per setting")
     parser.add_argument("--block-s", type=float, default=0.1, help="target seconds of one block")
     parser.add_argument("--min-rounds", type=int, default=5, help="kept rounds at least (may overrun the budget)")
+    parser.add_argument("--graph", action="store_true", help="add arms with the engine torch-graph (CUDA graphs)")
     parser.add_argument("--baseline", metavar="REV", help="add arms with the engines and hooks of this git revision")
     parser.add_argument("--count-ops", action="store_true", help="only count the device ops per step (meta device)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -308,7 +321,8 @@ def main(argv=None):
     )
     for i, (model, batch) in enumerate(settings):
         share = (args.budget_s - (time.perf_counter() - start)) / (len(settings) - i)
-        r = measure(model, batch, device, args.engine, share, args.warmup, args.block_s, args.min_rounds, base)
+        r = measure(model, batch, device, args.engine, share, args.warmup, args.block_s, args.min_rounds, base,
+                    args.graph)
         result["settings"].append(r)
         result["complete"] = i == len(settings) - 1
         result["seconds"] = time.perf_counter() - start
@@ -320,11 +334,12 @@ def main(argv=None):
               f"{r['per_round_attached']['median']:.3f}, IQR {r['per_round_attached']['q25']:.3f}-"
               f"{r['per_round_attached']['q75']:.3f}); {r['rounds_kept']} rounds x {r['steps_per_block']} steps; "
               f"tracer's own time {r['tracer_ms_per_step']:.3f} ms/step; data {r['data']}", flush=True)
-        if base is not None:
-            print(f"  before ({args.baseline}): manual {r['ratio_manual_base']:.3f}x (median "
-                  f"{r['per_round_manual_base']['median']:.3f}), attached {r['ratio_attached_base']:.3f}x (median "
-                  f"{r['per_round_attached_base']['median']:.3f}); tracer's own time "
-                  f"{r['tracer_ms_per_step_base']:.3f} ms/step", flush=True)
+        for which, label in (("base", f"before ({args.baseline})"), ("graph", "engine torch-graph")):
+            if f"ratio_manual_{which}" in r:
+                print(f"  {label}: manual {r[f'ratio_manual_{which}']:.3f}x (median "
+                      f"{r[f'per_round_manual_{which}']['median']:.3f}), attached {r[f'ratio_attached_{which}']:.3f}x "
+                      f"(median {r[f'per_round_attached_{which}']['median']:.3f}); tracer's own time "
+                      f"{r[f'tracer_ms_per_step_{which}']:.3f} ms/step", flush=True)
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
 
 

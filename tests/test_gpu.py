@@ -48,13 +48,13 @@ def _batches(n, device, dtype=torch.float64):
              torch.randn(32, 3, generator=g, dtype=dtype).to(device)) for _ in range(n)]
 
 
-def _traced_run(device, attached, batches, block_size=4, clip_every=3):
+def _traced_run(device, attached, batches, block_size=4, clip_every=3, engine="auto"):
     """The MLP trained on ``batches`` with momentum, the gradient clipped every ``clip_every``
     steps (by ``clip_grad_norm_``: the attached tracer measures the factor, the manual calls
     are given it as a device tensor)."""
     model = _mlp(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    tracer = Tracer(model, opt, block_size=block_size)
+    tracer = Tracer(model, opt, block_size=block_size, engine=engine)
     if attached:
         tracer.attach()
     for k, (x, y) in enumerate(batches):
@@ -72,7 +72,9 @@ def _traced_run(device, attached, batches, block_size=4, clip_every=3):
         opt.step()
         if not attached:
             tracer.after_step()
-    return tracer.detach().dataset()
+    ds = tracer.detach().dataset()
+    ds.attrs["graphs"] = len(getattr(tracer._engine, "graphs", {}))
+    return ds
 
 
 def test_cuda_attached_and_manual_traces_match_the_cpu_trace():
@@ -96,13 +98,17 @@ def test_cuda_attached_and_manual_traces_match_the_cpu_trace():
 
 @pytest.mark.parametrize("attached", [False, True])
 def test_cuda_traced_steps_never_synchronise_between_flushes(attached):
+    _no_sync_between_flushes(attached, "torch")
+
+
+def _no_sync_between_flushes(attached, engine):
     """torch.cuda.set_sync_debug_mode("error") raises at any synchronising call (``.item()``,
     a blocking copy between host and device, a stream synchronisation) in the traced steps;
     the flush (every block_size steps) is the one place the host reads the device."""
     model = _mlp("cuda", torch.float32)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    tracer = Tracer(model, opt, block_size=16)
-    assert tracer.engine == "torch"
+    tracer = Tracer(model, opt, block_size=16, engine="auto" if engine == "torch" else engine)
+    assert tracer.engine == engine  # auto: the torch engine on CUDA
     if attached:
         tracer.attach()
     batches = _batches(16, "cuda", torch.float32)
@@ -121,12 +127,12 @@ def test_cuda_traced_steps_never_synchronise_between_flushes(attached):
         opt.step()
         if not attached:
             tracer.after_step()
-    for k in range(2):  # the first steps (momentum buffers, library handles) unguarded
+    for k in range(8):  # the first steps (momentum buffers, library handles, graph captures) unguarded
         step(k)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for k in range(2, 15):  # rows 3..15 of the 16-row block: no flush
+        for k in range(8, 15):  # rows 9..15 of the 16-row block: no flush
             step(k)
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -152,3 +158,23 @@ def test_device_benchmark_runs_on_cuda(tmp_path):
     assert result["complete"] and r["engine"] == "torch" and r["trace_finite"]
     assert r["trace_steps_recorded"] == r["traced_steps"] > 0
     assert r["ratio_manual"] > 0 and r["ratio_attached"] > 0
+
+
+# the opt-in graph engine last (a failed capture must not disturb the tests above)
+@pytest.mark.parametrize("attached", [False, True])
+def test_cuda_graph_engine_equals_the_torch_engine(attached):
+    """The graph engine (captures in steps 4-5, replays after) against the eager torch engine
+    on CUDA, float64, 20 steps in blocks of 8, clipping every third step: the same kernels,
+    so equal to rounding (rtol 1e-10)."""
+    batches = _batches(20, "cuda")
+    eager = _traced_run("cuda", attached, batches, block_size=8, engine="torch")
+    graph = _traced_run("cuda", attached, batches, block_size=8, engine="torch-graph")
+    assert graph.attrs["graphs"] == 4  # gradient and update statistics x 2 parities
+    for name, var in eager.data_vars.items():
+        np.testing.assert_allclose(graph[name].values, var.values, rtol=1e-10, atol=1e-14,
+                                   err_msg=f"{name}, attached={attached}")
+
+
+@pytest.mark.parametrize("attached", [False, True])
+def test_cuda_graph_engine_steps_never_synchronise_between_flushes(attached):
+    _no_sync_between_flushes(attached, "torch-graph")

@@ -8,9 +8,12 @@ dispatches during a step is recorded by a ``TorchDispatchMode``. A host read of 
 ``torch.as_tensor(array, device=...)``) is an op whose tensors sit on two devices. On a GPU
 each of these synchronises the step; here each is recorded (or raises: a meta tensor has no
 data), and the test fails. tests/test_gpu.py checks the same on CUDA with
-``torch.cuda.set_sync_debug_mode("error")``."""
+``torch.cuda.set_sync_debug_mode("error")``. The opt-in graph engine's staged path (what its
+CUDA graphs replay) is checked here against the torch engine, run eagerly."""
 
 import collections
+
+import numpy as np
 
 import pytest
 import torch
@@ -140,3 +143,53 @@ def test_the_flush_is_where_the_host_reads_the_block():
     opt.step()
     with pytest.raises((NotImplementedError, RuntimeError)):
         tracer.after_step()  # row 2 of 2: the flush copies the block to the host
+
+
+class _Partly(nn.Module):
+    """Two layers; the second is skipped on every third step (its gradient is then None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        x = torch.tanh(self.a(x))
+        return x if self.calls % 3 == 0 else self.b(x)
+
+
+@pytest.mark.parametrize("attached", [False, True])
+def test_graph_engine_runs_the_torch_engines_ops_through_its_staging_buffers(attached):
+    """Off CUDA the graph engine runs its staged path (fixed buffers, rows copied into the
+    block) eagerly: the trace must equal the torch engine's bit for bit, across blocks, with
+    clipping and with steps where a layer has no gradient (the eager fallback)."""
+    traces = {}
+    for engine in ("torch", "torch-graph"):
+        torch.manual_seed(0)
+        model = _Partly()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        tracer = Tracer(model, opt, engine=engine, block_size=4)
+        if attached:
+            tracer.attach()
+        g = torch.Generator().manual_seed(1)
+        for k in range(11):
+            opt.zero_grad(set_to_none=True)
+            loss = model(torch.randn(5, 6, generator=g)).square().mean()
+            loss.backward()
+            if attached:
+                tracer.record_loss(loss)
+            else:
+                tracer.after_backward(loss)
+            if k % 4 == 1:
+                total = nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                if not attached:
+                    tracer.record_clip(global_factor=torch.clamp(0.05 / (total + 1e-6), max=1.0))
+            opt.step()
+            if not attached:
+                tracer.after_step()
+        traces[engine] = tracer.detach().dataset()
+    assert traces["torch-graph"].sizes["step"] == 11
+    assert traces["torch"].grad_norm.sel(layer="b").values[2] == 0  # the fallback was taken
+    for name, var in traces["torch"].data_vars.items():
+        np.testing.assert_array_equal(traces["torch-graph"][name].values, var.values, err_msg=name)

@@ -227,7 +227,17 @@ class TorchEngine(_FlatBuffers):
         else:
             dst.copy_(torch.cat([p.to(dst.dtype) for p in parts]))
 
+    def _loss(self, loss):
+        """The loss as a 1-element device tensor, without a host-to-device copy."""
+        if torch.is_tensor(loss) and loss.device == self.device:
+            return loss.detach().reshape(1)
+        value = math.nan if loss is None else float(loss)  # a Python number or a CPU tensor
+        return torch.full((1,), value, dtype=self.block_dtype, device=self.device)  # a fill kernel
+
     def backward_stats(self, row_index, cur, norms, g_global, loss):
+        self._backward_row(self.block[row_index, :self.w_back], cur, norms, g_global, self._loss(loss))
+
+    def _backward_row(self, dst, cur, norms, g_global, loss_t):
         C, k, a = self.n_chunks, self.chunk, self.a
         G = self.G.view(2, C, k)
         torch.abs(self.G[cur], out=a)
@@ -239,13 +249,7 @@ class TorchEngine(_FlatBuffers):
         low = rows.amin(1)
         masked = torch.where(self.member, torch.stack([high, low]).unsqueeze(1), self.extrema_fill)
         lows, highs = torch.aminmax(masked, dim=2)  # highs[0]: max|g| per layer, lows[1]: min|g|
-        if torch.is_tensor(loss) and loss.device == self.device:
-            loss_t = loss.detach().reshape(1)
-        else:  # a fill kernel, not a host-to-device copy (which would synchronise)
-            value = math.nan if loss is None else float(loss)  # a Python number or a CPU tensor
-            loss_t = torch.full((1,), value, dtype=self.block_dtype, device=self.device)
-        self._write(self.block[row_index, :self.w_back],
-                    [norms, per_layer[:, 0], highs[0], lows[1], per_layer[:, 1], loss_t, g_global.reshape(1)])
+        self._write(dst, [norms, per_layer[:, 0], highs[0], lows[1], per_layer[:, 1], loss_t, g_global.reshape(1)])
 
     def set_clip(self, row_index, col, factor):
         if torch.is_tensor(factor):
@@ -258,6 +262,9 @@ class TorchEngine(_FlatBuffers):
         self.clip[row_index].copy_(factors)
 
     def step_stats(self, row_index, cur, prev):
+        self._step_row(self.block[row_index, self.w_back:], cur, prev)
+
+    def _step_row(self, dst, cur, prev):
         D, C, k = self.D, self.n_chunks, self.chunk
         torch._foreach_copy_(self.d_t[2], self.data)  # θ_after
         D[cur].sub_(D[2])  # θ_before − θ_after = −Δθ (the sign cancels in every statistic)
@@ -266,14 +273,86 @@ class TorchEngine(_FlatBuffers):
         abs_sums = torch.linalg.vector_norm(rows, 1, dim=2)  # Σ|·| per chunk and row
         per_layer = self.member_f @ self._as_block(torch.cat([gram, abs_sums], 1))
         # columns: ‖Δθ‖², Σ|Δθ|, ⟨Δθ(t), Δθ(t−1)⟩, ‖θ‖², Σ|θ|, each (L,), into the row at once
-        out = self.block[row_index, self.w_back:].view(len(STEP_STATS), self.L)
-        torch.index_select(per_layer.T, 0, self.step_columns[cur, prev], out=out)
+        torch.index_select(per_layer.T, 0, self.step_columns[cur, prev], out=dst.view(len(STEP_STATS), self.L))
 
     def flush(self, rows):
         host = lambda x: x[:rows].to("cpu", copy=True).double().numpy()  # noqa: E731
         out = host(self.block), host(self.clip)
         self.clip[:] = 1.0
         return out
+
+
+class GraphTorchEngine(TorchEngine):
+    """:class:`TorchEngine` with each phase's kernels replayed from a CUDA graph: one launch
+    per phase instead of a dozen (a small model's step on a GPU is bound by launches).
+
+    What a graph cannot capture stays eager: the copy of the gradients (``.grad`` tensors are
+    new every step after ``zero_grad(set_to_none=True)``; this is all the capture phase does,
+    so the attached tracer's end-of-backward callback, which runs on autograd's thread, never
+    captures or replays a graph), the loss into a fixed 1-element buffer, and the copy of each
+    phase's row (computed into a fixed staging row) into the block's row of this step: per step
+    4 small ops and 2 graph launches (24 ops eagerly). The gradient phase computes the
+    per-tensor and global norms into fixed buffers (the tensors ``capture_gradients`` returns,
+    filled when ``backward_stats`` runs) and takes θ_before (still before the update). One
+    graph per phase and parity of the step (the double buffers alternate), each captured at
+    its third call after two eager ones (lazy initialisation of the libraries): the first
+    steps run eagerly, the captures (each synchronises once) fall into steps 4 and 5. A step with
+    a missing gradient runs eagerly (the torch engine's rule for the global norm). The graphs
+    read the buffers and the parameters' storage at fixed addresses: replacing a parameter's
+    storage (``p.data = ...``) is not seen (nor by the eager engine, whose views alias it).
+    Off CUDA the same staged code runs eagerly (what the CPU tests check)."""
+
+    def __init__(self, params, tensor_layer, block_size):
+        super().__init__(params, tensor_layer, block_size)
+        opts = dict(dtype=self.block_dtype, device=self.device)
+        self.loss_buf = torch.full((1,), math.nan, **opts)
+        self.back_row = torch.zeros(self.w_back, **opts)
+        self.step_row = torch.zeros(self.width - self.w_back, **opts)
+        self.norms_buf = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        self.global_buf = torch.zeros((), dtype=self.dtype, device=self.device)
+        self.graphs, self.calls = {}, {}
+        self.cuda = self.device.type == "cuda"
+
+    def _run(self, key, fn):
+        """fn() eagerly, or replayed from its graph (captured at the third call on CUDA)."""
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if not self.cuda or self.calls[key] < 3:
+            fn()
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(self.device), torch.cuda.graph(graph):
+            fn()
+        self.graphs[key] = graph
+        graph.replay()  # capturing does not run the kernels
+
+    def capture_gradients(self, cur):
+        grads = [p.grad for p in self.params]
+        if any(x is None for x in grads):  # a parameter unused this step (rare): eagerly
+            return super().capture_gradients(cur)
+        self.grads = grads
+        torch._foreach_copy_(self.g_t[cur], grads)
+        return self.norms_buf, self.global_buf  # filled by backward_stats
+
+    def backward_stats(self, row_index, cur, norms, g_global, loss):
+        if norms is not self.norms_buf:  # the eager capture of a step with a missing gradient
+            return super().backward_stats(row_index, cur, norms, g_global, loss)
+        self.loss_buf.copy_(self._loss(loss))
+
+        def fn():
+            torch.stack(torch._foreach_norm(self.g_t[cur], 2), out=self.norms_buf)
+            torch.linalg.vector_norm(self.norms_buf, 2, out=self.global_buf)
+            torch._foreach_copy_(self.d_t[cur], self.data)  # θ_before
+            self._backward_row(self.back_row, cur, self.norms_buf, self.global_buf, self.loss_buf)
+        self._run(("backward", cur), fn)
+        self.block[row_index, :self.w_back].copy_(self.back_row)
+
+    def step_stats(self, row_index, cur, prev):
+        self._run(("step", cur), lambda: self._step_row(self.step_row, cur, prev))
+        self.block[row_index, self.w_back:].copy_(self.step_row)
 
 
 def fused_supported(params):

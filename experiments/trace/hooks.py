@@ -134,7 +134,7 @@ class Hooks:
         """Factors ‖g at the step‖/‖g raw‖ per layer and globally (docstring: clip factors)."""
         t = self.tracer
         raw, now = t._engine.clip_norms(t.step % 2, t._captured[0])
-        on_device = t.engine == "torch"  # no host-to-device copy, no read-back: no sync
+        on_device = t.engine in ("torch", "torch-graph")  # no host-device copy, no read-back: no sync
         index = t._engine.layer_index if on_device else torch.as_tensor(t.tensor_layer)
         L = len(t.layers)
         norms = torch.stack([raw, now])
