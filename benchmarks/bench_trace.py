@@ -1,5 +1,7 @@
 """Tracer overhead on CPU, measured as ratios within one run (A/B alternated).
 
+(On a GPU, by wall clock: benchmarks/bench_trace_device.py.)
+
 1. Every-step trace: one model and optimizer train in alternating blocks of ``BLOCK`` steps
    with the four manual tracer calls, without a tracer, and with the tracer attached
    (``Tracer.attach``: hooks on the optimizer's step and the gradients, plus

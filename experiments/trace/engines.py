@@ -15,9 +15,10 @@ plus a clip block (L layer factors, then the global one; 1 where nothing was rec
   straight into a host block (on a CPU the host *is* the device); numpy/BLAS calls cost a
   fraction of a torch op's dispatch overhead, which dominates for small models.
 * :class:`TorchEngine` (other devices): (chunks, 256) views of the buffers (layers zero-padded
-  to whole chunks), row reductions plus tiny matmuls over chunks and per-layer Gram matrices
-  X Xᵀ, results in a preallocated device block copied to the host only when it is flushed — no
-  host synchronisation per step.
+  to whole chunks), per-chunk reductions and a batched matmul over all chunks at once, then
+  one matmul with the chunk → layer membership: a fixed number of ops per step whatever the
+  number of layers; results in a preallocated device block copied to the host only when it is
+  flushed — no host synchronisation per step.
 
 The CPU default is the compiled engine of :mod:`experiments.trace.fused`, a
 :class:`NumpyEngine` whose three per-step calls are each one numba kernel (same buffers, rows
@@ -179,40 +180,76 @@ class NumpyEngine(_FlatBuffers):
 
 
 class TorchEngine(_FlatBuffers):
-    """Statistics by torch ops on the device; nothing leaves it until :meth:`flush`."""
+    """Statistics by torch ops on the device; nothing leaves it until :meth:`flush`.
+
+    A fixed number of ops per step whatever the number of layers (on a GPU each op is a
+    kernel launch, and a small model's step is bound by launches): the buffers are viewed as
+    (chunks, 256) rows, every per-chunk sum, product or extremum is one op over all chunks
+    (``bmm`` for the dot products), a (layers, chunks) 0/1 matrix sums the chunks of each
+    layer in one ``matmul``, one masked ``aminmax`` takes the layers' extrema, and each phase
+    writes its row of the block with one ``cat``/``index_select`` into it. No value is read by
+    the host (no ``.item()``, no branch on a tensor, no host-to-device copy): the host waits
+    for the device only at :meth:`flush`."""
 
     chunk = CHUNK
 
     def __init__(self, params, tensor_layer, block_size):
         super().__init__(params, tensor_layer, block_size)
-        opts = dict(dtype=torch.promote_types(self.dtype, torch.float32), device=self.device)
+        self.block_dtype = torch.promote_types(self.dtype, torch.float32)
+        opts = dict(dtype=self.block_dtype, device=self.device)
         self.block = torch.zeros(block_size, self.width, **opts)
         self.clip = torch.ones(block_size, self.L + 1, **opts)
         self.pad_index = torch.tensor(self.pad, dtype=torch.long, device=self.device)
+        self.n_chunks = int(sum(self.chunks))
         # chunk -> layer membership, for per-layer sums (matmul) and extrema (masked)
         member = torch.repeat_interleave(torch.arange(self.L), torch.tensor(self.chunks))
         self.member = (torch.arange(self.L)[:, None] == member[None, :]).to(self.device)
-        self.member_f = self.member.to(self.dtype)
+        self.member_f = self.member.to(self.block_dtype)
+        # fill of the masked extrema: 0 for max|g| (|g| >= 0, every layer has an element),
+        # +inf for min|g|
+        self.extrema_fill = torch.tensor([0.0, math.inf], dtype=self.dtype, device=self.device).view(2, 1, 1)
+        # after the step, per chunk: the 3x3 Gram matrix of the rows of D (−Δθ(0), −Δθ(1), θ)
+        # flattened (columns 0..8), then Σ|·| of each row (9..11); the statistics' columns
+        # ‖Δθ‖², Σ|Δθ|, ⟨Δθ(t), Δθ(t−1)⟩, ‖θ‖², Σ|θ| for each (cur, prev)
+        self.step_columns = {(c, 1 - c): torch.tensor([4 * c, 9 + c, 3 * c + 1 - c, 8, 11],
+                                                      dtype=torch.long, device=self.device)
+                             for c in (0, 1)}
+        self.layer_index = torch.as_tensor(self.tensor_layer, dtype=torch.long, device=self.device)
 
-    def grams(self, X):
-        """Per-layer Gram matrices of the rows of X: (L, rows, rows)."""
-        return torch.stack([X[:, s:s + m] @ X[:, s:s + m].T for s, m in self.seg])
+    def _as_block(self, x):
+        """``x`` in the block's dtype (no call at all when it is already: a call costs)."""
+        return x if self.dtype == self.block_dtype else x.to(self.block_dtype)
+
+    def _write(self, dst, parts):
+        """``dst`` (a contiguous slice of the block) = the concatenation of ``parts``: one op."""
+        if all(p.dtype == dst.dtype for p in parts):
+            torch.cat(parts, out=dst)
+        else:
+            dst.copy_(torch.cat([p.to(dst.dtype) for p in parts]))
+
+    def _loss(self, loss):
+        """The loss as a 1-element device tensor, without a host-to-device copy."""
+        if torch.is_tensor(loss) and loss.device == self.device:
+            return loss.detach().reshape(1)
+        value = math.nan if loss is None else float(loss)  # a Python number or a CPU tensor
+        return torch.full((1,), value, dtype=self.block_dtype, device=self.device)  # a fill kernel
 
     def backward_stats(self, row_index, cur, norms, g_global, loss):
-        g, a = self.G[cur], self.a
-        dots = self.grams(self.G)[:, 0, 1]
-        rows = a.view(-1, self.chunk)
-        torch.abs(g, out=a)
-        abs_sums = (self.member_f @ rows.sum(1, keepdim=True))[:, 0]
-        maxes = torch.where(self.member, rows.amax(1), -math.inf).amax(1)
+        self._backward_row(self.block[row_index, :self.w_back], cur, norms, g_global, self._loss(loss))
+
+    def _backward_row(self, dst, cur, norms, g_global, loss_t):
+        C, k, a = self.n_chunks, self.chunk, self.a
+        G = self.G.view(2, C, k)
+        torch.abs(self.G[cur], out=a)
+        rows = a.view(C, k)
+        dots = torch.bmm(G[0].unsqueeze(1), G[1].unsqueeze(2)).view(C)  # ⟨g(t), g(t−1)⟩ per chunk
+        per_layer = self.member_f @ self._as_block(torch.stack([rows.sum(1), dots], 1))
+        high = rows.amax(1)
         a.index_fill_(0, self.pad_index, math.inf)  # padding must not count as min|g| = 0
-        mins = torch.where(self.member, rows.amin(1), math.inf).amin(1)
-        if torch.is_tensor(loss):
-            loss_t = loss.detach().reshape(()).to(self.dtype)
-        else:  # a fill kernel, not a host-to-device copy (which would synchronise)
-            loss_t = torch.full((), math.nan if loss is None else float(loss), dtype=self.dtype, device=self.device)
-        values = torch.cat([norms, abs_sums, maxes, mins, dots, torch.stack([loss_t, g_global])])
-        self.block[row_index, :len(values)].copy_(values)
+        low = rows.amin(1)
+        masked = torch.where(self.member, torch.stack([high, low]).unsqueeze(1), self.extrema_fill)
+        lows, highs = torch.aminmax(masked, dim=2)  # highs[0]: max|g| per layer, lows[1]: min|g|
+        self._write(dst, [norms, per_layer[:, 0], highs[0], lows[1], per_layer[:, 1], loss_t, g_global.reshape(1)])
 
     def set_clip(self, row_index, col, factor):
         if torch.is_tensor(factor):
@@ -220,23 +257,102 @@ class TorchEngine(_FlatBuffers):
         else:
             self.clip[row_index, col].fill_(float(factor))  # a kernel argument, no H2D copy
 
+    def set_clip_row(self, row_index, factors):
+        """The whole clip row (L layer factors, then the global one) from a device tensor."""
+        self.clip[row_index].copy_(factors)
+
     def step_stats(self, row_index, cur, prev):
-        D, a = self.D, self.a
+        self._step_row(self.block[row_index, self.w_back:], cur, prev)
+
+    def _step_row(self, dst, cur, prev):
+        D, C, k = self.D, self.n_chunks, self.chunk
         torch._foreach_copy_(self.d_t[2], self.data)  # θ_after
         D[cur].sub_(D[2])  # θ_before − θ_after = −Δθ (the sign cancels in every statistic)
-        gram = self.grams(D)
-        torch.abs(D[cur], out=a)
-        abs_rows = torch.stack([a.view(-1, self.chunk).sum(1), D[2].abs_().view(-1, self.chunk).sum(1)], 1)
-        abs_sums = self.member_f @ abs_rows
-        # columns: ‖Δθ‖², Σ|Δθ|, ⟨Δθ(t), Δθ(t−1)⟩, ‖θ‖², Σ|θ|
-        values = torch.cat([gram[:, cur, cur], abs_sums[:, 0], gram[:, cur, prev], gram[:, 2, 2], abs_sums[:, 1]])
-        self.block[row_index, self.w_back:].copy_(values)
+        rows = D.view(3, C, k).transpose(0, 1)  # (chunks, 3, k)
+        gram = torch.bmm(rows, rows.transpose(1, 2)).view(C, 9)
+        abs_sums = torch.linalg.vector_norm(rows, 1, dim=2)  # Σ|·| per chunk and row
+        per_layer = self.member_f @ self._as_block(torch.cat([gram, abs_sums], 1))
+        # columns: ‖Δθ‖², Σ|Δθ|, ⟨Δθ(t), Δθ(t−1)⟩, ‖θ‖², Σ|θ|, each (L,), into the row at once
+        torch.index_select(per_layer.T, 0, self.step_columns[cur, prev], out=dst.view(len(STEP_STATS), self.L))
 
     def flush(self, rows):
         host = lambda x: x[:rows].to("cpu", copy=True).double().numpy()  # noqa: E731
         out = host(self.block), host(self.clip)
         self.clip[:] = 1.0
         return out
+
+
+class GraphTorchEngine(TorchEngine):
+    """:class:`TorchEngine` with each phase's kernels replayed from a CUDA graph: one launch
+    per phase instead of a dozen (a small model's step on a GPU is bound by launches).
+
+    What a graph cannot capture stays eager: the copy of the gradients (``.grad`` tensors are
+    new every step after ``zero_grad(set_to_none=True)``; this is all the capture phase does,
+    so the attached tracer's end-of-backward callback, which runs on autograd's thread, never
+    captures or replays a graph), the loss into a fixed 1-element buffer, and the copy of each
+    phase's row (computed into a fixed staging row) into the block's row of this step: per step
+    4 small ops and 2 graph launches (24 ops eagerly). The gradient phase computes the
+    per-tensor and global norms into fixed buffers (the tensors ``capture_gradients`` returns,
+    filled when ``backward_stats`` runs) and takes θ_before (still before the update). One
+    graph per phase and parity of the step (the double buffers alternate), each captured at
+    its third call after two eager ones (lazy initialisation of the libraries): the first
+    steps run eagerly, the captures (each synchronises once) fall into steps 4 and 5. A step with
+    a missing gradient runs eagerly (the torch engine's rule for the global norm). The graphs
+    read the buffers and the parameters' storage at fixed addresses: replacing a parameter's
+    storage (``p.data = ...``) is not seen (nor by the eager engine, whose views alias it).
+    Off CUDA the same staged code runs eagerly (what the CPU tests check)."""
+
+    def __init__(self, params, tensor_layer, block_size):
+        super().__init__(params, tensor_layer, block_size)
+        opts = dict(dtype=self.block_dtype, device=self.device)
+        self.loss_buf = torch.full((1,), math.nan, **opts)
+        self.back_row = torch.zeros(self.w_back, **opts)
+        self.step_row = torch.zeros(self.width - self.w_back, **opts)
+        self.norms_buf = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        self.global_buf = torch.zeros((), dtype=self.dtype, device=self.device)
+        self.graphs, self.calls = {}, {}
+        self.cuda = self.device.type == "cuda"
+
+    def _run(self, key, fn):
+        """fn() eagerly, or replayed from its graph (captured at the third call on CUDA)."""
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if not self.cuda or self.calls[key] < 3:
+            fn()
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(self.device), torch.cuda.graph(graph):
+            fn()
+        self.graphs[key] = graph
+        graph.replay()  # capturing does not run the kernels
+
+    def capture_gradients(self, cur):
+        grads = [p.grad for p in self.params]
+        if any(x is None for x in grads):  # a parameter unused this step (rare): eagerly
+            return super().capture_gradients(cur)
+        self.grads = grads
+        torch._foreach_copy_(self.g_t[cur], grads)
+        return self.norms_buf, self.global_buf  # filled by backward_stats
+
+    def backward_stats(self, row_index, cur, norms, g_global, loss):
+        if norms is not self.norms_buf:  # the eager capture of a step with a missing gradient
+            return super().backward_stats(row_index, cur, norms, g_global, loss)
+        self.loss_buf.copy_(self._loss(loss))
+
+        def fn():
+            torch.stack(torch._foreach_norm(self.g_t[cur], 2), out=self.norms_buf)
+            torch.linalg.vector_norm(self.norms_buf, 2, out=self.global_buf)
+            torch._foreach_copy_(self.d_t[cur], self.data)  # θ_before
+            self._backward_row(self.back_row, cur, self.norms_buf, self.global_buf, self.loss_buf)
+        self._run(("backward", cur), fn)
+        self.block[row_index, :self.w_back].copy_(self.back_row)
+
+    def step_stats(self, row_index, cur, prev):
+        self._run(("step", cur), lambda: self._step_row(self.step_row, cur, prev))
+        self.block[row_index, self.w_back:].copy_(self.step_row)
 
 
 def fused_supported(params):

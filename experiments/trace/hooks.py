@@ -134,16 +134,18 @@ class Hooks:
         """Factors ‖g at the step‖/‖g raw‖ per layer and globally (docstring: clip factors)."""
         t = self.tracer
         raw, now = t._engine.clip_norms(t.step % 2, t._captured[0])
-        index = torch.as_tensor(t.tensor_layer, device=raw.device)
+        on_device = t.engine in ("torch", "torch-graph")  # no host-device copy, no read-back: no sync
+        index = t._engine.layer_index if on_device else torch.as_tensor(t.tensor_layer)
         L = len(t.layers)
-        sq = lambda x: torch.zeros(L, dtype=x.dtype, device=x.device).index_add_(0, index, x * x)  # noqa: E731
-        raw_l, now_l = sq(raw), sq(now)
-        factors = torch.where(raw_l > 0, (now_l / raw_l).sqrt(), torch.ones_like(raw_l))
-        total = torch.where(raw_l.sum() > 0, (now_l.sum() / raw_l.sum()).sqrt(), torch.ones_like(raw_l[0]))
-        engine_factors = factors if t.engine == "torch" else factors.tolist()
-        for col in range(L):
-            t._engine.set_clip(t._row, col, engine_factors[col])
-        t._engine.set_clip(t._row, L, total if t.engine == "torch" else float(total))
+        norms = torch.stack([raw, now])
+        sq = torch.zeros(2, L, dtype=norms.dtype, device=norms.device).index_add_(1, index, norms * norms)
+        sq = torch.cat([sq, sq.sum(1, keepdim=True)], 1)  # per layer, then the whole gradient
+        factors = torch.where(sq[0] > 0, (sq[1] / sq[0]).sqrt(), 1.0)  # L layers, then global
+        if on_device:
+            t._engine.set_clip_row(t._row, factors)
+            return
+        for col, factor in enumerate(factors.tolist()):
+            t._engine.set_clip(t._row, col, factor)
 
     # ------------------------------------------------------------------ the step
     def pre_step(self, optimizer, args, kwargs):

@@ -72,8 +72,8 @@ import torch
 import xarray as xr
 
 from experiments.trace import probes
-from experiments.trace.engines import (BACKWARD_STATS, STEP_STATS, NumpyEngine, TorchEngine,
-                                       fused_supported)
+from experiments.trace.engines import (BACKWARD_STATS, STEP_STATS, GraphTorchEngine, NumpyEngine,
+                                       TorchEngine, fused_supported)
 
 ROOT_LAYER = "(root)"
 
@@ -151,7 +151,8 @@ class Tracer:
         buffer, and the batch sharpness (:func:`experiments.trace.probes.microbatch_curvature`).
     engine : "auto" (fused for contiguous float32/float64 CPU parameters of one dtype, numpy
         for other float32/float64 CPU parameters or without numba, else torch), "fused",
-        "numpy" or "torch".
+        "numpy", "torch" or "torch-graph" (the torch engine's kernels replayed from CUDA graphs:
+        :class:`~experiments.trace.engines.GraphTorchEngine`; opt-in).
 
     Examples
     --------
@@ -244,9 +245,9 @@ class Tracer:
         numpy_ok = self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
         fused_ok = (numpy_ok and fused_supported(self.params)
                     and importlib.util.find_spec("numba") is not None)
-        if (engine not in ("auto", "fused", "numpy", "torch") or (engine == "numpy" and not numpy_ok)
+        if (engine not in ("auto", "fused", "numpy", "torch", "torch-graph") or (engine == "numpy" and not numpy_ok)
                 or (engine == "fused" and not fused_ok)):
-            raise ValueError(f"engine={engine!r} is not valid here; valid: auto, torch"
+            raise ValueError(f"engine={engine!r} is not valid here; valid: auto, torch, torch-graph"
                              + (", numpy" if numpy_ok else " (numpy needs float32/float64 "
                                                           "parameters on the CPU)")
                              + (", fused" if fused_ok else " (fused needs numba and contiguous "
@@ -267,7 +268,7 @@ class Tracer:
         if self.engine == "fused":
             from experiments.trace.fused import FusedEngine as engine_cls  # imports numba
         else:
-            engine_cls = NumpyEngine if self.engine == "numpy" else TorchEngine
+            engine_cls = {"numpy": NumpyEngine, "torch": TorchEngine, "torch-graph": GraphTorchEngine}[self.engine]
         self._engine = engine_cls(self.params, self.tensor_layer, self.block_size)
         if self.engine == "fused":  # no torch op per step: skip the grad-mode switch
             self._no_grad = contextlib.nullcontext()
@@ -438,7 +439,7 @@ class Tracer:
         block, clip = self._engine.flush(rows)
         self._host_rows.append(block)
         self._host_clip.append(clip)
-        if self.engine == "torch":
+        if self.engine in ("torch", "torch-graph"):
             self._watch.collect()  # the copy has synchronised anyway
         self._row = 0
 
