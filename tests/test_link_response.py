@@ -143,6 +143,15 @@ def test_probe_makes_one_pass_per_microbatch_for_moments_and_curvature():
     for key in ("grad_curv", "grad_curv_mean", "buffer_curv", "batch_sharpness"):
         np.testing.assert_allclose(getattr(res, key), curv[key].numpy(), rtol=1e-12, err_msg=key)
     np.testing.assert_allclose(res.batch_sharpness_global, float(curv["batch_sharpness_global"]), rtol=1e-12)
+    # passes without graphs, or graphs already used, are refused (not silently recomputed)
+    from experiments.trace.probes import microbatch_gradients
+    with pytest.raises(ValueError, match="micro holds no graphs"):
+        microbatch_curvature(model, params, blocks, _loss, batch, M,
+                             micro=microbatch_gradients(model, params, _loss, batch, M))
+    micro = microbatch_gradients(model, params, _loss, batch, M, create_graph=True)
+    microbatch_curvature(model, params, blocks, _loss, batch, M, micro=micro)
+    with pytest.raises(ValueError, match="0 unused graphs of 4"):
+        microbatch_curvature(model, params, blocks, _loss, batch, M, micro=micro)
 
 
 def test_microbatch_curvature_equals_dense_minibatch_hessians():

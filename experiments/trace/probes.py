@@ -408,9 +408,11 @@ def microbatch_curvature(model, params, blocks, loss_fn, batch, parts, noise_bat
                          f"curvature along the gradient (three independent micro-batches)")
     if micro is None:
         micro = microbatch_gradients(model, params, loss_fn, batch, parts, create_graph=True)
-    elif micro.graphs is None or micro.rows.shape[0] != parts:
-        raise ValueError(f"micro must hold the graphs of {parts} micro-batches "
-                         f"(microbatch_gradients with create_graph=True)")
+    elif micro.graphs is None or len(micro.graphs) != parts or any(g is None for g in micro.graphs):
+        held = ("no graphs" if micro.graphs is None else
+                f"{sum(g is not None for g in micro.graphs)} unused graphs of {len(micro.graphs)}")
+        raise ValueError(f"micro holds {held}; valid: the {parts} unused graphs of "
+                         f"microbatch_gradients(..., parts={parts}, create_graph=True)")
     grads, graphs, b, B = micro.rows, micro.graphs, micro.b, micro.B
     sizes = [p.numel() for p in params]
     dtype, device = grads.dtype, grads.device
