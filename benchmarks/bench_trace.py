@@ -249,6 +249,9 @@ def main():
     parser.add_argument("--probe-only", action="store_true", help="only part 2 (probes every 100 steps)")
     parser.add_argument("--sharpness-tol", type=float, default=None, metavar="TOL",
                         help="part 2: this code's probe stops Lanczos at TOL (the baseline's keeps the default)")
+    parser.add_argument("--probe-start", type=int, default=0, metavar="S",
+                        help="part 2 and --probe-floor: train S more steps first, probing every 100 "
+                        "(untimed), so that the timed probes come later in training (default 0)")
     parser.add_argument("--probe-pairs", type=int, default=None, metavar="N",
                         help="part 2: N pairs of 100-step blocks per arm (default 4, --quick 2)")
     parser.add_argument("--profile", action="store_true", help="only where the time goes (per phase, per probe part)")
@@ -262,6 +265,8 @@ def main():
     torch.set_num_threads(1)
     data = load_data("mnist1d")
     pairs, probe_pairs = (10, 2) if args.quick else (40, 4)
+    if args.probe_start < 0:
+        parser.error(f"--probe-start={args.probe_start} is outside the valid range [0, inf)")
     if args.probe_pairs is not None:
         if args.probe_pairs < 1:
             parser.error(f"--probe-pairs={args.probe_pairs} is outside the valid range [1, inf)")
@@ -275,7 +280,7 @@ def main():
         kernels()
     for name in ("seed-cnn", "mlp"):
         if args.probe_floor:
-            probe_floor(name, data, probe_pairs)
+            probe_floor(name, data, probe_pairs, args.probe_start)
             continue
         if args.profile or args.tol_sweep:
             print(name)
@@ -315,11 +320,12 @@ def main():
             if args.sharpness_tol is not None:  # this probe only; before's (base_tracer) keeps the default
                 bench.tracer.sharpness_tol = args.sharpness_tol
             bench.steps(20, traced=True, probe=True)  # first probe: a cold start, untimed
+            warm_up(bench, args.probe_start)
             bench.probe_cpu = bench.base_probe_cpu = 0.0
             traced, plain = alternate(bench, probe_pairs, 100, probe=True, check=True)
             ds = bench.tracer.dataset()
-            used = np.concatenate([ds.sharpness_steps.values.ravel(),
-                                   ds.sharpness_global_steps.values])
+            used = np.concatenate([ds.sharpness_steps.values[-probe_pairs:].ravel(),  # the timed probes
+                                   ds.sharpness_global_steps.values[-probe_pairs:]])
             print(f"  trace + probe every 100 steps, <= {iters:2d} Lanczos steps: "
                   f"{traced / plain:.3f}x (the probe alone: {1 + bench.probe_cpu / plain:.3f}x; "
                   f"{probe_pairs} x 100 steps per arm; "
@@ -463,7 +469,16 @@ def profile(name, data, steps=1000, reps=5):
           + f"; Lanczos steps per block {used[:-1].tolist()}, global {int(used[-1])}")
 
 
-def probe_floor(name, data, pairs):
+def warm_up(bench, steps):
+    """``steps`` untimed training steps with a probe every 100 (``--probe-start``), the errors
+    and CPU counters of the benchmark left as they were."""
+    for k in range(0, steps, 100):
+        probe_cpu, base_cpu, errors = bench.probe_cpu, bench.base_probe_cpu, list(bench.errors)
+        bench.steps(min(100, steps - k), traced=True, probe=True)
+        bench.probe_cpu, bench.base_probe_cpu, bench.errors = probe_cpu, base_cpu, errors
+
+
+def probe_floor(name, data, pairs, start=0):
     """Part 2's probe sequence (a cold probe, then one probe per traced 100-step block,
     alternating with untraced blocks) with the probe's inherent parts timed inside each probe:
     the Hessian-vector products (Lanczos and Hutchinson), the first-order graph (the probe
@@ -495,6 +510,7 @@ def probe_floor(name, data, pairs):
             return out
         bench.tracer.probe = lambda fn, batch, **kw: probe(timed_forward, batch, **kw)
         bench.steps(20, traced=True, probe=True)  # first probe: a cold start, not counted
+        warm_up(bench, start)
         spent.clear()
         bench.probe_cpu = 0.0
         _, plain = alternate(bench, pairs, 100, probe=True)
@@ -502,7 +518,7 @@ def probe_floor(name, data, pairs):
         for attr, fn in wrapped.items():
             setattr(sharpness, attr, fn)
     ds = bench.tracer.dataset()
-    steps = np.column_stack([ds.sharpness_steps.values, ds.sharpness_global_steps.values])[1:]
+    steps = np.column_stack([ds.sharpness_steps.values, ds.sharpness_global_steps.values])[-pairs:]
     print(f"{name}: untraced step {10 * plain / pairs:.2f} ms CPU; per probe, CPU ms: all "
           f"{1e3 * bench.probe_cpu / pairs:.1f}, " + ", ".join(f"{k} {1e3 * spent.get(k, 0.0) / pairs:.1f}"
                                                             for _, k in parts))
