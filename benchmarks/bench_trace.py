@@ -330,7 +330,7 @@ def main():
                   f"{traced / plain:.3f}x (the probe alone: {1 + bench.probe_cpu / plain:.3f}x; "
                   f"{probe_pairs} x 100 steps per arm; "
                   f"untraced step {10 * plain / probe_pairs:.2f} ms CPU; "
-                  f"{ds.attrs['probe_seconds'] / (probe_pairs + 1):.2f} s wall per probe; "
+                  f"{ds.attrs['probe_seconds'] / ds.sizes['probe_step']:.2f} s wall per probe (all, untimed ones too); "
                   f"{used.mean():.1f} steps used on average; sharpness within "
                   f"{100 * max(bench.errors):.2g} % of converged)")
             if base is not None:  # the same steps with the baseline's probe in place of this one
