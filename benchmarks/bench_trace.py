@@ -482,8 +482,9 @@ def probe_floor(name, data, pairs, start=0):
     """Part 2's probe sequence (a cold probe, then one probe per traced 100-step block,
     alternating with untraced blocks) with the probe's inherent parts timed inside each probe:
     the Hessian-vector products (Lanczos and Hutchinson), the first-order graph (the probe
-    batch's forward and backward pass) and the micro-batch passes. Their sum over the untraced steps' CPU time is the probe's
-    floor for these Lanczos step counts: what is left if everything else cost nothing."""
+    batch's forward and backward pass) and the micro-batch passes. Their sum over the untraced
+    steps' CPU time is the probe's floor for these Lanczos step counts: what is left if
+    everything else cost nothing. ``start``: see ``--probe-start``."""
     spent, wrapped = {}, {}
     parts = (("block_hvp", "HVPs"), ("first_order_graph", "first-order graph"),
              ("microbatch_gradients", "micro-batch passes"))
