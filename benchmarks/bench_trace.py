@@ -14,11 +14,14 @@
    against a converged (60-step, cold) Lanczos run at the same parameters (not timed).
 3. The probe's curvature along the gradient and the momentum buffer (``probe_curvature``,
    issue 16): the same probe with and without it, alternated at the same parameters (and
-   the same warm start), with 4 and with 16 micro-batches; ratio = with / without CPU time.
+   the same warm start), with 4 and with 16 micro-batches; ratio = with / without CPU time
+   (with ``--baseline REV``, also this probe with curvature / REV's with curvature).
 4. ``--profile``: where the time goes, per phase of a traced step and per part of a probe
    (:func:`profile`).
 5. ``--tol-sweep``: Lanczos steps and sharpness error per early-stop tolerance
    (:func:`tolerance_sweep`), seed CNN and MLP, seeds 0 and 1.
+6. ``--probe-floor``: the probe's inherent parts (HVPs, first-order graph, micro-batch passes)
+   timed inside part 2's probe sequence (:func:`probe_floor`).
 
 Seed CNN and MLP (experiments.runs.models defaults) on MNIST-1D, batch 32, SGD with momentum 0.9.
 Single-threaded: torch threads = 1 and OPENBLAS/OMP/MKL threads = 1 (set before numpy is
@@ -34,8 +37,10 @@ part 2 every probe is also run by REV's probes at the same parameters from the s
 start (the order alternating), and "before" is the traced arm with that probe's CPU time in
 place of this one's.
 
-    .venv/bin/python benchmarks/bench_trace.py [--quick] [--every-step-only] [--baseline REV]
+    .venv/bin/python benchmarks/bench_trace.py [--quick] [--every-step-only | --probe-only]
+        [--probe-pairs N] [--sharpness-tol TOL] [--baseline REV]
     .venv/bin/python benchmarks/bench_trace.py --profile | --tol-sweep | --curvature-only
+    .venv/bin/python benchmarks/bench_trace.py --probe-floor [--probe-pairs N]
 """
 
 import os
@@ -241,8 +246,18 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--curvature-only", action="store_true", help="only part 3 (probe_curvature's cost)")
     parser.add_argument("--every-step-only", action="store_true", help="skip the probe benchmarks")
+    parser.add_argument("--probe-only", action="store_true", help="only part 2 (probes every 100 steps)")
+    parser.add_argument("--sharpness-tol", type=float, default=None, metavar="TOL",
+                        help="part 2: this code's probe stops Lanczos at TOL (the baseline's keeps the default)")
+    parser.add_argument("--probe-start", type=int, default=0, metavar="S",
+                        help="part 2 and --probe-floor: train S more steps first, probing every 100 "
+                        "(untimed), so that the timed probes come later in training (default 0)")
+    parser.add_argument("--probe-pairs", type=int, default=None, metavar="N",
+                        help="part 2: N pairs of 100-step blocks per arm (default 4, --quick 2)")
     parser.add_argument("--profile", action="store_true", help="only where the time goes (per phase, per probe part)")
     parser.add_argument("--tol-sweep", action="store_true", help="only the Lanczos early-stop tolerance sweep")
+    parser.add_argument("--probe-floor", action="store_true", help="only the probe's inherent parts "
+                        "(HVPs, first-order graph, micro-batch passes) in part 2's probe sequence")
     parser.add_argument("--baseline", metavar="REV", help="add before arms: the engines, hooks and "
                         "probes of this git revision")
     args = parser.parse_args()
@@ -250,6 +265,12 @@ def main():
     torch.set_num_threads(1)
     data = load_data("mnist1d")
     pairs, probe_pairs = (10, 2) if args.quick else (40, 4)
+    if args.probe_start < 0:
+        parser.error(f"--probe-start={args.probe_start} is outside the valid range [0, inf)")
+    if args.probe_pairs is not None:
+        if args.probe_pairs < 1:
+            parser.error(f"--probe-pairs={args.probe_pairs} is outside the valid range [1, inf)")
+        probe_pairs = args.probe_pairs
     if args.every_step_only:
         probe_pairs = 0
     print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
@@ -258,6 +279,9 @@ def main():
     if args.profile:
         kernels()
     for name in ("seed-cnn", "mlp"):
+        if args.probe_floor:
+            probe_floor(name, data, probe_pairs, args.probe_start)
+            continue
         if args.profile or args.tol_sweep:
             print(name)
             if args.profile:
@@ -267,39 +291,46 @@ def main():
             continue
         if args.curvature_only:
             print(name)
-            curvature_cost(name, data, 2 if args.quick else 6)
+            curvature_cost(name, data, 2 if args.quick else 6, base, args.baseline)
             continue
-        bench = Bench(name, data, baseline=base)
-        bench.steps(20, traced=True)  # warm-up both paths
-        bench.steps(20, traced=False)
-        bench.steps(20, traced=True, hooked=True)
-        if base is not None:
-            bench.steps(20, traced=True, base=True)
-            bench.steps(20, traced=True, hooked=True, base=True)
-        traced, plain, hooked, *before = rotate(bench, pairs, BLOCK)
-        n_params = sum(p.numel() for p in bench.tracer.params)
-        print(f"\n{name}: {n_params} parameters in {len(bench.tracer.layers)} layers, "
-              f"untraced step {1e3 * plain / (pairs * BLOCK):.2f} ms CPU "
-              f"(tracer engine {bench.tracer.engine})")
-        print(f"  every-step trace / no tracer:                {traced / plain:.3f}x "
-              f"({pairs} x {BLOCK} steps per arm)")
-        print(f"  every-step trace attached (hooks) / no tracer: {hooked / plain:.3f}x "
-              f"(hooked / manual calls {hooked / traced:.3f}x)")
-        if before:
-            print(f"  before ({args.baseline}): manual {before[0] / plain:.3f}x, attached "
-                  f"{before[1] / plain:.3f}x (hooked / manual calls {before[1] / before[0]:.3f}x)")
+        if not args.probe_only:  # part 1
+            bench = Bench(name, data, baseline=base)
+            bench.steps(20, traced=True)  # warm-up both paths
+            bench.steps(20, traced=False)
+            bench.steps(20, traced=True, hooked=True)
+            if base is not None:
+                bench.steps(20, traced=True, base=True)
+                bench.steps(20, traced=True, hooked=True, base=True)
+            traced, plain, hooked, *before = rotate(bench, pairs, BLOCK)
+            n_params = sum(p.numel() for p in bench.tracer.params)
+            print(f"\n{name}: {n_params} parameters in {len(bench.tracer.layers)} layers, "
+                  f"untraced step {1e3 * plain / (pairs * BLOCK):.2f} ms CPU "
+                  f"(tracer engine {bench.tracer.engine})")
+            print(f"  every-step trace / no tracer:                {traced / plain:.3f}x "
+                  f"({pairs} x {BLOCK} steps per arm)")
+            print(f"  every-step trace attached (hooks) / no tracer: {hooked / plain:.3f}x "
+                  f"(hooked / manual calls {hooked / traced:.3f}x)")
+            if before:
+                print(f"  before ({args.baseline}): manual {before[0] / plain:.3f}x, attached "
+                      f"{before[1] / plain:.3f}x (hooked / manual calls {before[1] / before[0]:.3f}x)")
+        if args.probe_only:
+            print(f"\n{name}")
         for iters in ((20, 5) if probe_pairs else ()):
             bench = Bench(name, data, baseline=base, sharpness_iters=iters)
+            if args.sharpness_tol is not None:  # this probe only; before's (base_tracer) keeps the default
+                bench.tracer.sharpness_tol = args.sharpness_tol
             bench.steps(20, traced=True, probe=True)  # first probe: a cold start, untimed
+            warm_up(bench, args.probe_start)
             bench.probe_cpu = bench.base_probe_cpu = 0.0
             traced, plain = alternate(bench, probe_pairs, 100, probe=True, check=True)
             ds = bench.tracer.dataset()
-            used = np.concatenate([ds.sharpness_steps.values.ravel(),
-                                   ds.sharpness_global_steps.values])
+            used = np.concatenate([ds.sharpness_steps.values[-probe_pairs:].ravel(),  # the timed probes
+                                   ds.sharpness_global_steps.values[-probe_pairs:]])
             print(f"  trace + probe every 100 steps, <= {iters:2d} Lanczos steps: "
                   f"{traced / plain:.3f}x (the probe alone: {1 + bench.probe_cpu / plain:.3f}x; "
                   f"{probe_pairs} x 100 steps per arm; "
-                  f"{ds.attrs['probe_seconds'] / (probe_pairs + 1):.2f} s wall per probe; "
+                  f"untraced step {10 * plain / probe_pairs:.2f} ms CPU; "
+                  f"{ds.attrs['probe_seconds'] / ds.sizes['probe_step']:.2f} s wall per probe (all, untimed ones too); "
                   f"{used.mean():.1f} steps used on average; sharpness within "
                   f"{100 * max(bench.errors):.2g} % of converged)")
             if base is not None:  # the same steps with the baseline's probe in place of this one
@@ -310,15 +341,16 @@ def main():
                       + ", ".join(f"{k} {v:.1e}" for k, v in bench.base_diff.items())
                       + f"; the same Lanczos steps: {'yes' if bench.base_same_steps else 'no'}")
 
-        if not args.every_step_only:
-            curvature_cost(name, data, 2 if args.quick else 6)
+        if not (args.every_step_only or args.probe_only):
+            curvature_cost(name, data, 2 if args.quick else 6, base, args.baseline)
 
 
 def profile(name, data, steps=1000, reps=5):
     """Where the time goes. Every step: CPU µs per phase of a step with the manual calls and of
     one without a tracer (alternating). Probe, at fixed parameters after 200 steps (a warm start
-    from step 100): µs of the first-order graph, one full HVP, one HVP per block, the Hutchinson
-    sample, the micro-batch moments, and the block/global Lanczos (its HVPs apart)."""
+    from step 100): µs of the first-order graph, one full HVP, one HVP per block, the same K
+    block products as K zero-padded full HVPs and as one batched double backward, the
+    Hutchinson sample, the micro-batch moments, and the block/global Lanczos (its HVPs apart)."""
     bench = Bench(name, data)
     tr, pc = bench.tracer, time.process_time
     t = {}
@@ -398,8 +430,28 @@ def profile(name, data, steps=1000, reps=5):
             grads = timed("first-order graph", lambda: sharpness.first_order_graph(loss_fn(bench.model, batch), params))
             dim = sum(p.numel() for p in params)
             timed("full HVP", sharpness.full_hvp, grads, params, torch.randn(dim))
+            vs = [torch.randn(sum(params[i].numel() for i in b)) for b in blocks]
             for k, b in enumerate(blocks):
-                timed(f"HVP block {k}", hvp, grads, params, b, torch.randn(sum(params[i].numel() for i in b)))
+                timed(f"HVP block {k}", hvp, grads, params, b, vs[k])
+            # the same K block products by other routes: a full HVP with the vector zero outside
+            # the block (its block part), and one batched double backward (row k: v_k on block k)
+            offsets = np.cumsum([0] + [len(v) for v in vs])
+
+            def zero_padded(grads):
+                for k in range(len(blocks)):
+                    z = torch.zeros(dim)
+                    z[offsets[k]:offsets[k + 1]] = vs[k]
+                    sharpness.full_hvp(grads, params, z)[offsets[k]:offsets[k + 1]]
+
+            def batched(grads):
+                rows = torch.zeros(len(blocks), dim)
+                for k in range(len(blocks)):
+                    rows[k, offsets[k]:offsets[k + 1]] = vs[k]
+                cols = rows.split([p.numel() for p in params], dim=1)
+                torch.autograd.grad(grads, params, [c.reshape(len(blocks), *p.shape) for c, p in zip(cols, params)],
+                                    retain_graph=True, is_grads_batched=True)
+            timed("K block HVPs as zero-padded full HVPs", zero_padded, grads)
+            timed("K block HVPs as one batched double backward", batched, grads)
             sharpness.block_hvp = counted
             try:
                 _, _, used = timed("Lanczos (blocks and global)", sharpness.block_sharpness, grads, params, blocks,
@@ -415,6 +467,65 @@ def profile(name, data, steps=1000, reps=5):
     order.insert(order.index("Lanczos (blocks and global)") + 1, order.pop())
     print("  probe, CPU ms: " + ", ".join(f"{k.strip()} {1e3 * spent[k]:.2f}" for k in order)
           + f"; Lanczos steps per block {used[:-1].tolist()}, global {int(used[-1])}")
+
+
+def warm_up(bench, steps):
+    """``steps`` untimed training steps with a probe every 100 (``--probe-start``), the errors
+    and CPU counters of the benchmark left as they were."""
+    for k in range(0, steps, 100):
+        probe_cpu, base_cpu, errors = bench.probe_cpu, bench.base_probe_cpu, list(bench.errors)
+        bench.steps(min(100, steps - k), traced=True, probe=True)
+        bench.probe_cpu, bench.base_probe_cpu, bench.errors = probe_cpu, base_cpu, errors
+
+
+def probe_floor(name, data, pairs, start=0):
+    """Part 2's probe sequence (a cold probe, then one probe per traced 100-step block,
+    alternating with untraced blocks) with the probe's inherent parts timed inside each probe:
+    the Hessian-vector products (Lanczos and Hutchinson), the first-order graph (the probe
+    batch's forward and backward pass) and the micro-batch passes. Their sum over the untraced
+    steps' CPU time is the probe's floor for these Lanczos step counts: what is left if
+    everything else cost nothing. ``start``: see ``--probe-start``."""
+    spent, wrapped = {}, {}
+    parts = (("block_hvp", "HVPs"), ("first_order_graph", "first-order graph"),
+             ("microbatch_gradients", "micro-batch passes"))
+
+    def timer(fn, key):
+        def timed(*args, **kwargs):
+            t0 = time.process_time()
+            out = fn(*args, **kwargs)
+            spent[key] = spent.get(key, 0.0) + time.process_time() - t0
+            return out
+        return timed
+    for attr, key in parts:
+        wrapped[attr] = getattr(sharpness, attr)
+        setattr(sharpness, attr, timer(wrapped[attr], key))
+    try:
+        bench = Bench(name, data)
+        probe = bench.tracer.probe
+
+        def timed_forward(model, batch):  # the probe batch's forward (micro-batches: in their passes)
+            t0 = time.process_time()
+            out = loss_fn(model, batch)
+            if len(batch[1]) == BATCH:
+                spent["first-order graph"] = spent.get("first-order graph", 0.0) + time.process_time() - t0
+            return out
+        bench.tracer.probe = lambda fn, batch, **kw: probe(timed_forward, batch, **kw)
+        bench.steps(20, traced=True, probe=True)  # first probe: a cold start, not counted
+        warm_up(bench, start)
+        spent.clear()
+        bench.probe_cpu = 0.0
+        _, plain = alternate(bench, pairs, 100, probe=True)
+    finally:
+        for attr, fn in wrapped.items():
+            setattr(sharpness, attr, fn)
+    ds = bench.tracer.dataset()
+    steps = np.column_stack([ds.sharpness_steps.values, ds.sharpness_global_steps.values])[-pairs:]
+    print(f"{name}: untraced step {10 * plain / pairs:.2f} ms CPU; per probe, CPU ms: all "
+          f"{1e3 * bench.probe_cpu / pairs:.1f}, " + ", ".join(f"{k} {1e3 * spent.get(k, 0.0) / pairs:.1f}"
+                                                            for _, k in parts))
+    print(f"  probe alone {1 + bench.probe_cpu / plain:.3f}x; the HVPs alone {1 + spent['HVPs'] / plain:.3f}x; "
+          f"the three parts {1 + sum(spent.values()) / plain:.3f}x ({pairs} probes)")
+    print(f"  Lanczos steps per probe (layers, then global): {steps.astype(int).tolist()}")
 
 
 def kernels(reps=200):
@@ -476,26 +587,42 @@ def tolerance_sweep(name, data, seed, tols=(1e-3, 3e-3, 1e-2, 3e-2), probes=8):
               f"global {r[:, 2].mean():.1f} ({probes} probes)")
 
 
-def curvature_cost(name, data, pairs):
-    """CPU time of the probe with ``probe_curvature`` / without, alternated at fixed parameters."""
+def curvature_cost(name, data, pairs, base=None, rev=None):
+    """CPU time of the probe with ``probe_curvature`` / without, alternated at fixed parameters.
+    With a baseline (``--baseline``) the baseline's probe with curvature also runs at the same
+    parameters, warm start and random draws, alternating with this one's."""
     for micro in (4, 16):
-        bench = Bench(name, data, noise_microbatches=micro)
+        bench = Bench(name, data, noise_microbatches=micro, baseline=base)
         bench.steps(20, traced=True)
         tr = bench.tracer
         tr.probe(loss_fn, bench.batch())  # warm start
         saved = dict(tr._probe_state.vectors)
-        t = np.zeros(2)
+        rng = tr._probe_state.generator(tr.device).get_state()
+        t = np.zeros(3)
         for k in range(pairs):
             batch = bench.batch() if micro == 4 else tuple(torch.cat([x] * 4) for x in bench.batch())
-            for arm in ((0, 1) if k % 2 == 0 else (1, 0)):
-                tr._probe_state.vectors = dict(saved)
+            arms = (0, 1, 2) if base is not None else (0, 1)
+            for arm in (arms if k % 2 == 0 else arms[::-1]):
+                st = bench.base_state if arm == 2 else tr._probe_state
+                st.vectors = dict(saved)
+                st.generator(tr.device).set_state(rng)
                 tr.probe_curvature = arm == 0
                 t0 = time.process_time()
-                tr.probe(loss_fn, batch, noise_batch_size=BATCH)
+                if arm == 2:
+                    bt = bench.base_tracer
+                    blocks = [[i for i, li in enumerate(bt.tensor_layer) if li == j] for j in range(len(bt.layers))]
+                    base["probes"].probe(bench.model, bt.params, blocks, loss_fn, batch, state=st,
+                                         iters=bt.sharpness_iters, tol=bt.sharpness_tol,
+                                         hutchinson_samples=bt.hutchinson_samples, microbatches=micro,
+                                         mode=bt.probe_mode, noise_batch_size=BATCH, curvature=True,
+                                         buffer=tr._momentum_buffer())
+                else:
+                    tr.probe(loss_fn, batch, noise_batch_size=BATCH)
                 t[arm] += time.process_time() - t0
+        extra = (f"; this probe with it / before's ({rev}) with it, same parameters and warm starts: "
+                 f"{t[0] / t[2]:.3f}x" if base is not None else "")
         print(f"  probe with / without probe_curvature, {micro:2d} micro-batches of "
-              f"{BATCH * (1 if micro == 4 else 4) // micro}: {t[0] / t[1]:.3f}x ({pairs} probes per arm)")
-
+              f"{BATCH * (1 if micro == 4 else 4) // micro}: {t[0] / t[1]:.3f}x ({pairs} probes per arm){extra}")
 
 if __name__ == "__main__":
     main()

@@ -117,6 +117,43 @@ def _loss(model, batch):
     return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
+def test_probe_makes_one_pass_per_microbatch_for_moments_and_curvature():
+    """probe(curvature=True) runs each micro-batch forward once (not once for the moments and
+    again for the curvature) and gives the values of the two estimators called apart."""
+    from experiments.trace.probes import ProbeState, microbatch_curvature, microbatch_moments, probe
+
+    model, batch = _mlp_and_batch()
+    params = list(model.parameters())
+    blocks = [[0, 1], [2, 3]]
+    M = 4
+    buffer = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    calls = []
+
+    def counting_loss(model, batch):
+        calls.append(len(batch[1]))
+        return _loss(model, batch)
+
+    res = probe(model, params, blocks, counting_loss, batch, state=ProbeState(0), iters=0,
+                hutchinson_samples=0, microbatches=M, curvature=True, buffer=buffer)
+    assert calls == [len(batch[1]) // M] * M
+    noise, signal = microbatch_moments(model, params, blocks, _loss, batch, M)
+    curv = microbatch_curvature(model, params, blocks, _loss, batch, M, buffer=buffer)
+    np.testing.assert_allclose(res.grad_noise, noise.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(res.grad_signal, signal.numpy(), rtol=1e-12)
+    for key in ("grad_curv", "grad_curv_mean", "buffer_curv", "batch_sharpness"):
+        np.testing.assert_allclose(getattr(res, key), curv[key].numpy(), rtol=1e-12, err_msg=key)
+    np.testing.assert_allclose(res.batch_sharpness_global, float(curv["batch_sharpness_global"]), rtol=1e-12)
+    # passes without graphs, or graphs already used, are refused (not silently recomputed)
+    from experiments.trace.probes import microbatch_gradients
+    with pytest.raises(ValueError, match="micro holds no graphs"):
+        microbatch_curvature(model, params, blocks, _loss, batch, M,
+                             micro=microbatch_gradients(model, params, _loss, batch, M))
+    micro = microbatch_gradients(model, params, _loss, batch, M, create_graph=True)
+    microbatch_curvature(model, params, blocks, _loss, batch, M, micro=micro)
+    with pytest.raises(ValueError, match="0 unused graphs of 4"):
+        microbatch_curvature(model, params, blocks, _loss, batch, M, micro=micro)
+
+
 def test_microbatch_curvature_equals_dense_minibatch_hessians():
     from experiments.trace.probes import microbatch_curvature, split_batch
 

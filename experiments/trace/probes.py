@@ -36,7 +36,10 @@ parameters θ, split into blocks (layers) θ = (θ_1, ..., θ_K) with Hessian bl
   population H, since H_k is independent of g_{k+1}), :math:`g_{k+2}^\top H_k g_{k+1}` (unbiased
   for :math:`m^\top H m`), :math:`g_{k+1}^\top H_k b` with b the optimizer's momentum buffer, and
   the batch sharpness :math:`g_k^\top H_k g_k/\|g_k\|^2` (Andreyev & Beneventano 2024,
-  docs/theory.md §7), all per block. Cost: measured by benchmarks/bench_trace.py (part 3).
+  docs/theory.md §7), all per block. The micro-batch passes are those of the gradient noise:
+  with ``curvature`` each micro-batch's forward and backward pass (with graph) is made once
+  and serves both (:func:`microbatch_gradients`). Cost: measured by benchmarks/bench_trace.py
+  (part 3).
 
 Mode, dropout, BatchNorm. ``mode="train"`` (default) probes the loss the optimizer descends:
 BatchNorm normalises with the probe batch's statistics (part of the Hessian), dropout is
@@ -150,8 +153,9 @@ def lanczos_top(matvecs, starts, iters, generator=None, tol=0.0, min_steps=3):
          for m, s in zip(steps, starts)]
     for k in range(K):
         Q[k][0] = starts[k] / starts[k].norm()
-    alphas = [torch.empty(m, dtype=torch.float64) for m in steps]
-    betas = [torch.empty(max(m - 1, 0), dtype=torch.float64) for m in steps]
+    # the recurrence's scalars live on the host as float64 numpy: no 0-d tensor ops per step
+    alphas = [np.empty(m) for m in steps]
+    betas = [np.empty(max(m - 1, 0)) for m in steps]
     tiny = [100 * torch.finfo(s.dtype).eps for s in starts]
     beta_prev = {}
     for j in range(max(steps)):
@@ -159,12 +163,12 @@ def lanczos_top(matvecs, starts, iters, generator=None, tol=0.0, min_steps=3):
         if not active:  # all converged early
             break
         ws = matvecs({k: Q[k][j] for k in active})
-        grow, new, stats = [k for k in active if j + 1 < steps[k]], {}, []
+        new, stats = {}, []
         for k in active:
             q, w = Q[k][j], ws[k]
             alpha = torch.dot(q, w)
             stats.append(alpha)
-            if k in grow:  # w − α q − β q_prev, then reorthogonalised; one new vector, in place
+            if j + 1 < steps[k]:  # w − α q − β q_prev, then reorthogonalised; one new vector, in place
                 w = torch.addcmul(w, q, alpha, value=-1)
                 if j:
                     w.sub_(Q[k][j - 1], alpha=beta_prev[k])
@@ -172,13 +176,13 @@ def lanczos_top(matvecs, starts, iters, generator=None, tol=0.0, min_steps=3):
                 w.addmv_(basis.T, basis @ w, alpha=-1)
                 new[k] = w
                 stats.append(w.norm())
-        host = torch.stack(stats).cpu().double()  # the one synchronisation of this step
+        host = torch.stack(stats).cpu().double().numpy()  # the one synchronisation of this step
         pos = 0
         for k in active:
             alphas[k][j] = host[pos]
             pos += 1
-            if k in grow:
-                beta = host[pos]
+            if k in new:
+                beta = float(host[pos])
                 pos += 1
                 betas[k][j] = beta
                 w = new[k]
@@ -194,8 +198,8 @@ def lanczos_top(matvecs, starts, iters, generator=None, tol=0.0, min_steps=3):
                         w = w - basis.T @ (basis @ w)
                     Q[k][j + 1] = w / w.norm()
                 else:
-                    torch.div(w, beta.item(), out=Q[k][j + 1])
-                beta_prev[k] = beta.item()
+                    torch.div(w, beta, out=Q[k][j + 1])
+                beta_prev[k] = beta
     values, vectors = np.empty(K), []
     for k in range(K):
         m = steps[k]
@@ -208,10 +212,12 @@ def lanczos_top(matvecs, starts, iters, generator=None, tol=0.0, min_steps=3):
 def _top_ritz(alphas, betas):
     """Largest eigenvalue and its unit eigenvector of the tridiagonal T(alphas, betas) (at most
     ``iters`` rows: a dense LAPACK eigh costs less than scipy's tridiagonal driver's checks)."""
-    T = np.diag(np.asarray(alphas))
-    if len(betas):
-        off = np.asarray(betas)
-        T += np.diag(off, 1) + np.diag(off, -1)
+    n = len(alphas)
+    T = np.zeros((n, n))
+    T.flat[::n + 1] = alphas
+    if n > 1:
+        T.flat[1::n + 1] = betas
+        T.flat[n::n + 1] = betas
     w, y = np.linalg.eigh(T)
     return w[-1], y[:, -1]
 
@@ -285,12 +291,38 @@ def _walk(x, fn):
     return x
 
 
+class MicroGrads(NamedTuple):
+    """The micro-batch passes of one probe (:func:`microbatch_gradients`)."""
+
+    rows: torch.Tensor  # (M, n): micro-batch mean gradients, flat over params, detached
+    graphs: list  # per micro-batch the gradients with their graph (create_graph), else None
+    b: int  # examples per micro-batch
+    B: int  # examples in the batch
+
+
+def microbatch_gradients(model, params, loss_fn, batch, parts, create_graph=False):
+    """One forward and backward pass per micro-batch (:func:`split_batch`), in order; with
+    ``create_graph`` the gradients keep their graph for Hessian-vector products on each
+    micro-batch (:func:`microbatch_curvature`). One set of passes serves both the moments and
+    the curvature of a probe (each micro-batch draws its dropout masks once)."""
+    micro, b, B = split_batch(batch, parts)
+    rows, graphs = [], [] if create_graph else None
+    for mb in micro:
+        gs = torch.autograd.grad(loss_fn(model, mb), params, create_graph=create_graph,
+                                 allow_unused=True, materialize_grads=True)
+        if create_graph:
+            graphs.append(gs)
+        rows.append(torch.cat([g.detach().reshape(-1) for g in gs]))
+    return MicroGrads(torch.stack(rows), graphs, b, B)
+
+
 def microbatch_noise(model, params, blocks, loss_fn, batch, parts):
     """tr Cov of the mini-batch mean gradient per block from ``parts`` micro-batches."""
     return microbatch_moments(model, params, blocks, loss_fn, batch, parts)[0]
 
 
-def microbatch_moments(model, params, blocks, loss_fn, batch, parts, noise_batch_size=None, direction=None):
+def microbatch_moments(model, params, blocks, loss_fn, batch, parts, noise_batch_size=None, direction=None,
+                       micro=None):
     r"""(noise, signal) per block from ``parts`` micro-batches: ``noise`` as
     :func:`microbatch_noise`; ``signal`` the unbiased estimate of :math:`\|E g\|^2`, the
     squared norm of the population mean gradient at these parameters:
@@ -305,14 +337,11 @@ def microbatch_moments(model, params, blocks, loss_fn, batch, parts, noise_batch
     :func:`probe`) also ``signal_top``: per block k the part of ‖E g_k‖² along the block's
     unit piece u_k = v_k/‖v_k‖, (E g_k·u_k)², estimated without bias by c̄² − s_c²/M from
     the micro-batch projections c_j = g_jk·u_k (same argument, one coordinate). Returns
-    (noise, signal) or (noise, signal, signal_top)."""
-    micro, b, B = split_batch(batch, parts)
-    rows = []
-    for mb in micro:
-        gs = torch.autograd.grad(loss_fn(model, mb), params, allow_unused=True,
-                                 materialize_grads=True)
-        rows.append(torch.cat([g.reshape(-1) for g in gs]))
-    rows = torch.stack(rows)
+    (noise, signal) or (noise, signal, signal_top). ``micro``: the passes, if already made
+    (:func:`microbatch_gradients`)."""
+    if micro is None:
+        micro = microbatch_gradients(model, params, loss_fn, batch, parts)
+    rows, b, B = micro.rows, micro.b, micro.B
     sizes = [p.numel() for p in params]
     # two-pass sample variance over the M rows; torch's var(dim=0) reduces across the short,
     # strided dimension some 20x slower on the CPU
@@ -344,7 +373,8 @@ def microbatch_moments(model, params, blocks, loss_fn, batch, parts, noise_batch
 CURVATURE_KEYS = ("grad_curv", "grad_curv_mean", "buffer_curv", "batch_sharpness")
 
 
-def microbatch_curvature(model, params, blocks, loss_fn, batch, parts, noise_batch_size=None, buffer=None):
+def microbatch_curvature(model, params, blocks, loss_fn, batch, parts, noise_batch_size=None, buffer=None,
+                         micro=None):
     r"""Curvature along the gradient and along the momentum buffer, per block, from ``parts``
     micro-batches (M ≥ 3) of b examples; what the link's one-step response model needs
     (:mod:`experiments.link_response`).
@@ -368,20 +398,24 @@ def microbatch_curvature(model, params, blocks, loss_fn, batch, parts, noise_bat
       ``batch_sharpness_global`` :math:`\mathrm{mean}_k\, g_k^\top H_k g_k/\|g_k\|^2`.
 
     Cost: per micro-batch one forward pass, a backward pass with graph and 2–3 double backward
-    passes (about 3–4 forward-backward passes over the M·b examples in all). Returns a dict of
-    tensors over blocks plus the scalar ``batch_sharpness_global``."""
+    passes (about 3–4 forward-backward passes over the M·b examples in all). ``micro``: the
+    passes with their graphs, if already made (:func:`microbatch_gradients` with
+    ``create_graph``; :func:`probe` shares them with :func:`microbatch_moments`); each graph is
+    freed once used, so they serve one call. Returns a
+    dict of tensors over blocks plus the scalar ``batch_sharpness_global``."""
     if parts < 3:
         raise ValueError(f"noise_microbatches={parts} is outside the valid range [3, inf) for the "
                          f"curvature along the gradient (three independent micro-batches)")
-    micro, b, B = split_batch(batch, parts)
+    if micro is None:
+        micro = microbatch_gradients(model, params, loss_fn, batch, parts, create_graph=True)
+    elif micro.graphs is None or len(micro.graphs) != parts or any(g is None for g in micro.graphs):
+        held = ("no graphs" if micro.graphs is None else
+                f"{sum(g is not None for g in micro.graphs)} unused graphs of {len(micro.graphs)}")
+        raise ValueError(f"micro holds {held}; valid: the {parts} unused graphs of "
+                         f"microbatch_gradients(..., parts={parts}, create_graph=True)")
+    grads, graphs, b, B = micro.rows, micro.graphs, micro.b, micro.B
     sizes = [p.numel() for p in params]
-    grads, graphs = [], []
-    for mb in micro:
-        gs = torch.autograd.grad(loss_fn(model, mb), params, create_graph=True, allow_unused=True,
-                                 materialize_grads=True)
-        graphs.append(gs)
-        grads.append(torch.cat([g.detach().reshape(-1) for g in gs]))
-    dtype, device = grads[0].dtype, grads[0].device
+    dtype, device = grads.dtype, grads.device
 
     def hvp(gs, vec):
         outs = [(g, v.view_as(p)) for g, v, p in zip(gs, vec.split(sizes), params) if g.requires_grad]
@@ -415,7 +449,7 @@ def microbatch_curvature(model, params, blocks, loss_fn, batch, parts, noise_bat
         bs_global += torch.dot(grads[k], hk) / torch.dot(grads[k], grads[k])
         if buffer is not None:
             c += per_block(g1 * hvp(graphs[k], buffer))
-        graphs[k] = None  # free the micro-batch's graph
+        graphs[k] = None  # free the micro-batch's graph (``micro``'s graphs are used up)
     q, a, c, bs = q / parts, a / parts, c / parts, bs / parts
     return {"grad_curv": a + (b / (noise_batch_size or B)) * (q - a), "grad_curv_mean": a,
             "buffer_curv": c, "batch_sharpness": bs, "batch_sharpness_global": bs_global / parts}
@@ -469,16 +503,19 @@ def probe(model, params, blocks, loss_fn, batch, *, state, iters=20, tol=1e-3,
                 tr = hutchinson_block_traces(grads, params, blocks, hutchinson_samples, gen)
                 out["hessian_trace"] = tr.detach().cpu().double().numpy()
             del grads
-        if microbatches >= 2:
+        if microbatches >= 2:  # one pass per micro-batch serves the moments and the curvature
+            curvature = curvature and microbatches >= 3
+            micro = microbatch_gradients(model, params, loss_fn, batch, microbatches, curvature)
             top_vector = state.vectors.get(("global",)) if iters > 0 else None
             moments = microbatch_moments(model, params, blocks, loss_fn, batch, microbatches,
-                                         noise_batch_size, direction=top_vector)
+                                         noise_batch_size, direction=top_vector, micro=micro)
             keys = ("grad_noise", "grad_signal", "grad_signal_top")
             out.update({k: m.detach().cpu().double().numpy() for k, m in zip(keys, moments)})
-        if curvature and microbatches >= 3:
-            curv = microbatch_curvature(model, params, blocks, loss_fn, batch, microbatches,
-                                        noise_batch_size, buffer)
-            out.update({k: v.detach().cpu().double().numpy() for k, v in curv.items()})
+            if curvature:
+                curv = microbatch_curvature(model, params, blocks, loss_fn, batch, microbatches,
+                                            noise_batch_size, buffer, micro=micro)
+                out.update({k: v.detach().cpu().double().numpy() for k, v in curv.items()})
+            del micro
     out["batch_sharpness_global"] = float(out["batch_sharpness_global"])
     out["sharpness_global"] = float(out["sharpness_global"])
     return ProbeResult(**out)
