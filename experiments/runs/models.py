@@ -81,9 +81,16 @@ def _spatial(info):
 
 
 class SeedCNN(nn.Module):
-    def __init__(self, info, channels=32, hidden=450, dropout=0.25, negative_slope=0.01):
+    """``activation`` "leaky_relu" (the seed's, slope ``negative_slope``) or one of
+    :data:`ACTIVATIONS` (a smooth one, "gelu" or "tanh", where a theory needs derivatives beyond
+    the second: the central flow's right-hand side jumps at the leaky ReLU's kinks)."""
+
+    def __init__(self, info, channels=32, hidden=450, dropout=0.25, negative_slope=0.01, activation="leaky_relu"):
         super().__init__()
         _require(info, "seed-cnn")
+        if activation != "leaky_relu" and activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is unknown; valid: leaky_relu, {', '.join(ACTIVATIONS)}")
+        self.act = functools.partial(F.leaky_relu, negative_slope=negative_slope) if activation == "leaky_relu" else ACTIVATIONS[activation]
         conv, _ = _spatial(info)
         in_ch = info.input_shape[0]
         for i, stride in enumerate((1, 2, 1, 2, 1), start=1):
@@ -98,11 +105,11 @@ class SeedCNN(nn.Module):
 
     def _features(self, x):
         for i in range(1, 6):
-            x = F.leaky_relu(getattr(self, f"conv{i}")(x), self.negative_slope)
+            x = self.act(getattr(self, f"conv{i}")(x))
         return x.flatten(1)
 
     def forward(self, x):
-        x = self.drop(F.leaky_relu(self.fc1(self._features(x)), self.negative_slope))
+        x = self.drop(self.act(self.fc1(self._features(x))))
         return self.fc2(x)
 
 
