@@ -18,7 +18,8 @@ a run stopped by the budget keeps what finished:
    use the same S* (lr = h*/S*).
 2. GD: the central flow (explicit ``RK23``: no Jacobian; the stiff solver's dense one is
    d HVPs per call) and the gradient flow, then the scores.
-3. Each of ``MOMENTA`` (HB, NAG): discrete run, central flow, gradient flow, scores.
+3. Each of ``MOMENTA`` (NAG 0.3, then HB 0.2: the digits_mse momenta): discrete run, gradient
+   flow, central flow, scores.
 
 Discrete runs: PyTorch's update rule (:meth:`dynamics.methods.Method.update`) on the device in
 float64, buffer started on the slow manifold ∇L/(1−β) (so no start lag), with Gaussian jitter
@@ -127,7 +128,7 @@ def build_loss(model, device, quick, loss_name="onehot_mse"):
 
 def discrete(loss, method, beta, lr, steps, budget, seed=0):
     """Full-batch run on the device; per step the loss, per-layer |g|² and g_t·g_{t−1}; λ_max at
-    every probe (step k, before its update); the last three iterates (for the filtered end)."""
+    every probe k = 0, EVERY, .., steps (at w_k); w_steps and its neighbours (the filtered end)."""
     m = get_method(method)
     dev = loss.device
     w = torch.as_tensor(loss.w0, dtype=torch.float64, device=dev)
@@ -137,18 +138,18 @@ def discrete(loss, method, beta, lr, steps, budget, seed=0):
     values, sq, dots, sharp, last = [], [], [], [], []
     prev = None
     blocks = loss.blocks
-    for k in range(steps + 1):
+    for k in range(steps + 2):  # w_0 .. w_{steps+1}: the last one for the period-2 filter at the end
         budget.check()
         values.append(value.detach())
         sq.append(torch.stack([(g[b] ** 2).sum() for b in blocks]))
         dots.append(torch.stack([(g[b] * prev[b]).sum() for b in blocks]) if prev is not None
                     else torch.full((len(blocks),), float("nan"), device=dev, dtype=torch.float64))
-        if k % EVERY == 0 and k < steps:
+        if k % EVERY == 0 and k <= steps:
             if not torch.isfinite(value):
                 return {"diverged_at": k}
             sharp.append(float(loss.top_eigs(loss._np(w), 1)[0][0]))
         last = (last + [loss._np(w)])[-3:]
-        if k == steps:
+        if k == steps + 1:
             break
         step, buf = m.update(g, buf, lr, beta)
         w = w + step + cf.JITTER * torch.randn(w.shape, generator=gen, dtype=w.dtype, device=dev)
@@ -156,7 +157,7 @@ def discrete(loss, method, beta, lr, steps, budget, seed=0):
         value, g = loss.value_and_grad_t(w)
     return {"loss": torch.stack(values).cpu().numpy(), "sq": torch.stack(sq).cpu().numpy(),
             "dots": torch.stack(dots).cpu().numpy(), "sharpness": np.array(sharp), "last": last,
-            "w_end": last[-2], "probe_steps": np.arange(0, steps, EVERY)}
+            "w_end": last[1], "probe_steps": np.arange(0, steps + 1, EVERY)}
 
 
 def window(x, probes, width=EVERY):
@@ -181,18 +182,18 @@ def settle(sharpness, edge):
 
 
 def flows(loss, method, beta, lr, probes, max_edge=2):
-    """The central flow (explicit RK23) and the gradient flow at t = lr·k (probe steps k), with
+    """The gradient flow, then the central flow (explicit RK23), at t = lr·k (probe steps k), with
     their cost."""
     t_eval = lr * probes.astype(float)
-    n0, t0 = (loss.n_hvp, loss.n_third, loss.n_grad), time.perf_counter()
-    flow = cf.solve_central_flow(loss, loss.w0, method, lr, beta, float(t_eval[-1]), t_eval=t_eval,
-                                 max_edge=max_edge, ode_method=ODE, rtol=RTOL, atol=ATOL)
-    cost = {"seconds": time.perf_counter() - t0, "nfev": int(flow.nfev), "hvp": loss.n_hvp - n0[0],
-            "third": loss.n_third - n0[1], "success": bool(flow.success), "message": flow.message}
     t0, g0 = time.perf_counter(), loss.n_grad
     gf = solve_ivp(lambda t, w: -loss.grad(w) / (1.0 - beta), (0.0, float(t_eval[-1])), loss.w0, method=ODE,
                    t_eval=t_eval, rtol=RTOL, atol=ATOL)
-    cost.update(gf_seconds=time.perf_counter() - t0, gf_grads=loss.n_grad - g0, gf_nfev=int(gf.nfev))
+    cost = {"gf_seconds": time.perf_counter() - t0, "gf_grads": loss.n_grad - g0, "gf_nfev": int(gf.nfev)}
+    n0, t0 = (loss.n_hvp, loss.n_third), time.perf_counter()
+    flow = cf.solve_central_flow(loss, loss.w0, method, lr, beta, float(t_eval[-1]), t_eval=t_eval,
+                                 max_edge=max_edge, ode_method=ODE, rtol=RTOL, atol=ATOL)
+    cost.update(seconds=time.perf_counter() - t0, nfev=int(flow.nfev), hvp=loss.n_hvp - n0[0],
+                third=loss.n_third - n0[1], success=bool(flow.success), message=flow.message)
     return flow, gf.y.T, cost
 
 
