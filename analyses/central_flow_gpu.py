@@ -111,10 +111,11 @@ class BudgetedLoss:
         return attr
 
 
-def build_loss(model, device, quick, loss_name="onehot_mse"):
-    n_train, args, quick_args = MODELS[model]
+def build_loss(model, device, quick, loss_name="onehot_mse", n_train=None):
+    """The model's NetworkLoss on its first examples (``n_train`` overrides the number)."""
+    n, args, quick_args = MODELS[model]
     args = dict(quick_args if quick else args)
-    n = 64 if quick else n_train
+    n = n_train or (64 if quick else n)
     data = load_data("mnist1d")
     torch.manual_seed(0)
     net = build_model(args.pop("name"), data.info, **args)
