@@ -11,8 +11,8 @@ a run stopped by the budget keeps what finished:
 
 1. **lr by a fixed rule** (written before any device run): the edge S* is a multiple c of the
    top Hessian eigenvalue λ₀ at the initialisation, c from ``EDGE_FACTORS`` in turn; for each, a
-   discrete GD run of ``--steps`` steps (λ_max every ``EVERY`` steps); the first whose λ_max
-   settles (:func:`analyses.central_flow.settled_from`: the final stretch of probes within
+   discrete GD run of ``--steps`` steps (fewer if the budget needs them: :func:`planned_steps`;
+   λ_max every ``EVERY`` steps); the first whose λ_max settles (:func:`analyses.central_flow.settled_from`: the final stretch of probes within
    ``SETTLE_TOL`` of S* covers at least a tenth of them) is taken; if none does, the one whose
    last-fifth λ_max/S* lies closest to 1 (and ``settled: false`` says so). The momentum runs
    use the same S* (lr = h*/S*).
@@ -68,7 +68,8 @@ MARGIN_S, MIN_STAGE_S = 10.0, 20.0
 # the explicit solver's work per training step on the linreg MLP's GD flow (findings §8):
 # 2770 evaluations and 26,067 HVPs + 2110 third-order passes (≈ 2 HVPs each) over 990 steps
 EVALS_PER_STEP, HVPS_PER_EVAL = 2.8, 11.0
-FLOW_SHARE, MIN_STEPS = 0.3, 3 * EVERY
+PROBE_HVPS = 20  # a warm LOBPCG call for λ_max (27 HVPs for the CNN's first warm call, §8)
+GD_SHARE, MIN_STEPS = 0.5, 3 * EVERY
 ODE, RTOL, ATOL = "RK23", 1e-6, 1e-9
 MODELS = {  # name: (n_train, build args, quick build args)
     "seed_cnn": (1000, dict(name="seed-cnn", activation="gelu", dropout=0.0),
@@ -255,13 +256,17 @@ def _write(path, obj):
 
 
 def planned_steps(steps, s_hvp, s_grad, seconds):
-    """The rule that sizes the runs to the budget: the GD central flow's estimated cost,
-    ``steps · EVALS_PER_STEP · (HVPS_PER_EVAL · s_hvp + s_grad)`` (the explicit solver's work per
-    step measured on the linreg MLP's GD flow, docs/findings/central_flow.md §8), may take at
-    most ``FLOW_SHARE`` of ``seconds``; fewer steps if not (a multiple of EVERY, at least MIN_STEPS)."""
-    per_step = EVALS_PER_STEP * (HVPS_PER_EVAL * s_hvp + s_grad)
-    fit = int(FLOW_SHARE * seconds / per_step) // EVERY * EVERY
-    return max(min(steps, fit), MIN_STEPS), per_step
+    """The rule that sizes the runs to the budget: GD's share, the central flow plus up to
+    ``len(EDGE_FACTORS)`` discrete runs of the scan, may take at most ``GD_SHARE`` of
+    ``seconds`` (the momentum runs get the rest). A flow step costs ``EVALS_PER_STEP ·
+    (HVPS_PER_EVAL · s_hvp + s_grad)`` (the explicit solver's work per training step on the
+    linreg MLP's GD flow, docs/findings/central_flow.md §8), a discrete step ``s_grad +
+    PROBE_HVPS · s_hvp / EVERY`` (λ_max every EVERY steps). Fewer steps than asked if needed
+    (a multiple of EVERY, at least MIN_STEPS). Returns (steps, flow seconds per step)."""
+    flow_step = EVALS_PER_STEP * (HVPS_PER_EVAL * s_hvp + s_grad)
+    gd_step = flow_step + len(EDGE_FACTORS) * (s_grad + PROBE_HVPS * s_hvp / EVERY)
+    fit = int(GD_SHARE * seconds / gd_step) // EVERY * EVERY
+    return max(min(steps, fit), MIN_STEPS), flow_step
 
 
 def run_model(model, device, steps, budget, out, log, quick=False, command=None, loss_name="onehot_mse",

@@ -27,10 +27,11 @@ def test_budgeted_loss_refuses_calls_after_the_deadline():
         spent.grad(np.zeros(3))
 
 
-def test_planned_steps_fit_the_flow_into_its_share_of_the_budget():
+def test_planned_steps_fit_gd_into_its_share_of_the_budget():
     steps, per_step = g.planned_steps(1000, s_hvp=0.01, s_grad=0.005, seconds=300)
     assert per_step == pytest.approx(g.EVALS_PER_STEP * (g.HVPS_PER_EVAL * 0.01 + 0.005))
-    assert steps % g.EVERY == 0 and steps * per_step <= g.FLOW_SHARE * 300 < (steps + g.EVERY) * per_step
+    gd_step = per_step + len(g.EDGE_FACTORS) * (0.005 + g.PROBE_HVPS * 0.01 / g.EVERY)
+    assert steps % g.EVERY == 0 and steps * gd_step <= g.GD_SHARE * 300 < (steps + g.EVERY) * gd_step
     assert g.planned_steps(1000, 1e-6, 1e-6, 300)[0] == 1000      # cheap: as asked
     assert g.planned_steps(1000, 10.0, 10.0, 300)[0] == g.MIN_STEPS  # hopeless: the floor
 
