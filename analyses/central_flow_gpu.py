@@ -71,6 +71,7 @@ EVALS_PER_STEP, HVPS_PER_EVAL = 2.8, 11.0
 PROBE_HVPS = 20  # a warm LOBPCG call for λ_max (27 HVPs for the CNN's first warm call, §8)
 GD_SHARE, MIN_STEPS = 0.5, 3 * EVERY
 ODE, RTOL, ATOL = "RK23", 1e-6, 1e-9
+CHUNKS, RESTART_EDGE_RTOL = 5, 1e-5
 MODELS = {  # name: (n_train, build args, quick build args)
     "seed_cnn": (1000, dict(name="seed-cnn", activation="gelu", dropout=0.0),
                  dict(name="seed-cnn", activation="gelu", dropout=0.0, channels=4, hidden=16)),
@@ -130,14 +131,14 @@ def build_loss(model, device, quick, loss_name="onehot_mse", n_train=None):
 
 def discrete(loss, method, beta, lr, steps, budget, seed=0):
     """Full-batch run on the device; per step the loss, per-layer |g|² and g_t·g_{t−1}; λ_max at
-    every probe k = 0, EVERY, .., steps (at w_k); w_steps and its neighbours (the filtered end)."""
+    every probe k = 0, EVERY, .., steps (at w_k); w_k and w_{k±1} at every probe (on the host)."""
     m = get_method(method)
     dev = loss.device
     w = torch.as_tensor(loss.w0, dtype=torch.float64, device=dev)
     gen = torch.Generator(dev).manual_seed(seed)
     value, g = loss.value_and_grad_t(w)
     buf = g / (1 - beta) if m.has_momentum else torch.zeros_like(g)
-    values, sq, dots, sharp, last = [], [], [], [], []
+    values, sq, dots, sharp, around = [], [], [], [], {}
     prev = None
     blocks = loss.blocks
     for k in range(steps + 2):  # w_0 .. w_{steps+1}: the last one for the period-2 filter at the end
@@ -150,7 +151,8 @@ def discrete(loss, method, beta, lr, steps, budget, seed=0):
             if not torch.isfinite(value):
                 return {"diverged_at": k}
             sharp.append(float(loss.top_eigs(loss._np(w), 1)[0][0]))
-        last = (last + [loss._np(w)])[-3:]
+        if k % EVERY in (0, 1, EVERY - 1):  # each probe's iterate and its neighbours (the period-2 filter)
+            around[k] = loss._np(w)
         if k == steps + 1:
             break
         step, buf = m.update(g, buf, lr, beta)
@@ -158,8 +160,8 @@ def discrete(loss, method, beta, lr, steps, budget, seed=0):
         prev = g
         value, g = loss.value_and_grad_t(w)
     return {"loss": torch.stack(values).cpu().numpy(), "sq": torch.stack(sq).cpu().numpy(),
-            "dots": torch.stack(dots).cpu().numpy(), "sharpness": np.array(sharp), "last": last,
-            "w_end": last[1], "probe_steps": np.arange(0, steps + 1, EVERY)}
+            "dots": torch.stack(dots).cpu().numpy(), "sharpness": np.array(sharp), "around": around,
+            "probe_steps": np.arange(0, steps + 1, EVERY)}
 
 
 def window(x, probes, width=EVERY):
@@ -183,6 +185,53 @@ def settle(sharpness, edge):
             "last_fifth_over_edge_range": [float(tail.min()), float(tail.max())]}
 
 
+def chunked_flow(loss, method, beta, lr, t_eval, max_edge, chunks=None):
+    """The central flow over ``t_eval`` in ``CHUNKS`` consecutive pieces, each restarted from the
+    last one's end, so that a flow stopped by the budget still gives its first pieces (the
+    restart drops only the solver's step-size history; the edge set is recomputed there, with
+    ``RESTART_EDGE_RTOL`` so that an eigenvalue held at S* to the solver's tolerance counts as at
+    the edge). Returns the joined :class:`dynamics.central_flow.CentralFlow` and the number of
+    pieces done; raises OutOfBudget only if not even the first piece finished."""
+    parts, start, t0 = [], loss.w0, 0.0
+    later = np.arange(1, t_eval.size)  # t_eval[0] = 0 goes with the first piece
+    pieces = np.array_split(later, max(min(chunks or CHUNKS, later.size), 1))
+    pieces[0] = np.concatenate([[0], pieces[0]]).astype(int)
+    for i, idx in enumerate(pieces):
+        ts = t_eval[idx] - t0
+        try:
+            f = cf.solve_central_flow(loss, start, method, lr, beta, float(ts[-1]), t_eval=ts, max_edge=max_edge,
+                                      ode_method=ODE, rtol=RTOL, atol=ATOL,
+                                      edge_rtol=RESTART_EDGE_RTOL if i else 1e-6)
+        except OutOfBudget:
+            if not parts:
+                raise
+            break
+        parts.append((t0, f))
+        if not f.success:
+            break
+        start, t0 = f.w[-1], float(t_eval[idx[-1]])
+    return join_flows(parts), len(parts)
+
+
+def join_flows(parts):
+    """One CentralFlow from pieces (offset, flow): times and events shifted, the edge basis and
+    Σ zero-padded to the widest piece."""
+    width = max(f.sigma.shape[1] for _, f in parts)
+    pad = lambda a, axes: np.pad(a, [(0, 0)] + [(0, width - a.shape[ax]) if ax in axes else (0, 0)  # noqa: E731
+                                                for ax in range(1, a.ndim)])
+    last = parts[-1][1]
+    return cf.CentralFlow(
+        t=np.concatenate([t0 + f.t for t0, f in parts]), w=np.concatenate([f.w for _, f in parts]),
+        eigenvalues=np.concatenate([f.eigenvalues for _, f in parts]),
+        sigma=np.concatenate([pad(f.sigma, (1, 2)) for _, f in parts]),
+        vectors=np.concatenate([pad(f.vectors, (2,)) for _, f in parts]),
+        active=np.concatenate([f.active for _, f in parts]), grad_mean=np.concatenate([f.grad_mean for _, f in parts]),
+        edge=last.edge, method=last.method, lr=last.lr, momentum=last.momentum,
+        events=[(t0 + t, kind, m) for t0, f in parts for t, kind, m in f.events],
+        nfev=sum(f.nfev for _, f in parts), segments=sum(f.segments for _, f in parts),
+        success=all(f.success for _, f in parts), message=last.message)
+
+
 def flows(loss, method, beta, lr, probes, max_edge=2):
     """The gradient flow, then the central flow (explicit RK23), at t = lr·k (probe steps k), with
     their cost."""
@@ -192,10 +241,10 @@ def flows(loss, method, beta, lr, probes, max_edge=2):
                    t_eval=t_eval, rtol=RTOL, atol=ATOL)
     cost = {"gf_seconds": time.perf_counter() - t0, "gf_grads": loss.n_grad - g0, "gf_nfev": int(gf.nfev)}
     n0, t0 = (loss.n_hvp, loss.n_third), time.perf_counter()
-    flow = cf.solve_central_flow(loss, loss.w0, method, lr, beta, float(t_eval[-1]), t_eval=t_eval,
-                                 max_edge=max_edge, ode_method=ODE, rtol=RTOL, atol=ATOL)
+    flow, done = chunked_flow(loss, method, beta, lr, t_eval, max_edge)
     cost.update(seconds=time.perf_counter() - t0, nfev=int(flow.nfev), hvp=loss.n_hvp - n0[0],
-                third=loss.n_third - n0[1], success=bool(flow.success), message=flow.message)
+                third=loss.n_third - n0[1], success=bool(flow.success), message=flow.message,
+                probes_reached=int(flow.t.size), probes_asked=int(t_eval.size), chunks_done=done)
     return flow, gf.y.T, cost
 
 
@@ -221,10 +270,11 @@ def score(loss, run, flow, gf_w, edge, steps):
     later = probes >= 2 * EVERY
     phases = {"all": later, "edge": (flow.active[:n] > 0) & later, "late": probes >= steps // 2}
     scores = phase_scores(series, phases)
-    d_cf = float(np.linalg.norm(run["w_end"] - flow.w[n - 1]))
-    d_gf = float(np.linalg.norm(run["w_end"] - gf_w[n - 1]))
-    filt = 0.25 * (run["last"][0] + 2 * run["last"][1] + run["last"][2])  # period-2 filter at the end
-    res = {"events_step": [(round(t / flow.lr, 1), kind, a) for t, kind, a in flow.events],
+    end, around = int(probes[n - 1]), run["around"]  # the last probe the flow reached
+    d_cf = float(np.linalg.norm(around[end] - flow.w[n - 1]))
+    d_gf = float(np.linalg.norm(around[end] - gf_w[n - 1]))
+    filt = 0.25 * (around.get(end - 1, around[end]) + 2 * around[end] + around[end + 1])  # period-2 filter at the end
+    res = {"end_step": end, "events_step": [(round(t / flow.lr, 1), kind, a) for t, kind, a in flow.events],
            "edge_phase_fraction": float((flow.active[:n] > 0).mean()), "scores": scores,
            "dist_end_flow": d_cf, "dist_end_gradient_flow": d_gf,
            "dist_end_filtered_flow": float(np.linalg.norm(filt - flow.w[n - 1])),
@@ -389,7 +439,7 @@ def main(argv=()):
         if not budget_s > MARGIN_S + MIN_STAGE_S:
             raise ValueError(f"--budget-s={budget_s:g} is outside the valid range: > {MARGIN_S + MIN_STAGE_S:g}")
         quick = "--quick" in argv
-        steps = int(_arg(argv, "--steps", 60 if quick else 1000))
+        steps = int(_arg(argv, "--steps", 30 if quick else 1000))
         if steps < 3 * EVERY:
             raise ValueError(f"--steps={steps} is outside the valid range: >= {3 * EVERY}")
         models = _arg(argv, "--models", "seed_cnn,resnet").split(",")

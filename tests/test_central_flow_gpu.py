@@ -77,3 +77,21 @@ def test_quick_run_end_to_end_within_its_budget(tmp_path):
     assert "scan_gd_c2" in rec["stages"] and "edge" in rec
     gd = rec["stages"]["gd_0"]
     assert "interrupted" in gd or gd["targets"] is not None
+
+
+def test_chunked_flow_equals_the_flow_in_one_piece():
+    """Restarting the flow at chunk ends (one of them inside the edge phase) gives the same flow
+    as one piece, to the solver's tolerance: same events, same edge phase, same iterate."""
+    from dynamics import central_flow as cf
+    loss = cf.sharpening_toy(scale=100.0)  # edge of GD at lr 0.01: 200; enters t ≈ 6, leaves ≈ 17
+    lr = 0.01
+    t_eval = lr * np.arange(0, 2500, 50)
+    one, done1 = g.chunked_flow(loss, "gd", 0.0, lr, t_eval, max_edge=1, chunks=1)
+    four, done4 = g.chunked_flow(loss, "gd", 0.0, lr, t_eval, max_edge=1, chunks=4)
+    assert done1 == 1 and done4 == 4 and one.success and four.success
+    assert [k for _, k, _ in four.events] == [k for _, k, _ in one.events] == ["enter", "leave"]
+    np.testing.assert_allclose([t for t, _, _ in four.events], [t for t, _, _ in one.events], rtol=1e-4)
+    np.testing.assert_array_equal(four.t, one.t)
+    assert np.mean(four.active == one.active) > 0.99  # at most a sample at an event differs
+    np.testing.assert_allclose(four.w, one.w, atol=1e-4 * np.abs(one.w).max())
+    np.testing.assert_allclose(four.sigma2, one.sigma2, atol=1e-3 * one.sigma2.max())
