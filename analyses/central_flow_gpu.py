@@ -39,8 +39,11 @@ with BatchNorm on full-batch statistics in train mode and no running buffers
 
 Budget: ``--budget-s`` is wall time from the start; the loss refuses every call after the
 deadline less ``MARGIN_S`` (raising :class:`OutOfBudget`), the discrete loop checks it per step,
-and no stage starts with less than ``MIN_STAGE_S`` left: an interrupted stage is recorded as
-such, never half-scored.
+and no stage starts with less than ``MIN_STAGE_S`` left. The central flow runs in ``CHUNKS``
+restarted pieces (:func:`chunked_flow`) and keeps back the time its scores need (~3 gradients
+per probe), so a flow stopped by the budget is scored over the probes it reached
+(``flow_cost.probes_reached``); a stage stopped before its first piece is recorded as
+interrupted, never half-scored.
 """
 
 import json
@@ -90,24 +93,26 @@ class Budget:
     def left(self):
         return self.seconds - MARGIN_S - (time.monotonic() - self.start)
 
-    def check(self):
-        if self.left() <= 0:
-            raise OutOfBudget(f"budget of {self.seconds:g} s (less {MARGIN_S:g} s margin) spent")
+    def check(self, reserve=0.0):
+        if self.left() <= reserve:
+            raise OutOfBudget(f"budget of {self.seconds:g} s (less {MARGIN_S:g} s margin"
+                              f"{f' and {reserve:.0f} s for the scores' if reserve else ''}) spent")
 
 
 class BudgetedLoss:
-    """The loss, every oracle call refused once the budget is spent."""
+    """The loss, every oracle call refused once the budget (less ``reserve``) is spent."""
 
     CALLS = ("value", "grad", "hvp", "top_eigs", "grad_quadform", "grad_sharpness", "value_and_grad_t")
 
     def __init__(self, loss, budget):
         self._loss, self._budget = loss, budget
+        self.reserve = 0.0  # seconds kept back (for scoring what finished)
 
     def __getattr__(self, name):
         attr = getattr(self._loss, name)
         if name in self.CALLS:
             def call(*a, **k):
-                self._budget.check()
+                self._budget.check(self.reserve)
                 return attr(*a, **k)
             return call
         return attr
@@ -400,9 +405,14 @@ def run_model(model, device, steps, budget, out, log, quick=False, command=None,
                 continue
             res["discrete"] = settle(run["sharpness"], edge)
             save(name, {**res, "flow": "running"})
-            flow, gf_w, cost = flows(loss, method, beta, lr, run["probe_steps"])
+            # the scores take ~3 gradients per probe, unbudgeted: kept back from the flows
+            loss.reserve = 3 * run["probe_steps"].size * record["seconds_per_grad"] + 2.0
+            try:
+                flow, gf_w, cost = flows(loss, method, beta, lr, run["probe_steps"])
+            finally:
+                loss.reserve = 0.0
             res["flow_cost"] = cost
-            res.update(score(loss, run, flow, gf_w, edge, steps))
+            res.update(score(raw, run, flow, gf_w, edge, steps))
         except OutOfBudget as e:
             res["interrupted"] = str(e)
         save(name, res)
