@@ -12,6 +12,8 @@
    pass (alternated, 3 repetitions), the first Lanczos, and a central-flow step (RK23, GD at
    S* = 2 λ_max(w0), 3 training steps from w0); with ``--dispatch``, the same single products
    on 1 and 10 examples (the per-call overhead that a GPU does not remove).
+3. ``--cnn-sharpen``: plain float64 GD on that CNN at S* = 2 λ_max(w0) for 400 steps, λ_max/S*
+   and the loss every 50 steps.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_central_flow_device.py --solvers linreg gd 0 1000 LSODA,RK23,RK45
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_central_flow_device.py --cnn-cost [--dispatch]
@@ -99,11 +101,29 @@ def cnn_cost(dispatch=False):
                       "grads": loss.n_grad - g0, "s_per_training_step": sec / steps}), flush=True)
 
 
+def cnn_sharpen(c=2.0, steps=400, every=50):
+    """Plain float64 GD (no jitter) on the seed CNN at S* = c·λ_max(w0): λ_max/S* and the loss
+    every ``every`` steps (does the edge come within the steps a device run can afford?)."""
+    from analyses.central_flow_gpu import build_loss
+    loss, _ = build_loss("seed_cnn", "cpu", False)
+    edge = c * float(loss.top_eigs(loss.w0, 1)[0][0])
+    lr, w, t0 = 2.0 / edge, torch.as_tensor(loss.w0.copy()), time.perf_counter()
+    for k in range(steps + 1):
+        value, g = loss.value_and_grad_t(w)
+        if k % every == 0:
+            lam = float(loss.top_eigs(loss._np(w), 1)[0][0])
+            print(json.dumps({"c": c, "step": k, "loss": float(value), "sharpness_over_edge": lam / edge,
+                              "seconds": round(time.perf_counter() - t0)}), flush=True)
+        w = w - lr * g
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     argv = sys.argv[1:]
     if argv[:1] == ["--solvers"] and len(argv) == 6:
         solvers(argv[1], argv[2], float(argv[3]), int(argv[4]), argv[5].split(","))
+    elif argv[:1] == ["--cnn-sharpen"]:
+        cnn_sharpen()
     elif argv[:1] == ["--cnn-cost"]:
         cnn_cost("--dispatch" in argv)
     else:
