@@ -72,7 +72,7 @@ MARGIN_S, MIN_STAGE_S = 10.0, 20.0
 # 2770 evaluations and 26,067 HVPs + 2110 third-order passes (≈ 2 HVPs each) over 990 steps
 EVALS_PER_STEP, HVPS_PER_EVAL = 2.8, 11.0
 PROBE_HVPS = 20  # a warm LOBPCG call for λ_max (27 HVPs for the CNN's first warm call, §8)
-GD_SHARE, MIN_STEPS = 0.5, 3 * EVERY
+GD_SHARE, MIN_STEPS = 0.6, 3 * EVERY
 ODE, RTOL, ATOL = "RK23", 1e-6, 1e-9
 CHUNKS, RESTART_EDGE_RTOL = 5, 1e-5
 MODELS = {  # name: (n_train, build args, quick build args)
@@ -313,7 +313,7 @@ def _write(path, obj):
 def planned_steps(steps, s_hvp, s_grad, seconds):
     """The rule that sizes the runs to the budget: GD's share, the central flow plus up to
     ``len(EDGE_FACTORS)`` discrete runs of the scan, may take at most ``GD_SHARE`` of
-    ``seconds`` (the momentum runs get the rest). A flow step costs ``EVALS_PER_STEP ·
+    ``seconds`` (the momentum runs get the rest; GD first). A flow step costs ``EVALS_PER_STEP ·
     (HVPS_PER_EVAL · s_hvp + s_grad)`` (the explicit solver's work per training step on the
     linreg MLP's GD flow, docs/findings/central_flow.md §8), a discrete step ``s_grad +
     PROBE_HVPS · s_hvp / EVERY`` (λ_max every EVERY steps). Fewer steps than asked if needed
