@@ -415,6 +415,8 @@ def run_model(model, device, steps, budget, out, log, quick=False, command=None,
             res.update(score(raw, run, flow, gf_w, edge, steps))
         except OutOfBudget as e:
             res["interrupted"] = str(e)
+        except (ValueError, RuntimeError, np.linalg.LinAlgError) as e:  # recorded; the next stage still runs
+            res["error"] = f"{type(e).__name__}: {e}"
         save(name, res)
     return record
 
@@ -482,8 +484,8 @@ def main(argv=()):
         try:
             records.append(run_model(model, device, steps, budget, out, log, quick,
                                      "python -m analyses central_flow_gpu " + " ".join(argv), loss_name, factors))
-        except OutOfBudget as e:
-            log(f"{model}: stopped: {e}")
+        except (OutOfBudget, ValueError, RuntimeError, np.linalg.LinAlgError) as e:
+            log(f"{model}: stopped: {type(e).__name__}: {e}")
             if (out / f"{model}.json").exists():
                 records.append(json.loads((out / f"{model}.json").read_text()))
     print("\n".join(line for r in records for line in summary_lines(r)))
