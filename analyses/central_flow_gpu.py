@@ -35,7 +35,8 @@ the edge, ‖g‖² within 10 % (network) / 20 % (every layer), lag-1 Spearman �
 Models: the seed CNN with GELU (smooth; the seed's leaky ReLU makes the flow's right-hand side
 jump at every kink) and no dropout (a deterministic loss), cross-entropy; the ResNet (width 16)
 with BatchNorm on full-batch statistics in train mode and no running buffers
-(``torch.func.replace_all_batch_norm_modules_``: the loss is a function of w alone), ReLU as built.
+(``torch.func.replace_all_batch_norm_modules_``: the loss is a function of w alone) and GELU in
+place of its ReLU (smooth, as for the CNN; docs/findings/central_flow.md §8).
 
 Budget: ``--budget-s`` is wall time from the start; the loss refuses every call after the
 deadline less ``MARGIN_S`` (raising :class:`OutOfBudget`), the discrete loop checks it per step,
@@ -78,7 +79,7 @@ CHUNKS, RESTART_EDGE_RTOL = 5, 1e-5
 MODELS = {  # name: (n_train, build args, quick build args)
     "seed_cnn": (1000, dict(name="seed-cnn", activation="gelu", dropout=0.0),
                  dict(name="seed-cnn", activation="gelu", dropout=0.0, channels=4, hidden=16)),
-    "resnet": (4000, dict(name="resnet", width=16), dict(name="resnet", width=2)),
+    "resnet": (4000, dict(name="resnet", width=16, activation="gelu"), dict(name="resnet", width=2, activation="gelu")),
 }
 
 

@@ -146,8 +146,9 @@ class BasicBlock(nn.Module):
     """x ↦ relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut x); shortcut is a strided 1×1
     conv + BN when the shape changes (He et al. 2016)."""
 
-    def __init__(self, conv, bn, in_ch, out_ch, stride):
+    def __init__(self, conv, bn, in_ch, out_ch, stride, act=F.relu):
         super().__init__()
+        self.act = act
         self.conv1 = conv(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
         self.bn1 = bn(out_ch)
         self.conv2 = conv(out_ch, out_ch, 3, padding=1, bias=False)
@@ -158,25 +159,31 @@ class BasicBlock(nn.Module):
             self.proj_bn = bn(out_ch)
 
     def forward(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
         short = x if self.proj is None else self.proj_bn(self.proj(x))
-        return F.relu(out + short)
+        return self.act(out + short)
 
 
 class ResNet(nn.Module):
-    def __init__(self, info, width=16):
+    """``activation`` "relu" (as built) or one of :data:`ACTIVATIONS` (a smooth one where a
+    theory needs derivatives beyond the second, as for :class:`SeedCNN`)."""
+
+    def __init__(self, info, width=16, activation="relu"):
         super().__init__()
         _require(info, "resnet")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is unknown; valid: {', '.join(ACTIVATIONS)}")
+        self.act = act = ACTIVATIONS[activation]
         conv, bn = _spatial(info)
         self.conv = conv(info.input_shape[0], width, 3, padding=1, bias=False)
         self.bn = bn(width)
-        self.block1 = BasicBlock(conv, bn, width, width, 1)
-        self.block2 = BasicBlock(conv, bn, width, 2 * width, 2)
-        self.block3 = BasicBlock(conv, bn, 2 * width, 4 * width, 2)
+        self.block1 = BasicBlock(conv, bn, width, width, 1, act)
+        self.block2 = BasicBlock(conv, bn, width, 2 * width, 2, act)
+        self.block3 = BasicBlock(conv, bn, 2 * width, 4 * width, 2, act)
         self.fc = nn.Linear(4 * width, info.n_classes)
 
     def forward(self, x):
-        x = F.relu(self.bn(self.conv(x)))
+        x = self.act(self.bn(self.conv(x)))
         x = self.block3(self.block2(self.block1(x)))
         return self.fc(x.flatten(2).mean(2))
 
