@@ -173,3 +173,46 @@ def test_onehot_mse_against_its_formula_the_loop_and_the_dense_hessian():
                        model_args={"hidden": (3,), "activation": "tanh"}, threads=1, dtype="float64")
     trace, summary = train(config, loss_fn=onehot_mse)
     assert trace["loss"].values[0] == pytest.approx(loss.value(loss.w0), rel=1e-12)
+
+
+def _device_arm(device=None):
+    data = load_data("digits", n_train=40)
+    torch.manual_seed(0)
+    model = build_model("mlp", data.info, hidden=(6,), activation="tanh")
+    extra = {} if device is None else {"device": device}
+    return NetworkLoss(model, data.x_train, data.y_train, "classify", eig_solver="lobpcg", **extra)
+
+
+def _compare_device_arms(loss, ref):
+    """Same value, gradient, HVP, third-order pass and top eigenpair (float64: only the summation
+    order may differ between devices; the eigenvalue to the solvers' tolerance)."""
+    w = ref.w0 + 0.01 * np.random.default_rng(1).standard_normal(ref.w0.size)
+    v = np.random.default_rng(2).standard_normal(ref.w0.size)
+    assert loss.value(w) == pytest.approx(ref.value(w), rel=1e-12)
+    np.testing.assert_allclose(loss.grad(w), ref.grad(w), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(loss.hvp(w, v), ref.hvp(w, v), rtol=1e-10, atol=1e-12)
+    value, g = loss.value_and_grad_t(loss._t(w))
+    assert g.device == loss.device and float(value) == pytest.approx(ref.value(w), rel=1e-12)
+    np.testing.assert_allclose(loss._np(g), ref.grad(w), rtol=1e-10, atol=1e-14)
+    (lam, u), (lam_ref, u_ref) = loss.top_eigs(w, 2), ref.top_eigs(w, 2)
+    np.testing.assert_allclose(lam, lam_ref, rtol=1e-7)
+    for j in range(2):  # each device's eigenvector is one of the reference's Hessian (residual, basis-free)
+        assert np.linalg.norm(ref.hvp(w, u[:, j]) - lam[j] * u[:, j]) <= 1e-6 * abs(lam[0])
+    np.testing.assert_allclose(loss.grad_quadform(w, u_ref[:, 0], u_ref[:, 0]),
+                               ref.grad_quadform(w, u_ref[:, 0], u_ref[:, 0]), rtol=1e-9, atol=1e-12)
+
+
+def test_device_argument_cpu_path_and_bad_device():
+    """device='cpu' gives the default's numbers (and the tensor path, value_and_grad_t); an
+    unknown device is a ValueError naming it."""
+    _compare_device_arms(_device_arm("cpu"), _device_arm())
+    with pytest.raises(ValueError, match="device='nodevice'"):
+        _device_arm("nodevice")
+
+
+@pytest.mark.gpu
+def test_cuda_loss_equals_the_cpu_loss():
+    """The same tiny network on CUDA and on the CPU (float64): grad, HVP, ∇(uᵀHu), top eigenpairs."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _compare_device_arms(_device_arm("cuda"), _device_arm("cpu"))

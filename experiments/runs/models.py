@@ -81,9 +81,16 @@ def _spatial(info):
 
 
 class SeedCNN(nn.Module):
-    def __init__(self, info, channels=32, hidden=450, dropout=0.25, negative_slope=0.01):
+    """``activation`` "leaky_relu" (the seed's, slope ``negative_slope``) or one of
+    :data:`ACTIVATIONS` (a smooth one, "gelu" or "tanh", where a theory needs derivatives beyond
+    the second: the central flow's right-hand side jumps at the leaky ReLU's kinks)."""
+
+    def __init__(self, info, channels=32, hidden=450, dropout=0.25, negative_slope=0.01, activation="leaky_relu"):
         super().__init__()
         _require(info, "seed-cnn")
+        if activation != "leaky_relu" and activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is unknown; valid: leaky_relu, {', '.join(ACTIVATIONS)}")
+        self.act = functools.partial(F.leaky_relu, negative_slope=negative_slope) if activation == "leaky_relu" else ACTIVATIONS[activation]
         conv, _ = _spatial(info)
         in_ch = info.input_shape[0]
         for i, stride in enumerate((1, 2, 1, 2, 1), start=1):
@@ -98,11 +105,11 @@ class SeedCNN(nn.Module):
 
     def _features(self, x):
         for i in range(1, 6):
-            x = F.leaky_relu(getattr(self, f"conv{i}")(x), self.negative_slope)
+            x = self.act(getattr(self, f"conv{i}")(x))
         return x.flatten(1)
 
     def forward(self, x):
-        x = self.drop(F.leaky_relu(self.fc1(self._features(x)), self.negative_slope))
+        x = self.drop(self.act(self.fc1(self._features(x))))
         return self.fc2(x)
 
 
@@ -139,8 +146,9 @@ class BasicBlock(nn.Module):
     """x ↦ relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut x); shortcut is a strided 1×1
     conv + BN when the shape changes (He et al. 2016)."""
 
-    def __init__(self, conv, bn, in_ch, out_ch, stride):
+    def __init__(self, conv, bn, in_ch, out_ch, stride, act=F.relu):
         super().__init__()
+        self.act = act
         self.conv1 = conv(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
         self.bn1 = bn(out_ch)
         self.conv2 = conv(out_ch, out_ch, 3, padding=1, bias=False)
@@ -151,25 +159,31 @@ class BasicBlock(nn.Module):
             self.proj_bn = bn(out_ch)
 
     def forward(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
         short = x if self.proj is None else self.proj_bn(self.proj(x))
-        return F.relu(out + short)
+        return self.act(out + short)
 
 
 class ResNet(nn.Module):
-    def __init__(self, info, width=16):
+    """``activation`` "relu" (as built) or one of :data:`ACTIVATIONS` (a smooth one where a
+    theory needs derivatives beyond the second, as for :class:`SeedCNN`)."""
+
+    def __init__(self, info, width=16, activation="relu"):
         super().__init__()
         _require(info, "resnet")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is unknown; valid: {', '.join(ACTIVATIONS)}")
+        self.act = act = ACTIVATIONS[activation]
         conv, bn = _spatial(info)
         self.conv = conv(info.input_shape[0], width, 3, padding=1, bias=False)
         self.bn = bn(width)
-        self.block1 = BasicBlock(conv, bn, width, width, 1)
-        self.block2 = BasicBlock(conv, bn, width, 2 * width, 2)
-        self.block3 = BasicBlock(conv, bn, 2 * width, 4 * width, 2)
+        self.block1 = BasicBlock(conv, bn, width, width, 1, act)
+        self.block2 = BasicBlock(conv, bn, width, 2 * width, 2, act)
+        self.block3 = BasicBlock(conv, bn, 2 * width, 4 * width, 2, act)
         self.fc = nn.Linear(4 * width, info.n_classes)
 
     def forward(self, x):
-        x = F.relu(self.bn(self.conv(x)))
+        x = self.act(self.bn(self.conv(x)))
         x = self.block3(self.block2(self.block1(x)))
         return self.fc(x.flatten(2).mean(2))
 

@@ -23,6 +23,10 @@ with ``torch.func`` on the whole batch (the loop's task loss, :func:`experiments
 - ``hessian(w)`` (dense, for tiny networks and tests); ``blocks``: one index slice per layer
   (owning module, as the tracer names layers).
 
+``device`` ("cpu", "cuda", ...): the model, the batch and every product live there in float64;
+w and the results cross as numpy arrays (one host copy per call; the warm-start vectors stay on
+the device), or as tensors on the device through ``value_and_grad_t``.
+
 Counters ``n_grad``, ``n_hvp``, ``n_third`` record the work done (for the benchmark; a batched
 product of a block of b vectors counts b HVPs).
 
@@ -67,7 +71,13 @@ class NetworkLoss:
     EIG_SOLVERS = ("lanczos", "lobpcg")
 
     def __init__(self, model, x, y, task, lanczos_iters=60, lanczos_tol=1e-10, seed=0, loss_fn=None,
-                 eig_solver="lanczos", eig_tol=1e-8, lobpcg_iters=40):
+                 eig_solver="lanczos", eig_tol=1e-8, lobpcg_iters=40, device="cpu"):
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device={device!r} is not valid; valid: a torch device such as 'cpu' or 'cuda'") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} is not available; valid: 'cpu' (no CUDA device here)")
         if eig_solver not in self.EIG_SOLVERS:
             raise ValueError(f"eig_solver={eig_solver!r} is not valid; valid: {', '.join(self.EIG_SOLVERS)}")
         if not 0 < eig_tol < 1:
@@ -76,17 +86,19 @@ class NetworkLoss:
             raise ValueError(f"lobpcg_iters={lobpcg_iters!r} is outside the valid range [1, inf)")
         self.eig_solver, self.eig_tol, self.lobpcg_iters = eig_solver, float(eig_tol), int(lobpcg_iters)
         self.n_lobpcg_fallback = 0
-        self.model = model.to(torch.float64)
-        self.x = x.to(torch.float64) if x.is_floating_point() else x
-        self.y = y.to(torch.float64) if y.is_floating_point() else y
+        self.model = model.to(dtype=torch.float64, device=self.device)
+        self.x = (x.to(torch.float64) if x.is_floating_point() else x).to(self.device)
+        self.y = (y.to(torch.float64) if y.is_floating_point() else y).to(self.device)
         self.names = [n for n, _ in model.named_parameters()]
         self.shapes = [p.shape for _, p in model.named_parameters()]
         self.sizes = [p.numel() for _, p in model.named_parameters()]
-        self.w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().numpy().copy()
+        self.w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().cpu().numpy().copy()
         self._task_loss = loss_fn or make_loss_fn(task)
         self.layers, self.blocks = _layer_slices(self.names, self.sizes)
         self.lanczos_iters, self.lanczos_tol = int(lanczos_iters), float(lanczos_tol)
-        self._gen = torch.Generator().manual_seed(seed)
+        self._gen = torch.Generator().manual_seed(seed)  # the starts: the same on every device
+        # Lanczos' breakdown restarts draw on the device
+        self._dev_gen = self._gen if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(seed)
         self._warm = []
         self.n_grad = self.n_hvp = self.n_third = 0
         self._grad_fn = grad(self._loss)
@@ -104,9 +116,16 @@ class NetworkLoss:
         # mse_loss's backward ("ZeroTensors are immutable", torch 2.x)
         return vjp(self._grad_fn, w)[1](v)[0]
 
+    def _t(self, a):
+        """numpy in: a float64 tensor on the loss's device."""
+        if isinstance(a, torch.Tensor):
+            return a.to(device=self.device, dtype=torch.float64)
+        return torch.as_tensor(np.asarray(a, dtype=np.float64)).to(self.device)
+
     @staticmethod
-    def _t(a):
-        return torch.as_tensor(np.asarray(a, dtype=np.float64))
+    def _np(t):
+        """numpy out (copied to the host from a device)."""
+        return t.detach().cpu().numpy()
 
     # -- the protocol of dynamics.central_flow
     def value(self, w):
@@ -115,18 +134,25 @@ class NetworkLoss:
 
     def grad(self, w):
         self.n_grad += 1
-        return self._grad_fn(self._t(w)).numpy()
+        return self._np(self._grad_fn(self._t(w)))
+
+    def value_and_grad_t(self, wt):
+        """(loss, gradient) as tensors on the device for a float64 tensor ``wt`` there: the
+        path of the discrete runs, which stay on the device (no host transfer per step)."""
+        self.n_grad += 1
+        g, value = torch.func.grad_and_value(self._loss)(wt)
+        return value, g
 
     def hvp(self, w, v):
         self.n_hvp += 1
-        return self._hvp_t(self._t(w), self._t(v)).numpy()
+        return self._np(self._hvp_t(self._t(w), self._t(v)))
 
     def hessian(self, w):
         """Dense Hessian (d x d), one HVP per column through ``torch.func.vmap``."""
         wt = self._t(w)
-        eye = torch.eye(wt.numel(), dtype=torch.float64)
+        eye = torch.eye(wt.numel(), dtype=torch.float64, device=self.device)
         self.n_hvp += wt.numel()
-        return torch.func.vmap(lambda v: self._hvp_t(wt, v))(eye).numpy()
+        return self._np(torch.func.vmap(lambda v: self._hvp_t(wt, v))(eye))
 
     def _hvp_block(self, wt, vs):
         """H(w) applied to the columns of ``vs`` (d, b), one batched pass."""
@@ -146,10 +172,10 @@ class NetworkLoss:
         """``scipy.sparse.linalg.lobpcg`` from the previous call's k vectors; None if it does
         not reach the tolerance within ``lobpcg_iters`` iterations."""
         wt = self._t(w)
-        start = torch.stack(self._warm[:k], 1).numpy()
+        start = self._np(torch.stack(self._warm[:k], 1))
         op = LinearOperator((wt.numel(),) * 2, dtype=np.float64,
-                            matvec=lambda v: self._hvp_block(wt, self._t(v).reshape(-1, 1)).numpy().ravel(),
-                            matmat=lambda v: self._hvp_block(wt, self._t(v)).numpy())
+                            matvec=lambda v: self._np(self._hvp_block(wt, self._t(v).reshape(-1, 1))).ravel(),
+                            matmat=lambda v: self._np(self._hvp_block(wt, self._t(v))))
         scale = abs(self._warm_value)  # θ_1 of the previous call
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "not converged": checked below
@@ -160,7 +186,7 @@ class NetworkLoss:
         order = np.argsort(vals)[::-1]
         vals, vecs = vals[order], vecs[:, order]
         vecs = vecs / np.linalg.norm(vecs, axis=0)
-        self._warm = [torch.as_tensor(v.copy()) for v in vecs.T] + self._warm[k:]
+        self._warm = [self._t(v.copy()) for v in vecs.T] + self._warm[k:]
         self._warm_value = float(vals[0])
         return vals, vecs
 
@@ -178,22 +204,22 @@ class NetworkLoss:
                     self.n_hvp += 1
                 return out
 
-            r = torch.randn(wt.numel(), generator=self._gen, dtype=torch.float64)
+            r = torch.randn(wt.numel(), generator=self._gen, dtype=torch.float64).to(self.device)
             r = r / r.norm()
             start = self._warm[i] + WARM_START_NOISE * r if i < len(self._warm) else r
-            value, vector, _ = lanczos_top(matvecs, [start], self.lanczos_iters, self._gen, tol=self.lanczos_tol)
+            value, vector, _ = lanczos_top(matvecs, [start], self.lanczos_iters, self._dev_gen, tol=self.lanczos_tol)
             vals.append(float(value[0]))
             vecs.append(vector[0])
         self._warm = [v.clone() for v in vecs] + self._warm[k:]
         self._warm_value = max(vals)
         order = np.argsort(vals)[::-1]  # deflation can return them slightly out of order
-        return np.array(vals)[order], torch.stack(vecs, 1).numpy()[:, order]
+        return np.array(vals)[order], self._np(torch.stack(vecs, 1))[:, order]
 
     def grad_quadform(self, w, u, v):
         """∇_w (vᵀ H(w) u) for fixed u, v: a third derivative by one more reverse pass."""
         self.n_third += 1
         ut, vt = self._t(u), self._t(v)
-        return grad(lambda x: torch.dot(self._hvp_t(x, ut), vt))(self._t(w)).numpy()
+        return self._np(grad(lambda x: torch.dot(self._hvp_t(x, ut), vt))(self._t(w)))
 
     def grad_sharpness(self, w):
         u = self.top_eigs(w, 1)[1][:, 0]
