@@ -47,6 +47,7 @@ per probe), so a flow stopped by the budget is scored over the probes it reached
 interrupted, never half-scored.
 """
 
+import argparse
 import json
 import sys
 import time
@@ -439,39 +440,47 @@ def summary_lines(record):
     return lines
 
 
-def _arg(argv, flag, default):
-    return argv[argv.index(flag) + 1] if flag in argv else default
+def parse(argv):
+    """The command line (module docstring); a bad value raises ValueError naming the flag."""
+    ap = argparse.ArgumentParser(prog="python -m analyses central_flow_gpu", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=Path("results/central_flow_gpu"))
+    ap.add_argument("--budget-s", type=float, default=300.0)
+    ap.add_argument("--quick", action="store_true", help="tiny models, few steps (an end-to-end check)")
+    ap.add_argument("--steps", type=int, default=None, help="discrete steps (default 1000; 30 with --quick)")
+    ap.add_argument("--models", default="seed_cnn,resnet")
+    ap.add_argument("--loss", default="onehot_mse")
+    ap.add_argument("--edge-factors", default=None, help="S* = c·λ0 for each c, tried in order")
+    a = ap.parse_args(argv)
+    if not a.budget_s > MARGIN_S + MIN_STAGE_S:
+        raise ValueError(f"--budget-s={a.budget_s:g} is outside the valid range: > {MARGIN_S + MIN_STAGE_S:g}")
+    a.steps = a.steps if a.steps is not None else (30 if a.quick else 1000)
+    if a.steps < 3 * EVERY:
+        raise ValueError(f"--steps={a.steps} is outside the valid range: >= {3 * EVERY}")
+    a.models = a.models.split(",")
+    if a.loss not in LOSSES:
+        raise ValueError(f"--loss={a.loss} is not valid; valid: {', '.join(LOSSES)}")
+    text = a.edge_factors or ("2" if a.quick else ",".join(f"{c:g}" for c in EDGE_FACTORS))
+    a.factors = tuple(float(c) for c in text.split(","))
+    if min(a.factors) <= 1:
+        raise ValueError(f"--edge-factors={a.factors} is outside the valid range: each > 1 (start below the edge)")
+    bad = [m for m in a.models if m not in MODELS]
+    if bad:
+        raise ValueError(f"--models={','.join(bad)} is not valid; valid: {', '.join(MODELS)}")
+    torch.device(a.device)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={a.device} is not available; valid: cpu (no CUDA device here)")
+    return a
 
 
 def main(argv=()):
-    argv = list(argv)
-    device = _arg(argv, "--device", "cpu")
-    out = Path(_arg(argv, "--out", "results/central_flow_gpu"))
     try:
-        budget_s = float(_arg(argv, "--budget-s", 300))
-        if not budget_s > MARGIN_S + MIN_STAGE_S:
-            raise ValueError(f"--budget-s={budget_s:g} is outside the valid range: > {MARGIN_S + MIN_STAGE_S:g}")
-        quick = "--quick" in argv
-        steps = int(_arg(argv, "--steps", 30 if quick else 1000))
-        if steps < 3 * EVERY:
-            raise ValueError(f"--steps={steps} is outside the valid range: >= {3 * EVERY}")
-        models = _arg(argv, "--models", "seed_cnn,resnet").split(",")
-        loss_name = _arg(argv, "--loss", "onehot_mse")
-        if loss_name not in LOSSES:
-            raise ValueError(f"--loss={loss_name} is not valid; valid: {', '.join(LOSSES)}")
-        factors = tuple(float(c) for c in _arg(argv, "--edge-factors", "2" if quick else
-                                               ",".join(f"{c:g}" for c in EDGE_FACTORS)).split(","))
-        if min(factors) <= 1:
-            raise ValueError(f"--edge-factors={factors} is outside the valid range: each > 1 (start below the edge)")
-        bad = [m for m in models if m not in MODELS]
-        if bad:
-            raise ValueError(f"--models={','.join(bad)} is not valid; valid: {', '.join(MODELS)}")
-        torch.device(device)
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device={device} is not available; valid: cpu (no CUDA device here)")
+        a = parse(list(argv))
     except (ValueError, RuntimeError) as e:
         print(f"central_flow_gpu: {e}", file=sys.stderr)
         return 2
+    device, out, budget_s, quick, steps = a.device, a.out, a.budget_s, a.quick, a.steps
+    models, loss_name, factors = a.models, a.loss, a.factors
     if device == "cpu":
         torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
