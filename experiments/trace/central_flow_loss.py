@@ -89,6 +89,7 @@ class NetworkLoss:
         self.model = model.to(dtype=torch.float64, device=self.device)
         self.x = (x.to(torch.float64) if x.is_floating_point() else x).to(self.device)
         self.y = (y.to(torch.float64) if y.is_floating_point() else y).to(self.device)
+        self.device = self.x.device  # resolved: 'cuda' becomes 'cuda:0', as the tensors report it
         self.names = [n for n, _ in model.named_parameters()]
         self.shapes = [p.shape for _, p in model.named_parameters()]
         self.sizes = [p.numel() for _, p in model.named_parameters()]
