@@ -2,7 +2,9 @@
 ``analyses/central_flow_gpu.py`` (docs/findings/central_flow.md §8).
 
 1. ``--solvers SETTING METHOD BETA STEPS ARMS`` (ARMS comma-separated ``SOLVER[@rtol]``, e.g.
-   ``LSODA,RK23,RK45`` or ``RK23@1e-7,RK23,LSODA``; atol = rtol/1000, default rtol 1e-6): the
+   ``LSODA,RK23,RK45`` or ``RK23@1e-7,RK23,LSODA``; atol = rtol/1000, default rtol 1e-6; a
+   suffix ``:fixed`` solves the entering event's eigenvalues at the loss's eig_tol, as before
+   the adaptive tolerance, e.g. ``RK23:fixed,RK23``): the
    flow of ``analyses/central_flow.py``'s setting from w0 over STEPS training steps, read every
    10 steps, by each solver (LSODA gets the dense Hessian Jacobian, the explicit ones none):
    evaluations, HVPs, third-order passes, wall time, events, and the largest relative
@@ -36,12 +38,16 @@ def solvers(name, method, beta, steps, arms):
     probe = np.arange(0, steps, EVERY)
     out = {}
     for arm in arms:
-        ode, _, tol = arm.partition("@")
+        spec, _, path = arm.partition(":")
+        ode, _, tol = spec.partition("@")
         rtol = float(tol or 1e-6)
+        if path not in ("", "fixed"):
+            raise ValueError(f"arm={arm!r}: the suffix after ':' must be 'fixed' (the event solves at eig_tol)")
         loss = network_loss(setting)
         t0 = time.perf_counter()
         f = cf.solve_central_flow(loss, loss.w0, method, lr, beta, lr * probe[-1], t_eval=lr * probe,
-                                  max_edge=setting.max_edge, ode_method=ode, rtol=rtol, atol=1e-3 * rtol)
+                                  max_edge=setting.max_edge, ode_method=ode, rtol=rtol, atol=1e-3 * rtol,
+                                  adaptive_eigs=path != "fixed")
         sec = time.perf_counter() - t0
         nh, nt = loss.n_hvp, loss.n_third
         out[arm] = dict(f=f, p=cf.predict(loss, f, loss.blocks))
@@ -49,12 +55,16 @@ def solvers(name, method, beta, steps, arms):
                           "nfev": f.nfev, "hvp": nh, "third": nt, "success": f.success,
                           "events_step": [(round(t / lr, 2), k, m) for t, k, m in f.events],
                           "rhs_evals_per_step": round(f.nfev / probe[-1], 3)}), flush=True)
-    a = out[arms[0]]
     rel = lambda x, y: float(np.nanmax(np.abs(np.asarray(x) / np.asarray(y) - 1)))  # noqa: E731
-    for arm in arms[1:]:
-        b = out[arm]
+    # each arm against the first, and an adaptive arm also against its ":fixed" twin
+    pairs = [(arm, arms[0]) for arm in arms[1:]]
+    pairs += [(arm, arm + ":fixed") for arm in arms if arm + ":fixed" in out and arms[0] != arm + ":fixed"]
+    for arm, ref in pairs:
+        a, b = out[ref], out[arm]
         print(json.dumps({
-            "vs": f"{arm} vs {arms[0]}", "same_active": bool(np.array_equal(a["f"].active, b["f"].active)),
+            "vs": f"{arm} vs {ref}", "same_active": bool(np.array_equal(a["f"].active, b["f"].active)),
+            "same_event_kinds": [e[1:] for e in a["f"].events] == [e[1:] for e in b["f"].events],
+            "event_t_rel": max([abs(x[0] / y[0] - 1) for x, y in zip(b["f"].events, a["f"].events)], default=0.0),
             "loss": rel(b["p"].loss, a["p"].loss), "sharpness": rel(b["p"].sharpness, a["p"].sharpness),
             "grad_sq": rel(b["p"].grad_sq, a["p"].grad_sq),
             "layer_grad_sq": rel(b["p"].block_grad_sq, a["p"].block_grad_sq),
