@@ -94,7 +94,9 @@ the edge stays at the same point as lr shrinks (docs/theory_central_flow.md): er
 sharpness and σ² fall 2-11x from lr 0.02 to 0.005.
 
 A loss is an object with ``grad(w)``, ``hvp(w, v)``, ``top_eigs(w, k) -> (values, vectors)``
-(descending, vectors as columns), ``grad_sharpness(w)`` (:math:`\nabla S` for the unit top
+(descending, vectors as columns; optionally a keyword ``tol``, a relative residual tolerance
+for iterative solvers, which the entering event loosens far from the edge:
+:func:`solve_central_flow`'s ``adaptive_eigs``), ``grad_sharpness(w)`` (:math:`\nabla S` for the unit top
 eigenvector), and, for several eigenvalues at the edge, ``grad_quadform(w, u, v)``
 (:math:`\nabla(u^\top H(w) v)`, u and v fixed); optionally ``value(w)``.
 :class:`ToyLoss` is one with everything in closed form.
@@ -350,10 +352,11 @@ def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max
     ``adaptive_eigs`` (for a loss whose ``top_eigs`` takes ``tol``, e.g. warm LOBPCG): the
     entering event needs the sign of :math:`\lambda_{m+1} - S^*`, not λ itself, so its
     eigen-solve gets the relative residual tolerance :math:`\tau = \min(c(S^*-\lambda_
-    {prev})/S^*, \tau_{max})` (c = ``EVENT_TOL``, :math:`\tau_{max}` = ``EVENT_TOL_MAX``,
+    {prev})/S^*, \tau_{max})` (c = ``EVENT_TOL``, or ``adaptive_eigs``
+    itself if it is a number in (0, 1); :math:`\tau_{max}` = ``EVENT_TOL_MAX``,
     :math:`\lambda_{prev}` the last value computed), the loss's own tolerance where τ is
     below its ``eig_tol``. A Ritz value θ with residual ‖r‖ lies within ‖r‖ of an eigenvalue
-    of the symmetric H (Parlett, *The Symmetric Eigenvalue Problem*, Thm 4.5.1), here
+    of the symmetric H (the residual bound; Parlett, *The Symmetric Eigenvalue Problem*, ch. 4), here
     ‖r‖ ≤ τ·|θ_1|; the loose value is kept only if :math:`|S^* - \theta_{m+1}| >
     2\tau\max(|\theta_1|, S^*)` (the factor 2 covers θ_1 of the previous call, to which the
     loss's tolerance is relative), so its sign is the true one, else it is solved again at
@@ -382,7 +385,13 @@ def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max
     speed = 1.0 / (1.0 - beta)
     memo = {}  # a few entries: the solver asks the field, then the events, at the same w
 
-    adaptive = bool(adaptive_eigs) and _takes_tol(loss)
+    if isinstance(adaptive_eigs, bool):
+        factor = EVENT_TOL if adaptive_eigs else 0.0
+    elif isinstance(adaptive_eigs, (int, float)) and 0 < adaptive_eigs < 1:
+        factor = float(adaptive_eigs)
+    else:
+        raise ValueError(f"adaptive_eigs={adaptive_eigs!r} is not valid; valid: True, False or a factor c in (0, 1)")
+    adaptive = factor > 0 and _takes_tol(loss)
     floor = float(getattr(loss, "eig_tol", 0.0) or 0.0)
 
     def eigs(w, n, tol=None):
@@ -404,7 +413,7 @@ def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max
         lam = last.get(i)
         tol = None
         if adaptive and lam is not None and lam < edge:
-            tol = min(EVENT_TOL * (edge - lam) / edge, EVENT_TOL_MAX)
+            tol = min(factor * (edge - lam) / edge, EVENT_TOL_MAX)
             tol = None if tol <= floor else tol
         vals = eigs(w, i + 1, tol)[0]
         if tol is not None and abs(edge - vals[i]) <= 2.0 * tol * max(abs(vals[0]), edge):

@@ -393,6 +393,9 @@ def test_top_eigs_tolerance_is_checked_and_a_loss_without_it_still_works():
         with pytest.raises(ValueError, match=r"tol=.* is outside the valid range \(0, 1\)"):
             loss.top_eigs(loss.w0, 1, tol=bad)
     np.testing.assert_array_equal(loss.top_eigs(loss.w0, 2, tol=0.1)[0], loss.top_eigs(loss.w0, 2)[0])
+    for bad in (1.5, 0, "yes"):
+        with pytest.raises(ValueError, match=r"adaptive_eigs=.* is not valid; valid: True, False or a factor c in \(0, 1\)"):
+            cf.solve_central_flow(loss, loss.w0, "gd", 0.01, 0.0, 1.0, adaptive_eigs=bad)
 
     class NoTol:  # the protocol before the optional argument: never passed one
         def __getattr__(self, name):

@@ -18,6 +18,8 @@ with ``torch.func`` on the whole batch (the loop's task loss, :func:`experiments
   rising from below the k-th past it can go unseen for a while (the Lanczos path's random
   part guards against that); on the scored flows the two paths give the same events and
   λ_max to 3e-7 (docs/findings/central_flow.md §7), which is a check, not a guarantee;
+  ``top_eigs(w, k, tol)`` runs one LOBPCG call to the relative residual ``tol`` instead (the
+  central flow's entering event far from the edge, docs/findings/central_flow.md §8);
 - ``grad_quadform(w, u, v)`` = :math:`\nabla_w (v^\top H(w) u)`, by differentiating the HVP
   once more; ``grad_sharpness(w)`` that with the top eigenvector;
 - ``hessian(w)`` (dense, for tiny networks and tests); ``blocks``: one index slice per layer
