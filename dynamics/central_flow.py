@@ -112,6 +112,7 @@ Example::
     True
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -326,7 +327,6 @@ EVENT_TOL_MAX = 1e-2  # ... at most this
 
 def _takes_tol(loss):
     """Whether ``loss.top_eigs`` accepts the optional ``tol`` argument (or passes keywords on)."""
-    import inspect
     try:
         params = inspect.signature(loss.top_eigs).parameters.values()
     except (TypeError, ValueError):
