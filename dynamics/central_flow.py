@@ -94,7 +94,9 @@ the edge stays at the same point as lr shrinks (docs/theory_central_flow.md): er
 sharpness and σ² fall 2-11x from lr 0.02 to 0.005.
 
 A loss is an object with ``grad(w)``, ``hvp(w, v)``, ``top_eigs(w, k) -> (values, vectors)``
-(descending, vectors as columns), ``grad_sharpness(w)`` (:math:`\nabla S` for the unit top
+(descending, vectors as columns; optionally a keyword ``tol``, a relative residual tolerance
+for iterative solvers, which the entering event loosens far from the edge:
+:func:`solve_central_flow`'s ``adaptive_eigs``), ``grad_sharpness(w)`` (:math:`\nabla S` for the unit top
 eigenvector), and, for several eigenvalues at the edge, ``grad_quadform(w, u, v)``
 (:math:`\nabla(u^\top H(w) v)`, u and v fixed); optionally ``value(w)``.
 :class:`ToyLoss` is one with everything in closed form.
@@ -110,6 +112,7 @@ Example::
     True
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -304,9 +307,10 @@ def _validate(loss, w0, method, lr, momentum, horizon):
     return m, lr, beta, horizon, w0
 
 
-def _edge_set(loss, w, edge, k, edge_rtol):
-    """Eigenpairs within edge_rtol of the edge, and Σ from the complementarity problem."""
-    vals, vecs = loss.top_eigs(w, k)
+def _edge_set(loss, w, edge, k, edge_rtol, eig=None):
+    """Eigenpairs within edge_rtol of the edge, and Σ from the complementarity problem
+    (``eig``: the top k eigenpairs at w if already computed)."""
+    vals, vecs = loss.top_eigs(w, k) if eig is None else eig
     n_at = int(np.sum(vals >= edge * (1.0 - edge_rtol)))
     if n_at == 0:
         return 0
@@ -317,9 +321,22 @@ def _edge_set(loss, w, edge, k, edge_rtol):
     return int(np.sum(ev > 1e-9 * max(ev.max(), 1e-300)) if ev.max() > 0 else 0)
 
 
+EVENT_TOL = 0.1  # the entering event's eigen-tolerance: EVENT_TOL·(S* − λ_prev)/S* (chosen on linreg)
+EVENT_TOL_MAX = 1e-2  # ... at most this
+
+
+def _takes_tol(loss):
+    """Whether ``loss.top_eigs`` accepts the optional ``tol`` argument (or passes keywords on)."""
+    try:
+        params = inspect.signature(loss.top_eigs).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "tol" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max_edge=3,
                        ode_method="LSODA", rtol=1e-9, atol=1e-12, edge_rtol=1e-6, max_events=50,
-                       lazy_eigs=True):
+                       lazy_eigs=True, adaptive_eigs=True):
     r"""Integrate the central flow of ``method`` (PyTorch's lr and momentum) from ``w0`` over
     [0, horizon] (t = k·lr) with ``solve_ivp``; returns a :class:`CentralFlow` sampled at
     ``t_eval`` (default: every step, t_k = k·lr).
@@ -331,13 +348,32 @@ def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max
     computes all max_edge + 1 at every evaluation, the same flow at more cost). ``w0`` must lie
     below the edge: from above, the discrete method catapults first, which the central flow
     does not model.
+
+    ``adaptive_eigs`` (for a loss whose ``top_eigs`` takes ``tol``, e.g. warm LOBPCG): the
+    entering event needs the sign of :math:`\lambda_{m+1} - S^*`, not λ itself, so its
+    eigen-solve gets the relative residual tolerance :math:`\tau = \min(c(S^*-\lambda_
+    {prev})/S^*, \tau_{max})` (c = ``EVENT_TOL``, or ``adaptive_eigs``
+    itself if it is a number in (0, 1); :math:`\tau_{max}` = ``EVENT_TOL_MAX``,
+    :math:`\lambda_{prev}` the last value computed), the loss's own tolerance where τ is
+    below its ``eig_tol``. A Ritz value θ with residual ‖r‖ lies within ‖r‖ of an eigenvalue
+    of the symmetric H (the residual bound; Parlett, *The Symmetric Eigenvalue Problem*, ch. 4), here
+    ‖r‖ ≤ τ·|θ_1|; the loose value is kept only if :math:`|S^* - \theta_{m+1}| >
+    2\tau\max(|\theta_1|, S^*)` (the factor 2 covers θ_1 of the previous call, to which the
+    loss's tolerance is relative), so its sign is the true one, else it is solved again at
+    the loss's tolerance. Near the edge τ shrinks with the gap, so the root is found at full
+    accuracy: the same events and flow as ``adaptive_eigs=False`` (every event solve at the
+    loss's tolerance), to the eigen-solver's tolerance. As there, the bound holds for the
+    eigenvalue each Ritz value tracks (a warm block can miss one rising from outside it;
+    :class:`experiments.trace.central_flow_loss.NetworkLoss`). Field, samples and restarts
+    always use the loss's tolerance.
     """
     m, lr, beta, horizon, w0 = _validate(loss, w0, method, lr, momentum, horizon)
     if int(max_edge) != max_edge or max_edge < 1:
         raise ValueError(f"max_edge={max_edge!r} is outside the valid range: integers >= 1")
     k = int(max_edge) + 1
     edge = float(edge_sharpness(m, lr, beta))
-    lam0 = loss.top_eigs(w0, 1)[0][0]
+    eig0 = loss.top_eigs(w0, k)
+    lam0 = eig0[0][0]
     if lam0 > edge * (1.0 + edge_rtol):
         raise ValueError(f"w0 has sharpness {lam0:g} above the edge {edge:g} of {m.name} at lr={lr:g}, "
                          f"momentum={beta:g}; valid: sharpness <= edge")
@@ -349,14 +385,41 @@ def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max
     speed = 1.0 / (1.0 - beta)
     memo = {}  # a few entries: the solver asks the field, then the events, at the same w
 
-    def eigs(w, n):
+    if isinstance(adaptive_eigs, bool):
+        factor = EVENT_TOL if adaptive_eigs else 0.0
+    elif isinstance(adaptive_eigs, (int, float)) and 0 < adaptive_eigs < 1:
+        factor = float(adaptive_eigs)
+    else:
+        raise ValueError(f"adaptive_eigs={adaptive_eigs!r} is not valid; valid: True, False or a factor c in (0, 1)")
+    adaptive = factor > 0 and _takes_tol(loss)
+    floor = float(getattr(loss, "eig_tol", 0.0) or 0.0)
+
+    def eigs(w, n, tol=None):
+        """Top n eigenpairs at w; ``tol`` None: the loss's tolerance."""
         key = ("eigs", w.tobytes())
-        if key not in memo or memo[key][0].size < n:
+        hit = memo.get(key)
+        if hit is None or hit[0].size < n or (hit[2] is not None and (tol is None or hit[2] > tol)):
             if len(memo) > 4:
                 memo.clear()
-            memo[key] = loss.top_eigs(w, n if lazy_eigs else max(n, k))
-        vals, vecs = memo[key]
+            size = n if lazy_eigs else max(n, k)
+            memo[key] = (*(loss.top_eigs(w, size) if tol is None else loss.top_eigs(w, size, tol=tol)), tol)
+        vals, vecs, _ = memo[key]
         return vals[:n], vecs[:, :n]
+
+    last = {}  # the last λ_{m+1} the entering event computed (per segment)
+
+    def event_eig(w, i):
+        """λ_{i+1} (0-based i) with the event's adaptive tolerance (docstring)."""
+        lam = last.get(i)
+        tol = None
+        if adaptive and lam is not None and lam < edge:
+            tol = min(factor * (edge - lam) / edge, EVENT_TOL_MAX)
+            tol = None if tol <= floor else tol
+        vals = eigs(w, i + 1, tol)[0]
+        if tol is not None and abs(edge - vals[i]) <= 2.0 * tol * max(abs(vals[0]), edge):
+            vals = eigs(w, i + 1)[0]  # too close to call at τ: the loss's tolerance
+        last[i] = float(vals[i])
+        return last[i]
 
     def field(w, active):
         key = ("field", w.tobytes(), active)
@@ -381,7 +444,8 @@ def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max
 
     ts, ws, acts, events = [], [], [], []
     t0, w_start, nfev, seg = 0.0, w0, 0, 0
-    active = _edge_set(loss, w0, edge, k, edge_rtol)
+    active = _edge_set(loss, w0, edge, k, edge_rtol, eig0)
+    memo[("eigs", w0.tobytes())] = (*eig0, None)  # the first event call at w0
     message, success = "reached the horizon", True
     while True:
         seg += 1
@@ -389,8 +453,10 @@ def solve_central_flow(loss, w0, method, lr, momentum, horizon, t_eval=None, max
         def rhs(t, w, active=active):
             return -speed * field(w, active)[0]
 
+        last.clear()
+
         def enter(t, w, active=active):
-            return eigs(w, active + 1)[0][active] - edge
+            return event_eig(w, active) - edge
         enter.terminal, enter.direction = True, 1.0
         evs = [enter]
         if active > 0:
@@ -630,7 +696,11 @@ class ToyLoss:
         to_r = e * pu * pv + e * s * (pu * rv + ru * pv) + 0.5 * e * s**2 * ru * rv
         return to_p @ self.p + to_r @ self.r
 
-    def top_eigs(self, w, k):
+    def top_eigs(self, w, k, tol=None):
+        """Top k eigenpairs by a dense ``eigh``: exact, so ``tol`` (the protocol's optional
+        residual tolerance, in (0, 1)) is checked and ignored."""
+        if tol is not None and not 0 < tol < 1:
+            raise ValueError(f"tol={tol!r} is outside the valid range (0, 1)")
         vals, vecs = np.linalg.eigh(self.hessian(w))
         return vals[::-1][:k], vecs[:, ::-1][:, :k]
 

@@ -12,6 +12,7 @@ et al. 2023), whose time averages the central flow predicts.
 """
 
 import functools
+import zlib
 
 import numpy as np
 import pytest
@@ -322,6 +323,91 @@ def test_lazy_eigenpairs_give_the_same_flow():
     np.testing.assert_allclose(flows[True].w, flows[False].w, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(flows[True].sigma, flows[False].sigma, rtol=1e-9, atol=1e-12)
     assert counts[True] < counts[False], counts
+
+
+class InexactEigs:
+    """A toy loss whose ``top_eigs(w, k, tol)`` errs as much as a residual tolerance allows:
+    each eigenvalue moved by up to tol·|θ_1| (a deterministic pseudo-random sign and size per
+    point), exact without ``tol``; counts the calls of each kind."""
+
+    def __init__(self, base):
+        self.base, self.loose, self.tight = base, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def top_eigs(self, w, k, tol=None):
+        vals, vecs = self.base.top_eigs(w, k, tol=tol)
+        if tol is None:
+            self.tight += 1
+            return vals, vecs
+        self.loose += 1
+        u = np.random.default_rng(zlib.crc32(np.asarray(w).tobytes())).uniform(-1, 1, vals.size)
+        return vals + tol * abs(vals[0]) * u, vecs
+
+
+@pytest.mark.parametrize("toy, method, beta, max_edge, horizon, kinds, ode", [
+    (cf.sharpening_toy, "gd", 0.0, 2, 25.0, ["enter", "leave"], "LSODA"),
+    (cf.sharpening_toy, "hb", 0.5, 2, 12.0, ["enter", "leave"], "LSODA"),
+    (cf.two_edge_toy, "gd", 0.0, 2, 20.0, ["enter", "enter"], "LSODA"),
+    (cf.sharpening_toy, "gd", 0.0, 2, 25.0, ["enter", "leave"], "RK23"),
+    (cf.two_edge_toy, "gd", 0.0, 2, 20.0, ["enter", "enter"], "RK23"),
+    pytest.param(cf.sharpening_toy, "hb", 0.5, 2, 12.0, ["enter", "leave"], "RK23", marks=pytest.mark.slow),
+])
+def test_adaptive_event_tolerance_gives_the_same_flow(toy, method, beta, max_edge, horizon, kinds, ode):
+    """The entering event's eigen-solves at the adaptive tolerance (``adaptive_eigs``) on a loss
+    whose eigenvalues err by as much as that tolerance allows, against every solve exact
+    (``adaptive_eigs=False``): the same events, their times to 1e-7 relative, the same samples
+    to 1e-7 relative, and fewer solves at full accuracy. Below the edge the field is the same,
+    and the roots are found at full accuracy (the tolerance shrinks with the gap); but where
+    λ_{m+1} creeps up slowly, the event function along the solver's dense output can cross
+    S* more than once within a step at the level of the solver's error (rtol 1e-8), and
+    brentq lands on one crossing or another depending on the values it is given: event
+    times differ by up to 8.4e-9 relative over 12 draws of the errors (two_edge_toy, LSODA),
+    the integrator's own error."""
+    lr = 0.01 if method == "gd" else 0.005
+    edge = float(cf.edge_sharpness(method, lr, beta))
+    base = toy(scale=edge / 2, rate=0.1)
+    t_eval = np.linspace(0.0, horizon, 121)
+    flows, losses = {}, {}
+    for adaptive in (True, False):
+        losses[adaptive] = InexactEigs(base)
+        flows[adaptive] = cf.solve_central_flow(losses[adaptive], base.w0, method, lr, beta, horizon,
+                                                t_eval=t_eval, max_edge=max_edge, ode_method=ode,
+                                                rtol=1e-8, atol=1e-11, adaptive_eigs=adaptive)
+    new, old = flows[True], flows[False]
+    assert [e[1] for e in new.events] == [e[1] for e in old.events] == kinds
+    assert [e[2] for e in new.events] == [e[2] for e in old.events]
+    np.testing.assert_allclose([e[0] for e in new.events], [e[0] for e in old.events], rtol=1e-7)
+    np.testing.assert_array_equal(new.active, old.active)
+    np.testing.assert_allclose(new.w, old.w, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(new.sigma2, old.sigma2, rtol=1e-6, atol=1e-9 * old.sigma2.max())
+    assert losses[False].loose == 0
+    assert losses[True].loose > 0 and losses[True].tight < losses[False].tight, \
+        (losses[True].loose, losses[True].tight, losses[False].tight)
+
+
+def test_top_eigs_tolerance_is_checked_and_a_loss_without_it_still_works():
+    loss = cf.sharpening_toy(scale=100.0)
+    for bad in (0.0, 1.0, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match=r"tol=.* is outside the valid range \(0, 1\)"):
+            loss.top_eigs(loss.w0, 1, tol=bad)
+    np.testing.assert_array_equal(loss.top_eigs(loss.w0, 2, tol=0.1)[0], loss.top_eigs(loss.w0, 2)[0])
+    for bad in (1.5, 0, "yes"):
+        with pytest.raises(ValueError, match=r"adaptive_eigs=.* is not valid; valid: True, False or a factor c in \(0, 1\)"):
+            cf.solve_central_flow(loss, loss.w0, "gd", 0.01, 0.0, 1.0, adaptive_eigs=bad)
+
+    class NoTol:  # the protocol before the optional argument: never passed one
+        def __getattr__(self, name):
+            return getattr(loss, name)
+
+        def top_eigs(self, w, k):
+            return loss.top_eigs(w, k)
+
+    a = cf.solve_central_flow(NoTol(), loss.w0, "gd", 0.01, 0.0, 25.0, t_eval=np.linspace(0, 25, 51))
+    b = cf.solve_central_flow(loss, loss.w0, "gd", 0.01, 0.0, 25.0, t_eval=np.linspace(0, 25, 51))
+    assert [e[1] for e in a.events] == ["enter", "leave"]
+    np.testing.assert_allclose(a.w, b.w, rtol=1e-12, atol=1e-14)
 
 
 # --------------------------------------------------------------------------- validation

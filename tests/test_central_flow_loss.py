@@ -216,3 +216,43 @@ def test_cuda_loss_equals_the_cpu_loss():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     _compare_device_arms(_device_arm("cuda"), _device_arm("cpu"))
+
+
+@pytest.mark.slow
+def test_adaptive_event_tolerance_on_a_tiny_network_gives_the_same_flow():
+    """Warm LOBPCG with the entering event's adaptive tolerance against every event solve at
+    eig_tol (``adaptive_eigs=False``): a tanh MLP (d = 460) on 40 digits with one-hot MSE, GD at
+    S* = 1.2 λ_max(w0), RK23 over 25 steps, which enters, leaves and re-enters the edge. The
+    same events, their times to 1e-8 relative (brentq's roots at full accuracy; the warm starts
+    differ), the samples and λ_max to 1e-6 relative (eigenvalues off by ~(eig_tol·θ_1)²/gap
+    move the events and the iterate far less), and fewer HVPs. A bad ``tol`` names itself."""
+    from dynamics import central_flow as cf
+    from experiments.trace.central_flow_loss import LOSSES
+    data = load_data("digits", n_train=40)
+
+    def make():
+        torch.manual_seed(0)
+        model = build_model("mlp", data.info, hidden=(6,), activation="tanh")
+        return NetworkLoss(model, data.x_train, data.y_train, "classify", eig_solver="lobpcg", eig_tol=1e-8,
+                           lanczos_tol=1e-10, loss_fn=LOSSES["onehot_mse"])
+
+    probe = make()
+    edge = 1.2 * probe.top_eigs(probe.w0, 1)[0][0]
+    lr = 2.0 / edge
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"tol=.* is outside the valid range \(0, 1\)"):
+            probe.top_eigs(probe.w0, 1, tol=bad)
+    flows, hvps = {}, {}
+    for adaptive in (True, False):
+        loss = make()
+        flows[adaptive] = cf.solve_central_flow(loss, loss.w0, "gd", lr, 0.0, 25 * lr, t_eval=lr * np.arange(26.0),
+                                                max_edge=2, ode_method="RK23", rtol=1e-6, atol=1e-9,
+                                                adaptive_eigs=adaptive)
+        hvps[adaptive] = loss.n_hvp
+    new, old = flows[True], flows[False]
+    assert [e[1:] for e in new.events] == [e[1:] for e in old.events] == [("enter", 1), ("leave", 0), ("enter", 1)]
+    np.testing.assert_allclose([e[0] for e in new.events], [e[0] for e in old.events], rtol=1e-8)
+    np.testing.assert_array_equal(new.active, old.active)
+    np.testing.assert_allclose(new.w, old.w, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(new.eigenvalues[:, 0], old.eigenvalues[:, 0], rtol=1e-6)
+    assert hvps[True] < hvps[False], hvps

@@ -18,6 +18,8 @@ with ``torch.func`` on the whole batch (the loop's task loss, :func:`experiments
   rising from below the k-th past it can go unseen for a while (the Lanczos path's random
   part guards against that); on the scored flows the two paths give the same events and
   λ_max to 3e-7 (docs/findings/central_flow.md §7), which is a check, not a guarantee;
+  ``top_eigs(w, k, tol)`` runs one LOBPCG call to the relative residual ``tol`` instead (the
+  central flow's entering event far from the edge, docs/findings/central_flow.md §8);
 - ``grad_quadform(w, u, v)`` = :math:`\nabla_w (v^\top H(w) u)`, by differentiating the HVP
   once more; ``grad_sharpness(w)`` that with the top eigenvector;
 - ``hessian(w)`` (dense, for tiny networks and tests); ``blocks``: one index slice per layer
@@ -160,18 +162,25 @@ class NetworkLoss:
         self.n_hvp += vs.shape[1]
         return torch.func.vmap(lambda v: self._hvp_t(wt, v))(vs.T).T
 
-    def top_eigs(self, w, k):
-        """Top k eigenvalues (descending) and unit eigenvectors (columns) of H(w)."""
+    def top_eigs(self, w, k, tol=None):
+        """Top k eigenvalues (descending) and unit eigenvectors (columns) of H(w).
+
+        ``tol`` (optional, in (0, 1)): this call's relative residual tolerance for the LOBPCG
+        path in place of ``eig_tol`` (every residual ‖Hx − θx‖ ≤ tol·|θ_1|, so each θ_i lies
+        within tol·|θ_1| of an eigenvalue); the Lanczos path (the first call, a fallback, and
+        ``eig_solver="lanczos"``) ignores it and runs to ``lanczos_tol``."""
+        if tol is not None and not 0 < tol < 1:
+            raise ValueError(f"tol={tol!r} is outside the valid range (0, 1)")
         if self.eig_solver == "lobpcg" and len(self._warm) >= k:
-            out = self._top_eigs_lobpcg(w, k)
+            out = self._top_eigs_lobpcg(w, k, self.eig_tol if tol is None else float(tol))
             if out is not None:
                 return out
             self.n_lobpcg_fallback += 1
         return self._top_eigs_lanczos(w, k)
 
-    def _top_eigs_lobpcg(self, w, k):
+    def _top_eigs_lobpcg(self, w, k, tol):
         """``scipy.sparse.linalg.lobpcg`` from the previous call's k vectors; None if it does
-        not reach the tolerance within ``lobpcg_iters`` iterations."""
+        not reach the relative residual tolerance ``tol`` within ``lobpcg_iters`` iterations."""
         wt = self._t(w)
         start = self._np(torch.stack(self._warm[:k], 1))
         op = LinearOperator((wt.numel(),) * 2, dtype=np.float64,
@@ -180,9 +189,9 @@ class NetworkLoss:
         scale = abs(self._warm_value)  # θ_1 of the previous call
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "not converged": checked below
-            vals, vecs, hist = lobpcg(op, start, largest=True, tol=self.eig_tol * scale,
+            vals, vecs, hist = lobpcg(op, start, largest=True, tol=tol * scale,
                                       maxiter=self.lobpcg_iters, retResidualNormsHistory=True)
-        if np.max(hist[-1]) > self.eig_tol * scale:
+        if np.max(hist[-1]) > tol * scale:
             return None
         order = np.argsort(vals)[::-1]
         vals, vecs = vals[order], vecs[:, order]
