@@ -97,7 +97,8 @@ def test_the_predictor_forecasts_the_escape_and_reduces_to_the_fixed_curvature_w
     # (at each window's first step, over the last probe: 1.2 at 300, 0.2 + e^{r 50} = 10.2 at 400)
     assert k[0] == 1.0 and k[1] == pytest.approx(1.0) and k[2] * 1.2 == pytest.approx(0.2 + 10.0)
     assert float(d.grad_sq.isel(change=0, window=2, layer=0)) > 10 * float(f.grad_sq.isel(change=0, window=2, layer=0))
-    assert float(d.grad_corr.isel(change=0, window=2, layer=0)) < float(f.grad_corr.isel(change=0, window=2, layer=0)) - 0.1
+    rho_d, rho_f = (float(x.grad_corr.isel(change=0, window=2, layer=0)) for x in (d, f))
+    assert rho_d < rho_f - 0.1  # nearer the edge: the gradients oscillate
     # the decay ×0.1: not due; identical to the fixed curvature, as is window 0 of both plans
     for v in ("grad_corr", "grad_sq", "update_sq"):
         np.testing.assert_array_equal(d[v].isel(change=1).values, f[v].isel(change=1).values)

@@ -36,7 +36,8 @@ curvature cannot foresee it. The model here:
     curvature is :math:`\lambda'_t = \min(\lambda(\tau_t),\; c_t)` for t ≥ k, from the
     probe at k (κ_t = λ'_t/λ̄, λ̄ the trailing mean the link model's spectra are built from:
     where an escape is under way the last probe, not a mean lagging behind it, is the state
-    at k); otherwise nothing moves (κ ≡ 1, the fixed-curvature model exactly). A run that has already left its plateau — a probe before the one at k at
+    at k); otherwise nothing moves (κ ≡ 1, the fixed-curvature model exactly). A run that has
+    already left its plateau — a probe before the one at k at
     :data:`experiments.whatif.curvature.SHARPENED` (2) times λ_0 or more — has escaped, and
     no escape is forecast for it (its later, slower sharpening is not this model's).
 
