@@ -10,7 +10,9 @@ in the third round, development since), on the fourth, held out in the fourth ro
 (``experiments/specs/whatif_eval4.toml``: HB 0.02 / 0.9, NAG 0.05 / 0.7, HB 0.07 / 0.7, seed 4,
 constant lr; steps 300 and 500; held out in the fourth round, development since), on the fifth,
 held out in the fifth round (``experiments/specs/whatif_eval5.toml``: a tanh MLP (64, 64, 64) on
-MNIST-1D, HB 0.02 / 0.9, NAG 0.05 / 0.8, HB 0.1 / 0.5, seed 5, constant lr; steps 200 and 400),
+MNIST-1D, HB 0.02 / 0.9, NAG 0.05 / 0.8, HB 0.1 / 0.5, seed 5, constant lr; steps 200 and 400)
+and on the sixth (``experiments/specs/whatif_eval6.toml``: the seed CNN at batch 64, HB 0.015 /
+0.9, NAG 0.02 / 0.8, HB 0.06 / 0.5, seed 6, constant lr; steps 200 and 400),
 and, in the seed setting (``experiments/specs/seed_cnn.toml``'s
 run lr 0.03, momentum 0.9, seed 0, one thread; a development setting), the per-layer norm growth
 after the step-1000 decay predicted at step 1000 (and on the runs of
@@ -100,7 +102,8 @@ GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_new": ("whatif_eval2", [300, 500]),
           "evaluation_3": ("whatif_eval3", [200, 400]),
           "evaluation_4": ("whatif_eval4", [300, 500]),
-          "evaluation_5": ("whatif_eval5", [200, 400])}
+          "evaluation_5": ("whatif_eval5", [200, 400]),
+          "evaluation_6": ("whatif_eval6", [200, 400])}
 
 
 def setting_checks(spec_name, steps):
