@@ -1,35 +1,34 @@
-"""The choice of the what-if predictor (:mod:`experiments.whatif.predict`), fourth round
-(docs/findings/whatif.md, "Fourth round"), by the rule of the third round with the development
-settings extended to every setting seen so far.
+"""The choice of the what-if predictor (:mod:`experiments.whatif.predict`), fifth round
+(docs/findings/whatif.md, "Fifth round"), by the rule of the third and fourth rounds with the
+development settings extended to every setting seen so far.
 
-Candidates added in this round (written here, with the development set below, before any of
-them was scored on a check): the prediction as a forecast of the unchanged run times the
-model's effect of the change (:mod:`experiments.whatif.delta`), with the unchanged run's
-forecast by persistence of window 0 (``delta-persistence``) or by window 0 plus the flow-time
-trend of the last three windows (``delta-trend``). Against them the default: the link's NQM
-with the curvature held fixed, anchored on window 0 (``fixed``). The third round's candidates
-(the gated run-level caps) were rejected by this rule then (docs/findings/whatif.md, "Third
-round") and are not candidates again. ``experiments/specs/whatif_eval4.toml`` and
-``whatif_eval4_decay.toml`` (committed before this file was changed) are held out and not read here.
+Candidate added in this round (written here, with the development set below, before it was
+scored on the development checks as a whole): the fixed-curvature model with the plateau-escape
+forecast of the unchanged run (:mod:`experiments.whatif.escape`: the excess of λ_max over the
+plateau exponential in flow time, up to the method's edge, where that is reached within the
+horizon; ``escape``). Against it the default: the link's NQM with the curvature held fixed,
+anchored on window 0 (``fixed``). The earlier rounds' candidates were rejected by this rule and
+are not candidates again. ``experiments/specs/whatif_eval5.toml`` (committed before anything on
+it was scored) is held out and not read here.
 
 Development, now every setting seen in the earlier rounds: the forks of
 ``whatif_seed_cnn.toml`` (step 400), ``whatif_eval.toml`` and ``whatif_eval2.toml`` (steps
-300, 500), ``whatif_eval3.toml`` (steps 200, 400; scored once in the third round, so no longer
-held out), and the seed setting's growth after its step-1000 decay on the three runs seen:
-``seed_cnn.toml``'s lr 0.03, momentum 0.9, seed 0, and ``whatif_eval3_decay.toml``'s seed 3,
-lr 0.03 and 0.1. Each fork check is scored twice: on the forks of the scores and on replicate
-forks that differ from them only in the data order (``RunConfig.fork_data_seed`` = 1; the
-noise ceilings' forks, ``analyses/whatif_ceilings.py``).
+300, 500), ``whatif_eval3.toml`` (steps 200, 400), ``whatif_eval4.toml`` (steps 300, 500;
+scored once in the fourth round, so no longer held out), and the seed setting's growth after
+its step-1000 decay on the four runs seen: ``seed_cnn.toml``'s lr 0.03, momentum 0.9, seed 0,
+``whatif_eval3_decay.toml``'s seed 3, lr 0.03 and 0.1, and ``whatif_eval4_decay.toml``'s seed 4,
+lr 0.05. Each fork check is scored twice: on the forks of the scores and on replicate forks
+that differ from them only in the data order (``RunConfig.fork_data_seed`` = 1; the noise
+ceilings' forks, ``analyses/whatif_ceilings.py``).
 
-The rule. Per candidate and data order, S = the mean of five terms: for each of the four fork
+The rule. Per candidate and data order, S = the mean of six terms: for each of the five fork
 groups ½(pooled correlation Spearman + pooled norm-change sign) (the issue's two targets), and
 the seed setting's fraction of layers whose growth has the right sign and a size within ×1.5
-(the issue's seed target; the mean over its three runs, the same in both orders). A
+(the issue's seed target; the mean over its four runs, the same in both orders). A
 candidate's score is S averaged over the two data orders. The candidate with the highest score
 replaces the default (``fixed``) only if it beats the default's score by more than twice the
 default's data-order standard error, |S₀ − S₁|/2 (two replicates: the standard error of their
-mean); otherwise the default stays. Ties go to fewer parts (``fixed`` < ``delta-persistence`` <
-``delta-trend``).
+mean); otherwise the default stays. Ties go to fewer parts (``fixed`` < ``escape``).
 Writes ``results/whatif_forecast_choice.json``:
 
     .venv/bin/python -m analyses whatif_forecast_choice     # minutes (the forks are in the store)
@@ -42,23 +41,22 @@ import numpy as np
 from analyses.whatif_scores import KEYS, _weighted, checks, seed_config, seed_decay_growth
 from experiments.store import atomic_write_json
 from experiments.sweeps import SPECS_DIR, expand, load_spec
-from experiments.whatif import delta
+from experiments.whatif import escape
 from experiments.whatif.check import check
 from experiments.whatif.predict import PREDICTOR, nqm_predictor
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "whatif_forecast_choice.json"
-GROUPS = ("development", "evaluation_seen_during_development", "evaluation_new", "evaluation_3")
+GROUPS = ("development", "evaluation_seen_during_development", "evaluation_new", "evaluation_3", "evaluation_4")
 DATA_SEEDS = (0, 1)  # 0: the forks of the scores; 1: the replicate forks (another data order)
 RECORD_ONLY = None  # no record-only candidate this round
-PARTS = {"fixed": 0, "delta-persistence": 1, "delta-trend": 2}
+PARTS = {"fixed": 0, "escape": 1}
 
 
 def candidates():
     """name -> predictor (``fixed``: the NQM with the curvature held fixed (its default,
-    :data:`experiments.whatif.predict.FORECAST`), anchored on window 0)."""
-    return {"fixed": nqm_predictor,
-            "delta-persistence": delta.predictor("persistence"),
-            "delta-trend": delta.predictor("trend")}
+    :data:`experiments.whatif.predict.FORECAST`), anchored on window 0; ``escape``: the same with
+    the plateau-escape forecast, :func:`experiments.whatif.escape.predictor`)."""
+    return {"fixed": nqm_predictor, "escape": escape.predictor()}
 
 
 def parts_on(name):
@@ -66,8 +64,10 @@ def parts_on(name):
 
 
 def seed_configs():
-    """The seed setting's runs seen so far: seed_cnn.toml's (seed 0) and whatif_eval3_decay.toml's."""
-    return [seed_config(), *expand(load_spec(SPECS_DIR / "whatif_eval3_decay.toml"))]
+    """The seed setting's runs seen so far: seed_cnn.toml's (seed 0), whatif_eval3_decay.toml's and
+    whatif_eval4_decay.toml's."""
+    return [seed_config(), *expand(load_spec(SPECS_DIR / "whatif_eval3_decay.toml")),
+            *expand(load_spec(SPECS_DIR / "whatif_eval4_decay.toml"))]
 
 
 def rule_score(groups, seed_right):

@@ -8,7 +8,12 @@ second round, development since), on the third (``experiments/specs/whatif_eval3
 0.03 / 0.8, NAG 0.1 / 0.5, HB 0.01 / 0.95, NAG 0.02 / 0.3, seed 3; steps 200 and 400; held out
 in the third round, development since), on the fourth, held out in the fourth round
 (``experiments/specs/whatif_eval4.toml``: HB 0.02 / 0.9, NAG 0.05 / 0.7, HB 0.07 / 0.7, seed 4,
-constant lr; steps 300 and 500), and, in the seed setting (``experiments/specs/seed_cnn.toml``'s
+constant lr; steps 300 and 500; held out in the fourth round, development since), on the fifth,
+held out in the fifth round (``experiments/specs/whatif_eval5.toml``: a tanh MLP (64, 64, 64) on
+MNIST-1D, HB 0.02 / 0.9, NAG 0.05 / 0.8, HB 0.1 / 0.5, seed 5, constant lr; steps 200 and 400)
+and on the sixth (``experiments/specs/whatif_eval6.toml``: the seed CNN at batch 64, HB 0.015 /
+0.9, NAG 0.02 / 0.8, HB 0.06 / 0.5, seed 6, constant lr; steps 200 and 400),
+and, in the seed setting (``experiments/specs/seed_cnn.toml``'s
 run lr 0.03, momentum 0.9, seed 0, one thread; a development setting), the per-layer norm growth
 after the step-1000 decay predicted at step 1000 (and on the runs of
 ``experiments/specs/whatif_eval3_decay.toml``: seed 3, lr 0.03 and 0.1, seen since the third
@@ -19,8 +24,9 @@ with the curvature held fixed, anchored on window 0), ``delta_persistence`` / ``
 (:mod:`experiments.whatif.delta`: the unchanged run forecast by persistence / by its flow-time
 trend, times the model's effect of the change; fourth-round candidates), ``sharpening`` (the
 stochastic-edge cap with the flow-time sharpening rate on; second round), ``sharpened_cap`` (the
-run-level cap gated on the curvature having left its initial value; third round), and
-``persistence``. (The earlier rounds' other variants are in the git history of this file.)
+run-level cap gated on the curvature having left its initial value; third round), ``escape``
+(the fixed curvature with the plateau-escape forecast, :mod:`experiments.whatif.escape`; fifth
+round), and ``persistence``. (The earlier rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json``:
 
     .venv/bin/python -m analyses whatif_scores       # runs + forks the first time, then minutes
@@ -35,7 +41,7 @@ from experiments.runs.config import RunConfig, run_id
 from experiments.runs.loop import run
 from experiments.store import atomic_write_json, load_run
 from experiments.sweeps import SPECS_DIR, expand, load_spec, run_sweep
-from experiments.whatif import delta
+from experiments.whatif import delta, escape
 from experiments.whatif.check import check
 from experiments.whatif.curvature import CurvatureForecast
 from experiments.whatif.predict import PREDICTOR, changes_from, nqm_predictor
@@ -48,6 +54,7 @@ CANDIDATES = {  # name -> predictor
     "delta_trend": delta.predictor("trend"),
     "sharpening": functools.partial(nqm_predictor, curvature=CurvatureForecast(sharpening=True)),
     "sharpened_cap": functools.partial(nqm_predictor, curvature=CurvatureForecast(level="sharpened")),
+    "escape": escape.predictor(),
 }
 
 
@@ -94,7 +101,9 @@ GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_seen_during_development": ("whatif_eval", [300, 500]),
           "evaluation_new": ("whatif_eval2", [300, 500]),
           "evaluation_3": ("whatif_eval3", [200, 400]),
-          "evaluation_4": ("whatif_eval4", [300, 500])}
+          "evaluation_4": ("whatif_eval4", [300, 500]),
+          "evaluation_5": ("whatif_eval5", [200, 400]),
+          "evaluation_6": ("whatif_eval6", [200, 400])}
 
 
 def setting_checks(spec_name, steps):

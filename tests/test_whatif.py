@@ -180,6 +180,9 @@ def test_cli_whatif_and_diagnose(tiny_run, capsys, tmp_path):
                  "--base", "trend"]) == 0
     trend = capsys.readouterr().out
     assert "decay×0.1: steps 40-49" in trend and trend != out  # the unchanged run's trend moves the levels
+    assert main(["whatif", str(tiny_run), "--at", "40", "--decay", "0.1", "--window", "10", "--windows", "1",
+                 "--base", "escape"]) == 0
+    assert "decay×0.1: steps 40-49; network top mode h/edge" in capsys.readouterr().out
     assert main(["whatif", str(tiny_run), "--at", "40", "--momentum", "1.5"]) == 2
     assert "momentum=1.5 is outside the valid range [0, 1)" in capsys.readouterr().err
     fig = tmp_path / "d.png"

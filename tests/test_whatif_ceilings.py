@@ -52,15 +52,14 @@ def test_a_replicate_check_forks_every_change_with_another_data_order(tmp_path):
 
 def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
     groups = {g: {"corr_spearman": 0.6, "norm_sign": 0.4} for g in GROUPS}
-    assert rule_score(groups, 1.0) == pytest.approx((4 * 0.5 + 1.0) / 5)
-    assert set(candidates()) == {"fixed", "delta-persistence", "delta-trend"}
-    rows = {"fixed": {"S": [0.46, 0.50], "score": 0.48}, "delta-persistence": {"S": [0.51, 0.50], "score": 0.505},
-            "delta-trend": {"S": [0.48, 0.48], "score": 0.48}}
+    assert rule_score(groups, 1.0) == pytest.approx((5 * 0.5 + 1.0) / 6)  # five fork groups and the seed term
+    assert set(candidates()) == {"fixed", "escape"}
+    rows = {"fixed": {"S": [0.46, 0.50], "score": 0.48}, "escape": {"S": [0.51, 0.50], "score": 0.505}}
     assert choose(rows) == ("fixed", pytest.approx(0.04))  # +0.025 < 2 se = 0.04
-    rows["delta-trend"] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows)[0] == "delta-trend"
-    rows["delta-persistence"] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows)[0] == "delta-persistence"  # a tie: fewer parts
+    rows["escape"] = {"S": [0.53, 0.53], "score": 0.53}
+    assert choose(rows)[0] == "escape"  # +0.05 > 0.04
+    rows["escape"] = {"S": [0.48, 0.48], "score": 0.48}
+    assert choose(rows)[0] == "fixed"  # a tie: fewer parts
 
 
 def test_drift_share_counts_the_moves_the_unchanged_run_made_too():

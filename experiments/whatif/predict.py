@@ -190,6 +190,8 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
         for c, p in enumerate(plans):
             lam_f = lam_fed * curvature.factor(lam_fed, rate, at, {k: v[:horizon] for k, v in p.items()}, h_run,
                                                at_edge)
+            if getattr(curvature, "still_is_fixed", False) and np.all(lam_f[at:] == lam_fed):
+                continue  # a forecast that moves nothing is the fixed curvature, h/edge included
             kappa[c, at:], kappa_h[c, at:] = lam_f[at:] / lam_fed, lam_f[at:] / lam_g[-1]
     step = np.arange(horizon)
     which = np.clip(np.searchsorted(keep, step, side="right") - 1, 0, None)
