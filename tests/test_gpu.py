@@ -48,6 +48,26 @@ def _batches(n, device, dtype=torch.float64):
              torch.randn(32, 3, generator=g, dtype=dtype).to(device)) for _ in range(n)]
 
 
+def _train_step(model, opt, tracer, attached, x, y, clip, tell_clip=True):
+    """One traced SGD step on (x, y): the tracer attached, or its manual calls; with ``clip`` the
+    gradient clipped to norm 0.5 (``clip_grad_norm_``; with ``tell_clip`` the manual calls are
+    given the factor as a device tensor, the attached tracer measures it)."""
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    if attached:
+        tracer.record_loss(loss)
+    else:
+        tracer.after_backward(loss)
+    if clip:
+        total = nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        if tell_clip and not attached:
+            tracer.record_clip(global_factor=torch.clamp(0.5 / (total + 1e-6), max=1.0))
+    opt.step()
+    if not attached:
+        tracer.after_step()
+
+
 def _traced_run(device, attached, batches, block_size=4, clip_every=3, engine="auto"):
     """The MLP trained on ``batches`` with momentum, the gradient clipped every ``clip_every``
     steps (by ``clip_grad_norm_``: the attached tracer measures the factor, the manual calls
@@ -58,20 +78,7 @@ def _traced_run(device, attached, batches, block_size=4, clip_every=3, engine="a
     if attached:
         tracer.attach()
     for k, (x, y) in enumerate(batches):
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        if attached:
-            tracer.record_loss(loss)
-        else:
-            tracer.after_backward(loss)
-        if k % clip_every == 1:
-            total = nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-            if not attached:
-                tracer.record_clip(global_factor=torch.clamp(0.5 / (total + 1e-6), max=1.0))
-        opt.step()
-        if not attached:
-            tracer.after_step()
+        _train_step(model, opt, tracer, attached, x, y, clip=k % clip_every == 1)
     ds = tracer.detach().dataset()
     ds.attrs["graphs"] = len(getattr(tracer._engine, "graphs", {}))
     return ds
@@ -114,19 +121,7 @@ def _no_sync_between_flushes(attached, engine):
     batches = _batches(16, "cuda", torch.float32)
 
     def step(k):
-        x, y = batches[k]
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        if attached:
-            tracer.record_loss(loss)
-        else:
-            tracer.after_backward(loss)
-        if k % 3 == 1:
-            nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        opt.step()
-        if not attached:
-            tracer.after_step()
+        _train_step(model, opt, tracer, attached, *batches[k], clip=k % 3 == 1, tell_clip=False)
     for k in range(8):  # the first steps (momentum buffers, library handles, graph captures) unguarded
         step(k)
     torch.cuda.synchronize()
