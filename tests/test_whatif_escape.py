@@ -76,14 +76,14 @@ def test_an_escape_due_within_the_horizon_is_forecast_and_one_not_due_is_not(fac
     np.testing.assert_allclose(growth[AT:] * esc.lam_k, LAM0 + np.exp(r * 0.5 * factor * t), rtol=1e-10)
     np.testing.assert_allclose(cap[AT:], CAP / factor)
     kappa = EscapeForecast().factor(0.6, esc, AT, p)  # λ̄ = 0.6 (a trailing mean below λ_k)
-    np.testing.assert_array_equal(kappa[:AT], 1.0)
-    if due:  # from the probe at k: the excess' growth, then held at the cap from n* on
+    if due:
+        np.testing.assert_array_equal(kappa[:AT], 1.0)  # from the probe at k: the excess' growth, then held at the cap from n* on
         np.testing.assert_allclose(0.6 * kappa[AT:], np.minimum(1.2 * growth[AT:], CAP / factor), rtol=1e-12)
         assert 0.6 * kappa[AT] == pytest.approx(1.2)
         assert 0.6 * kappa[AT + int(np.ceil(n_star))] == pytest.approx(CAP / factor)
         assert 0.6 * kappa[AT + int(np.floor(n_star))] < CAP / factor
-    else:
-        np.testing.assert_array_equal(kappa, 1.0)
+    else:  # nothing moves: the predictor keeps the fixed curvature
+        assert kappa is None
 
 
 def test_the_predictor_forecasts_the_escape_and_reduces_to_the_fixed_curvature_without_one():

@@ -139,7 +139,6 @@ class EscapeForecast:
     n_fit: int = N_FIT
     margin: float = EDGE_MARGIN
     level: str = "edge"  # no run-level cap (the gate of experiments.whatif.curvature.held_by_lr stays shut)
-    still_is_fixed = True  # where no escape is due, nqm_predictor's h/edge is the fixed curvature's too
 
     def __post_init__(self):
         if int(self.n_fit) < 2:
@@ -153,12 +152,14 @@ class EscapeForecast:
 
     def factor(self, lam_at, esc, at, plan, h_run=np.inf, at_edge=False):
         """κ_t = λ'_t / ``lam_at`` (λ̄) for t = 0..T−1: min(λ_k × growth, cap)/λ̄ from ``at`` on
-        where the escape is due under ``plan``, else 1 (``h_run``, ``at_edge`` unused)."""
+        where the escape is due under ``plan``; ``None`` where it is not: then nothing moves and
+        :func:`~experiments.whatif.predict.nqm_predictor` keeps the fixed curvature, h/edge
+        included (``h_run``, ``at_edge`` unused)."""
         if not (np.isfinite(lam_at) and lam_at > 0):
             raise ValueError(f"lam_at={lam_at!r} is outside the valid range (0, inf)")
         growth, cap, due = escape_path(esc, at, plan, self.margin)
         if not due:
-            return np.ones(growth.size)
+            return None
         kappa = np.minimum(esc.lam_k * growth, cap) / lam_at
         kappa[:at] = 1.0
         return kappa

@@ -153,7 +153,8 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
     plan's spectra are multiplied by λ'_t / λ̄ (λ'_t the forecast λ_max, from λ̄, the smoothed λ_max the spectra were built
     from), and the per-mode noise too where the forecast's ``noise`` is on; λ'_t / λ_k (λ_k
     the last probe's) at each window's first step is returned as ``curvature_factor``
-    (change, window), which :func:`whatif` applies to the last probe's λ_max in h/edge.
+    (change, window), which :func:`whatif` applies to the last probe's λ_max in h/edge. A
+    forecast whose ``factor`` returns None for a plan moves nothing there (the fixed curvature).
     """
     method, momentum = run_method(config)
     probes = trace["probe_step"].values
@@ -188,10 +189,10 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
                              lr=lr_before[-1], momentum=momentum, window=windows[0][1] - windows[0][0],
                              margin=curvature.margin)
         for c, p in enumerate(plans):
-            lam_f = lam_fed * curvature.factor(lam_fed, rate, at, {k: v[:horizon] for k, v in p.items()}, h_run,
-                                               at_edge)
-            if getattr(curvature, "still_is_fixed", False) and np.all(lam_f[at:] == lam_fed):
-                continue  # a forecast that moves nothing is the fixed curvature, h/edge included
+            factor = curvature.factor(lam_fed, rate, at, {k: v[:horizon] for k, v in p.items()}, h_run, at_edge)
+            if factor is None:  # the forecast moves nothing: the fixed curvature, h/edge included
+                continue
+            lam_f = lam_fed * factor
             kappa[c, at:], kappa_h[c, at:] = lam_f[at:] / lam_fed, lam_f[at:] / lam_g[-1]
     step = np.arange(horizon)
     which = np.clip(np.searchsorted(keep, step, side="right") - 1, 0, None)
