@@ -70,9 +70,11 @@ EDGE_FACTORS = (2.0, 3.0, 5.0)  # S* = c·λ₀, tried in this order
 SETTLE_TOL = 0.05
 MOMENTA = (("nag", 0.3), ("hb", 0.2))  # NAG first: HB's self-stabilisation cycles damp slowest (findings §1, §2b)
 MARGIN_S, MIN_STAGE_S = 10.0, 20.0
-# the explicit solver's work per training step on the linreg MLP's GD flow (findings §8):
-# 2770 evaluations and 26,067 HVPs + 2110 third-order passes (≈ 2 HVPs each) over 990 steps
-EVALS_PER_STEP, HVPS_PER_EVAL = 2.8, 11.0
+# the explicit solver's work per training step on the seed CNN below the edge, with the
+# adaptive entering events (findings §8, `bench_central_flow_device.py --cnn-events 100 60`):
+# 194 evaluations and 1447 HVPs over 60 steps (the linreg MLP's flow, before the adaptive
+# events: 2.8 evaluations and 11 HVPs per evaluation)
+EVALS_PER_STEP, HVPS_PER_EVAL = 3.2, 7.5
 PROBE_HVPS = 20  # a warm LOBPCG call for λ_max (27 HVPs for the CNN's first warm call, §8)
 GD_SHARE, MIN_STEPS = 0.6, 3 * EVERY
 ODE, RTOL, ATOL = "RK23", 1e-6, 1e-9
@@ -317,7 +319,7 @@ def planned_steps(steps, s_hvp, s_grad, seconds):
     ``len(EDGE_FACTORS)`` discrete runs of the scan, may take at most ``GD_SHARE`` of
     ``seconds`` (the momentum runs get the rest; GD first). A flow step costs ``EVALS_PER_STEP ·
     (HVPS_PER_EVAL · s_hvp + s_grad)`` (the explicit solver's work per training step on the
-    linreg MLP's GD flow, docs/findings/central_flow.md §8), a discrete step ``s_grad +
+    seed CNN's flow below the edge, docs/findings/central_flow.md §8), a discrete step ``s_grad +
     PROBE_HVPS · s_hvp / EVERY`` (λ_max every EVERY steps). Fewer steps than asked if needed
     (a multiple of EVERY, at least MIN_STEPS). Returns (steps, flow seconds per step)."""
     flow_step = EVALS_PER_STEP * (HVPS_PER_EVAL * s_hvp + s_grad)
