@@ -49,6 +49,7 @@ from experiments.runs.optim import lr_factors
 from experiments.whatif.curvature import below_edge, flow_time, held_by_lr
 
 METHODS = ("gd", "hb", "nag")
+LENGTH_SCHEDULES = ("cosine", "linear")  # their lr factors depend on the run's length (steps)
 # The outputs by which a predictor anchors its own prediction (experiments.whatif.delta); whatif()
 # then uses them in place of its window-0 anchoring.
 ANCHORED = ("anchored_grad_corr", "anchored_grad_norm", "anchored_update_ratio")
@@ -99,6 +100,10 @@ def changes_from(lr_factors=(), decays=(), momenta=(), methods=(), scheduled=Tru
 def plan(config, at, change, horizon):
     """Per-step (lr, momentum, method) for steps 0..horizon−1 under ``change`` made at ``at``:
     the run's schedule (from its config) before, the changed one after."""
+    if config["schedule"] in LENGTH_SCHEDULES and horizon > config["steps"]:
+        raise ValueError(f"horizon={horizon} is outside the valid range [1, steps={config['steps']}]: the "
+                         f"{config['schedule']} schedule's lr depends on the run's length, so it is not defined "
+                         f"past the run's end (a change at {at} with windows ending at step {horizon})")
     steps = max(horizon, config["steps"])
     f = lr_factors(config["schedule"], steps, warmup_steps=config.get("warmup_steps", 0),
                    step_every=config.get("step_every", 0), step_gamma=config.get("step_gamma", 0.1),
@@ -112,6 +117,20 @@ def plan(config, at, change, horizon):
     mom[at:] = 0.0 if new_method == "gd" else (momentum if change.momentum is None else change.momentum)
     meth[at:] = new_method
     return {"lr": lrs, "momentum": mom, "method": meth}
+
+
+def diverged_step(trace):
+    """The step at which the run diverged (its first non-finite loss or gradient norm), or None:
+    the run summary's ``diverged_step`` where ``attrs`` has it, else read off the trace."""
+    summary = trace.attrs.get("summary")
+    if isinstance(summary, dict) and "diverged_step" in summary:
+        s = summary["diverged_step"]
+        return None if s is None else int(s)
+    bad = np.zeros(trace.sizes["step"], dtype=bool)
+    for k in ("loss", "grad_norm_global"):
+        if k in trace and trace[k].dims == ("step",):
+            bad |= ~np.isfinite(trace[k].values)
+    return int(np.argmax(bad)) if bad.any() else None
 
 
 def window_bounds(at, window, n_windows):
@@ -297,10 +316,14 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     if probes.size == 0:
         raise ValueError("the trace has no probe steps (run with probe_every > 0): whatif needs the probes")
     window = default_window(probes) if window is None else int(window)
+    div = diverged_step(trace)
+    if div is not None and not at <= div:
+        raise ValueError(f"at={at} is outside the valid range [{window}, {div}]: the run diverged at step {div} "
+                         f"(non-finite loss or gradient), and a prediction needs the finite trace before at")
+    if not 1 <= at <= steps:
+        raise ValueError(f"at={at} is outside the valid range [{window}, {steps}] (window .. steps done)")
     if not 1 <= window <= at:
         raise ValueError(f"window={window} is outside the valid range [1, at={at}]")
-    if not window <= at <= steps:
-        raise ValueError(f"at={at} is outside the valid range [{window}, {steps}] (window .. steps done)")
     if int(n_windows) < 1:
         raise ValueError(f"n_windows={n_windows} is outside the valid range [1, inf)")
     if not changes:
@@ -370,33 +393,53 @@ def fork_config(parent, parent_id, at, change, horizon, data_seed=0):
     return d
 
 
-__all__ = ["Change", "SCHEDULED", "changes_from", "fork_config", "measure_windows", "nqm_predictor", "plan",
-           "whatif", "window_bounds", "PREDICTOR"]
+__all__ = ["Change", "SCHEDULED", "changes_from", "diverged_step", "fork_config", "measure_windows",
+           "nqm_predictor", "plan", "whatif", "window_bounds", "PREDICTOR"]
 
 
 def format_whatif(ds):
     """A per-change, per-window, per-layer table of the prediction (``pred``), persistence
-    (``persist``) and, after ``--check``, the fork's measurement (``meas``)."""
+    (``persist``) and, after ``--check``, the fork's measurement (``meas``). A value that is not
+    a number is printed as its reason: ``diverged`` (the fork diverged before the window's end,
+    ``meas_diverged_step``), ``no probe`` (no probe of the fork inside the window: no measured
+    h/edge), ``undefined`` (the model has no value: the footnote says why)."""
     checked = "meas_grad_corr" in ds
     lines = [f"what if at step {ds.attrs['at']} ({ds.attrs['method']}, momentum {ds.attrs['momentum']:g}); "
              f"windows of {ds.attrs['window']} steps; persistence = window 0 (steps "
              f"{int(ds.start[0])}-{int(ds.stop[0]) - 1}) measured"]
     cols = ("corr", "|g|", "u:p", "h/edge")
-    head = f"  {'layer':<14}" + "".join(f"{c + ' ' + k:>14}" for c in cols
+    head = f"  {'layer':<14}" + "".join(f"{c + ' ' + k:>15}" for c in cols
                                       for k in (("pred", "persist", "meas") if checked else ("pred", "persist")))
+    undefined = False
     for c, label in enumerate(ds["label"].values):
+        div = int(ds["meas_diverged_step"].values[c]) if "meas_diverged_step" in ds else -1
         for w in range(1, ds.sizes["window"]):  # u:p = log10 update:parameter ratio
             x = ds.isel(change=c, window=w)
-            h = f"h/edge {float(x.pred_h_edge):.3g} ({x.pred_regime.item()})"
+            gone = 0 <= div < int(x.stop)
+            h = f"h/edge {_cell(x.pred_h_edge, 'undefined')} ({x.pred_regime.item()})"
             if checked:
-                h += f"; fork: {float(x.meas_h_edge):.3g} ({x.meas_regime.item() or 'no probe'})"
+                h += f"; fork: diverged at step {div}" if gone else \
+                    f"; fork: {float(x.meas_h_edge):.3g} ({x.meas_regime.item()})" if x.meas_regime.item() else \
+                    "; fork: no probe"
             lines += ["", f"{label}: steps {int(x.start)}-{int(x.stop) - 1}; network top mode {h}", head]
+            meas_why = "diverged" if gone else "n/a"
             for layer in ds["layer"].values:
                 y = x.sel(layer=layer)
-                vals = []
+                cells = []
                 for v in ("grad_corr", "grad_norm", "update_ratio"):
-                    vals += [y[f"pred_{v}"], y[f"persist_{v}"]] + ([y[f"meas_{v}"]] if checked else [])
+                    cells += [_cell(y[f"pred_{v}"], "undefined"), _cell(y[f"persist_{v}"], "n/a")]
+                    cells += [_cell(y[f"meas_{v}"], meas_why)] if checked else []
                 before = ds["persist_h_edge_layer"].sel(layer=layer).item()
-                vals += [y["pred_h_edge_layer"], before] + ([y["meas_h_edge_layer"]] if checked else [])
-                lines.append(f"  {str(layer):<14}" + "".join(f"{float(v):>14.3g}" for v in vals))
+                cells += [_cell(y["pred_h_edge_layer"], "undefined"), _cell(before, "n/a")]
+                cells += [_cell(y["meas_h_edge_layer"], "diverged" if gone else "no probe")] if checked else []
+                undefined |= "undefined" in cells
+                lines.append(f"  {str(layer):<14}" + "".join(f"{x:>15}" for x in cells))
+    if undefined:
+        lines += ["", "undefined: the model gives no value there (no positive probed curvature of the layer at or "
+                      "before the change: its NQM spectrum is not defined)"]
     return "\n".join(lines)
+
+
+def _cell(v, why):
+    v = float(v)
+    return f"{v:.3g}" if np.isfinite(v) else why

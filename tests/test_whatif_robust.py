@@ -1,0 +1,86 @@
+"""whatif / diagnose on the settings the what-if families do not cover: a diverged run, a fork
+that diverges, a schedule whose lr depends on the run's length, a block with negative
+curvature, Adam. Each test failed before the fix it names."""
+
+import numpy as np
+import pytest
+
+from experiments import store
+from experiments.cli import main
+from experiments.runs.config import RunConfig, run_id
+from experiments.runs.loop import run
+from experiments.runs.optim import lr_factors
+from experiments.whatif.check import check, format_scores
+from experiments.whatif.predict import SCHEDULED, changes_from, diverged_step, format_whatif, plan, whatif
+
+SMALL = dict(probe_every=10, probe_batch_size=64, hutchinson_samples=2, noise_microbatches=4, threads=1, seed=0,
+             steps=60)
+
+
+def _run(root, **kw):
+    cfg = RunConfig(**{**SMALL, **kw})
+    run(cfg, root / run_id(cfg), progress=False)
+    return root / run_id(cfg)
+
+
+@pytest.fixture(scope="module")
+def diverged_run(tmp_path_factory):
+    # lr 50 on the seed CNN: the loss is non-finite within a few steps
+    return _run(tmp_path_factory.mktemp("store"), model="seed-cnn", data="digits", lr=50.0, momentum=0.9,
+                batch_size=64, model_args={"channels": 4, "hidden": 16})
+
+
+def test_a_diverged_run_is_named_as_such_by_whatif(diverged_run, capsys):
+    trace = store.load_run(diverged_run)
+    div = trace.attrs["summary"]["diverged_step"]
+    assert div is not None and div < 10
+    no_summary = trace.copy()
+    no_summary.attrs = {"config": trace.attrs["config"]}
+    assert diverged_step(no_summary) == div  # read off the trace where no summary is at hand
+    with pytest.raises(ValueError, match=rf"at=40 is outside the valid range \[10, {div}\]: the run diverged at "
+                                         rf"step {div}"):
+        whatif(trace, 40, changes_from([0.5]), window=10)
+    assert main(["whatif", str(diverged_run), "--at", "40", "--lr-factor", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the run diverged at step {div}" in err[0]
+
+
+def test_whatif_names_at_when_at_is_zero(tmp_path):
+    run_dir = _run(tmp_path, model="linear", data="linreg", opt="hb", lr=0.3, batch_size=8)
+    with pytest.raises(ValueError, match=r"at=0 is outside the valid range \[10, 60\]"):
+        whatif(store.load_run(run_dir), 0, changes_from([0.5]))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_plan_refuses_a_horizon_past_the_end_of_a_length_dependent_schedule(schedule):
+    config = RunConfig(model="linear", data="linreg", schedule=schedule, steps=100, warmup_steps=10).to_dict()
+    # within the run: the run's own lr at every step
+    np.testing.assert_allclose(plan(config, 60, SCHEDULED, 100)["lr"], config["lr"] * lr_factors(
+        schedule, 100, warmup_steps=10), rtol=1e-12)
+    # past its end the schedule (computed over the run's length) is not defined: before the fix the
+    # plan silently took a schedule over `horizon` steps, another lr before the change too
+    with pytest.raises(ValueError, match=rf"horizon=120 is outside the valid range \[1, steps=100\]: the {schedule}"):
+        plan(config, 80, SCHEDULED, 120)
+    constant = {**config, "schedule": "constant"}  # a constant (or step) schedule continues past the end
+    assert plan(constant, 80, SCHEDULED, 120)["lr"].shape == (120,)
+
+
+def test_a_fork_that_diverges_is_reported_diverged_not_measured(tmp_path):
+    # linear regression with HB near its (stochastic) edge; lr x10 at step 30 diverges within the horizon
+    run_dir = _run(tmp_path, model="linear", data="linreg", opt="hb", lr=1.5, momentum=0.9, batch_size=8)
+    ds = check(run_dir, 30, changes_from([10.0]), window=10, n_windows=2)
+    div = int(ds.meas_diverged_step.values[1])
+    assert ds.meas_diverged_step.values[0] == -1 and 30 <= div < 50
+    gone = ds.stop.values > div
+    assert np.isnan(ds.meas_grad_norm.isel(change=1).values[gone]).all()  # no finite mean over such a window
+    assert np.isfinite(ds.meas_grad_norm.isel(change=1).values[~gone]).all()
+    assert np.isfinite(ds.meas_grad_norm.isel(change=0).values).all()
+    text = format_whatif(ds)
+    assert f"fork: diverged at step {div}" in text and "nan" not in text
+    assert "nan" not in format_scores(ds.attrs["scores"])
+
+
+def test_format_scores_says_why_a_score_is_missing():
+    sc = {name: {"n": 2, "corr_spearman": np.nan} for name in ("model", "persistence")}
+    text = format_scores(sc)
+    assert "nan" not in text and "n/a" in text and "fewer than 3" in text
