@@ -84,3 +84,37 @@ def test_format_scores_says_why_a_score_is_missing():
     sc = {name: {"n": 2, "corr_spearman": np.nan} for name in ("model", "persistence")}
     text = format_scores(sc)
     assert "nan" not in text and "n/a" in text and "fewer than 3" in text
+
+
+def _diagnose_trace(**kw):
+    from tests.test_diagnose import trace
+
+    return trace(**kw)
+
+
+def test_diagnose_reports_a_divergence_and_diagnoses_the_steps_before_it():
+    from experiments.whatif.diagnose import diagnose, format_diagnosis
+
+    norm = np.ones(200)
+    norm[150:] = np.nan  # layer a's gradient non-finite from step 150: the run diverged there
+    d = diagnose(_diagnose_trace(norm={"a": norm}))
+    assert d.info["diverged_step"] == 150 and d.info["steps"] == 150
+    text = format_diagnosis(d)
+    assert text.startswith("the run diverged at step 150") and "nan" not in text
+    grad = {f.layer: f for f in d.findings if f.rule.startswith("grad.")}
+    assert grad["a"].rule == "grad.exploding" and "non-finite at step 150" in grad["a"].statement
+    assert grad["b"].rule == "grad.ok"  # its finite steps before the divergence are flat
+    norm[1:] = np.nan
+    with pytest.raises(ValueError, match="the run diverged at step 1 .*nothing to diagnose"):
+        diagnose(_diagnose_trace(norm={"a": norm}))
+
+
+def test_diagnose_of_adam_says_the_edge_is_undefined_and_a_missing_probe_ratio_is_named():
+    from experiments.whatif.diagnose import diagnose, format_diagnosis
+
+    ds = _diagnose_trace(norm=np.linspace(1, 3, 200))  # norm growth x > 1.1 in the last quarter
+    ds = ds.sel(probe_step=[0])  # one probe, before the window: no probe ratio
+    ds.attrs["config"] = {"opt": "adam", "momentum": 0.9, "lr": 1e-3}
+    text = format_diagnosis(diagnose(ds, last=100))
+    assert "network h/edge undefined (adam" in text and "nan" not in text
+    assert "unmeasured: no probe in each half of the window" in text
