@@ -37,9 +37,13 @@ def test_a_diverged_run_is_named_as_such_by_whatif(diverged_run, capsys):
     no_summary = trace.copy()
     no_summary.attrs = {"config": trace.attrs["config"]}
     assert diverged_step(no_summary) == div  # read off the trace where no summary is at hand
-    with pytest.raises(ValueError, match=rf"at=40 is outside the valid range \[10, {div}\]: the run diverged at "
-                                         rf"step {div}"):
+    with pytest.raises(ValueError, match=rf"at=40 is outside every step \(none is: a window of 10 steps does not "
+                                         rf"fit before step {div}\): the run diverged at step {div}"):
         whatif(trace, 40, changes_from([0.5]), window=10)
+    with pytest.raises(ValueError, match=rf"at=40 is outside the valid range \[1, {div}\]: the run diverged"):
+        whatif(trace, 40, changes_from([0.5]), window=1)
+    ds = whatif(trace, div, changes_from([0.5]), window=1)  # up to the divergence: a prediction
+    assert np.isfinite(ds.pred_grad_norm.values).all()
     assert main(["whatif", str(diverged_run), "--at", "40", "--lr-factor", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"the run diverged at step {div}" in err[0]

@@ -317,9 +317,11 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
         raise ValueError("the trace has no probe steps (run with probe_every > 0): whatif needs the probes")
     window = default_window(probes) if window is None else int(window)
     div = diverged_step(trace)
-    if div is not None and not at <= div:
-        raise ValueError(f"at={at} is outside the valid range [{window}, {div}]: the run diverged at step {div} "
-                         f"(non-finite loss or gradient), and a prediction needs the finite trace before at")
+    if div is not None and not window <= at <= div:
+        valid = f"the valid range [{window}, {div}]" if window <= div else f"every step (none is: a window of {window} " \
+            f"steps does not fit before step {div})"
+        raise ValueError(f"at={at} is outside {valid}: the run diverged at step {div} (non-finite loss or "
+                         f"gradient), and a prediction needs a finite window before at")
     if not 1 <= at <= steps:
         raise ValueError(f"at={at} is outside the valid range [{window}, {steps}] (window .. steps done)")
     if not 1 <= window <= at:
