@@ -122,3 +122,25 @@ def test_diagnose_of_adam_says_the_edge_is_undefined_and_a_missing_probe_ratio_i
     text = format_diagnosis(diagnose(ds, last=100))
     assert "network h/edge undefined (adam" in text and "nan" not in text
     assert "unmeasured: no probe in each half of the window" in text
+
+
+def test_a_block_with_negative_curvature_has_an_undefined_regime(tmp_path):
+    from experiments.whatif.predict import defined_regime, measure_windows
+
+    run_dir = _run(tmp_path, model="mlp", data="linreg", opt="hb", lr=0.3, momentum=0.9, batch_size=8,
+                   model_args={"hidden": [8]})
+    trace = store.load_run(run_dir)
+    layers = list(trace["layer"].values)
+    neg = trace.copy(deep=True)
+    neg["sharpness"].loc[{"layer": layers[0]}] = -0.01  # a saddle-like block (BatchNorm at initialisation)
+    ds = whatif(neg, 40, changes_from([0.5]), window=10)
+    assert (ds.pred_regime_layer.sel(layer=layers[0]).values == "undefined").all()  # was "monotone"
+    assert (ds.pred_regime_layer.sel(layer=layers[1]).values != "undefined").all()
+    m = measure_windows(neg, [(30, 40), (40, 50)], "hb", 0.9)
+    assert (m.regime_layer.sel(layer=layers[0]).values == "undefined").all()
+    nan_top = trace.copy(deep=True)
+    nan_top["sharpness_global"][-3:] = np.nan  # a failed probe of the network's top eigenvalue
+    ds = whatif(nan_top, 40, changes_from([0.5]), window=10)  # was: ValueError h=nan from regime()
+    assert (ds.pred_regime.isel(window=slice(1, None)).values == "undefined").all()
+    assert "undefined" in format_whatif(ds) and "nan" not in format_whatif(ds)
+    assert defined_regime("hb", 0.5, 0.9) == "ripple"

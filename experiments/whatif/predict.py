@@ -119,6 +119,14 @@ def plan(config, at, change, horizon):
     return {"lr": lrs, "momentum": mom, "method": meth}
 
 
+def defined_regime(method, h, momentum):
+    """The regime of a mode at h = lr·λ (:func:`dynamics.quadratic.regime`), or "undefined" where
+    λ is not positive (a block whose measured top eigenvalue is ≤ 0, BatchNorm at initialisation,
+    a saddle: the mode grows away, no regime of a stable quadratic) or not finite, as the link
+    labels it (:func:`experiments.linking.core.link_trace`)."""
+    return str(regime(method, h, momentum)) if np.isfinite(h) and h > 0 else "undefined"
+
+
 def diverged_step(trace):
     """The step at which the run diverged (its first non-finite loss or gradient norm), or None:
     the run summary's ``diverged_step`` where ``attrs`` has it, else read off the trace."""
@@ -288,10 +296,10 @@ def measure_windows(trace, windows, method, momentum, after=None):
         if inside.size:
             h = trace["lr"].values[inside] * trace["sharpness_global"].sel(probe_step=inside).values / edge
             h_edge[w] = float(np.mean(h))
-            reg[w] = str(regime(method, max(h[0] * edge, 1e-12), momentum))
+            reg[w] = defined_regime(method, h[0] * edge, momentum)
             hl = trace["lr"].values[inside, None] * trace["sharpness"].sel(probe_step=inside).values
             h_layer[w] = hl.mean(0) / edge
-            reg_layer[w] = [str(regime(method, max(x, 1e-12), momentum)) for x in hl[0]]
+            reg_layer[w] = [defined_regime(method, x, momentum) for x in hl[0]]
     dims = ("window", "layer")
     return xr.Dataset({"grad_corr": (dims, corr), "grad_norm": (dims, gnorm), "update_ratio": (dims, upd),
                        "h_edge": ("window", h_edge), "regime": ("window", reg),
@@ -355,9 +363,9 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
             m, beta, lr = p["method"][a], p["momentum"][a], p["lr"][a]
             edge, k = float(stability_edge(m, beta)), kappa[c, w]
             h_edge[c, w] = lr * k * lam_top / edge
-            reg[c, w] = str(regime(m, lr * k * lam_top, beta))
+            reg[c, w] = defined_regime(m, lr * k * lam_top, beta)
             h_layer[c, w] = lr * k * lam_layer / edge
-            reg_layer[c, w] = [str(regime(m, max(lr * k * x, 1e-12), beta)) for x in lam_layer]
+            reg_layer[c, w] = [defined_regime(m, lr * k * x, beta) for x in lam_layer]
     persist = lambda v: meas0[v].expand_dims(change=model.change, window=model.window)  # noqa: E731
     ds = xr.Dataset({
         "pred_grad_corr": corr, "pred_grad_norm": norm, "pred_update_ratio": ratio,
@@ -437,8 +445,9 @@ def format_whatif(ds):
                 undefined |= "undefined" in cells
                 lines.append(f"  {str(layer):<14}" + "".join(f"{x:>15}" for x in cells))
     if undefined:
-        lines += ["", "undefined: the model gives no value there (no positive probed curvature of the layer at or "
-                      "before the change: its NQM spectrum is not defined)"]
+        lines += ["", "undefined: the model gives no value there (no positive, finite probed curvature at or before "
+                      "the change: of the layer's block, where its NQM spectrum or regime is not defined, or of the "
+                      "network's top mode, for h/edge)"]
     return "\n".join(lines)
 
 
