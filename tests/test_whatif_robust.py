@@ -144,3 +144,19 @@ def test_a_block_with_negative_curvature_has_an_undefined_regime(tmp_path):
     assert (ds.pred_regime.isel(window=slice(1, None)).values == "undefined").all()
     assert "undefined" in format_whatif(ds) and "nan" not in format_whatif(ds)
     assert defined_regime("hb", 0.5, 0.9) == "ripple"
+
+
+def test_a_momentum_set_on_a_gd_run_makes_it_heavy_ball_in_the_plan_and_the_fork():
+    from experiments.whatif.predict import Change, fork_config
+
+    config = RunConfig(model="linear", data="linreg", opt="gd", lr=0.3, steps=100).to_dict()
+    change = Change("momentum=0.6", momentum=0.6)
+    p = plan(config, 40, change, 60)
+    # PyTorch's SGD with momentum 0.6 from step 40 on: heavy ball (was: gd with the momentum dropped,
+    # i.e. no change at all)
+    assert list(p["method"][38:42]) == ["gd", "gd", "hb", "hb"] and list(p["momentum"][38:42]) == [0, 0, 0.6, 0.6]
+    fork = RunConfig.from_dict(fork_config(config, "0" * 16, 40, change, 60))
+    assert (fork.opt, fork.momentum) == ("hb", 0.6)
+    nag = {**config, "opt": "nag", "momentum": 0.9}  # on a momentum method the method stays
+    assert set(plan(nag, 40, change, 60)["method"]) == {"nag"}
+    assert "opt" not in change.fork_overrides(nag)

@@ -72,6 +72,14 @@ class Change:
         if self.method is not None and self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; valid: {', '.join(METHODS)}")
 
+    def new_method(self, method):
+        """The method from k on for a run of ``method``: the one given, else the run's; a momentum
+        > 0 set on a gd run makes it heavy ball (PyTorch's SGD with that momentum), not gd with
+        the momentum dropped."""
+        if self.method is not None:
+            return self.method
+        return "hb" if method == "gd" and self.momentum is not None and self.momentum > 0 else method
+
     def fork_overrides(self, config):
         """RunConfig fields of the fork that makes this change (``config``: the parent's dict)."""
         out = {}
@@ -79,8 +87,8 @@ class Change:
             out["lr"] = config["lr"] * self.lr_factor
         if self.momentum is not None:
             out["momentum"] = self.momentum
-        if self.method is not None:
-            out["opt"] = self.method
+        if self.new_method(config["opt"]) != config["opt"]:
+            out["opt"] = self.new_method(config["opt"])
         return out
 
 
@@ -113,7 +121,7 @@ def plan(config, at, change, horizon):
     lrs[at:] *= change.lr_factor
     mom = np.full(horizon, momentum)
     meth = np.array([method] * horizon, dtype=object)
-    new_method = change.method or method
+    new_method = change.new_method(method)
     mom[at:] = 0.0 if new_method == "gd" else (momentum if change.momentum is None else change.momentum)
     meth[at:] = new_method
     return {"lr": lrs, "momentum": mom, "method": meth}
