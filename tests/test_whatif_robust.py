@@ -160,3 +160,19 @@ def test_a_momentum_set_on_a_gd_run_makes_it_heavy_ball_in_the_plan_and_the_fork
     nag = {**config, "opt": "nag", "momentum": 0.9}  # on a momentum method the method stays
     assert set(plan(nag, 40, change, 60)["method"]) == {"nag"}
     assert "opt" not in change.fork_overrides(nag)
+
+
+def test_a_line_search_run_is_refused_and_a_binding_clip_is_noted(tmp_path, capsys):
+    run_dir = _run(tmp_path, model="linear", data="linreg", opt="hb", lr=0.3, momentum=0.9, batch_size=8,
+                   clip="global", clip_value=0.01)
+    trace = store.load_run(run_dir)
+    assert (trace["clip_factor_global"].values[30:40] < 1).all()  # the clip binds on every step
+    text = format_whatif(whatif(trace, 40, changes_from([0.5]), window=10))
+    assert "note: the global clip at 0.01 scaled 100% of window 0's steps" in text  # was: nothing said
+    unclipped = trace.copy()
+    unclipped.attrs = {**trace.attrs, "config": {**trace.attrs["config"], "clip": "none"}}
+    assert "note:" not in format_whatif(whatif(unclipped, 40, changes_from([0.5]), window=10))
+    ls = trace.copy()
+    ls.attrs = {**trace.attrs, "config": {**trace.attrs["config"], "line_search": True}}
+    with pytest.raises(ValueError, match=r"line_search=True is not predicted \(valid: False\)"):
+        whatif(ls, 40, changes_from([0.5]), window=10)  # was: a prediction at the unscaled lr

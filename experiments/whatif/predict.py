@@ -327,6 +327,10 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     """
     config = dict(trace.attrs.get("config", {}) if config is None else config)
     method, momentum = run_method(config)
+    if config.get("line_search"):
+        raise ValueError("line_search=True is not predicted (valid: False): the step is rescaled every step by a "
+                         "line search on the batch loss, so a change of lr is not the change of the step that the "
+                         "NQM's lr sequence describes")
     steps = trace.sizes["step"]
     probes = trace["probe_step"].values if "probe_step" in trace.dims else np.array([])
     if probes.size == 0:
@@ -391,7 +395,28 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     ds.attrs = {"at": int(at), "window": int(window), "n_windows": int(n_windows), "method": method,
                 "momentum": momentum, "persist_h_edge": float(lr_at(trace, at - 1) * lam_top
                                                                 / float(stability_edge(method, momentum)))}
+    clipped = clip_note(before, config, windows[0])
+    if clipped:
+        ds.attrs["note"] = clipped
     return ds
+
+
+CLIP_STEPS = 0.1  # a clip that scales at least this fraction of window 0's steps is noted (diagnose's clip.* rule)
+
+
+def clip_note(trace, config, window0):
+    """A line saying that gradient clipping scaled at least :data:`CLIP_STEPS` of window 0's steps
+    (the model takes the unclipped update: the NQM is linear in the gradient, a clip is not), or ""."""
+    if config.get("clip", "none") == "none" or "clip_factor_global" not in trace:
+        return ""
+    f = trace["clip_factor_global"].values[max(window0[0], 0):window0[1]]
+    f = f[np.isfinite(f)]
+    if not f.size or np.mean(f < 1) < CLIP_STEPS:
+        return ""
+    return (f"note: the {config['clip']} clip at {config.get('clip_value', float('nan')):g} scaled "
+            f"{100 * np.mean(f < 1):.0f}% of window 0's steps (mean global factor {np.mean(f):.2f}); the model "
+            f"takes the unclipped update (the NQM is linear in the gradient), only the levels measured in window 0 "
+            f"include the clip")
 
 
 def lr_at(trace, step):
@@ -424,7 +449,7 @@ def format_whatif(ds):
     checked = "meas_grad_corr" in ds
     lines = [f"what if at step {ds.attrs['at']} ({ds.attrs['method']}, momentum {ds.attrs['momentum']:g}); "
              f"windows of {ds.attrs['window']} steps; persistence = window 0 (steps "
-             f"{int(ds.start[0])}-{int(ds.stop[0]) - 1}) measured"]
+             f"{int(ds.start[0])}-{int(ds.stop[0]) - 1}) measured"] + ([ds.attrs["note"]] if ds.attrs.get("note") else [])
     cols = ("corr", "|g|", "u:p", "h/edge")
     head = f"  {'layer':<14}" + "".join(f"{c + ' ' + k:>15}" for c in cols
                                       for k in (("pred", "persist", "meas") if checked else ("pred", "persist")))
