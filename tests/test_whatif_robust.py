@@ -176,3 +176,12 @@ def test_a_line_search_run_is_refused_and_a_binding_clip_is_noted(tmp_path, caps
     ls.attrs = {**trace.attrs, "config": {**trace.attrs["config"], "line_search": True}}
     with pytest.raises(ValueError, match=r"line_search=True is not predicted \(valid: False\)"):
         whatif(ls, 40, changes_from([0.5]), window=10)  # was: a prediction at the unscaled lr
+
+
+def test_diagnose_without_probes_names_the_missing_model_not_nan():
+    from experiments.whatif.diagnose import diagnose, format_diagnosis
+
+    ds = _diagnose_trace(cos=0.5).drop_dims("probe_step")  # a run with probe_every = 0
+    text = format_diagnosis(diagnose(ds))
+    assert "osc.persistent" in text and "the model's ρ_g is unknown" in text  # was: 'h/edge nan ... ρ_g +nan'
+    assert "network h/edge unknown (no probes" in text and "nan" not in text

@@ -208,7 +208,9 @@ def _oscillation(layer, w, net, method, momentum, edge):
     rho = measured_corr(w)
     model = _model_corr(net, method, momentum, edge)
     nums = {"rho": rho, "rho_model_top_mode": model}
-    if net and net["h_edge"] >= EDGE_NEAR:
+    if not net or not np.isfinite(model):
+        reason = "no probe of the network's h: the model's ρ_g is unknown (run with probe_every > 0)"
+    elif net["h_edge"] >= EDGE_NEAR:
         reason = (f"the network's top mode is at h/edge {net['h_edge']:.2f}, where one mode's ρ_g is {model:+.2f} "
                   f"(NQM, §4): it flips sign each step")
     elif momentum > 0.5:

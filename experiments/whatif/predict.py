@@ -335,6 +335,7 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     probes = trace["probe_step"].values if "probe_step" in trace.dims else np.array([])
     if probes.size == 0:
         raise ValueError("the trace has no probe steps (run with probe_every > 0): whatif needs the probes")
+    given = window is not None
     window = default_window(probes) if window is None else int(window)
     div = diverged_step(trace)
     if div is not None and not window <= at <= div:
@@ -345,7 +346,8 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     if not 1 <= at <= steps:
         raise ValueError(f"at={at} is outside the valid range [{window}, {steps}] (window .. steps done)")
     if not 1 <= window <= at:
-        raise ValueError(f"window={window} is outside the valid range [1, at={at}]")
+        raise ValueError(f"window={window} is outside the valid range [1, at={at}]"
+                         + ("" if given else " (default: the probe spacing; give --window)"))
     if int(n_windows) < 1:
         raise ValueError(f"n_windows={n_windows} is outside the valid range [1, inf)")
     if not changes:
