@@ -185,3 +185,14 @@ def test_diagnose_without_probes_names_the_missing_model_not_nan():
     text = format_diagnosis(diagnose(ds))
     assert "osc.persistent" in text and "the model's ρ_g is unknown" in text  # was: 'h/edge nan ... ρ_g +nan'
     assert "network h/edge unknown (no probes" in text and "nan" not in text
+
+
+def test_link_report_names_an_undefined_score_instead_of_nan(tmp_path):
+    from experiments.linking.core import link
+    from experiments.linking.report import format_report
+
+    run_dir = _run(tmp_path, model="mlp", data="linreg", opt="hb", lr=0.3, momentum=0.9, batch_size=8,
+                   model_args={"hidden": [8]}, probe_every=30)  # two probes: no per-layer Spearman
+    text = format_report(link(run_dir))
+    assert "n/a" in text and "fewer than 3" in text
+    assert "NaN" not in text and "=nan" not in text  # was: 'NaN' in the per-layer table
