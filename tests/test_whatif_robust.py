@@ -172,6 +172,10 @@ def test_a_line_search_run_is_refused_and_a_binding_clip_is_noted(tmp_path, caps
     unclipped = trace.copy()
     unclipped.attrs = {**trace.attrs, "config": {**trace.attrs["config"], "clip": "none"}}
     assert "note:" not in format_whatif(whatif(unclipped, 40, changes_from([0.5]), window=10))
+    decayed = trace.copy()
+    decayed.attrs = {**trace.attrs, "config": {**trace.attrs["config"], "clip": "none", "weight_decay": 0.01}}
+    assert "note: weight decay 0.01 adds 0.01 to every curvature" in format_whatif(
+        whatif(decayed, 40, changes_from([0.5]), window=10))  # was: nothing said
     ls = trace.copy()
     ls.attrs = {**trace.attrs, "config": {**trace.attrs["config"], "line_search": True}}
     with pytest.raises(ValueError, match=r"line_search=True is not predicted \(valid: False\)"):

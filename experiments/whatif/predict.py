@@ -397,10 +397,21 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     ds.attrs = {"at": int(at), "window": int(window), "n_windows": int(n_windows), "method": method,
                 "momentum": momentum, "persist_h_edge": float(lr_at(trace, at - 1) * lam_top
                                                                 / float(stability_edge(method, momentum)))}
-    clipped = clip_note(before, config, windows[0])
-    if clipped:
-        ds.attrs["note"] = clipped
+    notes = [clip_note(before, config, windows[0]), decay_note(config, lam_top)]
+    if any(notes):
+        ds.attrs["note"] = "\n".join(n for n in notes if n)
     return ds
+
+
+def decay_note(config, lam_top):
+    """A line saying that weight decay wd (coupled, as SGD adds it) shifts every curvature by wd,
+    H + wd·I, which the probed H and so the model's h/edge leave out; "" without weight decay."""
+    wd = float(config.get("weight_decay", 0.0) or 0.0)
+    if wd <= 0:
+        return ""
+    rel = f"{wd / lam_top:.2g}" if np.isfinite(lam_top) and lam_top > 0 else "unknown"
+    return (f"note: weight decay {wd:g} adds {wd:g} to every curvature (H + wd I); the probed H, and the model's "
+            f"h/edge, leave it out (wd / network λ_max = {rel})")
 
 
 CLIP_STEPS = 0.1  # a clip that scales at least this fraction of window 0's steps is noted (diagnose's clip.* rule)
