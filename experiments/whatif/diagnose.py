@@ -257,7 +257,8 @@ def _growth(layer, e, l8, trace, probes, net, lr_drop, half, start):
                                      f"(ρ {rho:+.2f}): E‖Hx‖² along it grows")
     elif np.isfinite(terms[cause]) and terms[cause] > GROWTH:
         why = {"noise": f"gradient noise √(tr Cov) rose {_times(noise)} (sharpness {_times(sharp)})",
-               "sharpness": f"the layer's sharpness rose {_times(sharp)} (noise {_times(noise)}): E‖Hx‖² grows"}[cause]
+               "sharpness": f"the layer's sharpness rose {_times(sharp)} (noise {_times(noise)}): "
+                            f"E‖Hx‖² grows"}[cause]
     else:
         cause, why = "unexplained", (f"neither noise ({_times(noise)}) nor sharpness ({_times(sharp)}) rose by "
                                      f"{GROWTH:g}, no oscillation at the edge")

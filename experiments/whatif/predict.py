@@ -339,8 +339,8 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     window = default_window(probes) if window is None else int(window)
     div = diverged_step(trace)
     if div is not None and not window <= at <= div:
-        valid = f"the valid range [{window}, {div}]" if window <= div else f"every step (none is: a window of {window} " \
-            f"steps does not fit before step {div})"
+        valid = (f"the valid range [{window}, {div}]" if window <= div else
+                 f"every step (none is: a window of {window} steps does not fit before step {div})")
         raise ValueError(f"at={at} is outside {valid}: the run diverged at step {div} (non-finite loss or "
                          f"gradient), and a prediction needs a finite window before at")
     if not 1 <= at <= steps:
@@ -462,7 +462,8 @@ def format_whatif(ds):
     checked = "meas_grad_corr" in ds
     lines = [f"what if at step {ds.attrs['at']} ({ds.attrs['method']}, momentum {ds.attrs['momentum']:g}); "
              f"windows of {ds.attrs['window']} steps; persistence = window 0 (steps "
-             f"{int(ds.start[0])}-{int(ds.stop[0]) - 1}) measured"] + ([ds.attrs["note"]] if ds.attrs.get("note") else [])
+             f"{int(ds.start[0])}-{int(ds.stop[0]) - 1}) measured"]
+    lines += [ds.attrs["note"]] if ds.attrs.get("note") else []
     cols = ("corr", "|g|", "u:p", "h/edge")
     head = f"  {'layer':<14}" + "".join(f"{c + ' ' + k:>15}" for c in cols
                                       for k in (("pred", "persist", "meas") if checked else ("pred", "persist")))
