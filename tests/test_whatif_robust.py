@@ -200,3 +200,18 @@ def test_link_report_names_an_undefined_score_instead_of_nan(tmp_path):
     text = format_report(link(run_dir))
     assert "n/a" in text and "fewer than 3" in text
     assert "NaN" not in text and "=nan" not in text  # was: 'NaN' in the per-layer table
+
+
+@pytest.mark.parametrize("name, option", [("hessian_trace", "hutchinson_samples >= 1"),
+                                          ("grad_noise", "noise_microbatches >= 2")])
+def test_a_trace_without_the_nqm_inputs_is_refused_by_whatif_and_link(tmp_path, name, option):
+    from experiments.linking.core import link_trace
+
+    run_dir = _run(tmp_path, model="linear", data="linreg", opt="hb", lr=0.3, momentum=0.9, batch_size=8)
+    trace = store.load_run(run_dir)
+    trace[name][:] = np.nan  # what hutchinson_samples=0 / noise_microbatches=0 record
+    msg = rf"{name} is not finite at any probe \(run with {option}\)"
+    with pytest.raises(ValueError, match=msg):  # was: every prediction NaN ('undefined'), the cause unnamed
+        whatif(trace, 40, changes_from([0.5]), window=10)
+    with pytest.raises(ValueError, match=msg):
+        link_trace(trace)
