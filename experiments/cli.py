@@ -374,6 +374,11 @@ def _whatif_main(args):
     from experiments.whatif import delta
     from experiments.whatif.predict import nqm_predictor
 
+    if args.json and not args.check:
+        raise ValueError(f"json={args.json!r} writes the scores of --check; valid only with --check")
+    for path, name in ((args.out, "out"), (args.json, "json")):
+        if path:
+            store.check_writable(path, name)
     changes = changes_from(args.lr_factor, args.decay, args.momentum, args.method)
     from experiments.whatif.escape import predictor as escape_predictor
 
@@ -414,14 +419,18 @@ def _add_diagnose(subparsers):
 def _diagnose_main(args):
     from pathlib import Path
 
-    from experiments.whatif.diagnose import diagnose, format_diagnosis, plot_diagnosis
+    from experiments.whatif.diagnose import check_figure, diagnose, format_diagnosis, plot_diagnosis
 
+    figure = args.figure or Path(args.run_dir) / "diagnose.pdf"
+    check_figure(figure)
+    if args.out:
+        store.check_writable(args.out, "out")
     d = diagnose(store.load_run(args.run_dir), clip=args.clip, last=args.last, until=args.until)
     text = format_diagnosis(d)
     print(text)
     if args.out:
         store.atomic_write_text(args.out, text + "\n")
-    plot_diagnosis(d, args.figure or Path(args.run_dir) / "diagnose.pdf")
+    plot_diagnosis(d, figure)
     return 0
 
 

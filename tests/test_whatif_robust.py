@@ -215,3 +215,20 @@ def test_a_trace_without_the_nqm_inputs_is_refused_by_whatif_and_link(tmp_path, 
         whatif(trace, 40, changes_from([0.5]), window=10)
     with pytest.raises(ValueError, match=msg):
         link_trace(trace)
+
+
+def test_cli_refuses_ignored_or_unwritable_outputs_and_a_decay_above_one(tmp_path, capsys):
+    # each was accepted before: --json without --check silently ignored, a .svg figure written as
+    # PDF bytes, a 'decay' x1.5, an unwritable --out found only after the work
+    run = str(tmp_path / "no-such-run")
+    cases = [(["whatif", run, "--at", "10", "--lr-factor", "2", "--json", str(tmp_path / "s.json")],
+              "valid only with --check"),
+             (["whatif", run, "--at", "10", "--decay", "1.5"], r"decay=1.5 is outside the valid range (0, 1]"),
+             (["whatif", run, "--at", "10", "--out", "/proc/x.nc"], "out='/proc/x.nc' is not writable"),
+             (["diagnose", run, "--figure", str(tmp_path / "d.svg")], "format 'svg' is unknown; valid: .png, .pdf")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (argv, err)
+    with pytest.raises(ValueError, match="decay=1.5"):
+        changes_from(decays=[1.5])

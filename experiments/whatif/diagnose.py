@@ -322,9 +322,23 @@ def format_diagnosis(d):
     return "\n".join(out)
 
 
+def check_figure(path):
+    """ValueError unless ``path`` ends with .png or .pdf (the formats :func:`plot_diagnosis`
+    writes) and can be written."""
+    from pathlib import Path
+
+    from experiments import store
+
+    fmt = Path(path).suffix.lstrip(".").lower()
+    if fmt not in ("png", "pdf"):
+        raise ValueError(f"figure={str(path)!r}: format {fmt!r} is unknown; valid: .png, .pdf")
+    store.check_writable(path, "figure")
+
+
 def plot_diagnosis(d, path):
     """One page: update ratio with DL4J's bands, gradient norms, h/edge, correlation, clip
     factors and the triggered rules; written atomically (PDF or PNG by the suffix)."""
+    check_figure(path)
     import io
 
     import matplotlib
@@ -377,7 +391,7 @@ def plot_diagnosis(d, path):
     ax[2, 1].axis("off")
     ax[2, 1].text(0, 1, "rules triggered (shaded: the window)\n\n" + text, va="top", fontsize=6, family="monospace")
     buf = io.BytesIO()
-    fmt = "png" if str(path).endswith(".png") else "pdf"
+    fmt = "png" if str(path).lower().endswith(".png") else "pdf"
     fig.savefig(buf, format=fmt, metadata={"Software": "optdyn"} if fmt == "png" else {"Producer": "optdyn",
                                                                                         "CreationDate": None})
     plt.close(fig)

@@ -97,6 +97,9 @@ SCHEDULED = Change("scheduled")
 
 def changes_from(lr_factors=(), decays=(), momenta=(), methods=(), scheduled=True):
     """The list of changes the CLI's flags ask for (``scheduled`` first)."""
+    for g in decays:
+        if not 0 < g <= 1:
+            raise ValueError(f"decay={g!r} is outside the valid range (0, 1] (a larger factor: --lr-factor)")
     out = [SCHEDULED] if scheduled else []
     out += [Change(f"lr×{f:g}", lr_factor=f) for f in lr_factors]
     out += [Change(f"decay×{g:g}", lr_factor=g) for g in decays]
