@@ -327,6 +327,13 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     ``pred_regime`` (model, anchored as in the module docstring), ``persist_*`` (window 0's
     measured value), ``model_*`` (the predictor's raw values) and ``meas0_*``; the change
     labels in the ``label`` coordinate. ``window`` defaults to the probe spacing.
+
+    Where the model does not apply, a ValueError says why: a method the NQM does not describe
+    (Adam, :func:`experiments.linking.core.run_method`), a line search (the step is rescaled
+    every step), a trace without the probes' sharpness, trace or noise, ``at`` past the run's
+    divergence (:func:`diverged_step`), windows past the end of a length-dependent schedule
+    (:func:`plan`). A clip that binds in window 0 and weight decay are noted in
+    ``attrs["note"]`` (the model takes the unclipped update and the probed H without wd).
     """
     config = dict(trace.attrs.get("config", {}) if config is None else config)
     method, momentum = run_method(config)
