@@ -53,6 +53,8 @@ def test_whatif_names_at_when_at_is_zero(tmp_path):
     run_dir = _run(tmp_path, model="linear", data="linreg", opt="hb", lr=0.3, batch_size=8)
     with pytest.raises(ValueError, match=r"at=0 is outside the valid range \[10, 60\]"):
         whatif(store.load_run(run_dir), 0, changes_from([0.5]))
+    with pytest.raises(ValueError, match=r"window=10 is outside the valid range \[1, at=5\] \(default: the probe"):
+        whatif(store.load_run(run_dir), 5, changes_from([0.5]))  # the window was not given: say where it came from
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
