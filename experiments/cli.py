@@ -10,6 +10,8 @@ stderr and exits with status 2. Every output location is checked writable before
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import sys
 import tomllib
 
@@ -57,6 +59,9 @@ def main(argv=None):
     except ValueError as err:
         print(f"optdyn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout has gone (``| head``): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 # --------------------------------------------------------------------------- train

@@ -234,3 +234,18 @@ def test_cli_refuses_ignored_or_unwritable_outputs_and_a_decay_above_one(tmp_pat
         assert len(err) == 1 and message in err[0], (argv, err)
     with pytest.raises(ValueError, match="decay=1.5"):
         changes_from(decays=[1.5])
+
+
+def test_cli_stops_quietly_when_its_reader_has_gone(diverged_run, tmp_path):
+    # `optdyn diagnose RUN | head -1`: the reader closes the pipe before the CLI prints
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "MPLBACKEND": "Agg"}
+    done = subprocess.run([sys.executable, "-m", "experiments.cli", "diagnose", str(diverged_run), "--figure",
+                           str(tmp_path / "d.png")], stdout=write, stderr=subprocess.PIPE, env=env, text=True)
+    os.close(write)
+    assert "Traceback" not in done.stderr and done.returncode == 141  # was: a BrokenPipeError traceback, status 1
