@@ -459,8 +459,8 @@ def fork_config(parent, parent_id, at, change, horizon, data_seed=0):
     return d
 
 
-__all__ = ["Change", "SCHEDULED", "changes_from", "diverged_step", "fork_config", "measure_windows",
-           "nqm_predictor", "plan", "whatif", "window_bounds", "PREDICTOR"]
+__all__ = ["Change", "SCHEDULED", "changes_from", "fork_config", "measure_windows", "nqm_predictor", "plan",
+           "whatif", "window_bounds", "PREDICTOR"]
 
 
 def format_whatif(ds):
