@@ -1,6 +1,7 @@
-"""whatif / diagnose on the settings the what-if families do not cover: a diverged run, a fork
-that diverges, a schedule whose lr depends on the run's length, a block with negative
-curvature, Adam. Each test failed before the fix it names."""
+"""whatif, diagnose, link and the CLI on settings the what-if families do not cover: a diverged
+run, a fork that diverges, a schedule whose lr depends on the run's length, a momentum set on gd,
+a block with negative curvature, line search, clipping, weight decay, Adam, missing probe inputs,
+bad outputs (docs/findings/faults.md). Each test failed before the fix it names."""
 
 import numpy as np
 import pytest
