@@ -401,10 +401,17 @@ def _whatif_main(args):
         if args.json:
             store.atomic_write_json(args.json, {"run": str(args.run_dir), "at": args.at,
                                                 "changes": [str(x) for x in ds.label.values],
-                                                "scores": ds.attrs["scores"]})
+                                                "scores": _nan_to_null(ds.attrs["scores"])})
     if args.out:
         store.atomic_write_dataset(args.out, ds.drop_attrs())
     return 0
+
+
+def _nan_to_null(scores):
+    """The scores with an undefined (NaN) score as null: standard JSON, not a number."""
+    if isinstance(scores, dict):
+        return {k: _nan_to_null(v) for k, v in scores.items()}
+    return None if isinstance(scores, float) and scores != scores else scores
 
 
 def _add_diagnose(subparsers):

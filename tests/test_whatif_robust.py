@@ -3,6 +3,8 @@ run, a fork that diverges, a schedule whose lr depends on the run's length, a mo
 a block with negative curvature, line search, clipping, weight decay, Adam, missing probe inputs,
 bad outputs (docs/findings/faults.md). Each test failed before the fix it names."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -85,6 +87,16 @@ def test_a_fork_that_diverges_is_reported_diverged_not_measured(tmp_path):
     text = format_whatif(ds)
     assert f"fork: diverged at step {div}" in text and "nan" not in text
     assert "nan" not in format_scores(ds.attrs["scores"])
+    out = tmp_path / "scores.json"
+    assert main(["whatif", str(run_dir), "--at", "30", "--lr-factor", "10", "--window", "10", "--check",
+                 "--json", str(out)]) == 0
+
+    def no_nan(name):
+        raise ValueError(f"{name} in the JSON")  # was: NaN tokens (not JSON) for undefined scores
+
+    written = json.loads(out.read_text(), parse_constant=no_nan)
+    undefined = {k for k, v in ds.attrs["scores"]["persistence"].items() if not np.isfinite(v)}
+    assert undefined and all(written["scores"]["persistence"][k] is None for k in undefined)
 
 
 def test_format_scores_says_why_a_score_is_missing():
