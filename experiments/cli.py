@@ -283,8 +283,9 @@ def _link_main(args):
               momentum=args.momentum)
     print(format_report(ds))
     if args.json:
-        store.atomic_write_json(args.json, {"scores": link_scores(ds), "protocol": protocol_scores(ds), "options": {
-            k: ds.attrs.get(k) for k in OPTIONS}, "source": str(args.source)})
+        store.atomic_write_json(args.json, _nan_to_null({"scores": link_scores(ds), "protocol": protocol_scores(ds),
+                                                         "options": {k: ds.attrs.get(k) for k in OPTIONS},
+                                                         "source": str(args.source)}))
     return _report_status("link", ds, args.strict)
 
 
@@ -411,6 +412,8 @@ def _nan_to_null(scores):
     """The scores with an undefined (NaN) score as null: standard JSON, not a number."""
     if isinstance(scores, dict):
         return {k: _nan_to_null(v) for k, v in scores.items()}
+    if isinstance(scores, (list, tuple)):
+        return [_nan_to_null(v) for v in scores]
     return None if isinstance(scores, float) and scores != scores else scores
 
 

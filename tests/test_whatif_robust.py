@@ -262,3 +262,17 @@ def test_cli_stops_quietly_when_its_reader_has_gone(diverged_run, tmp_path):
                            str(tmp_path / "d.png")], stdout=write, stderr=subprocess.PIPE, env=env, text=True)
     os.close(write)
     assert "Traceback" not in done.stderr and done.returncode == 141  # was: a BrokenPipeError traceback, status 1
+
+
+def test_link_json_writes_an_undefined_score_as_null(tmp_path):
+    run_dir = _run(tmp_path, model="mlp", data="linreg", opt="hb", lr=0.3, momentum=0.9, batch_size=8,
+                   model_args={"hidden": [8]}, probe_every=30)  # two probes: some scores undefined
+    out = tmp_path / "link.json"
+    assert main(["link", str(run_dir), "--json", str(out)]) == 0
+
+    def no_nan(name):
+        raise ValueError(f"{name} in the JSON")  # was: NaN tokens (not JSON)
+
+    text = out.read_text()
+    json.loads(text, parse_constant=no_nan)
+    assert "null" in text
