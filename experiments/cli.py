@@ -10,6 +10,8 @@ stderr and exits with status 2. Every output location is checked writable before
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import sys
 import tomllib
 
@@ -57,6 +59,9 @@ def main(argv=None):
     except ValueError as err:
         print(f"optdyn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout has gone (``| head``): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 # --------------------------------------------------------------------------- train
@@ -278,8 +283,9 @@ def _link_main(args):
               momentum=args.momentum)
     print(format_report(ds))
     if args.json:
-        store.atomic_write_json(args.json, {"scores": link_scores(ds), "protocol": protocol_scores(ds), "options": {
-            k: ds.attrs.get(k) for k in OPTIONS}, "source": str(args.source)})
+        store.atomic_write_json(args.json, _nan_to_null({"scores": link_scores(ds), "protocol": protocol_scores(ds),
+                                                         "options": {k: ds.attrs.get(k) for k in OPTIONS},
+                                                         "source": str(args.source)}))
     return _report_status("link", ds, args.strict)
 
 
@@ -374,6 +380,11 @@ def _whatif_main(args):
     from experiments.whatif import delta
     from experiments.whatif.predict import nqm_predictor
 
+    if args.json and not args.check:
+        raise ValueError(f"json={args.json!r} writes the scores of --check; valid only with --check")
+    for path, name in ((args.out, "out"), (args.json, "json")):
+        if path:
+            store.check_writable(path, name)
     changes = changes_from(args.lr_factor, args.decay, args.momentum, args.method)
     from experiments.whatif.escape import predictor as escape_predictor
 
@@ -391,10 +402,19 @@ def _whatif_main(args):
         if args.json:
             store.atomic_write_json(args.json, {"run": str(args.run_dir), "at": args.at,
                                                 "changes": [str(x) for x in ds.label.values],
-                                                "scores": ds.attrs["scores"]})
+                                                "scores": _nan_to_null(ds.attrs["scores"])})
     if args.out:
         store.atomic_write_dataset(args.out, ds.drop_attrs())
     return 0
+
+
+def _nan_to_null(scores):
+    """The scores with an undefined (NaN) score as null: standard JSON, not a number."""
+    if isinstance(scores, dict):
+        return {k: _nan_to_null(v) for k, v in scores.items()}
+    if isinstance(scores, (list, tuple)):
+        return [_nan_to_null(v) for v in scores]
+    return None if isinstance(scores, float) and scores != scores else scores
 
 
 def _add_diagnose(subparsers):
@@ -414,14 +434,18 @@ def _add_diagnose(subparsers):
 def _diagnose_main(args):
     from pathlib import Path
 
-    from experiments.whatif.diagnose import diagnose, format_diagnosis, plot_diagnosis
+    from experiments.whatif.diagnose import check_figure, diagnose, format_diagnosis, plot_diagnosis
 
+    figure = args.figure or Path(args.run_dir) / "diagnose.pdf"
+    check_figure(figure)
+    if args.out:
+        store.check_writable(args.out, "out")
     d = diagnose(store.load_run(args.run_dir), clip=args.clip, last=args.last, until=args.until)
     text = format_diagnosis(d)
     print(text)
     if args.out:
         store.atomic_write_text(args.out, text + "\n")
-    plot_diagnosis(d, args.figure or Path(args.run_dir) / "diagnose.pdf")
+    plot_diagnosis(d, figure)
     return 0
 
 

@@ -66,6 +66,11 @@ def layer_spectra(method, lr, momentum, sharpness, hessian_trace, n_params, grad
     measured share of the network's top eigenvector, used by :func:`with_global_mode`
     instead of its estimate."""
     probe, layers = sharpness["probe_step"].values, sharpness["layer"].values
+    for name, values, option in (("grad_noise", grad_noise, "noise_microbatches >= 2"),
+                                 ("hessian_trace", None if spectra else hessian_trace, "hutchinson_samples >= 1")):
+        if values is not None and values.size and not np.isfinite(np.asarray(values, dtype=float)).any():
+            raise ValueError(f"{name} is not finite at any probe (run with {option}): the NQM's layer spectra "
+                             f"and noise are built from it")
     lrs = np.asarray(lr.values, dtype=float)
     edge = float(stability_edge(method, momentum))
     out = {}

@@ -43,10 +43,19 @@ def layer_table(ds):
 def format_report(ds):
     """The per-layer table and the pooled scores, as printed by ``optdyn link``."""
     scores = link_scores(ds)
-    lines = [layer_table(ds).to_string(float_format=lambda v: f"{v:.3g}"), ""]
+    table = layer_table(ds)
+    lines = [table.to_string(float_format=lambda v: f"{v:.3g}", na_rep="n/a"), ""]
+    missing = bool(table.select_dtypes("number").isna().to_numpy().any())
     for what, sc in scores.items():
-        lines.append(f"{what}: " + ", ".join(f"{k}={sc[k]:.3g}" if isinstance(sc[k], float) else f"{k}={sc[k]}"
-                                              for k in SCORES))
+        cells = []
+        for k in SCORES:
+            v = sc[k]
+            missing |= isinstance(v, float) and not np.isfinite(v)
+            cells.append(f"{k}={v:.3g}" if isinstance(v, float) and np.isfinite(v) else
+                         f"{k}=n/a" if isinstance(v, float) else f"{k}={v}")
+        lines.append(f"{what}: " + ", ".join(cells))
+    if missing:
+        lines.append("n/a: not defined on these points (fewer than 3, or a constant prediction or measurement)")
     if "base_persist_corr" in ds:
         lines += ["", format_protocol(protocol_scores(ds))]
     if ds.attrs.get("skipped"):

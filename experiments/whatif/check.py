@@ -32,7 +32,7 @@ from experiments.linking.core import run_method
 from experiments.runs import checkpoint
 from experiments.runs.config import RunConfig, run_id
 from experiments.runs.loop import run, train
-from experiments.whatif.predict import fork_config, measure_windows, whatif, window_bounds
+from experiments.whatif.predict import diverged_step, fork_config, measure_windows, whatif, window_bounds
 
 GROWTH_THRESHOLD = 0.10  # a norm change counts (for the sign score) above 10 %
 FACTOR = 1.5
@@ -46,7 +46,9 @@ def check(run_dir, at, changes, *, window=None, n_windows=2, predictor=None, dat
     changes nothing (``scheduled``) is read from the run itself when it is long enough.
     ``data_seed`` ≥ 1: every fork (``scheduled`` too) draws its data order afresh from ``at``
     on with that seed (a replicate of the check that differs only in the data order); the
-    fork directories are in ``attrs["fork_dirs"]``."""
+    fork directories are in ``attrs["fork_dirs"]``. ``meas_diverged_step`` (change): the step at
+    which the fork diverged (non-finite loss or gradient) inside the horizon, −1 if it did not;
+    the windows it falls in or after have no measurement (NaN, left out of the scores)."""
     run_dir = Path(run_dir)
     if not re.fullmatch(r"[0-9a-f]{16}", run_dir.name):
         raise ValueError(f"run_dir={str(run_dir)!r}: --check forks need the run in a store root under a run id "
@@ -56,7 +58,7 @@ def check(run_dir, at, changes, *, window=None, n_windows=2, predictor=None, dat
     ds = whatif(trace, at, changes, window=window, n_windows=n_windows, predictor=predictor)
     windows = window_bounds(at, ds.attrs["window"], ds.attrs["n_windows"])
     horizon = windows[-1][1]
-    measured, dirs = [], []
+    measured, dirs, diverged = [], [], []
     for change in changes:
         overrides = change.fork_overrides(config)
         if not overrides and not data_seed and trace.sizes["step"] >= horizon:
@@ -68,11 +70,19 @@ def check(run_dir, at, changes, *, window=None, n_windows=2, predictor=None, dat
             run(fork, fork_dir, data_dir=data_dir, progress=progress)
             forked = store.load_run(fork_dir)
         dirs.append(str(fork_dir))
+        div = diverged_step(forked)  # a fork that diverges is a result: its windows from then on are not measured
+        diverged.append(-1 if div is None or div >= horizon else div)
         method, momentum = run_method({**config, **overrides})
-        measured.append(measure_windows(forked, windows, method, momentum, after=at))
+        m = measure_windows(forked, windows, method, momentum, after=at)
+        if diverged[-1] >= 0:  # a window the divergence falls in has no finite mean: not measured
+            gone = xr.DataArray([b > diverged[-1] for _, b in windows], dims="window")
+            m = m.assign({k: m[k].where(~gone) if m[k].dtype.kind == "f" else m[k].where(~gone, "")
+                          for k in m.data_vars})
+        measured.append(m)
     meas = xr.concat(measured, dim="change").assign_coords(change=ds.change)
     for k in ("grad_corr", "grad_norm", "update_ratio", "h_edge", "regime", "h_edge_layer", "regime_layer"):
         ds[f"meas_{k}"] = meas[k]
+    ds["meas_diverged_step"] = ("change", np.array(diverged, dtype=int))
     ds = ds.transpose("change", "window", "layer")
     ds.attrs["scores"] = scores(ds)
     ds.attrs["fork_dirs"] = dirs
@@ -194,7 +204,11 @@ def format_scores(sc):
     """The scores as a small two-column table (model, persistence)."""
     keys = list(next(iter(sc.values())))
     lines = [f"{'score':<18}{'model':>12}{'persistence':>14}"]
+    cell = lambda v: f"{v:.3g}" if np.isfinite(v) else "n/a"  # noqa: E731
     for k in keys:
-        vals = [sc[name][k] for name in ("model", "persistence")]
-        lines.append(f"{k:<18}" + "".join(f"{v:>12.3g}" if i == 0 else f"{v:>14.3g}" for i, v in enumerate(vals)))
+        vals = [cell(sc[name][k]) for name in ("model", "persistence")]
+        lines.append(f"{k:<18}{vals[0]:>12}{vals[1]:>14}")
+    if any(not np.isfinite(sc[name][k]) for name in ("model", "persistence") for k in keys):
+        lines.append("n/a: not defined on these points (fewer than 3, a constant prediction or measurement, "
+                     "or none that qualifies)")
     return "\n".join(lines)

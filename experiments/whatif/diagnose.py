@@ -35,6 +35,7 @@ import numpy as np
 
 from dynamics.nqm.stationary import gradient_autocorrelation
 from dynamics.quadratic import regime, stability_edge
+from experiments.whatif.predict import diverged_step
 
 RATIO_UNSTABLE, RATIO_HEALTHY, RATIO_SLOW = -2.0, -3.0, -4.0
 EXPLODE_PER_WINDOW = np.log10(2.0)
@@ -62,8 +63,21 @@ class Diagnosis:
 
 def diagnose(trace, *, clip=None, last=None, until=None, config=None):
     """The findings for every layer (see the module docstring for the rules); ``until``: look
-    at the trace before that step only (default: all of it)."""
+    at the trace before that step only (default: all of it). A run that diverged (a non-finite
+    loss or gradient at step s, :func:`experiments.whatif.predict.diverged_step`) is diagnosed
+    before s (``until`` at most s; ``info["diverged_step"]``); with fewer than two finite steps
+    there is nothing to diagnose (ValueError)."""
     config = dict(trace.attrs.get("config", {}) if config is None else config)
+    div = diverged_step(trace)
+    blown = set()  # the layers whose gradient was non-finite at the divergence
+    if div is not None:
+        if div < trace.sizes["step"]:
+            at_div = trace["grad_norm"].isel(step=div)
+            blown = {str(la) for la, v in zip(trace["layer"].values, at_div.values) if not np.isfinite(v)}
+        if div < 2:
+            raise ValueError(f"the run diverged at step {div} (non-finite loss or gradient): fewer than 2 finite "
+                             f"steps before it, nothing to diagnose")
+        until = div if until is None else min(int(until), div)
     if until is not None:
         if not 2 <= int(until) <= trace.sizes["step"]:
             raise ValueError(f"until={until} is outside the valid range [2, {trace.sizes['step']}]")
@@ -95,7 +109,7 @@ def diagnose(trace, *, clip=None, last=None, until=None, config=None):
         w, e, l8 = (x.sel(layer=layer) for x in (win, early, late))
         findings += [
             _ratio(layer, w),
-            _gradients(layer, w, median_abs, last),
+            _gradients(layer, w, median_abs, last, div if str(layer) in blown else None),
         ]
         if sgd:
             findings.append(_edge(layer, trace, probes, net, method, momentum, edge))
@@ -103,7 +117,7 @@ def diagnose(trace, *, clip=None, last=None, until=None, config=None):
         findings.append(_growth(layer, e, l8, trace, probes, net, lr_drop, half, steps - last))
         findings.append(_clipping(layer, w, g_global, c))
     info = {"method": method, "momentum": momentum, "steps": steps, "last": last, "clip": c, "edge": edge,
-            "network": net, "lr_change": lr_drop}
+            "network": net, "lr_change": lr_drop, "diverged_step": div}
     series = {"trace": trace, "start": steps - last}
     return Diagnosis(findings, series, info)
 
@@ -121,7 +135,7 @@ def _ratio(layer, w):
     return Finding(str(layer), rule, text, {"ratio": r})
 
 
-def _gradients(layer, w, median_abs, last):
+def _gradients(layer, w, median_abs, last, nonfinite_at=None):
     g = w["grad_norm"].values
     t = np.arange(g.size)
     ok = np.isfinite(g) & (g > 0)
@@ -131,7 +145,9 @@ def _gradients(layer, w, median_abs, last):
             "relative_to_median_layer": mean / median_abs if median_abs > 0 else np.nan}
     detail = (f"|g| min/mean/max {lo:.2g}/{mean:.2g}/{hi:.2g}, {nums['relative_to_median_layer']:.2g}x the median "
               f"layer's mean; trend {slope:+.2f} decades per {last} steps")
-    if not np.isfinite(g).all() or slope > EXPLODE_PER_WINDOW:
+    if nonfinite_at is not None:
+        detail = f"non-finite at step {nonfinite_at}, where the run diverged; before it {detail}"
+    if nonfinite_at is not None or not np.isfinite(g).all() or slope > EXPLODE_PER_WINDOW:
         return Finding(str(layer), "grad.exploding", f"exploding gradient (> x2 per window or non-finite): {detail}", nums)
     if (mean < VANISH_ABSOLUTE or nums["relative_to_median_layer"] < VANISH_RELATIVE) and not slope > 0:
         return Finding(str(layer), "grad.vanishing", f"vanishing gradient (< {VANISH_RELATIVE:g}x the median layer "
@@ -192,7 +208,9 @@ def _oscillation(layer, w, net, method, momentum, edge):
     rho = measured_corr(w)
     model = _model_corr(net, method, momentum, edge)
     nums = {"rho": rho, "rho_model_top_mode": model}
-    if net and net["h_edge"] >= EDGE_NEAR:
+    if not net or not np.isfinite(model):
+        reason = "no probe of the network's h: the model's ρ_g is unknown (run with probe_every > 0)"
+    elif net["h_edge"] >= EDGE_NEAR:
         reason = (f"the network's top mode is at h/edge {net['h_edge']:.2f}, where one mode's ρ_g is {model:+.2f} "
                   f"(NQM, §4): it flips sign each step")
     elif momentum > 0.5:
@@ -238,15 +256,21 @@ def _growth(layer, e, l8, trace, probes, net, lr_drop, half, start):
         cause, why = "oscillation", (f"the network's top mode at h/edge {net['h_edge']:.2f} oscillates "
                                      f"(ρ {rho:+.2f}): E‖Hx‖² along it grows")
     elif np.isfinite(terms[cause]) and terms[cause] > GROWTH:
-        why = {"noise": f"gradient noise √(tr Cov) rose x{noise:.2f} (sharpness x{sharp:.2f})",
-               "sharpness": f"the layer's sharpness rose x{sharp:.2f} (noise x{noise:.2f}): E‖Hx‖² grows"}[cause]
+        why = {"noise": f"gradient noise √(tr Cov) rose {_times(noise)} (sharpness {_times(sharp)})",
+               "sharpness": f"the layer's sharpness rose {_times(sharp)} (noise {_times(noise)}): "
+                            f"E‖Hx‖² grows"}[cause]
     else:
-        cause, why = "unexplained", (f"neither noise (x{noise:.2f}) nor sharpness (x{sharp:.2f}) rose by "
+        cause, why = "unexplained", (f"neither noise ({_times(noise)}) nor sharpness ({_times(sharp)}) rose by "
                                      f"{GROWTH:g}, no oscillation at the edge")
     decay = f"; the lr fell x{lr_drop:.3g} in the window" if np.isfinite(lr_drop) and lr_drop < 1 else ""
     nums["cause"] = cause
     return Finding(str(layer), f"growth.{cause}", f"norm grows x{growth:.2f} (late/early > {GROWTH:g}); "
                                                  f"cause: {why}{decay}", nums)
+
+
+def _times(factor):
+    """A probe ratio as "x1.23", or why there is none."""
+    return f"x{factor:.2f}" if np.isfinite(factor) else "unmeasured: no probe in each half of the window"
 
 
 def _clipping(layer, w, g_global, c):
@@ -277,9 +301,18 @@ def format_diagnosis(d):
     """The findings, per layer, one line each: ``[rule] statement``."""
     i = d.info
     net = i["network"]
+    if not np.isfinite(i["edge"]):
+        h_edge = f"undefined ({i['method']}: the stability edge of GD/HB/NAG does not apply)"
+    elif "h_edge" not in net:
+        h_edge = "unknown (no probes: run with probe_every > 0)"
+    else:
+        h_edge = f"{net['h_edge']:.2f}"
     head = [f"diagnosis of the last {i['last']} of {i['steps']} steps ({i['method']}, momentum {i['momentum']:g}); "
-            f"network h/edge {net.get('h_edge', float('nan')):.2f}; clip advice at c = {i['clip']:.3g}",
+            f"network h/edge {h_edge}; clip advice at c = {i['clip']:.3g}",
             "each line: [rule] statement with its numbers (rules: experiments/whatif/diagnose.py)"]
+    if i.get("diverged_step") is not None:
+        head.insert(0, f"the run diverged at step {i['diverged_step']} (non-finite loss or gradient); the diagnosis "
+                       f"is of the {i['steps']} steps before it")
     out, current = head, None
     for f in d.findings:
         if f.layer != current:
@@ -289,9 +322,23 @@ def format_diagnosis(d):
     return "\n".join(out)
 
 
+def check_figure(path):
+    """ValueError unless ``path`` ends with .png or .pdf (the formats :func:`plot_diagnosis`
+    writes) and can be written."""
+    from pathlib import Path
+
+    from experiments import store
+
+    fmt = Path(path).suffix.lstrip(".").lower()
+    if fmt not in ("png", "pdf"):
+        raise ValueError(f"figure={str(path)!r}: format {fmt!r} is unknown; valid: .png, .pdf")
+    store.check_writable(path, "figure")
+
+
 def plot_diagnosis(d, path):
     """One page: update ratio with DL4J's bands, gradient norms, h/edge, correlation, clip
     factors and the triggered rules; written atomically (PDF or PNG by the suffix)."""
+    check_figure(path)
     import io
 
     import matplotlib
@@ -344,7 +391,7 @@ def plot_diagnosis(d, path):
     ax[2, 1].axis("off")
     ax[2, 1].text(0, 1, "rules triggered (shaded: the window)\n\n" + text, va="top", fontsize=6, family="monospace")
     buf = io.BytesIO()
-    fmt = "png" if str(path).endswith(".png") else "pdf"
+    fmt = "png" if str(path).lower().endswith(".png") else "pdf"
     fig.savefig(buf, format=fmt, metadata={"Software": "optdyn"} if fmt == "png" else {"Producer": "optdyn",
                                                                                         "CreationDate": None})
     plt.close(fig)

@@ -49,6 +49,7 @@ from experiments.runs.optim import lr_factors
 from experiments.whatif.curvature import below_edge, flow_time, held_by_lr
 
 METHODS = ("gd", "hb", "nag")
+LENGTH_SCHEDULES = ("cosine", "linear")  # their lr factors depend on the run's length (steps)
 # The outputs by which a predictor anchors its own prediction (experiments.whatif.delta); whatif()
 # then uses them in place of its window-0 anchoring.
 ANCHORED = ("anchored_grad_corr", "anchored_grad_norm", "anchored_update_ratio")
@@ -71,6 +72,14 @@ class Change:
         if self.method is not None and self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; valid: {', '.join(METHODS)}")
 
+    def new_method(self, method):
+        """The method from k on for a run of ``method``: the one given, else the run's; a momentum
+        > 0 set on a gd run makes it heavy ball (PyTorch's SGD with that momentum), not gd with
+        the momentum dropped."""
+        if self.method is not None:
+            return self.method
+        return "hb" if method == "gd" and self.momentum is not None and self.momentum > 0 else method
+
     def fork_overrides(self, config):
         """RunConfig fields of the fork that makes this change (``config``: the parent's dict)."""
         out = {}
@@ -78,8 +87,8 @@ class Change:
             out["lr"] = config["lr"] * self.lr_factor
         if self.momentum is not None:
             out["momentum"] = self.momentum
-        if self.method is not None:
-            out["opt"] = self.method
+        if self.new_method(config["opt"]) != config["opt"]:
+            out["opt"] = self.new_method(config["opt"])
         return out
 
 
@@ -88,6 +97,9 @@ SCHEDULED = Change("scheduled")
 
 def changes_from(lr_factors=(), decays=(), momenta=(), methods=(), scheduled=True):
     """The list of changes the CLI's flags ask for (``scheduled`` first)."""
+    for g in decays:
+        if not 0 < g <= 1:
+            raise ValueError(f"decay={g!r} is outside the valid range (0, 1] (a larger factor: --lr-factor)")
     out = [SCHEDULED] if scheduled else []
     out += [Change(f"lr×{f:g}", lr_factor=f) for f in lr_factors]
     out += [Change(f"decay×{g:g}", lr_factor=g) for g in decays]
@@ -99,6 +111,10 @@ def changes_from(lr_factors=(), decays=(), momenta=(), methods=(), scheduled=Tru
 def plan(config, at, change, horizon):
     """Per-step (lr, momentum, method) for steps 0..horizon−1 under ``change`` made at ``at``:
     the run's schedule (from its config) before, the changed one after."""
+    if config["schedule"] in LENGTH_SCHEDULES and horizon > config["steps"]:
+        raise ValueError(f"horizon={horizon} is outside the valid range [1, steps={config['steps']}]: the "
+                         f"{config['schedule']} schedule's lr depends on the run's length, so it is not defined "
+                         f"past the run's end (a change at {at} with windows ending at step {horizon})")
     steps = max(horizon, config["steps"])
     f = lr_factors(config["schedule"], steps, warmup_steps=config.get("warmup_steps", 0),
                    step_every=config.get("step_every", 0), step_gamma=config.get("step_gamma", 0.1),
@@ -108,10 +124,32 @@ def plan(config, at, change, horizon):
     lrs[at:] *= change.lr_factor
     mom = np.full(horizon, momentum)
     meth = np.array([method] * horizon, dtype=object)
-    new_method = change.method or method
+    new_method = change.new_method(method)
     mom[at:] = 0.0 if new_method == "gd" else (momentum if change.momentum is None else change.momentum)
     meth[at:] = new_method
     return {"lr": lrs, "momentum": mom, "method": meth}
+
+
+def defined_regime(method, h, momentum):
+    """The regime of a mode at h = lr·λ (:func:`dynamics.quadratic.regime`), or "undefined" where
+    λ is not positive (a block whose measured top eigenvalue is ≤ 0, BatchNorm at initialisation,
+    a saddle: the mode grows away, no regime of a stable quadratic) or not finite, as the link
+    labels it (:func:`experiments.linking.core.link_trace`)."""
+    return str(regime(method, h, momentum)) if np.isfinite(h) and h > 0 else "undefined"
+
+
+def diverged_step(trace):
+    """The step at which the run diverged (its first non-finite loss or gradient norm), or None:
+    the run summary's ``diverged_step`` where ``attrs`` has it, else read off the trace."""
+    summary = trace.attrs.get("summary")
+    if isinstance(summary, dict) and "diverged_step" in summary:
+        s = summary["diverged_step"]
+        return None if s is None else int(s)
+    bad = np.zeros(trace.sizes["step"], dtype=bool)
+    for k in ("loss", "grad_norm_global"):
+        if k in trace and trace[k].dims == ("step",):
+            bad |= ~np.isfinite(trace[k].values)
+    return int(np.argmax(bad)) if bad.any() else None
 
 
 def window_bounds(at, window, n_windows):
@@ -269,10 +307,10 @@ def measure_windows(trace, windows, method, momentum, after=None):
         if inside.size:
             h = trace["lr"].values[inside] * trace["sharpness_global"].sel(probe_step=inside).values / edge
             h_edge[w] = float(np.mean(h))
-            reg[w] = str(regime(method, max(h[0] * edge, 1e-12), momentum))
+            reg[w] = defined_regime(method, h[0] * edge, momentum)
             hl = trace["lr"].values[inside, None] * trace["sharpness"].sel(probe_step=inside).values
             h_layer[w] = hl.mean(0) / edge
-            reg_layer[w] = [str(regime(method, max(x, 1e-12), momentum)) for x in hl[0]]
+            reg_layer[w] = [defined_regime(method, x, momentum) for x in hl[0]]
     dims = ("window", "layer")
     return xr.Dataset({"grad_corr": (dims, corr), "grad_norm": (dims, gnorm), "update_ratio": (dims, upd),
                        "h_edge": ("window", h_edge), "regime": ("window", reg),
@@ -289,18 +327,37 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     ``pred_regime`` (model, anchored as in the module docstring), ``persist_*`` (window 0's
     measured value), ``model_*`` (the predictor's raw values) and ``meas0_*``; the change
     labels in the ``label`` coordinate. ``window`` defaults to the probe spacing.
+
+    Where the model does not apply, a ValueError says why: a method the NQM does not describe
+    (Adam, :func:`experiments.linking.core.run_method`), a line search (the step is rescaled
+    every step), a trace without the probes' sharpness, trace or noise, ``at`` past the run's
+    divergence (:func:`diverged_step`), windows past the end of a length-dependent schedule
+    (:func:`plan`). A clip that binds in window 0 and weight decay are noted in
+    ``attrs["note"]`` (the model takes the unclipped update and the probed H without wd).
     """
     config = dict(trace.attrs.get("config", {}) if config is None else config)
     method, momentum = run_method(config)
+    if config.get("line_search"):
+        raise ValueError("line_search=True is not predicted (valid: False): the step is rescaled every step by a "
+                         "line search on the batch loss, so a change of lr is not the change of the step that the "
+                         "NQM's lr sequence describes")
     steps = trace.sizes["step"]
     probes = trace["probe_step"].values if "probe_step" in trace.dims else np.array([])
     if probes.size == 0:
         raise ValueError("the trace has no probe steps (run with probe_every > 0): whatif needs the probes")
+    given = window is not None
     window = default_window(probes) if window is None else int(window)
-    if not 1 <= window <= at:
-        raise ValueError(f"window={window} is outside the valid range [1, at={at}]")
-    if not window <= at <= steps:
+    div = diverged_step(trace)
+    if div is not None and not window <= at <= div:
+        valid = (f"the valid range [{window}, {div}]" if window <= div else
+                 f"every step (none is: a window of {window} steps does not fit before step {div})")
+        raise ValueError(f"at={at} is outside {valid}: the run diverged at step {div} (non-finite loss or "
+                         f"gradient), and a prediction needs a finite window before at")
+    if not 1 <= at <= steps:
         raise ValueError(f"at={at} is outside the valid range [{window}, {steps}] (window .. steps done)")
+    if not 1 <= window <= at:
+        raise ValueError(f"window={window} is outside the valid range [1, at={at}]"
+                         + ("" if given else " (default: the probe spacing; give --window)"))
     if int(n_windows) < 1:
         raise ValueError(f"n_windows={n_windows} is outside the valid range [1, inf)")
     if not changes:
@@ -330,9 +387,9 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
             m, beta, lr = p["method"][a], p["momentum"][a], p["lr"][a]
             edge, k = float(stability_edge(m, beta)), kappa[c, w]
             h_edge[c, w] = lr * k * lam_top / edge
-            reg[c, w] = str(regime(m, lr * k * lam_top, beta))
+            reg[c, w] = defined_regime(m, lr * k * lam_top, beta)
             h_layer[c, w] = lr * k * lam_layer / edge
-            reg_layer[c, w] = [str(regime(m, max(lr * k * x, 1e-12), beta)) for x in lam_layer]
+            reg_layer[c, w] = [defined_regime(m, lr * k * x, beta) for x in lam_layer]
     persist = lambda v: meas0[v].expand_dims(change=model.change, window=model.window)  # noqa: E731
     ds = xr.Dataset({
         "pred_grad_corr": corr, "pred_grad_norm": norm, "pred_update_ratio": ratio,
@@ -350,7 +407,39 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     ds.attrs = {"at": int(at), "window": int(window), "n_windows": int(n_windows), "method": method,
                 "momentum": momentum, "persist_h_edge": float(lr_at(trace, at - 1) * lam_top
                                                                 / float(stability_edge(method, momentum)))}
+    notes = [clip_note(before, config, windows[0]), decay_note(config, lam_top)]
+    if any(notes):
+        ds.attrs["note"] = "\n".join(n for n in notes if n)
     return ds
+
+
+def decay_note(config, lam_top):
+    """A line saying that weight decay wd (coupled, as SGD adds it) shifts every curvature by wd,
+    H + wd·I, which the probed H and so the model's h/edge leave out; "" without weight decay."""
+    wd = float(config.get("weight_decay", 0.0) or 0.0)
+    if wd <= 0:
+        return ""
+    rel = f"{wd / lam_top:.2g}" if np.isfinite(lam_top) and lam_top > 0 else "unknown"
+    return (f"note: weight decay {wd:g} adds {wd:g} to every curvature (H + wd I); the probed H, and the model's "
+            f"h/edge, leave it out (wd / network λ_max = {rel})")
+
+
+CLIP_STEPS = 0.1  # a clip that scales at least this fraction of window 0's steps is noted (diagnose's clip.* rule)
+
+
+def clip_note(trace, config, window0):
+    """A line saying that gradient clipping scaled at least :data:`CLIP_STEPS` of window 0's steps
+    (the model takes the unclipped update: the NQM is linear in the gradient, a clip is not), or ""."""
+    if config.get("clip", "none") == "none" or "clip_factor_global" not in trace:
+        return ""
+    f = trace["clip_factor_global"].values[max(window0[0], 0):window0[1]]
+    f = f[np.isfinite(f)]
+    if not f.size or np.mean(f < 1) < CLIP_STEPS:
+        return ""
+    return (f"note: the {config['clip']} clip at {config.get('clip_value', float('nan')):g} scaled "
+            f"{100 * np.mean(f < 1):.0f}% of window 0's steps (mean global factor {np.mean(f):.2f}); the model "
+            f"takes the unclipped update (the NQM is linear in the gradient), only the levels measured in window 0 "
+            f"include the clip")
 
 
 def lr_at(trace, step):
@@ -376,27 +465,49 @@ __all__ = ["Change", "SCHEDULED", "changes_from", "fork_config", "measure_window
 
 def format_whatif(ds):
     """A per-change, per-window, per-layer table of the prediction (``pred``), persistence
-    (``persist``) and, after ``--check``, the fork's measurement (``meas``)."""
+    (``persist``) and, after ``--check``, the fork's measurement (``meas``). A value that is not
+    a number is printed as its reason: ``diverged`` (the fork diverged before the window's end,
+    ``meas_diverged_step``), ``no probe`` (no probe of the fork inside the window: no measured
+    h/edge), ``undefined`` (the model has no value: the footnote says why)."""
     checked = "meas_grad_corr" in ds
     lines = [f"what if at step {ds.attrs['at']} ({ds.attrs['method']}, momentum {ds.attrs['momentum']:g}); "
              f"windows of {ds.attrs['window']} steps; persistence = window 0 (steps "
              f"{int(ds.start[0])}-{int(ds.stop[0]) - 1}) measured"]
+    lines += [ds.attrs["note"]] if ds.attrs.get("note") else []
     cols = ("corr", "|g|", "u:p", "h/edge")
-    head = f"  {'layer':<14}" + "".join(f"{c + ' ' + k:>14}" for c in cols
+    head = f"  {'layer':<14}" + "".join(f"{c + ' ' + k:>15}" for c in cols
                                       for k in (("pred", "persist", "meas") if checked else ("pred", "persist")))
+    undefined = False
     for c, label in enumerate(ds["label"].values):
+        div = int(ds["meas_diverged_step"].values[c]) if "meas_diverged_step" in ds else -1
         for w in range(1, ds.sizes["window"]):  # u:p = log10 update:parameter ratio
             x = ds.isel(change=c, window=w)
-            h = f"h/edge {float(x.pred_h_edge):.3g} ({x.pred_regime.item()})"
+            gone = 0 <= div < int(x.stop)
+            h = f"h/edge {_cell(x.pred_h_edge, 'undefined')} ({x.pred_regime.item()})"
             if checked:
-                h += f"; fork: {float(x.meas_h_edge):.3g} ({x.meas_regime.item() or 'no probe'})"
+                h += f"; fork: diverged at step {div}" if gone else \
+                    f"; fork: {float(x.meas_h_edge):.3g} ({x.meas_regime.item()})" if x.meas_regime.item() else \
+                    "; fork: no probe"
             lines += ["", f"{label}: steps {int(x.start)}-{int(x.stop) - 1}; network top mode {h}", head]
+            meas_why = "diverged" if gone else "n/a"
             for layer in ds["layer"].values:
                 y = x.sel(layer=layer)
-                vals = []
+                cells = []
                 for v in ("grad_corr", "grad_norm", "update_ratio"):
-                    vals += [y[f"pred_{v}"], y[f"persist_{v}"]] + ([y[f"meas_{v}"]] if checked else [])
+                    cells += [_cell(y[f"pred_{v}"], "undefined"), _cell(y[f"persist_{v}"], "n/a")]
+                    cells += [_cell(y[f"meas_{v}"], meas_why)] if checked else []
                 before = ds["persist_h_edge_layer"].sel(layer=layer).item()
-                vals += [y["pred_h_edge_layer"], before] + ([y["meas_h_edge_layer"]] if checked else [])
-                lines.append(f"  {str(layer):<14}" + "".join(f"{float(v):>14.3g}" for v in vals))
+                cells += [_cell(y["pred_h_edge_layer"], "undefined"), _cell(before, "n/a")]
+                cells += [_cell(y["meas_h_edge_layer"], "diverged" if gone else "no probe")] if checked else []
+                undefined |= "undefined" in cells
+                lines.append(f"  {str(layer):<14}" + "".join(f"{x:>15}" for x in cells))
+    if undefined:
+        lines += ["", "undefined: the model gives no value there (no positive, finite probed curvature at or before "
+                      "the change: of the layer's block, where its NQM spectrum or regime is not defined, or of the "
+                      "network's top mode, for h/edge)"]
     return "\n".join(lines)
+
+
+def _cell(v, why):
+    v = float(v)
+    return f"{v:.3g}" if np.isfinite(v) else why
