@@ -26,7 +26,9 @@ trend, times the model's effect of the change; fourth-round candidates), ``sharp
 stochastic-edge cap with the flow-time sharpening rate on; second round), ``sharpened_cap`` (the
 run-level cap gated on the curvature having left its initial value; third round), ``escape``
 (the fixed curvature with the plateau-escape forecast, :mod:`experiments.whatif.escape`; fifth
-round), and ``persistence``. (The earlier rounds' other variants are in the git history of this file.)
+round), ``drift_steps`` / ``drift_flow`` (the default with the unchanged run's post-escape norm
+drift continued in steps / flow time, :mod:`experiments.whatif.drift`; sixth round),
+``escape_drift`` (the flow-time drift on the escape forecast; sixth round), and ``persistence``. (The earlier rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json``:
 
     .venv/bin/python -m analyses whatif_scores       # runs + forks the first time, then minutes
@@ -41,7 +43,7 @@ from experiments.runs.config import RunConfig, run_id
 from experiments.runs.loop import run
 from experiments.store import atomic_write_json, load_run
 from experiments.sweeps import SPECS_DIR, expand, load_spec, run_sweep
-from experiments.whatif import delta, escape
+from experiments.whatif import delta, drift, escape
 from experiments.whatif.check import check
 from experiments.whatif.curvature import CurvatureForecast
 from experiments.whatif.predict import PREDICTOR, changes_from, nqm_predictor
@@ -55,6 +57,9 @@ CANDIDATES = {  # name -> predictor
     "sharpening": functools.partial(nqm_predictor, curvature=CurvatureForecast(sharpening=True)),
     "sharpened_cap": functools.partial(nqm_predictor, curvature=CurvatureForecast(level="sharpened")),
     "escape": escape.predictor(),
+    "drift_steps": drift.predictor("steps"),
+    "drift_flow": drift.predictor("flow"),
+    "escape_drift": drift.predictor("flow", inner=escape.predictor()),
 }
 
 
