@@ -18,9 +18,10 @@ run lr 0.03, momentum 0.9, seed 0, one thread; a development setting), the per-l
 after the step-1000 decay predicted at step 1000 (and on the runs of
 ``experiments/specs/whatif_eval3_decay.toml``: seed 3, lr 0.03 and 0.1, seen since the third
 round, and the held-out run of ``whatif_eval4_decay.toml``: seed 4, lr 0.05).
-``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`); beside it, on
-the same cases, those of the other candidates that differ from it: ``fixed`` (the link's NQM
-with the curvature held fixed, anchored on window 0), ``delta_persistence`` / ``delta_trend``
+``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`; since the sixth
+round ``escape_drift``, below); beside it, on the same cases, those of the other candidates:
+``fixed`` (the link's NQM with the curvature held fixed, anchored on window 0; the default until
+the sixth round), ``delta_persistence`` / ``delta_trend``
 (:mod:`experiments.whatif.delta`: the unchanged run forecast by persistence / by its flow-time
 trend, times the model's effect of the change; fourth-round candidates), ``sharpening`` (the
 stochastic-edge cap with the flow-time sharpening rate on; second round), ``sharpened_cap`` (the
@@ -63,11 +64,8 @@ CANDIDATES = {  # name -> predictor
 }
 
 
-def _key(pr):
-    return (pr.func, pr.args, tuple(sorted(pr.keywords.items()))) if isinstance(pr, functools.partial) else (pr,)
-
-
-VARIANTS = {"model": PREDICTOR, **{n: pr for n, pr in CANDIDATES.items() if _key(pr) != _key(PREDICTOR)}}
+IN_USE = "escape_drift"  # the candidate PREDICTOR computes (predict.default_predictor; tests/test_whatif_drift.py)
+VARIANTS = {"model": PREDICTOR, **{n: pr for n, pr in CANDIDATES.items() if n != IN_USE}}
 NAMES = (*VARIANTS, "persistence")
 KEYS = ("corr_spearman", "norm_sign", "norm_factor_1p5", "effect_sign", "effect_factor_1p5", "ratio_mae",
         "h_edge_rel_error", "regime_agreement", "h_edge_layer_rel_error", "regime_layer_agreement")

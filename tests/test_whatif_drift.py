@@ -7,7 +7,7 @@ import xarray as xr
 
 from experiments import store
 from experiments.whatif import delta, drift
-from experiments.whatif.predict import changes_from, whatif
+from experiments.whatif.predict import changes_from, nqm_predictor, whatif
 from tests.test_whatif import tiny_run  # noqa: F401 (a fixture)
 
 W = 100
@@ -133,7 +133,7 @@ def test_rho_h_edge_and_regime_are_the_defaults_and_the_norm_drifts(tiny_run):
     g = trace["grad_norm"] * np.exp(s * trace["step"])
     trace = trace.assign(sharpness_global=("probe_step", lam), grad_norm=g)
     changes = changes_from([0.5, 2.0], methods=["nag"])
-    default = whatif(trace, 40, changes, window=10)
+    default = whatif(trace, 40, changes, window=10, predictor=nqm_predictor)  # the fixed curvature
     for clock in drift.CLOCKS:
         x = whatif(trace, 40, changes, window=10, predictor=drift.predictor(clock))
         for v in ("pred_grad_corr", "pred_h_edge", "pred_regime", "pred_h_edge_layer", "pred_regime_layer"):
@@ -164,3 +164,19 @@ def test_cli_base_drift(tiny_run, capsys):  # noqa: F811 (the fixture)
     with pytest.raises(SystemExit):
         main(args + ["--base", "drift"])
     assert "invalid choice: 'drift'" in capsys.readouterr().err
+
+
+def test_the_predictor_in_use_is_the_flow_drift_on_the_escape_forecast(tiny_run):  # noqa: F811
+    from analyses.whatif_forecast_choice import candidates
+    from analyses.whatif_scores import IN_USE
+    from experiments.whatif.predict import PREDICTOR
+
+    trace = store.load_run(tiny_run)
+    lam = trace["sharpness_global"].values.copy()
+    lam[0] = lam[1:].min() / 10  # escaped: the drift acts
+    trace = trace.assign(sharpness_global=("probe_step", lam))
+    changes = changes_from([0.5, 2.0], methods=["nag"])
+    a = whatif(trace, 40, changes, window=10)
+    b = whatif(trace, 40, changes, window=10, predictor=candidates()[IN_USE])
+    xr.testing.assert_identical(a, b)
+    assert PREDICTOR.__name__ == "default_predictor"
