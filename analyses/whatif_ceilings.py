@@ -30,19 +30,21 @@ checkpoints that differ from them only in the data order after the change
   cases and on the others (``model_sign_drift`` / ``model_sign_own``);
 - the default model's scores against the replicate forks (``model_on_replicate``).
 
-Writes ``results/whatif_ceilings.json``:
+Writes ``results/whatif_ceilings.json`` (every group of :data:`analyses.whatif_scores.GROUPS`;
+with group names as arguments only those, replacing their entries in the file and keeping the others):
 
     .venv/bin/python -m analyses whatif_ceilings     # replicate forks the first time (~10 s each)
+    .venv/bin/python -m analyses whatif_ceilings evaluation_5 evaluation_6
 """
 
 from pathlib import Path
 
 import numpy as np
 
-from analyses.whatif_scores import checks
+from analyses.whatif_scores import GROUPS, checks
 from experiments.linking.measure import split_half_windows
 from experiments.linking.scores import noise_ceiling
-from experiments.store import atomic_write_json, load_run
+from experiments.store import atomic_write_json, load_run, read_json
 from experiments.whatif.check import GROWTH_THRESHOLD, check
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "whatif_ceilings.json"
@@ -172,8 +174,13 @@ def main(argv=()):
     import torch
 
     torch.set_num_threads(1)
-    out = {"command": "python -m analyses whatif_ceilings", "data_seed": DATA_SEED}
-    for group, items in checks().items():
+    groups = list(argv) or list(GROUPS)
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise ValueError(f"groups={bad}: not among the valid groups {list(GROUPS)}")
+    out = read_json(OUT) if argv and OUT.exists() else {}
+    out.update({"command": "python -m analyses whatif_ceilings", "data_seed": DATA_SEED})
+    for group, items in checks(groups).items():
         rows = {}
         for key, (run_dir, at, changes) in items.items():
             rows[key] = one_check(run_dir, at, changes)
@@ -182,5 +189,5 @@ def main(argv=()):
         out[group] = {"settings": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in rows.items()},
                       "pooled": pooled}
         print(group, "pooled", pooled, flush=True)
-    atomic_write_json(OUT, out)
+        atomic_write_json(OUT, out)  # after each group: an interrupted run keeps the groups done
     return 0

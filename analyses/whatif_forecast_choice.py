@@ -1,62 +1,79 @@
-"""The choice of the what-if predictor (:mod:`experiments.whatif.predict`), fifth round
-(docs/findings/whatif.md, "Fifth round"), by the rule of the third and fourth rounds with the
+"""The choice of the what-if predictor (:mod:`experiments.whatif.predict`), sixth round
+(docs/findings/whatif.md, "Sixth round"), by the rule of the third to fifth rounds with the
 development settings extended to every setting seen so far.
 
-Candidate added in this round (written here, with the development set below, before it was
-scored on the development checks as a whole): the fixed-curvature model with the plateau-escape
-forecast of the unchanged run (:mod:`experiments.whatif.escape`: the excess of λ_max over the
-plateau exponential in flow time, up to the method's edge, where that is reached within the
-horizon; ``escape``). Against it the default: the link's NQM with the curvature held fixed,
-anchored on window 0 (``fixed``). The earlier rounds' candidates were rejected by this rule and
-are not candidates again. ``experiments/specs/whatif_eval5.toml`` (committed before anything on
-it was scored) is held out and not read here.
+Candidates of this round (written here, with the development set below, before any was scored
+on a check): the default's prediction with the unchanged run's post-escape drift of the gradient
+norm and the update ratio (:mod:`experiments.whatif.drift`: the slope of log ‖g_l‖ fitted on at
+most the last 3 windows after the plateau escape, kept where |t| ≥ 2; ρ, h/edge and the regime
+the default's), with the drift continued in steps (``drift_steps``, C1) or in each plan's flow
+time (``drift_flow``, C2); and one more, ``escape_drift``: the fifth round's plateau-escape
+forecast (:func:`experiments.whatif.escape.predictor`) as the model under the flow-time drift.
+Its rationale: the escape forecast acts only where no probe before the one at k has left the
+plateau, the drift only where the last two windows before k have, so the two never act on one
+check and their gains, if any, add; the flow clock is the escape forecast's own. Against them
+the default: the link's NQM with the curvature held fixed, anchored on window 0 (``fixed``). The
+earlier rounds' candidates were rejected by this rule and are not candidates again (``escape``
+alone included). ``experiments/specs/whatif_eval7.toml`` (committed before any run of it) is
+held out and not read here.
 
-Development, now every setting seen in the earlier rounds: the forks of
+Development, now every setting seen in the earlier rounds, seven fork groups: the forks of
 ``whatif_seed_cnn.toml`` (step 400), ``whatif_eval.toml`` and ``whatif_eval2.toml`` (steps
-300, 500), ``whatif_eval3.toml`` (steps 200, 400), ``whatif_eval4.toml`` (steps 300, 500;
-scored once in the fourth round, so no longer held out), and the seed setting's growth after
-its step-1000 decay on the four runs seen: ``seed_cnn.toml``'s lr 0.03, momentum 0.9, seed 0,
-``whatif_eval3_decay.toml``'s seed 3, lr 0.03 and 0.1, and ``whatif_eval4_decay.toml``'s seed 4,
-lr 0.05. Each fork check is scored twice: on the forks of the scores and on replicate forks
+300, 500), ``whatif_eval3.toml`` (steps 200, 400), ``whatif_eval4.toml`` (steps 300, 500),
+``whatif_eval5.toml`` and ``whatif_eval6.toml`` (steps 200, 400; held out in the fifth round,
+scored once there, development since), and the seed setting's growth after its step-1000 decay
+on the four runs seen: ``seed_cnn.toml``'s lr 0.03, momentum 0.9, seed 0,
+``whatif_eval3_decay.toml``'s seed 3, lr 0.03 and 0.1, and ``whatif_eval4_decay.toml``'s seed
+4, lr 0.05. Each fork check is scored twice: on the forks of the scores and on replicate forks
 that differ from them only in the data order (``RunConfig.fork_data_seed`` = 1; the noise
 ceilings' forks, ``analyses/whatif_ceilings.py``).
 
-The rule. Per candidate and data order, S = the mean of six terms: for each of the five fork
+The rule. Per candidate and data order, S = the mean of eight terms: for each of the seven fork
 groups ½(pooled correlation Spearman + pooled norm-change sign) (the issue's two targets), and
 the seed setting's fraction of layers whose growth has the right sign and a size within ×1.5
 (the issue's seed target; the mean over its four runs, the same in both orders). A
 candidate's score is S averaged over the two data orders. The candidate with the highest score
 replaces the default (``fixed``) only if it beats the default's score by more than twice the
 default's data-order standard error, |S₀ − S₁|/2 (two replicates: the standard error of their
-mean); otherwise the default stays. Ties go to fewer parts (``fixed`` < ``escape``).
+mean); otherwise the default stays. Ties go to fewer parts (``fixed`` < ``drift_steps`` =
+``drift_flow`` < ``escape_drift``; between the two drifts, the step clock, which assumes less).
 Writes ``results/whatif_forecast_choice.json``:
 
     .venv/bin/python -m analyses whatif_forecast_choice     # minutes (the forks are in the store)
+
+Result (run after this file was committed): ``escape_drift`` beat the default by 0.024 > the
+margin 0.023 and is the predictor in use since (:data:`experiments.whatif.predict.PREDICTOR`;
+the rule's ``fixed`` stays the fixed-curvature model it was written against). Added after that
+run, for the record only (:data:`RECORD_ONLY`, excluded from the choice): the fifth round's
+escape forecast alone, to show which part of ``escape_drift`` the gain comes from.
 """
 
 from pathlib import Path
 
 import numpy as np
 
-from analyses.whatif_scores import KEYS, _weighted, checks, seed_config, seed_decay_growth
+from analyses.whatif_scores import IN_USE, KEYS, _weighted, checks, seed_config, seed_decay_growth
 from experiments.store import atomic_write_json
 from experiments.sweeps import SPECS_DIR, expand, load_spec
-from experiments.whatif import escape
+from experiments.whatif import drift, escape
 from experiments.whatif.check import check
-from experiments.whatif.predict import PREDICTOR, nqm_predictor
+from experiments.whatif.predict import nqm_predictor
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "whatif_forecast_choice.json"
-GROUPS = ("development", "evaluation_seen_during_development", "evaluation_new", "evaluation_3", "evaluation_4")
+GROUPS = ("development", "evaluation_seen_during_development", "evaluation_new", "evaluation_3", "evaluation_4",
+          "evaluation_5", "evaluation_6")
 DATA_SEEDS = (0, 1)  # 0: the forks of the scores; 1: the replicate forks (another data order)
-RECORD_ONLY = None  # no record-only candidate this round
-PARTS = {"fixed": 0, "escape": 1}
+RECORD_ONLY = "escape"  # added after the rule's run, for the record (where the gain comes from); never chosen
+PARTS = {"fixed": 0, "drift_steps": 1, "drift_flow": 1.5, "escape_drift": 2, "escape": 1}  # drift_flow: steps first
 
 
 def candidates():
     """name -> predictor (``fixed``: the NQM with the curvature held fixed (its default,
-    :data:`experiments.whatif.predict.FORECAST`), anchored on window 0; ``escape``: the same with
-    the plateau-escape forecast, :func:`experiments.whatif.escape.predictor`)."""
-    return {"fixed": nqm_predictor, "escape": escape.predictor()}
+    :data:`experiments.whatif.predict.FORECAST`), anchored on window 0; ``drift_steps`` /
+    ``drift_flow``: :func:`experiments.whatif.drift.predictor` with the step / flow-time clock;
+    ``escape_drift``: the flow-time drift on the plateau-escape forecast)."""
+    return {"fixed": nqm_predictor, "drift_steps": drift.predictor("steps"), "drift_flow": drift.predictor("flow"),
+            "escape_drift": drift.predictor("flow", inner=escape.predictor()), RECORD_ONLY: escape.predictor()}
 
 
 def parts_on(name):
@@ -114,7 +131,7 @@ def main(argv=()):
     out = {"command": "python -m analyses whatif_forecast_choice", "rule": __doc__.split("The rule. ")[1].split(
         "Writes")[0].strip(), "data_seeds": list(DATA_SEEDS), "candidates": rows,
            "seed_runs": [sd["run"] for sd in seeds], "seed_measured_growth": [sd["measured_growth"] for sd in seeds],
-           "margin": margin, "chosen": chosen, "chosen_is_the_default": predictors[chosen] is PREDICTOR}
+           "margin": margin, "chosen": chosen, "chosen_is_the_default": chosen == IN_USE}
     atomic_write_json(OUT, out)
     print("margin", round(margin, 4), "chosen:", chosen,
           "(the default predictor)" if out["chosen_is_the_default"] else "(NOT the default predictor)")

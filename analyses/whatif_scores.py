@@ -11,25 +11,33 @@ in the third round, development since), on the fourth, held out in the fourth ro
 constant lr; steps 300 and 500; held out in the fourth round, development since), on the fifth,
 held out in the fifth round (``experiments/specs/whatif_eval5.toml``: a tanh MLP (64, 64, 64) on
 MNIST-1D, HB 0.02 / 0.9, NAG 0.05 / 0.8, HB 0.1 / 0.5, seed 5, constant lr; steps 200 and 400)
-and on the sixth (``experiments/specs/whatif_eval6.toml``: the seed CNN at batch 64, HB 0.015 /
-0.9, NAG 0.02 / 0.8, HB 0.06 / 0.5, seed 6, constant lr; steps 200 and 400),
+on the sixth (``experiments/specs/whatif_eval6.toml``: the seed CNN at batch 64, HB 0.015 /
+0.9, NAG 0.02 / 0.8, HB 0.06 / 0.5, seed 6, constant lr; steps 200 and 400; held out in the fifth
+round, development since), on the seventh, held out in the sixth round
+(``experiments/specs/whatif_eval7.toml``: a ResNet of width 8 with BatchNorm on MNIST-1D, HB 0.03 /
+0.9, NAG 0.05 / 0.7, HB 0.1 / 0.6, seed 7, constant lr; steps 200 and 400),
 and, in the seed setting (``experiments/specs/seed_cnn.toml``'s
 run lr 0.03, momentum 0.9, seed 0, one thread; a development setting), the per-layer norm growth
 after the step-1000 decay predicted at step 1000 (and on the runs of
 ``experiments/specs/whatif_eval3_decay.toml``: seed 3, lr 0.03 and 0.1, seen since the third
 round, and the held-out run of ``whatif_eval4_decay.toml``: seed 4, lr 0.05).
-``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`); beside it, on
-the same cases, those of the other candidates that differ from it: ``fixed`` (the link's NQM
-with the curvature held fixed, anchored on window 0), ``delta_persistence`` / ``delta_trend``
+``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`; since the sixth
+round ``escape_drift``, below); beside it, on the same cases, those of the other candidates:
+``fixed`` (the link's NQM with the curvature held fixed, anchored on window 0; the default until
+the sixth round), ``delta_persistence`` / ``delta_trend``
 (:mod:`experiments.whatif.delta`: the unchanged run forecast by persistence / by its flow-time
 trend, times the model's effect of the change; fourth-round candidates), ``sharpening`` (the
 stochastic-edge cap with the flow-time sharpening rate on; second round), ``sharpened_cap`` (the
 run-level cap gated on the curvature having left its initial value; third round), ``escape``
 (the fixed curvature with the plateau-escape forecast, :mod:`experiments.whatif.escape`; fifth
-round), and ``persistence``. (The earlier rounds' other variants are in the git history of this file.)
-Writes ``results/whatif_scores.json``:
+round), ``drift_steps`` / ``drift_flow`` (the default with the unchanged run's post-escape norm
+drift continued in steps / flow time, :mod:`experiments.whatif.drift`; sixth round),
+``escape_drift`` (the flow-time drift on the escape forecast; sixth round), and ``persistence``. (The earlier rounds' other variants are in the git history of this file.)
+Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
+setting, their entries replaced in the file and the others kept):
 
     .venv/bin/python -m analyses whatif_scores       # runs + forks the first time, then minutes
+    .venv/bin/python -m analyses whatif_scores evaluation_7
 """
 
 import functools
@@ -39,9 +47,9 @@ import numpy as np
 
 from experiments.runs.config import RunConfig, run_id
 from experiments.runs.loop import run
-from experiments.store import atomic_write_json, load_run
+from experiments.store import atomic_write_json, load_run, read_json
 from experiments.sweeps import SPECS_DIR, expand, load_spec, run_sweep
-from experiments.whatif import delta, escape
+from experiments.whatif import delta, drift, escape
 from experiments.whatif.check import check
 from experiments.whatif.curvature import CurvatureForecast
 from experiments.whatif.predict import PREDICTOR, changes_from, nqm_predictor
@@ -55,14 +63,14 @@ CANDIDATES = {  # name -> predictor
     "sharpening": functools.partial(nqm_predictor, curvature=CurvatureForecast(sharpening=True)),
     "sharpened_cap": functools.partial(nqm_predictor, curvature=CurvatureForecast(level="sharpened")),
     "escape": escape.predictor(),
+    "drift_steps": drift.predictor("steps"),
+    "drift_flow": drift.predictor("flow"),
+    "escape_drift": drift.predictor("flow", inner=escape.predictor()),
 }
 
 
-def _key(pr):
-    return (pr.func, pr.args, tuple(sorted(pr.keywords.items()))) if isinstance(pr, functools.partial) else (pr,)
-
-
-VARIANTS = {"model": PREDICTOR, **{n: pr for n, pr in CANDIDATES.items() if _key(pr) != _key(PREDICTOR)}}
+IN_USE = "escape_drift"  # the candidate PREDICTOR computes (predict.default_predictor; tests/test_whatif_drift.py)
+VARIANTS = {"model": PREDICTOR, **{n: pr for n, pr in CANDIDATES.items() if n != IN_USE}}
 NAMES = (*VARIANTS, "persistence")
 KEYS = ("corr_spearman", "norm_sign", "norm_factor_1p5", "effect_sign", "effect_factor_1p5", "ratio_mae",
         "h_edge_rel_error", "regime_agreement", "h_edge_layer_rel_error", "regime_layer_agreement")
@@ -103,7 +111,8 @@ GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_3": ("whatif_eval3", [200, 400]),
           "evaluation_4": ("whatif_eval4", [300, 500]),
           "evaluation_5": ("whatif_eval5", [200, 400]),
-          "evaluation_6": ("whatif_eval6", [200, 400])}
+          "evaluation_6": ("whatif_eval6", [200, 400]),
+          "evaluation_7": ("whatif_eval7", [200, 400])}
 
 
 def setting_checks(spec_name, steps):
@@ -174,10 +183,19 @@ def main(argv=()):
     import torch
 
     torch.set_num_threads(1)
-    out = {"command": "python -m analyses whatif_scores"}
-    for group, (spec_name, steps) in GROUPS.items():
-        settings, pooled_scores = score_setting(spec_name, steps)
+    groups = list(argv) or list(GROUPS)
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise ValueError(f"groups={bad}: not among the valid groups {list(GROUPS)}")
+    out = read_json(OUT) if argv and OUT.exists() else {}
+    out["command"] = "python -m analyses whatif_scores"
+    for group in groups:
+        settings, pooled_scores = score_setting(*GROUPS[group])
         out[group] = {"settings": settings, "pooled": pooled_scores}
+        print(group, pooled_scores, flush=True)
+    if argv:
+        atomic_write_json(OUT, out)
+        return 0
     out["seed_decay_growth"] = seed_decay_growth()
     spec = load_spec(SPECS_DIR / "whatif_eval3_decay.toml")
     run_sweep(spec, root=ROOT, workers=0, progress=False)

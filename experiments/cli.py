@@ -362,11 +362,12 @@ def _add_whatif(subparsers):
     p.add_argument("--window", type=int, help="window in steps (default: the probe spacing)")
     p.add_argument("--windows", type=int, default=2, help="windows after STEP (default 2)")
     p.add_argument("--check", action="store_true", help="run the forks (from a checkpoint at STEP) and score")
-    p.add_argument("--base", choices=("window0", "persistence", "trend", "escape"),
+    p.add_argument("--base", choices=("window0", "persistence", "trend", "escape", "drift-steps", "drift-flow"),
                    help="the unchanged run's level: window0 (the model anchored on the window before STEP), "
                    "persistence or trend (a forecast of the unchanged run times the model's effect of the "
-                   "change), escape (window0 with the plateau escape forecast where one is due); default: "
-                   "the predictor in use")
+                   "change), escape (window0 with the plateau escape forecast where one is due), drift-steps / "
+                   "drift-flow (window0 with the norm's post-escape drift, continued in steps / flow time); "
+                   "default: the predictor in use (escape with drift-flow)")
     p.add_argument("--data-dir", help="directory with local dataset files")
     p.add_argument("--out", help="write the predictions (and measurements) as netCDF here")
     p.add_argument("--json", help="with --check: write the scores as JSON here")
@@ -388,8 +389,11 @@ def _whatif_main(args):
     changes = changes_from(args.lr_factor, args.decay, args.momentum, args.method)
     from experiments.whatif.escape import predictor as escape_predictor
 
+    from experiments.whatif import drift
+
     pr = None if args.base is None else nqm_predictor if args.base == "window0" else (
-        escape_predictor() if args.base == "escape" else delta.predictor(args.base))
+        escape_predictor() if args.base == "escape" else drift.predictor(args.base[6:])
+        if args.base.startswith("drift-") else delta.predictor(args.base))
     if args.check:
         ds = check(args.run_dir, args.at, changes, window=args.window, n_windows=args.windows,
                    data_dir=args.data_dir, predictor=pr)

@@ -9,13 +9,16 @@ momentum and method of every step 0..k+nW−1 (:func:`plan`).
 The prediction per change, layer and window (window 0: the W steps before k, measured;
 windows 1..n: [k+(j−1)W, k+jW)):
 
-- the *link model* (:data:`PREDICTOR`, by default :func:`nqm_predictor`) gives model values of
+- the *link model* (:data:`PREDICTOR`; :func:`nqm_predictor` is the fixed-curvature core, and
+  the predictor in use, :func:`default_predictor`, adds the plateau-escape forecast before a
+  run's escape and the norm's post-escape drift after it) gives model values of
   the successive-gradient correlation ρ, E‖g‖² and E‖Δθ‖² per window, for window 0 too;
 - these are anchored on window 0's measurement: ρ̂_j = ρ_meas,0 + (ρ_j − ρ_0),
   ‖g‖̂_j = ‖g‖_meas,0·√(E‖g‖²_j / E‖g‖²_0), update ratio
   r̂_j = r_meas,0 + ½log₁₀(E‖Δθ‖²_j / E‖Δθ‖²_0) (the update:parameter ratio's
   log10(mean|Δθ|/mean|θ|), with mean|Δθ| ∝ ‖Δθ‖ and θ nearly constant over a window):
-  the model supplies the change, the trace the level;
+  the model supplies the change, the trace the level (the predictor in use then continues the
+  unchanged run's post-escape drift of the norm and the update ratio, :mod:`experiments.whatif.drift`);
 - h/edge and the regime of the network's top mode: α_new·λ'_max over the new method's edge
   (docs/theory.md §2), λ'_max the curvature forecast's (:mod:`experiments.whatif.curvature`:
   held at or below the edge, or the run's level where it sits at its stochastic edge, under the
@@ -271,7 +274,20 @@ def nqm_predictor(trace, config, at, plans, windows, smooth=3, signal=True, curv
     return ds
 
 
-PREDICTOR = nqm_predictor  # the one function an improved link model replaces
+def default_predictor(trace, config, at, plans, windows):
+    """The predictor in use (:data:`PREDICTOR`), chosen by the sixth round's rule
+    (docs/findings/whatif.md, "Sixth round"; ``escape_drift`` in
+    ``analyses/whatif_forecast_choice.py``): :func:`nqm_predictor` with the plateau-escape
+    forecast (:func:`experiments.whatif.escape.predictor`, acting only before a run's escape)
+    under the unchanged run's post-escape norm drift in flow time
+    (:func:`experiments.whatif.drift.predictor`, acting only after it); where neither acts, the
+    fixed-curvature model anchored on window 0 (:func:`nqm_predictor`) exactly."""
+    from experiments.whatif import drift, escape  # they build on this module
+
+    return drift.drift_predictor(trace, config, at, plans, windows, clock="flow", inner=escape.predictor())
+
+
+PREDICTOR = default_predictor  # the one function an improved link model replaces
 
 
 # --------------------------------------------------------------------------- measured windows
@@ -460,7 +476,7 @@ def fork_config(parent, parent_id, at, change, horizon, data_seed=0):
 
 
 __all__ = ["Change", "SCHEDULED", "changes_from", "fork_config", "measure_windows", "nqm_predictor", "plan",
-           "whatif", "window_bounds", "PREDICTOR"]
+           "whatif", "window_bounds", "PREDICTOR", "default_predictor"]
 
 
 def format_whatif(ds):
