@@ -69,7 +69,7 @@ PARTS = {"fixed": 0, "drift_steps": 1, "drift_flow": 1.5, "escape_drift": 2, "es
 
 def candidates():
     """name -> predictor (``fixed``: the NQM with the curvature held fixed (its default,
-    :data:`experiments.whatif.predict.FORECAST`), anchored on window 0; ``drift_steps`` /
+    :data:`experiments.whatif.core.FORECAST`), anchored on window 0; ``drift_steps`` /
     ``drift_flow``: :func:`experiments.whatif.drift.predictor` with the step / flow-time clock;
     ``escape_drift``: the flow-time drift on the plateau-escape forecast)."""
     return {"fixed": nqm_predictor, "drift_steps": drift.predictor("steps"), "drift_flow": drift.predictor("flow"),

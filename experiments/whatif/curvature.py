@@ -59,7 +59,7 @@ step :math:`\delta_t = \alpha_t/(1-\beta_t)` of the plan,
 :math:`\lambda'_k = \min(\lambda_k, c_k)` and
 :math:`\lambda'_{t+1} = \min(\lambda'_t e^{r\delta_t}, c_{t+1})`, λ_k the curvature the link
 model's spectra are built from (the trailing mean of the last probes at or before k,
-:func:`experiments.whatif.predict.nqm_predictor`'s ``smooth``): so a plan that changes
+:func:`experiments.whatif.core.nqm_predictor`'s ``smooth``): so a plan that changes
 nothing, without sharpening, has λ' ≡ λ_k and its prediction is the fixed-curvature one.
 After a decay ×0.1 the cap moves ten times higher and (b) predicts a rise at a tenth of the
 per-step rate before; after an lr increase (a) predicts a fall where the run is at its
@@ -86,7 +86,7 @@ class CurvatureForecast:
     """Which parts of the forecast are on: ``cap`` (a) at the ``level`` "stochastic", "edge"
     or "run", ``sharpening`` (b) over the ``last`` probes below the edge (0: all), ``noise``
     (c). The defaults: the stochastic-edge cap with the noise following the curvature (not on
-    in the what-if predictions by default: :data:`experiments.whatif.predict.FORECAST`)."""
+    in the what-if predictions by default: :data:`experiments.whatif.core.FORECAST`)."""
 
     cap: bool = True
     level: str = "stochastic"  # the run's own h/edge where it sits at its stochastic edge, else the edge's

@@ -57,8 +57,8 @@ import functools
 import numpy as np
 
 from experiments.linking.core import run_method
+from experiments.whatif.core import ANCHORED, measure_windows, nqm_predictor
 from experiments.whatif.curvature import flow_time
-from experiments.whatif.predict import ANCHORED, measure_windows, nqm_predictor
 
 BASES = ("persistence", "trend")
 N_TREND = 3  # windows before k in the trend fit (window 0 and the two before it)
@@ -112,7 +112,7 @@ def combine(base_corr, base_norm, base_ratio, model, ref):
 
 def delta_predictor(trace, config, at, plans, windows, base="persistence", n_trend=N_TREND, inner=None):
     """A predictor (:data:`experiments.whatif.predict.PREDICTOR`'s signature) returning the
-    ``inner`` model's values (default :func:`experiments.whatif.predict.nqm_predictor` with its
+    ``inner`` model's values (default :func:`experiments.whatif.core.nqm_predictor` with its
     default curvature) for ``plans`` and, in ``anchored_grad_corr`` / ``anchored_grad_norm`` /
     ``anchored_update_ratio``, the prediction of the module docstring, which
     :func:`experiments.whatif.predict.whatif` uses in place of its window-0 anchoring.

@@ -58,7 +58,7 @@ multiplicative and independent of the drift (as in :mod:`~experiments.whatif.del
 model's own motion of the unchanged plan (NQM relaxation under the last probe's spectrum, a
 scheduled decay) and the measured drift are separate (the model's spectrum is held fixed, so
 the drift it lacks is the one measured). ``inner``: the model whose default anchoring is
-used (default :func:`experiments.whatif.predict.nqm_predictor`; the plateau-escape forecast,
+used (default :func:`experiments.whatif.core.nqm_predictor`; the plateau-escape forecast,
 :func:`experiments.whatif.escape.predictor`, acts only before the escape, the drift only
 after it, so the two combine without overlap).
 """
@@ -70,9 +70,9 @@ import numpy as np
 import xarray as xr
 
 from experiments.linking.core import run_method
+from experiments.whatif.core import measure_windows, nqm_predictor
 from experiments.whatif.curvature import SHARPENED
 from experiments.whatif.delta import window_clock
-from experiments.whatif.predict import measure_windows, nqm_predictor
 
 CLOCKS = ("steps", "flow")
 N_FIT = 3  # at most this many escaped windows before k in the fit (delta.N_TREND, the link's trailing mean)

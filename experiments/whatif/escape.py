@@ -1,5 +1,5 @@
 r"""A forecast of the unchanged run's plateau escape, as a curvature option of the what-if
-predictions (:func:`experiments.whatif.predict.nqm_predictor`'s ``curvature``;
+predictions (:func:`experiments.whatif.core.nqm_predictor`'s ``curvature``;
 docs/findings/whatif.md, "Fifth round").
 
 The networks of the what-if settings start on a plateau: λ_max stays at its initialization's
@@ -57,6 +57,7 @@ import numpy as np
 
 from dynamics.quadratic import stability_edge
 from experiments.linking.predict import EDGE_MARGIN
+from experiments.whatif.core import nqm_predictor
 from experiments.whatif.curvature import SHARPENED, flow_steps
 
 N_FIT = 3  # probes at or before k in the fit of the escape's rate (as the link model's trailing mean)
@@ -131,7 +132,7 @@ def escape_path(esc, at, plan, margin=EDGE_MARGIN):
 @dataclass(frozen=True)
 class EscapeForecast:
     """The plateau-escape forecast as a ``curvature`` option of
-    :func:`experiments.whatif.predict.nqm_predictor` (its ``rate`` / ``factor`` interface:
+    :func:`experiments.whatif.core.nqm_predictor` (its ``rate`` / ``factor`` interface:
     ``rate`` returns the fitted :class:`Escape`, ``factor`` the κ_t of the module docstring);
     ``noise``: the gradient noise scales with the curvature too."""
 
@@ -153,7 +154,7 @@ class EscapeForecast:
     def factor(self, lam_at, esc, at, plan, h_run=np.inf, at_edge=False):
         """κ_t = λ'_t / ``lam_at`` (λ̄) for t = 0..T−1: min(λ_k × growth, cap)/λ̄ from ``at`` on
         where the escape is due under ``plan``; ``None`` where it is not: then nothing moves and
-        :func:`~experiments.whatif.predict.nqm_predictor` keeps the fixed curvature, h/edge
+        :func:`~experiments.whatif.core.nqm_predictor` keeps the fixed curvature, h/edge
         included (``h_run``, ``at_edge`` unused)."""
         if not (np.isfinite(lam_at) and lam_at > 0):
             raise ValueError(f"lam_at={lam_at!r} is outside the valid range (0, inf)")
@@ -166,9 +167,7 @@ class EscapeForecast:
 
 
 def predictor(**kw):
-    """:func:`experiments.whatif.predict.nqm_predictor` with ``curvature=EscapeForecast(**kw)``: a PREDICTOR."""
-    from experiments.whatif.predict import nqm_predictor
-
+    """:func:`experiments.whatif.core.nqm_predictor` with ``curvature=EscapeForecast(**kw)``: a PREDICTOR."""
     return functools.partial(nqm_predictor, curvature=EscapeForecast(**kw))
 
 
