@@ -24,8 +24,8 @@ after the step-1000 decay predicted at step 1000 (and on the runs of
 ``experiments/specs/whatif_eval3_decay.toml``: seed 3, lr 0.03 and 0.1, seen since the third
 round, the run of ``whatif_eval4_decay.toml``: seed 4, lr 0.05, held out in the fourth round, and
 the runs of ``whatif_eval8_decay.toml``: seed 8, lr 0.02 and 0.07, held out in the seventh round).
-``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`; since the sixth
-round ``escape_drift``, below); beside it, on the same cases, those of the other candidates:
+``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`; since the seventh
+round ``sharpen_decay_run``, below; ``escape_drift`` in the sixth); beside it, on the same cases, those of the other candidates:
 ``fixed`` (the link's NQM with the curvature held fixed, anchored on window 0; the default until
 the sixth round), ``delta_persistence`` / ``delta_trend``
 (:mod:`experiments.whatif.delta`: the unchanged run forecast by persistence / by its flow-time
@@ -78,7 +78,7 @@ CANDIDATES = {  # name -> predictor
 }
 
 
-IN_USE = "escape_drift"  # the candidate PREDICTOR computes (predict.default_predictor; tests/test_whatif_drift.py)
+IN_USE = "sharpen_decay_run"  # the candidate PREDICTOR computes (predict.default_predictor; tests/test_whatif_drift.py)
 VARIANTS = {"model": PREDICTOR, **{n: pr for n, pr in CANDIDATES.items() if n != IN_USE}}
 NAMES = (*VARIANTS, "persistence")
 KEYS = ("corr_spearman", "norm_sign", "norm_factor_1p5", "effect_sign", "effect_factor_1p5", "ratio_mae",
