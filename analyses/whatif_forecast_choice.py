@@ -40,6 +40,10 @@ Writes ``results/whatif_forecast_choice.json``:
 
     .venv/bin/python -m analyses whatif_forecast_choice     # minutes (the forks are in the store)
 
+Result (run after this file was committed): ``sharpen_decay_run`` 0.690 and ``sharpen_decay`` 0.687
+beat the default's 0.594 by more than the margin 0.025; ``sharpen_decay_run`` is the predictor in
+use since (:data:`experiments.whatif.predict.PREDICTOR`; the rule's ``escape_drift`` stays the
+sixth round's predictor it was written against).
 """
 
 from pathlib import Path
