@@ -1,51 +1,49 @@
-"""The choice of the what-if predictor (:mod:`experiments.whatif.predict`), sixth round
-(docs/findings/whatif.md, "Sixth round"), by the rule of the third to fifth rounds with the
+"""The choice of the what-if predictor (:mod:`experiments.whatif.predict`), seventh round
+(docs/findings/whatif.md, "Seventh round"), by the rule of the third to sixth rounds with the
 development settings extended to every setting seen so far.
 
 Candidates of this round (written here, with the development set below, before any was scored
-on a check): the default's prediction with the unchanged run's post-escape drift of the gradient
-norm and the update ratio (:mod:`experiments.whatif.drift`: the slope of log ‖g_l‖ fitted on at
-most the last 3 windows after the plateau escape, kept where |t| ≥ 2; ρ, h/edge and the regime
-the default's), with the drift continued in steps (``drift_steps``, C1) or in each plan's flow
-time (``drift_flow``, C2); and one more, ``escape_drift``: the fifth round's plateau-escape
-forecast (:func:`experiments.whatif.escape.predictor`) as the model under the flow-time drift.
-Its rationale: the escape forecast acts only where no probe before the one at k has left the
-plateau, the drift only where the last two windows before k have, so the two never act on one
-check and their gains, if any, add; the flow clock is the escape forecast's own. Against them
-the default: the link's NQM with the curvature held fixed, anchored on window 0 (``fixed``). The
-earlier rounds' candidates were rejected by this rule and are not candidates again (``escape``
-alone included). ``experiments/specs/whatif_eval7.toml`` (committed before any run of it) is
-held out and not read here.
+on a check or on the seed setting): the predictor in use (``escape_drift``: the plateau-escape
+forecast under the flow-time post-escape norm drift, :func:`experiments.whatif.predict.default_predictor`;
+the default) with, under the same drift, the progressive sharpening after an lr *decrease*
+(:mod:`experiments.whatif.sharpen`: from a plan's first step whose lr is below the lr before k,
+λ_max rises at the run's own flow-time sharpening rate measured on its probes below the edge
+before k, continued in the new flow time; acting only on plans with an lr decrease inside the
+horizon, every other plan's prediction the predictor in use's to the bit), capped at the new
+method's edge (``sharpen_decay``, C1) or at the run's own level h̄ carried to the new lr
+(``sharpen_decay_run``, C2: a decrease × f lets λ_max rise at most × 1/f). The earlier rounds'
+candidates were rejected by this rule and are not candidates again.
+``experiments/specs/whatif_eval8.toml`` and ``whatif_eval8_decay.toml`` (committed before any run
+of them) are held out and not read here.
 
-Development, now every setting seen in the earlier rounds, seven fork groups: the forks of
+Development, every setting seen in the earlier rounds, eight fork groups: the forks of
 ``whatif_seed_cnn.toml`` (step 400), ``whatif_eval.toml`` and ``whatif_eval2.toml`` (steps
 300, 500), ``whatif_eval3.toml`` (steps 200, 400), ``whatif_eval4.toml`` (steps 300, 500),
-``whatif_eval5.toml`` and ``whatif_eval6.toml`` (steps 200, 400; held out in the fifth round,
-scored once there, development since), and the seed setting's growth after its step-1000 decay
-on the four runs seen: ``seed_cnn.toml``'s lr 0.03, momentum 0.9, seed 0,
+``whatif_eval5.toml``, ``whatif_eval6.toml`` and ``whatif_eval7.toml`` (steps 200, 400; eval7 held
+out in the sixth round, scored once there, development since), and the seed setting's growth after
+its step-1000 decay on the four runs seen: ``seed_cnn.toml``'s lr 0.03, momentum 0.9, seed 0,
 ``whatif_eval3_decay.toml``'s seed 3, lr 0.03 and 0.1, and ``whatif_eval4_decay.toml``'s seed
 4, lr 0.05. Each fork check is scored twice: on the forks of the scores and on replicate forks
 that differ from them only in the data order (``RunConfig.fork_data_seed`` = 1; the noise
 ceilings' forks, ``analyses/whatif_ceilings.py``).
 
-The rule. Per candidate and data order, S = the mean of eight terms: for each of the seven fork
+The rule. Per candidate and data order, S = the mean of nine terms: for each of the eight fork
 groups ½(pooled correlation Spearman + pooled norm-change sign) (the issue's two targets), and
 the seed setting's fraction of layers whose growth has the right sign and a size within ×1.5
 (the issue's seed target; the mean over its four runs, the same in both orders). A
 candidate's score is S averaged over the two data orders. The candidate with the highest score
-replaces the default (``fixed``) only if it beats the default's score by more than twice the
+replaces the default (``escape_drift``) only if it beats the default's score by more than twice the
 default's data-order standard error, |S₀ − S₁|/2 (two replicates: the standard error of their
-mean); otherwise the default stays. Ties go to fewer parts (``fixed`` < ``drift_steps`` =
-``drift_flow`` < ``escape_drift``; between the two drifts, the step clock, which assumes less).
+mean); otherwise the default stays. Ties go to fewer parts (``escape_drift`` < ``sharpen_decay``
+< ``sharpen_decay_run``: the run's level assumes more than the method's edge).
 Writes ``results/whatif_forecast_choice.json``:
 
     .venv/bin/python -m analyses whatif_forecast_choice     # minutes (the forks are in the store)
 
-Result (run after this file was committed): ``escape_drift`` beat the default by 0.024 > the
-margin 0.023 and is the predictor in use since (:data:`experiments.whatif.predict.PREDICTOR`;
-the rule's ``fixed`` stays the fixed-curvature model it was written against). Added after that
-run, for the record only (:data:`RECORD_ONLY`, excluded from the choice): the fifth round's
-escape forecast alone, to show which part of ``escape_drift`` the gain comes from.
+Result (run after this file was committed): ``sharpen_decay_run`` 0.690 and ``sharpen_decay`` 0.687
+beat the default's 0.594 by more than the margin 0.025; ``sharpen_decay_run`` is the predictor in
+use since (:data:`experiments.whatif.predict.PREDICTOR`; the rule's ``escape_drift`` stays the
+sixth round's predictor it was written against).
 """
 
 from pathlib import Path
@@ -55,25 +53,25 @@ import numpy as np
 from analyses.whatif_scores import IN_USE, KEYS, _weighted, checks, seed_config, seed_decay_growth
 from experiments.store import atomic_write_json
 from experiments.sweeps import SPECS_DIR, expand, load_spec
-from experiments.whatif import drift, escape
+from experiments.whatif import drift, escape, sharpen
 from experiments.whatif.check import check
-from experiments.whatif.predict import nqm_predictor
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "whatif_forecast_choice.json"
 GROUPS = ("development", "evaluation_seen_during_development", "evaluation_new", "evaluation_3", "evaluation_4",
-          "evaluation_5", "evaluation_6")
+          "evaluation_5", "evaluation_6", "evaluation_7")
 DATA_SEEDS = (0, 1)  # 0: the forks of the scores; 1: the replicate forks (another data order)
-RECORD_ONLY = "escape"  # added after the rule's run, for the record (where the gain comes from); never chosen
-PARTS = {"fixed": 0, "drift_steps": 1, "drift_flow": 1.5, "escape_drift": 2, "escape": 1}  # drift_flow: steps first
+DEFAULT = "escape_drift"  # the predictor in use (experiments.whatif.predict.default_predictor)
+RECORD_ONLY = ()  # record-only rows (never chosen); none this round
+PARTS = {"escape_drift": 2, "sharpen_decay": 3, "sharpen_decay_run": 3.5}
 
 
 def candidates():
-    """name -> predictor (``fixed``: the NQM with the curvature held fixed (its default,
-    :data:`experiments.whatif.core.FORECAST`), anchored on window 0; ``drift_steps`` /
-    ``drift_flow``: :func:`experiments.whatif.drift.predictor` with the step / flow-time clock;
-    ``escape_drift``: the flow-time drift on the plateau-escape forecast)."""
-    return {"fixed": nqm_predictor, "drift_steps": drift.predictor("steps"), "drift_flow": drift.predictor("flow"),
-            "escape_drift": drift.predictor("flow", inner=escape.predictor()), RECORD_ONLY: escape.predictor()}
+    """name -> predictor (``escape_drift``: the flow-time drift on the plateau-escape forecast, the
+    predictor in use; ``sharpen_decay`` / ``sharpen_decay_run``: the same drift on
+    :func:`experiments.whatif.sharpen.predictor` with the cap at the new edge / at the run's level)."""
+    return {"escape_drift": drift.predictor("flow", inner=escape.predictor()),
+            "sharpen_decay": drift.predictor("flow", inner=sharpen.predictor("edge")),
+            "sharpen_decay_run": drift.predictor("flow", inner=sharpen.predictor("run"))}
 
 
 def parts_on(name):
@@ -93,12 +91,12 @@ def rule_score(groups, seed_right):
     return float(np.mean(terms))
 
 
-def choose(rows, default="fixed"):
+def choose(rows, default=DEFAULT):
     """The rule of the module docstring over {name: {"score": mean S, "S": [S per data order]}}:
     (chosen name, the margin a candidate had to beat)."""
     s0, s1 = rows[default]["S"]
     margin = 2 * abs(s0 - s1) / 2
-    ok = [n for n in rows if n != RECORD_ONLY]
+    ok = [n for n in rows if n not in RECORD_ONLY]
     best = max(ok, key=lambda n: (rows[n]["score"], -parts_on(n)))
     return (best if rows[best]["score"] - rows[default]["score"] > margin else default), margin
 

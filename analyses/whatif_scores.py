@@ -15,14 +15,17 @@ on the sixth (``experiments/specs/whatif_eval6.toml``: the seed CNN at batch 64,
 0.9, NAG 0.02 / 0.8, HB 0.06 / 0.5, seed 6, constant lr; steps 200 and 400; held out in the fifth
 round, development since), on the seventh, held out in the sixth round
 (``experiments/specs/whatif_eval7.toml``: a ResNet of width 8 with BatchNorm on MNIST-1D, HB 0.03 /
-0.9, NAG 0.05 / 0.7, HB 0.1 / 0.6, seed 7, constant lr; steps 200 and 400),
-and, in the seed setting (``experiments/specs/seed_cnn.toml``'s
+0.9, NAG 0.05 / 0.7, HB 0.1 / 0.6, seed 7, constant lr; steps 200 and 400; development since the
+seventh round), on the eighth, held out in the seventh round (``experiments/specs/whatif_eval8.toml``:
+a ReLU MLP (128, 64) on scikit-learn's digits, HB 0.05 / 0.9, NAG 0.1 / 0.8, HB 0.2 / 0.5, seed 8,
+constant lr; steps 200 and 400), and, in the seed setting (``experiments/specs/seed_cnn.toml``'s
 run lr 0.03, momentum 0.9, seed 0, one thread; a development setting), the per-layer norm growth
 after the step-1000 decay predicted at step 1000 (and on the runs of
 ``experiments/specs/whatif_eval3_decay.toml``: seed 3, lr 0.03 and 0.1, seen since the third
-round, and the held-out run of ``whatif_eval4_decay.toml``: seed 4, lr 0.05).
-``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`; since the sixth
-round ``escape_drift``, below); beside it, on the same cases, those of the other candidates:
+round, the run of ``whatif_eval4_decay.toml``: seed 4, lr 0.05, held out in the fourth round, and
+the runs of ``whatif_eval8_decay.toml``: seed 8, lr 0.02 and 0.07, held out in the seventh round).
+``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`; since the seventh
+round ``sharpen_decay_run``, below; ``escape_drift`` in the sixth); beside it, on the same cases, those of the other candidates:
 ``fixed`` (the link's NQM with the curvature held fixed, anchored on window 0; the default until
 the sixth round), ``delta_persistence`` / ``delta_trend``
 (:mod:`experiments.whatif.delta`: the unchanged run forecast by persistence / by its flow-time
@@ -32,12 +35,16 @@ run-level cap gated on the curvature having left its initial value; third round)
 (the fixed curvature with the plateau-escape forecast, :mod:`experiments.whatif.escape`; fifth
 round), ``drift_steps`` / ``drift_flow`` (the default with the unchanged run's post-escape norm
 drift continued in steps / flow time, :mod:`experiments.whatif.drift`; sixth round),
-``escape_drift`` (the flow-time drift on the escape forecast; sixth round), and ``persistence``. (The earlier rounds' other variants are in the git history of this file.)
+``escape_drift`` (the flow-time drift on the escape forecast; sixth round), ``sharpen_decay`` /
+``sharpen_decay_run`` (the same drift on the progressive sharpening after an lr decrease, capped at
+the new edge / at the run's level, :mod:`experiments.whatif.sharpen`; seventh round), and
+``persistence``. (The earlier rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
-setting, their entries replaced in the file and the others kept):
+setting unless named (``seed_decay_growth``, ``seed_decay_growth_eval3``, ``_eval4``, ``_eval8``), their
+entries replaced in the file and the others kept):
 
     .venv/bin/python -m analyses whatif_scores       # runs + forks the first time, then minutes
-    .venv/bin/python -m analyses whatif_scores evaluation_7
+    .venv/bin/python -m analyses whatif_scores evaluation_8 seed_decay_growth_eval8
 """
 
 import functools
@@ -49,7 +56,7 @@ from experiments.runs.config import RunConfig, run_id
 from experiments.runs.loop import run
 from experiments.store import atomic_write_json, load_run, read_json
 from experiments.sweeps import SPECS_DIR, expand, load_spec, run_sweep
-from experiments.whatif import delta, drift, escape
+from experiments.whatif import delta, drift, escape, sharpen
 from experiments.whatif.check import check
 from experiments.whatif.curvature import CurvatureForecast
 from experiments.whatif.predict import PREDICTOR, changes_from, nqm_predictor
@@ -66,10 +73,12 @@ CANDIDATES = {  # name -> predictor
     "drift_steps": drift.predictor("steps"),
     "drift_flow": drift.predictor("flow"),
     "escape_drift": drift.predictor("flow", inner=escape.predictor()),
+    "sharpen_decay": drift.predictor("flow", inner=sharpen.predictor("edge")),
+    "sharpen_decay_run": drift.predictor("flow", inner=sharpen.predictor("run")),
 }
 
 
-IN_USE = "escape_drift"  # the candidate PREDICTOR computes (predict.default_predictor; tests/test_whatif_drift.py)
+IN_USE = "sharpen_decay_run"  # the candidate PREDICTOR computes (predict.default_predictor; tests/test_whatif_drift.py)
 VARIANTS = {"model": PREDICTOR, **{n: pr for n, pr in CANDIDATES.items() if n != IN_USE}}
 NAMES = (*VARIANTS, "persistence")
 KEYS = ("corr_spearman", "norm_sign", "norm_factor_1p5", "effect_sign", "effect_factor_1p5", "ratio_mae",
@@ -112,7 +121,10 @@ GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_4": ("whatif_eval4", [300, 500]),
           "evaluation_5": ("whatif_eval5", [200, 400]),
           "evaluation_6": ("whatif_eval6", [200, 400]),
-          "evaluation_7": ("whatif_eval7", [200, 400])}
+          "evaluation_7": ("whatif_eval7", [200, 400]),
+          "evaluation_8": ("whatif_eval8", [200, 400])}
+SEED_SPECS = {"seed_decay_growth": None, "seed_decay_growth_eval3": "whatif_eval3_decay",
+              "seed_decay_growth_eval4": "whatif_eval4_decay", "seed_decay_growth_eval8": "whatif_eval8_decay"}
 
 
 def setting_checks(spec_name, steps):
@@ -179,33 +191,34 @@ def seed_decay_growth(variants=None, config=None):
     return out
 
 
+def seed_entry(name):
+    """The seed-setting entry ``name`` of :data:`SEED_SPECS`: seed_cnn.toml's run, or per run of
+    the named spec (run first if missing)."""
+    if SEED_SPECS[name] is None:
+        return seed_decay_growth()
+    spec = load_spec(SPECS_DIR / f"{SEED_SPECS[name]}.toml")
+    run_sweep(spec, root=ROOT, workers=0, progress=False)
+    return {f"lr={c.lr:g} seed={c.seed}": seed_decay_growth(config=c) for c in expand(spec)}
+
+
 def main(argv=()):
     import torch
 
     torch.set_num_threads(1)
-    groups = list(argv) or list(GROUPS)
-    bad = [g for g in groups if g not in GROUPS]
+    bad = [g for g in argv if g not in GROUPS and g not in SEED_SPECS]
     if bad:
-        raise ValueError(f"groups={bad}: not among the valid groups {list(GROUPS)}")
+        raise ValueError(f"groups={bad}: not among the valid groups {list(GROUPS) + list(SEED_SPECS)}")
+    groups = [g for g in argv if g in GROUPS] if argv else list(GROUPS)
+    seeds = [g for g in argv if g in SEED_SPECS] if argv else list(SEED_SPECS)
     out = read_json(OUT) if argv and OUT.exists() else {}
     out["command"] = "python -m analyses whatif_scores"
     for group in groups:
         settings, pooled_scores = score_setting(*GROUPS[group])
         out[group] = {"settings": settings, "pooled": pooled_scores}
         print(group, pooled_scores, flush=True)
-    if argv:
-        atomic_write_json(OUT, out)
-        return 0
-    out["seed_decay_growth"] = seed_decay_growth()
-    spec = load_spec(SPECS_DIR / "whatif_eval3_decay.toml")
-    run_sweep(spec, root=ROOT, workers=0, progress=False)
-    out["seed_decay_growth_eval3"] = {f"lr={c.lr:g} seed={c.seed}": seed_decay_growth(config=c) for c in expand(spec)}
-    spec = load_spec(SPECS_DIR / "whatif_eval4_decay.toml")
-    run_sweep(spec, root=ROOT, workers=0, progress=False)
-    out["seed_decay_growth_eval4"] = {f"lr={c.lr:g} seed={c.seed}": seed_decay_growth(config=c) for c in expand(spec)}
+    for name in seeds:
+        out[name] = seed_entry(name)
+        print(name, "done", flush=True)
     atomic_write_json(OUT, out)
-    print({g: out[g]["pooled"] for g in GROUPS})
-    for key, res in [("seed", out["seed_decay_growth"])] + list(out["seed_decay_growth_eval3"].items()) + list(
-            out["seed_decay_growth_eval4"].items()):
-        print(key, {k: v for k, v in res.items() if k != "scores_vs_before_decay"})
+    print({g: out[g]["pooled"] for g in GROUPS if g in out})
     return 0

@@ -367,7 +367,7 @@ def _add_whatif(subparsers):
                    "persistence or trend (a forecast of the unchanged run times the model's effect of the "
                    "change), escape (window0 with the plateau escape forecast where one is due), drift-steps / "
                    "drift-flow (window0 with the norm's post-escape drift, continued in steps / flow time); "
-                   "default: the predictor in use (escape with drift-flow)")
+                   "default: the predictor in use (escape and the sharpening after an lr decrease, with drift-flow)")
     p.add_argument("--data-dir", help="directory with local dataset files")
     p.add_argument("--out", help="write the predictions (and measurements) as netCDF here")
     p.add_argument("--json", help="with --check: write the scores as JSON here")

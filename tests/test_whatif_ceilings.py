@@ -52,18 +52,17 @@ def test_a_replicate_check_forks_every_change_with_another_data_order(tmp_path):
 
 def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
     groups = {g: {"corr_spearman": 0.6, "norm_sign": 0.4} for g in GROUPS}
-    assert rule_score(groups, 1.0) == pytest.approx((7 * 0.5 + 1.0) / 8)  # seven fork groups and the seed term
-    assert set(candidates()) == {"fixed", "drift_steps", "drift_flow", "escape_drift", "escape"}
-    rows = {"fixed": {"S": [0.46, 0.50], "score": 0.48}, "drift_flow": {"S": [0.51, 0.50], "score": 0.505}}
-    assert choose(rows) == ("fixed", pytest.approx(0.04))  # +0.025 < 2 se = 0.04
-    rows["drift_flow"] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows)[0] == "drift_flow"  # +0.05 > 0.04
-    rows["drift_steps"] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows)[0] == "drift_steps"  # a tie of the clocks: the step clock
-    rows = {"fixed": {"S": [0.48, 0.48], "score": 0.48}, "escape_drift": {"S": [0.48, 0.48], "score": 0.48}}
-    assert choose(rows)[0] == "fixed"  # a tie: fewer parts
-    rows["escape"] = {"S": [0.6, 0.6], "score": 0.6}
-    assert choose(rows)[0] == "fixed"  # the record-only candidate is never chosen
+    assert rule_score(groups, 1.0) == pytest.approx((8 * 0.5 + 1.0) / 9)  # eight fork groups and the seed term
+    assert set(candidates()) == {"escape_drift", "sharpen_decay", "sharpen_decay_run"}
+    d = "escape_drift"
+    rows = {d: {"S": [0.46, 0.50], "score": 0.48}, "sharpen_decay": {"S": [0.51, 0.50], "score": 0.505}}
+    assert choose(rows) == (d, pytest.approx(0.04))  # +0.025 < 2 se = 0.04
+    rows["sharpen_decay"] = {"S": [0.53, 0.53], "score": 0.53}
+    assert choose(rows)[0] == "sharpen_decay"  # +0.05 > 0.04
+    rows["sharpen_decay_run"] = {"S": [0.53, 0.53], "score": 0.53}
+    assert choose(rows)[0] == "sharpen_decay"  # a tie of the caps: the method's edge
+    rows = {d: {"S": [0.48, 0.48], "score": 0.48}, "sharpen_decay": {"S": [0.48, 0.48], "score": 0.48}}
+    assert choose(rows)[0] == d  # a tie: fewer parts, the default
 
 
 def test_drift_share_counts_the_moves_the_unchanged_run_made_too():

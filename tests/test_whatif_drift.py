@@ -166,7 +166,7 @@ def test_cli_base_drift(tiny_run, capsys):  # noqa: F811 (the fixture)
     assert "invalid choice: 'drift'" in capsys.readouterr().err
 
 
-def test_the_predictor_in_use_is_the_flow_drift_on_the_escape_forecast(tiny_run):  # noqa: F811
+def test_the_predictor_in_use_is_the_flow_drift_on_the_escape_and_decay_sharpening_forecast(tiny_run):  # noqa: F811
     from analyses.whatif_forecast_choice import candidates
     from analyses.whatif_scores import IN_USE
     from experiments.whatif.predict import PREDICTOR

@@ -33,7 +33,7 @@ def defined_regime(method, h, momentum):
 # --------------------------------------------------------------------------- the link model
 # nqm_predictor's curvature forecast by default, chosen on the development settings
 # (docs/findings/whatif.md): none, the curvature held fixed (the predictor in use,
-# experiments.whatif.predict.default_predictor, passes the plateau-escape forecast instead). The stochastic-edge cap (CurvatureForecast()) predicts the same
+# experiments.whatif.predict.default_predictor, passes the plateau-escape forecast and the sharpening after an lr decrease instead). The stochastic-edge cap (CurvatureForecast()) predicts the same
 # there (no development run sits at its stochastic edge, and the method's edge does not bind),
 # and the rule's tie goes to the simpler model; the flow-time sharpening fails the correlation floor.
 FORECAST = None

@@ -1,7 +1,7 @@
 r"""The default's prediction with the unchanged run's *post-escape drift* of the gradient norm
 (and the update:parameter ratio) added: a predictor option of :mod:`experiments.whatif.predict`
-(docs/findings/whatif.md, "Sixth round"). With the flow clock on the plateau-escape forecast it
-is the predictor in use (:func:`experiments.whatif.predict.default_predictor`).
+(docs/findings/whatif.md, "Sixth round"). With the flow clock on the plateau-escape forecast and
+the sharpening after an lr decrease it is the predictor in use (:func:`experiments.whatif.predict.default_predictor`).
 
 Most scored norm moves (54–71 %) are the unchanged run's own drift, which the default (the
 link's NQM at fixed curvature, anchored on window 0) treats as stationary. The fourth round's

@@ -11,7 +11,8 @@ windows 1..n: [k+(j−1)W, k+jW)):
 
 - the *link model* (:data:`PREDICTOR`; :func:`nqm_predictor` is the fixed-curvature core, and
   the predictor in use, :func:`default_predictor`, adds the plateau-escape forecast before a
-  run's escape and the norm's post-escape drift after it) gives model values of
+  run's escape, the progressive sharpening after an lr decrease and the norm's post-escape
+  drift after the escape) gives model values of
   the successive-gradient correlation ρ, E‖g‖² and E‖Δθ‖² per window, for window 0 too;
 - these are anchored on window 0's measurement: ρ̂_j = ρ_meas,0 + (ρ_j − ρ_0),
   ‖g‖̂_j = ‖g‖_meas,0·√(E‖g‖²_j / E‖g‖²_0), update ratio
@@ -47,7 +48,7 @@ from dynamics.quadratic import stability_edge
 from experiments.linking.core import run_method
 from experiments.linking.measure import default_window
 from experiments.runs.optim import lr_factors
-from experiments.whatif import drift, escape
+from experiments.whatif import drift, sharpen
 from experiments.whatif.core import ANCHORED, defined_regime, measure_windows, nqm_predictor
 
 METHODS = ("gd", "hb", "nag")
@@ -149,14 +150,18 @@ def window_bounds(at, window, n_windows):
 
 
 def default_predictor(trace, config, at, plans, windows):
-    """The predictor in use (:data:`PREDICTOR`), chosen by the sixth round's rule
-    (docs/findings/whatif.md, "Sixth round"; ``escape_drift`` in
+    """The predictor in use (:data:`PREDICTOR`), chosen by the seventh round's rule
+    (docs/findings/whatif.md, "Seventh round"; ``sharpen_decay_run`` in
     ``analyses/whatif_forecast_choice.py``): :func:`nqm_predictor` with the plateau-escape
-    forecast (:func:`experiments.whatif.escape.predictor`, acting only before a run's escape)
+    forecast (:mod:`experiments.whatif.escape`, acting only before a run's escape) and the
+    progressive sharpening after an lr decrease, capped at the run's own level
+    (:func:`experiments.whatif.sharpen.predictor`, acting only on plans with an lr decrease),
     under the unchanged run's post-escape norm drift in flow time
-    (:func:`experiments.whatif.drift.predictor`, acting only after it); where neither acts, the
-    fixed-curvature model anchored on window 0 (:func:`nqm_predictor`) exactly."""
-    return drift.drift_predictor(trace, config, at, plans, windows, clock="flow", inner=escape.predictor())
+    (:func:`experiments.whatif.drift.predictor`, acting only after the escape); where none acts,
+    the fixed-curvature model anchored on window 0 (:func:`nqm_predictor`) exactly. (The sixth
+    round's predictor is the same without the sharpening: ``drift.predictor("flow",
+    inner=escape.predictor())``.)"""
+    return drift.drift_predictor(trace, config, at, plans, windows, clock="flow", inner=sharpen.predictor("run"))
 
 
 PREDICTOR = default_predictor  # the one function an improved link model replaces
