@@ -32,10 +32,12 @@ def defined_regime(method, h, momentum):
 
 # --------------------------------------------------------------------------- the link model
 # nqm_predictor's curvature forecast by default, chosen on the development settings
-# (docs/findings/whatif.md): none, the curvature held fixed (the predictor in use,
-# experiments.whatif.predict.default_predictor, passes the plateau-escape forecast and the sharpening after an lr decrease instead). The stochastic-edge cap (CurvatureForecast()) predicts the same
-# there (no development run sits at its stochastic edge, and the method's edge does not bind),
-# and the rule's tie goes to the simpler model; the flow-time sharpening fails the correlation floor.
+# (docs/findings/whatif.md, first two rounds): none, the curvature held fixed. The stochastic-edge
+# cap (CurvatureForecast()) predicts the same there (no development run sits at its stochastic
+# edge, and the method's edge does not bind), and the rule's tie goes to the simpler model; the
+# flow-time sharpening fails the correlation floor. (The predictor in use,
+# experiments.whatif.predict.default_predictor, passes the plateau-escape forecast and the
+# sharpening after an lr decrease instead.)
 FORECAST = None
 
 
@@ -187,3 +189,17 @@ def measure_windows(trace, windows, method, momentum, after=None):
                        "h_edge": ("window", h_edge), "regime": ("window", reg),
                        "h_edge_layer": (dims, h_layer), "regime_layer": (dims, reg_layer.astype(str))},
                       coords={"window": np.arange(len(windows)), "layer": trace["layer"].values})
+
+
+def anchor_on_window0(meas0, model):
+    r"""The model's values anchored on window 0's measurement (``meas0``: :func:`measure_windows`
+    of window 0; ``model``: a predictor's output over (change, window, layer)):
+    ρ̂_j = ρ_meas,0 + (ρ_j − ρ_0), ‖g‖̂_j = ‖g‖_meas,0·√(E‖g‖²_j / E‖g‖²_0),
+    r̂_j = r_meas,0 + ½log₁₀(E‖Δθ‖²_j / E‖Δθ‖²_0) (:mod:`experiments.whatif.predict`'s docstring).
+    Returns (corr, norm, ratio)."""
+    m0 = model.isel(window=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = meas0["grad_corr"] + (model["grad_corr"] - m0["grad_corr"])
+        norm = meas0["grad_norm"] * np.sqrt(model["grad_sq"] / m0["grad_sq"])
+        ratio = meas0["update_ratio"] + 0.5 * np.log10(model["update_sq"] / m0["update_sq"])
+    return corr, norm, ratio

@@ -70,7 +70,7 @@ import numpy as np
 import xarray as xr
 
 from experiments.linking.core import run_method
-from experiments.whatif.core import measure_windows, nqm_predictor
+from experiments.whatif.core import anchor_on_window0, measure_windows, nqm_predictor
 from experiments.whatif.curvature import SHARPENED
 from experiments.whatif.delta import window_clock
 
@@ -167,11 +167,7 @@ def drift_predictor(trace, config, at, plans, windows, clock="steps", inner=None
     model = inner(trace, config, at, plans, windows)
     method, momentum = run_method(config)
     meas0 = measure_windows(trace, windows[:1], method, momentum).isel(window=0, drop=True)
-    m0 = model.isel(window=0)
-    with np.errstate(invalid="ignore", divide="ignore"):  # the default's anchoring (whatif), to the bit
-        corr = meas0["grad_corr"] + (model["grad_corr"] - m0["grad_corr"])
-        norm = meas0["grad_norm"] * np.sqrt(model["grad_sq"] / m0["grad_sq"])
-        ratio = meas0["update_ratio"] + 0.5 * np.log10(model["update_sq"] / m0["update_sq"])
+    corr, norm, ratio = anchor_on_window0(meas0, model)  # the default's anchoring (whatif), to the bit
     width = windows[0][1] - windows[0][0]
     n_all = max(1, at // width)
     past = [(at - i * width, at - (i - 1) * width) for i in range(n_all, 0, -1)]

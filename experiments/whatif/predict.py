@@ -49,7 +49,7 @@ from experiments.linking.core import run_method
 from experiments.linking.measure import default_window
 from experiments.runs.optim import lr_factors
 from experiments.whatif import drift, sharpen
-from experiments.whatif.core import ANCHORED, defined_regime, measure_windows, nqm_predictor
+from experiments.whatif.core import ANCHORED, anchor_on_window0, defined_regime, measure_windows, nqm_predictor
 
 METHODS = ("gd", "hb", "nag")
 LENGTH_SCHEDULES = ("cosine", "linear")  # their lr factors depend on the run's length (steps)
@@ -217,11 +217,7 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     before = trace.isel(step=slice(0, at)).sel(probe_step=probes[probes <= at])
     model = (predictor or PREDICTOR)(before, config, at, plans, windows)
     meas0 = measure_windows(before, windows[:1], method, momentum).isel(window=0, drop=True)
-    m0 = model.isel(window=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        corr = meas0["grad_corr"] + (model["grad_corr"] - m0["grad_corr"])
-        norm = meas0["grad_norm"] * np.sqrt(model["grad_sq"] / m0["grad_sq"])
-        ratio = meas0["update_ratio"] + 0.5 * np.log10(model["update_sq"] / m0["update_sq"])
+    corr, norm, ratio = anchor_on_window0(meas0, model)
     if all(k in model for k in ANCHORED):  # the predictor anchors itself (experiments.whatif.delta)
         corr, norm, ratio = (model[k] for k in ANCHORED)
     lam_top = float(before["sharpness_global"].values[-1])
