@@ -50,10 +50,9 @@ from pathlib import Path
 
 import numpy as np
 
-from analyses.whatif_scores import IN_USE, KEYS, _weighted, checks, seed_config, seed_decay_growth
+from analyses.whatif_scores import CANDIDATES, IN_USE, KEYS, _weighted, checks, seed_config, seed_decay_growth
 from experiments.store import atomic_write_json
 from experiments.sweeps import SPECS_DIR, expand, load_spec
-from experiments.whatif import drift, escape, sharpen
 from experiments.whatif.check import check
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "whatif_forecast_choice.json"
@@ -69,9 +68,7 @@ def candidates():
     """name -> predictor (``escape_drift``: the flow-time drift on the plateau-escape forecast, the
     predictor in use; ``sharpen_decay`` / ``sharpen_decay_run``: the same drift on
     :func:`experiments.whatif.sharpen.predictor` with the cap at the new edge / at the run's level)."""
-    return {"escape_drift": drift.predictor("flow", inner=escape.predictor()),
-            "sharpen_decay": drift.predictor("flow", inner=sharpen.predictor("edge")),
-            "sharpen_decay_run": drift.predictor("flow", inner=sharpen.predictor("run"))}
+    return {name: CANDIDATES[name] for name in ("escape_drift", "sharpen_decay", "sharpen_decay_run")}
 
 
 def parts_on(name):

@@ -376,10 +376,7 @@ def _add_whatif(subparsers):
 
 def _whatif_main(args):
     from experiments.whatif.check import check, format_scores
-    from experiments.whatif.predict import changes_from, format_whatif, whatif
-
-    from experiments.whatif import delta
-    from experiments.whatif.predict import nqm_predictor
+    from experiments.whatif.predict import BASES, changes_from, format_whatif, whatif
 
     if args.json and not args.check:
         raise ValueError(f"json={args.json!r} writes the scores of --check; valid only with --check")
@@ -387,13 +384,7 @@ def _whatif_main(args):
         if path:
             store.check_writable(path, name)
     changes = changes_from(args.lr_factor, args.decay, args.momentum, args.method)
-    from experiments.whatif.escape import predictor as escape_predictor
-
-    from experiments.whatif import drift
-
-    pr = None if args.base is None else nqm_predictor if args.base == "window0" else (
-        escape_predictor() if args.base == "escape" else drift.predictor(args.base[6:])
-        if args.base.startswith("drift-") else delta.predictor(args.base))
+    pr = None if args.base is None else BASES[args.base]
     if args.check:
         ds = check(args.run_dir, args.at, changes, window=args.window, n_windows=args.windows,
                    data_dir=args.data_dir, predictor=pr)

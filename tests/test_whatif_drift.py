@@ -180,3 +180,16 @@ def test_the_predictor_in_use_is_the_flow_drift_on_the_escape_and_decay_sharpeni
     b = whatif(trace, 40, changes, window=10, predictor=candidates()[IN_USE])
     xr.testing.assert_identical(a, b)
     assert PREDICTOR.__name__ == "default_predictor"
+
+
+def test_cli_base_choices_are_the_named_predictors():
+    """``optdyn whatif --base`` offers exactly :data:`experiments.whatif.predict.BASES`' names
+    (the parser lists them without importing the what-if package)."""
+    import argparse
+
+    from experiments.cli import build_parser
+    from experiments.whatif.predict import BASES
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    base = next(a for a in sub.choices["whatif"]._actions if a.dest == "base")
+    assert tuple(base.choices) == tuple(BASES)

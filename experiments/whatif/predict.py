@@ -48,7 +48,7 @@ from dynamics.quadratic import stability_edge
 from experiments.linking.core import run_method
 from experiments.linking.measure import default_window
 from experiments.runs.optim import lr_factors
-from experiments.whatif import drift, sharpen
+from experiments.whatif import delta, drift, escape, sharpen
 from experiments.whatif.core import ANCHORED, anchor_on_window0, defined_regime, measure_windows, nqm_predictor
 
 METHODS = ("gd", "hb", "nag")
@@ -165,6 +165,17 @@ def default_predictor(trace, config, at, plans, windows):
 
 
 PREDICTOR = default_predictor  # the one function an improved link model replaces
+
+# The unchanged run's level by name (``optdyn whatif --base``), each a predictor with
+# :data:`PREDICTOR`'s signature.
+BASES = {
+    "window0": nqm_predictor,  # the fixed-curvature model anchored on window 0
+    "persistence": delta.predictor("persistence"),
+    "trend": delta.predictor("trend"),
+    "escape": escape.predictor(),
+    "drift-steps": drift.predictor("steps"),
+    "drift-flow": drift.predictor("flow"),
+}
 
 
 # --------------------------------------------------------------------------- whatif
@@ -305,7 +316,7 @@ def fork_config(parent, parent_id, at, change, horizon, data_seed=0):
 
 
 __all__ = ["Change", "SCHEDULED", "changes_from", "defined_regime", "diverged_step", "fork_config",
-           "measure_windows", "nqm_predictor", "plan", "whatif", "window_bounds", "PREDICTOR", "default_predictor"]
+           "measure_windows", "nqm_predictor", "plan", "whatif", "window_bounds", "PREDICTOR", "BASES", "default_predictor"]
 
 
 def format_whatif(ds):
