@@ -1,7 +1,8 @@
 r"""What every what-if predictor builds on (:mod:`experiments.whatif.predict` composes them):
 the link's NQM run through each plan with the curvature held fixed (:func:`nqm_predictor`,
 the model of docs/theory.md §4, §5, §9), the measured windows a prediction is anchored on and
-scored against (:func:`measure_windows`), and the regime label of a mode (:func:`defined_regime`).
+scored against (:func:`measure_windows`), the regime label of a mode (:func:`defined_regime`) and
+the step a run diverged at (:func:`diverged_step`).
 The predictor options (:mod:`experiments.whatif.delta`, :mod:`experiments.whatif.escape`,
 :mod:`experiments.whatif.drift`) wrap :func:`nqm_predictor`; the protocol a predictor follows is
 in :mod:`experiments.whatif.predict`'s docstring.
@@ -28,6 +29,20 @@ def defined_regime(method, h, momentum):
     a saddle: the mode grows away, no regime of a stable quadratic) or not finite, as the link
     labels it (:func:`experiments.linking.core.link_trace`)."""
     return str(regime(method, h, momentum)) if np.isfinite(h) and h > 0 else "undefined"
+
+
+def diverged_step(trace):
+    """The step at which the run diverged (its first non-finite loss or gradient norm), or None:
+    the run summary's ``diverged_step`` where ``attrs`` has it, else read off the trace."""
+    summary = trace.attrs.get("summary")
+    if isinstance(summary, dict) and "diverged_step" in summary:
+        s = summary["diverged_step"]
+        return None if s is None else int(s)
+    bad = np.zeros(trace.sizes["step"], dtype=bool)
+    for k in ("loss", "grad_norm_global"):
+        if k in trace and trace[k].dims == ("step",):
+            bad |= ~np.isfinite(trace[k].values)
+    return int(np.argmax(bad)) if bad.any() else None
 
 
 # --------------------------------------------------------------------------- the link model

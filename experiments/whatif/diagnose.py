@@ -35,7 +35,7 @@ import numpy as np
 
 from dynamics.nqm.stationary import gradient_autocorrelation
 from dynamics.quadratic import regime, stability_edge
-from experiments.whatif.predict import diverged_step
+from experiments.whatif.core import diverged_step
 
 RATIO_UNSTABLE, RATIO_HEALTHY, RATIO_SLOW = -2.0, -3.0, -4.0
 EXPLODE_PER_WINDOW = np.log10(2.0)
@@ -64,7 +64,7 @@ class Diagnosis:
 def diagnose(trace, *, clip=None, last=None, until=None, config=None):
     """The findings for every layer (see the module docstring for the rules); ``until``: look
     at the trace before that step only (default: all of it). A run that diverged (a non-finite
-    loss or gradient at step s, :func:`experiments.whatif.predict.diverged_step`) is diagnosed
+    loss or gradient at step s, :func:`experiments.whatif.core.diverged_step`) is diagnosed
     before s (``until`` at most s; ``info["diverged_step"]``); with fewer than two finite steps
     there is nothing to diagnose (ValueError)."""
     config = dict(trace.attrs.get("config", {}) if config is None else config)

@@ -49,7 +49,8 @@ from experiments.linking.core import run_method
 from experiments.linking.measure import default_window
 from experiments.runs.optim import lr_factors
 from experiments.whatif import delta, drift, escape, sharpen
-from experiments.whatif.core import ANCHORED, anchor_on_window0, defined_regime, measure_windows, nqm_predictor
+from experiments.whatif.core import (ANCHORED, anchor_on_window0, defined_regime, diverged_step, measure_windows,
+                                    nqm_predictor)
 
 METHODS = ("gd", "hb", "nag")
 LENGTH_SCHEDULES = ("cosine", "linear")  # their lr factors depend on the run's length (steps)
@@ -128,20 +129,6 @@ def plan(config, at, change, horizon):
     mom[at:] = 0.0 if new_method == "gd" else (momentum if change.momentum is None else change.momentum)
     meth[at:] = new_method
     return {"lr": lrs, "momentum": mom, "method": meth}
-
-
-def diverged_step(trace):
-    """The step at which the run diverged (its first non-finite loss or gradient norm), or None:
-    the run summary's ``diverged_step`` where ``attrs`` has it, else read off the trace."""
-    summary = trace.attrs.get("summary")
-    if isinstance(summary, dict) and "diverged_step" in summary:
-        s = summary["diverged_step"]
-        return None if s is None else int(s)
-    bad = np.zeros(trace.sizes["step"], dtype=bool)
-    for k in ("loss", "grad_norm_global"):
-        if k in trace and trace[k].dims == ("step",):
-            bad |= ~np.isfinite(trace[k].values)
-    return int(np.argmax(bad)) if bad.any() else None
 
 
 def window_bounds(at, window, n_windows):
