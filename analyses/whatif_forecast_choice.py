@@ -43,6 +43,18 @@ the standard error of their mean); otherwise the default stays. Ties go to fewer
 Writes ``results/whatif_forecast_choice.json``:
 
     .venv/bin/python -m analyses whatif_forecast_choice     # ~20 min (the forks are in the store)
+
+Result (run after this file was committed; ``results/whatif_forecast_choice.json``): the best,
+``since_escape_batches``, 0.660 / 0.684 (mean 0.672), beats the default's 0.630 / 0.665 (0.648) in
+both data orders, by +0.024, less than the margin 0.034: **the default stays**.
+
+Confirmation on held-out data (written after that result and before any score of the held-out
+families was seen; :func:`confirm`). The dev gain of ``since_escape_batches`` is positive in both
+orders but inside the margin, so it is put to the held-out families once: per candidate, H = the
+mean of two terms, eval9's ⅓(Spearman + norm sign + effect sign) (pooled, the forks of the
+scores) and the mean ``right`` of the seed setting over ``whatif_eval9_decay.toml``'s two runs.
+``since_escape_batches`` replaces the default if its H exceeds the default's (a held-out family
+has no replicate forks, so no margin); otherwise the default stays and the candidate is recorded.
 """
 
 from pathlib import Path
@@ -96,6 +108,21 @@ def choose(rows, default=DEFAULT):
     ok = [n for n in rows if n not in RECORD_ONLY]
     best = max(ok, key=lambda n: (rows[n]["score"], -parts_on(n)))
     return (best if rows[best]["score"] - rows[default]["score"] > margin else default), margin
+
+
+CHALLENGER = "since_escape_batches"  # the best of the rule's result, put to the held-out families
+
+
+def confirm(scores, challenger=CHALLENGER, group="evaluation_9", seed_entry="seed_decay_growth_eval9"):
+    """(H of the default (``model``), H of ``challenger``, whether the challenger replaces it) from
+    ``scores`` (``results/whatif_scores.json``'s dict; the module docstring's confirmation)."""
+    def held(name):
+        pooled = scores[group]["pooled"][name]
+        fork_term = float(np.nanmean([pooled[k] for k in SCORED]))
+        seed_term = float(np.mean([run[name]["right"] for run in scores[seed_entry].values()]))
+        return float(np.mean([fork_term, seed_term]))
+    h_default, h_challenger = held("model"), held(challenger)
+    return h_default, h_challenger, h_challenger > h_default
 
 
 def main(argv=()):

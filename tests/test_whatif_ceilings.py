@@ -84,3 +84,16 @@ def test_drift_share_counts_the_moves_the_unchanged_run_made_too():
     assert drift_share(ds) == (2, 1, 1, 0)
     grow, effect = growth_and_effect(ds)
     np.testing.assert_allclose(effect[0, 0], [1.5 / 1.3, 0.6])
+
+
+def test_the_confirmation_compares_the_held_out_terms_of_the_default_and_the_challenger():
+    from analyses.whatif_forecast_choice import CHALLENGER, confirm
+
+    fork = {"model": {"corr_spearman": 0.6, "norm_sign": 0.6, "effect_sign": 0.6},
+            CHALLENGER: {"corr_spearman": 0.6, "norm_sign": 0.9, "effect_sign": float("nan")}}
+    seed = {"lr=0.04": {"model": {"right": 0.5}, CHALLENGER: {"right": 0.25}},
+            "lr=0.06": {"model": {"right": 0.5}, CHALLENGER: {"right": 0.25}}}
+    h0, h1, switch = confirm({"evaluation_9": {"pooled": fork}, "seed_decay_growth_eval9": seed})
+    assert (h0, h1, switch) == (pytest.approx(0.55), pytest.approx(0.5), False)  # (0.6+0.5)/2; (0.75+0.25)/2
+    seed["lr=0.06"][CHALLENGER]["right"] = 0.75
+    assert confirm({"evaluation_9": {"pooled": fork}, "seed_decay_growth_eval9": seed})[2]
