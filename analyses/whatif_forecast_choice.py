@@ -55,6 +55,10 @@ mean of two terms, eval9's ⅓(Spearman + norm sign + effect sign) (pooled, the 
 scores) and the mean ``right`` of the seed setting over ``whatif_eval9_decay.toml``'s two runs.
 ``since_escape_batches`` replaces the default if its H exceeds the default's (a held-out family
 has no replicate forks, so no margin); otherwise the default stays and the candidate is recorded.
+Result (``python -m analyses whatif_scores evaluation_9 seed_decay_growth_eval9``, then
+:func:`confirm` on ``results/whatif_scores.json``): H default 0.684, ``since_escape_batches`` 0.664:
+the default stays (the challenger wins eval9's fork term, 0.828 against 0.796, and loses one layer
+of seven of the seed target at lr 0.04).
 """
 
 from pathlib import Path

@@ -238,3 +238,14 @@ def test_cli_base_choices_are_the_named_predictors():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     base = next(a for a in sub.choices["whatif"]._actions if a.dest == "base")
     assert tuple(base.choices) == tuple(BASES)
+
+
+def test_base_since_escape_is_the_eighth_rounds_best(tiny_run):  # noqa: F811 (the fixture)
+    from analyses.whatif_scores import CANDIDATES
+    from experiments.whatif.predict import BASES
+
+    trace = store.load_run(tiny_run)
+    ch = changes_from(lr_factors=[0.5])
+    a = whatif(trace, 40, ch, window=10, predictor=BASES["since-escape"])
+    b = whatif(trace, 40, ch, window=10, predictor=CANDIDATES["since_escape_batches"])
+    xr.testing.assert_identical(a, b)
