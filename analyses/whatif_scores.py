@@ -18,12 +18,16 @@ round, development since), on the seventh, held out in the sixth round
 0.9, NAG 0.05 / 0.7, HB 0.1 / 0.6, seed 7, constant lr; steps 200 and 400; development since the
 seventh round), on the eighth, held out in the seventh round (``experiments/specs/whatif_eval8.toml``:
 a ReLU MLP (128, 64) on scikit-learn's digits, HB 0.05 / 0.9, NAG 0.1 / 0.8, HB 0.2 / 0.5, seed 8,
-constant lr; steps 200 and 400), and, in the seed setting (``experiments/specs/seed_cnn.toml``'s
+constant lr; steps 200 and 400; development since the eighth round), on the ninth, held out in the
+eighth round (``experiments/specs/whatif_eval9.toml``: a transformer language model (2 blocks, dim
+32) on pytext, HB 0.03 / 0.9, NAG 0.1 / 0.8, HB 0.3 / 0.5, seed 9, constant lr; steps 200 and
+400), and, in the seed setting (``experiments/specs/seed_cnn.toml``'s
 run lr 0.03, momentum 0.9, seed 0, one thread; a development setting), the per-layer norm growth
 after the step-1000 decay predicted at step 1000 (and on the runs of
 ``experiments/specs/whatif_eval3_decay.toml``: seed 3, lr 0.03 and 0.1, seen since the third
 round, the run of ``whatif_eval4_decay.toml``: seed 4, lr 0.05, held out in the fourth round, and
-the runs of ``whatif_eval8_decay.toml``: seed 8, lr 0.02 and 0.07, held out in the seventh round).
+the runs of ``whatif_eval8_decay.toml``: seed 8, lr 0.02 and 0.07, held out in the seventh round,
+and of ``whatif_eval9_decay.toml``: seed 9, lr 0.04 and 0.06, held out in the eighth).
 ``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`; since the seventh
 round ``sharpen_decay_run``, below; ``escape_drift`` in the sixth); beside it, on the same cases, those of the other candidates:
 ``fixed`` (the link's NQM with the curvature held fixed, anchored on window 0; the default until
@@ -37,10 +41,13 @@ round), ``drift_steps`` / ``drift_flow`` (the default with the unchanged run's p
 drift continued in steps / flow time, :mod:`experiments.whatif.drift`; sixth round),
 ``escape_drift`` (the flow-time drift on the escape forecast; sixth round), ``sharpen_decay`` /
 ``sharpen_decay_run`` (the same drift on the progressive sharpening after an lr decrease, capped at
-the new edge / at the run's level, :mod:`experiments.whatif.sharpen`; seventh round), and
-``persistence``. (The earlier rounds' other variants are in the git history of this file.)
+the new edge / at the run's level, :mod:`experiments.whatif.sharpen`; seventh round),
+``since_escape_drift`` / ``since_escape_batches`` (the predictor in use with the drift's gate (a')
+and, for the second, its batch-means fit (b'), :mod:`experiments.whatif.drift`; eighth round),
+``escape_since_escape_batches`` (the same gate and fit on the escape forecast alone, without the
+sharpening; eighth round), and ``persistence``. (The earlier rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
-setting unless named (``seed_decay_growth``, ``seed_decay_growth_eval3``, ``_eval4``, ``_eval8``), their
+setting unless named (``seed_decay_growth``, ``seed_decay_growth_eval3``, ``_eval4``, ``_eval8``, ``_eval9``), their
 entries replaced in the file and the others kept):
 
     .venv/bin/python -m analyses whatif_scores       # runs + forks the first time, then minutes
@@ -75,6 +82,11 @@ CANDIDATES = {  # name -> predictor
     "escape_drift": drift.predictor("flow", inner=escape.predictor()),
     "sharpen_decay": drift.predictor("flow", inner=sharpen.predictor("edge")),
     "sharpen_decay_run": drift.predictor("flow", inner=sharpen.predictor("run")),
+    "since_escape_drift": drift.predictor("flow", inner=sharpen.predictor("run"), gate="since_escape"),
+    "since_escape_batches": drift.predictor("flow", inner=sharpen.predictor("run"), gate="since_escape",
+                                            fit="batches"),
+    "escape_since_escape_batches": drift.predictor("flow", inner=escape.predictor(), gate="since_escape",
+                                                   fit="batches"),
 }
 
 
@@ -122,9 +134,11 @@ GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_5": ("whatif_eval5", [200, 400]),
           "evaluation_6": ("whatif_eval6", [200, 400]),
           "evaluation_7": ("whatif_eval7", [200, 400]),
-          "evaluation_8": ("whatif_eval8", [200, 400])}
+          "evaluation_8": ("whatif_eval8", [200, 400]),
+          "evaluation_9": ("whatif_eval9", [200, 400])}
 SEED_SPECS = {"seed_decay_growth": None, "seed_decay_growth_eval3": "whatif_eval3_decay",
-              "seed_decay_growth_eval4": "whatif_eval4_decay", "seed_decay_growth_eval8": "whatif_eval8_decay"}
+              "seed_decay_growth_eval4": "whatif_eval4_decay", "seed_decay_growth_eval8": "whatif_eval8_decay",
+              "seed_decay_growth_eval9": "whatif_eval9_decay"}
 
 
 def setting_checks(spec_name, steps):

@@ -51,18 +51,21 @@ def test_a_replicate_check_forks_every_change_with_another_data_order(tmp_path):
 
 
 def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
-    groups = {g: {"corr_spearman": 0.6, "norm_sign": 0.4} for g in GROUPS}
-    assert rule_score(groups, 1.0) == pytest.approx((8 * 0.5 + 1.0) / 9)  # eight fork groups and the seed term
-    assert set(candidates()) == {"escape_drift", "sharpen_decay", "sharpen_decay_run"}
-    d = "escape_drift"
-    rows = {d: {"S": [0.46, 0.50], "score": 0.48}, "sharpen_decay": {"S": [0.51, 0.50], "score": 0.505}}
+    groups = {g: {"corr_spearman": 0.6, "norm_sign": 0.4, "effect_sign": 0.2} for g in GROUPS}
+    assert rule_score(groups, 1.0) == pytest.approx((9 * 0.4 + 1.0) / 10)  # nine fork groups and the seed term
+    groups["evaluation_8"]["effect_sign"] = float("nan")  # a group without an effect case: the two defined
+    assert rule_score(groups, 1.0) == pytest.approx((8 * 0.4 + 0.5 + 1.0) / 10)
+    assert set(candidates()) == {"escape_drift", "escape_since_escape_batches", "sharpen_decay_run",
+                                 "since_escape_drift", "since_escape_batches"}
+    d = "sharpen_decay_run"
+    rows = {d: {"S": [0.46, 0.50], "score": 0.48}, "since_escape_drift": {"S": [0.51, 0.50], "score": 0.505}}
     assert choose(rows) == (d, pytest.approx(0.04))  # +0.025 < 2 se = 0.04
-    rows["sharpen_decay"] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows)[0] == "sharpen_decay"  # +0.05 > 0.04
-    rows["sharpen_decay_run"] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows)[0] == "sharpen_decay"  # a tie of the caps: the method's edge
-    rows = {d: {"S": [0.48, 0.48], "score": 0.48}, "sharpen_decay": {"S": [0.48, 0.48], "score": 0.48}}
-    assert choose(rows)[0] == d  # a tie: fewer parts, the default
+    rows["since_escape_drift"] = {"S": [0.53, 0.53], "score": 0.53}
+    assert choose(rows)[0] == "since_escape_drift"  # +0.05 > 0.04
+    rows["escape_since_escape_batches"] = {"S": [0.53, 0.53], "score": 0.53}
+    assert choose(rows)[0] == "escape_since_escape_batches"  # a tie: fewer parts
+    rows = {d: {"S": [0.48, 0.48], "score": 0.48}, "escape_drift": {"S": [0.48, 0.48], "score": 0.48}}
+    assert choose(rows)[0] == d  # within the margin the default stays, whatever its parts
 
 
 def test_drift_share_counts_the_moves_the_unchanged_run_made_too():
@@ -81,3 +84,16 @@ def test_drift_share_counts_the_moves_the_unchanged_run_made_too():
     assert drift_share(ds) == (2, 1, 1, 0)
     grow, effect = growth_and_effect(ds)
     np.testing.assert_allclose(effect[0, 0], [1.5 / 1.3, 0.6])
+
+
+def test_the_confirmation_compares_the_held_out_terms_of_the_default_and_the_challenger():
+    from analyses.whatif_forecast_choice import CHALLENGER, confirm
+
+    fork = {"model": {"corr_spearman": 0.6, "norm_sign": 0.6, "effect_sign": 0.6},
+            CHALLENGER: {"corr_spearman": 0.6, "norm_sign": 0.9, "effect_sign": float("nan")}}
+    seed = {"lr=0.04": {"model": {"right": 0.5}, CHALLENGER: {"right": 0.25}},
+            "lr=0.06": {"model": {"right": 0.5}, CHALLENGER: {"right": 0.25}}}
+    h0, h1, switch = confirm({"evaluation_9": {"pooled": fork}, "seed_decay_growth_eval9": seed})
+    assert (h0, h1, switch) == (pytest.approx(0.55), pytest.approx(0.5), False)  # (0.6+0.5)/2; (0.75+0.25)/2
+    seed["lr=0.06"][CHALLENGER]["right"] = 0.75
+    assert confirm({"evaluation_9": {"pooled": fork}, "seed_decay_growth_eval9": seed})[2]

@@ -123,6 +123,51 @@ def test_escaped_windows_counts_the_unbroken_run_ending_at_window_0():
     assert drift.escaped_windows(probes, [np.nan] * 7, past) == 0
 
 
+def test_since_escape_windows_counts_from_the_escape_or_after_the_first_window():
+    probes = np.arange(7) * W
+    past = [(a, a + W) for a in range(0, 600, W)]
+    assert drift.since_escape_windows(probes, [0.2, 0.2, 10, 10, 10, 10, 10], past, W) == 4  # as escaped_windows
+    assert drift.since_escape_windows(probes, [0.2, 0.2, 10, 0.3, 10, 10, 10], past, W) == 4  # a fall does not end it
+    assert drift.since_escape_windows(probes, [0.6, 2.0, 0.5, 0.3, 0.2, 0.2, 0.2], past, W) == 5  # a bump, then a fall
+    assert drift.since_escape_windows(probes, [0.2] * 7, past, W) == 5  # never escaped: all but the first window
+    assert drift.since_escape_windows(probes, [np.nan] * 7, past, W) == 0
+
+
+def test_the_since_escape_gate_keeps_a_drift_the_escaped_gate_drops_and_none_on_a_rising_plateau():
+    # a fitted network: λ has a bump at 100 and falls below λ_0, the norm falls 0.005 per step all along
+    at, s = 400, -0.005
+    t = np.arange(at)
+    bump = constructed(s * t, [0.6, 2.0, 0.4, 0.3, 0.3])
+    assert np.all(predict(bump, at)["drift_norm"].values == 0)  # the sixth round's gate: λ < 2 λ_0 at k
+    out = predict(bump, at, gate="since_escape")  # windows 100-400
+    np.testing.assert_allclose(out["drift_norm"], s, rtol=0.05)
+    # the same norms on a plateau that is rising at k (the escape forecast's motion): no drift
+    plateau = constructed(s * t, [0.2, 0.21, 0.23, 0.26, 0.3])
+    assert np.all(predict(plateau, at, gate="since_escape")["drift_norm"].values == 0)
+    with pytest.raises(ValueError, match="gate='x' is unknown"):
+        predict(bump, at, gate="x")
+    with pytest.raises(ValueError, match="fit='x' is unknown"):
+        predict(bump, at, fit="x")
+
+
+def test_the_batch_fit_recovers_a_drift_from_one_window_and_keeps_none_on_a_flat_one():
+    # k = 2W: one window after the first; the window fit needs two, the batch fit (10 batch means) one
+    at, s = 2 * W, -0.01
+    t = np.arange(at)
+    trace = constructed(s * t, [1.0, 1.5, 0.8])
+    assert np.all(predict(trace, at, gate="since_escape")["drift_norm"].values == 0)
+    out = predict(trace, at, gate="since_escape", fit="batches")
+    np.testing.assert_allclose(out["drift_norm"], s, rtol=0.05)  # noise 2 %/step: SE of the slope ~3e-4
+    # window 1 is window 0 × e^{ŝ W} (the flat model moves nothing; centre to centre)
+    np.testing.assert_allclose(out["anchored_grad_norm"].isel(change=0, window=1),
+                               out["anchored_grad_norm"].isel(change=0, window=0) * np.exp(out["drift_norm"] * W),
+                               rtol=1e-12)
+    # a flat, noisy window: about the 5 % a |t| >= 2 test lets through (the batch means are independent here)
+    flat = constructed(np.zeros(at), [1.0, 1.5, 0.8], layers=400, noise=0.3, seed=2)
+    kept = predict(flat, at, gate="since_escape", fit="batches")["drift_norm"].values
+    assert np.mean(kept != 0) < 0.12  # 5 % ± 1 % (binomial, 400 layers); the t(8) tail at 2 is 8 %
+
+
 def test_rho_h_edge_and_regime_are_the_defaults_and_the_norm_drifts(tiny_run):
     # the tiny run, with a drift put into its per-layer norms after a constructed escape (λ_max at
     # the first probe divided by 10): the NQM's ρ, h/edge and regime are the default's exactly
@@ -193,3 +238,14 @@ def test_cli_base_choices_are_the_named_predictors():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     base = next(a for a in sub.choices["whatif"]._actions if a.dest == "base")
     assert tuple(base.choices) == tuple(BASES)
+
+
+def test_base_since_escape_is_the_eighth_rounds_best(tiny_run):  # noqa: F811 (the fixture)
+    from analyses.whatif_scores import CANDIDATES
+    from experiments.whatif.predict import BASES
+
+    trace = store.load_run(tiny_run)
+    ch = changes_from(lr_factors=[0.5])
+    a = whatif(trace, 40, ch, window=10, predictor=BASES["since-escape"])
+    b = whatif(trace, 40, ch, window=10, predictor=CANDIDATES["since_escape_batches"])
+    xr.testing.assert_identical(a, b)

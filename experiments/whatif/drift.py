@@ -46,6 +46,27 @@ The drift ŝ_l, from the windows of width W before k (window 0 = [k − W, k)):
     hard threshold: a slope indistinguishable from noise predicts no drift, as the default) and
     set to 0 elsewhere. No constant here was fitted on any score.
 
+The eighth round's options (docs/findings/whatif.md, "Eighth round"; the defaults above are the
+sixth round's):
+
+(a') ``gate="since_escape"``: the fit uses the unbroken run of windows ending at window 0 that start
+     at or after the run's plateau escape (its first probe at λ ≥ 2 λ_0), or, in a run that never
+     escaped, after its first window (the transient from the initialization)
+     (:func:`since_escape_windows`); none where the run is on its plateau and leaving it at k (the
+     plateau-escape forecast's rising fit, :func:`experiments.whatif.escape.fit_escape`: that
+     motion is the escape forecast's, not a drift). Why: gate (a) keeps the drift off wherever
+     λ_max falls back below 2 λ_0 after an early bump, or never reaches it (a network without a
+     plateau, e.g. an MLP whose curvature falls as it fits the data), although its norm drifts
+     (in the ReLU MLP on digits, 91 % of the scored norm moves are the unchanged run's own,
+     ``analyses/whatif_ceilings.py``'s ``drift_share``).
+(b') ``fit="batches"``: the slope is fitted on the :data:`N_BATCH` batch means per fitted window
+     (log ½ of the batch's mean ‖g‖², at the batch's mean clock), with the residual standard
+     error, SSR/(n − 2)/Σ d_i², as its SE (the batch means' scatter carries their sampling noise),
+     so one window (10 points) is enough: a change early in a run (k = 2W) has one window after
+     the first. Batch means of W/10 steps are not independent where the per-step series is
+     correlated over more steps (momentum β: ~1/(1 − β) steps), which makes this SE optimistic
+     by up to ~√2 at β = 0.9; the threshold T_KEEP is not changed for it (no constant fitted).
+
 *Clock* t: ``"steps"`` (the window's mean step: the drift keeps its pace whatever the change)
 or ``"flow"`` (the window's mean flow time τ = Σ α/(1 − β) under each change's own plan,
 :func:`experiments.whatif.delta.window_clock`: a drift along the optimizer's flow runs twice as
@@ -71,10 +92,13 @@ import xarray as xr
 
 from experiments.linking.core import run_method
 from experiments.whatif.core import anchor_on_window0, measure_windows, nqm_predictor
-from experiments.whatif.curvature import SHARPENED
+from experiments.whatif.curvature import SHARPENED, flow_time
 from experiments.whatif.delta import window_clock
+from experiments.whatif.escape import fit_escape
 
 CLOCKS = ("steps", "flow")
+GATES = ("escaped", "since_escape")
+FITS = ("windows", "batches")
 N_FIT = 3  # at most this many escaped windows before k in the fit (delta.N_TREND, the link's trailing mean)
 N_BATCH = 10  # batch means per window for the sampling standard error
 T_KEEP = 2.0  # a slope is kept where |slope| / SE >= this
@@ -94,6 +118,28 @@ def escaped_windows(probe_steps, lam, past):
             inside = probe_steps == probe_steps[probe_steps <= a].max(initial=-1)
         vals = lam[inside]
         if not (vals.size and np.all(np.isfinite(vals)) and np.all(vals >= SHARPENED * lam[0])):
+            break
+        n += 1
+    return n
+
+
+def since_escape_windows(probe_steps, lam, past, width):
+    r"""Of the windows ``past`` ([a, b), ascending, the last = window 0) the number of the last ones,
+    unbroken, that start at or after the run's plateau escape (its first probe at λ ≥
+    :data:`~experiments.whatif.curvature.SHARPENED` (2) × the first probe's λ), or, for a run
+    that has not escaped, at or after ``width`` (not the run's first window, which holds the
+    transient from the initialization): the eighth round's gate (module docstring (a')). Unlike
+    :func:`escaped_windows` a later fall of λ below 2 λ_0 does not end the count. 0 where the first
+    probe's λ is not finite and positive."""
+    probe_steps, lam = np.asarray(probe_steps), np.asarray(lam, dtype=float)
+    if probe_steps.size == 0 or not (np.isfinite(lam[0]) and lam[0] > 0):
+        return 0
+    with np.errstate(invalid="ignore"):
+        up = np.flatnonzero(lam[1:] >= SHARPENED * lam[0])
+    start = int(probe_steps[1 + up[0]]) if up.size else int(width)
+    n = 0
+    for a, _ in reversed(past):
+        if a < start:
             break
         n += 1
     return n
@@ -153,7 +199,28 @@ def window_stats(trace, past):
     return {k: np.array(v) for k, v in out.items()}
 
 
-def drift_predictor(trace, config, at, plans, windows, clock="steps", inner=None, n_fit=N_FIT):
+def batch_stats(trace, past, n_batch=N_BATCH):
+    """Per batch of ``n_batch`` consecutive batches in each window of ``past`` (rows, in order) and
+    layer: log ‖g‖ (½ log of the batch's mean ‖g‖²) and the batch's mean log10 update ratio; and the
+    batches' [a, b) (the eighth round's ``fit="batches"``, module docstring (b'))."""
+    g2 = trace["grad_norm"].transpose("step", "layer").values.astype(float) ** 2
+    r = trace["update_ratio"].transpose("step", "layer").values.astype(float)
+    rows, log_norm, ratio = [], [], []
+    for a, b in past:
+        for part in np.array_split(np.arange(a, b), int(n_batch)):
+            if not part.size:
+                continue
+            rows.append((int(part[0]), int(part[-1]) + 1))
+            with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN layers
+                log_norm.append(0.5 * np.log(np.nanmean(g2[part], axis=0)))
+                u = r[part]
+                ratio.append(np.nanmean(np.where(np.isfinite(u), u, np.nan), axis=0))
+    return np.array(log_norm), np.array(ratio), rows
+
+
+def drift_predictor(trace, config, at, plans, windows, clock="steps", inner=None, n_fit=N_FIT, gate="escaped",
+                    fit="windows"):
     """A predictor (:data:`experiments.whatif.predict.PREDICTOR`'s signature): the ``inner``
     model's values for ``plans``, and in the ``anchored_*`` outputs the default's window-0
     anchoring of them with the kept drift of the module docstring on the norm and the update
@@ -163,6 +230,10 @@ def drift_predictor(trace, config, at, plans, windows, clock="steps", inner=None
         raise ValueError(f"clock={clock!r} is unknown; valid: {', '.join(CLOCKS)}")
     if int(n_fit) < 2:
         raise ValueError(f"n_fit={n_fit} is outside the valid range [2, inf)")
+    if gate not in GATES:
+        raise ValueError(f"gate={gate!r} is unknown; valid: {', '.join(GATES)}")
+    if fit not in FITS:
+        raise ValueError(f"fit={fit!r} is unknown; valid: {', '.join(FITS)}")
     inner = nqm_predictor if inner is None else inner
     model = inner(trace, config, at, plans, windows)
     method, momentum = run_method(config)
@@ -173,20 +244,35 @@ def drift_predictor(trace, config, at, plans, windows, clock="steps", inner=None
     past = [(at - i * width, at - (i - 1) * width) for i in range(n_all, 0, -1)]
     probes = trace["probe_step"].values
     lam = trace["sharpness_global"].values if "sharpness_global" in trace else np.full(probes.size, np.nan)
-    n = min(escaped_windows(probes, lam, past), int(n_fit))
+    if gate == "escaped":
+        n = escaped_windows(probes, lam, past)
+    else:
+        tau_p = flow_time(trace["lr"].values, momentum)[np.clip(probes[probes <= at], 0, trace.sizes["step"])]
+        rising = fit_escape(tau_p, lam[probes <= at]).rising  # on its plateau, leaving it: the escape forecast's
+        n = 0 if rising else since_escape_windows(probes[probes <= at], lam[probes <= at], past, width)
+    n = min(n, int(n_fit))
+    n_min = 2 if fit == "windows" else 1
     L = trace.sizes["layer"]
     s_norm, s_ratio = np.zeros(L), np.zeros(L)
-    if n >= 2:
+    clock_of = (lambda rows: window_clock(plans[0], rows)) if clock == "flow" else (
+        lambda rows: np.array([(a + b - 1) / 2 for a, b in rows]))
+    if n >= n_min:
         past = past[-n:]
-        st = window_stats(trace, past)
-        t_past = window_clock(plans[0], past) if clock == "flow" else np.array([(a + b - 1) / 2 for a, b in past])
-        s_norm = fit_drift(t_past, st["log_norm"], st["log_norm_se"])[0]
-        s_ratio = fit_drift(t_past, st["ratio"], st["ratio_se"])[0]
-        t0 = t_past[-1]
+        if fit == "windows":
+            st = window_stats(trace, past)
+            t_past = clock_of(past)
+            s_norm = fit_drift(t_past, st["log_norm"], st["log_norm_se"])[0]
+            s_ratio = fit_drift(t_past, st["ratio"], st["ratio_se"])[0]
+        else:  # the batch means' residual scatter is their standard error (no sampling term)
+            y_norm, y_ratio, rows = batch_stats(trace, past)
+            t_b = clock_of(rows)
+            s_norm = fit_drift(t_b, y_norm, np.zeros_like(y_norm))[0]
+            s_ratio = fit_drift(t_b, y_ratio, np.zeros_like(y_ratio))[0]
+        t0 = clock_of(past[-1:])[0]
     else:
         t0 = 0.0
     dt = np.zeros((len(plans), len(windows)))
-    if n >= 2:
+    if n >= n_min:
         for c, p in enumerate(plans):
             t_new = window_clock(p, windows[1:]) if clock == "flow" else np.array(
                 [(a + b - 1) / 2 for a, b in windows[1:]])
@@ -197,7 +283,7 @@ def drift_predictor(trace, config, at, plans, windows, clock="steps", inner=None
     s_r = xr.DataArray(s_ratio, dims="layer", coords={"layer": trace["layer"].values})
     ds = model.copy()
     ds["anchored_grad_corr"] = corr.transpose(*dims)
-    if n >= 2:  # else the default's outputs untouched (bit for bit)
+    if n >= n_min:  # else the default's outputs untouched (bit for bit)
         norm = norm * np.exp(dt * s_n)
         ratio = ratio + dt * s_r
     ds["anchored_grad_norm"] = norm.transpose(*dims)
@@ -214,5 +300,5 @@ def predictor(clock="steps", **kw):
     return functools.partial(drift_predictor, clock=clock, **kw)
 
 
-__all__ = ["CLOCKS", "N_BATCH", "N_FIT", "T_KEEP", "batch_se", "drift_predictor", "escaped_windows", "fit_drift",
-           "predictor", "window_stats"]
+__all__ = ["CLOCKS", "FITS", "GATES", "N_BATCH", "N_FIT", "T_KEEP", "batch_se", "batch_stats", "drift_predictor",
+           "escaped_windows", "fit_drift", "predictor", "since_escape_windows", "window_stats"]

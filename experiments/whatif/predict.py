@@ -162,6 +162,8 @@ BASES = {
     "escape": escape.predictor(),
     "drift-steps": drift.predictor("steps"),
     "drift-flow": drift.predictor("flow"),
+    # the eighth round's best, not chosen (docs/findings/whatif.md, "Eighth round")
+    "since-escape": drift.predictor("flow", inner=sharpen.predictor("run"), gate="since_escape", fit="batches"),
 }
 
 
