@@ -24,7 +24,7 @@ decay on the eight runs seen: ``seed_cnn.toml``'s lr 0.03, momentum 0.9, seed 0,
 replicate forks that differ from them only in the data order (``RunConfig.fork_data_seed`` = 1;
 the noise ceilings' forks, ``analyses/whatif_ceilings.py``).
 
-The rule (the eighth round's). Per candidate and data order, S = the mean of eleven terms: for
+The rule. (The eighth round's.) Per candidate and data order, S = the mean of eleven terms: for
 each of the ten fork groups the mean of its pooled correlation Spearman, pooled norm-change sign
 and pooled effect sign (those of the three that are defined), and the seed setting's fraction of
 layers whose growth has the right sign and a size within ×1.5 (the mean over its eight runs, the

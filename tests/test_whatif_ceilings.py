@@ -56,6 +56,9 @@ def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
     groups["evaluation_8"]["effect_sign"] = float("nan")  # a group without an effect case: the two defined
     assert rule_score(groups, 1.0) == pytest.approx((9 * 0.4 + 0.5 + 1.0) / 11)
     assert set(candidates()) == {"sharpen_decay_run", "held_cap", "held_cap_since_escape"}
+    import analyses.whatif_forecast_choice as choice
+
+    assert choice.__doc__.split("The rule. ")[1].split("Writes")[0].strip()  # main() writes it to the json
     d = "sharpen_decay_run"
     rows = {d: {"S": [0.46, 0.50], "score": 0.48}, "held_cap_since_escape": {"S": [0.51, 0.50], "score": 0.505}}
     assert choose(rows) == (d, pytest.approx(0.04))  # +0.025 < 2 se = 0.04
