@@ -97,3 +97,25 @@ def test_the_confirmation_compares_the_held_out_terms_of_the_default_and_the_cha
     assert (h0, h1, switch) == (pytest.approx(0.55), pytest.approx(0.5), False)  # (0.6+0.5)/2; (0.75+0.25)/2
     seed["lr=0.06"][CHALLENGER]["right"] = 0.75
     assert confirm({"evaluation_9": {"pooled": fork}, "seed_decay_growth_eval9": seed})[2]
+
+
+def test_the_misses_tally_splits_moved_cases_into_rises_and_falls_with_their_effect():
+    import collections
+
+    import xarray as xr
+
+    from analyses.whatif_misses import kind, tally
+
+    assert (kind("lr×2"), kind("momentum=0.6"), kind("method=nag")) == ("lr×2", "momentum", "method")
+    # window 0 norm 1 (persistence); the unchanged run falls to 0.8; lr×2 falls to 0.6 (predicted
+    # 1.3: wrong; effect measured 0.75, predicted 1.3) in layer a and stays in layer b (not moved)
+    meas = np.array([[[1.0, 1.0], [0.8, 1.0]], [[1.0, 1.0], [0.6, 1.05]]])
+    pred = np.array([[[1.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.3, 1.0]]])
+    dims = ("change", "window", "layer")
+    ds = xr.Dataset({"meas_grad_norm": (dims, meas), "pred_grad_norm": (dims, pred),
+                     "persist_grad_norm": (dims, np.ones_like(meas))},
+                    coords={"label": ("change", ["scheduled", "lr×2"])})
+    out = collections.defaultdict(lambda: {"rise": [], "fall": [], "fall_effect": []})
+    tally(ds, out)
+    assert list(out) == ["lr×2"] and out["lr×2"]["rise"] == [] and out["lr×2"]["fall"] == [False]
+    np.testing.assert_allclose(out["lr×2"]["fall_effect"], [(0.75, 1.3)])

@@ -53,10 +53,13 @@ down), on plans without an lr decrease:
 
 gated on the run having left its lazy phase (λ̄ ≥ 2 λ_0, the third round's ``sharpened`` gate,
 :func:`experiments.whatif.curvature.held_by_lr`: before it λ_max is the initialization's, which no
-lr holds). Measured on development before this candidate was written (lr × 2 forks of runs held at
-h̄ 0.2–0.8): the network's h/edge after the change stayed at its level before (×0.97–1.05 of it),
-i.e. λ_max halved, where a fixed curvature predicts ×2. Where the cap does not bind (a plan that
-raises the held level, or the unchanged run), nothing moves.
+lr holds). Measured before this candidate was written, on four development groups (the CNN's
+development, eval2, eval3, eval6): in all ten lr × 2 forks of runs held at h̄ ≥ 0.2 the network's
+h/edge after the change was at most 1.05 h̄ (λ_max at least halved; in five far lower, a
+catapult), where a fixed curvature predicts 2 h̄. Over every group since (``python -m analyses
+whatif_misses``) it holds in 21 of 31 such forks, and in 1 of 8 on the transformer and the GRU
+(eval9, eval10), whose λ_max did not fall (docs/findings/whatif.md, "Ninth round"). Where the cap
+does not bind (a plan that raises the held level, or the unchanged run), nothing moves.
 
 Where it does not act. A plan without an lr decrease inside the horizon, a rate of 0 (no probe
 before k shows sharpening below the edge), and a run still on its plateau for which the escape
