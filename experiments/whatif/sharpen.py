@@ -55,7 +55,7 @@ gated on the run having left its lazy phase (λ̄ ≥ 2 λ_0, the third round's 
 :func:`experiments.whatif.curvature.held_by_lr`: before it λ_max is the initialization's, which no
 lr holds). Measured before this candidate was written, on four development groups (the CNN's
 development, eval2, eval3, eval6): in all ten lr × 2 forks of runs held at h̄ ≥ 0.2 the network's
-h/edge after the change was at most 1.05 h̄ (λ_max at least halved; in five far lower, a
+h/edge after the change was at most 1.05 h̄ (λ_max at least halved; in six far lower, a
 catapult), where a fixed curvature predicts 2 h̄. Over every group since (``python -m analyses
 whatif_misses``) it holds in 21 of 31 such forks, and in 1 of 8 on the transformer and the GRU
 (eval9, eval10), whose λ_max did not fall (docs/findings/whatif.md, "Ninth round"). Where the cap
