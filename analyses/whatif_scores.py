@@ -21,7 +21,9 @@ a ReLU MLP (128, 64) on scikit-learn's digits, HB 0.05 / 0.9, NAG 0.1 / 0.8, HB 
 constant lr; steps 200 and 400; development since the eighth round), on the ninth, held out in the
 eighth round (``experiments/specs/whatif_eval9.toml``: a transformer language model (2 blocks, dim
 32) on pytext, HB 0.03 / 0.9, NAG 0.1 / 0.8, HB 0.3 / 0.5, seed 9, constant lr; steps 200 and
-400), and, in the seed setting (``experiments/specs/seed_cnn.toml``'s
+400; development since the ninth round), on the tenth, held out in the ninth round
+(``experiments/specs/whatif_eval10.toml``: a GRU language model (hidden 32) on pytext, HB 0.1 / 0.9,
+NAG 0.3 / 0.8, HB 1.0 / 0.5, seed 10, constant lr; steps 200 and 400), and, in the seed setting (``experiments/specs/seed_cnn.toml``'s
 run lr 0.03, momentum 0.9, seed 0, one thread; a development setting), the per-layer norm growth
 after the step-1000 decay predicted at step 1000 (and on the runs of
 ``experiments/specs/whatif_eval3_decay.toml``: seed 3, lr 0.03 and 0.1, seen since the third
@@ -45,7 +47,9 @@ the new edge / at the run's level, :mod:`experiments.whatif.sharpen`; seventh ro
 ``since_escape_drift`` / ``since_escape_batches`` (the predictor in use with the drift's gate (a')
 and, for the second, its batch-means fit (b'), :mod:`experiments.whatif.drift`; eighth round),
 ``escape_since_escape_batches`` (the same gate and fit on the escape forecast alone, without the
-sharpening; eighth round), and ``persistence``. (The earlier rounds' other variants are in the git history of this file.)
+sharpening; eighth round), ``held_cap`` / ``held_cap_since_escape`` (the predictor in use, and the
+same with the drift's gate (a') and fit (b'), with the held level after a change that lowers it,
+:mod:`experiments.whatif.sharpen`'s ``increase="held"``; ninth round), and ``persistence``. (The earlier rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
 setting unless named (``seed_decay_growth``, ``seed_decay_growth_eval3``, ``_eval4``, ``_eval8``, ``_eval9``), their
 entries replaced in the file and the others kept):
@@ -87,6 +91,9 @@ CANDIDATES = {  # name -> predictor
                                             fit="batches"),
     "escape_since_escape_batches": drift.predictor("flow", inner=escape.predictor(), gate="since_escape",
                                                    fit="batches"),
+    "held_cap": drift.predictor("flow", inner=sharpen.predictor("run", increase="held")),
+    "held_cap_since_escape": drift.predictor("flow", inner=sharpen.predictor("run", increase="held"),
+                                             gate="since_escape", fit="batches"),
 }
 
 
@@ -135,7 +142,8 @@ GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_6": ("whatif_eval6", [200, 400]),
           "evaluation_7": ("whatif_eval7", [200, 400]),
           "evaluation_8": ("whatif_eval8", [200, 400]),
-          "evaluation_9": ("whatif_eval9", [200, 400])}
+          "evaluation_9": ("whatif_eval9", [200, 400]),
+          "evaluation_10": ("whatif_eval10", [200, 400])}
 SEED_SPECS = {"seed_decay_growth": None, "seed_decay_growth_eval3": "whatif_eval3_decay",
               "seed_decay_growth_eval4": "whatif_eval4_decay", "seed_decay_growth_eval8": "whatif_eval8_decay",
               "seed_decay_growth_eval9": "whatif_eval9_decay"}

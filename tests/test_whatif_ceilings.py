@@ -52,20 +52,20 @@ def test_a_replicate_check_forks_every_change_with_another_data_order(tmp_path):
 
 def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
     groups = {g: {"corr_spearman": 0.6, "norm_sign": 0.4, "effect_sign": 0.2} for g in GROUPS}
-    assert rule_score(groups, 1.0) == pytest.approx((9 * 0.4 + 1.0) / 10)  # nine fork groups and the seed term
+    assert rule_score(groups, 1.0) == pytest.approx((10 * 0.4 + 1.0) / 11)  # ten fork groups and the seed term
     groups["evaluation_8"]["effect_sign"] = float("nan")  # a group without an effect case: the two defined
-    assert rule_score(groups, 1.0) == pytest.approx((8 * 0.4 + 0.5 + 1.0) / 10)
-    assert set(candidates()) == {"escape_drift", "escape_since_escape_batches", "sharpen_decay_run",
-                                 "since_escape_drift", "since_escape_batches"}
+    assert rule_score(groups, 1.0) == pytest.approx((9 * 0.4 + 0.5 + 1.0) / 11)
+    assert set(candidates()) == {"sharpen_decay_run", "held_cap", "held_cap_since_escape"}
+    import analyses.whatif_forecast_choice as choice
+
+    assert choice.__doc__.split("The rule. ")[1].split("Writes")[0].strip()  # main() writes it to the json
     d = "sharpen_decay_run"
-    rows = {d: {"S": [0.46, 0.50], "score": 0.48}, "since_escape_drift": {"S": [0.51, 0.50], "score": 0.505}}
+    rows = {d: {"S": [0.46, 0.50], "score": 0.48}, "held_cap_since_escape": {"S": [0.51, 0.50], "score": 0.505}}
     assert choose(rows) == (d, pytest.approx(0.04))  # +0.025 < 2 se = 0.04
-    rows["since_escape_drift"] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows)[0] == "since_escape_drift"  # +0.05 > 0.04
-    rows["escape_since_escape_batches"] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows)[0] == "escape_since_escape_batches"  # a tie: fewer parts
-    rows = {d: {"S": [0.48, 0.48], "score": 0.48}, "escape_drift": {"S": [0.48, 0.48], "score": 0.48}}
-    assert choose(rows)[0] == d  # within the margin the default stays, whatever its parts
+    rows["held_cap_since_escape"] = {"S": [0.53, 0.53], "score": 0.53}
+    assert choose(rows)[0] == "held_cap_since_escape"  # +0.05 > 0.04
+    rows["held_cap"] = {"S": [0.53, 0.53], "score": 0.53}
+    assert choose(rows)[0] == "held_cap"  # a tie: fewer parts
 
 
 def test_drift_share_counts_the_moves_the_unchanged_run_made_too():
@@ -97,3 +97,25 @@ def test_the_confirmation_compares_the_held_out_terms_of_the_default_and_the_cha
     assert (h0, h1, switch) == (pytest.approx(0.55), pytest.approx(0.5), False)  # (0.6+0.5)/2; (0.75+0.25)/2
     seed["lr=0.06"][CHALLENGER]["right"] = 0.75
     assert confirm({"evaluation_9": {"pooled": fork}, "seed_decay_growth_eval9": seed})[2]
+
+
+def test_the_misses_tally_splits_moved_cases_into_rises_and_falls_with_their_effect():
+    import collections
+
+    import xarray as xr
+
+    from analyses.whatif_misses import kind, tally
+
+    assert (kind("lr×2"), kind("momentum=0.6"), kind("method=nag")) == ("lr×2", "momentum", "method")
+    # window 0 norm 1 (persistence); the unchanged run falls to 0.8; lr×2 falls to 0.6 (predicted
+    # 1.3: wrong; effect measured 0.75, predicted 1.3) in layer a and stays in layer b (not moved)
+    meas = np.array([[[1.0, 1.0], [0.8, 1.0]], [[1.0, 1.0], [0.6, 1.05]]])
+    pred = np.array([[[1.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.3, 1.0]]])
+    dims = ("change", "window", "layer")
+    ds = xr.Dataset({"meas_grad_norm": (dims, meas), "pred_grad_norm": (dims, pred),
+                     "persist_grad_norm": (dims, np.ones_like(meas))},
+                    coords={"label": ("change", ["scheduled", "lr×2"])})
+    out = collections.defaultdict(lambda: {"rise": [], "fall": [], "fall_effect": []})
+    tally(ds, out)
+    assert list(out) == ["lr×2"] and out["lr×2"]["rise"] == [] and out["lr×2"]["fall"] == [False]
+    np.testing.assert_allclose(out["lr×2"]["fall_effect"], [(0.75, 1.3)])

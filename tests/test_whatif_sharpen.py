@@ -42,7 +42,8 @@ def test_first_decrease_finds_a_decay_at_k_or_scheduled_inside_the_horizon_and_n
 
 
 def test_the_rate_is_recovered_in_flow_time_and_continued_in_the_new_flow_time():
-    esc, r = sharpen.DecaySharpening().rate(TAU, LAM, np.ones(4, bool))
+    esc, r, lam0 = sharpen.DecaySharpening().rate(TAU, LAM, np.ones(4, bool))
+    assert lam0 == LAM[0]
     assert r == pytest.approx(R, rel=1e-9) and esc is escape.NONE  # escaped: the escape forecast is silent
     d = nqm_predictor(_trace(LAM), CFG, AT, _plans(), WINDOWS, curvature=sharpen.DecaySharpening())
     lam_bar, lam_k = LAM[1:].mean(), LAM[-1]
@@ -98,7 +99,7 @@ def test_the_rise_stops_at_the_cap(level):
     h_run = 0.1
     edge = (1 - EDGE_MARGIN) if level == "edge" else h_run
     cap = edge * float(stability_edge("hb", 0.9)) / 0.005  # edge: 722; the run's level h̄ = 0.1: 76
-    kappa = f.factor(5.0, (escape.NONE, 1.0), AT, p, h_run=h_run)  # a fast rate: e^{0.05} per step
+    kappa = f.factor(5.0, (escape.NONE, 1.0, 1.0), AT, p, h_run=h_run)  # a fast rate: e^{0.05} per step
     np.testing.assert_array_equal(kappa[:AT], 1.0)
     lam = 5.0 * kappa[AT:]
     assert lam.max() == pytest.approx(cap) and np.all(lam <= cap * (1 + 1e-12))
@@ -107,6 +108,33 @@ def test_the_rise_stops_at_the_cap(level):
     np.testing.assert_allclose(lam[:n], 5.0 * np.exp(0.05 * np.arange(n)), rtol=1e-10)
     # a scheduled decay inside the horizon: nothing before it, the rise from it on
     step = {**CFG, "schedule": "step", "step_every": 350, "step_gamma": 0.1}
-    kappa = f.factor(5.0, (escape.NONE, 1.0), AT, plan(step, AT, Change("scheduled"), AT + 200), h_run=h_run)
+    kappa = f.factor(5.0, (escape.NONE, 1.0, 1.0), AT, plan(step, AT, Change("scheduled"), AT + 200), h_run=h_run)
     np.testing.assert_array_equal(kappa[:350], 1.0)
     assert kappa[351] == pytest.approx(np.exp(0.05))
+
+
+def test_the_held_level_after_a_change_that_lowers_it():
+    tr, plans = _trace(LAM), _plans()
+    held = sharpen.DecaySharpening(level="run", increase="held")
+    base = nqm_predictor(tr, CFG, AT, plans, WINDOWS, curvature=sharpen.DecaySharpening(level="run"))
+    new = nqm_predictor(tr, CFG, AT, plans, WINDOWS, curvature=held)
+    lam_bar, lam_k = LAM[1:].mean(), LAM[-1]  # h̄ = 0.05 λ̄ / edge: the held λ at lr 0.1 is λ̄ / 2
+    k = new.curvature_factor.values
+    np.testing.assert_allclose(k[1, 1:], lam_bar / 2 / lam_k, rtol=1e-12)  # lr ×2
+    for c, (m, b) in ((2, ("hb", 0.6)), (3, ("nag", 0.9))):  # a lower edge at the same lr
+        ratio = float(stability_edge(m, b)) / float(stability_edge("hb", 0.9))
+        np.testing.assert_allclose(k[c, 1:], lam_bar * min(ratio, 1.0) / lam_k, rtol=1e-12)
+    # it lowers E‖g‖² after lr ×2 (curvature and noise fall), and leaves the unchanged run and the
+    # decreases (the sharpening's) to the bit
+    assert float(new.grad_sq.isel(change=1, window=2, layer=0)) < float(base.grad_sq.isel(change=1, window=2, layer=0))
+    for v in ("grad_corr", "grad_sq", "update_sq", "curvature_factor"):
+        for c in (0, 4, 5):
+            np.testing.assert_array_equal(new[v].isel(change=c).values, base[v].isel(change=c).values)
+    # a run still in its lazy phase (λ̄ < 2 λ_0): nothing moves
+    lazy = 2.0 * np.exp(0.1 * R * TAU)
+    a = nqm_predictor(_trace(lazy), CFG, AT, plans, WINDOWS, curvature=held)
+    b = nqm_predictor(_trace(lazy), CFG, AT, plans, WINDOWS, curvature=sharpen.DecaySharpening(level="run"))
+    for v in ("grad_sq", "curvature_factor"):
+        np.testing.assert_array_equal(a[v].values, b[v].values)
+    with pytest.raises(ValueError, match="increase='up' is unknown"):
+        sharpen.DecaySharpening(increase="up")

@@ -40,6 +40,27 @@ at k, an lr × f < 1, or a scheduled decay inside the horizon) starts the sharpe
 - the gradient noise follows the curvature (``noise``, Σ ∝ H, as in
   :mod:`experiments.whatif.curvature` (c)).
 
+*The held level after an increase* (``increase="held"``, the ninth round's candidate;
+docs/findings/whatif.md, "Ninth round"). The run-level cap above lets a decrease × f raise λ_max at
+most × 1/f: the level h̄ the run's lr held λ_max at before k is the one it holds it at after.
+The same assumption, read for a change that *lowers* the held level — an lr increase, or a
+momentum or method whose edge is lower — predicts a fall of λ_max to h̄ edge_t/α_t from k on
+(the stochastic edge of Andreyev & Beneventano 2024: the lr holds λ_max; at and above the edge the
+catapult of Lewkowycz et al. 2020 and the self-stabilization of Damian et al. 2023 bring it back
+down), on plans without an lr decrease:
+
+.. math::  \lambda'_t = \min\big(\bar\lambda,\; \min(\bar h, 1 - m)\,\mathrm{edge}_t/\alpha_t\big),\quad t \ge k,
+
+gated on the run having left its lazy phase (λ̄ ≥ 2 λ_0, the third round's ``sharpened`` gate,
+:func:`experiments.whatif.curvature.held_by_lr`: before it λ_max is the initialization's, which no
+lr holds). Measured before this candidate was written, on four development groups (the CNN's
+development, eval2, eval3, eval6): in all ten lr × 2 forks of runs held at h̄ ≥ 0.2 the network's
+h/edge after the change was at most 1.05 h̄ (λ_max at least halved; in six far lower, a
+catapult), where a fixed curvature predicts 2 h̄. Over every group since (``python -m analyses
+whatif_misses``) it holds in 21 of 31 such forks, and in 1 of 8 on the transformer and the GRU
+(eval9, eval10), whose λ_max did not fall (docs/findings/whatif.md, "Ninth round"). Where the cap
+does not bind (a plan that raises the held level, or the unchanged run), nothing moves.
+
 Where it does not act. A plan without an lr decrease inside the horizon, a rate of 0 (no probe
 before k shows sharpening below the edge), and a run still on its plateau for which the escape
 forecast acts (its forecast is kept: the escape is the earlier, faster motion): there the
@@ -58,10 +79,11 @@ import numpy as np
 from dynamics.quadratic import stability_edge
 from experiments.linking.predict import EDGE_MARGIN
 from experiments.whatif.core import nqm_predictor
-from experiments.whatif.curvature import flow_steps, forecast_factor, sharpening_rate
+from experiments.whatif.curvature import flow_steps, forecast_factor, held_by_lr, sharpening_rate
 from experiments.whatif.escape import EscapeForecast
 
 LEVELS = ("edge", "run")
+INCREASES = ("none", "held")
 
 
 def first_decrease(plan, at):
@@ -84,16 +106,21 @@ class DecaySharpening:
     noise: bool = True
     margin: float = EDGE_MARGIN
     escape: EscapeForecast = field(default_factory=EscapeForecast)
+    increase: str = "none"  # "held": the held level after a change that lowers it (module docstring)
 
     def __post_init__(self):
         if self.level not in LEVELS:
             raise ValueError(f"level={self.level!r} is unknown; valid: {', '.join(LEVELS)}")
+        if self.increase not in INCREASES:
+            raise ValueError(f"increase={self.increase!r} is unknown; valid: {', '.join(INCREASES)}")
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin={self.margin!r} is outside the valid range [0, 1)")
 
     def rate(self, probe_tau, lam, below_edge):
-        """(the escape forecast's fit, the flow-time sharpening rate over the probes ``below_edge``)."""
-        return self.escape.rate(probe_tau, lam, below_edge), sharpening_rate(probe_tau, lam, below_edge)
+        """(the escape forecast's fit, the flow-time sharpening rate over the probes ``below_edge``,
+        the first probe's λ_max)."""
+        lam0 = float(np.asarray(lam, dtype=float)[0]) if np.size(lam) else np.nan
+        return self.escape.rate(probe_tau, lam, below_edge), sharpening_rate(probe_tau, lam, below_edge), lam0
 
     def caps(self, plan, h_run=np.inf):
         """c_t per step of ``plan`` (module docstring, ``level``)."""
@@ -105,14 +132,33 @@ class DecaySharpening:
     def factor(self, lam_at, rates, at, plan, h_run=np.inf, at_edge=False):
         """κ_t: the escape forecast's where it acts; else the sharpening from the plan's first lr
         decrease (:func:`first_decrease`) where the rate is positive; else None (nothing moves)."""
-        esc, r = rates
+        esc, r, lam0 = rates
         kappa = self.escape.factor(lam_at, esc, at, plan, h_run, at_edge)
         if kappa is not None:
             return kappa
         t_d = first_decrease(plan, at)
-        if t_d is None or not r > 0:
+        if t_d is None:
+            return self.held(lam_at, lam0, at, plan, h_run)
+        if not r > 0:
             return None
         return forecast_factor(lam_at, r, t_d, self.caps(plan, h_run), flow_steps(plan["lr"], plan["momentum"]))
+
+    def held(self, lam_at, lam0, at, plan, h_run):
+        """κ_t of the held level after a change that lowers it (``increase="held"``, module
+        docstring), or None where it is off, the gate is shut, or the cap does not bind."""
+        if self.increase != "held" or not held_by_lr("sharpened", lam_first=lam0, lam_now=lam_at):
+            return None
+        lrs = np.asarray(plan["lr"], dtype=float)
+        edges = np.array([float(stability_edge(m, b)) for m, b in zip(plan["method"], plan["momentum"])])
+        caps = np.full(lrs.size, np.inf)
+        h_c = min(h_run, 1 - self.margin) if np.isfinite(h_run) else 1 - self.margin
+        caps[at:] = h_c * edges[at:] / lrs[at:]
+        # binds: below λ̄ by more than rounding (the unchanged plan's cap is λ̄ itself, up to it)
+        if not np.any(caps[at:] < lam_at * (1 - 1e-9)):
+            return None
+        kappa = np.ones(lrs.size)
+        kappa[at:] = np.minimum(lam_at, caps[at:]) / lam_at
+        return kappa
 
 
 def predictor(level="edge", **kw):
@@ -122,4 +168,4 @@ def predictor(level="edge", **kw):
     return functools.partial(nqm_predictor, curvature=DecaySharpening(level=level, **kw))
 
 
-__all__ = ["DecaySharpening", "LEVELS", "first_decrease", "predictor"]
+__all__ = ["DecaySharpening", "INCREASES", "LEVELS", "first_decrease", "predictor"]

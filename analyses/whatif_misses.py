@@ -1,0 +1,74 @@
+"""Where the predictor in use misses the norm-change sign (docs/findings/whatif.md, "Eighth round"):
+per change kind, over the checks of the named groups of :data:`analyses.whatif_scores.GROUPS`
+(default: all), the layer-windows whose fork norm moved by more than 10 % from window 0 (the
+``norm_sign`` cases), split into rises and falls, with the fraction the predictor in use gets
+right; and, for the falls, the median measured and predicted *effect* (the fork's norm over the
+unchanged run's, the same data order). Prints one line per change kind; then, per check whose run
+was held at h̄ ≥ :data:`HELD` (its network h/edge before k), the measured h/edge after k (the mean
+over the probes of the two windows) over h̄, for the lr × 2 fork and for the unchanged run:
+
+    .venv/bin/python -m analyses whatif_misses                       # ~5 min (the forks are in the store)
+    .venv/bin/python -m analyses whatif_misses development evaluation_3
+"""
+
+import collections
+
+import numpy as np
+
+from analyses.whatif_scores import GROUPS, checks
+from experiments.whatif.check import check
+from experiments.whatif.predict import PREDICTOR
+
+MOVED = np.log(1.1)  # the norm-sign score's threshold
+HELD = 0.2  # h̄ from which a run's λ_max is taken as held by its lr (the seed setting's 0.20-0.23)
+
+
+def kind(label):
+    """The change's kind: its label without the momentum's or the method's value (``lr×2`` stays)."""
+    return label.split("=")[0]
+
+
+def tally(ds, out):
+    """Add one check's (``experiments.whatif.check.check`` dataset) moved cases to ``out``:
+    {kind: {"rise": [right...], "fall": [right...], "fall_effect": [(measured, predicted)...]}}."""
+    base = ds.persist_grad_norm.isel(change=0, window=1).values
+    for c in range(1, ds.sizes["change"]):
+        rows = out[kind(str(ds.label.values[c]))]
+        for w in range(1, ds.sizes["window"]):
+            meas = ds.meas_grad_norm.isel(change=c, window=w).values / base
+            pred = ds.pred_grad_norm.isel(change=c, window=w).values / base
+            meas_ref = ds.meas_grad_norm.isel(change=0, window=w).values / base
+            pred_ref = ds.pred_grad_norm.isel(change=0, window=w).values / base
+            for i in np.flatnonzero(np.isfinite(meas) & (np.abs(np.log(meas)) > MOVED)):
+                right = bool(np.sign(np.log(pred[i])) == np.sign(np.log(meas[i])))
+                rows["rise" if meas[i] > 1 else "fall"].append(right)
+                if meas[i] < 1:
+                    rows["fall_effect"].append((meas[i] / meas_ref[i], pred[i] / pred_ref[i]))
+
+
+def main(argv=()):
+    import torch
+
+    torch.set_num_threads(1)
+    bad = [g for g in argv if g not in GROUPS]
+    if bad:
+        raise ValueError(f"groups={bad}: not among the valid groups {list(GROUPS)}")
+    out = collections.defaultdict(lambda: {"rise": [], "fall": [], "fall_effect": []})
+    held = []
+    for group, items in checks(list(argv) or None).items():
+        for key, (run_dir, at, changes) in items.items():
+            ds = check(run_dir, at, changes, n_windows=2, predictor=PREDICTOR)
+            tally(ds, out)
+            h0, labels = ds.attrs["persist_h_edge"], list(ds.label.values)
+            if h0 >= HELD and "lr×2" in labels:
+                after = [float(np.nanmean(ds.meas_h_edge.isel(change=labels.index(c)).values[1:])) / h0
+                         for c in ("lr×2", "scheduled")]
+                held.append(f"{group} {key}: h̄ {h0:.2f}; h/edge after / h̄: lr×2 {after[0]:.2f}, unchanged {after[1]:.2f}")
+    for name, rows in sorted(out.items()):
+        eff = np.array(rows["fall_effect"]).reshape(-1, 2)
+        print(f"{name:10s} rises {len(rows['rise']):4d} right {np.mean(rows['rise']):.2f} | falls "
+              f"{len(rows['fall']):4d} right {np.mean(rows['fall']):.2f}; effect in the falls: median measured "
+              f"x{np.median(eff[:, 0]):.2f}, predicted x{np.median(eff[:, 1]):.2f}, measured < 1 in "
+              f"{np.mean(eff[:, 0] < 1):.0%}")
+    print("\n".join(held))
+    return 0
