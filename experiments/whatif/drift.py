@@ -201,22 +201,12 @@ def window_stats(trace, past):
 
 def batch_stats(trace, past, n_batch=N_BATCH):
     """Per batch of ``n_batch`` consecutive batches in each window of ``past`` (rows, in order) and
-    layer: log ‖g‖ (½ log of the batch's mean ‖g‖²) and the batch's mean log10 update ratio; and the
+    layer: log ‖g‖ and the mean log10 update ratio (:func:`window_stats` of the batches); and the
     batches' [a, b) (the eighth round's ``fit="batches"``, module docstring (b'))."""
-    g2 = trace["grad_norm"].transpose("step", "layer").values.astype(float) ** 2
-    r = trace["update_ratio"].transpose("step", "layer").values.astype(float)
-    rows, log_norm, ratio = [], [], []
-    for a, b in past:
-        for part in np.array_split(np.arange(a, b), int(n_batch)):
-            if not part.size:
-                continue
-            rows.append((int(part[0]), int(part[-1]) + 1))
-            with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN layers
-                log_norm.append(0.5 * np.log(np.nanmean(g2[part], axis=0)))
-                u = r[part]
-                ratio.append(np.nanmean(np.where(np.isfinite(u), u, np.nan), axis=0))
-    return np.array(log_norm), np.array(ratio), rows
+    rows = [(int(p[0]), int(p[-1]) + 1) for a, b in past for p in np.array_split(np.arange(a, b), int(n_batch))
+            if p.size]
+    st = window_stats(trace, rows)
+    return st["log_norm"], st["ratio"], rows
 
 
 def drift_predictor(trace, config, at, plans, windows, clock="steps", inner=None, n_fit=N_FIT, gate="escaped",

@@ -122,11 +122,12 @@ class DecaySharpening:
         lam0 = float(np.asarray(lam, dtype=float)[0]) if np.size(lam) else np.nan
         return self.escape.rate(probe_tau, lam, below_edge), sharpening_rate(probe_tau, lam, below_edge), lam0
 
-    def caps(self, plan, h_run=np.inf):
-        """c_t per step of ``plan`` (module docstring, ``level``)."""
+    def caps(self, plan, h_run=np.inf, level=None):
+        """c_t per step of ``plan`` (module docstring) at ``level`` (default: the forecast's)."""
+        level = self.level if level is None else level
         lrs = np.asarray(plan["lr"], dtype=float)
         edges = np.array([float(stability_edge(m, b)) for m, b in zip(plan["method"], plan["momentum"])])
-        h_c = min(h_run, 1 - self.margin) if self.level == "run" and np.isfinite(h_run) else 1 - self.margin
+        h_c = min(h_run, 1 - self.margin) if level == "run" and np.isfinite(h_run) else 1 - self.margin
         return h_c * edges / lrs
 
     def factor(self, lam_at, rates, at, plan, h_run=np.inf, at_edge=False):
@@ -148,16 +149,12 @@ class DecaySharpening:
         docstring), or None where it is off, the gate is shut, or the cap does not bind."""
         if self.increase != "held" or not held_by_lr("sharpened", lam_first=lam0, lam_now=lam_at):
             return None
-        lrs = np.asarray(plan["lr"], dtype=float)
-        edges = np.array([float(stability_edge(m, b)) for m, b in zip(plan["method"], plan["momentum"])])
-        caps = np.full(lrs.size, np.inf)
-        h_c = min(h_run, 1 - self.margin) if np.isfinite(h_run) else 1 - self.margin
-        caps[at:] = h_c * edges[at:] / lrs[at:]
+        caps = self.caps(plan, h_run, level="run")[at:]
         # binds: below λ̄ by more than rounding (the unchanged plan's cap is λ̄ itself, up to it)
-        if not np.any(caps[at:] < lam_at * (1 - 1e-9)):
+        if not np.any(caps < lam_at * (1 - 1e-9)):
             return None
-        kappa = np.ones(lrs.size)
-        kappa[at:] = np.minimum(lam_at, caps[at:]) / lam_at
+        kappa = np.ones(len(plan["lr"]))
+        kappa[at:] = np.minimum(lam_at, caps) / lam_at
         return kappa
 
 
