@@ -137,12 +137,7 @@ def since_escape_windows(probe_steps, lam, past, width):
     with np.errstate(invalid="ignore"):
         up = np.flatnonzero(lam[1:] >= SHARPENED * lam[0])
     start = int(probe_steps[1 + up[0]]) if up.size else int(width)
-    n = 0
-    for a, _ in reversed(past):
-        if a < start:
-            break
-        n += 1
-    return n
+    return sum(a >= start for a, _ in past)  # ascending windows: those from start on are the last ones
 
 
 def batch_se(x, n_batch=N_BATCH):
@@ -209,6 +204,12 @@ def batch_stats(trace, past, n_batch=N_BATCH):
     return st["log_norm"], st["ratio"], rows
 
 
+def _clock(clock, plan, rows):
+    """The clock of each row [a, b) under ``plan``: its mean flow time (``"flow"``,
+    :func:`experiments.whatif.delta.window_clock`) or its mean step (``"steps"``)."""
+    return window_clock(plan, rows) if clock == "flow" else np.array([(a + b - 1) / 2 for a, b in rows])
+
+
 def drift_predictor(trace, config, at, plans, windows, clock="steps", inner=None, n_fit=N_FIT, gate="escaped",
                     fit="windows"):
     """A predictor (:data:`experiments.whatif.predict.PREDICTOR`'s signature): the ``inner``
@@ -236,44 +237,36 @@ def drift_predictor(trace, config, at, plans, windows, clock="steps", inner=None
     lam = trace["sharpness_global"].values if "sharpness_global" in trace else np.full(probes.size, np.nan)
     if gate == "escaped":
         n = escaped_windows(probes, lam, past)
-    else:
-        tau_p = flow_time(trace["lr"].values, momentum)[np.clip(probes[probes <= at], 0, trace.sizes["step"])]
-        rising = fit_escape(tau_p, lam[probes <= at]).rising  # on its plateau, leaving it: the escape forecast's
-        n = 0 if rising else since_escape_windows(probes[probes <= at], lam[probes <= at], past, width)
+    else:  # a run on its plateau and leaving it at k: that motion is the escape forecast's
+        tau_p = flow_time(trace["lr"].values, momentum)[np.clip(probes, 0, trace.sizes["step"])]
+        n = 0 if fit_escape(tau_p, lam).rising else since_escape_windows(probes, lam, past, width)
     n = min(n, int(n_fit))
-    n_min = 2 if fit == "windows" else 1
     L = trace.sizes["layer"]
     s_norm, s_ratio = np.zeros(L), np.zeros(L)
-    clock_of = (lambda rows: window_clock(plans[0], rows)) if clock == "flow" else (
-        lambda rows: np.array([(a + b - 1) / 2 for a, b in rows]))
-    if n >= n_min:
+    dt = np.zeros((len(plans), len(windows)))
+    fitted = n >= (2 if fit == "windows" else 1)
+    if fitted:
         past = past[-n:]
         if fit == "windows":
             st = window_stats(trace, past)
-            t_past = clock_of(past)
+            t_past = _clock(clock, plans[0], past)
             s_norm = fit_drift(t_past, st["log_norm"], st["log_norm_se"])[0]
             s_ratio = fit_drift(t_past, st["ratio"], st["ratio_se"])[0]
         else:  # the batch means' residual scatter is their standard error (no sampling term)
             y_norm, y_ratio, rows = batch_stats(trace, past)
-            t_b = clock_of(rows)
+            t_b = _clock(clock, plans[0], rows)
             s_norm = fit_drift(t_b, y_norm, np.zeros_like(y_norm))[0]
             s_ratio = fit_drift(t_b, y_ratio, np.zeros_like(y_ratio))[0]
-        t0 = clock_of(past[-1:])[0]
-    else:
-        t0 = 0.0
-    dt = np.zeros((len(plans), len(windows)))
-    if n >= n_min:
+        t0 = _clock(clock, plans[0], past[-1:])[0]
         for c, p in enumerate(plans):
-            t_new = window_clock(p, windows[1:]) if clock == "flow" else np.array(
-                [(a + b - 1) / 2 for a, b in windows[1:]])
-            dt[c, 1:] = t_new - t0
+            dt[c, 1:] = _clock(clock, p, windows[1:]) - t0
     dims = ("change", "window", "layer")
     dt = xr.DataArray(dt, dims=("change", "window"), coords={"change": model["change"], "window": model["window"]})
     s_n = xr.DataArray(s_norm, dims="layer", coords={"layer": trace["layer"].values})
     s_r = xr.DataArray(s_ratio, dims="layer", coords={"layer": trace["layer"].values})
     ds = model.copy()
     ds["anchored_grad_corr"] = corr.transpose(*dims)
-    if n >= n_min:  # else the default's outputs untouched (bit for bit)
+    if fitted:  # else the default's outputs untouched (bit for bit)
         norm = norm * np.exp(dt * s_n)
         ratio = ratio + dt * s_r
     ds["anchored_grad_norm"] = norm.transpose(*dims)
