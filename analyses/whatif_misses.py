@@ -4,8 +4,10 @@ per change kind, over the checks of the named groups of :data:`analyses.whatif_s
 ``norm_sign`` cases), split into rises and falls, with the fraction the predictor in use gets
 right; and, for the falls, the median measured and predicted *effect* (the fork's norm over the
 unchanged run's, the same data order). Prints one line per change kind; then, per check whose run
-was held at h̄ ≥ :data:`HELD` (its network h/edge before k), the measured h/edge after k (the mean
-over the probes of the two windows) over h̄, for the lr × 2 fork and for the unchanged run:
+has an lr × 2 fork, its h̄ (the network h/edge before k), λ̄/λ_0 (:func:`sharpened`) and the
+measured h/edge after k (the mean over the probes of the two windows) over h̄, for the lr × 2 fork
+and for the unchanged run, and their ratio (2 at a fixed curvature, 1 at the held level); runs
+held at h̄ ≥ :data:`HELD` first:
 
     .venv/bin/python -m analyses whatif_misses                       # ~5 min (the forks are in the store)
     .venv/bin/python -m analyses whatif_misses development evaluation_3
@@ -16,6 +18,7 @@ import collections
 import numpy as np
 
 from analyses.whatif_scores import GROUPS, checks
+from experiments import store
 from experiments.whatif.check import check
 from experiments.whatif.predict import PREDICTOR
 
@@ -46,6 +49,14 @@ def tally(ds, out):
                     rows["fall_effect"].append((meas[i] / meas_ref[i], pred[i] / pred_ref[i]))
 
 
+def sharpened(run_dir, at, smooth=3):
+    """λ̄/λ_0: the network's λ_max, the mean over the last ``smooth`` probes at or before ``at``,
+    over the first probe's (how far the run sharpened from its initialization)."""
+    trace = store.load_run(run_dir)
+    lam = trace["sharpness_global"].sel(probe_step=trace["probe_step"].values <= at).values
+    return float(np.mean(lam[-smooth:]) / lam[0])
+
+
 def main(argv=()):
     import torch
 
@@ -54,16 +65,18 @@ def main(argv=()):
     if bad:
         raise ValueError(f"groups={bad}: not among the valid groups {list(GROUPS)}")
     out = collections.defaultdict(lambda: {"rise": [], "fall": [], "fall_effect": []})
-    held = []
+    held, lazy = [], []
     for group, items in checks(list(argv) or None).items():
         for key, (run_dir, at, changes) in items.items():
             ds = check(run_dir, at, changes, n_windows=2, predictor=PREDICTOR)
             tally(ds, out)
             h0, labels = ds.attrs["persist_h_edge"], list(ds.label.values)
-            if h0 >= HELD and "lr×2" in labels:
+            if "lr×2" in labels:
                 after = [float(np.nanmean(ds.meas_h_edge.isel(change=labels.index(c)).values[1:])) / h0
                          for c in ("lr×2", "scheduled")]
-                held.append(f"{group} {key}: h̄ {h0:.2f}; h/edge after / h̄: lr×2 {after[0]:.2f}, unchanged {after[1]:.2f}")
+                line = (f"{group} {key}: h̄ {h0:.2f}, λ̄/λ_0 {sharpened(run_dir, at):.1f}; h/edge after / h̄: "
+                        f"lr×2 {after[0]:.2f}, unchanged {after[1]:.2f}, ratio {after[0] / after[1]:.2f}")
+                (held if h0 >= HELD else lazy).append(line)
     for name, rows in sorted(out.items()):
         eff = np.array(rows["fall_effect"]).reshape(-1, 2)
         print(f"{name:10s} rises {len(rows['rise']):4d} right {np.mean(rows['rise']):.2f} | falls "
@@ -71,4 +84,5 @@ def main(argv=()):
               f"x{np.median(eff[:, 0]):.2f}, predicted x{np.median(eff[:, 1]):.2f}, measured < 1 in "
               f"{np.mean(eff[:, 0] < 1):.0%}")
     print("\n".join(held))
+    print("\nruns at h̄ < HELD:\n" + "\n".join(lazy))
     return 0

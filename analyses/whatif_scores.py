@@ -94,6 +94,11 @@ CANDIDATES = {  # name -> predictor
     "held_cap": drift.predictor("flow", inner=sharpen.predictor("run", increase="held")),
     "held_cap_since_escape": drift.predictor("flow", inner=sharpen.predictor("run", increase="held"),
                                              gate="since_escape", fit="batches"),
+    "partial_held": drift.predictor("flow", inner=sharpen.predictor("run", increase="partial")),
+    "since_escape_steps": drift.predictor("steps", inner=sharpen.predictor("run"), gate="since_escape",
+                                          fit="batches"),
+    "partial_held_since_escape_steps": drift.predictor("steps", inner=sharpen.predictor("run", increase="partial"),
+                                                       gate="since_escape", fit="batches"),
 }
 
 

@@ -52,20 +52,23 @@ def test_a_replicate_check_forks_every_change_with_another_data_order(tmp_path):
 
 def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
     groups = {g: {"corr_spearman": 0.6, "norm_sign": 0.4, "effect_sign": 0.2} for g in GROUPS}
-    assert rule_score(groups, 1.0) == pytest.approx((10 * 0.4 + 1.0) / 11)  # ten fork groups and the seed term
+    assert rule_score(groups, 1.0) == pytest.approx((11 * 0.4 + 1.0) / 12)  # eleven fork groups and the seed term
     groups["evaluation_8"]["effect_sign"] = float("nan")  # a group without an effect case: the two defined
-    assert rule_score(groups, 1.0) == pytest.approx((9 * 0.4 + 0.5 + 1.0) / 11)
-    assert set(candidates()) == {"sharpen_decay_run", "held_cap", "held_cap_since_escape"}
+    assert rule_score(groups, 1.0) == pytest.approx((10 * 0.4 + 0.5 + 1.0) / 12)
+    assert set(candidates()) == {"sharpen_decay_run", "partial_held", "since_escape_steps",
+                                 "partial_held_since_escape_steps"}
+    assert not {"evaluation_11", "evaluation_12"} & set(GROUPS)  # partly seen; held out
     import analyses.whatif_forecast_choice as choice
 
     assert choice.__doc__.split("The rule. ")[1].split("Writes")[0].strip()  # main() writes it to the json
     d = "sharpen_decay_run"
-    rows = {d: {"S": [0.46, 0.50], "score": 0.48}, "held_cap_since_escape": {"S": [0.51, 0.50], "score": 0.505}}
+    both = "partial_held_since_escape_steps"
+    rows = {d: {"S": [0.46, 0.50], "score": 0.48}, both: {"S": [0.51, 0.50], "score": 0.505}}
     assert choose(rows) == (d, pytest.approx(0.04))  # +0.025 < 2 se = 0.04
-    rows["held_cap_since_escape"] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows)[0] == "held_cap_since_escape"  # +0.05 > 0.04
-    rows["held_cap"] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows)[0] == "held_cap"  # a tie: fewer parts
+    rows[both] = {"S": [0.53, 0.53], "score": 0.53}
+    assert choose(rows)[0] == both  # +0.05 > 0.04
+    rows["since_escape_steps"] = {"S": [0.53, 0.53], "score": 0.53}
+    assert choose(rows)[0] == "since_escape_steps"  # a tie: fewer parts
 
 
 def test_drift_share_counts_the_moves_the_unchanged_run_made_too():

@@ -138,3 +138,38 @@ def test_the_held_level_after_a_change_that_lowers_it():
         np.testing.assert_array_equal(a[v].values, b[v].values)
     with pytest.raises(ValueError, match="increase='up' is unknown"):
         sharpen.DecaySharpening(increase="up")
+
+
+def test_only_the_part_above_the_initial_curvature_follows_the_held_level():
+    plans = _plans()
+    part = sharpen.DecaySharpening(level="run", increase="partial")
+    held = sharpen.DecaySharpening(level="run", increase="held")
+    lam_bar, lam0 = LAM[1:].mean(), LAM[0]
+    h_run = 0.05 * lam_bar / float(stability_edge("hb", 0.9))  # the run's level: its cap at lr 0.05 is λ̄
+    for c, p in enumerate(plans[:4]):
+        k_part = part.held(lam_bar, lam0, AT, p, h_run=h_run)
+        k_held = held.held(lam_bar, lam0, AT, p, h_run=h_run)
+        if c == 0:  # the unchanged run: the cap is λ̄ itself, nothing moves under either
+            assert k_held is None and k_part is None
+            continue
+        # λ' = λ_0 + (λ̄ − λ_0) × (the held level's factor)
+        np.testing.assert_allclose(lam_bar * k_part, lam0 + (lam_bar - lam0) * k_held, rtol=1e-12)
+        np.testing.assert_array_equal(k_part[:AT], 1.0)
+        assert np.all(k_part[AT:] > k_held[AT:]) and np.all(k_part[AT:] < 1)
+    # lr × 2: the held level halves λ̄; the partial level keeps λ_0 and halves the rest
+    k = part.held(lam_bar, lam0, AT, plans[1], h_run=h_run)
+    np.testing.assert_allclose(k[AT:], (lam0 + (lam_bar - lam0) / 2) / lam_bar, rtol=1e-12)
+    # no gate: a run that barely sharpened (λ̄ = 1.1 λ_0) keeps 1/1.1 of λ̄ and halves the rest;
+    # one at its initial curvature, or below it, moves nothing
+    k_small = part.held(1.1 * lam0, lam0, AT, plans[1], h_run=h_run * 1.1 * lam0 / lam_bar)
+    np.testing.assert_allclose(k_small[AT:], (1 + 0.05) / 1.1, rtol=1e-12)
+    assert part.held(lam0, lam0, AT, plans[1], h_run=h_run) is None
+    assert part.held(0.9 * lam0, lam0, AT, plans[1], h_run=h_run) is None
+    # in the predictor: the decreases (the sharpening's) and the unchanged run are left to the bit
+    tr = _trace(LAM)
+    base = nqm_predictor(tr, CFG, AT, plans, WINDOWS, curvature=sharpen.DecaySharpening(level="run"))
+    new = nqm_predictor(tr, CFG, AT, plans, WINDOWS, curvature=part)
+    for v in ("grad_corr", "grad_sq", "update_sq", "curvature_factor"):
+        for c in (0, 4, 5):
+            np.testing.assert_array_equal(new[v].isel(change=c).values, base[v].isel(change=c).values)
+    assert float(new.grad_sq.isel(change=1, window=2, layer=0)) < float(base.grad_sq.isel(change=1, window=2, layer=0))

@@ -61,6 +61,27 @@ whatif_misses``) it holds in 21 of 31 such forks, and in 1 of 8 on the transform
 (eval9, eval10), whose λ_max did not fall (docs/findings/whatif.md, "Ninth round"). Where the cap
 does not bind (a plan that raises the held level, or the unchanged run), nothing moves.
 
+*The held part of the curvature* (``increase="partial"``, the tenth round's candidate;
+docs/findings/whatif.md, "Tenth round"). ``"held"`` moves the whole of λ̄, or none of it behind its
+gate. Measured on the development groups before this candidate was written (``python -m analyses
+whatif_misses`` over them: in the runs held at h̄ ≥ 0.2, the lr × 2 fork's h/edge after k over the
+unchanged run's, which a fixed curvature puts at 2 and the held level at 1, beside λ̄/λ_0, the
+run's λ_max before k over its first probe's): the plain CNNs had sharpened ×22–221 from their
+initialization and the ratio was at most 1.1 in 14 of their 18 checks (below 0.1, a catapult, in
+6); the tanh MLP, the ResNet, the transformer and the GRU had sharpened ×1.0–10 and the ratio was
+0.87–1.80, at most 1.1 in 2 of 13. The reading: λ_0 is the architecture's curvature at its
+initialization, which no lr holds; the rise above it is progressive sharpening, stopped by the lr
+(Cohen et al. 2021; at the stochastic edge, Andreyev & Beneventano 2024), so only that part
+follows the held level, and the ratio is 1 + λ_0/λ̄:
+
+.. math::  \lambda'_t = \lambda_0 + (\bar\lambda - \lambda_0)\,
+           \min\big(1,\; c_t/\bar\lambda\big),\qquad
+           c_t = \min(\bar h, 1 - m)\,\mathrm{edge}_t/\alpha_t,\quad t \ge k,
+
+on plans without an lr decrease, where λ̄ > λ_0 (no gate: a run at its initial curvature moves
+nothing, one that sharpened ×100 moves as ``"held"``). Assumed: the initial curvature and the
+sharpened part add, and the latter scales with the held level. No constant was fitted.
+
 Where it does not act. A plan without an lr decrease inside the horizon, a rate of 0 (no probe
 before k shows sharpening below the edge), and a run still on its plateau for which the escape
 forecast acts (its forecast is kept: the escape is the earlier, faster motion): there the
@@ -83,7 +104,7 @@ from experiments.whatif.curvature import flow_steps, forecast_factor, held_by_lr
 from experiments.whatif.escape import EscapeForecast
 
 LEVELS = ("edge", "run")
-INCREASES = ("none", "held")
+INCREASES = ("none", "held", "partial")
 
 
 def first_decrease(plan, at):
@@ -106,7 +127,7 @@ class DecaySharpening:
     noise: bool = True
     margin: float = EDGE_MARGIN
     escape: EscapeForecast = field(default_factory=EscapeForecast)
-    increase: str = "none"  # "held": the held level after a change that lowers it (module docstring)
+    increase: str = "none"  # "held" / "partial": the held level after a change that lowers it (module docstring)
 
     def __post_init__(self):
         if self.level not in LEVELS:
@@ -147,7 +168,11 @@ class DecaySharpening:
     def held(self, lam_at, lam0, at, plan, h_run):
         """κ_t of the held level after a change that lowers it (``increase="held"``, module
         docstring), or None where it is off, the gate is shut, or the cap does not bind."""
-        if self.increase != "held" or not held_by_lr("sharpened", lam_first=lam0, lam_now=lam_at):
+        if self.increase == "none":
+            return None
+        if self.increase == "held" and not held_by_lr("sharpened", lam_first=lam0, lam_now=lam_at):
+            return None
+        if self.increase == "partial" and not (np.isfinite(lam0) and 0 < lam0 < lam_at):
             return None
         caps = self.caps(plan, h_run, level="run")[at:]
         # binds: below λ̄ by more than rounding (the unchanged plan's cap is λ̄ itself, up to it)
@@ -155,6 +180,8 @@ class DecaySharpening:
             return None
         kappa = np.ones(len(plan["lr"]))
         kappa[at:] = np.minimum(lam_at, caps) / lam_at
+        if self.increase == "partial":  # only the part above λ_0 follows the held level
+            kappa[at:] = (lam0 + (lam_at - lam0) * kappa[at:]) / lam_at
         return kappa
 
 
