@@ -150,7 +150,8 @@ GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_9": ("whatif_eval9", [200, 400]),
           "evaluation_10": ("whatif_eval10", [200, 400]),
           "evaluation_11": ("whatif_eval11", [200, 400]),
-          "evaluation_12": ("whatif_eval12", [200, 400])}
+          "evaluation_12": ("whatif_eval12", [200, 400]),
+          "evaluation_13": ("whatif_eval13", [200, 400])}
 SEED_SPECS = {"seed_decay_growth": None, "seed_decay_growth_eval3": "whatif_eval3_decay",
               "seed_decay_growth_eval4": "whatif_eval4_decay", "seed_decay_growth_eval8": "whatif_eval8_decay",
               "seed_decay_growth_eval9": "whatif_eval9_decay",
