@@ -30,7 +30,7 @@ checkpoints that differ from them only in the data order after the change
   cases and on the others (``model_sign_drift`` / ``model_sign_own``);
 - the default model's scores against the replicate forks (``model_on_replicate``).
 
-Writes ``results/whatif_ceilings.json`` (every group of :data:`analyses.whatif_scores.GROUPS`;
+Writes ``results/whatif_ceilings.json`` (every group of :func:`analyses.whatif_scores.default_groups`;
 with group names as arguments only those, replacing their entries in the file and keeping the others):
 
     .venv/bin/python -m analyses whatif_ceilings     # replicate forks the first time (~10 s each)
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analyses.whatif_scores import GROUPS, checks
+from analyses.whatif_scores import GROUPS, checks, default_groups
 from experiments.linking.measure import split_half_windows
 from experiments.linking.scores import noise_ceiling
 from experiments.store import atomic_write_json, load_run, read_json
@@ -174,7 +174,7 @@ def main(argv=()):
     import torch
 
     torch.set_num_threads(1)
-    groups = list(argv) or list(GROUPS)
+    groups = list(argv) or default_groups()
     bad = [g for g in groups if g not in GROUPS]
     if bad:
         raise ValueError(f"groups={bad}: not among the valid groups {list(GROUPS)}")

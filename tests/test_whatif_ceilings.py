@@ -122,3 +122,13 @@ def test_the_misses_tally_splits_moved_cases_into_rises_and_falls_with_their_eff
     tally(ds, out)
     assert list(out) == ["lr×2"] and out["lr×2"]["rise"] == [] and out["lr×2"]["fall"] == [False]
     np.testing.assert_allclose(out["lr×2"]["fall_effect"], [(0.75, 1.3)])
+
+
+def test_a_held_out_group_runs_only_when_named(monkeypatch):
+    import analyses.whatif_scores as scores
+
+    seen = []
+    monkeypatch.setattr(scores, "setting_checks", lambda spec, steps: seen.append(spec) or {})
+    assert set(scores.checks()) == set(scores.GROUPS) - set(scores.HELD_OUT) and scores.HELD_OUT
+    assert not {scores.GROUPS[g][0] for g in scores.HELD_OUT} & set(seen)
+    assert set(scores.checks(list(scores.HELD_OUT))) == set(scores.HELD_OUT)  # named: it runs
