@@ -40,7 +40,8 @@ def totals(trace, steps):
 def fork_moves(fork, unchanged, at):
     """The mean over the probes after ``at`` that both traces have of log(fork / unchanged) of
     λ_max, Σ tr H and Σ tr Σ (a 3-tuple; NaN where there is no such probe)."""
-    post = [s for s in fork["probe_step"].values if s > at and s in set(unchanged["probe_step"].values)]
+    shared = set(unchanged["probe_step"].values)
+    post = [s for s in fork["probe_step"].values if s > at and s in shared]
     if not post:
         return (np.nan,) * 3
     with np.errstate(divide="ignore", invalid="ignore"):

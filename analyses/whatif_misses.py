@@ -1,9 +1,9 @@
 """Where the predictor in use misses the norm-change sign (docs/findings/whatif.md, "Eighth round"):
 per change kind, over the checks of the named groups of :data:`analyses.whatif_scores.GROUPS`
-(default: :func:`analyses.whatif_scores.default_groups`), the layer-windows whose fork norm moved by more than 10 % from window 0 (the
-``norm_sign`` cases), split into rises and falls, with the fraction the predictor in use gets
-right; and, for the falls, the median measured and predicted *effect* (the fork's norm over the
-unchanged run's, the same data order). Prints one line per change kind; then, per check whose run
+(default: :func:`analyses.whatif_scores.default_groups`), the layer-windows whose fork norm moved
+by more than 10 % from window 0 (the ``norm_sign`` cases), split into rises and falls, with the
+fraction the predictor in use gets right; and, for the falls, the median measured and predicted
+*effect* (the fork's norm over the unchanged run's, the same data order). Prints one line per change kind; then, per check whose run
 has an lr × 2 fork, its h̄ (the network h/edge before k), λ̄/λ_0 (:func:`sharpened`) and the
 measured h/edge after k (the mean over the probes of the two windows) over h̄, for the lr × 2 fork
 and for the unchanged run, and their ratio (2 at a fixed curvature, 1 at the held level); runs

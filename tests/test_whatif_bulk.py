@@ -11,7 +11,8 @@ from analyses.whatif_bulk import coupling_before, fork_moves
 
 def _trace(lam, trace, noise, steps):
     layers = ["a", "b"]
-    half = lambda v: np.repeat(np.asarray(v, float)[:, None] / 2, 2, axis=1)  # noqa: E731: split over two layers
+    # each total split evenly over two layers
+    half = lambda v: np.repeat(np.asarray(v, float)[:, None] / 2, 2, axis=1)  # noqa: E731
     return xr.Dataset({"sharpness_global": ("probe_step", np.asarray(lam, float)),
                        "hessian_trace": (("probe_step", "layer"), half(trace)),
                        "grad_noise": (("probe_step", "layer"), half(noise))},

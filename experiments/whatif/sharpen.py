@@ -166,8 +166,9 @@ class DecaySharpening:
         return forecast_factor(lam_at, r, t_d, self.caps(plan, h_run), flow_steps(plan["lr"], plan["momentum"]))
 
     def held(self, lam_at, lam0, at, plan, h_run):
-        """κ_t of the held level after a change that lowers it (``increase="held"``, module
-        docstring), or None where it is off, the gate is shut, or the cap does not bind."""
+        """κ_t of the held level after a change that lowers it (``increase="held"``, or of the
+        part of λ̄ above λ_0 for ``"partial"``; module docstring), or None where it is off, the
+        gate is shut, or the cap does not bind."""
         if self.increase == "none":
             return None
         if self.increase == "held" and not held_by_lr("sharpened", lam_first=lam0, lam_now=lam_at):
