@@ -9,7 +9,10 @@ spectrum, and the noise, by the factor they forecast for λ_max: that assumes d 
 λ_max and d log Σ tr Σ = d log Σtr H. Prints, per group, for the forks where λ_max moved by more
 than :data:`MOVED` (log), the median of the two slopes d log Σtr H / d log λ_max and d log Σ tr Σ /
 d log Σtr H, and of the same slope of log Σtr H on log λ_max over the probes at or before k (the
-run's own co-movement before the change); writes ``results/whatif_bulk.json``:
+run's own co-movement before the change); and per layer (over layers and those forks) the median
+of d log λ_l / d log λ_max and d log tr H_l / d log λ_max (λ_l the block's top eigenvalue: whether
+the top of each block moves with the network's, and its bulk with it); writes
+``results/whatif_bulk.json``:
 
     .venv/bin/python -m analyses whatif_bulk                    # ~4 min (the forks are in the store)
     .venv/bin/python -m analyses whatif_bulk evaluation_9
@@ -48,6 +51,17 @@ def fork_moves(fork, unchanged, at):
         return tuple(float(np.mean(np.log(a / b))) for a, b in zip(totals(fork, post), totals(unchanged, post)))
 
 
+def layer_moves(fork, unchanged, at):
+    """Per layer, the mean over the probes after ``at`` that both traces have of log(fork /
+    unchanged) of the block's top eigenvalue and of its trace: two arrays over the layers."""
+    shared = set(unchanged["probe_step"].values)
+    post = [s for s in fork["probe_step"].values if s > at and s in shared]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return tuple(np.log(fork[v].sel(probe_step=post).transpose("probe_step", "layer").values
+                            / unchanged[v].sel(probe_step=post).transpose("probe_step", "layer").values).mean(0)
+                     for v in ("sharpness", "hessian_trace"))
+
+
 def coupling_before(trace, at):
     """The least-squares slope of log Σ tr H on log λ_max over the probes at or before ``at`` with
     both finite and positive (NaN with fewer than two, or no spread of λ_max)."""
@@ -84,18 +98,26 @@ def main(argv=()):
             for label, d in zip(labels, dirs):
                 if label == "scheduled":
                     continue
-                lam, tr, noise = fork_moves(store.load_run(d), unchanged, at)
+                fork = store.load_run(d)
+                lam, tr, noise = fork_moves(fork, unchanged, at)
+                top_l, trace_l = layer_moves(fork, unchanged, at)
                 rows.append({"check": key, "change": label, "dlog_lambda": lam, "dlog_trace": tr,
-                             "dlog_noise": noise, "coupling_before": before})
+                             "dlog_noise": noise, "coupling_before": before,
+                             "dlog_layer_top": top_l.tolist(), "dlog_layer_trace": trace_l.tolist()})
         moved = [r for r in rows if abs(r["dlog_lambda"]) > MOVED and np.isfinite(r["dlog_trace"])]
         per_lambda = [r["dlog_trace"] / r["dlog_lambda"] for r in moved]
         per_trace = [r["dlog_noise"] / r["dlog_trace"] for r in moved if abs(r["dlog_trace"]) > MOVED]
         summary = {"n_moved": len(moved), "trace_per_lambda": _median(per_lambda),
                    "noise_per_trace": _median(per_trace),
-                   "coupling_before": _median([r["coupling_before"] for r in rows])}
+                   "coupling_before": _median([r["coupling_before"] for r in rows]),
+                   "layer_top_per_lambda": _median([x / r["dlog_lambda"] for r in moved for x in r["dlog_layer_top"]]),
+                   "layer_trace_per_lambda": _median([x / r["dlog_lambda"] for r in moved
+                                                      for x in r["dlog_layer_trace"]])}
         out["groups"][group] = {"summary": summary, "forks": rows}
         print(f"{group}: {summary['n_moved']} forks with |dlog λ_max| > {MOVED}: median dlog Σtr H / dlog λ_max "
               f"{summary['trace_per_lambda']:.2f}, dlog Σtr Σ / dlog Σtr H {summary['noise_per_trace']:.2f}; "
-              f"before k, slope of log Σtr H on log λ_max {summary['coupling_before']:.2f}", flush=True)
+              f"before k, slope of log Σtr H on log λ_max {summary['coupling_before']:.2f}; per layer, "
+              f"dlog λ_l / dlog λ_max {summary['layer_top_per_lambda']:.2f}, dlog tr H_l / dlog λ_max "
+              f"{summary['layer_trace_per_lambda']:.2f}", flush=True)
     atomic_write_json(OUT, out)
     return 0

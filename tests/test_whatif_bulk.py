@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from analyses.whatif_bulk import coupling_before, fork_moves
+from analyses.whatif_bulk import coupling_before, fork_moves, layer_moves
 
 
 def _trace(lam, trace, noise, steps):
     layers = ["a", "b"]
-    # each total split evenly over two layers
+    # each total split evenly over two layers; each block's top is λ_max / 2
     half = lambda v: np.repeat(np.asarray(v, float)[:, None] / 2, 2, axis=1)  # noqa: E731
     return xr.Dataset({"sharpness_global": ("probe_step", np.asarray(lam, float)),
+                       "sharpness": (("probe_step", "layer"), half(lam)),
                        "hessian_trace": (("probe_step", "layer"), half(trace)),
                        "grad_noise": (("probe_step", "layer"), half(noise))},
                       coords={"probe_step": steps, "layer": layers})
@@ -26,6 +27,9 @@ def test_fork_moves_are_the_mean_log_ratios_after_k_on_the_shared_probes():
     fork = _trace([1, 2, 2, 2], [10, 20, 36, 36], [1, 1, 0.9, 0.9], steps)
     lam, tr, noise = fork_moves(fork, unchanged, at=100)
     assert lam == pytest.approx(np.log(0.5)) and tr == pytest.approx(np.log(0.9)) and noise == pytest.approx(np.log(0.9))
+    top_l, trace_l = layer_moves(fork, unchanged, at=100)
+    np.testing.assert_allclose(top_l, np.log(0.5))
+    np.testing.assert_allclose(trace_l, np.log(0.9))
     short = _trace([1, 2], [10, 20], [1, 1], [0, 100])  # no probe after k: nothing to compare
     assert all(np.isnan(fork_moves(short, unchanged, at=100)))
 
