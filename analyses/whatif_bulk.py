@@ -11,7 +11,8 @@ than :data:`MOVED` (log), the median of the two slopes d log Σtr H / d log λ_m
 d log Σtr H, and of the same slope of log Σtr H on log λ_max over the probes at or before k (the
 run's own co-movement before the change); and per layer (over layers and those forks) the median
 of d log λ_l / d log λ_max and d log tr H_l / d log λ_max (λ_l the block's top eigenvalue: whether
-the top of each block moves with the network's, and its bulk with it); writes
+the top of each block moves with the network's, and its bulk with it); and the median over the
+checks of :func:`outliers_before` (how far the blocks' tops stand above their bulk before k); writes
 ``results/whatif_bulk.json``:
 
     .venv/bin/python -m analyses whatif_bulk                    # ~4 min (the forks are in the store)
@@ -75,6 +76,19 @@ def coupling_before(trace, at):
     return float(np.polyfit(x[ok], y[ok], 1)[0])
 
 
+def outliers_before(trace, at, smooth=3):
+    """How far each block's top stands above its mean eigenvalue before ``at``: the mean over the
+    layers, weighted by their share of Σ tr H, of log10(λ_l n_l / tr H_l) (n_l the block's
+    parameters), each the mean over the last ``smooth`` probes at or before ``at``."""
+    p = trace["probe_step"].values
+    sel = trace.sel(probe_step=p[p <= at][-smooth:]).mean("probe_step")
+    top, tr, n = (sel[v].values.astype(float) for v in ("sharpness", "hessian_trace", "n_params"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.log10(top * n / tr)
+    ok = np.isfinite(ratio) & (tr > 0)
+    return float(np.sum(tr[ok] * ratio[ok]) / np.sum(tr[ok])) if ok.any() else float("nan")
+
+
 def _median(values):
     values = [v for v in values if np.isfinite(v)]
     return float(np.median(values)) if values else float("nan")
@@ -94,7 +108,8 @@ def main(argv=()):
             ds = check(run_dir, at, changes, n_windows=2, predictor=nqm_predictor)
             labels, dirs = list(ds.label.values), ds.attrs["fork_dirs"]
             unchanged = store.load_run(dirs[labels.index("scheduled")])
-            before = coupling_before(store.load_run(run_dir), at)
+            parent = store.load_run(run_dir)
+            before, outliers = coupling_before(parent, at), outliers_before(parent, at)
             for label, d in zip(labels, dirs):
                 if label == "scheduled":
                     continue
@@ -102,7 +117,7 @@ def main(argv=()):
                 lam, tr, noise = fork_moves(fork, unchanged, at)
                 top_l, trace_l = layer_moves(fork, unchanged, at)
                 rows.append({"check": key, "change": label, "dlog_lambda": lam, "dlog_trace": tr,
-                             "dlog_noise": noise, "coupling_before": before,
+                             "dlog_noise": noise, "coupling_before": before, "outliers_before": outliers,
                              "dlog_layer_top": top_l.tolist(), "dlog_layer_trace": trace_l.tolist()})
         moved = [r for r in rows if abs(r["dlog_lambda"]) > MOVED and np.isfinite(r["dlog_trace"])]
         per_lambda = [r["dlog_trace"] / r["dlog_lambda"] for r in moved]
@@ -110,13 +125,15 @@ def main(argv=()):
         summary = {"n_moved": len(moved), "trace_per_lambda": _median(per_lambda),
                    "noise_per_trace": _median(per_trace),
                    "coupling_before": _median([r["coupling_before"] for r in rows]),
+                   "outliers_before": _median([r["outliers_before"] for r in rows]),
                    "layer_top_per_lambda": _median([x / r["dlog_lambda"] for r in moved for x in r["dlog_layer_top"]]),
                    "layer_trace_per_lambda": _median([x / r["dlog_lambda"] for r in moved
                                                       for x in r["dlog_layer_trace"]])}
         out["groups"][group] = {"summary": summary, "forks": rows}
         print(f"{group}: {summary['n_moved']} forks with |dlog λ_max| > {MOVED}: median dlog Σtr H / dlog λ_max "
               f"{summary['trace_per_lambda']:.2f}, dlog Σtr Σ / dlog Σtr H {summary['noise_per_trace']:.2f}; "
-              f"before k, slope of log Σtr H on log λ_max {summary['coupling_before']:.2f}; per layer, "
+              f"before k, slope of log Σtr H on log λ_max {summary['coupling_before']:.2f}, log10 top / mean "
+              f"eigenvalue {summary['outliers_before']:.2f}; per layer, "
               f"dlog λ_l / dlog λ_max {summary['layer_top_per_lambda']:.2f}, dlog tr H_l / dlog λ_max "
               f"{summary['layer_trace_per_lambda']:.2f}", flush=True)
     atomic_write_json(OUT, out)

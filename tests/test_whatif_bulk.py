@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from analyses.whatif_bulk import coupling_before, fork_moves, layer_moves
+from analyses.whatif_bulk import coupling_before, fork_moves, layer_moves, outliers_before
 
 
 def _trace(lam, trace, noise, steps):
@@ -16,7 +16,8 @@ def _trace(lam, trace, noise, steps):
     return xr.Dataset({"sharpness_global": ("probe_step", np.asarray(lam, float)),
                        "sharpness": (("probe_step", "layer"), half(lam)),
                        "hessian_trace": (("probe_step", "layer"), half(trace)),
-                       "grad_noise": (("probe_step", "layer"), half(noise))},
+                       "grad_noise": (("probe_step", "layer"), half(noise)),
+                       "n_params": ("layer", [10, 1000])},
                       coords={"probe_step": steps, "layer": layers})
 
 
@@ -44,3 +45,11 @@ def test_the_coupling_before_k_is_the_log_log_slope_and_undefined_without_spread
     assert coupling_before(_trace(lam, tr, lam, steps), at=200) == pytest.approx(0.5)
     assert np.isnan(coupling_before(_trace(np.ones(4), lam, lam, steps), at=300))  # λ_max never moved
     assert np.isnan(coupling_before(_trace([-1.0, 0.0, 1.0, 2.0], lam, lam, steps), at=100))  # fewer than two positive
+
+
+def test_the_outlier_ratio_is_the_trace_weighted_log_of_top_over_mean_eigenvalue():
+    # both blocks: top λ/2 = 2, trace 10/2 = 5; mean eigenvalue 5/10 and 5/1000 -> top/mean 4 and 400
+    tr = _trace([4.0] * 4, [10.0] * 4, [1.0] * 4, [0, 100, 200, 300])
+    assert outliers_before(tr, at=300) == pytest.approx((np.log10(4) + np.log10(400)) / 2)
+    tr["hessian_trace"][:, 1] = 15.0  # the second block holds 3/4 of the trace: its ratio weighs 3/4
+    assert outliers_before(tr, at=300) == pytest.approx(np.log10(2 * 10 / 5) / 4 + 3 * np.log10(2 * 1000 / 15) / 4)
