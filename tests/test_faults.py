@@ -533,19 +533,24 @@ def test_two_sweeps_racing_on_one_root_train_each_run_once(tmp_path):
 def test_ctrl_c_on_a_sweep_stops_cleanly_and_a_rerun_resumes(tmp_path):
     root, log = tmp_path / "store", tmp_path / "log"
     n = 8
-    # 3-4 s a run here: after the first run is done the other seven take >= 10 s on 2 workers, so
+    # 5-7 s a run here: after the first run is done the other seven take >= 20 s on 2 workers, so
     # the Ctrl-C lands mid-sweep even if this process is starved for seconds (with 400 steps a
-    # loaded CI machine once let the whole sweep finish before the signal was sent)
-    spec = write_spec(tmp_path / "s.toml", root, n, steps=2000)
+    # loaded CI machine once let the whole sweep finish before the signal was sent; with 2000, a
+    # fresh-clone CI run did so once in about eight)
+    spec = write_spec(tmp_path / "s.toml", root, n, steps=4000)
     command = [sys.executable, "-m", "experiments.cli", "sweep", str(spec), "--workers", "2", "--no-progress"]
+    # a terminal's foreground command starts with SIGINT at its default, whatever this (pytest
+    # worker) process's disposition is: an ignored SIGINT would be inherited across exec
     proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: len(done_ids(root)) >= 1, 180, "a first finished run", proc)
     started = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: the whole group
     out, err = proc.communicate(timeout=60)
     stop_seconds = time.monotonic() - started
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, (f"exit {proc.returncode} {stop_seconds:.1f} s after the signal with "
+                                    f"{len(done_ids(root))} of {n} runs done; stdout {out!r}; stderr {err!r}")
     done = done_ids(root)
     assert err == f"interrupted: {len(done)} of {n} runs finished; rerun to resume\n"
     assert len(done) < n and stop_seconds < 8
