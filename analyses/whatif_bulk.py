@@ -41,11 +41,16 @@ def totals(trace, steps):
             sel["grad_noise"].sum("layer").values)
 
 
-def fork_moves(fork, unchanged, at):
-    """The mean over the probes after ``at`` that both traces have of log(fork / unchanged) of
-    λ_max, Σ tr H and Σ tr Σ (a 3-tuple; NaN where there is no such probe)."""
+def shared_after(fork, unchanged, at):
+    """The probe steps after ``at`` that both traces have, in the fork's order."""
     shared = set(unchanged["probe_step"].values)
-    post = [s for s in fork["probe_step"].values if s > at and s in shared]
+    return [s for s in fork["probe_step"].values if s > at and s in shared]
+
+
+def fork_moves(fork, unchanged, at):
+    """The mean over :func:`shared_after` of log(fork / unchanged) of λ_max, Σ tr H and Σ tr Σ (a
+    3-tuple; NaN where there is no such probe)."""
+    post = shared_after(fork, unchanged, at)
     if not post:
         return (np.nan,) * 3
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -53,10 +58,11 @@ def fork_moves(fork, unchanged, at):
 
 
 def layer_moves(fork, unchanged, at):
-    """Per layer, the mean over the probes after ``at`` that both traces have of log(fork /
-    unchanged) of the block's top eigenvalue and of its trace: two arrays over the layers."""
-    shared = set(unchanged["probe_step"].values)
-    post = [s for s in fork["probe_step"].values if s > at and s in shared]
+    """Per layer, the mean over :func:`shared_after` of log(fork / unchanged) of the block's top
+    eigenvalue and of its trace: two arrays over the layers (NaN where there is no such probe)."""
+    post = shared_after(fork, unchanged, at)
+    if not post:
+        return (np.full(fork.sizes["layer"], np.nan),) * 2
     with np.errstate(divide="ignore", invalid="ignore"):
         return tuple(np.log(fork[v].sel(probe_step=post).transpose("probe_step", "layer").values
                             / unchanged[v].sel(probe_step=post).transpose("probe_step", "layer").values).mean(0)

@@ -23,13 +23,17 @@ eighth round (``experiments/specs/whatif_eval9.toml``: a transformer language mo
 32) on pytext, HB 0.03 / 0.9, NAG 0.1 / 0.8, HB 0.3 / 0.5, seed 9, constant lr; steps 200 and
 400; development since the ninth round), on the tenth, held out in the ninth round
 (``experiments/specs/whatif_eval10.toml``: a GRU language model (hidden 32) on pytext, HB 0.1 / 0.9,
-NAG 0.3 / 0.8, HB 1.0 / 0.5, seed 10, constant lr; steps 200 and 400), and, in the seed setting (``experiments/specs/seed_cnn.toml``'s
-run lr 0.03, momentum 0.9, seed 0, one thread; a development setting), the per-layer norm growth
+NAG 0.3 / 0.8, HB 1.0 / 0.5, seed 10, constant lr; steps 200 and 400; development since the tenth
+round), on the eleventh (``whatif_eval11.toml``: a 2-D GELU seed CNN on digits; partly seen in the
+tenth round) and the twelfth, held out in the tenth round (``whatif_eval12.toml``: a 2-D GELU
+ResNet on digits), both steps 200 and 400, and, in the seed setting
+(``experiments/specs/seed_cnn.toml``'s run lr 0.03, momentum 0.9, seed 0, one thread; a development setting), the per-layer norm growth
 after the step-1000 decay predicted at step 1000 (and on the runs of
 ``experiments/specs/whatif_eval3_decay.toml``: seed 3, lr 0.03 and 0.1, seen since the third
 round, the run of ``whatif_eval4_decay.toml``: seed 4, lr 0.05, held out in the fourth round, and
 the runs of ``whatif_eval8_decay.toml``: seed 8, lr 0.02 and 0.07, held out in the seventh round,
-and of ``whatif_eval9_decay.toml``: seed 9, lr 0.04 and 0.06, held out in the eighth).
+of ``whatif_eval9_decay.toml``: seed 9, lr 0.04 and 0.06, held out in the eighth, and of
+``whatif_eval11_decay.toml``: seed 11, lr 0.025 and 0.085, held out in the tenth).
 ``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`; since the seventh
 round ``sharpen_decay_run``, below; ``escape_drift`` in the sixth); beside it, on the same cases, those of the other candidates:
 ``fixed`` (the link's NQM with the curvature held fixed, anchored on window 0; the default until
@@ -49,9 +53,13 @@ and, for the second, its batch-means fit (b'), :mod:`experiments.whatif.drift`; 
 ``escape_since_escape_batches`` (the same gate and fit on the escape forecast alone, without the
 sharpening; eighth round), ``held_cap`` / ``held_cap_since_escape`` (the predictor in use, and the
 same with the drift's gate (a') and fit (b'), with the held level after a change that lowers it,
-:mod:`experiments.whatif.sharpen`'s ``increase="held"``; ninth round), and ``persistence``. (The earlier rounds' other variants are in the git history of this file.)
+:mod:`experiments.whatif.sharpen`'s ``increase="held"``; ninth round), ``partial_held`` / ``since_escape_steps`` / ``partial_held_since_escape_steps`` (only the part of
+λ_max above its initial value following the held level, ``increase="partial"``; the drift's gate
+(a') and fit (b') on the steps clock; both; tenth round), and ``persistence``. (The earlier
+rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
-setting unless named (``seed_decay_growth``, ``seed_decay_growth_eval3``, ``_eval4``, ``_eval8``, ``_eval9``), their
+setting unless named (``seed_decay_growth``, ``seed_decay_growth_eval3``, ``_eval4``, ``_eval8``, ``_eval9``,
+``_eval11``); without names every group of :func:`default_groups` (eval13, :data:`HELD_OUT`, only when named); their
 entries replaced in the file and the others kept):
 
     .venv/bin/python -m analyses whatif_scores       # runs + forks the first time, then minutes

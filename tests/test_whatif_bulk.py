@@ -33,6 +33,7 @@ def test_fork_moves_are_the_mean_log_ratios_after_k_on_the_shared_probes():
     np.testing.assert_allclose(trace_l, np.log(0.9))
     short = _trace([1, 2], [10, 20], [1, 1], [0, 100])  # no probe after k: nothing to compare
     assert all(np.isnan(fork_moves(short, unchanged, at=100)))
+    assert all(np.isnan(layer_moves(short, unchanged, at=100)).ravel())
 
 
 def test_the_coupling_before_k_is_the_log_log_slope_and_undefined_without_spread():
