@@ -112,7 +112,7 @@ CANDIDATES = {  # name -> predictor
 
 IN_USE = "sharpen_decay_run"  # the candidate PREDICTOR computes (predict.default_predictor; tests/test_whatif_drift.py)
 VARIANTS = {"model": PREDICTOR, **{n: pr for n, pr in CANDIDATES.items() if n != IN_USE}}
-NAMES = (*VARIANTS, "persistence")
+NAMES = (*VARIANTS, "persistence", "trend")  # the two no-theory baselines last
 KEYS = ("corr_spearman", "norm_sign", "norm_factor_1p5", "effect_sign", "effect_factor_1p5", "ratio_mae",
         "h_edge_rel_error", "regime_agreement", "h_edge_layer_rel_error", "regime_layer_agreement")
 
@@ -131,12 +131,13 @@ def pooled(parts):
 
 def check_variants(run_dir, at, changes, n_windows, variants=None):
     """{name: the check's dataset} for each predictor of ``variants`` (default
-    :data:`VARIANTS`; the forks are run once, by the first), and {name: scores}, persistence
-    from the first."""
+    :data:`VARIANTS`; the forks are run once, by the first), and {name: scores}, the two
+    baselines (persistence, trend) from the first."""
     variants = VARIANTS if variants is None else variants
     out = {name: check(run_dir, at, changes, n_windows=n_windows, predictor=pr) for name, pr in variants.items()}
     sc = {name: ds.attrs["scores"]["model"] for name, ds in out.items()}
-    sc["persistence"] = out[next(iter(variants))].attrs["scores"]["persistence"]
+    for base in ("persistence", "trend"):
+        sc[base] = out[next(iter(variants))].attrs["scores"][base]
     return out, sc
 
 
@@ -209,7 +210,8 @@ def seed_decay_growth(variants=None, config=None):
     and the size within ×1.5 (the issue's target). Beside it the rise of the layers'
     sharpness as the diagnosis measures it (mean over the probes 1500-1900 over the mean over
     1000-1400) and as the forecast predicts it (κ at the windows' first steps 1500-1800 over
-    1000-1400)."""
+    1000-1400). ``trend``: the same scores for the trend baseline (the run's own trend before
+    1000 carried on; persistence predicts no growth, so none of its layers is right)."""
     config = seed_config() if config is None else config
     run(config, ROOT / run_id(config))
     dss, sc = check_variants(ROOT / run_id(config), 1000, changes_from(), n_windows=9, variants=variants)
@@ -220,18 +222,22 @@ def seed_decay_growth(variants=None, config=None):
     p = trace["probe_step"].values
     early, late = (p >= 1000) & (p < 1500), (p >= 1500) & (p < 2000)
     out["measured_sharpness_rise"] = (sh.values[late].mean(0) / sh.values[early].mean(0)).tolist()
-    meas = None
-    for name, ds in dss.items():
-        x = ds.isel(change=0)
-        pred = (x.pred_grad_norm.isel(window=-1) / x.pred_grad_norm.isel(window=1)).values
-        meas = (x.meas_grad_norm.isel(window=-1) / x.meas_grad_norm.isel(window=1)).values
+    growth = lambda v: (v.isel(window=-1) / v.isel(window=1)).values  # noqa: E731
+    x = first.isel(change=0)
+    meas = growth(x.meas_grad_norm)
+
+    def right(pred):
         within = np.abs(np.log(pred / meas)) <= np.log(1.5)
         sign = np.sign(pred - 1) == np.sign(meas - 1)
+        return {"predicted_growth": pred.tolist(), "growth_sign_right": float(np.mean(sign)),
+                "within_factor_1p5": float(np.mean(within)), "right": float(np.mean(sign & within))}
+
+    for name, ds in dss.items():
+        x = ds.isel(change=0)
         h, start = x.pred_h_edge.values, x.start.values  # lr·κ·λ/edge; the lr is constant after the decay
         k = float(h[(start >= 1500) & (start < 2000)].mean() / h[(start >= 1000) & (start < 1500)].mean())
-        out[name] = {"predicted_growth": pred.tolist(), "growth_sign_right": float(np.mean(sign)),
-                     "within_factor_1p5": float(np.mean(within)), "right": float(np.mean(sign & within)),
-                     "predicted_sharpness_rise": k}
+        out[name] = {**right(growth(x.pred_grad_norm)), "predicted_sharpness_rise": k}
+    out["trend"] = right(growth(first.isel(change=0).trend_grad_norm))  # the no-theory baseline
     out["measured_growth"] = meas.tolist()
     out["scores_vs_before_decay"] = sc
     return out

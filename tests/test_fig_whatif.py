@@ -13,7 +13,7 @@ def test_tiny_figure_is_written_with_predictions_beside_forks(tmp_path):
     ds = whatif.FIGURE.data(ctx)
     assert list(ds.label.values) == ["scheduled", "lr×0.5", "lr×2", "momentum=0.6", "method=nag"]
     assert np.isfinite(ds.meas_grad_corr.isel(window=slice(1, None)).values).all()
-    assert set(ds.attrs["scores"]) == {"model", "persistence"}
+    assert set(ds.attrs["scores"]) == {"model", "persistence", "trend"}
     fig = whatif.FIGURE.plot(ds, ctx)
     # per change: model and persistence scatters in both panels
     assert [len(ax.collections) for ax in fig.axes] == [10, 11]  # + the factor-1.5 band

@@ -249,3 +249,50 @@ def test_base_since_escape_is_the_eighth_rounds_best(tiny_run):  # noqa: F811 (t
     a = whatif(trace, 40, ch, window=10, predictor=BASES["since-escape"])
     b = whatif(trace, 40, ch, window=10, predictor=CANDIDATES["since_escape_batches"])
     xr.testing.assert_identical(a, b)
+
+
+def test_the_trend_baseline_recovers_a_drift_after_the_first_window_only_and_none_without_one():
+    # log|g| jumps in the first window (the initialization's transient, left out), then falls
+    # 0.002 per step; at k = 5W the fit uses the last three windows [200, 500)
+    at, s = 5 * W, -0.002
+    t = np.arange(at)
+    trace = constructed(np.where(t < W, 3.0 - 0.03 * t, s * t), [1.0] * 5)
+    s_norm, s_ratio = drift.trend_slopes(trace, at, W)
+    np.testing.assert_allclose(s_norm, s, rtol=0.05)  # noise 2 %/step over 300 steps: SE ~2e-5
+    np.testing.assert_allclose(s_ratio, s / np.log(10), rtol=0.05)  # the ratio's log10 drifts with it
+    # the first window's fall of 0.03 per step would dominate a fit that took it in
+    assert np.all(np.abs(drift.trend_slopes(trace, at, W, n_fit=5)[0] - s) < 0.1 * abs(s))
+    assert np.all(drift.trend_slopes(trace, W, W)[0] == 0)  # k = W: only the first window, no trend
+    flat = constructed(np.zeros(at), [1.0] * 5, layers=400, noise=0.3, seed=3)
+    assert np.mean(drift.trend_slopes(flat, at, W)[0] != 0) < 0.12  # the |t| >= 2 test: ~5 % (as the drift's)
+
+
+def test_the_trend_baseline_is_the_same_for_every_change_and_scored_beside_persistence(tiny_run):  # noqa: F811
+    from experiments.whatif.check import format_scores, scores
+
+    trace = store.load_run(tiny_run)
+    s = 0.05  # a drift put into the per-layer norms, well above the tiny run's own
+    trace = trace.assign(grad_norm=trace["grad_norm"] * np.exp(s * trace["step"]))
+    ds = whatif(trace, 40, changes_from([0.5, 2.0], methods=["nag"]), window=10, predictor=nqm_predictor)
+    xr.testing.assert_equal(ds.trend_grad_corr, ds.persist_grad_corr)
+    xr.testing.assert_allclose(ds.trend_grad_norm.isel(window=0), ds.persist_grad_norm.isel(window=0), rtol=0, atol=0)
+    for c in range(1, ds.sizes["change"]):  # no theory of the change: every change gets the same forecast
+        np.testing.assert_array_equal(ds.trend_grad_norm.isel(change=c), ds.trend_grad_norm.isel(change=0))
+    kept = drift.trend_slopes(trace.isel(step=slice(0, 40)), 40, 10)[0]
+    np.testing.assert_allclose(kept, s, rtol=0.3)
+    order = [list(trace.layer.values).index(v) for v in ds.layer.values]
+    up = (ds.trend_grad_norm / ds.persist_grad_norm).isel(change=0).values  # window j: e^{ŝ j W}
+    np.testing.assert_allclose(up, np.exp(kept[order][None, :] * 10 * np.arange(3)[:, None]), rtol=1e-12)
+    # scored: the measurement follows the trend, so the trend baseline gets every moved sign and
+    # persistence none; neither predicts an effect of the change
+    ds["meas_grad_norm"] = ds.trend_grad_norm * (1 + 0.0 * ds.change)
+    for v in ("grad_corr", "update_ratio"):
+        ds[f"meas_{v}"] = ds[f"persist_{v}"]
+    ds["meas_h_edge"] = ds.pred_h_edge
+    ds["meas_regime"] = ds.pred_regime
+    ds["meas_h_edge_layer"] = ds.pred_h_edge_layer
+    ds["meas_regime_layer"] = ds.pred_regime_layer
+    sc = scores(ds)
+    assert sc["trend"]["norm_n_moved"] > 0 and sc["trend"]["norm_sign"] == 1.0
+    assert sc["persistence"]["norm_sign"] == 0.0
+    assert "trend" in format_scores(sc).splitlines()[0]

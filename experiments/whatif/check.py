@@ -18,6 +18,11 @@ Scores (:func:`scores`, over layers × changes × the windows after k):
   ``scheduled`` change, which must then be among the changes). The forks share the data
   order and random streams from k on, so this paired ratio cancels the fluctuation common to
   all of them, which no model of the change can predict (persistence: no effect, 0).
+
+Each score is given for the model, persistence and the trend baseline (window 0 carried along the
+run's own trend before k, :func:`experiments.whatif.predict.whatif`'s ``trend_*``): persistence
+predicts no norm move, so its norm sign is 0 by construction; the trend baseline shows how many
+of the norm moves a forecaster without theory gets right. Neither predicts an effect (0).
 """
 
 import re
@@ -117,12 +122,14 @@ def ensure_checkpoint(run_dir, step, *, data_dir=None):
 
 
 def scores(ds):
-    """The scores of the module docstring for the model (``model_``) and persistence
-    (``persist_``), over the windows after the change (a dict)."""
+    """The scores of the module docstring for the model (``pred_``), persistence (``persist_``)
+    and, where ``ds`` has it, the trend baseline (``trend_``: its h/edge and regime are
+    persistence's), over the windows after the change (a dict)."""
     after = ds.isel(window=slice(1, None))
     meas0 = ds["meas_grad_norm"].isel(window=0)
     out = {}
-    for name, prefix in (("model", "pred_"), ("persistence", "persist_")):
+    names = [("model", "pred_"), ("persistence", "persist_")] + ([("trend", "trend_")] if "trend_grad_norm" in ds else [])
+    for name, prefix in names:
         corr_p, corr_m = _flat(after[f"{prefix}grad_corr"], after["meas_grad_corr"])
         grow_p, grow_m = _flat(after[f"{prefix}grad_norm"] / meas0, after["meas_grad_norm"] / meas0)
         ok = np.isfinite(grow_p) & np.isfinite(grow_m) & (grow_p > 0) & (grow_m > 0)
@@ -201,14 +208,15 @@ def _spearman(p, m):
 
 
 def format_scores(sc):
-    """The scores as a small two-column table (model, persistence)."""
+    """The scores as a small table: model, persistence and, where scored, the trend baseline."""
     keys = list(next(iter(sc.values())))
-    lines = [f"{'score':<18}{'model':>12}{'persistence':>14}"]
+    names = [n for n in ("model", "persistence", "trend") if n in sc]
+    lines = ["".join([f"{'score':<18}{'model':>12}"] + [f"{n:>14}" for n in names[1:]])]
     cell = lambda v: f"{v:.3g}" if np.isfinite(v) else "n/a"  # noqa: E731
     for k in keys:
-        vals = [cell(sc[name][k]) for name in ("model", "persistence")]
-        lines.append(f"{k:<18}{vals[0]:>12}{vals[1]:>14}")
-    if any(not np.isfinite(sc[name][k]) for name in ("model", "persistence") for k in keys):
+        vals = [cell(sc[name][k]) for name in names]
+        lines.append("".join([f"{k:<18}{vals[0]:>12}"] + [f"{v:>14}" for v in vals[1:]]))
+    if any(not np.isfinite(sc[name][k]) for name in names for k in keys):
         lines.append("n/a: not defined on these points (fewer than 3, a constant prediction or measurement, "
                      "or none that qualifies)")
     return "\n".join(lines)

@@ -204,6 +204,27 @@ def batch_stats(trace, past, n_batch=N_BATCH):
     return st["log_norm"], st["ratio"], rows
 
 
+def trend_slopes(trace, at, width, n_fit=N_FIT, n_batch=N_BATCH):
+    r"""The slopes of the *trend* baseline (no theory): per layer, ŝ of log ‖g_l‖ and ŝ^r of the
+    log10 update ratio per step, fitted as the eighth round's ``fit="batches"`` (module docstring
+    (b'): :data:`N_BATCH` batch means per window, the residual standard error, kept where
+    |ŝ|/SE ≥ :data:`T_KEEP`) on the steps clock over the last ``n_fit`` windows [a, a + W) before
+    ``at`` that start at or after ``width`` (the run's first window holds the transient from the
+    initialization). It reads the measured trace only: no probe, no plateau, no model. Zeros
+    where no window qualifies (``at`` < 2W). The baseline carries window 0's measurement forward
+    along these slopes, the same for every change (:func:`experiments.whatif.predict.whatif`'s
+    ``trend_*``): what a forecaster that extrapolates the run, and knows nothing of the change,
+    predicts."""
+    L = trace.sizes["layer"]
+    past = [(at - i * width, at - (i - 1) * width) for i in range(max(1, at // width), 0, -1)]
+    past = [(a, b) for a, b in past if a >= width][-int(n_fit):]
+    if not past:
+        return np.zeros(L), np.zeros(L)
+    y_norm, y_ratio, rows = batch_stats(trace, past, n_batch)
+    t = np.array([(a + b - 1) / 2 for a, b in rows])
+    return fit_drift(t, y_norm, np.zeros_like(y_norm))[0], fit_drift(t, y_ratio, np.zeros_like(y_ratio))[0]
+
+
 def _clock(clock, plan, rows):
     """The clock of each row [a, b) under ``plan``: its mean flow time (``"flow"``,
     :func:`experiments.whatif.delta.window_clock`) or its mean step (``"steps"``)."""
@@ -284,4 +305,4 @@ def predictor(clock="steps", **kw):
 
 
 __all__ = ["CLOCKS", "FITS", "GATES", "N_BATCH", "N_FIT", "T_KEEP", "batch_se", "batch_stats", "drift_predictor",
-           "escaped_windows", "fit_drift", "predictor", "since_escape_windows", "window_stats"]
+           "escaped_windows", "fit_drift", "predictor", "since_escape_windows", "trend_slopes", "window_stats"]
