@@ -59,7 +59,8 @@ same with the drift's gate (a') and fit (b'), with the held level after a change
 rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
 setting unless named (``seed_decay_growth``, ``seed_decay_growth_eval3``, ``_eval4``, ``_eval8``, ``_eval9``,
-``_eval11``); without names every group of :func:`default_groups` (eval13, :data:`HELD_OUT`, only when named); their
+``_eval11``); without names every group of :func:`default_groups` and every seed entry of :func:`default_seed_entries` (eval13, eval14
+and the seed-14 runs, :data:`HELD_OUT`, only when named); their
 entries replaced in the file and the others kept):
 
     .venv/bin/python -m analyses whatif_scores       # runs + forks the first time, then minutes
@@ -160,18 +161,25 @@ GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_10": ("whatif_eval10", [200, 400]),
           "evaluation_11": ("whatif_eval11", [200, 400]),
           "evaluation_12": ("whatif_eval12", [200, 400]),
-          "evaluation_13": ("whatif_eval13", [200, 400])}
+          "evaluation_13": ("whatif_eval13", [200, 400]),
+          "evaluation_14": ("whatif_eval14", [200, 400])}
 # committed before any run of them and kept for a later round: run only when named, never by default
-HELD_OUT = ("evaluation_13",)
+HELD_OUT = ("evaluation_13", "evaluation_14", "seed_decay_growth_eval14")
 
 
 def default_groups():
     """The groups a command runs when none is named: :data:`GROUPS` less :data:`HELD_OUT`."""
     return [g for g in GROUPS if g not in HELD_OUT]
+
+
+def default_seed_entries():
+    """The seed-setting entries a command runs when none is named: :data:`SEED_SPECS` less
+    :data:`HELD_OUT`."""
+    return [s for s in SEED_SPECS if s not in HELD_OUT]
 SEED_SPECS = {"seed_decay_growth": None, "seed_decay_growth_eval3": "whatif_eval3_decay",
               "seed_decay_growth_eval4": "whatif_eval4_decay", "seed_decay_growth_eval8": "whatif_eval8_decay",
               "seed_decay_growth_eval9": "whatif_eval9_decay",
-              "seed_decay_growth_eval11": "whatif_eval11_decay"}
+              "seed_decay_growth_eval11": "whatif_eval11_decay", "seed_decay_growth_eval14": "whatif_eval14_decay"}
 
 
 def setting_checks(spec_name, steps):
@@ -261,7 +269,7 @@ def main(argv=()):
     if bad:
         raise ValueError(f"groups={bad}: not among the valid groups {list(GROUPS) + list(SEED_SPECS)}")
     groups = [g for g in argv if g in GROUPS] if argv else default_groups()
-    seeds = [g for g in argv if g in SEED_SPECS] if argv else list(SEED_SPECS)
+    seeds = [g for g in argv if g in SEED_SPECS] if argv else default_seed_entries()
     out = read_json(OUT) if argv and OUT.exists() else {}
     out["command"] = "python -m analyses whatif_scores"
     for group in groups:

@@ -128,7 +128,20 @@ def test_a_held_out_group_runs_only_when_named(monkeypatch):
     import analyses.whatif_scores as scores
 
     seen = []
+    held_groups = [g for g in scores.HELD_OUT if g in scores.GROUPS]
+    held_seeds = [g for g in scores.HELD_OUT if g in scores.SEED_SPECS]
+    assert held_groups and held_seeds and set(held_groups + held_seeds) == set(scores.HELD_OUT)
     monkeypatch.setattr(scores, "setting_checks", lambda spec, steps: seen.append(spec) or {})
-    assert set(scores.checks()) == set(scores.GROUPS) - set(scores.HELD_OUT) and scores.HELD_OUT
-    assert not {scores.GROUPS[g][0] for g in scores.HELD_OUT} & set(seen)
-    assert set(scores.checks(list(scores.HELD_OUT))) == set(scores.HELD_OUT)  # named: it runs
+    assert set(scores.checks()) == set(scores.GROUPS) - set(scores.HELD_OUT)
+    assert not {scores.GROUPS[g][0] for g in held_groups} & set(seen)
+    assert set(scores.checks(held_groups)) == set(held_groups)  # named: it runs
+    # the command without names: neither the held-out groups nor the held-out seed runs
+    ran = []
+    monkeypatch.setattr(scores, "score_setting", lambda spec, steps: ran.append(spec) or ({}, {}))
+    monkeypatch.setattr(scores, "seed_entry", lambda name: ran.append(name) or {})
+    monkeypatch.setattr(scores, "atomic_write_json", lambda path, obj: None)
+    assert scores.main([]) == 0
+    assert not {scores.GROUPS[g][0] for g in held_groups} & set(ran) and not set(held_seeds) & set(ran)
+    assert set(scores.default_seed_entries()) <= set(ran)
+    ran.clear()
+    assert scores.main(held_seeds) == 0 and ran == held_seeds  # named: it runs
