@@ -1,52 +1,51 @@
-"""The choice of the what-if predictor (:mod:`experiments.whatif.predict`), tenth round
-(docs/findings/whatif.md, "Tenth round"), by the eighth round's rule with the development settings
+"""The choice of the what-if predictor (:mod:`experiments.whatif.predict`), eleventh round
+(docs/findings/whatif.md, "Eleventh round"), by the eighth round's rule with the development settings
 extended to every setting seen so far.
 
-Candidates of this round (written here, with the development set and the rule below, before any
-was scored on a check or on the seed setting): the predictor in use (``sharpen_decay_run``: the
-plateau-escape forecast and the sharpening after an lr decrease, capped at the run's level, under
-the flow-time post-escape norm drift; :func:`experiments.whatif.predict.default_predictor`; the
-default); the same with only the part of λ_max above its initial value following the held level
-after a change that lowers it (``partial_held``: :mod:`experiments.whatif.sharpen`'s
-``increase="partial"``); the default's model under the eighth round's drift gate and batch fit on
-the *steps* clock (``since_escape_steps``: the unchanged run's drift, fitted since the plateau
-escape, carried by every change at the unchanged run's pace, so the effect of a change is the
-model's alone); and both (``partial_held_since_escape_steps``).
-``experiments/specs/whatif_eval12.toml`` and ``whatif_eval11_decay.toml`` (committed before any
-run of them) are held out and not read here; ``whatif_eval11.toml`` is neither (an exploratory
-script printed the curvature of three of its checks before the candidates were written; no score
-was seen): it is scored after the choice, reported as partly seen.
+Candidates of this round (written here, with the development set and the rule below, before either
+new one was scored on a check or on the seed setting): the predictor in use (``sharpen_decay_run``:
+the plateau-escape forecast and the sharpening after an lr decrease, capped at the run's level,
+under the flow-time post-escape norm drift; :func:`experiments.whatif.predict.default_predictor`;
+the default); *top held, bulk sharpening* (``bulk_sharpening``, :mod:`experiments.whatif.bulk`):
+ρ, h/edge and the regime from the predictor in use, the norm and the update ratio from the NQM
+under the flow-time progressive sharpening of the whole spectrum and the noise, anchored on
+window 0; and the same with the unchanged run's level from the predictor in use and only the
+change's effect from the sharpening (``bulk_sharpening_effect``). The second round's ``sharpening``
+forecast, whose norms these take, was scored on the development families in earlier rounds (its
+scores are in ``results/whatif_scores.json``): its norm sign and effect sign there were higher
+than the default's on nine of the eleven groups and its correlation lower on ten. That is what
+these candidates were built from, and why the rule below, on the same groups, is a development
+choice and not a test; the test is the held-out families. ``experiments/specs/whatif_eval13.toml``,
+``whatif_eval14.toml`` and ``whatif_eval14_decay.toml`` (committed before any run of them) are held
+out and not read here.
 
-Development, every setting seen in the earlier rounds, eleven fork groups: the forks of
+Development, every setting seen in the earlier rounds, thirteen fork groups: the forks of
 ``whatif_seed_cnn.toml`` (step 400), ``whatif_eval.toml`` and ``whatif_eval2.toml`` (steps
 300, 500), ``whatif_eval3.toml`` (steps 200, 400), ``whatif_eval4.toml`` (steps 300, 500),
-``whatif_eval5.toml`` to ``whatif_eval10.toml`` (steps 200, 400; eval10 held out in the ninth
-round, scored once there, development since), and the seed setting's growth after its step-1000
-decay on the eight runs seen: ``seed_cnn.toml``'s lr 0.03, momentum 0.9, seed 0, and the runs of
-``whatif_eval3_decay.toml``, ``whatif_eval4_decay.toml``, ``whatif_eval8_decay.toml`` and
-``whatif_eval9_decay.toml``. Each fork check is scored twice: on the forks of the scores and on
-replicate forks that differ from them only in the data order (``RunConfig.fork_data_seed`` = 1;
-the noise ceilings' forks, ``analyses/whatif_ceilings.py``).
+``whatif_eval5.toml`` to ``whatif_eval12.toml`` (steps 200, 400; eval11 and eval12 scored in the
+tenth round, development since), and the seed setting's growth after its step-1000 decay on the ten
+runs seen: ``seed_cnn.toml``'s lr 0.03, momentum 0.9, seed 0, and the runs of
+``whatif_eval3_decay.toml``, ``whatif_eval4_decay.toml``, ``whatif_eval8_decay.toml``,
+``whatif_eval9_decay.toml`` and ``whatif_eval11_decay.toml``. Each fork check is scored twice: on
+the forks of the scores and on replicate forks that differ from them only in the data order
+(``RunConfig.fork_data_seed`` = 1; the noise ceilings' forks, ``analyses/whatif_ceilings.py``).
 
-The rule. (The eighth round's.) Per candidate and data order, S = the mean of twelve terms: for
-each of the eleven fork groups the mean of its pooled correlation Spearman, pooled norm-change
+The rule. (The eighth round's.) Per candidate and data order, S = the mean of fourteen terms: for
+each of the thirteen fork groups the mean of its pooled correlation Spearman, pooled norm-change
 sign and pooled effect sign (those of the three that are defined), and the seed setting's fraction
-of layers whose growth has the right sign and a size within ×1.5 (the mean over its eight runs,
+of layers whose growth has the right sign and a size within ×1.5 (the mean over its ten runs,
 the same in both orders). A candidate's score is S averaged over the two data orders. The
 candidate with the highest score replaces the default (``sharpen_decay_run``) only if it beats the
 default's score by more than twice the default's data-order standard error, |S₀ − S₁|/2;
-otherwise the default stays. Ties go to fewer parts (``sharpen_decay_run`` < ``partial_held`` <
-``since_escape_steps`` < ``partial_held_since_escape_steps``). The held-out families (eval12, the
-two seed-11 runs) are then scored once, with every candidate beside the one chosen, for the
-record; no second test on them is made.
+otherwise the default stays. Ties go to fewer parts (``sharpen_decay_run`` < ``bulk_sharpening`` <
+``bulk_sharpening_effect``). The held-out families (eval13, eval14, the two seed-14 runs) are then
+scored once, with every candidate and both no-theory baselines (persistence, trend) beside the one
+chosen, for the record; no second test on them is made.
 Writes ``results/whatif_forecast_choice.json``:
 
-    .venv/bin/python -m analyses whatif_forecast_choice     # ~25 min (the replicate forks of eval10 the first time)
+    .venv/bin/python -m analyses whatif_forecast_choice     # ~30 min (eval11's replicate forks the first time)
 
-Result (run after this file was committed; ``results/whatif_forecast_choice.json``): the default
-0.663 / 0.690 (mean 0.676); ``partial_held`` 0.656 / 0.668 (0.662); ``since_escape_steps`` 0.671 /
-0.697 (0.684), +0.008; ``partial_held_since_escape_steps`` 0.666 / 0.682 (0.674). The margin is
-0.027: **the default stays**.
+Result: not yet run at the commit that wrote this rule.
 """
 
 from pathlib import Path
@@ -60,11 +59,12 @@ from experiments.whatif.check import check
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "whatif_forecast_choice.json"
 GROUPS = ("development", "evaluation_seen_during_development", "evaluation_new", "evaluation_3", "evaluation_4",
-          "evaluation_5", "evaluation_6", "evaluation_7", "evaluation_8", "evaluation_9", "evaluation_10")
+          "evaluation_5", "evaluation_6", "evaluation_7", "evaluation_8", "evaluation_9", "evaluation_10",
+          "evaluation_11", "evaluation_12")
 DATA_SEEDS = (0, 1)  # 0: the forks of the scores; 1: the replicate forks (another data order)
 DEFAULT = "sharpen_decay_run"  # the predictor in use (experiments.whatif.predict.default_predictor)
 RECORD_ONLY = ()  # record-only rows (never chosen); none this round
-PARTS = {"sharpen_decay_run": 3.5, "partial_held": 4, "since_escape_steps": 4.5, "partial_held_since_escape_steps": 5}
+PARTS = {"sharpen_decay_run": 3.5, "bulk_sharpening": 4, "bulk_sharpening_effect": 4.5}
 SCORED = ("corr_spearman", "norm_sign", "effect_sign")  # per fork group, the mean of those defined
 
 
@@ -80,9 +80,9 @@ def parts_on(name):
 
 def seed_configs():
     """The seed setting's runs seen so far: seed_cnn.toml's (seed 0) and those of
-    whatif_eval{3,4,8,9}_decay.toml."""
+    whatif_eval{3,4,8,9,11}_decay.toml."""
     return [seed_config(), *(c for name in ("whatif_eval3_decay", "whatif_eval4_decay", "whatif_eval8_decay",
-                                            "whatif_eval9_decay")
+                                            "whatif_eval9_decay", "whatif_eval11_decay")
                              for c in expand(load_spec(SPECS_DIR / f"{name}.toml")))]
 
 

@@ -55,7 +55,11 @@ sharpening; eighth round), ``held_cap`` / ``held_cap_since_escape`` (the predict
 same with the drift's gate (a') and fit (b'), with the held level after a change that lowers it,
 :mod:`experiments.whatif.sharpen`'s ``increase="held"``; ninth round), ``partial_held`` / ``since_escape_steps`` / ``partial_held_since_escape_steps`` (only the part of
 λ_max above its initial value following the held level, ``increase="partial"``; the drift's gate
-(a') and fit (b') on the steps clock; both; tenth round), and ``persistence``. (The earlier
+(a') and fit (b') on the steps clock; both; tenth round), ``bulk_sharpening`` /
+``bulk_sharpening_effect`` (ρ from the predictor in use, the norm and update ratio from the
+flow-time sharpening of the bulk and the noise, as the level or as the effect over the reference
+plan, :mod:`experiments.whatif.bulk`; eleventh round), and the two no-theory baselines,
+``persistence`` and ``trend`` (window 0 carried along the run's own trend before k). (The earlier
 rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
 setting unless named (``seed_decay_growth``, ``seed_decay_growth_eval3``, ``_eval4``, ``_eval8``, ``_eval9``,
@@ -76,7 +80,7 @@ from experiments.runs.config import RunConfig, run_id
 from experiments.runs.loop import run
 from experiments.store import atomic_write_json, load_run, read_json
 from experiments.sweeps import SPECS_DIR, expand, load_spec, run_sweep
-from experiments.whatif import delta, drift, escape, sharpen
+from experiments.whatif import bulk, delta, drift, escape, sharpen
 from experiments.whatif.check import check
 from experiments.whatif.curvature import CurvatureForecast
 from experiments.whatif.predict import PREDICTOR, changes_from, nqm_predictor
@@ -108,6 +112,8 @@ CANDIDATES = {  # name -> predictor
                                           fit="batches"),
     "partial_held_since_escape_steps": drift.predictor("steps", inner=sharpen.predictor("run", increase="partial"),
                                                        gate="since_escape", fit="batches"),
+    "bulk_sharpening": bulk.predictor("level"),
+    "bulk_sharpening_effect": bulk.predictor("effect"),
 }
 
 
