@@ -63,8 +63,9 @@ plan, :mod:`experiments.whatif.bulk`; eleventh round), and the two no-theory bas
 rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
 setting unless named (``seed_decay_growth``, ``seed_decay_growth_eval3``, ``_eval4``, ``_eval8``, ``_eval9``,
-``_eval11``); without names every group of :func:`default_groups` and every seed entry of :func:`default_seed_entries` (eval13, eval14
-and the seed-14 runs, :data:`HELD_OUT`, only when named); their
+``_eval11``); without names every group of :func:`default_groups` and every seed entry of
+:func:`default_seed_entries` (eval13, eval14 and the seed-14 runs, :data:`HELD_OUT`, only when
+named); their
 entries replaced in the file and the others kept):
 
     .venv/bin/python -m analyses whatif_scores       # runs + forks the first time, then minutes

@@ -4,7 +4,8 @@ the lr is halved or doubled, the momentum set to 0.6 or the method switched to N
 and window after the change, the successive-gradient correlation and the gradient-norm growth
 (window j over the window before the change) that :mod:`experiments.whatif.predict` predicted
 from the trace and probes up to the step, against the forks that made the change
-(:mod:`experiments.whatif.check`), with persistence (no change) beside them.
+(:mod:`experiments.whatif.check`), with persistence (no change) beside them, and the trend
+baseline's score (the run's own trend before the step carried on) in the norm panel's title.
 
 ``python -m paper_figures.whatif`` runs the quick setting and writes ``results/whatif_seed_cnn.json``
 (the scores of :func:`experiments.whatif.check.scores`).
@@ -65,7 +66,8 @@ def plot(ds, ctx):
     a_norm.set(xlim=(0.4, 2.5), ylim=(0.4, 2.5), xlabel="forked ‖g_l‖ growth (window j / window 0)",
                ylabel="predicted growth  (open: persistence = 1)",
                title=f"gradient-norm growth at step {ds.attrs['at']}\nwithin x1.5: {sc['model']['norm_factor_1p5']:.0%} "
-                     f"(persistence {sc['persistence']['norm_factor_1p5']:.0%})")
+                     f"(persistence {sc['persistence']['norm_factor_1p5']:.0%}, "
+                     f"trend {sc['trend']['norm_factor_1p5']:.0%})")
     ticks = [0.5, 0.7, 1.0, 1.4, 2.0]
     for axis in (a_norm.xaxis, a_norm.yaxis):
         axis.set_major_locator(FixedLocator(ticks))

@@ -128,7 +128,8 @@ def scores(ds):
     after = ds.isel(window=slice(1, None))
     meas0 = ds["meas_grad_norm"].isel(window=0)
     out = {}
-    names = [("model", "pred_"), ("persistence", "persist_")] + ([("trend", "trend_")] if "trend_grad_norm" in ds else [])
+    names = [("model", "pred_"), ("persistence", "persist_")]
+    names += [("trend", "trend_")] if "trend_grad_norm" in ds else []
     for name, prefix in names:
         corr_p, corr_m = _flat(after[f"{prefix}grad_corr"], after["meas_grad_corr"])
         grow_p, grow_m = _flat(after[f"{prefix}grad_norm"] / meas0, after["meas_grad_norm"] / meas0)
