@@ -10,7 +10,7 @@ import xarray as xr
 
 from experiments import store
 from experiments.whatif import bulk
-from experiments.whatif.predict import changes_from, default_predictor, nqm_predictor, whatif
+from experiments.whatif.predict import changes_from, nqm_predictor, whatif
 from tests.test_whatif import tiny_run  # noqa: F401 (a fixture)
 
 CHANGES = changes_from([0.5, 2.0], [0.1], [0.5], ["nag"])
@@ -30,7 +30,7 @@ def test_level_takes_rho_from_the_default_and_the_norm_from_the_sharpening_model
     trace = _sharpening_trace(tiny_run)
     sharp = functools.partial(nqm_predictor, curvature=bulk.SHARPENING)
     x = whatif(trace, 40, CHANGES, window=10, predictor=bulk.predictor("level"))
-    top = whatif(trace, 40, CHANGES, window=10, predictor=default_predictor)
+    top = whatif(trace, 40, CHANGES, window=10, predictor=bulk.TOP)
     norms = whatif(trace, 40, CHANGES, window=10, predictor=sharp)
     for v in ("pred_grad_corr", "pred_h_edge", "pred_regime", "pred_h_edge_layer", "pred_regime_layer"):
         xr.testing.assert_allclose(x[v], top[v]) if x[v].dtype.kind == "f" else xr.testing.assert_equal(x[v], top[v])
@@ -57,7 +57,7 @@ def test_effect_puts_the_sharpening_effect_on_the_inner_reference_level(tiny_run
     kappa = lvl.bulk_curvature_factor.values  # over the last probe's λ_max, at each window's first step
     assert np.all(kappa[:, 2] > kappa[:, 1])  # the bulk sharpens after k, under every plan
     # constant schedule: the scheduled plan is the reference, so it keeps the inner's level...
-    top = default_predictor(before, config, 40, plans, windows)
+    top = bulk.TOP(before, config, 40, plans, windows)
     xr.testing.assert_allclose(eff.anchored_grad_norm.isel(change=0), top.anchored_grad_norm.isel(change=0),
                                rtol=1e-12)
     xr.testing.assert_allclose(eff.anchored_update_ratio.isel(change=0), top.anchored_update_ratio.isel(change=0),

@@ -6,8 +6,9 @@ Two kinds of quantity respond to different parts of the spectrum:
 
 - The successive-gradient correlation ρ, h/edge and the regime are set by the few top modes near
   the edge. An lr or method holds them there (self-stabilization; Damian, Nichani & Lee 2023).
-  Their forecast is the ``inner`` predictor's (default: the one in use,
-  :func:`experiments.whatif.predict.default_predictor`).
+  Their forecast is the ``inner`` predictor's (default :data:`TOP`: the plateau-escape forecast
+  and the sharpening after an lr decrease, capped at the run's level, under the flow-time
+  post-escape norm drift; the predictor in use from the seventh round to the eleventh).
 - The norm E‖g‖² ≈ tr Σ + Σ_i h_i² E x_i² is a sum over every mode. The noise tr Σ and the bulk of
   the spectrum dominate it. Before k they sharpened with λ_max: the slope of log Σ tr H on
   log λ_max over the probes before k is 0.45–1.03 on the development families
@@ -50,21 +51,23 @@ import functools
 from experiments.linking.core import run_method
 from experiments.whatif.core import ANCHORED, anchor_on_window0, measure_windows, nqm_predictor
 from experiments.whatif.curvature import CurvatureForecast
+from experiments.whatif import drift, sharpen
 from experiments.whatif.delta import reference_plan
 
 COMBINES = ("level", "effect")
 SHARPENING = CurvatureForecast(sharpening=True)  # the second round's flow-time sharpening, edge-capped
+# the top's forecast: the predictor in use from the seventh round to the eleventh (sharpen_decay_run)
+TOP = drift.predictor("flow", inner=sharpen.predictor("run"))
 
 
 def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=None):
     """A predictor (:data:`experiments.whatif.predict.PREDICTOR`'s signature): the ``inner``
-    predictor's output (default: the one in use) with its ρ, and the norm and update ratio of the
+    predictor's output (default :data:`TOP`) with its ρ, and the norm and update ratio of the
     module docstring in ``anchored_grad_norm`` / ``anchored_update_ratio``. ``trace``: the run
     before ``at``."""
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r} is unknown; valid: {', '.join(COMBINES)}")
-    if inner is None:
-        from experiments.whatif.predict import default_predictor as inner  # predict imports this module
+    inner = TOP if inner is None else inner
     n = len(plans)
     all_plans = list(plans) + [reference_plan(plans[0], at)]
     top = inner(trace, config, at, all_plans, windows)
@@ -95,4 +98,4 @@ def predictor(combine="level", **kw):
     return functools.partial(bulk_predictor, combine=combine, **kw)
 
 
-__all__ = ["COMBINES", "SHARPENING", "bulk_predictor", "predictor"]
+__all__ = ["COMBINES", "SHARPENING", "TOP", "bulk_predictor", "predictor"]
