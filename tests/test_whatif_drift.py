@@ -211,10 +211,13 @@ def test_cli_base_drift(tiny_run, capsys):  # noqa: F811 (the fixture)
     assert "invalid choice: 'drift'" in capsys.readouterr().err
 
 
-def test_the_predictor_in_use_is_the_flow_drift_on_the_escape_and_decay_sharpening_forecast(tiny_run):  # noqa: F811
+def test_the_predictor_in_use_is_the_eleventh_rounds_choice_and_its_top_the_seventh_rounds(tiny_run):  # noqa: F811
     from analyses.whatif_forecast_choice import candidates
-    from analyses.whatif_scores import IN_USE
-    from experiments.whatif.predict import PREDICTOR
+    from analyses.whatif_scores import CANDIDATES, IN_USE
+    from experiments.whatif import bulk
+    from experiments.whatif.predict import BASES, PREDICTOR
+
+    assert IN_USE == "bulk_sharpening" and IN_USE in candidates()
 
     trace = store.load_run(tiny_run)
     lam = trace["sharpness_global"].values.copy()
@@ -225,6 +228,12 @@ def test_the_predictor_in_use_is_the_flow_drift_on_the_escape_and_decay_sharpeni
     b = whatif(trace, 40, changes, window=10, predictor=candidates()[IN_USE])
     xr.testing.assert_identical(a, b)
     assert PREDICTOR.__name__ == "default_predictor"
+    # the top (rho, h/edge) is the seventh round's predictor, which --base sharpen-decay also names
+    top = whatif(trace, 40, changes, window=10, predictor=CANDIDATES["sharpen_decay_run"])
+    xr.testing.assert_identical(top, whatif(trace, 40, changes, window=10, predictor=BASES["sharpen-decay"]))
+    for v in ("pred_grad_corr", "pred_h_edge", "pred_regime"):
+        xr.testing.assert_identical(a[v], top[v])
+    assert BASES["sharpen-decay"] is bulk.TOP
 
 
 def test_cli_base_choices_are_the_named_predictors():

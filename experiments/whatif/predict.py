@@ -9,17 +9,17 @@ momentum and method of every step 0..k+nW−1 (:func:`plan`).
 The prediction per change, layer and window (window 0: the W steps before k, measured;
 windows 1..n: [k+(j−1)W, k+jW)):
 
-- the *link model* (:data:`PREDICTOR`; :func:`nqm_predictor` is the fixed-curvature core, and
-  the predictor in use, :func:`default_predictor`, adds the plateau-escape forecast before a
-  run's escape, the progressive sharpening after an lr decrease and the norm's post-escape
-  drift after the escape) gives model values of
+- the *link model* (:data:`PREDICTOR`; :func:`nqm_predictor` is the fixed-curvature core; the
+  predictor in use, :func:`default_predictor`, takes ρ from the NQM with the plateau-escape
+  forecast before a run's escape, the progressive sharpening after an lr decrease and the norm's
+  post-escape drift after the escape, and E‖g‖² and E‖Δθ‖² from the NQM with the flow-time
+  sharpening of the bulk and the noise, :mod:`experiments.whatif.bulk`) gives model values of
   the successive-gradient correlation ρ, E‖g‖² and E‖Δθ‖² per window, for window 0 too;
 - these are anchored on window 0's measurement: ρ̂_j = ρ_meas,0 + (ρ_j − ρ_0),
   ‖g‖̂_j = ‖g‖_meas,0·√(E‖g‖²_j / E‖g‖²_0), update ratio
   r̂_j = r_meas,0 + ½log₁₀(E‖Δθ‖²_j / E‖Δθ‖²_0) (the update:parameter ratio's
   log10(mean|Δθ|/mean|θ|), with mean|Δθ| ∝ ‖Δθ‖ and θ nearly constant over a window):
-  the model supplies the change, the trace the level (the predictor in use then continues the
-  unchanged run's post-escape drift of the norm and the update ratio, :mod:`experiments.whatif.drift`);
+  the model supplies the change, the trace the level;
 - h/edge and the regime of the network's top mode: α_new·λ'_max over the new method's edge
   (docs/theory.md §2), λ'_max the curvature forecast's (:mod:`experiments.whatif.curvature`:
   held at or below the edge, or the run's level where it sits at its stochastic edge, under the
@@ -52,7 +52,7 @@ from dynamics.quadratic import stability_edge
 from experiments.linking.core import run_method
 from experiments.linking.measure import default_window
 from experiments.runs.optim import lr_factors
-from experiments.whatif import delta, drift, escape, sharpen
+from experiments.whatif import bulk, delta, drift, escape, sharpen
 from experiments.whatif.core import (ANCHORED, anchor_on_window0, defined_regime, diverged_step, measure_windows,
                                     nqm_predictor)
 
@@ -141,18 +141,16 @@ def window_bounds(at, window, n_windows):
 
 
 def default_predictor(trace, config, at, plans, windows):
-    """The predictor in use (:data:`PREDICTOR`), chosen by the seventh round's rule
-    (docs/findings/whatif.md, "Seventh round"; ``sharpen_decay_run`` in
-    ``analyses/whatif_forecast_choice.py``): :func:`nqm_predictor` with the plateau-escape
-    forecast (:mod:`experiments.whatif.escape`, acting only before a run's escape) and the
-    progressive sharpening after an lr decrease, capped at the run's own level
-    (:func:`experiments.whatif.sharpen.predictor`, acting only on plans with an lr decrease),
-    under the unchanged run's post-escape norm drift in flow time
-    (:func:`experiments.whatif.drift.predictor`, acting only after the escape); where none acts,
-    the fixed-curvature model anchored on window 0 (:func:`nqm_predictor`) exactly. (The sixth
-    round's predictor is the same without the sharpening: ``drift.predictor("flow",
-    inner=escape.predictor())``.)"""
-    return drift.drift_predictor(trace, config, at, plans, windows, clock="flow", inner=sharpen.predictor("run"))
+    """The predictor in use (:data:`PREDICTOR`), chosen by the eleventh round's rule
+    (docs/findings/whatif.md, "Eleventh round"; ``bulk_sharpening`` in
+    ``analyses/whatif_forecast_choice.py``): *top held, bulk sharpening*
+    (:func:`experiments.whatif.bulk.bulk_predictor`, ``combine="level"``). ρ, h/edge and the regime
+    are :data:`experiments.whatif.bulk.TOP`'s: the plateau-escape forecast, the progressive
+    sharpening after an lr decrease capped at the run's level, and the unchanged run's
+    post-escape norm drift in flow time (the predictor in use from the seventh round to the
+    eleventh). The norm and the update ratio are the NQM's under the flow-time sharpening of the
+    whole spectrum and the noise, anchored on window 0."""
+    return bulk.bulk_predictor(trace, config, at, plans, windows, combine="level")
 
 
 PREDICTOR = default_predictor  # the one function an improved link model replaces
@@ -168,6 +166,7 @@ BASES = {
     "drift-flow": drift.predictor("flow"),
     # the eighth round's best, not chosen (docs/findings/whatif.md, "Eighth round")
     "since-escape": drift.predictor("flow", inner=sharpen.predictor("run"), gate="since_escape", fit="batches"),
+    "sharpen-decay": bulk.TOP,  # the predictor in use from the seventh round to the eleventh
 }
 
 
