@@ -5,7 +5,8 @@ and window after the change, the successive-gradient correlation and the gradien
 (window j over the window before the change) that :mod:`experiments.whatif.predict` predicted
 from the trace and probes up to the step, against the forks that made the change
 (:mod:`experiments.whatif.check`), with persistence (no change) beside them, and the trend
-baseline's score (the run's own trend before the step carried on) in the norm panel's title.
+baseline's scores (the run's own trend before the step carried on) in the norm panel's title: the sign
+of the moves over 10 % (persistence predicts none) and the share within ×1.5.
 
 ``python -m paper_figures.whatif`` runs the quick setting and writes ``results/whatif_seed_cnn.json``
 (the scores of :func:`experiments.whatif.check.scores`).
@@ -41,7 +42,7 @@ def data(ctx):
 
 
 def plot(ds, ctx):
-    fig, (a_corr, a_norm) = style.new_figure(ncols=2, nrows=1, width=style.COLUMN_WIDTH * 2, height=3.0)
+    fig, (a_corr, a_norm) = style.new_figure(ncols=2, nrows=1, width=style.COLUMN_WIDTH * 2, height=3.3)
     after = ds.isel(window=slice(1, None))
     m0 = ds["meas_grad_norm"].isel(window=0)
     for c, label in enumerate(ds["label"].values):
@@ -60,15 +61,19 @@ def plot(ds, ctx):
                      f"(persistence {sc['persistence']['corr_spearman']:.2f})")
     a_corr.legend(fontsize=6)
     a_norm.set(xscale="log", yscale="log")
-    g = np.geomspace(0.4, 2.5, 2)
+    grow = [after[f"{v}_grad_norm"] / m0 for v in ("meas", "pred")]
+    lo, hi = (float(np.nanmin([g.min() for g in grow])), float(np.nanmax([g.max() for g in grow])))
+    lo, hi = min(0.4, lo / 1.1), max(2.5, hi * 1.1)  # every point on the chart
+    g = np.geomspace(lo, hi, 2)
     a_norm.plot(g, g, "k--", lw=0.7)
     a_norm.fill_between(g, g / 1.5, g * 1.5, color="0.92", lw=0, zorder=0)
-    a_norm.set(xlim=(0.4, 2.5), ylim=(0.4, 2.5), xlabel="forked ‖g_l‖ growth (window j / window 0)",
+    a_norm.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="forked ‖g_l‖ growth (window j / window 0)",
                ylabel="predicted growth  (open: persistence = 1)",
-               title=f"gradient-norm growth at step {ds.attrs['at']}\nwithin x1.5: {sc['model']['norm_factor_1p5']:.0%} "
-                     f"(persistence {sc['persistence']['norm_factor_1p5']:.0%}, "
+               title=f"gradient-norm growth at step {ds.attrs['at']}\nsign of moves > 10 %: "
+                     f"{sc['model']['norm_sign']:.0%} (trend {sc['trend']['norm_sign']:.0%})\nwithin x1.5: "
+                     f"{sc['model']['norm_factor_1p5']:.0%} (persistence {sc['persistence']['norm_factor_1p5']:.0%}, "
                      f"trend {sc['trend']['norm_factor_1p5']:.0%})")
-    ticks = [0.5, 0.7, 1.0, 1.4, 2.0]
+    ticks = [t for t in (0.25, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 4.0, 6.0, 8.0) if lo <= t <= hi]
     for axis in (a_norm.xaxis, a_norm.yaxis):
         axis.set_major_locator(FixedLocator(ticks))
         axis.set_major_formatter(FixedFormatter([f"{t:g}" for t in ticks]))
