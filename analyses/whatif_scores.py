@@ -65,8 +65,8 @@ rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
 setting unless named (``seed_decay_growth``, ``seed_decay_growth_eval3``, ``_eval4``, ``_eval8``, ``_eval9``,
 ``_eval11``); without names every group of :func:`default_groups` and every seed entry of
-:func:`default_seed_entries` (eval13, eval14 and the seed-14 runs, :data:`HELD_OUT`, only when
-named); their
+:func:`default_seed_entries` (eval13, eval14, eval15 and the seed-14 and seed-15 runs,
+:data:`HELD_OUT`, only when named); their
 entries replaced in the file and the others kept):
 
     .venv/bin/python -m analyses whatif_scores       # runs + forks the first time, then minutes
@@ -170,9 +170,10 @@ GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_11": ("whatif_eval11", [200, 400]),
           "evaluation_12": ("whatif_eval12", [200, 400]),
           "evaluation_13": ("whatif_eval13", [200, 400]),
-          "evaluation_14": ("whatif_eval14", [200, 400])}
+          "evaluation_14": ("whatif_eval14", [200, 400]),
+          "evaluation_15": ("whatif_eval15", [200, 400])}
 # committed before any run of them and kept for a later round: run only when named, never by default
-HELD_OUT = ("evaluation_13", "evaluation_14", "seed_decay_growth_eval14")
+HELD_OUT = ("evaluation_13", "evaluation_14", "seed_decay_growth_eval14", "evaluation_15", "seed_decay_growth_eval15")
 
 
 def default_groups():
@@ -187,7 +188,8 @@ def default_seed_entries():
 SEED_SPECS = {"seed_decay_growth": None, "seed_decay_growth_eval3": "whatif_eval3_decay",
               "seed_decay_growth_eval4": "whatif_eval4_decay", "seed_decay_growth_eval8": "whatif_eval8_decay",
               "seed_decay_growth_eval9": "whatif_eval9_decay",
-              "seed_decay_growth_eval11": "whatif_eval11_decay", "seed_decay_growth_eval14": "whatif_eval14_decay"}
+              "seed_decay_growth_eval11": "whatif_eval11_decay", "seed_decay_growth_eval14": "whatif_eval14_decay",
+              "seed_decay_growth_eval15": "whatif_eval15_decay"}
 
 
 def setting_checks(spec_name, steps):
