@@ -1,54 +1,48 @@
-"""The choice of the what-if predictor (:mod:`experiments.whatif.predict`), eleventh round
-(docs/findings/whatif.md, "Eleventh round"), by the eighth round's rule with the development settings
-extended to every setting seen so far.
+"""The choice of the what-if predictor (:mod:`experiments.whatif.predict`), twelfth round
+(docs/findings/whatif.md, "Twelfth round"), by the eighth round's rule with the norm's size added to
+its terms, on the eleventh round's development settings.
 
-Candidates of this round (written here, with the development set and the rule below, before either
-new one was scored on a check or on the seed setting): the predictor in use (``sharpen_decay_run``:
-the plateau-escape forecast and the sharpening after an lr decrease, capped at the run's level,
-under the flow-time post-escape norm drift; :func:`experiments.whatif.predict.default_predictor`;
-the default); *top held, bulk sharpening* (``bulk_sharpening``, :mod:`experiments.whatif.bulk`):
-ρ, h/edge and the regime from the predictor in use, the norm and the update ratio from the NQM
-under the flow-time progressive sharpening of the whole spectrum and the noise, anchored on
-window 0; and the same with the unchanged run's level from the predictor in use and only the
-change's effect from the sharpening (``bulk_sharpening_effect``). The second round's ``sharpening``
-forecast, whose norms these take, was scored on the development families in earlier rounds (its
-scores are in ``results/whatif_scores.json``): its norm sign and effect sign there were higher
-than the default's on nine of the eleven groups and its correlation lower on ten. That is what
-these candidates were built from, and why the rule below, on the same groups, is a development
-choice and not a test; the test is the held-out families. ``experiments/specs/whatif_eval13.toml``,
-``whatif_eval14.toml`` and ``whatif_eval14_decay.toml`` (committed before any run of them) are held
-out and not read here.
+Candidates of this round (written here, with the development set and the rule below, before the new
+one was scored on a check or on the seed setting): the predictor in use since the eleventh round
+(``bulk_sharpening``: ρ from the seventh round's predictor, the norm and the update ratio from the
+NQM under the flow-time sharpening of the whole spectrum and the noise at λ_max's rate since the
+first probe; :func:`experiments.whatif.predict.default_predictor`; the default) and the same with
+the bulk's own current rate (``bulk_trace_rate``: the flow-time slope of the summed Hessian trace
+over the last three probes, not clipped; :mod:`experiments.whatif.bulk`, ``rate="trace"``). Why:
+figure 10 shows the default predicting up to ×14 growth of the norm over 200 steps where the forks
+grew ×0.6–1.4; λ_max's rate since the first probe includes the early escape from the initial
+plateau. ``experiments/specs/whatif_eval15.toml`` and ``whatif_eval15_decay.toml`` (committed
+before any run of them) are held out and not read here; eval13, eval14 and the seed-14 runs, scored
+once in the eleventh round, are not in the development set (they have no replicate forks).
 
-Development, every setting seen in the earlier rounds, thirteen fork groups: the forks of
-``whatif_seed_cnn.toml`` (step 400), ``whatif_eval.toml`` and ``whatif_eval2.toml`` (steps
-300, 500), ``whatif_eval3.toml`` (steps 200, 400), ``whatif_eval4.toml`` (steps 300, 500),
-``whatif_eval5.toml`` to ``whatif_eval12.toml`` (steps 200, 400; eval11 and eval12 scored in the
-tenth round, development since), and the seed setting's growth after its step-1000 decay on the ten
-runs seen: ``seed_cnn.toml``'s lr 0.03, momentum 0.9, seed 0, and the runs of
-``whatif_eval3_decay.toml``, ``whatif_eval4_decay.toml``, ``whatif_eval8_decay.toml``,
-``whatif_eval9_decay.toml`` and ``whatif_eval11_decay.toml``. Each fork check is scored twice: on
-the forks of the scores and on replicate forks that differ from them only in the data order
-(``RunConfig.fork_data_seed`` = 1; the noise ceilings' forks, ``analyses/whatif_ceilings.py``).
+Development: the eleventh round's thirteen fork groups (the forks of ``whatif_seed_cnn.toml`` at
+step 400, ``whatif_eval.toml``, ``whatif_eval2.toml`` and ``whatif_eval4.toml`` at 300 and 500,
+``whatif_eval3.toml`` and ``whatif_eval5.toml`` to ``whatif_eval12.toml`` at 200 and 400) and the
+seed setting's growth after its step-1000 decay on its ten runs (``seed_cnn.toml``'s lr 0.03,
+momentum 0.9, seed 0, and the runs of ``whatif_eval3_decay.toml``, ``whatif_eval4_decay.toml``,
+``whatif_eval8_decay.toml``, ``whatif_eval9_decay.toml`` and ``whatif_eval11_decay.toml``). Each
+fork check is scored twice: on the forks of the scores and on replicate forks that differ from them
+only in the data order (``RunConfig.fork_data_seed`` = 1).
 
-The rule. (The eighth round's.) Per candidate and data order, S = the mean of fourteen terms: for
-each of the thirteen fork groups the mean of its pooled correlation Spearman, pooled norm-change
-sign and pooled effect sign (those of the three that are defined), and the seed setting's fraction
-of layers whose growth has the right sign and a size within ×1.5 (the mean over its ten runs,
-the same in both orders). A candidate's score is S averaged over the two data orders. The
-candidate with the highest score replaces the default (``sharpen_decay_run``) only if it beats the
-default's score by more than twice the default's data-order standard error, |S₀ − S₁|/2;
-otherwise the default stays. Ties go to fewer parts (``sharpen_decay_run`` < ``bulk_sharpening`` <
-``bulk_sharpening_effect``). The held-out families (eval13, eval14, the two seed-14 runs) are then
-scored once, with every candidate and both no-theory baselines (persistence, trend) beside the one
-chosen, for the record; no second test on them is made.
+The rule. (The eighth round's, with a fourth term per group.) Per candidate and data order, S = the
+mean of fourteen terms: for each of the thirteen fork groups the mean of its pooled correlation
+Spearman, pooled norm-change sign, pooled effect sign and pooled share of norm growths within ×1.5
+of the fork's (those of the four that are defined), and the seed setting's fraction of layers whose
+growth has the right sign and a size within ×1.5 (the mean over its ten runs, the same in both
+orders). A candidate's score is S averaged over the two data orders. The candidate with the highest
+score replaces the default (``bulk_sharpening``) only if it beats the default's score by more than
+twice the default's data-order standard error, |S₀ − S₁|/2; otherwise the default stays. Ties go to
+fewer parts (``bulk_sharpening`` < ``bulk_trace_rate``). The held-out families (eval15, the two
+seed-15 runs) are then scored once, with every candidate and both no-theory baselines beside the
+one chosen, for the record; no second test on them is made. (The size term was added after the
+eleventh round's choice showed the three-term rule blind to it; on that round's own result the
+four-term S still ranks its choice first: 0.700 against the seventh round's predictor's 0.672,
+computed from ``results/whatif_forecast_choice.json`` as it was then, in docs/findings/whatif.md.)
 Writes ``results/whatif_forecast_choice.json``:
 
-    .venv/bin/python -m analyses whatif_forecast_choice     # ~30 min (eval11's replicate forks the first time)
+    .venv/bin/python -m analyses whatif_forecast_choice     # ~14 min
 
-Result (run after this file was committed; ``results/whatif_forecast_choice.json``): the default
-0.672 / 0.704 (mean 0.688); ``bulk_sharpening`` 0.733 / 0.767 (0.750), +0.062;
-``bulk_sharpening_effect`` 0.662 / 0.687 (0.674; its seed-setting term is 0). The margin is 0.032:
-**``bulk_sharpening`` replaces the default.**
+Result: not yet run at the commit that wrote this rule.
 """
 
 from pathlib import Path
@@ -65,10 +59,11 @@ GROUPS = ("development", "evaluation_seen_during_development", "evaluation_new",
           "evaluation_5", "evaluation_6", "evaluation_7", "evaluation_8", "evaluation_9", "evaluation_10",
           "evaluation_11", "evaluation_12")
 DATA_SEEDS = (0, 1)  # 0: the forks of the scores; 1: the replicate forks (another data order)
-DEFAULT = "sharpen_decay_run"  # the predictor in use (experiments.whatif.predict.default_predictor)
+DEFAULT = "bulk_sharpening"  # the predictor in use (experiments.whatif.predict.default_predictor)
 RECORD_ONLY = ()  # record-only rows (never chosen); none this round
-PARTS = {"sharpen_decay_run": 3.5, "bulk_sharpening": 4, "bulk_sharpening_effect": 4.5}
-SCORED = ("corr_spearman", "norm_sign", "effect_sign")  # per fork group, the mean of those defined
+PARTS = {"bulk_sharpening": 4, "bulk_trace_rate": 4.5}
+SCORED = ("corr_spearman", "norm_sign", "effect_sign")  # the eighth round's terms (its confirmation)
+RULE_TERMS = (*SCORED, "norm_factor_1p5")  # per fork group, the mean of those defined (twelfth round)
 
 
 def candidates():
@@ -91,7 +86,7 @@ def seed_configs():
 
 def rule_score(groups, seed_right):
     """S of the module docstring from {group: pooled scores} and the seed setting's ``right``."""
-    terms = [float(np.nanmean([groups[g][k] for k in SCORED])) for g in GROUPS] + [seed_right]
+    terms = [float(np.nanmean([groups[g][k] for k in RULE_TERMS])) for g in GROUPS] + [seed_right]
     return float(np.mean(terms))
 
 

@@ -59,7 +59,9 @@ same with the drift's gate (a') and fit (b'), with the held level after a change
 (a') and fit (b') on the steps clock; both; tenth round), ``bulk_sharpening`` /
 ``bulk_sharpening_effect`` (ρ from the predictor in use, the norm and update ratio from the
 flow-time sharpening of the bulk and the noise, as the level or as the effect over the reference
-plan, :mod:`experiments.whatif.bulk`; eleventh round), and the two no-theory baselines,
+plan, :mod:`experiments.whatif.bulk`; eleventh round), ``bulk_trace_rate`` (the same with the
+bulk's own current flow-time rate, from the summed trace over the last three probes, in place of
+λ_max's since the first; twelfth round), and the two no-theory baselines,
 ``persistence`` and ``trend`` (window 0 carried along the run's own trend before k). (The earlier
 rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
@@ -116,6 +118,7 @@ CANDIDATES = {  # name -> predictor
                                                        gate="since_escape", fit="batches"),
     "bulk_sharpening": bulk.predictor("level"),
     "bulk_sharpening_effect": bulk.predictor("effect"),
+    "bulk_trace_rate": bulk.predictor("level", rate="trace"),
 }
 
 

@@ -73,3 +73,45 @@ def test_effect_puts_the_sharpening_effect_on_the_inner_reference_level(tiny_run
 def test_bulk_rejects_an_unknown_combine():
     with pytest.raises(ValueError, match="combine='sum' is unknown; valid: level, effect"):
         bulk.predictor("sum")
+
+
+def test_the_bulk_rate_is_the_traces_current_flow_time_slope_and_may_be_negative(tiny_run):  # noqa: F811
+    trace = store.load_run(tiny_run)
+    momentum = trace.attrs["config"]["momentum"]
+    from experiments.whatif.curvature import flow_time
+
+    probes = trace["probe_step"].values
+    tau = flow_time(trace["lr"].values, momentum)[probes]
+    for r in (3.0, -2.0):  # the summed trace ∝ e^{r τ} at the last three probes; the earlier ones jump
+        scale = np.where(probes >= probes[-3], np.exp(r * tau), 50.0)
+        tr = trace["hessian_trace"] / trace["hessian_trace"].sum("layer") * xr.DataArray(scale, dims="probe_step")
+        x = trace.assign(hessian_trace=tr)
+        assert bulk.bulk_rate(x, int(probes[-1]), momentum) == pytest.approx(r, rel=1e-9)
+        # at an earlier k only the probes up to it count: the jump from 50 makes another slope
+        assert bulk.bulk_rate(x, int(probes[-2]), momentum) != pytest.approx(r, rel=1e-3)
+    assert bulk.bulk_rate(trace, int(probes[0]), momentum) == 0.0  # one probe: no rate
+
+
+def test_a_shrinking_bulk_shrinks_faster_under_a_faster_flow(tiny_run):  # noqa: F811
+    # the summed trace falls e^{-3 τ} over the probes: the norms of the unchanged run fall after k,
+    # lr × 2 (twice the flow) faster, lr × 0.5 slower; rho stays the top's
+    trace = store.load_run(tiny_run)
+    momentum = trace.attrs["config"]["momentum"]
+    from experiments.whatif.curvature import flow_time
+
+    tau = flow_time(trace["lr"].values, momentum)[trace["probe_step"].values]
+    scale = xr.DataArray(np.exp(-3.0 * tau), dims="probe_step")
+    trace = trace.assign(hessian_trace=trace["hessian_trace"] * scale)
+    ch = changes_from([0.5, 2.0])
+    x = whatif(trace, 40, ch, window=10, predictor=bulk.predictor("level", rate="trace"))
+    top = whatif(trace, 40, ch, window=10, predictor=bulk.TOP)
+    xr.testing.assert_allclose(x.pred_grad_corr, top.pred_grad_corr)
+    grow = (x.pred_grad_norm.isel(window=2) / x.pred_grad_norm.isel(window=0)).mean("layer")
+    lab = list(x.label.values)
+    assert grow[lab.index("scheduled")] < 1
+    assert grow[lab.index("lr×2")] < grow[lab.index("scheduled")] < grow[lab.index("lr×0.5")]
+
+
+def test_bulk_rejects_an_unknown_rate():
+    with pytest.raises(ValueError, match="rate='loss' is unknown; valid: lambda, trace"):
+        bulk.predictor(rate="loss")

@@ -51,25 +51,26 @@ def test_a_replicate_check_forks_every_change_with_another_data_order(tmp_path):
 
 
 def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
-    groups = {g: {"corr_spearman": 0.6, "norm_sign": 0.4, "effect_sign": 0.2} for g in GROUPS}
-    assert rule_score(groups, 1.0) == pytest.approx((13 * 0.4 + 1.0) / 14)  # thirteen fork groups and the seed term
-    groups["evaluation_8"]["effect_sign"] = float("nan")  # a group without an effect case: the two defined
-    assert rule_score(groups, 1.0) == pytest.approx((12 * 0.4 + 0.5 + 1.0) / 14)
-    assert set(candidates()) == {"sharpen_decay_run", "bulk_sharpening", "bulk_sharpening_effect"}
+    groups = {g: {"corr_spearman": 0.6, "norm_sign": 0.4, "effect_sign": 0.2, "norm_factor_1p5": 0.2}
+              for g in GROUPS}
+    assert rule_score(groups, 1.0) == pytest.approx((13 * 0.35 + 1.0) / 14)  # thirteen fork groups and the seed term
+    groups["evaluation_8"]["effect_sign"] = float("nan")  # a group without an effect case: the three defined
+    assert rule_score(groups, 1.0) == pytest.approx((12 * 0.35 + 0.4 + 1.0) / 14)
+    assert set(candidates()) == {"bulk_sharpening", "bulk_trace_rate"}
     from analyses.whatif_scores import HELD_OUT
 
     assert not set(HELD_OUT) & set(GROUPS)  # the held-out families are not development
     import analyses.whatif_forecast_choice as choice
 
     assert choice.__doc__.split("The rule. ")[1].split("Writes")[0].strip()  # main() writes it to the json
-    d = "sharpen_decay_run"
-    both = "bulk_sharpening_effect"
+    d = "bulk_sharpening"
+    both = "bulk_trace_rate"
     rows = {d: {"S": [0.46, 0.50], "score": 0.48}, both: {"S": [0.51, 0.50], "score": 0.505}}
     assert choose(rows) == (d, pytest.approx(0.04))  # +0.025 < 2 se = 0.04
     rows[both] = {"S": [0.53, 0.53], "score": 0.53}
     assert choose(rows)[0] == both  # +0.05 > 0.04
-    rows["bulk_sharpening"] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows)[0] == "bulk_sharpening"  # a tie: fewer parts
+    rows[d] = {"S": [0.53, 0.53], "score": 0.53}
+    assert choose(rows)[0] == d  # a tie: fewer parts
 
 
 def test_drift_share_counts_the_moves_the_unchanged_run_made_too():

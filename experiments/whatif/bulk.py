@@ -23,6 +23,21 @@ slows the flow slows that growth, so the norm ends lower than the unchanged run'
 lr × 0.5, a lower momentum. A change that speeds the flow raises it. The ρ of that forecast is not
 used: it moves the top modes with the bulk, which the top does not do.
 
+``rate``: the growth rate of the bulk after k.
+
+- ``"lambda"`` (the eleventh round's): r = d log λ_max/dτ over every probe below the edge since the
+  first, clipped at 0 (:func:`experiments.whatif.curvature.sharpening_rate`). That rate includes
+  the early escape from the initial plateau (λ_max ×22–221 on the CNNs), so after k it forecasts
+  growth the bulk no longer makes: up to ×14 in the norm over 200 steps where the forks grew
+  ×0.6–1.4 (figure 10).
+- ``"trace"`` (the twelfth round's): the bulk's own *current* rate, r_b = the least-squares slope of
+  log Σ_l tr H_l (the probes' Hutchinson traces summed over the layers) against the flow time τ
+  over the last :data:`N_RATE` probes at or before k (the link model's trailing mean,
+  :data:`experiments.whatif.drift.N_FIT`), not clipped (:func:`bulk_rate`). A bulk that
+  shrinks, as on data the network interpolates, where the curvature and the noise vanish with the
+  loss, then shrinks faster under a faster flow. With fewer than two such probes, r_b = 0: the
+  fixed curvature.
+
 ``combine``:
 
 - ``"level"``: the norm and the log10 update ratio are the sharpening model's, anchored on
@@ -36,9 +51,8 @@ used: it moves the top modes with the bulk, which the top does not do.
 
 Assumptions:
 
-- The bulk and the noise keep sharpening after k at the flow-time rate λ_max had before k, over
-  the probes below the edge (all of them since the first). The top of the spectrum may be held
-  meanwhile.
+- The bulk and the noise keep moving after k at their flow-time rate before k (``rate``), log-linear
+  in τ, capped at the method's edge. The top of the spectrum may be held meanwhile.
 - The noise follows the curvature (Σ ∝ H, docs/theory.md §4).
 - ρ is a property of the top modes alone.
 
@@ -46,33 +60,69 @@ No constant here was fitted on any score.
 """
 
 import functools
+from dataclasses import dataclass
 
+import numpy as np
 
 from experiments.linking.core import run_method
-from experiments.whatif.core import ANCHORED, anchor_on_window0, measure_windows, nqm_predictor
-from experiments.whatif.curvature import CurvatureForecast
 from experiments.whatif import drift, sharpen
+from experiments.whatif.core import ANCHORED, anchor_on_window0, measure_windows, nqm_predictor
+from experiments.whatif.curvature import CurvatureForecast, flow_time
 from experiments.whatif.delta import reference_plan
 
 COMBINES = ("level", "effect")
+RATES = ("lambda", "trace")
+N_RATE = drift.N_FIT  # probes in the bulk's rate (rate="trace")
 SHARPENING = CurvatureForecast(sharpening=True)  # the second round's flow-time sharpening, edge-capped
 # the top's forecast: the predictor in use from the seventh round to the eleventh (sharpen_decay_run)
 TOP = drift.predictor("flow", inner=sharpen.predictor("run"))
 
 
-def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=None):
+@dataclass(frozen=True)
+class BulkForecast(CurvatureForecast):
+    """The flow-time forecast of :class:`~experiments.whatif.curvature.CurvatureForecast` at a
+    given rate ``bulk_rate`` (the bulk's, :func:`bulk_rate`) in place of λ_max's."""
+
+    sharpening: bool = True
+    bulk_rate: float = 0.0
+
+    def rate(self, probe_tau, lam, below_edge):
+        return float(self.bulk_rate)
+
+
+def bulk_rate(trace, at, momentum, last=N_RATE):
+    r"""r_b = d log Σ_l tr H_l / dτ: the least-squares slope over the last ``last`` probes at or
+    before ``at`` whose summed trace is finite and positive (τ = Σ α/(1 − β) up to the probe,
+    :func:`experiments.whatif.curvature.flow_time`); 0.0 with fewer than two or a constant τ."""
+    probes = trace["probe_step"].values
+    keep = probes <= at
+    tr = trace["hessian_trace"].transpose("probe_step", "layer").values[keep].astype(float)
+    with np.errstate(invalid="ignore"):
+        total = np.where(np.all(np.isfinite(tr), axis=1), tr.sum(axis=1), np.nan)
+    tau = flow_time(trace["lr"].values, momentum)[np.clip(probes[keep], 0, trace.sizes["step"])]
+    ok = np.isfinite(total) & (total > 0)
+    t, y = tau[ok][-int(last):], np.log(total[ok][-int(last):])
+    if t.size < 2 or np.ptp(t) == 0:
+        return 0.0
+    return float(np.polyfit(t, y, 1)[0])
+
+
+def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=None, rate="lambda"):
     """A predictor (:data:`experiments.whatif.predict.PREDICTOR`'s signature): the ``inner``
     predictor's output (default :data:`TOP`) with its ρ, and the norm and update ratio of the
     module docstring in ``anchored_grad_norm`` / ``anchored_update_ratio``. ``trace``: the run
     before ``at``."""
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r} is unknown; valid: {', '.join(COMBINES)}")
+    if rate not in RATES:
+        raise ValueError(f"rate={rate!r} is unknown; valid: {', '.join(RATES)}")
     inner = TOP if inner is None else inner
     n = len(plans)
     all_plans = list(plans) + [reference_plan(plans[0], at)]
     top = inner(trace, config, at, all_plans, windows)
-    bulk = nqm_predictor(trace, config, at, all_plans, windows, curvature=SHARPENING)
     method, momentum = run_method(config)
+    curvature = SHARPENING if rate == "lambda" else BulkForecast(bulk_rate=bulk_rate(trace, at, momentum))
+    bulk = nqm_predictor(trace, config, at, all_plans, windows, curvature=curvature)
     meas0 = measure_windows(trace, windows[:1], method, momentum).isel(window=0, drop=True)
     top_corr, top_norm, top_ratio = ((top[k] for k in ANCHORED) if all(k in top for k in ANCHORED)
                                      else anchor_on_window0(meas0, top))
@@ -91,11 +141,14 @@ def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=Non
     return ds
 
 
-def predictor(combine="level", **kw):
-    """:func:`bulk_predictor` with ``combine`` (and keywords) bound: a PREDICTOR."""
+def predictor(combine="level", rate="lambda", **kw):
+    """:func:`bulk_predictor` with ``combine``, ``rate`` (and keywords) bound: a PREDICTOR."""
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r} is unknown; valid: {', '.join(COMBINES)}")
-    return functools.partial(bulk_predictor, combine=combine, **kw)
+    if rate not in RATES:
+        raise ValueError(f"rate={rate!r} is unknown; valid: {', '.join(RATES)}")
+    return functools.partial(bulk_predictor, combine=combine, rate=rate, **kw)
 
 
-__all__ = ["COMBINES", "SHARPENING", "TOP", "bulk_predictor", "predictor"]
+__all__ = ["COMBINES", "N_RATE", "RATES", "SHARPENING", "TOP", "BulkForecast", "bulk_predictor", "bulk_rate",
+           "predictor"]
