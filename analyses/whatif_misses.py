@@ -11,13 +11,18 @@ held at h̄ ≥ :data:`HELD` first:
 
     .venv/bin/python -m analyses whatif_misses                       # ~5 min (the forks are in the store)
     .venv/bin/python -m analyses whatif_misses development evaluation_3
+    .venv/bin/python -m analyses whatif_misses --candidate sharpen_decay_run     # another candidate's misses
+
+Then, per change kind, the *effect* cases (the ``effect_sign`` score's: the fork's norm over the
+unchanged run's moved by more than 10 %): the fraction with the sign right, how often the measured
+and the predicted effect are rises, and their medians.
 """
 
 import collections
 
 import numpy as np
 
-from analyses.whatif_scores import GROUPS, checks
+from analyses.whatif_scores import CANDIDATES, GROUPS, checks
 from experiments import store
 from experiments.whatif.check import check
 from experiments.whatif.predict import PREDICTOR
@@ -33,7 +38,9 @@ def kind(label):
 
 def tally(ds, out):
     """Add one check's (``experiments.whatif.check.check`` dataset) moved cases to ``out``:
-    {kind: {"rise": [right...], "fall": [right...], "fall_effect": [(measured, predicted)...]}}."""
+    {kind: {"rise": [right...], "fall": [right...], "fall_effect": [(measured, predicted)...],
+    "effect": [(measured, predicted)...]}}; ``effect``: the effect (the fork's norm over the
+    unchanged run's, same window) where it moved by more than 10 % (the ``effect_sign`` cases)."""
     base = ds.persist_grad_norm.isel(change=0, window=1).values
     for c in range(1, ds.sizes["change"]):
         rows = out[kind(str(ds.label.values[c]))]
@@ -47,6 +54,9 @@ def tally(ds, out):
                 rows["rise" if meas[i] > 1 else "fall"].append(right)
                 if meas[i] < 1:
                     rows["fall_effect"].append((meas[i] / meas_ref[i], pred[i] / pred_ref[i]))
+            eff_m, eff_p = meas / meas_ref, pred / pred_ref
+            for i in np.flatnonzero(np.isfinite(eff_m) & (np.abs(eff_m - 1) > 0.1)):  # check.GROWTH_THRESHOLD
+                rows["effect"].append((eff_m[i], eff_p[i]))
 
 
 def sharpened(run_dir, at, smooth=3):
@@ -61,14 +71,23 @@ def main(argv=()):
     import torch
 
     torch.set_num_threads(1)
+    argv = list(argv)
+    predictor, name = PREDICTOR, "the predictor in use"
+    if "--candidate" in argv:
+        i = argv.index("--candidate")
+        name = argv[i + 1] if i + 1 < len(argv) else ""
+        if name not in CANDIDATES:
+            raise ValueError(f"candidate={name!r} is unknown; valid: {', '.join(CANDIDATES)}")
+        predictor, argv = CANDIDATES[name], argv[:i] + argv[i + 2:]
     bad = [g for g in argv if g not in GROUPS]
     if bad:
         raise ValueError(f"groups={bad}: not among the valid groups {list(GROUPS)}")
-    out = collections.defaultdict(lambda: {"rise": [], "fall": [], "fall_effect": []})
+    print(f"predictor: {name}")
+    out = collections.defaultdict(lambda: {"rise": [], "fall": [], "fall_effect": [], "effect": []})
     held, lazy = [], []
     for group, items in checks(list(argv) or None).items():
         for key, (run_dir, at, changes) in items.items():
-            ds = check(run_dir, at, changes, n_windows=2, predictor=PREDICTOR)
+            ds = check(run_dir, at, changes, n_windows=2, predictor=predictor)
             tally(ds, out)
             h0, labels = ds.attrs["persist_h_edge"], list(ds.label.values)
             if "lr×2" in labels:
@@ -83,6 +102,13 @@ def main(argv=()):
               f"{len(rows['fall']):4d} right {np.mean(rows['fall']):.2f}; effect in the falls: median measured "
               f"x{np.median(eff[:, 0]):.2f}, predicted x{np.median(eff[:, 1]):.2f}, measured < 1 in "
               f"{np.mean(eff[:, 0] < 1):.0%}")
+    print("\nthe effect (fork / unchanged run, same window) where it moved by more than 10 %:")
+    for name, rows in sorted(out.items()):
+        e = np.array(rows["effect"]).reshape(-1, 2)
+        if len(e):
+            print(f"{name:10s} n {len(e):4d}: sign right {np.mean(np.sign(e[:, 0] - 1) == np.sign(e[:, 1] - 1)):.2f}; "
+                  f"measured up {np.mean(e[:, 0] > 1):.2f}, predicted up {np.mean(e[:, 1] > 1):.2f}; median measured "
+                  f"x{np.median(e[:, 0]):.2f}, predicted x{np.median(e[:, 1]):.2f}")
     print("\n".join(held))
     print("\nruns at h̄ < HELD:\n" + "\n".join(lazy))
     return 0

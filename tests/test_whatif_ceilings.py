@@ -120,10 +120,11 @@ def test_the_misses_tally_splits_moved_cases_into_rises_and_falls_with_their_eff
     ds = xr.Dataset({"meas_grad_norm": (dims, meas), "pred_grad_norm": (dims, pred),
                      "persist_grad_norm": (dims, np.ones_like(meas))},
                     coords={"label": ("change", ["scheduled", "lr×2"])})
-    out = collections.defaultdict(lambda: {"rise": [], "fall": [], "fall_effect": []})
+    out = collections.defaultdict(lambda: {"rise": [], "fall": [], "fall_effect": [], "effect": []})
     tally(ds, out)
     assert list(out) == ["lr×2"] and out["lr×2"]["rise"] == [] and out["lr×2"]["fall"] == [False]
     np.testing.assert_allclose(out["lr×2"]["fall_effect"], [(0.75, 1.3)])
+    np.testing.assert_allclose(out["lr×2"]["effect"], [(0.75, 1.3)])  # b's effect, 1.05, did not move
 
 
 def test_a_held_out_group_runs_only_when_named(monkeypatch):
