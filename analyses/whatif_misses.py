@@ -3,7 +3,8 @@ per change kind, over the checks of the named groups of :data:`analyses.whatif_s
 (default: :func:`analyses.whatif_scores.default_groups`), the layer-windows whose fork norm moved
 by more than 10 % from window 0 (the ``norm_sign`` cases), split into rises and falls, with the
 fraction the predictor in use gets right; and, for the falls, the median measured and predicted
-*effect* (the fork's norm over the unchanged run's, the same data order). Prints one line per change kind; then, per check whose run
+*effect* (the fork's norm over the unchanged run's, the same data order). Prints one line per
+change kind; then, per check whose run
 has an lr × 2 fork, its h̄ (the network h/edge before k), λ̄/λ_0 (:func:`sharpened`) and the
 measured h/edge after k (the mean over the probes of the two windows) over h̄, for the lr × 2 fork
 and for the unchanged run, and their ratio (2 at a fixed curvature, 1 at the held level); runs
@@ -106,9 +107,10 @@ def main(argv=()):
     for name, rows in sorted(out.items()):
         e = np.array(rows["effect"]).reshape(-1, 2)
         if len(e):
-            print(f"{name:10s} n {len(e):4d}: sign right {np.mean(np.sign(e[:, 0] - 1) == np.sign(e[:, 1] - 1)):.2f}; "
-                  f"measured up {np.mean(e[:, 0] > 1):.2f}, predicted up {np.mean(e[:, 1] > 1):.2f}; median measured "
-                  f"x{np.median(e[:, 0]):.2f}, predicted x{np.median(e[:, 1]):.2f}")
+            right = np.mean(np.sign(e[:, 0] - 1) == np.sign(e[:, 1] - 1))
+            print(f"{name:10s} n {len(e):4d}: sign right {right:.2f}; measured up {np.mean(e[:, 0] > 1):.2f}, "
+                  f"predicted up {np.mean(e[:, 1] > 1):.2f}; median measured x{np.median(e[:, 0]):.2f}, "
+                  f"predicted x{np.median(e[:, 1]):.2f}")
     print("\n".join(held))
     print("\nruns at h̄ < HELD:\n" + "\n".join(lazy))
     return 0

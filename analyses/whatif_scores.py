@@ -27,7 +27,8 @@ NAG 0.3 / 0.8, HB 1.0 / 0.5, seed 10, constant lr; steps 200 and 400; developmen
 round), on the eleventh (``whatif_eval11.toml``: a 2-D GELU seed CNN on digits; partly seen in the
 tenth round) and the twelfth, held out in the tenth round (``whatif_eval12.toml``: a 2-D GELU
 ResNet on digits), both steps 200 and 400, and, in the seed setting
-(``experiments/specs/seed_cnn.toml``'s run lr 0.03, momentum 0.9, seed 0, one thread; a development setting), the per-layer norm growth
+(``experiments/specs/seed_cnn.toml``'s run lr 0.03, momentum 0.9, seed 0, one thread; a development
+setting), the per-layer norm growth
 after the step-1000 decay predicted at step 1000 (and on the runs of
 ``experiments/specs/whatif_eval3_decay.toml``: seed 3, lr 0.03 and 0.1, seen since the third
 round, the run of ``whatif_eval4_decay.toml``: seed 4, lr 0.05, held out in the fourth round, and
@@ -54,7 +55,8 @@ and, for the second, its batch-means fit (b'), :mod:`experiments.whatif.drift`; 
 ``escape_since_escape_batches`` (the same gate and fit on the escape forecast alone, without the
 sharpening; eighth round), ``held_cap`` / ``held_cap_since_escape`` (the predictor in use, and the
 same with the drift's gate (a') and fit (b'), with the held level after a change that lowers it,
-:mod:`experiments.whatif.sharpen`'s ``increase="held"``; ninth round), ``partial_held`` / ``since_escape_steps`` / ``partial_held_since_escape_steps`` (only the part of
+:mod:`experiments.whatif.sharpen`'s ``increase="held"``; ninth round), ``partial_held`` /
+``since_escape_steps`` / ``partial_held_since_escape_steps`` (only the part of
 λ_max above its initial value following the held level, ``increase="partial"``; the drift's gate
 (a') and fit (b') on the steps clock; both; tenth round), ``bulk_sharpening`` /
 ``bulk_sharpening_effect`` (ρ from the predictor in use, the norm and update ratio from the
@@ -176,7 +178,8 @@ GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_14": ("whatif_eval14", [200, 400]),
           "evaluation_15": ("whatif_eval15", [200, 400])}
 # committed before any run of them and kept for a later round: run only when named, never by default
-HELD_OUT = ("evaluation_13", "evaluation_14", "seed_decay_growth_eval14", "evaluation_15", "seed_decay_growth_eval15")
+HELD_OUT = ("evaluation_13", "evaluation_14", "seed_decay_growth_eval14",  # the eleventh round's
+            "evaluation_15", "seed_decay_growth_eval15")  # the twelfth round's
 
 
 def default_groups():
@@ -188,6 +191,8 @@ def default_seed_entries():
     """The seed-setting entries a command runs when none is named: :data:`SEED_SPECS` less
     :data:`HELD_OUT`."""
     return [s for s in SEED_SPECS if s not in HELD_OUT]
+
+
 SEED_SPECS = {"seed_decay_growth": None, "seed_decay_growth_eval3": "whatif_eval3_decay",
               "seed_decay_growth_eval4": "whatif_eval4_decay", "seed_decay_growth_eval8": "whatif_eval8_decay",
               "seed_decay_growth_eval9": "whatif_eval9_decay",

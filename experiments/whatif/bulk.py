@@ -118,7 +118,7 @@ def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=Non
         raise ValueError(f"rate={rate!r} is unknown; valid: {', '.join(RATES)}")
     inner = TOP if inner is None else inner
     n = len(plans)
-    all_plans = list(plans) + [reference_plan(plans[0], at)]
+    all_plans = list(plans) + ([reference_plan(plans[0], at)] if combine == "effect" else [])
     top = inner(trace, config, at, all_plans, windows)
     method, momentum = run_method(config)
     curvature = SHARPENING if rate == "lambda" else BulkForecast(bulk_rate=bulk_rate(trace, at, momentum))
