@@ -249,8 +249,7 @@ def seed_decay_growth(variants=None, config=None):
     early, late = (p >= 1000) & (p < 1500), (p >= 1500) & (p < 2000)
     out["measured_sharpness_rise"] = (sh.values[late].mean(0) / sh.values[early].mean(0)).tolist()
     growth = lambda v: (v.isel(window=-1) / v.isel(window=1)).values  # noqa: E731
-    x = first.isel(change=0)
-    meas = growth(x.meas_grad_norm)
+    meas = growth(first.isel(change=0).meas_grad_norm)
 
     def right(pred):
         within = np.abs(np.log(pred / meas)) <= np.log(1.5)

@@ -130,3 +130,14 @@ def test_the_gated_run_level_caps_where_the_lr_can_hold_the_curvature(level, lam
     with pytest.raises(ValueError, match=r"level='stochastik' is unknown; valid: stochastic, edge, run"):
         held_by_lr("stochastik")  # a typo used to read as "never held"
     assert held_by_lr("run") and not held_by_lr("edge") and not held_by_lr("sharpened", lam_first=np.nan, lam_now=1)
+
+
+def test_the_sharpening_rate_is_clipped_at_zero_unless_asked_not_to():
+    from experiments.whatif.curvature import sharpening_rate
+
+    tau = np.array([0.0, 1.0, 2.0, 3.0])
+    lam = 5.0 * np.exp(-0.7 * tau)
+    keep = np.ones(4, bool)
+    assert sharpening_rate(tau, lam, keep) == 0.0
+    assert sharpening_rate(tau, lam, keep, clip=False) == pytest.approx(-0.7, rel=1e-12)
+    assert sharpening_rate(tau, lam * np.exp(1.4 * tau), keep, last=2) == pytest.approx(0.7, rel=1e-12)

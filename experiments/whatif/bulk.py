@@ -67,7 +67,7 @@ import numpy as np
 from experiments.linking.core import run_method
 from experiments.whatif import drift, sharpen
 from experiments.whatif.core import ANCHORED, anchor_on_window0, measure_windows, nqm_predictor
-from experiments.whatif.curvature import CurvatureForecast, flow_time
+from experiments.whatif.curvature import CurvatureForecast, flow_time, sharpening_rate
 from experiments.whatif.delta import reference_plan
 
 COMBINES = ("level", "effect")
@@ -93,18 +93,15 @@ class BulkForecast(CurvatureForecast):
 def bulk_rate(trace, at, momentum, last=N_RATE):
     r"""r_b = d log Σ_l tr H_l / dτ: the least-squares slope over the last ``last`` probes at or
     before ``at`` whose summed trace is finite and positive (τ = Σ α/(1 − β) up to the probe,
-    :func:`experiments.whatif.curvature.flow_time`); 0.0 with fewer than two or a constant τ."""
+    :func:`experiments.whatif.curvature.flow_time`), not clipped
+    (:func:`experiments.whatif.curvature.sharpening_rate` with ``clip=False``); 0.0 with fewer than
+    two or a constant τ."""
     probes = trace["probe_step"].values
     keep = probes <= at
     tr = trace["hessian_trace"].transpose("probe_step", "layer").values[keep].astype(float)
-    with np.errstate(invalid="ignore"):
-        total = np.where(np.all(np.isfinite(tr), axis=1), tr.sum(axis=1), np.nan)
+    total = np.where(np.all(np.isfinite(tr), axis=1), tr.sum(axis=1), np.nan)
     tau = flow_time(trace["lr"].values, momentum)[np.clip(probes[keep], 0, trace.sizes["step"])]
-    ok = np.isfinite(total) & (total > 0)
-    t, y = tau[ok][-int(last):], np.log(total[ok][-int(last):])
-    if t.size < 2 or np.ptp(t) == 0:
-        return 0.0
-    return float(np.polyfit(t, y, 1)[0])
+    return sharpening_rate(tau, total, np.ones(total.size, bool), last=int(last), clip=False)
 
 
 def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=None, rate="lambda"):

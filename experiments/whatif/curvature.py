@@ -177,10 +177,10 @@ def below_edge(h_lam, h_batch, margin=EDGE_MARGIN):
         return np.isfinite(h) & (h < 1 - margin)
 
 
-def sharpening_rate(probe_tau, lam, keep, *, last=0):
+def sharpening_rate(probe_tau, lam, keep, *, last=0, clip=True):
     r"""max(0, least-squares slope of log λ against the flow time ``probe_tau``) over the probes
-    where ``keep`` is true and λ is finite and positive (the last ``last`` of them; all if 0).
-    0.0 if fewer than two qualify."""
+    where ``keep`` is true and λ is finite and positive (the last ``last`` of them; all if 0);
+    the slope itself with ``clip=False``. 0.0 if fewer than two qualify."""
     probe_tau, lam, keep = (np.asarray(a) for a in (probe_tau, lam, keep))
     if not probe_tau.shape == lam.shape == keep.shape:
         raise ValueError(f"probe_tau {probe_tau.shape}, lam {lam.shape} and keep {keep.shape} must have one shape")
@@ -192,7 +192,8 @@ def sharpening_rate(probe_tau, lam, keep, *, last=0):
         t, y = t[-int(last):], y[-int(last):]
     if t.size < 2 or np.ptp(t) == 0:
         return 0.0
-    return max(float(np.polyfit(t, y, 1)[0]), 0.0)
+    slope = float(np.polyfit(t, y, 1)[0])
+    return max(slope, 0.0) if clip else slope
 
 
 def forecast_factor(lam_at, rate, at, caps, dtau=None):

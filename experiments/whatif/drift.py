@@ -104,6 +104,12 @@ N_BATCH = 10  # batch means per window for the sampling standard error
 T_KEEP = 2.0  # a slope is kept where |slope| / SE >= this
 
 
+def past_windows(at, width):
+    """The windows [a, b) of ``width`` steps that end at ``at`` and fit before it, ascending (the
+    last is window 0 = [at − W, at)); one, possibly starting before step 0, if none fits."""
+    return [(at - i * width, at - (i - 1) * width) for i in range(max(1, at // width), 0, -1)]
+
+
 def escaped_windows(probe_steps, lam, past):
     """Of the windows ``past`` ([a, b), ascending, the last = window 0) the number of the last ones,
     unbroken, that are escaped (module docstring (a)): all of their probes at λ ≥ SHARPENED × the
@@ -216,8 +222,7 @@ def trend_slopes(trace, at, width, n_fit=N_FIT, n_batch=N_BATCH):
     ``trend_*``): what a forecaster that extrapolates the run, and knows nothing of the change,
     predicts."""
     L = trace.sizes["layer"]
-    past = [(at - i * width, at - (i - 1) * width) for i in range(max(1, at // width), 0, -1)]
-    past = [(a, b) for a, b in past if a >= width][-int(n_fit):]
+    past = [(a, b) for a, b in past_windows(at, width) if a >= width][-int(n_fit):]
     if not past:
         return np.zeros(L), np.zeros(L)
     y_norm, y_ratio, rows = batch_stats(trace, past, n_batch)
@@ -252,8 +257,7 @@ def drift_predictor(trace, config, at, plans, windows, clock="steps", inner=None
     meas0 = measure_windows(trace, windows[:1], method, momentum).isel(window=0, drop=True)
     corr, norm, ratio = anchor_on_window0(meas0, model)  # the default's anchoring (whatif), to the bit
     width = windows[0][1] - windows[0][0]
-    n_all = max(1, at // width)
-    past = [(at - i * width, at - (i - 1) * width) for i in range(n_all, 0, -1)]
+    past = past_windows(at, width)
     probes = trace["probe_step"].values
     lam = trace["sharpness_global"].values if "sharpness_global" in trace else np.full(probes.size, np.nan)
     if gate == "escaped":
@@ -305,4 +309,5 @@ def predictor(clock="steps", **kw):
 
 
 __all__ = ["CLOCKS", "FITS", "GATES", "N_BATCH", "N_FIT", "T_KEEP", "batch_se", "batch_stats", "drift_predictor",
-           "escaped_windows", "fit_drift", "predictor", "since_escape_windows", "trend_slopes", "window_stats"]
+           "escaped_windows", "fit_drift", "past_windows", "predictor", "since_escape_windows", "trend_slopes",
+           "window_stats"]

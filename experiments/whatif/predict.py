@@ -177,7 +177,8 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
     Returns a Dataset over (change, window, layer) (window 0: measured before ``at``):
     ``pred_grad_corr``, ``pred_grad_norm``, ``pred_update_ratio``, ``pred_h_edge``,
     ``pred_regime`` (model, anchored as in the module docstring), ``persist_*`` (window 0's
-    measured value), ``trend_*`` (the trend baseline of the module docstring), ``model_*`` (the predictor's raw values) and ``meas0_*``; the change
+    measured value), ``trend_*`` (the trend baseline of the module docstring), ``model_*`` (the
+    predictor's raw values) and ``meas0_*``; the change
     labels in the ``label`` coordinate. ``window`` defaults to the probe spacing.
 
     Where the model does not apply, a ValueError says why: a method the NQM does not describe
