@@ -176,10 +176,12 @@ GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_12": ("whatif_eval12", [200, 400]),
           "evaluation_13": ("whatif_eval13", [200, 400]),
           "evaluation_14": ("whatif_eval14", [200, 400]),
-          "evaluation_15": ("whatif_eval15", [200, 400])}
+          "evaluation_15": ("whatif_eval15", [200, 400]),
+          "evaluation_16": ("whatif_eval16", [200, 400])}
 # committed before any run of them and kept for a later round: run only when named, never by default
 HELD_OUT = ("evaluation_13", "evaluation_14", "seed_decay_growth_eval14",  # the eleventh round's
-            "evaluation_15", "seed_decay_growth_eval15")  # the twelfth round's
+            "evaluation_15", "seed_decay_growth_eval15",  # the twelfth round's
+            "evaluation_16", "seed_decay_growth_eval16")  # the thirteenth round's
 
 
 def default_groups():
@@ -197,7 +199,8 @@ SEED_SPECS = {"seed_decay_growth": None, "seed_decay_growth_eval3": "whatif_eval
               "seed_decay_growth_eval4": "whatif_eval4_decay", "seed_decay_growth_eval8": "whatif_eval8_decay",
               "seed_decay_growth_eval9": "whatif_eval9_decay",
               "seed_decay_growth_eval11": "whatif_eval11_decay", "seed_decay_growth_eval14": "whatif_eval14_decay",
-              "seed_decay_growth_eval15": "whatif_eval15_decay"}
+              "seed_decay_growth_eval15": "whatif_eval15_decay",
+              "seed_decay_growth_eval16": "whatif_eval16_decay"}
 
 
 def setting_checks(spec_name, steps):
