@@ -113,5 +113,70 @@ def test_a_shrinking_bulk_shrinks_faster_under_a_faster_flow(tiny_run):  # noqa:
 
 
 def test_bulk_rejects_an_unknown_rate():
-    with pytest.raises(ValueError, match="rate='loss' is unknown; valid: lambda, trace"):
+    with pytest.raises(ValueError, match="rate='loss' is unknown; valid: " + ", ".join(bulk.RATES)):
         bulk.predictor(rate="loss")
+
+
+def test_the_power_exponent_is_the_log_log_slope_after_the_first_probe_and_clipped():
+    tau = np.array([0.0, 1.0, 2.0, 4.0, 8.0])
+    lam = 3.0 * np.maximum(tau, 1e-3) ** 0.4
+    lam[0] = 1e6  # the probe at τ = 0 has no log τ: not used
+    assert bulk.power_exponent(tau, lam, np.ones(5, bool)) == pytest.approx(0.4, rel=1e-12)
+    keep = np.array([True, True, True, False, False])  # only two probes qualify: still a slope
+    assert bulk.power_exponent(tau, lam, keep) == pytest.approx(0.4, rel=1e-12)
+    assert bulk.power_exponent(tau, 1.0 / lam, np.ones(5, bool)) == 0.0  # falling: clipped
+    assert bulk.power_exponent(tau[:2], lam[:2], np.ones(2, bool)) == 0.0  # one probe after the first
+
+
+def test_the_power_clock_grows_lambda_as_a_power_of_each_plans_own_flow_time():
+    # constant lr 0.1, momentum 0.5: τ_t = 0.2 t; from k = 10, λ'_t/λ_k = (t/10)^b, uncapped
+    b, T, at = 0.5, 40, 10
+    plan = {"lr": np.full(T, 0.1), "momentum": np.full(T, 0.5), "method": ["hb"] * T}
+    k = bulk.PowerForecast(cap=False).factor(2.0, b, at, plan)
+    t = np.arange(T)
+    np.testing.assert_allclose(k[at:], (t[at:] / at) ** b, rtol=1e-12)
+    np.testing.assert_array_equal(k[:at], 1.0)
+    # a decay × 0.1 at k: τ_t − τ_k ten times slower, so the growth is (1 + (t − k)/(10 k))^b
+    slow = {**plan, "lr": np.where(t < at, 0.1, 0.01)}
+    k_slow = bulk.PowerForecast(cap=False).factor(2.0, b, at, slow)
+    np.testing.assert_allclose(k_slow[at:], (1 + (t[at:] - at) / (10 * at)) ** b, rtol=1e-12)
+    # capped at the method's edge over the lr, as the flow-time forecast is: HB 0.5 at lr 0.1 has
+    # edge/α = 30, so λ_k = 20 growing ×1.97 meets the cap (1 − m) 30
+    from dynamics.quadratic import stability_edge
+
+    capped = bulk.PowerForecast().factor(20.0, b, at, plan)
+    cap = (1 - bulk.PowerForecast().margin) * float(stability_edge("hb", 0.5)) / 0.1
+    np.testing.assert_allclose(capped, np.minimum(k, cap / 20.0), rtol=1e-12)
+    assert capped.max() < k.max()
+
+
+def test_released_takes_the_free_rate_on_a_plan_that_lowers_the_lr_and_the_power_elsewhere():
+    from experiments.whatif.curvature import CurvatureForecast
+
+    T, at = 40, 10
+    t = np.arange(T)
+    held = {"lr": np.full(T, 0.1), "momentum": np.full(T, 0.5), "method": ["hb"] * T}
+    lowered = {**held, "lr": np.where(t < at, 0.1, 0.05)}
+    raised = {**held, "lr": np.where(t < at, 0.1, 0.2)}
+    f = bulk.PowerForecast(cap=False, released=True)
+    rates = (0.5, 0.3)  # (b, the free rate r)
+    flow = CurvatureForecast(cap=False, sharpening=True)
+    power = bulk.PowerForecast(cap=False)
+    np.testing.assert_array_equal(f.factor(2.0, rates, at, lowered), flow.factor(2.0, 0.3, at, lowered))
+    for p in (held, raised):
+        np.testing.assert_array_equal(f.factor(2.0, rates, at, p), power.factor(2.0, 0.5, at, p))
+    tau = np.array([0.0, 1.0, 2.0, 4.0])
+    lam = np.array([1.0, 2.0, 2.0 * 2 ** 0.5, 4.0])  # λ ∝ τ^0.5 after the first probe
+    b, r = f.rate(tau, lam, np.ones(4, bool))
+    assert b == pytest.approx(0.5) and r > 0
+
+
+def test_the_power_rates_predict_less_growth_than_the_rate_since_the_first_probe(tiny_run):  # noqa: F811
+    trace = _sharpening_trace(tiny_run)  # λ_max ×1.5 per probe since the first: exponential in τ
+    grow = {}
+    for rate in ("lambda", "power", "power_trace"):
+        x = whatif(trace, 40, CHANGES, window=10, predictor=bulk.predictor("level", rate=rate))
+        grow[rate] = float((x.pred_grad_norm.isel(window=-1) / x.pred_grad_norm.isel(window=0)).mean())
+        top = whatif(trace, 40, CHANGES, window=10, predictor=bulk.TOP)
+        xr.testing.assert_allclose(x.pred_grad_corr, top.pred_grad_corr)  # ρ stays the top's
+    assert grow["power"] < grow["lambda"] and grow["power_trace"] < grow["lambda"]

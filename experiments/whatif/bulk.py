@@ -37,6 +37,24 @@ used: it moves the top modes with the bulk, which the top does not do.
   shrinks, as on data the network interpolates, where the curvature and the noise vanish with the
   loss, then shrinks faster under a faster flow. With fewer than two such probes, r_b = 0: the
   fixed curvature.
+- ``"power"`` (the thirteenth round's): the bulk sharpens as a power of the flow time,
+  λ(τ) = λ_k (τ/τ_k)^b, so its rate d log λ/dτ = b/τ decays as the run goes on (a progressive
+  sharpening that slows; the early escape from the plateau weighs on b as one doubling of τ among
+  several, not on the rate at k as it does on the ``"lambda"`` slope). b is the least-squares slope
+  of log λ_max against log τ over every probe below the edge after the first (τ > 0), clipped at 0
+  (:func:`power_exponent`); each plan moves from τ_k in its own flow time, each mode capped at the
+  method's edge (:class:`PowerForecast`). Over the next Δτ the growth is (1 + Δτ/τ_k)^b where the
+  ``"lambda"`` rate gives e^{rΔτ}. Why: on the development runs' own probes (no fork, nothing
+  capped; ``python -m analyses whatif_rate_forms``), log λ_max 200 steps after k is overforecast by
+  a median 1.51 at the ``"lambda"`` rate and by 0.18 as a power of τ (the fixed curvature: −0.05;
+  it is the best forecast of the unchanged run's own curvature, and the power the closest that
+  grows, docs/findings/whatif.md, "Thirteenth round").
+- ``"power_trace"``: the same with b from the summed Hessian trace Σ_l tr H_l over every probe
+  at or before k (:func:`bulk_power_exponent`): the bulk's own exponent.
+- ``"power_released"``: ``"power"`` on plans that keep the lr at or above step k − 1's (the run
+  stays held by its lr), and the ``"lambda"`` rate on the flow clock on a plan that lowers it at or
+  after k (a decay, lr × 0.5, a scheduled decay in the horizon): the decrease releases the run,
+  which sharpens at its mean free rate (the premise of :mod:`experiments.whatif.sharpen`).
 
 ``combine``:
 
@@ -52,7 +70,8 @@ used: it moves the top modes with the bulk, which the top does not do.
 Assumptions:
 
 - The bulk and the noise keep moving after k at their flow-time rate before k (``rate``), log-linear
-  in τ, capped at the method's edge. The top of the spectrum may be held meanwhile.
+  in τ (in log τ for the power rates), capped at the method's edge. The top of the spectrum may be
+  held meanwhile.
 - The noise follows the curvature (Σ ∝ H, docs/theory.md §4).
 - ρ is a property of the top modes alone.
 
@@ -60,7 +79,7 @@ No constant here was fitted on any score.
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -71,7 +90,7 @@ from experiments.whatif.curvature import CurvatureForecast, flow_time, sharpenin
 from experiments.whatif.delta import reference_plan
 
 COMBINES = ("level", "effect")
-RATES = ("lambda", "trace")
+RATES = ("lambda", "trace", "power", "power_trace", "power_released")
 N_RATE = drift.N_FIT  # probes in the bulk's rate (rate="trace")
 SHARPENING = CurvatureForecast(sharpening=True)  # the second round's flow-time sharpening, edge-capped
 # the top's forecast: the predictor in use from the seventh round to the eleventh (sharpen_decay_run)
@@ -90,17 +109,74 @@ class BulkForecast(CurvatureForecast):
         return float(self.bulk_rate)
 
 
+def power_exponent(probe_tau, lam, keep):
+    r"""b = max(0, least-squares slope of log λ against log τ) over the probes where ``keep``
+    is true, τ > 0 and λ is finite and positive; 0.0 if fewer than two qualify."""
+    probe_tau = np.asarray(probe_tau, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_tau = np.where(probe_tau > 0, np.log(probe_tau), np.nan)
+    return sharpening_rate(log_tau, lam, keep)
+
+
+@dataclass(frozen=True)
+class PowerForecast(CurvatureForecast):
+    """:class:`~experiments.whatif.curvature.CurvatureForecast` with λ growing as a power of the
+    flow time, λ'_{t+1} = min(λ'_t (τ_{t+1}/τ_t)^b, c_{t+1}) from k on (τ each plan's own flow
+    time, c its edge cap): the rate b runs on the clock log τ. ``rate`` returns b
+    (:func:`power_exponent`)."""
+
+    sharpening: bool = True
+    exponent: float | None = None  # b given (the bulk's, :func:`bulk_power_exponent`); None: λ_max's
+    released: bool = False  # a plan that lowers the lr: λ_max's free rate on the flow clock instead
+
+    def rate(self, probe_tau, lam, below_edge):
+        b = power_exponent(probe_tau, lam, below_edge) if self.exponent is None else float(self.exponent)
+        return (b, sharpening_rate(probe_tau, lam, below_edge)) if self.released else b
+
+    def factor(self, lam_at, rate, at, plan, h_run=np.inf, at_edge=False):
+        if self.released:
+            b, free = rate
+            lrs = np.asarray(plan["lr"], dtype=float)
+            if 0 < at < lrs.size and np.any(lrs[at:] < lrs[at - 1]):
+                flow = CurvatureForecast(**{f.name: getattr(self, f.name) for f in fields(CurvatureForecast)})
+                return flow.factor(lam_at, free, at, plan, h_run, at_edge)
+            rate = b
+        return super().factor(lam_at, rate, at, plan, h_run, at_edge)
+
+    def rate_steps(self, lr, momentum):
+        """log(τ_{t+1}/τ_t) per step t (0 while τ_t = 0): the clock of a power of τ."""
+        tau = flow_time(lr, momentum)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(tau[:-1] > 0, np.log(tau[1:] / tau[:-1]), 0.0)
+
+
+POWER = PowerForecast()  # rate="power": λ_max's power of the flow time, edge-capped
+
+
+def _summed_trace(trace, at, momentum):
+    """(τ, Σ_l tr H_l) at the probes at or before ``at`` (NaN where a layer's trace is missing)."""
+    probes = trace["probe_step"].values
+    keep = probes <= at
+    tr = trace["hessian_trace"].transpose("probe_step", "layer").values[keep].astype(float)
+    total = np.where(np.all(np.isfinite(tr), axis=1), tr.sum(axis=1), np.nan)
+    tau = flow_time(trace["lr"].values, momentum)[np.clip(probes[keep], 0, trace.sizes["step"])]
+    return tau, total
+
+
+def bulk_power_exponent(trace, at, momentum):
+    """b of :func:`power_exponent` from the summed Hessian trace Σ_l tr H_l over every probe at
+    or before ``at`` (``rate="power_trace"``)."""
+    tau, total = _summed_trace(trace, at, momentum)
+    return power_exponent(tau, total, np.ones(total.size, bool))
+
+
 def bulk_rate(trace, at, momentum, last=N_RATE):
     r"""r_b = d log Σ_l tr H_l / dτ: the least-squares slope over the last ``last`` probes at or
     before ``at`` whose summed trace is finite and positive (τ = Σ α/(1 − β) up to the probe,
     :func:`experiments.whatif.curvature.flow_time`), not clipped
     (:func:`experiments.whatif.curvature.sharpening_rate` with ``clip=False``); 0.0 with fewer than
     two or a constant τ."""
-    probes = trace["probe_step"].values
-    keep = probes <= at
-    tr = trace["hessian_trace"].transpose("probe_step", "layer").values[keep].astype(float)
-    total = np.where(np.all(np.isfinite(tr), axis=1), tr.sum(axis=1), np.nan)
-    tau = flow_time(trace["lr"].values, momentum)[np.clip(probes[keep], 0, trace.sizes["step"])]
+    tau, total = _summed_trace(trace, at, momentum)
     return sharpening_rate(tau, total, np.ones(total.size, bool), last=int(last), clip=False)
 
 
@@ -118,7 +194,10 @@ def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=Non
     all_plans = list(plans) + ([reference_plan(plans[0], at)] if combine == "effect" else [])
     top = inner(trace, config, at, all_plans, windows)
     method, momentum = run_method(config)
-    curvature = SHARPENING if rate == "lambda" else BulkForecast(bulk_rate=bulk_rate(trace, at, momentum))
+    curvature = {"lambda": SHARPENING, "power": POWER, "power_released": PowerForecast(released=True),
+                 "trace": BulkForecast(bulk_rate=bulk_rate(trace, at, momentum)) if rate == "trace" else None,
+                 "power_trace": PowerForecast(exponent=bulk_power_exponent(trace, at, momentum))
+                 if rate == "power_trace" else None}[rate]
     bulk = nqm_predictor(trace, config, at, all_plans, windows, curvature=curvature)
     meas0 = measure_windows(trace, windows[:1], method, momentum).isel(window=0, drop=True)
     top_corr, top_norm, top_ratio = ((top[k] for k in ANCHORED) if all(k in top for k in ANCHORED)
@@ -147,5 +226,5 @@ def predictor(combine="level", rate="lambda", **kw):
     return functools.partial(bulk_predictor, combine=combine, rate=rate, **kw)
 
 
-__all__ = ["COMBINES", "N_RATE", "RATES", "SHARPENING", "TOP", "BulkForecast", "bulk_predictor", "bulk_rate",
-           "predictor"]
+__all__ = ["COMBINES", "N_RATE", "POWER", "RATES", "SHARPENING", "TOP", "BulkForecast", "PowerForecast",
+           "bulk_predictor", "bulk_rate", "power_exponent", "predictor"]

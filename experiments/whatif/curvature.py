@@ -124,7 +124,11 @@ class CurvatureForecast:
         if self.cap:
             edges = np.array([float(stability_edge(m, b)) for m, b in zip(plan["method"], plan["momentum"])])
             caps = self.cap_level(h_run, at_edge) * edges / lrs
-        return forecast_factor(lam_at, rate, at, caps, flow_steps(lrs, plan["momentum"]))
+        return forecast_factor(lam_at, rate, at, caps, self.rate_steps(lrs, plan["momentum"]))
+
+    def rate_steps(self, lr, momentum):
+        """The clock the rate runs on, per step: the flow time δ_t (:func:`flow_steps`)."""
+        return flow_steps(lr, momentum)
 
 
 LEVELS = ("stochastic", "edge", "run", "sharpened", "relaxed")
