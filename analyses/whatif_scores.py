@@ -63,14 +63,17 @@ same with the drift's gate (a') and fit (b'), with the held level after a change
 flow-time sharpening of the bulk and the noise, as the level or as the effect over the reference
 plan, :mod:`experiments.whatif.bulk`; eleventh round), ``bulk_trace_rate`` (the same with the
 bulk's own current flow-time rate, from the summed trace over the last three probes, in place of
-λ_max's since the first; twelfth round), and the two no-theory baselines,
+λ_max's since the first; twelfth round), ``bulk_power`` / ``bulk_power_trace`` /
+``bulk_power_released`` (the bulk sharpening as a power of the flow time, its exponent from λ_max
+or from the summed trace; the power where the lr is held, λ_max's free rate on a plan that lowers
+it; thirteenth round), and the two no-theory baselines,
 ``persistence`` and ``trend`` (window 0 carried along the run's own trend before k). (The earlier
 rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
 setting unless named (``seed_decay_growth``, ``seed_decay_growth_eval3``, ``_eval4``, ``_eval8``, ``_eval9``,
-``_eval11``); without names every group of :func:`default_groups` and every seed entry of
-:func:`default_seed_entries` (eval13, eval14, eval15 and the seed-14 and seed-15 runs,
-:data:`HELD_OUT`, only when named); their
+``_eval11``, ``_eval14``, ``_eval15``, ``_eval16``); without names every group of
+:func:`default_groups` and every seed entry of :func:`default_seed_entries` (eval13 to eval16 and
+the seed-14 to seed-16 runs, :data:`HELD_OUT`, only when named); their
 entries replaced in the file and the others kept):
 
     .venv/bin/python -m analyses whatif_scores       # runs + forks the first time, then minutes
@@ -121,6 +124,9 @@ CANDIDATES = {  # name -> predictor
     "bulk_sharpening": bulk.predictor("level"),
     "bulk_sharpening_effect": bulk.predictor("effect"),
     "bulk_trace_rate": bulk.predictor("level", rate="trace"),
+    "bulk_power": bulk.predictor("level", rate="power"),
+    "bulk_power_trace": bulk.predictor("level", rate="power_trace"),
+    "bulk_power_released": bulk.predictor("level", rate="power_released"),
 }
 
 

@@ -56,7 +56,7 @@ def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
     assert rule_score(groups, 1.0) == pytest.approx((13 * 0.35 + 1.0) / 14)  # thirteen fork groups and the seed term
     groups["evaluation_8"]["effect_sign"] = float("nan")  # a group without an effect case: the three defined
     assert rule_score(groups, 1.0) == pytest.approx((12 * 0.35 + 0.4 + 1.0) / 14)
-    assert set(candidates()) == {"bulk_sharpening", "bulk_trace_rate"}
+    assert set(candidates()) == {"bulk_sharpening", "bulk_power", "bulk_power_trace", "bulk_power_released"}
     from analyses.whatif_scores import HELD_OUT
 
     assert not set(HELD_OUT) & set(GROUPS)  # the held-out families are not development
@@ -64,7 +64,7 @@ def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
 
     assert choice.__doc__.split("The rule. ")[1].split("Writes")[0].strip()  # main() writes it to the json
     d = "bulk_sharpening"
-    both = "bulk_trace_rate"
+    both = "bulk_power_trace"
     rows = {d: {"S": [0.46, 0.50], "score": 0.48}, both: {"S": [0.51, 0.50], "score": 0.505}}
     assert choose(rows) == (d, pytest.approx(0.04))  # +0.025 < 2 se = 0.04
     rows[both] = {"S": [0.53, 0.53], "score": 0.53}
