@@ -180,6 +180,21 @@ def bulk_rate(trace, at, momentum, last=N_RATE):
     return sharpening_rate(tau, total, np.ones(total.size, bool), last=int(last), clip=False)
 
 
+def bulk_curvature(rate, trace, at, momentum):
+    """The curvature forecast of the bulk under ``rate`` (:data:`RATES`; the module docstring)."""
+    if rate == "lambda":
+        return SHARPENING
+    if rate == "power":
+        return POWER
+    if rate == "power_released":
+        return PowerForecast(released=True)
+    if rate == "power_trace":
+        return PowerForecast(exponent=bulk_power_exponent(trace, at, momentum))
+    if rate == "trace":
+        return BulkForecast(bulk_rate=bulk_rate(trace, at, momentum))
+    raise ValueError(f"rate={rate!r} is unknown; valid: {', '.join(RATES)}")
+
+
 def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=None, rate="lambda"):
     """A predictor (:data:`experiments.whatif.predict.PREDICTOR`'s signature): the ``inner``
     predictor's output (default :data:`TOP`) with its ρ, and the norm and update ratio of the
@@ -194,11 +209,7 @@ def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=Non
     all_plans = list(plans) + ([reference_plan(plans[0], at)] if combine == "effect" else [])
     top = inner(trace, config, at, all_plans, windows)
     method, momentum = run_method(config)
-    curvature = {"lambda": SHARPENING, "power": POWER, "power_released": PowerForecast(released=True),
-                 "trace": BulkForecast(bulk_rate=bulk_rate(trace, at, momentum)) if rate == "trace" else None,
-                 "power_trace": PowerForecast(exponent=bulk_power_exponent(trace, at, momentum))
-                 if rate == "power_trace" else None}[rate]
-    bulk = nqm_predictor(trace, config, at, all_plans, windows, curvature=curvature)
+    bulk = nqm_predictor(trace, config, at, all_plans, windows, curvature=bulk_curvature(rate, trace, at, momentum))
     meas0 = measure_windows(trace, windows[:1], method, momentum).isel(window=0, drop=True)
     top_corr, top_norm, top_ratio = ((top[k] for k in ANCHORED) if all(k in top for k in ANCHORED)
                                      else anchor_on_window0(meas0, top))
@@ -227,4 +238,4 @@ def predictor(combine="level", rate="lambda", **kw):
 
 
 __all__ = ["COMBINES", "N_RATE", "POWER", "RATES", "SHARPENING", "TOP", "BulkForecast", "PowerForecast",
-           "bulk_predictor", "bulk_rate", "power_exponent", "predictor"]
+           "bulk_curvature", "bulk_power_exponent", "bulk_predictor", "bulk_rate", "power_exponent", "predictor"]
