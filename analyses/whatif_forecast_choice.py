@@ -45,7 +45,7 @@ held-out families (eval16, the two seed-16 runs) are then scored once, with ever
 no-theory baselines beside the one chosen, for the record; no second test on them is made.
 Writes ``results/whatif_forecast_choice.json``:
 
-    .venv/bin/python -m analyses whatif_forecast_choice     # ~30 min
+    .venv/bin/python -m analyses whatif_forecast_choice     # ~27 min
 
 Result (run after this file was committed; ``results/whatif_forecast_choice.json``): the default
 0.686 / 0.714 (mean 0.700); ``bulk_power`` 0.685 / 0.704 (0.694; seed term 0.47), ``bulk_power_trace``
