@@ -49,7 +49,7 @@ def forecast(form, tau, q, at_tau):
         raise ValueError(f"form={form!r} is unknown; valid: {', '.join(FORMS)}")
     ok = np.isfinite(q) & (q > 0)
     if not ok[-1]:
-        raise ValueError("q at k (the last probe) must be finite and positive")
+        raise ValueError(f"q={float(q[-1])!r} at k (the last probe) is outside the valid range (0, inf)")
     keep = np.ones(tau.size, bool)
     if form == "fixed":
         return np.full(at_tau.shape, np.log(q[-1]))

@@ -27,7 +27,7 @@ def test_each_form_continues_its_own_kind_of_growth_exactly():
 def test_forecast_rejects_an_unknown_form_and_a_missing_state_at_k():
     with pytest.raises(ValueError, match="form='spline' is unknown; valid: " + ", ".join(FORMS)):
         forecast("spline", TAU, np.ones(5), LATER)
-    with pytest.raises(ValueError, match="q at k"):
+    with pytest.raises(ValueError, match=r"q=nan at k \(the last probe\) is outside the valid range \(0, inf\)"):
         forecast("power", TAU, np.array([1.0, 2.0, 3.0, 4.0, np.nan]), LATER)
 
 
