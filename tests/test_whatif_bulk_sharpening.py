@@ -113,8 +113,8 @@ def test_a_shrinking_bulk_shrinks_faster_under_a_faster_flow(tiny_run):  # noqa:
 
 
 def test_bulk_rejects_an_unknown_rate():
-    with pytest.raises(ValueError, match="rate='loss' is unknown; valid: " + ", ".join(bulk.RATES)):
-        bulk.predictor(rate="loss")
+    with pytest.raises(ValueError, match="rate='speed' is unknown; valid: " + ", ".join(bulk.RATES)):
+        bulk.predictor(rate="speed")
 
 
 def test_the_power_exponent_is_the_log_log_slope_after_the_first_probe_and_clipped():
@@ -180,3 +180,68 @@ def test_the_power_rates_predict_less_growth_than_the_rate_since_the_first_probe
         top = whatif(trace, 40, CHANGES, window=10, predictor=bulk.TOP)
         xr.testing.assert_allclose(x.pred_grad_corr, top.pred_grad_corr)  # ρ stays the top's
     assert grow["power"] < grow["lambda"] and grow["power_trace"] < grow["lambda"]
+
+
+def _with_loss(trace, loss):
+    return trace.assign(loss=("step", np.asarray(loss, dtype=float)))
+
+
+def test_the_loss_exponent_is_the_log_log_slope_of_the_windows_batch_means(tiny_run):  # noqa: F811
+    from experiments.whatif.curvature import flow_time
+
+    trace = store.load_run(tiny_run)
+    momentum = trace.attrs["config"]["momentum"]
+    tau = flow_time(trace["lr"].values, momentum)[: trace.sizes["step"]]
+    # L ∝ τ^-1.5 exactly (constant lr: τ ∝ t)
+    x = _with_loss(trace, 0.05 * (np.maximum(tau, tau[1]) / tau[40]) ** -1.5)
+    b, loss_k = bulk.loss_exponent(x, 40, momentum, 20)
+    # the batch means of a power are not a power of the mean τ: the slope is -1.5 to O((Δτ/τ)²)
+    assert b == pytest.approx(-1.5, rel=2e-3)
+    assert loss_k == pytest.approx(np.mean(x["loss"].values[20:40]))
+    noisy = _with_loss(trace, 0.05 * np.exp(np.random.default_rng(0).normal(0, 0.5, trace.sizes["step"])))
+    assert bulk.loss_exponent(noisy, 40, momentum, 20)[0] == 0.0  # no trend beyond the noise: not kept
+    assert bulk.loss_exponent(x, 10, momentum, 20) == (0.0, pytest.approx(float("nan"), nan_ok=True))
+
+
+def test_the_small_loss_regime_needs_cross_entropy_a_small_loss_and_a_fall(tiny_run):  # noqa: F811
+    from experiments.whatif.curvature import flow_time
+
+    trace = store.load_run(tiny_run)
+    momentum = trace.attrs["config"]["momentum"]
+    tau = flow_time(trace["lr"].values, momentum)[: trace.sizes["step"]]
+    falling = _with_loss(trace, 0.05 * (np.maximum(tau, tau[1]) / tau[40]) ** -1.5)
+    assert bulk.small_loss_exponent(falling, 40, momentum, 20, "mnist1d") == pytest.approx(-1.5, rel=2e-3)
+    assert bulk.small_loss_exponent(falling, 40, momentum, 20, "linreg") is None  # a squared loss
+    big = _with_loss(trace, 20 * falling["loss"].values)  # above 0.2 nats
+    assert bulk.small_loss_exponent(big, 40, momentum, 20, "mnist1d") is None
+    rising = _with_loss(trace, 0.05 * (np.maximum(tau, tau[1]) / tau[40]) ** 0.5)
+    assert bulk.small_loss_exponent(rising, 40, momentum, 20, "mnist1d") is None
+
+
+def test_the_loss_rates_are_the_default_outside_the_regime_and_follow_the_loss_inside(tiny_run):  # noqa: F811
+    from experiments.whatif.curvature import flow_time
+
+    trace = store.load_run(tiny_run)
+    momentum = trace.attrs["config"]["momentum"]
+    ch = changes_from([0.5, 2.0], [0.1])
+    default = whatif(trace, 40, ch, window=10, predictor=bulk.predictor("level"))
+    for rate in ("loss", "loss_level"):  # the tiny run's loss is far above 0.2 nats: the default to the bit
+        assert float(trace["loss"].values[30:40].mean()) > bulk.SMALL_LOSS
+        xr.testing.assert_identical(whatif(trace, 40, ch, window=10, predictor=bulk.predictor(rate=rate)), default)
+    tau = flow_time(trace["lr"].values, momentum)[: trace.sizes["step"]]
+    small = _with_loss(trace, 0.05 * (np.maximum(tau, tau[1]) / tau[40]) ** -1.5)
+    loss = whatif(small, 40, ch, window=10, predictor=bulk.predictor(rate="loss"))
+    level = whatif(small, 40, ch, window=10, predictor=bulk.predictor(rate="loss_level"))
+    lam = whatif(small, 40, ch, window=10, predictor=bulk.predictor("level"))
+    lab = list(loss.label.values)
+    grow = lambda x, c: float((x.pred_grad_norm.isel(window=-1) / x.pred_grad_norm.isel(window=0))  # noqa: E731
+                              .isel(change=lab.index(c)).mean())
+    # the bulk follows the falling loss: the unchanged run's norm falls, faster under a faster flow
+    assert grow(loss, "scheduled") < 1 and grow(loss, "lr×2") < grow(loss, "scheduled") < grow(loss, "lr×0.5")
+    # loss_level: the loss model's unchanged run, each change's effect over it the λ rate's
+    assert grow(level, "scheduled") == pytest.approx(grow(loss, "scheduled"), rel=1e-9)
+    # per layer and window (constant lr: the scheduled plan is the reference)
+    for c in ("lr×0.5", "lr×2", "decay×0.1"):
+        eff = lambda x: x.pred_grad_norm.isel(change=lab.index(c)) / x.pred_grad_norm.isel(change=0)  # noqa: E731
+        xr.testing.assert_allclose(eff(level), eff(lam), rtol=1e-9)
+    xr.testing.assert_allclose(level.pred_grad_corr, lam.pred_grad_corr)  # ρ stays the top's

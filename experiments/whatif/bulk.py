@@ -56,6 +56,26 @@ used: it moves the top modes with the bulk, which the top does not do.
   after k (a decay, lr × 0.5, a scheduled decay in the horizon): the decrease releases the run,
   which sharpens at its mean free rate (the premise of :mod:`experiments.whatif.sharpen`).
 
+- ``"loss"`` (the fourteenth round's): the ``"lambda"`` rate, except in the *small-loss regime* of
+  cross-entropy. The per-example gradient there is J_iᵀ(p_i − y_i), of size
+  1 − p_{i,y} = 1 − e^{−ℓ_i} ≈ ℓ_i (within 10 % below :data:`SMALL_LOSS` = 0.2 nats), and the noise
+  and the Gauss–Newton curvature shrink with it as the network fits its data. So where the mean
+  training loss over the window before k is below 0.2 nats on a classification or language-model
+  run and falling, the bulk and the noise follow the loss along each plan's flow:
+  κ_t = (τ_t/τ_k)^{b_L}, b_L < 0 the slope of log L against log τ over the window's
+  :data:`experiments.whatif.drift.N_BATCH` batch means, kept where |b_L| ≥ T_KEEP × its residual
+  standard error (:func:`loss_exponent`; a power of τ, as the loss of a separable problem decays
+  under gradient flow, Soudry et al. 2018, "The implicit bias of gradient descent on separable
+  data"). A faster flow shrinks the bulk faster. Why: below 0.2 nats (eval8, eval12, eval16, 18
+  checks) the predictor in use got the norm sign on 0.56 of the checks, the fixed curvature on 0.78
+  (docs/findings/whatif.md, "Thirteenth round", 5).
+- ``"loss_level"``: in the small-loss regime, the loss's forecast of the reference plan (the run's
+  lr, momentum and method at k − 1 held on) times the ``"lambda"`` rate's effect of each plan over
+  that reference, ‖g‖̂_j(c) = ‖g‖̂^loss_j(ref) · ‖g‖̂^λ_j(c) / ‖g‖̂^λ_j(ref) (the same for the
+  update ratio in log10): the loss sets where the unchanged run goes, the flow-time sharpening and
+  the edge what a change does to it (on eval16 an lr × 2 made the norm grow ×1.3–52 in that regime,
+  which a bulk shrinking faster under a faster flow gets backwards). Elsewhere ``"lambda"``.
+
 ``combine``:
 
 - ``"level"``: the norm and the log10 update ratio are the sharpening model's, anchored on
@@ -84,13 +104,15 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from experiments.linking.core import run_method
+from experiments.runs.data import KINDS
 from experiments.whatif import drift, sharpen
 from experiments.whatif.core import ANCHORED, anchor_on_window0, measure_windows, nqm_predictor
 from experiments.whatif.curvature import CurvatureForecast, flow_time, sharpening_rate
 from experiments.whatif.delta import reference_plan
 
 COMBINES = ("level", "effect")
-RATES = ("lambda", "trace", "power", "power_trace", "power_released")
+RATES = ("lambda", "trace", "power", "power_trace", "power_released", "loss", "loss_level")
+SMALL_LOSS = 0.2  # nats: 1 − e^{−ℓ} is within 10 % of ℓ below it (rate="loss")
 N_RATE = drift.N_FIT  # probes in the bulk's rate (rate="trace")
 SHARPENING = CurvatureForecast(sharpening=True)  # the second round's flow-time sharpening, edge-capped
 # the top's forecast: the predictor in use from the seventh round to the eleventh (sharpen_decay_run)
@@ -180,8 +202,37 @@ def bulk_rate(trace, at, momentum, last=N_RATE):
     return sharpening_rate(tau, total, np.ones(total.size, bool), last=int(last), clip=False)
 
 
-def bulk_curvature(rate, trace, at, momentum):
-    """The curvature forecast of the bulk under ``rate`` (:data:`RATES`; the module docstring)."""
+def loss_exponent(trace, at, momentum, width, n_batch=drift.N_BATCH):
+    r"""(b_L, L_k): the slope of log L̄_j on log τ̄_j over ``n_batch`` consecutive batches j of the
+    window [at − width, at) (L̄_j the batch's mean training loss, τ̄_j its mean flow time), kept where
+    |b_L| ≥ T_KEEP × its residual standard error (:func:`experiments.whatif.drift.fit_drift`), else 0;
+    and L_k, the window's mean loss. (0, NaN) where the window does not fit before ``at``."""
+    if not 0 < width <= at <= trace.sizes["step"]:
+        return 0.0, float("nan")
+    loss = trace["loss"].values.astype(float)
+    tau = flow_time(trace["lr"].values, momentum)
+    parts = np.array_split(np.arange(at - width, at), int(n_batch))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.log([np.nanmean(loss[p]) for p in parts])
+        t = np.log([tau[p].mean() for p in parts])
+    slope = drift.fit_drift(t, y[:, None], np.zeros((t.size, 1)))[0][0]
+    return float(slope), float(np.nanmean(loss[at - width:at]))
+
+
+def small_loss_exponent(trace, at, momentum, width, data):
+    """b_L of :func:`loss_exponent` where the run is in the small-loss regime at ``at`` (a
+    cross-entropy task, the window's mean loss below :data:`SMALL_LOSS`, a kept b_L < 0); else None."""
+    b, loss_k = loss_exponent(trace, at, momentum, width)
+    cross_entropy = KINDS.get(data, ("",))[0] in ("classify", "lm")
+    return b if cross_entropy and loss_k < SMALL_LOSS and b < 0 else None
+
+
+def bulk_curvature(rate, trace, at, momentum, width=None, data=None):
+    """The curvature forecast of the bulk under ``rate`` (:data:`RATES`; the module docstring);
+    ``width``: the window, ``data``: the run's dataset name (its task) (both for the loss rates)."""
+    if rate in ("loss", "loss_level"):
+        b = small_loss_exponent(trace, at, momentum, width, data)
+        return SHARPENING if b is None else PowerForecast(exponent=b)
     if rate == "lambda":
         return SHARPENING
     if rate == "power":
@@ -206,16 +257,23 @@ def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=Non
         raise ValueError(f"rate={rate!r} is unknown; valid: {', '.join(RATES)}")
     inner = TOP if inner is None else inner
     n = len(plans)
-    all_plans = list(plans) + ([reference_plan(plans[0], at)] if combine == "effect" else [])
-    top = inner(trace, config, at, all_plans, windows)
     method, momentum = run_method(config)
-    bulk = nqm_predictor(trace, config, at, all_plans, windows, curvature=bulk_curvature(rate, trace, at, momentum))
+    curvature = bulk_curvature(rate, trace, at, momentum, width=windows[0][1] - windows[0][0], data=config.get("data"))
+    loss_level = rate == "loss_level" and curvature is not SHARPENING
+    all_plans = list(plans) + ([reference_plan(plans[0], at)] if combine == "effect" or loss_level else [])
+    top = inner(trace, config, at, all_plans, windows)
+    bulk = nqm_predictor(trace, config, at, all_plans, windows, curvature=curvature)
     meas0 = measure_windows(trace, windows[:1], method, momentum).isel(window=0, drop=True)
     top_corr, top_norm, top_ratio = ((top[k] for k in ANCHORED) if all(k in top for k in ANCHORED)
                                      else anchor_on_window0(meas0, top))
     _, norm, ratio = anchor_on_window0(meas0, bulk)
+    ref = dict(change=n)
+    if loss_level:  # the loss model's reference level times the flow-time sharpening's effect over it
+        _, sharp_norm, sharp_ratio = anchor_on_window0(
+            meas0, nqm_predictor(trace, config, at, all_plans, windows, curvature=SHARPENING))
+        norm = norm.isel(ref) * sharp_norm / sharp_norm.isel(ref)
+        ratio = ratio.isel(ref) + sharp_ratio - sharp_ratio.isel(ref)
     if combine == "effect":  # the inner's reference level times the bulk's effect over the reference
-        ref = dict(change=n)
         norm = top_norm.isel(ref) * norm / norm.isel(ref)
         ratio = top_ratio.isel(ref) + ratio - ratio.isel(ref)
     dims = ("change", "window", "layer")
@@ -237,5 +295,6 @@ def predictor(combine="level", rate="lambda", **kw):
     return functools.partial(bulk_predictor, combine=combine, rate=rate, **kw)
 
 
-__all__ = ["COMBINES", "N_RATE", "POWER", "RATES", "SHARPENING", "TOP", "BulkForecast", "PowerForecast",
-           "bulk_curvature", "bulk_power_exponent", "bulk_predictor", "bulk_rate", "power_exponent", "predictor"]
+__all__ = ["COMBINES", "N_RATE", "POWER", "RATES", "SHARPENING", "SMALL_LOSS", "TOP", "BulkForecast", "PowerForecast",
+           "bulk_curvature", "bulk_power_exponent", "bulk_predictor", "bulk_rate", "loss_exponent", "power_exponent",
+           "predictor", "small_loss_exponent"]
