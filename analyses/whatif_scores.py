@@ -66,7 +66,9 @@ bulk's own current flow-time rate, from the summed trace over the last three pro
 λ_max's since the first; twelfth round), ``bulk_power`` / ``bulk_power_trace`` /
 ``bulk_power_released`` (the bulk sharpening as a power of the flow time, its exponent from λ_max
 or from the summed trace; the power where the lr is held, λ_max's free rate on a plan that lowers
-it; thirteenth round), and the two no-theory baselines,
+it; thirteenth round), ``bulk_loss`` / ``bulk_loss_level`` (in the small-loss regime the bulk
+follows the loss, or the loss sets the reference plan and the default the change's effect over it;
+the default elsewhere; fourteenth round), and the two no-theory baselines,
 ``persistence`` and ``trend`` (window 0 carried along the run's own trend before k). (The earlier
 rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
@@ -127,6 +129,8 @@ CANDIDATES = {  # name -> predictor
     "bulk_power": bulk.predictor("level", rate="power"),
     "bulk_power_trace": bulk.predictor("level", rate="power_trace"),
     "bulk_power_released": bulk.predictor("level", rate="power_released"),
+    "bulk_loss": bulk.predictor("level", rate="loss"),
+    "bulk_loss_level": bulk.predictor("level", rate="loss_level"),
 }
 
 

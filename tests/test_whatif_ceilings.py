@@ -56,15 +56,18 @@ def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
     assert rule_score(groups, 1.0) == pytest.approx((13 * 0.35 + 1.0) / 14)  # thirteen fork groups and the seed term
     groups["evaluation_8"]["effect_sign"] = float("nan")  # a group without an effect case: the three defined
     assert rule_score(groups, 1.0) == pytest.approx((12 * 0.35 + 0.4 + 1.0) / 14)
-    assert set(candidates()) == {"bulk_sharpening", "bulk_power", "bulk_power_trace", "bulk_power_released"}
+    assert set(candidates()) == {"bulk_sharpening", "bulk_loss", "bulk_loss_level"}
     from analyses.whatif_scores import HELD_OUT
 
     assert not set(HELD_OUT) & set(GROUPS)  # the held-out families are not development
+    from analyses.whatif_forecast_choice import REGIME_GROUPS
+
+    assert "evaluation_17" in HELD_OUT and "evaluation_17" not in REGIME_GROUPS  # this round's held out
     import analyses.whatif_forecast_choice as choice
 
     assert choice.__doc__.split("The rule. ")[1].split("Writes")[0].strip()  # main() writes it to the json
     d = "bulk_sharpening"
-    both = "bulk_power_trace"
+    both = "bulk_loss"
     rows = {d: {"S": [0.46, 0.50], "score": 0.48}, both: {"S": [0.51, 0.50], "score": 0.505}}
     assert choose(rows) == (d, pytest.approx(0.04))  # +0.025 < 2 se = 0.04
     rows[both] = {"S": [0.53, 0.53], "score": 0.53}
@@ -148,3 +151,26 @@ def test_a_held_out_group_runs_only_when_named(monkeypatch):
     assert set(scores.default_seed_entries()) <= set(ran)
     ran.clear()
     assert scores.main(held_seeds) == 0 and ran == held_seeds  # named: it runs
+
+
+def test_the_regime_test_is_paired_over_the_regime_groups_and_orders():
+    from analyses.whatif_forecast_choice import REGIME_GROUPS, choose_with_regime, regime_test
+
+    def row(score, terms):  # terms[order][i]: the four-term level of regime group i
+        return {"S": [score, score], "score": score,
+                "regime": {o: {g: dict.fromkeys(("corr_spearman", "norm_sign", "effect_sign", "norm_factor_1p5"), t)
+                               for g, t in zip(REGIME_GROUPS, terms[o])} for o in (0, 1)}}
+
+    base = [[0.3, 0.4, 0.5], [0.35, 0.45, 0.4]]
+    rows = {"bulk_sharpening": row(0.70, base),
+            "bulk_loss": row(0.70, [[t + 0.10 for t in base[0]], [t + 0.12 for t in base[1]]]),
+            "bulk_loss_level": row(0.70, [[t + 0.30 for t in base[0]], [t - 0.20 for t in base[1]]])}
+    out = regime_test(rows)
+    d = np.array([0.10] * 3 + [0.12] * 3)
+    assert out["bulk_loss"] == (pytest.approx(d.mean()), pytest.approx(d.std(ddof=1) / np.sqrt(6)), True)
+    assert out["bulk_loss_level"][2] is False  # +0.05 on average, but not against its own spread
+    assert choose_with_regime(rows) == ("bulk_loss", "regime")
+    rows["bulk_loss"]["score"] = 0.69  # it passes the regime but loses on the development set: not chosen
+    assert regime_test(rows)["bulk_loss"][2] is False
+    chosen, margin = choose_with_regime(rows)
+    assert chosen == "bulk_sharpening" and margin == pytest.approx(0.0)  # the twelfth round's rule decides
