@@ -55,7 +55,12 @@ Writes ``results/whatif_forecast_choice.json``:
 
     .venv/bin/python -m analyses whatif_forecast_choice     # ~25 min
 
-Result: not yet run (this file is committed first).
+Result (run after this file was committed; ``results/whatif_forecast_choice.json``): S, the default
+0.686 / 0.714 (mean 0.700), ``bulk_loss`` 0.691 / 0.710 (0.700), ``bulk_loss_level`` 0.696 / 0.723
+(0.710); the seed term 0.71 for all three (the seed runs are outside the regime). The regime test:
+``bulk_loss`` mean d −0.012 (SE 0.045), does not pass; ``bulk_loss_level`` mean d +0.094 (SE 0.028),
+passes. **``bulk_loss_level`` replaces the default** (the twelfth round's margin, 0.028, it would not
+have beaten: +0.010).
 """
 
 from pathlib import Path
@@ -72,7 +77,7 @@ GROUPS = ("development", "evaluation_seen_during_development", "evaluation_new",
           "evaluation_5", "evaluation_6", "evaluation_7", "evaluation_8", "evaluation_9", "evaluation_10",
           "evaluation_11", "evaluation_12")
 DATA_SEEDS = (0, 1)  # 0: the forks of the scores; 1: the replicate forks (another data order)
-DEFAULT = "bulk_sharpening"  # the predictor in use (experiments.whatif.predict.default_predictor)
+DEFAULT = "bulk_sharpening"  # the predictor in use when this round ran (since then: bulk_loss_level)
 RECORD_ONLY = ()  # record-only rows (never chosen); none this round
 PARTS = {"bulk_sharpening": 4, "bulk_loss": 4.5, "bulk_loss_level": 5}
 REGIME_GROUPS = ("evaluation_8", "evaluation_12", "evaluation_16")  # the small-loss regime (rule part 2)

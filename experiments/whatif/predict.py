@@ -13,7 +13,8 @@ windows 1..n: [k+(j−1)W, k+jW)):
   predictor in use, :func:`default_predictor`, takes ρ from the NQM with the plateau-escape
   forecast before a run's escape, the progressive sharpening after an lr decrease and the norm's
   post-escape drift after the escape, and E‖g‖² and E‖Δθ‖² from the NQM with the flow-time
-  sharpening of the bulk and the noise, :mod:`experiments.whatif.bulk`) gives model values of
+  sharpening of the bulk and the noise, or in the small-loss regime the loss's own fall,
+  :mod:`experiments.whatif.bulk`) gives model values of
   the successive-gradient correlation ρ, E‖g‖² and E‖Δθ‖² per window, for window 0 too;
 - these are anchored on window 0's measurement: ρ̂_j = ρ_meas,0 + (ρ_j − ρ_0),
   ‖g‖̂_j = ‖g‖_meas,0·√(E‖g‖²_j / E‖g‖²_0), update ratio
@@ -141,16 +142,18 @@ def window_bounds(at, window, n_windows):
 
 
 def default_predictor(trace, config, at, plans, windows):
-    """The predictor in use (:data:`PREDICTOR`), chosen by the eleventh round's rule
-    (docs/findings/whatif.md, "Eleventh round"; ``bulk_sharpening`` in
-    ``analyses/whatif_forecast_choice.py``): *top held, bulk sharpening*
-    (:func:`experiments.whatif.bulk.bulk_predictor`, ``combine="level"``). ρ, h/edge and the regime
-    are :data:`experiments.whatif.bulk.TOP`'s: the plateau-escape forecast, the progressive
-    sharpening after an lr decrease capped at the run's level, and the unchanged run's
-    post-escape norm drift in flow time (the predictor in use from the seventh round to the
-    eleventh). The norm and the update ratio are the NQM's under the flow-time sharpening of the
-    whole spectrum and the noise, anchored on window 0."""
-    return bulk.bulk_predictor(trace, config, at, plans, windows, combine="level")
+    """The predictor in use (:data:`PREDICTOR`), chosen by the fourteenth round's rule
+    (docs/findings/whatif.md, "Fourteenth round"; ``bulk_loss_level`` in
+    ``analyses/whatif_forecast_choice.py``): *top held, bulk sharpening, loss-led when small*
+    (:func:`experiments.whatif.bulk.bulk_predictor`, ``combine="level"``, ``rate="loss_level"``).
+    ρ, h/edge and the regime are :data:`experiments.whatif.bulk.TOP`'s: the plateau-escape
+    forecast, the progressive sharpening after an lr decrease capped at the run's level, and the
+    unchanged run's post-escape norm drift in flow time. The norm and the update ratio are the
+    NQM's under the flow-time sharpening of the whole spectrum and the noise, anchored on window 0
+    (the eleventh round's choice); in the small-loss regime of cross-entropy (the window's mean
+    loss below 0.2 nats and falling) the unchanged run's level follows the loss instead, and each
+    change's effect over it is the sharpening model's."""
+    return bulk.bulk_predictor(trace, config, at, plans, windows, combine="level", rate="loss_level")
 
 
 PREDICTOR = default_predictor  # the one function an improved link model replaces
@@ -167,6 +170,7 @@ BASES = {
     # the eighth round's best, not chosen (docs/findings/whatif.md, "Eighth round")
     "since-escape": drift.predictor("flow", inner=sharpen.predictor("run"), gate="since_escape", fit="batches"),
     "sharpen-decay": bulk.TOP,  # the predictor in use from the seventh round to the eleventh
+    "bulk-sharpening": bulk.predictor("level"),  # the predictor in use from the eleventh round to the fourteenth
 }
 
 
