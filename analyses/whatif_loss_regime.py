@@ -19,7 +19,7 @@ from analyses.whatif_scores import GROUPS, OUT, setting_checks
 from experiments.store import read_json, read_trace
 
 SMALL_LOSS = 0.2  # nats: 1 − e^{−ℓ} is within 10 % of ℓ below it
-VARIANTS = ("model", "fixed", "bulk_power_trace", "since_escape_batches", "trend")
+VARIANTS = ("model", "bulk_sharpening", "fixed", "bulk_power_trace", "since_escape_batches", "trend")  # model: in use
 
 
 def loss_around(loss, at, width=100):
