@@ -137,13 +137,12 @@ def regime_test(rows, default=DEFAULT):
 
 
 def choose_with_regime(rows, default=DEFAULT):
-    """The fourteenth round's rule (module docstring): (chosen name, how: "regime" or the twelfth
-    round's margin)."""
+    """The fourteenth round's rule (module docstring): (chosen name, by which part: "regime", or
+    "margin" for the twelfth round's rule, :func:`choose`)."""
     passed = {n: v for n, v in regime_test(rows, default).items() if v[2] and n not in RECORD_ONLY}
     if passed:
         return max(passed, key=lambda n: (passed[n][0], -parts_on(n))), "regime"
-    chosen, margin = choose(rows, default)
-    return chosen, margin
+    return choose(rows, default)[0], "margin"
 
 
 CHALLENGER = "since_escape_batches"  # the eighth round's best, put to its held-out families
@@ -200,6 +199,6 @@ def main(argv=()):
     atomic_write_json(OUT, out)
     for n, (m, se, ok) in regime.items():
         print(f"regime test {n}: mean d {m:+.3f}, se {se:.3f}, {'passes' if ok else 'does not pass'}")
-    print("margin", round(out["margin"], 4), "chosen:", chosen, f"(by {how if how == 'regime' else 'the margin'})",
+    print("margin", round(out["margin"], 4), "chosen:", chosen, f"(by the {how})",
           "(the default predictor)" if out["chosen_is_the_default"] else "(NOT the default predictor)")
     return 0

@@ -230,10 +230,10 @@ def small_loss_exponent(trace, at, momentum, width, data):
 def bulk_curvature(rate, trace, at, momentum, width=None, data=None):
     """The curvature forecast of the bulk under ``rate`` (:data:`RATES`; the module docstring);
     ``width``: the window, ``data``: the run's dataset name (its task) (both for the loss rates)."""
-    if rate in ("loss", "loss_level"):
+    if rate == "loss":
         b = small_loss_exponent(trace, at, momentum, width, data)
         return SHARPENING if b is None else PowerForecast(exponent=b)
-    if rate == "lambda":
+    if rate in ("lambda", "loss_level"):  # loss_level: the loss model sets only the level (bulk_predictor)
         return SHARPENING
     if rate == "power":
         return POWER
@@ -258,21 +258,22 @@ def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=Non
     inner = TOP if inner is None else inner
     n = len(plans)
     method, momentum = run_method(config)
-    curvature = bulk_curvature(rate, trace, at, momentum, width=windows[0][1] - windows[0][0], data=config.get("data"))
-    loss_level = rate == "loss_level" and curvature is not SHARPENING
-    all_plans = list(plans) + ([reference_plan(plans[0], at)] if combine == "effect" or loss_level else [])
+    width, data = windows[0][1] - windows[0][0], config.get("data")
+    b_loss = small_loss_exponent(trace, at, momentum, width, data) if rate == "loss_level" else None
+    all_plans = list(plans) + ([reference_plan(plans[0], at)] if combine == "effect" or b_loss is not None else [])
     top = inner(trace, config, at, all_plans, windows)
-    bulk = nqm_predictor(trace, config, at, all_plans, windows, curvature=curvature)
+    bulk = nqm_predictor(trace, config, at, all_plans, windows,
+                         curvature=bulk_curvature(rate, trace, at, momentum, width=width, data=data))
     meas0 = measure_windows(trace, windows[:1], method, momentum).isel(window=0, drop=True)
     top_corr, top_norm, top_ratio = ((top[k] for k in ANCHORED) if all(k in top for k in ANCHORED)
                                      else anchor_on_window0(meas0, top))
     _, norm, ratio = anchor_on_window0(meas0, bulk)
     ref = dict(change=n)
-    if loss_level:  # the loss model's reference level times the flow-time sharpening's effect over it
-        _, sharp_norm, sharp_ratio = anchor_on_window0(
-            meas0, nqm_predictor(trace, config, at, all_plans, windows, curvature=SHARPENING))
-        norm = norm.isel(ref) * sharp_norm / sharp_norm.isel(ref)
-        ratio = ratio.isel(ref) + sharp_ratio - sharp_ratio.isel(ref)
+    if b_loss is not None:  # the loss model's reference level times the flow-time sharpening's effect over it
+        loss = nqm_predictor(trace, config, at, all_plans[n:], windows, curvature=PowerForecast(exponent=b_loss))
+        _, loss_norm, loss_ratio = anchor_on_window0(meas0, loss)
+        norm = loss_norm.isel(change=0) * norm / norm.isel(ref)
+        ratio = loss_ratio.isel(change=0) + ratio - ratio.isel(ref)
     if combine == "effect":  # the inner's reference level times the bulk's effect over the reference
         norm = top_norm.isel(ref) * norm / norm.isel(ref)
         ratio = top_ratio.isel(ref) + ratio - ratio.isel(ref)
