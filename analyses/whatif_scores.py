@@ -73,8 +73,8 @@ the default elsewhere; fourteenth round), and the two no-theory baselines,
 rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
 setting unless named (``seed_decay_growth``, ``seed_decay_growth_eval3``, ``_eval4``, ``_eval8``, ``_eval9``,
-``_eval11``, ``_eval14`` to ``_eval17``); without names every group of :func:`default_groups` and
-every seed entry of :func:`default_seed_entries` (eval13 to eval17 and the seed-14 to seed-17 runs,
+``_eval11``, ``_eval14`` to ``_eval18``); without names every group of :func:`default_groups` and
+every seed entry of :func:`default_seed_entries` (eval13 to eval18 and the seed-14 to seed-18 runs,
 :data:`HELD_OUT`, only when named); their
 entries replaced in the file and the others kept):
 
@@ -188,12 +188,14 @@ GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_14": ("whatif_eval14", [200, 400]),
           "evaluation_15": ("whatif_eval15", [200, 400]),
           "evaluation_16": ("whatif_eval16", [200, 400]),
-          "evaluation_17": ("whatif_eval17", [200, 400])}
+          "evaluation_17": ("whatif_eval17", [200, 400]),
+          "evaluation_18": ("whatif_eval18", [200, 400])}
 # committed before any run of them and kept for a later round: run only when named, never by default
 HELD_OUT = ("evaluation_13", "evaluation_14", "seed_decay_growth_eval14",  # the eleventh round's
             "evaluation_15", "seed_decay_growth_eval15",  # the twelfth round's
             "evaluation_16", "seed_decay_growth_eval16",  # the thirteenth round's
-            "evaluation_17", "seed_decay_growth_eval17")  # the fourteenth round's
+            "evaluation_17", "seed_decay_growth_eval17",  # the fourteenth round's
+            "evaluation_18", "seed_decay_growth_eval18")  # the fifteenth round's
 
 
 def default_groups():
@@ -213,7 +215,8 @@ SEED_SPECS = {"seed_decay_growth": None, "seed_decay_growth_eval3": "whatif_eval
               "seed_decay_growth_eval11": "whatif_eval11_decay", "seed_decay_growth_eval14": "whatif_eval14_decay",
               "seed_decay_growth_eval15": "whatif_eval15_decay",
               "seed_decay_growth_eval16": "whatif_eval16_decay",
-              "seed_decay_growth_eval17": "whatif_eval17_decay"}
+              "seed_decay_growth_eval17": "whatif_eval17_decay",
+              "seed_decay_growth_eval18": "whatif_eval18_decay"}
 
 
 def setting_checks(spec_name, steps):
