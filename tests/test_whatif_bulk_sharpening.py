@@ -245,3 +245,47 @@ def test_the_loss_rates_are_the_default_outside_the_regime_and_follow_the_loss_i
         eff = lambda x: x.pred_grad_norm.isel(change=lab.index(c)) / x.pred_grad_norm.isel(change=0)  # noqa: E731
         xr.testing.assert_allclose(eff(level), eff(lam), rtol=1e-9)
     xr.testing.assert_allclose(level.pred_grad_corr, lam.pred_grad_corr)  # ρ stays the top's
+
+
+def _small_loss(trace):
+    from experiments.whatif.curvature import flow_time
+
+    tau = flow_time(trace["lr"].values, trace.attrs["config"]["momentum"])[: trace.sizes["step"]]
+    return _with_loss(trace, 0.05 * (np.maximum(tau, tau[1]) / tau[40]) ** -1.5)
+
+
+def _effect(x, c):
+    lab = list(x.label.values)
+    return x.pred_grad_norm.isel(change=lab.index(c)) / x.pred_grad_norm.isel(change=lab.index("scheduled"))
+
+
+def test_the_trend_levels_put_the_default_effect_on_the_runs_own_trend(tiny_run):  # noqa: F811
+    ch = changes_from([0.5, 2.0], [0.1])
+    for trace in (store.load_run(tiny_run), _small_loss(store.load_run(tiny_run))):
+        default = whatif(trace, 40, ch, window=10, predictor=bulk.predictor(rate="loss_level"))
+        blend = whatif(trace, 40, ch, window=10, predictor=bulk.predictor(rate="loss_level", level="blend"))
+        trend = whatif(trace, 40, ch, window=10, predictor=bulk.predictor(rate="loss_level", level="trend_small_loss"))
+        half = whatif(trace, 40, ch, window=10, predictor=bulk.predictor(rate="loss_level", level="blend_small_loss"))
+        ref = dict(change=list(default.label.values).index("scheduled"))  # constant lr: the reference plan
+        assert not np.allclose(default.trend_grad_norm.isel(ref), default.pred_grad_norm.isel(ref))
+        # blend: the geometric mean of the default's unchanged run and the trend baseline's (equal weights)
+        xr.testing.assert_allclose(blend.pred_grad_norm.isel(ref),
+                                   np.sqrt(default.pred_grad_norm.isel(ref) * default.trend_grad_norm.isel(ref)))
+        xr.testing.assert_allclose(blend.pred_update_ratio.isel(ref),
+                                   (default.pred_update_ratio.isel(ref) + default.trend_update_ratio.isel(ref)) / 2)
+        small = float(trace["loss"].values[30:40].mean()) < bulk.SMALL_LOSS
+        if small:  # in the small-loss regime the unchanged run is the trend's, or the blend's
+            xr.testing.assert_allclose(trend.pred_grad_norm.isel(ref), default.trend_grad_norm.isel(ref))
+            xr.testing.assert_allclose(half.pred_grad_norm, blend.pred_grad_norm)
+        else:  # elsewhere the default to the bit
+            xr.testing.assert_identical(trend, default)
+            xr.testing.assert_identical(half, default)
+        for c in ("lr×0.5", "lr×2", "decay×0.1"):  # each change's effect stays the default's
+            xr.testing.assert_allclose(_effect(blend, c), _effect(default, c), rtol=1e-9)
+            xr.testing.assert_allclose(_effect(trend, c), _effect(default, c), rtol=1e-9)
+        xr.testing.assert_allclose(blend.pred_grad_corr, default.pred_grad_corr)  # ρ stays the top's
+
+
+def test_bulk_rejects_an_unknown_level():
+    with pytest.raises(ValueError, match="level='mean' is unknown; valid: model, trend_small_loss, blend_small_loss, blend"):
+        bulk.predictor(level="mean")

@@ -53,21 +53,23 @@ def test_a_replicate_check_forks_every_change_with_another_data_order(tmp_path):
 def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
     groups = {g: {"corr_spearman": 0.6, "norm_sign": 0.4, "effect_sign": 0.2, "norm_factor_1p5": 0.2}
               for g in GROUPS}
-    assert rule_score(groups, 1.0) == pytest.approx((13 * 0.35 + 1.0) / 14)  # thirteen fork groups and the seed term
+    assert rule_score(groups, 1.0) == pytest.approx((18 * 0.35 + 1.0) / 19)  # eighteen fork groups and the seed term
     groups["evaluation_8"]["effect_sign"] = float("nan")  # a group without an effect case: the three defined
-    assert rule_score(groups, 1.0) == pytest.approx((12 * 0.35 + 0.4 + 1.0) / 14)
-    assert set(candidates()) == {"bulk_sharpening", "bulk_loss", "bulk_loss_level"}
+    assert rule_score(groups, 1.0) == pytest.approx((17 * 0.35 + 0.4 + 1.0) / 19)
+    assert set(candidates()) == {"bulk_loss_level", "bulk_trend_small_loss", "bulk_trend_blend_small_loss",
+                                 "bulk_trend_blend"}
     from analyses.whatif_scores import HELD_OUT
 
     assert not set(HELD_OUT) & set(GROUPS)  # the held-out families are not development
     from analyses.whatif_forecast_choice import REGIME_GROUPS
 
-    assert "evaluation_17" in HELD_OUT and "evaluation_17" not in REGIME_GROUPS  # this round's held out
+    assert "evaluation_18" in HELD_OUT and "evaluation_18" not in REGIME_GROUPS  # this round's held out
+    assert {"evaluation_13", "evaluation_17"} <= set(GROUPS) and "evaluation_17" in REGIME_GROUPS  # seen since
     import analyses.whatif_forecast_choice as choice
 
     assert choice.__doc__.split("The rule. ")[1].split("Writes")[0].strip()  # main() writes it to the json
-    d = "bulk_sharpening"
-    both = "bulk_loss"
+    d = "bulk_loss_level"
+    both = "bulk_trend_small_loss"
     rows = {d: {"S": [0.46, 0.50], "score": 0.48}, both: {"S": [0.51, 0.50], "score": 0.505}}
     assert choose(rows) == (d, pytest.approx(0.04))  # +0.025 < 2 se = 0.04
     rows[both] = {"S": [0.53, 0.53], "score": 0.53}
@@ -161,16 +163,17 @@ def test_the_regime_test_is_paired_over_the_regime_groups_and_orders():
                 "regime": {o: {g: dict.fromkeys(("corr_spearman", "norm_sign", "effect_sign", "norm_factor_1p5"), t)
                                for g, t in zip(REGIME_GROUPS, terms[o])} for o in (0, 1)}}
 
-    base = [[0.3, 0.4, 0.5], [0.35, 0.45, 0.4]]
-    rows = {"bulk_sharpening": row(0.70, base),
-            "bulk_loss": row(0.70, [[t + 0.10 for t in base[0]], [t + 0.12 for t in base[1]]]),
-            "bulk_loss_level": row(0.70, [[t + 0.30 for t in base[0]], [t - 0.20 for t in base[1]]])}
+    base = [[0.3, 0.4, 0.5, 0.2], [0.35, 0.45, 0.4, 0.25]]
+    d, a, b = "bulk_loss_level", "bulk_trend_small_loss", "bulk_trend_blend_small_loss"
+    rows = {d: row(0.70, base),
+            a: row(0.70, [[t + 0.10 for t in base[0]], [t + 0.12 for t in base[1]]]),
+            b: row(0.70, [[t + 0.30 for t in base[0]], [t - 0.20 for t in base[1]]])}
     out = regime_test(rows)
-    d = np.array([0.10] * 3 + [0.12] * 3)
-    assert out["bulk_loss"] == (pytest.approx(d.mean()), pytest.approx(d.std(ddof=1) / np.sqrt(6)), True)
-    assert out["bulk_loss_level"][2] is False  # +0.05 on average, but not against its own spread
-    assert choose_with_regime(rows) == ("bulk_loss", "regime")
-    rows["bulk_loss"]["score"] = 0.69  # it passes the regime but loses on the development set: not chosen
-    assert regime_test(rows)["bulk_loss"][2] is False
-    assert choose_with_regime(rows) == ("bulk_sharpening", "margin")  # the twelfth round's rule decides
-    assert choose(rows) == ("bulk_sharpening", pytest.approx(0.0))
+    diff = np.array([0.10] * 4 + [0.12] * 4)
+    assert out[a] == (pytest.approx(diff.mean()), pytest.approx(diff.std(ddof=1) / np.sqrt(8)), True)
+    assert out[b][2] is False  # +0.05 on average, but not against its own spread
+    assert choose_with_regime(rows) == (a, "regime")
+    rows[a]["score"] = 0.69  # it passes the regime but loses on the development set: not chosen
+    assert regime_test(rows)[a][2] is False
+    assert choose_with_regime(rows) == (d, "margin")  # the twelfth round's rule decides
+    assert choose(rows) == (d, pytest.approx(0.0))

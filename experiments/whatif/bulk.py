@@ -76,6 +76,22 @@ used: it moves the top modes with the bulk, which the top does not do.
   the edge what a change does to it (on eval16 an lr × 2 made the norm grow ×1.3–52 in that regime,
   which a bulk shrinking faster under a faster flow gets backwards). Elsewhere ``"lambda"``.
 
+``level`` (the fifteenth round's): the level of the reference plan, the unchanged run's forecast,
+with each plan's effect over it kept (the ``rate``'s; the same for the update ratio in log10):
+
+- ``"model"``: the ``rate``'s own;
+- ``"trend_small_loss"``: in the small-loss regime (above) the *trend* baseline's, window 0 carried
+  along the run's own log-linear trend per step before k (:func:`trend_level`; no theory);
+  elsewhere the model's. On the two families of that kind held out in the thirteenth and
+  fourteenth rounds the trend got the norm sign and the size more often than every model;
+- ``"blend_small_loss"``: there the geometric mean of the model's level and the trend's, equal
+  weights, ‖g‖̂_j(ref) = (‖g‖̂^model_j(ref) · ‖g‖̂^trend_j)^{1/2}; elsewhere the model's. The
+  combination of two forecasts whose errors are not perfectly correlated errs less than either on
+  average, and estimated weights seldom beat equal ones out of sample (Bates & Granger 1969, "The
+  combination of forecasts"; Smith & Wallis 2009, "A simple explanation of the forecast
+  combination puzzle");
+- ``"blend"``: that geometric mean everywhere.
+
 ``combine``:
 
 - ``"level"``: the norm and the log10 update ratio are the sharpening model's, anchored on
@@ -102,6 +118,7 @@ import functools
 from dataclasses import dataclass, fields
 
 import numpy as np
+import xarray as xr
 
 from experiments.linking.core import run_method
 from experiments.runs.data import KINDS
@@ -111,6 +128,7 @@ from experiments.whatif.curvature import CurvatureForecast, flow_time, sharpenin
 from experiments.whatif.delta import reference_plan
 
 COMBINES = ("level", "effect")
+LEVELS = ("model", "trend_small_loss", "blend_small_loss", "blend")
 RATES = ("lambda", "trace", "power", "power_trace", "power_released", "loss", "loss_level")
 SMALL_LOSS = 0.2  # nats: 1 − e^{−ℓ} is within 10 % of ℓ below it (rate="loss")
 N_RATE = drift.N_FIT  # probes in the bulk's rate (rate="trace")
@@ -246,7 +264,22 @@ def bulk_curvature(rate, trace, at, momentum, width=None, data=None):
     raise ValueError(f"rate={rate!r} is unknown; valid: {', '.join(RATES)}")
 
 
-def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=None, rate="lambda"):
+def trend_level(trace, at, windows, meas0):
+    """The trend baseline's forecast of the unchanged run (no theory;
+    :func:`experiments.whatif.predict.whatif`'s ``trend_*``): window 0's measured norm and log10
+    update ratio carried along the run's own log-linear trend per step before ``at``
+    (:func:`experiments.whatif.drift.trend_slopes`), over (window, layer) in ``meas0``'s layer order."""
+    width = windows[0][1] - windows[0][0]
+    s_norm, s_ratio = drift.trend_slopes(trace, at, width)
+    mid0 = (windows[0][0] + windows[0][1]) / 2
+    dt = xr.DataArray([(a + b) / 2 - mid0 for a, b in windows], dims="window")
+    layers = meas0["layer"].values
+    slope = lambda s: xr.DataArray(s, dims="layer", coords={"layer": trace["layer"].values}).sel(layer=layers)  # noqa: E731
+    return (meas0["grad_norm"] * np.exp(dt * slope(s_norm)),
+            meas0["update_ratio"] + dt * slope(s_ratio))
+
+
+def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=None, rate="lambda", level="model"):
     """A predictor (:data:`experiments.whatif.predict.PREDICTOR`'s signature): the ``inner``
     predictor's output (default :data:`TOP`) with its ρ, and the norm and update ratio of the
     module docstring in ``anchored_grad_norm`` / ``anchored_update_ratio``. ``trace``: the run
@@ -255,12 +288,19 @@ def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=Non
         raise ValueError(f"combine={combine!r} is unknown; valid: {', '.join(COMBINES)}")
     if rate not in RATES:
         raise ValueError(f"rate={rate!r} is unknown; valid: {', '.join(RATES)}")
+    if level not in LEVELS:
+        raise ValueError(f"level={level!r} is unknown; valid: {', '.join(LEVELS)}")
     inner = TOP if inner is None else inner
     n = len(plans)
     method, momentum = run_method(config)
     width, data = windows[0][1] - windows[0][0], config.get("data")
-    b_loss = small_loss_exponent(trace, at, momentum, width, data) if rate == "loss_level" else None
-    all_plans = list(plans) + ([reference_plan(plans[0], at)] if combine == "effect" or b_loss is not None else [])
+    small = (small_loss_exponent(trace, at, momentum, width, data)
+             if rate == "loss_level" or level.endswith("_small_loss") else None)
+    b_loss = small if rate == "loss_level" else None
+    trend_weight = {"model": 0.0, "trend_small_loss": float(small is not None),
+                    "blend_small_loss": 0.5 * (small is not None), "blend": 0.5}[level]
+    with_ref = combine == "effect" or b_loss is not None or trend_weight > 0
+    all_plans = list(plans) + ([reference_plan(plans[0], at)] if with_ref else [])
     top = inner(trace, config, at, all_plans, windows)
     bulk = nqm_predictor(trace, config, at, all_plans, windows,
                          curvature=bulk_curvature(rate, trace, at, momentum, width=width, data=data))
@@ -274,6 +314,11 @@ def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=Non
         _, loss_norm, loss_ratio = anchor_on_window0(meas0, loss)
         norm = loss_norm.isel(change=0) * norm / norm.isel(ref)
         ratio = loss_ratio.isel(change=0) + ratio - ratio.isel(ref)
+    if trend_weight > 0:  # the reference level (partly) the run's own trend, each plan's effect over it kept
+        trend_norm, trend_ratio = trend_level(trace, at, windows, meas0)
+        w = trend_weight
+        norm = norm.isel(ref) ** (1 - w) * trend_norm ** w * norm / norm.isel(ref)
+        ratio = (1 - w) * ratio.isel(ref) + w * trend_ratio + ratio - ratio.isel(ref)
     if combine == "effect":  # the inner's reference level times the bulk's effect over the reference
         norm = top_norm.isel(ref) * norm / norm.isel(ref)
         ratio = top_ratio.isel(ref) + ratio - ratio.isel(ref)
@@ -287,15 +332,17 @@ def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=Non
     return ds
 
 
-def predictor(combine="level", rate="lambda", **kw):
+def predictor(combine="level", rate="lambda", level="model", **kw):
     """:func:`bulk_predictor` with ``combine``, ``rate`` (and keywords) bound: a PREDICTOR."""
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r} is unknown; valid: {', '.join(COMBINES)}")
     if rate not in RATES:
         raise ValueError(f"rate={rate!r} is unknown; valid: {', '.join(RATES)}")
-    return functools.partial(bulk_predictor, combine=combine, rate=rate, **kw)
+    if level not in LEVELS:
+        raise ValueError(f"level={level!r} is unknown; valid: {', '.join(LEVELS)}")
+    return functools.partial(bulk_predictor, combine=combine, rate=rate, level=level, **kw)
 
 
-__all__ = ["COMBINES", "N_RATE", "POWER", "RATES", "SHARPENING", "SMALL_LOSS", "TOP", "BulkForecast", "PowerForecast",
+__all__ = ["COMBINES", "LEVELS", "N_RATE", "POWER", "RATES", "SHARPENING", "SMALL_LOSS", "TOP", "BulkForecast", "PowerForecast",
            "bulk_curvature", "bulk_power_exponent", "bulk_predictor", "bulk_rate", "loss_exponent", "power_exponent",
-           "predictor", "small_loss_exponent"]
+           "predictor", "small_loss_exponent", "trend_level"]
