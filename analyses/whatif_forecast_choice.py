@@ -62,7 +62,14 @@ processes, default 2, one candidate each at a time):
 
     .venv/bin/python -m analyses whatif_forecast_choice     # ~25 min on two cores
 
-Result: not yet run.
+Result (run after this file was committed; ``results/whatif_forecast_choice.json``): S, the default
+0.682 / 0.701 (mean 0.691), ``bulk_trend_small_loss`` 0.683 / 0.700 (0.691),
+``bulk_trend_blend_small_loss`` 0.691 / 0.709 (0.700), ``bulk_trend_blend`` 0.662 / 0.677 (0.670); the
+seed term 0.61 for the first three, 0.11 for the blend everywhere. The regime test:
+``bulk_trend_small_loss`` mean d −0.000 (SE 0.013), does not pass; ``bulk_trend_blend_small_loss``
++0.041 (SE 0.018), passes; ``bulk_trend_blend`` +0.062 (SE 0.019), does not pass (its S is below the
+default's). **``bulk_trend_blend_small_loss`` replaces the default** (the twelfth round's margin,
+0.019, it would not have beaten: +0.009).
 """
 
 from pathlib import Path
@@ -81,7 +88,7 @@ GROUPS = ("development", "evaluation_seen_during_development", "evaluation_new",
           "evaluation_11", "evaluation_12", "evaluation_13", "evaluation_14", "evaluation_15", "evaluation_16",
           "evaluation_17")
 DATA_SEEDS = (0, 1)  # 0: the forks of the scores; 1: the replicate forks (another data order)
-DEFAULT = "bulk_loss_level"  # the predictor in use when this round ran
+DEFAULT = "bulk_loss_level"  # the predictor in use when this round ran (since then: bulk_trend_blend_small_loss)
 RECORD_ONLY = ()  # record-only rows (never chosen); none this round
 PARTS = {"bulk_loss_level": 5, "bulk_trend_small_loss": 5.5, "bulk_trend_blend_small_loss": 6, "bulk_trend_blend": 6.5}
 REGIME_GROUPS = ("evaluation_8", "evaluation_12", "evaluation_16", "evaluation_17")  # the small-loss regime (part 2)

@@ -35,8 +35,9 @@ round, the run of ``whatif_eval4_decay.toml``: seed 4, lr 0.05, held out in the 
 the runs of ``whatif_eval8_decay.toml``: seed 8, lr 0.02 and 0.07, held out in the seventh round,
 of ``whatif_eval9_decay.toml``: seed 9, lr 0.04 and 0.06, held out in the eighth, and of
 ``whatif_eval11_decay.toml``: seed 11, lr 0.025 and 0.085, held out in the tenth).
-``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`; since the eleventh
-round ``bulk_sharpening``, below; ``sharpen_decay_run`` from the seventh to the eleventh;
+``model`` is the predictor in use (:data:`experiments.whatif.predict.PREDICTOR`; since the fifteenth
+round ``bulk_trend_blend_small_loss``, below; ``bulk_loss_level`` in the fourteenth; ``bulk_sharpening``
+from the eleventh to the fourteenth; ``sharpen_decay_run`` from the seventh to the eleventh;
 ``escape_drift`` in the sixth); beside it, on the same cases, those of the other candidates:
 ``fixed`` (the link's NQM with the curvature held fixed, anchored on window 0; the default until
 the sixth round), ``delta_persistence`` / ``delta_trend``
@@ -140,7 +141,7 @@ CANDIDATES = {  # name -> predictor
 }
 
 
-IN_USE = "bulk_loss_level"  # the candidate PREDICTOR computes (predict.default_predictor; tests/test_whatif_drift.py)
+IN_USE = "bulk_trend_blend_small_loss"  # the candidate PREDICTOR computes (predict.default_predictor; tests/test_whatif_drift.py)
 VARIANTS = {"model": PREDICTOR, **{n: pr for n, pr in CANDIDATES.items() if n != IN_USE}}
 NAMES = (*VARIANTS, "persistence", "trend")  # the two no-theory baselines last
 KEYS = ("corr_spearman", "norm_sign", "norm_factor_1p5", "effect_sign", "effect_factor_1p5", "ratio_mae",

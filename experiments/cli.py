@@ -363,7 +363,7 @@ def _add_whatif(subparsers):
     p.add_argument("--windows", type=int, default=2, help="windows after STEP (default 2)")
     p.add_argument("--check", action="store_true", help="run the forks (from a checkpoint at STEP) and score")
     p.add_argument("--base", choices=("window0", "persistence", "trend", "escape", "drift-steps", "drift-flow",
-                                      "since-escape", "sharpen-decay", "bulk-sharpening"),
+                                      "since-escape", "sharpen-decay", "bulk-sharpening", "bulk-loss-level"),
                    help="the unchanged run's level: window0 (the model anchored on the window before STEP), "
                    "persistence or trend (a forecast of the unchanged run times the model's effect of the "
                    "change), escape (window0 with the plateau escape forecast where one is due), drift-steps / "
@@ -372,8 +372,10 @@ def _add_whatif(subparsers):
                    "batch means), sharpen-decay (the predictor in use until the eleventh round: escape and the "
                    "sharpening after an lr decrease, with drift-flow), bulk-sharpening (the predictor in use from the "
                    "eleventh round to the fourteenth: rho from sharpen-decay, the norm from the flow-time "
-                   "sharpening of the bulk and the noise); default: the predictor in use (bulk-sharpening, with "
-                   "the unchanged run's norm following the training loss where it is below 0.2 nats and falling)")
+                   "sharpening of the bulk and the noise), bulk-loss-level (the predictor in use in the fourteenth "
+                   "round: bulk-sharpening, with the unchanged run's norm following the training loss where it is "
+                   "below 0.2 nats and falling); default: the predictor in use (bulk-loss-level, with the unchanged "
+                   "run's level there the geometric mean of the loss's forecast and the run's own trend)")
     p.add_argument("--data-dir", help="directory with local dataset files")
     p.add_argument("--out", help="write the predictions (and measurements) as netCDF here")
     p.add_argument("--json", help="with --check: write the scores as JSON here")

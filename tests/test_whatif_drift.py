@@ -211,13 +211,13 @@ def test_cli_base_drift(tiny_run, capsys):  # noqa: F811 (the fixture)
     assert "invalid choice: 'drift'" in capsys.readouterr().err
 
 
-def test_the_predictor_in_use_is_the_fourteenth_rounds_choice_and_its_top_the_seventh_rounds(tiny_run):  # noqa: F811
+def test_the_predictor_in_use_is_the_fifteenth_rounds_choice_and_its_top_the_seventh_rounds(tiny_run):  # noqa: F811
     from analyses.whatif_forecast_choice import candidates
     from analyses.whatif_scores import CANDIDATES, IN_USE
     from experiments.whatif import bulk
     from experiments.whatif.predict import BASES, PREDICTOR
 
-    assert IN_USE == "bulk_loss_level" and IN_USE in candidates()
+    assert IN_USE == "bulk_trend_blend_small_loss" and IN_USE in candidates()
 
     trace = store.load_run(tiny_run)
     lam = trace["sharpness_global"].values.copy()
@@ -235,8 +235,9 @@ def test_the_predictor_in_use_is_the_fourteenth_rounds_choice_and_its_top_the_se
         xr.testing.assert_identical(a[v], top[v])
     assert BASES["sharpen-decay"] is bulk.TOP
     # outside the small-loss regime (the tiny run's loss is far above 0.2 nats) it is the eleventh
-    # round's bulk_sharpening to the bit, which --base bulk-sharpening names
+    # round's bulk_sharpening to the bit, which --base bulk-sharpening names, and the fourteenth's
     xr.testing.assert_identical(a, whatif(trace, 40, changes, window=10, predictor=BASES["bulk-sharpening"]))
+    xr.testing.assert_identical(a, whatif(trace, 40, changes, window=10, predictor=BASES["bulk-loss-level"]))
 
 
 def test_cli_base_choices_are_the_named_predictors():

@@ -142,18 +142,21 @@ def window_bounds(at, window, n_windows):
 
 
 def default_predictor(trace, config, at, plans, windows):
-    """The predictor in use (:data:`PREDICTOR`), chosen by the fourteenth round's rule
-    (docs/findings/whatif.md, "Fourteenth round"; ``bulk_loss_level`` in
-    ``analyses/whatif_forecast_choice.py``): *top held, bulk sharpening, loss-led when small*
-    (:func:`experiments.whatif.bulk.bulk_predictor`, ``combine="level"``, ``rate="loss_level"``).
-    ρ, h/edge and the regime are :data:`experiments.whatif.bulk.TOP`'s: the plateau-escape
-    forecast, the progressive sharpening after an lr decrease capped at the run's level, and the
-    unchanged run's post-escape norm drift in flow time. The norm and the update ratio are the
-    NQM's under the flow-time sharpening of the whole spectrum and the noise, anchored on window 0
-    (the eleventh round's choice); in the small-loss regime of cross-entropy (the window's mean
-    loss below 0.2 nats and falling) the unchanged run's level follows the loss instead, and each
-    change's effect over it is the sharpening model's."""
-    return bulk.bulk_predictor(trace, config, at, plans, windows, combine="level", rate="loss_level")
+    """The predictor in use (:data:`PREDICTOR`), chosen by the fifteenth round's rule
+    (docs/findings/whatif.md, "Fifteenth round"; ``bulk_trend_blend_small_loss`` in
+    ``analyses/whatif_forecast_choice.py``): *top held, bulk sharpening, blended with the run's
+    trend when the loss is small* (:func:`experiments.whatif.bulk.bulk_predictor`,
+    ``combine="level"``, ``rate="loss_level"``, ``level="blend_small_loss"``). ρ, h/edge and the
+    regime are :data:`experiments.whatif.bulk.TOP`'s: the plateau-escape forecast, the progressive
+    sharpening after an lr decrease capped at the run's level, and the unchanged run's post-escape
+    norm drift in flow time. The norm and the update ratio are the NQM's under the flow-time
+    sharpening of the whole spectrum and the noise, anchored on window 0 (the eleventh round's
+    choice). In the small-loss regime of cross-entropy (the window's mean loss below 0.2 nats and
+    falling) the unchanged run's level is the geometric mean of the loss's forecast (the fourteenth
+    round's) and the run's own log-linear trend (the trend baseline), and each change's effect over
+    it is the sharpening model's."""
+    return bulk.bulk_predictor(trace, config, at, plans, windows, combine="level", rate="loss_level",
+                               level="blend_small_loss")
 
 
 PREDICTOR = default_predictor  # the one function an improved link model replaces
@@ -171,6 +174,7 @@ BASES = {
     "since-escape": drift.predictor("flow", inner=sharpen.predictor("run"), gate="since_escape", fit="batches"),
     "sharpen-decay": bulk.TOP,  # the predictor in use from the seventh round to the eleventh
     "bulk-sharpening": bulk.predictor("level"),  # the predictor in use from the eleventh round to the fourteenth
+    "bulk-loss-level": bulk.predictor("level", rate="loss_level"),  # in use in the fourteenth round
 }
 
 
