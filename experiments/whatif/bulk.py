@@ -81,7 +81,8 @@ with each plan's effect over it kept (the ``rate``'s; the same for the update ra
 
 - ``"model"``: the ``rate``'s own;
 - ``"trend_small_loss"``: in the small-loss regime (above) the *trend* baseline's, window 0 carried
-  along the run's own log-linear trend per step before k (:func:`trend_level`; no theory);
+  along the run's own log-linear trend per step before k
+  (:func:`experiments.whatif.drift.trend_forecast`; no theory);
   elsewhere the model's. On the two families of that kind held out in the thirteenth and
   fourteenth rounds the trend got the norm sign and the size more often than every model;
 - ``"blend_small_loss"``: there the geometric mean of the model's level and the trend's, equal
@@ -118,7 +119,6 @@ import functools
 from dataclasses import dataclass, fields
 
 import numpy as np
-import xarray as xr
 
 from experiments.linking.core import run_method
 from experiments.runs.data import KINDS
@@ -264,21 +264,6 @@ def bulk_curvature(rate, trace, at, momentum, width=None, data=None):
     raise ValueError(f"rate={rate!r} is unknown; valid: {', '.join(RATES)}")
 
 
-def trend_level(trace, at, windows, meas0):
-    """The trend baseline's forecast of the unchanged run (no theory;
-    :func:`experiments.whatif.predict.whatif`'s ``trend_*``): window 0's measured norm and log10
-    update ratio carried along the run's own log-linear trend per step before ``at``
-    (:func:`experiments.whatif.drift.trend_slopes`), over (window, layer) in ``meas0``'s layer order."""
-    width = windows[0][1] - windows[0][0]
-    s_norm, s_ratio = drift.trend_slopes(trace, at, width)
-    mid0 = (windows[0][0] + windows[0][1]) / 2
-    dt = xr.DataArray([(a + b) / 2 - mid0 for a, b in windows], dims="window")
-    layers = meas0["layer"].values
-    slope = lambda s: xr.DataArray(s, dims="layer", coords={"layer": trace["layer"].values}).sel(layer=layers)  # noqa: E731
-    return (meas0["grad_norm"] * np.exp(dt * slope(s_norm)),
-            meas0["update_ratio"] + dt * slope(s_ratio))
-
-
 def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=None, rate="lambda", level="model"):
     """A predictor (:data:`experiments.whatif.predict.PREDICTOR`'s signature): the ``inner``
     predictor's output (default :data:`TOP`) with its ρ, and the norm and update ratio of the
@@ -315,7 +300,7 @@ def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=Non
         norm = loss_norm.isel(change=0) * norm / norm.isel(ref)
         ratio = loss_ratio.isel(change=0) + ratio - ratio.isel(ref)
     if trend_weight > 0:  # the reference level (partly) the run's own trend, each plan's effect over it kept
-        trend_norm, trend_ratio = trend_level(trace, at, windows, meas0)
+        trend_norm, trend_ratio = drift.trend_forecast(trace, at, windows, meas0)
         w = trend_weight
         norm = norm.isel(ref) ** (1 - w) * trend_norm ** w * norm / norm.isel(ref)
         ratio = (1 - w) * ratio.isel(ref) + w * trend_ratio + ratio - ratio.isel(ref)
@@ -345,4 +330,4 @@ def predictor(combine="level", rate="lambda", level="model", **kw):
 
 __all__ = ["COMBINES", "LEVELS", "N_RATE", "POWER", "RATES", "SHARPENING", "SMALL_LOSS", "TOP", "BulkForecast", "PowerForecast",
            "bulk_curvature", "bulk_power_exponent", "bulk_predictor", "bulk_rate", "loss_exponent", "power_exponent",
-           "predictor", "small_loss_exponent", "trend_level"]
+           "predictor", "small_loss_exponent"]

@@ -230,6 +230,18 @@ def trend_slopes(trace, at, width, n_fit=N_FIT, n_batch=N_BATCH):
     return fit_drift(t, y_norm, np.zeros_like(y_norm))[0], fit_drift(t, y_ratio, np.zeros_like(y_ratio))[0]
 
 
+def trend_forecast(trace, at, windows, meas0):
+    """The trend baseline's forecast (no theory): window 0's measured norm and log10 update ratio
+    (``meas0``, over layer) carried along :func:`trend_slopes` per step to each window's mid-step,
+    over (window, layer) in ``meas0``'s layer order: ‖g‖̂_j = ‖g‖_0 e^{ŝ Δt_j}, r̂_j = r_0 + ŝ^r Δt_j."""
+    s_norm, s_ratio = trend_slopes(trace, at, windows[0][1] - windows[0][0])
+    mid0 = (windows[0][0] + windows[0][1]) / 2
+    dt = xr.DataArray([(a + b) / 2 - mid0 for a, b in windows], dims="window")
+    layers = meas0["layer"].values
+    slope = lambda s: xr.DataArray(s, dims="layer", coords={"layer": trace["layer"].values}).sel(layer=layers)  # noqa: E731
+    return meas0["grad_norm"] * np.exp(dt * slope(s_norm)), meas0["update_ratio"] + dt * slope(s_ratio)
+
+
 def _clock(clock, plan, rows):
     """The clock of each row [a, b) under ``plan``: its mean flow time (``"flow"``,
     :func:`experiments.whatif.delta.window_clock`) or its mean step (``"steps"``)."""
@@ -309,5 +321,5 @@ def predictor(clock="steps", **kw):
 
 
 __all__ = ["CLOCKS", "FITS", "GATES", "N_BATCH", "N_FIT", "T_KEEP", "batch_se", "batch_stats", "drift_predictor",
-           "escaped_windows", "fit_drift", "past_windows", "predictor", "since_escape_windows", "trend_slopes",
-           "window_stats"]
+           "escaped_windows", "fit_drift", "past_windows", "predictor", "since_escape_windows", "trend_forecast",
+           "trend_slopes", "window_stats"]

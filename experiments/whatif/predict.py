@@ -31,7 +31,7 @@ windows 1..n: [k+(j−1)W, k+jW)):
 Persistence, the baseline (§9), predicts window 0's measured values for every window. The *trend*
 baseline (no theory either) carries window 0's measured norm and update ratio forward along the
 run's own log-linear trend before k, the same for every change (``trend_*``;
-:func:`experiments.whatif.drift.trend_slopes`), and window 0's ρ as persistence does: the norm
+:func:`experiments.whatif.drift.trend_forecast`), and window 0's ρ as persistence does: the norm
 moves that a forecaster who extrapolates the run, and knows nothing of the change, gets right.
 
 An improved link model plugs in as one function with :func:`nqm_predictor`'s signature:
@@ -248,10 +248,8 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
             h_layer[c, w] = lr * k * lam_layer / edge
             reg_layer[c, w] = [defined_regime(m, lr * k * x, beta) for x in lam_layer]
     persist = lambda v: meas0[v].expand_dims(change=model.change, window=model.window)  # noqa: E731
-    s_norm, s_ratio = drift.trend_slopes(before, at, window)
-    dt = xr.DataArray([(a + b) / 2 - (windows[0][0] + windows[0][1]) / 2 for a, b in windows], dims="window",
-                      coords={"window": model.window})
-    slope = lambda s: xr.DataArray(s, dims="layer", coords={"layer": before["layer"].values})  # noqa: E731
+    trend_norm, trend_ratio = (v.assign_coords(window=model.window).expand_dims(change=model.change)
+                               for v in drift.trend_forecast(before, at, windows, meas0))
     ds = xr.Dataset({
         "pred_grad_corr": corr, "pred_grad_norm": norm, "pred_update_ratio": ratio,
         "pred_h_edge": (("change", "window"), h_edge), "pred_regime": (("change", "window"), reg.astype(str)),
@@ -260,8 +258,7 @@ def whatif(trace, at, changes, *, window=None, n_windows=2, predictor=None, conf
         "persist_grad_corr": persist("grad_corr"), "persist_grad_norm": persist("grad_norm"),
         "persist_update_ratio": persist("update_ratio"),
         "trend_grad_corr": persist("grad_corr"),
-        "trend_grad_norm": persist("grad_norm") * np.exp(dt * slope(s_norm).reindex(layer=meas0.layer.values)),
-        "trend_update_ratio": persist("update_ratio") + dt * slope(s_ratio).reindex(layer=meas0.layer.values),
+        "trend_grad_norm": trend_norm, "trend_update_ratio": trend_ratio,
         "model_grad_corr": model["grad_corr"], "model_grad_sq": model["grad_sq"],
         "model_update_sq": model["update_sq"],
     })
