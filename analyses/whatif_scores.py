@@ -196,11 +196,13 @@ GROUPS = {"development": ("whatif_seed_cnn", [400]),
           "evaluation_15": ("whatif_eval15", [200, 400]),
           "evaluation_16": ("whatif_eval16", [200, 400]),
           "evaluation_17": ("whatif_eval17", [200, 400]),
-          "evaluation_18": ("whatif_eval18", [200, 400])}
+          "evaluation_18": ("whatif_eval18", [200, 400]),
+          "evaluation_19": ("whatif_eval19", [200, 400])}
 # committed before any run of them and kept for a later round: run only when named, never by default.
 # The eleventh to fourteenth rounds' (eval13 to eval17 and the seed-14 to seed-17 runs) were scored
-# once there and are development since the fifteenth round.
-HELD_OUT = ("evaluation_18", "seed_decay_growth_eval18")  # the fifteenth round's
+# once there and are development since the fifteenth round; the fifteenth round's (eval18 and the
+# seed-18 runs) were scored once there and are development since the sixteenth.
+HELD_OUT = ("evaluation_19", "seed_decay_growth_eval19")  # the sixteenth round's
 
 
 def default_groups():
@@ -221,7 +223,8 @@ SEED_SPECS = {"seed_decay_growth": None, "seed_decay_growth_eval3": "whatif_eval
               "seed_decay_growth_eval15": "whatif_eval15_decay",
               "seed_decay_growth_eval16": "whatif_eval16_decay",
               "seed_decay_growth_eval17": "whatif_eval17_decay",
-              "seed_decay_growth_eval18": "whatif_eval18_decay"}
+              "seed_decay_growth_eval18": "whatif_eval18_decay",
+              "seed_decay_growth_eval19": "whatif_eval19_decay"}
 
 
 def setting_checks(spec_name, steps):

@@ -63,7 +63,7 @@ def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
     assert not set(HELD_OUT) & set(GROUPS)  # the held-out families are not development
     from analyses.whatif_forecast_choice import REGIME_GROUPS
 
-    assert "evaluation_18" in HELD_OUT and "evaluation_18" not in REGIME_GROUPS  # this round's held out
+    assert "evaluation_19" in HELD_OUT and "evaluation_19" not in REGIME_GROUPS  # this round's held out
     assert {"evaluation_13", "evaluation_17"} <= set(GROUPS) and "evaluation_17" in REGIME_GROUPS  # seen since
     import analyses.whatif_forecast_choice as choice
 
