@@ -72,13 +72,16 @@ follows the loss, or the loss sets the reference plan and the default the change
 the default elsewhere; fourteenth round), ``bulk_trend_small_loss`` / ``bulk_trend_blend_small_loss`` /
 ``bulk_trend_blend`` (the unchanged run's level in the small-loss regime the trend baseline's, or
 the geometric mean of the default's and the trend's, or that mean everywhere, each change's effect
-over it the default's; fifteenth round), and the two no-theory baselines,
+over it the default's; fifteenth round), ``bulk_mix_held`` / ``bulk_mix_power`` /
+``bulk_mix_power_held`` (the predictor in use with the norm the geometric mean of those under the
+flow-time sharpening and under the held curvature, the power of τ, or both,
+:mod:`experiments.whatif.bulk`'s ``mix``; sixteenth round), and the two no-theory baselines,
 ``persistence`` and ``trend`` (window 0 carried along the run's own trend before k). (The earlier
 rounds' other variants are in the git history of this file.)
 Writes ``results/whatif_scores.json`` (with group names as arguments only those groups, no seed
 setting unless named (``seed_decay_growth``, ``seed_decay_growth_eval3``, ``_eval4``, ``_eval8``, ``_eval9``,
-``_eval11``, ``_eval14`` to ``_eval18``); without names every group of :func:`default_groups` and
-every seed entry of :func:`default_seed_entries` (eval18 and the seed-18 runs,
+``_eval11``, ``_eval14`` to ``_eval19``); without names every group of :func:`default_groups` and
+every seed entry of :func:`default_seed_entries` (eval19 and the seed-19 runs,
 :data:`HELD_OUT`, only when named); their
 entries replaced in the file and the others kept):
 
@@ -138,6 +141,10 @@ CANDIDATES = {  # name -> predictor
     "bulk_trend_small_loss": bulk.predictor("level", rate="loss_level", level="trend_small_loss"),
     "bulk_trend_blend_small_loss": bulk.predictor("level", rate="loss_level", level="blend_small_loss"),
     "bulk_trend_blend": bulk.predictor("level", rate="loss_level", level="blend"),
+    "bulk_mix_held": bulk.predictor("level", rate="loss_level", level="blend_small_loss", mix=("held",)),
+    "bulk_mix_power": bulk.predictor("level", rate="loss_level", level="blend_small_loss", mix=("power_trace",)),
+    "bulk_mix_power_held": bulk.predictor("level", rate="loss_level", level="blend_small_loss",
+                                          mix=("power_trace", "held")),
 }
 
 

@@ -289,3 +289,42 @@ def test_the_trend_levels_put_the_default_effect_on_the_runs_own_trend(tiny_run)
 def test_bulk_rejects_an_unknown_level():
     with pytest.raises(ValueError, match="level='mean' is unknown; valid: model, trend_small_loss, blend_small_loss, blend"):
         bulk.predictor(level="mean")
+
+
+def test_the_mix_is_the_geometric_mean_of_the_members_norms_with_the_level_set_on_it(tiny_run):  # noqa: F811
+    ch = changes_from([0.5, 2.0], [0.1])
+    for trace in (_sharpening_trace(tiny_run), _small_loss(_sharpening_trace(tiny_run))):
+        one = {r: whatif(trace, 40, ch, window=10, predictor=bulk.predictor(rate=r)) for r in ("lambda", "power_trace")}
+        held = whatif(trace, 40, ch, window=10, predictor=nqm_predictor)  # the fixed curvature
+        two = whatif(trace, 40, ch, window=10, predictor=bulk.predictor(mix=("power_trace",)))
+        three = whatif(trace, 40, ch, window=10, predictor=bulk.predictor(mix=("power_trace", "held")))
+        assert not np.allclose(one["lambda"].pred_grad_norm, held.pred_grad_norm)  # the members differ
+        xr.testing.assert_allclose(two.pred_grad_norm,
+                                   np.sqrt(one["lambda"].pred_grad_norm * one["power_trace"].pred_grad_norm))
+        xr.testing.assert_allclose(three.pred_grad_norm, (one["lambda"].pred_grad_norm * one["power_trace"].pred_grad_norm
+                                                          * held.pred_grad_norm) ** (1 / 3))
+        xr.testing.assert_allclose(three.pred_update_ratio, (one["lambda"].pred_update_ratio
+                                                             + one["power_trace"].pred_update_ratio
+                                                             + held.pred_update_ratio) / 3)
+        xr.testing.assert_allclose(three.pred_grad_corr, one["lambda"].pred_grad_corr)  # ρ stays the top's
+        # the reference level is set on the mix: in the small-loss regime the in-use level, each change's mixed effect
+        in_use = dict(rate="loss_level", level="blend_small_loss")
+        default = whatif(trace, 40, ch, window=10, predictor=bulk.predictor(**in_use))
+        mixed = whatif(trace, 40, ch, window=10, predictor=bulk.predictor(**in_use, mix=("power_trace", "held")))
+        if float(trace["loss"].values[30:40].mean()) < bulk.SMALL_LOSS:
+            ref = dict(change=list(default.label.values).index("scheduled"))
+            xr.testing.assert_allclose(mixed.pred_grad_norm.isel(ref), default.pred_grad_norm.isel(ref))
+            for c in ("lr×0.5", "lr×2", "decay×0.1"):
+                xr.testing.assert_allclose(_effect(mixed, c), _effect(three, c), rtol=1e-9)
+        else:
+            xr.testing.assert_allclose(mixed.pred_grad_norm, three.pred_grad_norm)
+    assert_identical = xr.testing.assert_identical
+    assert_identical(whatif(trace, 40, ch, window=10, predictor=bulk.predictor(mix=())), one["lambda"])
+
+
+def test_bulk_rejects_an_unknown_mix():
+    with pytest.raises(ValueError, match="mix=.*each entry must be one of lambda, trace, power, power_trace, "
+                                         "power_released, held"):
+        bulk.predictor(mix=("loss",))
+    with pytest.raises(ValueError, match="mix='held'"):
+        bulk.predictor(mix="held")

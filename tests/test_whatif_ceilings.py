@@ -50,32 +50,25 @@ def test_a_replicate_check_forks_every_change_with_another_data_order(tmp_path):
     np.testing.assert_array_equal(a.pred_grad_norm, b.pred_grad_norm)  # the prediction sees only the past
 
 
-def test_the_choice_rule_needs_a_margin_of_two_data_order_standard_errors():
+def test_the_rule_score_and_the_round_s_sets():
     groups = {g: {"corr_spearman": 0.6, "norm_sign": 0.4, "effect_sign": 0.2, "norm_factor_1p5": 0.2}
               for g in GROUPS}
-    assert rule_score(groups, 1.0) == pytest.approx((18 * 0.35 + 1.0) / 19)  # eighteen fork groups and the seed term
+    assert rule_score(groups, 1.0) == pytest.approx((19 * 0.35 + 1.0) / 20)  # nineteen fork groups and the seed term
     groups["evaluation_8"]["effect_sign"] = float("nan")  # a group without an effect case: the three defined
-    assert rule_score(groups, 1.0) == pytest.approx((17 * 0.35 + 0.4 + 1.0) / 19)
-    assert set(candidates()) == {"bulk_loss_level", "bulk_trend_small_loss", "bulk_trend_blend_small_loss",
-                                 "bulk_trend_blend"}
+    assert rule_score(groups, 1.0) == pytest.approx((18 * 0.35 + 0.4 + 1.0) / 20)
+    assert set(candidates()) == {"bulk_trend_blend_small_loss", "bulk_mix_held", "bulk_mix_power",
+                                 "bulk_mix_power_held"}
     from analyses.whatif_scores import HELD_OUT
 
     assert not set(HELD_OUT) & set(GROUPS)  # the held-out families are not development
-    from analyses.whatif_forecast_choice import REGIME_GROUPS
+    assert "evaluation_19" in HELD_OUT and "seed_decay_growth_eval19" in HELD_OUT  # this round's held out
+    assert {"evaluation_13", "evaluation_18"} <= set(GROUPS)  # scored once in earlier rounds, seen since
+    from analyses.whatif_forecast_choice import SEED_DECAY_SPECS
 
-    assert "evaluation_19" in HELD_OUT and "evaluation_19" not in REGIME_GROUPS  # this round's held out
-    assert {"evaluation_13", "evaluation_17"} <= set(GROUPS) and "evaluation_17" in REGIME_GROUPS  # seen since
+    assert "whatif_eval18_decay" in SEED_DECAY_SPECS and "whatif_eval19_decay" not in SEED_DECAY_SPECS
     import analyses.whatif_forecast_choice as choice
 
     assert choice.__doc__.split("The rule. ")[1].split("Writes")[0].strip()  # main() writes it to the json
-    d = "bulk_loss_level"
-    both = "bulk_trend_small_loss"
-    rows = {d: {"S": [0.46, 0.50], "score": 0.48}, both: {"S": [0.51, 0.50], "score": 0.505}}
-    assert choose(rows) == (d, pytest.approx(0.04))  # +0.025 < 2 se = 0.04
-    rows[both] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows)[0] == both  # +0.05 > 0.04
-    rows[d] = {"S": [0.53, 0.53], "score": 0.53}
-    assert choose(rows)[0] == d  # a tie: fewer parts
 
 
 def test_drift_share_counts_the_moves_the_unchanged_run_made_too():
@@ -155,25 +148,27 @@ def test_a_held_out_group_runs_only_when_named(monkeypatch):
     assert scores.main(held_seeds) == 0 and ran == held_seeds  # named: it runs
 
 
-def test_the_regime_test_is_paired_over_the_regime_groups_and_orders():
-    from analyses.whatif_forecast_choice import REGIME_GROUPS, choose_with_regime, regime_test
+def test_the_family_test_is_paired_over_the_development_groups():
+    from analyses.whatif_forecast_choice import family_test
 
-    def row(score, terms):  # terms[order][i]: the four-term level of regime group i
+    keys = ("corr_spearman", "norm_sign", "effect_sign", "norm_factor_1p5")
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 0.8, size=(2, len(GROUPS)))  # the default's four-term level per order and group
+
+    def row(score, terms):
         return {"S": [score, score], "score": score,
-                "regime": {o: {g: dict.fromkeys(("corr_spearman", "norm_sign", "effect_sign", "norm_factor_1p5"), t)
-                               for g, t in zip(REGIME_GROUPS, terms[o])} for o in (0, 1)}}
+                "groups": {o: {g: dict.fromkeys(keys, t) for g, t in zip(GROUPS, terms[o])} for o in (0, 1)}}
 
-    base = [[0.3, 0.4, 0.5, 0.2], [0.35, 0.45, 0.4, 0.25]]
-    d, a, b = "bulk_loss_level", "bulk_trend_small_loss", "bulk_trend_blend_small_loss"
-    rows = {d: row(0.70, base),
-            a: row(0.70, [[t + 0.10 for t in base[0]], [t + 0.12 for t in base[1]]]),
-            b: row(0.70, [[t + 0.30 for t in base[0]], [t - 0.20 for t in base[1]]])}
-    out = regime_test(rows)
-    diff = np.array([0.10] * 4 + [0.12] * 4)
-    assert out[a] == (pytest.approx(diff.mean()), pytest.approx(diff.std(ddof=1) / np.sqrt(8)), True)
-    assert out[b][2] is False  # +0.05 on average, but not against its own spread
-    assert choose_with_regime(rows) == (a, "regime")
-    rows[a]["score"] = 0.69  # it passes the regime but loses on the development set: not chosen
-    assert regime_test(rows)[a][2] is False
-    assert choose_with_regime(rows) == (d, "margin")  # the twelfth round's rule decides
-    assert choose(rows) == (d, pytest.approx(0.0))
+    d, a, b = "bulk_trend_blend_small_loss", "bulk_mix_held", "bulk_mix_power"
+    up = np.tile([0.02, 0.04], (2, len(GROUPS)))[:, :len(GROUPS)]  # +0.03 on average, consistent
+    swing = np.tile([0.40, -0.30], (2, len(GROUPS)))[:, :len(GROUPS)]  # +0.05 on average, against its spread
+    rows = {d: row(0.70, base), a: row(0.70, base + up), b: row(0.70, base + swing)}
+    out = family_test(rows)
+    diff = up.mean(axis=0)
+    assert out[a] == (pytest.approx(diff.mean()), pytest.approx(diff.std(ddof=1) / np.sqrt(len(GROUPS))), True)
+    assert out[b][0] > out[a][0] and out[b][2] is False  # larger on average, but not against its spread
+    assert choose(rows) == a
+    rows[a]["score"] = 0.69  # it passes the paired test but loses on S: not chosen
+    assert family_test(rows)[a][2] is False and choose(rows) == d
+    rows[a]["score"], rows["bulk_mix_power_held"] = 0.70, row(0.70, base + up)  # a tie in d: fewer parts
+    assert choose(rows) == a

@@ -93,6 +93,18 @@ with each plan's effect over it kept (the ``rate``'s; the same for the update ra
   combination puzzle");
 - ``"blend"``: that geometric mean everywhere.
 
+``mix`` (the sixteenth round's): model averaging over the bulk's future. The norm is the
+equal-weight geometric mean of the norms forecast under ``rate``'s curvature and under each rate
+of ``mix`` (:data:`MIX_RATES`; ``"held"``: the curvature held at its value at k, the link's NQM),
+‖g‖̂_j(c) = (Π_m ‖g‖̂^m_j(c))^{1/M}, and the log10 update ratio their mean; the reference level
+(``rate="loss_level"``, ``level``) is then set on that combination as above. The flow-time rate
+since the first probe forecasts a sharpening that goes on (``"lambda"``), the power of τ one that
+slows (``"power_trace"``), the held curvature none: on the nineteen families scored so far each of
+the three is the best of them on the norm sign on some (eval14: λ 0.70, power 0.44, held 0.40;
+eval18: 0.58, 0.80, 0.80; ``results/whatif_scores.json``), which no rule before k told apart. The
+average of forecasts from different models errs less than the average model where their errors
+differ (Bates & Granger 1969; Smith & Wallis 2009, as above); no weight is fitted.
+
 ``combine``:
 
 - ``"level"``: the norm and the log10 update ratio are the sharpening model's, anchored on
@@ -130,6 +142,7 @@ from experiments.whatif.delta import reference_plan
 COMBINES = ("level", "effect")
 LEVELS = ("model", "trend_small_loss", "blend_small_loss", "blend")
 RATES = ("lambda", "trace", "power", "power_trace", "power_released", "loss", "loss_level")
+MIX_RATES = ("lambda", "trace", "power", "power_trace", "power_released", "held")  # mix=: no loss rate (the level's)
 SMALL_LOSS = 0.2  # nats: 1 − e^{−ℓ} is within 10 % of ℓ below it (rate="loss")
 N_RATE = drift.N_FIT  # probes in the bulk's rate (rate="trace")
 SHARPENING = CurvatureForecast(sharpening=True)  # the second round's flow-time sharpening, edge-capped
@@ -246,7 +259,7 @@ def small_loss_exponent(trace, at, momentum, width, data):
 
 
 def bulk_curvature(rate, trace, at, momentum, width=None, data=None):
-    """The curvature forecast of the bulk under ``rate`` (:data:`RATES`; the module docstring);
+    """The curvature forecast of the bulk under ``rate`` (:data:`RATES` or :data:`MIX_RATES`; the module docstring);
     ``width``: the window, ``data``: the run's dataset name (its task) (both for the loss rates)."""
     if rate == "loss":
         b = small_loss_exponent(trace, at, momentum, width, data)
@@ -261,20 +274,30 @@ def bulk_curvature(rate, trace, at, momentum, width=None, data=None):
         return PowerForecast(exponent=bulk_power_exponent(trace, at, momentum))
     if rate == "trace":
         return BulkForecast(bulk_rate=bulk_rate(trace, at, momentum))
+    if rate == "held":
+        return None  # nqm_predictor's fixed curvature (the candidate ``fixed``)
     raise ValueError(f"rate={rate!r} is unknown; valid: {', '.join(RATES)}")
 
 
-def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=None, rate="lambda", level="model"):
-    """A predictor (:data:`experiments.whatif.predict.PREDICTOR`'s signature): the ``inner``
-    predictor's output (default :data:`TOP`) with its ρ, and the norm and update ratio of the
-    module docstring in ``anchored_grad_norm`` / ``anchored_update_ratio``. ``trace``: the run
-    before ``at``."""
+def _check(combine, rate, level, mix):
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r} is unknown; valid: {', '.join(COMBINES)}")
     if rate not in RATES:
         raise ValueError(f"rate={rate!r} is unknown; valid: {', '.join(RATES)}")
     if level not in LEVELS:
         raise ValueError(f"level={level!r} is unknown; valid: {', '.join(LEVELS)}")
+    bad = [r for r in mix if r not in MIX_RATES]
+    if bad or isinstance(mix, str):
+        raise ValueError(f"mix={mix!r}: each entry must be one of {', '.join(MIX_RATES)} (a tuple)")
+
+
+def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=None, rate="lambda", level="model",
+                   mix=()):
+    """A predictor (:data:`experiments.whatif.predict.PREDICTOR`'s signature): the ``inner``
+    predictor's output (default :data:`TOP`) with its ρ, and the norm and update ratio of the
+    module docstring in ``anchored_grad_norm`` / ``anchored_update_ratio``. ``trace``: the run
+    before ``at``. ``bulk_curvature_factor`` is ``rate``'s forecast's (not the mix's)."""
+    _check(combine, rate, level, mix)
     inner = TOP if inner is None else inner
     n = len(plans)
     method, momentum = run_method(config)
@@ -293,6 +316,11 @@ def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=Non
     top_corr, top_norm, top_ratio = ((top[k] for k in ANCHORED) if all(k in top for k in ANCHORED)
                                      else anchor_on_window0(meas0, top))
     _, norm, ratio = anchor_on_window0(meas0, bulk)
+    if mix:  # the geometric mean of the norms under each curvature forecast, the mean log10 ratio
+        members = [(norm, ratio)] + [anchor_on_window0(meas0, nqm_predictor(
+            trace, config, at, all_plans, windows, curvature=bulk_curvature(r, trace, at, momentum)))[1:] for r in mix]
+        norm = np.exp(sum(np.log(m) for m, _ in members) / len(members))
+        ratio = sum(r for _, r in members) / len(members)
     ref = dict(change=n)
     if b_loss is not None:  # the loss model's reference level times the flow-time sharpening's effect over it
         loss = nqm_predictor(trace, config, at, all_plans[n:], windows, curvature=PowerForecast(exponent=b_loss))
@@ -317,17 +345,12 @@ def bulk_predictor(trace, config, at, plans, windows, combine="level", inner=Non
     return ds
 
 
-def predictor(combine="level", rate="lambda", level="model", **kw):
-    """:func:`bulk_predictor` with ``combine``, ``rate`` (and keywords) bound: a PREDICTOR."""
-    if combine not in COMBINES:
-        raise ValueError(f"combine={combine!r} is unknown; valid: {', '.join(COMBINES)}")
-    if rate not in RATES:
-        raise ValueError(f"rate={rate!r} is unknown; valid: {', '.join(RATES)}")
-    if level not in LEVELS:
-        raise ValueError(f"level={level!r} is unknown; valid: {', '.join(LEVELS)}")
-    return functools.partial(bulk_predictor, combine=combine, rate=rate, level=level, **kw)
+def predictor(combine="level", rate="lambda", level="model", mix=(), **kw):
+    """:func:`bulk_predictor` with ``combine``, ``rate``, ``level``, ``mix`` (and keywords) bound: a PREDICTOR."""
+    _check(combine, rate, level, tuple(mix) if isinstance(mix, list) else mix)
+    return functools.partial(bulk_predictor, combine=combine, rate=rate, level=level, mix=tuple(mix), **kw)
 
 
-__all__ = ["COMBINES", "LEVELS", "N_RATE", "POWER", "RATES", "SHARPENING", "SMALL_LOSS", "TOP", "BulkForecast", "PowerForecast",
+__all__ = ["COMBINES", "LEVELS", "MIX_RATES", "N_RATE", "POWER", "RATES", "SHARPENING", "SMALL_LOSS", "TOP", "BulkForecast", "PowerForecast",
            "bulk_curvature", "bulk_power_exponent", "bulk_predictor", "bulk_rate", "loss_exponent", "power_exponent",
            "predictor", "small_loss_exponent"]
