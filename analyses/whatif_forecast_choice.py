@@ -56,6 +56,12 @@ processes, default 2, one candidate each at a time):
 
     .venv/bin/python -m analyses whatif_forecast_choice     # ~40 min on two cores
 
+Result (run after the candidates and the rule were committed, on a store regenerated from scratch):
+S (mean of the two data orders) 0.697 for the default, 0.708 ``bulk_mix_held``, 0.709
+``bulk_mix_power``, 0.713 ``bulk_mix_power_held``; family test mean d (SE) +0.012 (0.005), +0.012
+(0.003), +0.017 (0.006): all three pass; ``bulk_mix_power_held`` has the largest mean d and becomes
+the predictor in use (``results/whatif_forecast_choice.json``).
+
 The fifteenth round's choice (the two-part rule with the small-loss regime's paired test on eval8,
 eval12, eval16 and eval17; ``bulk_trend_blend_small_loss`` replaced ``bulk_loss_level``) is in
 docs/findings/whatif.md, "Fifteenth round", and in the git history of this file.

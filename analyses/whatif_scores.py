@@ -148,7 +148,7 @@ CANDIDATES = {  # name -> predictor
 }
 
 
-IN_USE = "bulk_trend_blend_small_loss"  # the candidate PREDICTOR computes (predict.default_predictor; tests/test_whatif_drift.py)
+IN_USE = "bulk_mix_power_held"  # the candidate PREDICTOR computes (predict.default_predictor; tests/test_whatif_drift.py)
 VARIANTS = {"model": PREDICTOR, **{n: pr for n, pr in CANDIDATES.items() if n != IN_USE}}
 NAMES = (*VARIANTS, "persistence", "trend")  # the two no-theory baselines last
 KEYS = ("corr_spearman", "norm_sign", "norm_factor_1p5", "effect_sign", "effect_factor_1p5", "ratio_mae",

@@ -363,7 +363,8 @@ def _add_whatif(subparsers):
     p.add_argument("--windows", type=int, default=2, help="windows after STEP (default 2)")
     p.add_argument("--check", action="store_true", help="run the forks (from a checkpoint at STEP) and score")
     p.add_argument("--base", choices=("window0", "persistence", "trend", "escape", "drift-steps", "drift-flow",
-                                      "since-escape", "sharpen-decay", "bulk-sharpening", "bulk-loss-level"),
+                                      "since-escape", "sharpen-decay", "bulk-sharpening", "bulk-loss-level",
+                                      "bulk-trend-blend"),
                    help="the unchanged run's level: window0 (the model anchored on the window before STEP), "
                    "persistence or trend (a forecast of the unchanged run times the model's effect of the "
                    "change), escape (window0 with the plateau escape forecast where one is due), drift-steps / "
@@ -374,8 +375,11 @@ def _add_whatif(subparsers):
                    "eleventh round to the fourteenth: rho from sharpen-decay, the norm from the flow-time "
                    "sharpening of the bulk and the noise), bulk-loss-level (the predictor in use in the fourteenth "
                    "round: bulk-sharpening, with the unchanged run's norm following the training loss where it is "
-                   "below 0.2 nats and falling); default: the predictor in use (bulk-loss-level, with the unchanged "
-                   "run's level there the geometric mean of the loss's forecast and the run's own trend)")
+                   "below 0.2 nats and falling), bulk-trend-blend (the predictor in use in the fifteenth round: "
+                   "bulk-loss-level, with the unchanged run's level there the geometric mean of the loss's forecast "
+                   "and the run's own trend); default: the predictor in use (bulk-trend-blend, its norm the geometric "
+                   "mean of those under three forecasts of the bulk's curvature: its flow-time sharpening, a power "
+                   "of the flow time, and held)")
     p.add_argument("--data-dir", help="directory with local dataset files")
     p.add_argument("--out", help="write the predictions (and measurements) as netCDF here")
     p.add_argument("--json", help="with --check: write the scores as JSON here")

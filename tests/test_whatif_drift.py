@@ -211,13 +211,13 @@ def test_cli_base_drift(tiny_run, capsys):  # noqa: F811 (the fixture)
     assert "invalid choice: 'drift'" in capsys.readouterr().err
 
 
-def test_the_predictor_in_use_is_the_fifteenth_rounds_choice_and_its_top_the_seventh_rounds(tiny_run):  # noqa: F811
+def test_the_predictor_in_use_is_the_sixteenth_rounds_choice_and_its_top_the_seventh_rounds(tiny_run):  # noqa: F811
     from analyses.whatif_forecast_choice import candidates
     from analyses.whatif_scores import CANDIDATES, IN_USE
     from experiments.whatif import bulk
     from experiments.whatif.predict import BASES, PREDICTOR
 
-    assert IN_USE == "bulk_trend_blend_small_loss" and IN_USE in candidates()
+    assert IN_USE == "bulk_mix_power_held" and IN_USE in candidates()
 
     trace = store.load_run(tiny_run)
     lam = trace["sharpness_global"].values.copy()
@@ -229,15 +229,22 @@ def test_the_predictor_in_use_is_the_fifteenth_rounds_choice_and_its_top_the_sev
     xr.testing.assert_identical(a, b)
     assert PREDICTOR.__name__ == "default_predictor"
     # the top (rho, h/edge) is the seventh round's predictor, which --base sharpen-decay also names
+    # the fifteenth round's predictor is --base bulk-trend-blend
+    xr.testing.assert_identical(whatif(trace, 40, changes, window=10, predictor=CANDIDATES["bulk_trend_blend_small_loss"]),
+                                whatif(trace, 40, changes, window=10, predictor=BASES["bulk-trend-blend"]))
     top = whatif(trace, 40, changes, window=10, predictor=CANDIDATES["sharpen_decay_run"])
     xr.testing.assert_identical(top, whatif(trace, 40, changes, window=10, predictor=BASES["sharpen-decay"]))
     for v in ("pred_grad_corr", "pred_h_edge", "pred_regime"):
         xr.testing.assert_identical(a[v], top[v])
     assert BASES["sharpen-decay"] is bulk.TOP
-    # outside the small-loss regime (the tiny run's loss is far above 0.2 nats) it is the eleventh
-    # round's bulk_sharpening to the bit, which --base bulk-sharpening names, and the fourteenth's
-    xr.testing.assert_identical(a, whatif(trace, 40, changes, window=10, predictor=BASES["bulk-sharpening"]))
-    xr.testing.assert_identical(a, whatif(trace, 40, changes, window=10, predictor=BASES["bulk-loss-level"]))
+    # outside the small-loss regime (the tiny run's loss is far above 0.2 nats) the fifteenth round's
+    # predictor is the eleventh round's bulk_sharpening to the bit (--base bulk-sharpening), and the
+    # fourteenth's; the sixteenth's mix moves only the norm and the update ratio
+    fifteenth = whatif(trace, 40, changes, window=10, predictor=BASES["bulk-trend-blend"])
+    xr.testing.assert_identical(fifteenth, whatif(trace, 40, changes, window=10, predictor=BASES["bulk-sharpening"]))
+    xr.testing.assert_identical(fifteenth, whatif(trace, 40, changes, window=10, predictor=BASES["bulk-loss-level"]))
+    moved = [v for v in a.data_vars if not a[v].identical(fifteenth[v])]
+    assert sorted(moved) == ["pred_grad_norm", "pred_update_ratio"]
 
 
 def test_cli_base_choices_are_the_named_predictors():

@@ -142,21 +142,24 @@ def window_bounds(at, window, n_windows):
 
 
 def default_predictor(trace, config, at, plans, windows):
-    """The predictor in use (:data:`PREDICTOR`), chosen by the fifteenth round's rule
-    (docs/findings/whatif.md, "Fifteenth round"; ``bulk_trend_blend_small_loss`` in
-    ``analyses/whatif_forecast_choice.py``): *top held, bulk sharpening, blended with the run's
-    trend when the loss is small* (:func:`experiments.whatif.bulk.bulk_predictor`,
-    ``combine="level"``, ``rate="loss_level"``, ``level="blend_small_loss"``). ρ, h/edge and the
-    regime are :data:`experiments.whatif.bulk.TOP`'s: the plateau-escape forecast, the progressive
-    sharpening after an lr decrease capped at the run's level, and the unchanged run's post-escape
-    norm drift in flow time. The norm and the update ratio are the NQM's under the flow-time
-    sharpening of the whole spectrum and the noise, anchored on window 0 (the eleventh round's
-    choice). In the small-loss regime of cross-entropy (the window's mean loss below 0.2 nats and
-    falling) the unchanged run's level is the geometric mean of the loss's forecast (the fourteenth
-    round's) and the run's own log-linear trend (the trend baseline), and each change's effect over
-    it is the sharpening model's."""
+    """The predictor in use (:data:`PREDICTOR`), chosen by the sixteenth round's rule
+    (docs/findings/whatif.md, "Sixteenth round"; ``bulk_mix_power_held`` in
+    ``analyses/whatif_forecast_choice.py``): the fifteenth round's *top held, bulk sharpening,
+    blended with the run's trend when the loss is small* (:func:`experiments.whatif.bulk.bulk_predictor`,
+    ``combine="level"``, ``rate="loss_level"``, ``level="blend_small_loss"``; ``--base
+    bulk-trend-blend``) with model averaging over the bulk's future (``mix=("power_trace", "held")``).
+    ρ, h/edge and the regime are :data:`experiments.whatif.bulk.TOP`'s: the plateau-escape forecast,
+    the progressive sharpening after an lr decrease capped at the run's level, and the unchanged
+    run's post-escape norm drift in flow time. The norm is the equal-weight geometric mean of the
+    NQM's norms under three forecasts of the bulk's curvature after k, each anchored on window 0:
+    the flow-time sharpening at its rate since the first probe, the power of τ with the summed
+    trace's exponent (a slowing rate), and the curvature held at k; the log10 update ratio is their
+    mean. No weight is fitted (Bates & Granger 1969; Smith & Wallis 2009). In the small-loss regime
+    of cross-entropy (the window's mean loss below 0.2 nats and falling) the unchanged run's level
+    is the geometric mean of the loss's forecast and the run's own log-linear trend (set on the
+    mix), and each change's effect over it is the mix's."""
     return bulk.bulk_predictor(trace, config, at, plans, windows, combine="level", rate="loss_level",
-                               level="blend_small_loss")
+                               level="blend_small_loss", mix=("power_trace", "held"))
 
 
 PREDICTOR = default_predictor  # the one function an improved link model replaces
@@ -175,6 +178,8 @@ BASES = {
     "sharpen-decay": bulk.TOP,  # the predictor in use from the seventh round to the eleventh
     "bulk-sharpening": bulk.predictor("level"),  # the predictor in use from the eleventh round to the fourteenth
     "bulk-loss-level": bulk.predictor("level", rate="loss_level"),  # in use in the fourteenth round
+    # in use in the fifteenth round
+    "bulk-trend-blend": bulk.predictor("level", rate="loss_level", level="blend_small_loss"),
 }
 
 
