@@ -54,7 +54,7 @@ no-theory baselines beside the one chosen, for the record; no second test on the
 Writes ``results/whatif_forecast_choice.json`` (the candidates are scored in ``--workers``
 processes, default 2, one candidate each at a time):
 
-    .venv/bin/python -m analyses whatif_forecast_choice     # ~40 min on two cores
+    .venv/bin/python -m analyses whatif_forecast_choice     # ~65 min on two cores (runs and forks present)
 
 Result (run after the candidates and the rule were committed, on a store regenerated from scratch):
 S (mean of the two data orders) 0.697 for the default, 0.708 ``bulk_mix_held``, 0.709

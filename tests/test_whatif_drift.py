@@ -228,10 +228,10 @@ def test_the_predictor_in_use_is_the_sixteenth_rounds_choice_and_its_top_the_sev
     b = whatif(trace, 40, changes, window=10, predictor=candidates()[IN_USE])
     xr.testing.assert_identical(a, b)
     assert PREDICTOR.__name__ == "default_predictor"
-    # the top (rho, h/edge) is the seventh round's predictor, which --base sharpen-decay also names
     # the fifteenth round's predictor is --base bulk-trend-blend
     xr.testing.assert_identical(whatif(trace, 40, changes, window=10, predictor=CANDIDATES["bulk_trend_blend_small_loss"]),
                                 whatif(trace, 40, changes, window=10, predictor=BASES["bulk-trend-blend"]))
+    # the top (rho, h/edge) is the seventh round's predictor, which --base sharpen-decay also names
     top = whatif(trace, 40, changes, window=10, predictor=CANDIDATES["sharpen_decay_run"])
     xr.testing.assert_identical(top, whatif(trace, 40, changes, window=10, predictor=BASES["sharpen-decay"]))
     for v in ("pred_grad_corr", "pred_h_edge", "pred_regime"):
