@@ -101,7 +101,7 @@ from experiments.sweeps import SPECS_DIR, expand, load_spec, run_sweep
 from experiments.whatif import bulk, delta, drift, escape, sharpen
 from experiments.whatif.check import check
 from experiments.whatif.curvature import CurvatureForecast
-from experiments.whatif.predict import PREDICTOR, changes_from, nqm_predictor
+from experiments.whatif.predict import BASES, PREDICTOR, changes_from, nqm_predictor
 
 ROOT = Path("store/runs")
 OUT = Path(__file__).resolve().parents[1] / "results" / "whatif_scores.json"
@@ -139,7 +139,7 @@ CANDIDATES = {  # name -> predictor
     "bulk_loss": bulk.predictor("level", rate="loss"),
     "bulk_loss_level": bulk.predictor("level", rate="loss_level"),
     "bulk_trend_small_loss": bulk.predictor("level", rate="loss_level", level="trend_small_loss"),
-    "bulk_trend_blend_small_loss": bulk.predictor("level", rate="loss_level", level="blend_small_loss"),
+    "bulk_trend_blend_small_loss": BASES["bulk-trend-blend"],  # the fifteenth round's, as --base names it
     "bulk_trend_blend": bulk.predictor("level", rate="loss_level", level="blend"),
     "bulk_mix_held": bulk.predictor("level", rate="loss_level", level="blend_small_loss", mix=("held",)),
     "bulk_mix_power": bulk.predictor("level", rate="loss_level", level="blend_small_loss", mix=("power_trace",)),
