@@ -296,6 +296,21 @@ def test_changed_data_files_are_not_returned_as_the_finished_run(tmp_path, capsy
     one_line(capsys.readouterr().err, "optdyn sweep: error:", "other data files")
 
 
+def test_summary_records_the_kernels_instruction_set(tmp_path):
+    """The same config on another machine can dispatch torch's CPU kernels to another
+    instruction set, which changes a long run's trajectory (docs/findings/faults.md): the
+    summary says which one ran. ``ATEN_CPU_CAPABILITY=default`` stands in for another machine."""
+    import torch
+
+    native = loop.run(RunConfig.from_dict(TINY), tmp_path / "native")
+    assert native["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    code = ("import sys; from experiments.runs import RunConfig, loop; "
+            f"loop.run(RunConfig.from_dict({TINY!r}), sys.argv[1])")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "lowered")], env=env, check=True, timeout=120)
+    assert store.read_json(tmp_path / "lowered" / store.SUMMARY)["cpu_capability"] == "DEFAULT"
+
+
 def test_summary_records_threads_versions_and_device(tmp_path, capsys):
     import torch
 

@@ -180,11 +180,15 @@ def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None, da
     ``regress``; all four None after a divergence), ``final_batch_loss`` (the last
     mini-batch loss), ``n_params``, ``n_train``, ``n_test``, ``device``,
     ``tracer_seconds``, ``wall_seconds``, ``threads`` (the torch intra-op threads the run
-    used), ``versions`` (:func:`versions`), ``data_fingerprint`` (``Data.fingerprint``).
+    used), ``cpu_capability`` (the instruction set torch's CPU kernels dispatched to:
+    ``AVX512``, ``AVX2``, ``DEFAULT``; the environment variable ``ATEN_CPU_CAPABILITY`` lowers it),
+    ``versions`` (:func:`versions`), ``data_fingerprint`` (``Data.fingerprint``).
 
     The environment is recorded here, not in the config: the run id names the experiment,
-    and the same config on another machine is the same experiment (thread counts change
-    results at round-off level: docs/findings/faults.md).
+    and the same config on another machine is the same experiment. Thread counts and the
+    kernels' instruction set change results at round-off level, and a long run at a large lr
+    amplifies that to a different trajectory: a run is bit-identical only on the same
+    ``threads``, ``cpu_capability`` and ``versions`` (docs/findings/faults.md).
     ``data``: the loaded data (from :func:`prepare`), else loaded here. ``loss_fn(model, batch)``:
     a loss in place of the task's (:func:`make_loss_fn`), for an analysis (the run id does not know it).
 
@@ -206,6 +210,7 @@ def train(config: RunConfig, *, data_dir=None, progress=False, on_probe=None, da
     with _run_context(config, device):
         trace, summary = _train(config, data, device, progress, on_probe, resume_from, on_checkpoint, loss_fn)
         summary["threads"] = torch.get_num_threads()
+    summary["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     summary.update(versions=versions(), data_fingerprint=data.fingerprint,
                    wall_seconds=time.perf_counter() - start)
     return trace, summary
