@@ -262,6 +262,16 @@ def seed_config():
     return RunConfig.from_dict({**spec.base, "lr": 0.03, "momentum": 0.9, "seed": 0, "threads": 1})
 
 
+def growth_right(pred, meas, factor=1.5):
+    """Per layer, the seed target's tests of a predicted growth against the measured: the sign of
+    pred − 1 that of meas − 1 (``sign``), |log pred/meas| ≤ log ``factor`` (``within``), both
+    (``right``); boolean arrays."""
+    pred, meas = np.asarray(pred, dtype=float), np.asarray(meas, dtype=float)
+    sign = np.sign(pred - 1) == np.sign(meas - 1)
+    within = np.abs(np.log(pred / meas)) <= np.log(factor)
+    return {"sign": sign, "within": within, "right": sign & within}
+
+
 def seed_decay_growth(variants=None, config=None):
     """The seed setting (``config``, default :func:`seed_config`; held-out runs of the same
     kind: ``whatif_eval3_decay.toml``): at step 1000 (the first decay, not yet made), predict each layer's
@@ -286,10 +296,9 @@ def seed_decay_growth(variants=None, config=None):
     meas = growth(first.isel(change=0).meas_grad_norm)
 
     def right(pred):
-        within = np.abs(np.log(pred / meas)) <= np.log(1.5)
-        sign = np.sign(pred - 1) == np.sign(meas - 1)
-        return {"predicted_growth": pred.tolist(), "growth_sign_right": float(np.mean(sign)),
-                "within_factor_1p5": float(np.mean(within)), "right": float(np.mean(sign & within))}
+        ok = growth_right(pred, meas)
+        return {"predicted_growth": pred.tolist(), "growth_sign_right": float(np.mean(ok["sign"])),
+                "within_factor_1p5": float(np.mean(ok["within"])), "right": float(np.mean(ok["right"]))}
 
     for name, ds in dss.items():
         x = ds.isel(change=0)

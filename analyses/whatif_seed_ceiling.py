@@ -14,7 +14,8 @@ does not fix is noise to it. Two kinds are measured here, per seed-setting run, 
 - ``kernels``: the same data order, torch's CPU kernels dispatched to another instruction set
   (``ATEN_CPU_CAPABILITY`` = ``avx2``, ``default``: :data:`KERNELS`, in a subprocess), beside a
   continuation on this machine's own (bit-identical to the run: checked). Round-off alone, as
-  between two machines.
+  between two machines. (On a machine whose best is AVX2 the ``avx2`` replicate is the native
+  one again: ``capabilities`` records what each ran on.)
 
 With replicates G_1..G_R (per layer), the ceiling takes as the prediction of G_r the geometric
 mean of the others (leave one out: what a model that knew the expected growth given the state
@@ -84,13 +85,7 @@ def growth(grad_norm):
     return g[-1] / g[1]
 
 
-def right(pred, meas, factor=FACTOR):
-    """Per layer: the sign of pred − 1 that of meas − 1 (``sign``), |log pred/meas| ≤ log factor
-    (``within``), both (``right``): the seed target's scores, as booleans."""
-    pred, meas = np.asarray(pred, dtype=float), np.asarray(meas, dtype=float)
-    sign = np.sign(pred - 1) == np.sign(meas - 1)
-    within = np.abs(np.log(pred / meas)) <= np.log(factor)
-    return {"sign": sign, "within": within, "right": sign & within}
+right = ws.growth_right  # the seed target's per-layer tests (sign, within ×1.5, both)
 
 
 def ceiling(replicates, factor=FACTOR):
@@ -213,12 +208,12 @@ def add_climatology(entries, held_out=ws.HELD_OUT):
 def main(argv=()):
     import torch
 
-    torch.set_num_threads(1)
     argv = list(argv)
     kernels = "--kernels" in argv
     names = [a for a in argv if a != "--kernels"] or list(ws.SEED_SPECS)
     entries = {name: [(c, CACHE / f"{run_id(c)}{'_k' if kernels else ''}.json") for c in seed_configs(name)]
                for name in names}
+    torch.set_num_threads(1)
     CACHE.mkdir(parents=True, exist_ok=True)
     for name, items in entries.items():
         for config, path in items:
