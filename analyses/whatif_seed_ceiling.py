@@ -131,6 +131,7 @@ def kernel_continuation(run_dir, windows, kernel):
     ``kernel`` (``ATEN_CPU_CAPABILITY``), its fork in ``store/kernel_<kernel>/`` (under the working
     directory) beside a link to the parent; returns (growth, the capability the subprocess reported)."""
     run_dir = Path(run_dir).resolve()
+    ensure_checkpoint(run_dir, windows[0][1])  # here: remade under other kernels it would not be the run's
     root = Path(f"store/kernel_{kernel}").resolve()
     root.mkdir(parents=True, exist_ok=True)
     link = root / run_dir.name
@@ -143,7 +144,9 @@ def kernel_continuation(run_dir, windows, kernel):
     env = {**os.environ, "ATEN_CPU_CAPABILITY": kernel,
            "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)}
     out = subprocess.run([sys.executable, "-c", code, str(link), str(root), json.dumps(windows)], env=env,
-                         check=True, capture_output=True, text=True)
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"kernel={kernel!r}: the continuation failed: {out.stderr.strip().splitlines()[-1]}")
     g, capability = json.loads(out.stdout.strip().splitlines()[-1])
     return np.array(g), capability
 

@@ -311,6 +311,34 @@ def test_summary_records_the_kernels_instruction_set(tmp_path):
     assert store.read_json(tmp_path / "lowered" / store.SUMMARY)["cpu_capability"] == "DEFAULT"
 
 
+@pytest.mark.skipif(__import__("torch").backends.cpu.get_cpu_capability() == "DEFAULT",
+                    reason="needs kernels above DEFAULT to stand in for another machine with ATEN_CPU_CAPABILITY")
+def test_a_checkpoint_is_not_remade_from_a_run_another_machine_made(tmp_path, capsys):
+    """``whatif --check`` remakes a missing checkpoint by training the run again up to k. A run
+    made on another machine (kernels dispatched to another instruction set; here simulated with
+    ATEN_CPU_CAPABILITY=default) is not repeated bit for bit: the forks would start from another
+    trajectory than the one the prediction reads. The remade losses are compared with the trace."""
+    from experiments.runs.config import run_id
+    from experiments.whatif.check import ensure_checkpoint
+    from tests.test_whatif import TINY
+
+    cfg = RunConfig(**TINY)
+    code = ("import sys; from experiments.runs import RunConfig, loop; "
+            f"loop.run(RunConfig.from_dict({cfg.to_dict()!r}), sys.argv[1])")
+    elsewhere = tmp_path / "elsewhere" / run_id(cfg)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    subprocess.run([sys.executable, "-c", code, str(elsewhere)], env=env, check=True, timeout=300)
+    with pytest.raises(ValueError, match=r"does not repeat the run .*made with cpu_capability=DEFAULT"):
+        ensure_checkpoint(elsewhere, 30)
+    assert not (elsewhere / "checkpoints").exists() or not any((elsewhere / "checkpoints").iterdir())
+    assert exit_code(["whatif", str(elsewhere), "--at", "30", "--lr-factor", "0.5", "--check"]) == 2
+    one_line(capsys.readouterr().err, "optdyn whatif: error:", "does not repeat the run", "step 30")
+    here = tmp_path / "here" / run_id(cfg)
+    loop.run(cfg, here)
+    ensure_checkpoint(here, 30)  # made on this machine: repeated, saved
+    assert (here / "checkpoints" / "step-00000030.pt").exists()
+
+
 def test_summary_records_threads_versions_and_device(tmp_path, capsys):
     import torch
 

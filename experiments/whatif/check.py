@@ -100,16 +100,25 @@ class _Stop(Exception):
 
 def ensure_checkpoint(run_dir, step, *, data_dir=None):
     """Make sure the finished run ``run_dir`` has a checkpoint after ``step`` steps: if it has
-    none, train its config up to ``step`` again and save the state there (on the CPU with the
-    config's ``threads`` this is the run's own state: training is deterministic)."""
+    none, train its config up to ``step`` again and save the state there. That is the run's own
+    state only where training repeats the run bit for bit: on the CPU, the same ``threads`` and
+    the same instruction set of torch's kernels (``cpu_capability``; docs/findings/faults.md).
+    The remade steps' losses are compared with the run's trace; where they differ (a store made
+    on another machine) no checkpoint is saved and a ValueError says so: forks from it would
+    start from another trajectory than the one the prediction reads."""
     if checkpoint.path(run_dir, step).exists():
         return
     parent = store.read_json(Path(run_dir) / store.CONFIG)
     config = RunConfig.from_dict({**parent, "checkpoint_every": int(step)})
     if not 1 <= step <= config.steps:
         raise ValueError(f"step={step} is outside the valid range [1, steps={config.steps}]")
+    trace = store.load_run(run_dir)
+    stored = trace["loss"].values[:step]
 
     def keep(state):
+        remade = state["record"]["losses"].numpy()
+        if not np.array_equal(remade, stored, equal_nan=True):
+            raise ValueError(_not_repeated(run_dir, step, stored, remade, trace.attrs.get("summary", {})))
         state["config"] = RunConfig.from_dict(parent).to_dict()
         checkpoint.save(run_dir, state)
         raise _Stop
@@ -119,6 +128,17 @@ def ensure_checkpoint(run_dir, step, *, data_dir=None):
     except _Stop:
         return
     raise ValueError(f"run_dir={str(run_dir)!r}: the run ended (diverged?) before step {step}")
+
+
+def _not_repeated(run_dir, step, stored, remade, summary):
+    import torch
+
+    first = int(np.flatnonzero(~((stored == remade) | (np.isnan(stored) & np.isnan(remade))))[0])
+    made = f"cpu_capability={summary.get('cpu_capability', 'not recorded')}, threads={summary.get('threads')}"
+    here = f"cpu_capability={torch.backends.cpu.get_cpu_capability()}, threads={torch.get_num_threads()}"
+    return (f"run_dir={str(run_dir)!r}: remaking its checkpoint at step {step} does not repeat the run (its loss "
+            f"first differs at step {first}: {float(stored[first]):.9g} stored, {float(remade[first]):.9g} here; made with {made}, "
+            f"here {here}); make the checkpoints where the run was made (checkpoint_every) or train it again here")
 
 
 def scores(ds):
