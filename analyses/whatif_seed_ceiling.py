@@ -53,8 +53,8 @@ import numpy as np
 
 from analyses import whatif_scores as ws
 from experiments import store
-from experiments.runs.config import RunConfig, run_id
 from experiments.linking.core import run_method
+from experiments.runs.config import RunConfig, run_id
 from experiments.runs.loop import run, versions
 from experiments.sweeps import SPECS_DIR, expand, load_spec
 from experiments.whatif.check import check, ensure_checkpoint
