@@ -37,6 +37,7 @@ Results per run and pooled over runs (layer-weighted) in ``results/whatif_seed_c
     .venv/bin/python -m analyses whatif_seed_ceiling --kernels    # adds the kernel replicates (~40 s a run)
     .venv/bin/python -m analyses whatif_seed_ceiling              # then writes them into the results
     .venv/bin/python -m analyses whatif_seed_ceiling seed_decay_growth_eval3   # one entry (names: SEED_SPECS)
+    .venv/bin/python -m analyses whatif_seed_ceiling --stored     # stored predictions vs the replicates
 
 Each run's result is kept in ``store/seed_ceiling/`` (atomic, one file a run): a killed
 command resumes, and two commands over disjoint entries can run at once; the results file is
@@ -208,10 +209,42 @@ def add_climatology(entries, held_out=ws.HELD_OUT):
             e["climatology_on_the_run"] = against(pred, e["data"]["growth"][:1])
 
 
+def stored_predictions(ceilings, scores, name="bulk_trend_blend_small_loss"):
+    """Per run (list), the fraction right against the data-order replicates of ``ceilings``
+    (this module's results) of: the predictor ``name``'s growth stored in ``scores``
+    (``results/whatif_scores.json``'s seed entries; the former default by default), the predictor in
+    use (``model``), and two rough diagnostics with the *measured* sharpness rise s (probes
+    1500–1900 over 1000–1400, per layer) in place of the forecast ŝ, by the NQM's |g| ∝ √λ at a
+    fixed lr and noise: ``name``'s growth × √(s/ŝ), and √s alone."""
+    runs = {e["run"]: e for entries in ceilings["entries"].values() for e in entries}
+    out = []
+    for key, entry in scores.items():
+        if not key.startswith("seed_decay_growth"):
+            continue
+        for x in [entry] if "run" in entry else [v for v in entry.values() if isinstance(v, dict) and "run" in v]:
+            reps = runs[x["run"]]["data"]["growth"]
+            pred, rise = np.array(x[name]["predicted_growth"]), np.array(x["measured_sharpness_rise"])
+            out.append({"run": x["run"], "entry": key, name: against(pred, reps)["right"],
+                        "model": runs[x["run"]]["data"]["model"]["right"],
+                        "measured_rise_scaled": against(pred * np.sqrt(rise / x[name]["predicted_sharpness_rise"]),
+                                                        reps)["right"],
+                        "measured_rise_alone": against(np.sqrt(rise), reps)["right"]})
+    return out
+
+
 def main(argv=()):
     import torch
 
     argv = list(argv)
+    if argv == ["--stored"]:
+        rows = stored_predictions(store.read_json(OUT), store.read_json(ws.OUT))
+        for k in [k for k in rows[0] if k not in ("run", "entry")]:
+            d = np.array([r[k] for r in rows])
+            print(f"{k:<32} right {d.mean():.3f} over {d.size} runs")
+        d = np.array([r["model"] - r["bulk_trend_blend_small_loss"] for r in rows])
+        print(f"model − bulk_trend_blend_small_loss per run: {d.mean():+.3f} (SE {d.std(ddof=1) / np.sqrt(d.size):.3f}; "
+              f"better on {(d > 0).sum()}, worse on {(d < 0).sum()})")
+        return 0
     kernels = "--kernels" in argv
     names = [a for a in argv if a != "--kernels"] or list(ws.SEED_SPECS)
     entries = {name: [(c, CACHE / f"{run_id(c)}{'_k' if kernels else ''}.json") for c in seed_configs(name)]

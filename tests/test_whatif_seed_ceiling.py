@@ -96,3 +96,16 @@ def test_the_climatology_leaves_out_the_entry_and_the_held_out_ones():
     assert entries["held"][0]["climatology_growth"] == pytest.approx((1.3 * 1.5 * 0.8) ** (1 / 3))  # development only
     assert entries["dev2"][1]["data"]["climatology"] == {"sign": 0.0, "within": 0.0, "right": 0.0}  # 1.3 vs 0.8
     assert entries["dev1"][0]["data"]["climatology"] == {"sign": 1.0, "within": 1.0, "right": 1.0}
+
+
+def test_stored_predictions_scores_the_stored_growth_and_the_measured_rise_against_the_replicates():
+    ceilings = {"entries": {"seed_decay_growth": [
+        {"run": "r0", "data": {"growth": [[1.3, 0.8], [1.2, 0.9]], "model": {"right": 0.25}}}]}}
+    scores = {"seed_decay_growth": {"run": "r0", "measured_sharpness_rise": [1.69, 0.81],
+                                    "former": {"predicted_growth": [0.9, 0.9], "predicted_sharpness_rise": 1.0}},
+              "development": {"pooled": {}}}
+    (row,) = sc.stored_predictions(ceilings, scores, name="former")
+    assert row["run"] == "r0" and row["model"] == 0.25
+    assert row["former"] == 0.5  # 0.9 is right on the falling layer only, in both replicates
+    # × √(s/ŝ) = 1.3 and 0.9: right on both layers of both replicates; √s alone the same here
+    assert row["measured_rise_scaled"] == 1.0 and row["measured_rise_alone"] == 1.0
