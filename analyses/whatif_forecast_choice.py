@@ -60,7 +60,10 @@ Result (run after the candidates and the rule were committed, on a store regener
 S (mean of the two data orders) 0.697 for the default, 0.708 ``bulk_mix_held``, 0.709
 ``bulk_mix_power``, 0.713 ``bulk_mix_power_held``; family test mean d (SE) +0.012 (0.005), +0.012
 (0.003), +0.017 (0.006): all three pass; ``bulk_mix_power_held`` has the largest mean d and becomes
-the predictor in use (``results/whatif_forecast_choice.json``).
+the predictor in use (``results/whatif_forecast_choice.json``). That store was made on a machine
+whose kernels give other trajectories than the stores of every other round: on this project's
+usual machine the difference is +0.013 (SE 0.007) over 15 of the 19 groups, order 0
+(``analyses/whatif_machines.py``; docs/findings/whatif.md, "Seventeenth round").
 
 The fifteenth round's choice (the two-part rule with the small-loss regime's paired test on eval8,
 eval12, eval16 and eval17; ``bulk_trend_blend_small_loss`` replaced ``bulk_loss_level``) is in

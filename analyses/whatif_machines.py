@@ -33,10 +33,8 @@ FORMER, IN_USE = "bulk_trend_blend_small_loss", "bulk_mix_power_held"
 
 def group_scores(group):
     """{FORMER, IN_USE: pooled scores} of ``group``'s checks on this machine's store, order 0."""
-    parts = [ws.check_variants(run_dir, at, changes, n_windows=2,
-                               variants={FORMER: BASES["bulk-trend-blend"], IN_USE: PREDICTOR})[1]
-             for run_dir, at, changes in ws.setting_checks(*ws.GROUPS[group]).values()]
-    return {name: {k: ws._weighted([p[name] for p in parts], k) for k in ws.KEYS} for name in (FORMER, IN_USE)}
+    _, pooled = ws.score_setting(*ws.GROUPS[group], variants={FORMER: BASES["bulk-trend-blend"], IN_USE: PREDICTOR})
+    return {name: pooled[name] for name in (FORMER, IN_USE)}
 
 
 def compare(here, stored):

@@ -161,10 +161,10 @@ def changes_for(config):
     return changes_from(lr_factors=[0.5, 2.0], decays=[0.1], momenta=[other_momentum], methods=[other_method])
 
 
-def pooled(parts):
+def pooled(parts, names=NAMES):
     """Scores over all points of several checks: ``parts`` is a list of {name: scores} (one
     per check), the windows after the change pooled (weighted by each check's counts)."""
-    return {name: {k: _weighted([p[name] for p in parts], k) for k in KEYS} for name in NAMES}
+    return {name: {k: _weighted([p[name] for p in parts], k) for k in KEYS} for name in names}
 
 
 def check_variants(run_dir, at, changes, n_windows, variants=None):
@@ -247,13 +247,16 @@ def checks(groups=None):
     return {g: setting_checks(*GROUPS[g]) for g in (default_groups() if groups is None else groups)}
 
 
-def score_setting(spec_name, steps):
+def score_setting(spec_name, steps, variants=None):
+    """Per check and pooled, the scores of ``variants`` (default :data:`VARIANTS`) and of the two
+    baselines on a spec's checks (:func:`setting_checks`)."""
+    names = NAMES if variants is None else (*variants, "persistence", "trend")
     result, parts = {}, []
     for key, (run_dir, at, changes) in setting_checks(spec_name, steps).items():
-        _, sc = check_variants(run_dir, at, changes, n_windows=2)
+        _, sc = check_variants(run_dir, at, changes, n_windows=2, variants=variants)
         parts.append(sc)
-        result[key] = {name: {k: sc[name][k] for k in KEYS} for name in NAMES}
-    return result, pooled(parts)
+        result[key] = {name: {k: sc[name][k] for k in KEYS} for name in names}
+    return result, pooled(parts, names)
 
 
 def seed_config():

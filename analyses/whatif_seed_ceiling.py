@@ -39,8 +39,8 @@ Results per run and pooled over runs (layer-weighted) in ``results/whatif_seed_c
     .venv/bin/python -m analyses whatif_seed_ceiling seed_decay_growth_eval3   # one entry (names: SEED_SPECS)
     .venv/bin/python -m analyses whatif_seed_ceiling --stored     # stored predictions vs the replicates
 
-Each run's result is kept in ``store/seed_ceiling/`` (atomic, one file a run): a killed
-command resumes, and two commands over disjoint entries can run at once; the results file is
+Each run's parts are kept in ``store/seed_ceiling/`` (atomic; ``RUN_ID.json`` the data orders and
+the predictions, ``RUN_ID_k.json`` the instruction sets, made from the first): a killed command resumes, and two commands over disjoint entries can run at once; the results file is
 written from those files by the command that finds them all.
 """
 
@@ -55,6 +55,7 @@ import numpy as np
 from analyses import whatif_scores as ws
 from experiments import store
 from experiments.linking.core import run_method
+from experiments.linking.measure import default_window
 from experiments.runs.config import RunConfig, run_id
 from experiments.runs.loop import run, versions
 from experiments.sweeps import SPECS_DIR, expand, load_spec
@@ -152,32 +153,42 @@ def kernel_continuation(run_dir, windows, kernel):
     return np.array(g), capability
 
 
-def seed_run_ceiling(config, kernels=False):
-    """The ceilings of one seed-setting run (module docstring), a dict."""
+def seed_run_ceiling(config):
+    """The data-order part of one seed-setting run's ceilings (module docstring), a dict."""
     run_dir = ws.ROOT / run_id(config)
     run(config, run_dir)
     ds = check(run_dir, AT, [SCHEDULED], n_windows=N_WINDOWS, predictor=PREDICTOR)
-    windows = window_bounds(AT, ds.attrs["window"], N_WINDOWS)
     x = ds.isel(change=0)
     meas0 = growth(x.meas_grad_norm.values)
-    data = [meas0] + [continuation(run_dir, ws.ROOT, windows, s) for s in DATA_SEEDS]
+    data = [meas0] + [continuation(run_dir, ws.ROOT, run_windows(run_dir), s) for s in DATA_SEEDS]
     pred, trend = growth(x.pred_grad_norm.values), growth(x.trend_grad_norm.values)
-    out = {"run": run_id(config), "layers": [str(v) for v in ds.layer.values],
-           "data": {"growth": np.array(data).tolist(), "spread": (np.max(data, 0) / np.min(data, 0)).tolist(),
-                    **ceiling(data), "model": against(pred, data), "trend": against(trend, data)},
-           "model_growth": pred.tolist(), "trend_growth": trend.tolist(),
-           "model_on_the_run": against(pred, [meas0]), "trend_on_the_run": against(trend, [meas0])}
-    if kernels:
-        native = continuation(run_dir, ws.ROOT, windows)
-        if not np.array_equal(native, meas0):
-            raise RuntimeError(f"run {run_dir.name}: its continuation from {AT} on this machine's kernels is not "
-                               "bit-identical to the run (store made on another machine?)")
-        reps = [(native, "native")] + [kernel_continuation(run_dir, windows, k) for k in KERNELS]
-        g = np.array([r for r, _ in reps])
-        out["kernels"] = {"capabilities": [c for _, c in reps], "growth": g.tolist(),
-                          "spread": (g.max(0) / g.min(0)).tolist(), **ceiling(g),
-                          "model": against(pred, g), "trend": against(trend, g)}
-    return out
+    return {"run": run_id(config), "layers": [str(v) for v in ds.layer.values],
+            "data": {"growth": np.array(data).tolist(), "spread": (np.max(data, 0) / np.min(data, 0)).tolist(),
+                     **ceiling(data), "model": against(pred, data), "trend": against(trend, data)},
+            "model_growth": pred.tolist(), "trend_growth": trend.tolist(),
+            "model_on_the_run": against(pred, [meas0]), "trend_on_the_run": against(trend, [meas0])}
+
+
+def run_windows(run_dir):
+    """The target's windows of the run at ``run_dir``: the what-if default (the probe spacing)."""
+    return window_bounds(AT, default_window(store.load_run(run_dir)["probe_step"].values), N_WINDOWS)
+
+
+def kernel_ceiling(entry):
+    """The instruction-set part of a run's ceilings from its :func:`seed_run_ceiling` ``entry``
+    (the run, its measured growth and the two predictions): the native continuation (checked
+    bit-identical to the run) and one per :data:`KERNELS`."""
+    run_dir = ws.ROOT / entry["run"]
+    windows = run_windows(run_dir)
+    native = continuation(run_dir, ws.ROOT, windows)
+    if not np.array_equal(native, entry["data"]["growth"][0]):
+        raise RuntimeError(f"run {run_dir.name}: its continuation from {AT} on this machine's kernels is not "
+                           "bit-identical to the run (store made on another machine?)")
+    reps = [(native, "native")] + [kernel_continuation(run_dir, windows, k) for k in KERNELS]
+    g = np.array([r for r, _ in reps])
+    pred, trend = np.array(entry["model_growth"]), np.array(entry["trend_growth"])
+    return {"capabilities": [c for _, c in reps], "growth": g.tolist(), "spread": (g.max(0) / g.min(0)).tolist(),
+            **ceiling(g), "model": against(pred, g), "trend": against(trend, g)}
 
 
 def pooled(entries, part):
@@ -253,8 +264,11 @@ def main(argv=()):
     CACHE.mkdir(parents=True, exist_ok=True)
     for name, items in entries.items():
         for config, path in items:
-            if not path.exists():
-                store.atomic_write_json(path, seed_run_ceiling(config, kernels=kernels))
+            data = path.with_name(f"{run_id(config)}.json")
+            if not data.exists():
+                store.atomic_write_json(data, seed_run_ceiling(config))
+            if kernels and not path.exists():
+                store.atomic_write_json(path, {"kernels": kernel_ceiling(store.read_json(data))})
             print(name, run_id(config), "done", flush=True)
     every = {name: [(c, CACHE / f"{run_id(c)}.json") for c in seed_configs(name)] for name in ws.SEED_SPECS}
     if kernels or not all(p.exists() for items in every.values() for _, p in items):

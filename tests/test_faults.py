@@ -296,6 +296,16 @@ def test_changed_data_files_are_not_returned_as_the_finished_run(tmp_path, capsy
     one_line(capsys.readouterr().err, "optdyn sweep: error:", "other data files")
 
 
+def run_on_lowered_kernels(config, out_dir):
+    """Train the config dict ``config`` into ``out_dir`` in a subprocess whose torch kernels have
+    no vector instructions (``ATEN_CPU_CAPABILITY=default``): another machine, as far as the
+    round-off goes."""
+    code = ("import sys; from experiments.runs import RunConfig, loop; "
+            f"loop.run(RunConfig.from_dict({config!r}), sys.argv[1])")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    subprocess.run([sys.executable, "-c", code, str(out_dir)], env=env, check=True, timeout=300)
+
+
 def test_summary_records_the_kernels_instruction_set(tmp_path):
     """The same config on another machine can dispatch torch's CPU kernels to another
     instruction set, which changes a long run's trajectory (docs/findings/faults.md): the
@@ -304,10 +314,7 @@ def test_summary_records_the_kernels_instruction_set(tmp_path):
 
     native = loop.run(RunConfig.from_dict(TINY), tmp_path / "native")
     assert native["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    code = ("import sys; from experiments.runs import RunConfig, loop; "
-            f"loop.run(RunConfig.from_dict({TINY!r}), sys.argv[1])")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "lowered")], env=env, check=True, timeout=120)
+    run_on_lowered_kernels(TINY, tmp_path / "lowered")
     assert store.read_json(tmp_path / "lowered" / store.SUMMARY)["cpu_capability"] == "DEFAULT"
 
 
@@ -323,11 +330,8 @@ def test_a_checkpoint_is_not_remade_from_a_run_another_machine_made(tmp_path, ca
     from tests.test_whatif import TINY
 
     cfg = RunConfig(**TINY)
-    code = ("import sys; from experiments.runs import RunConfig, loop; "
-            f"loop.run(RunConfig.from_dict({cfg.to_dict()!r}), sys.argv[1])")
     elsewhere = tmp_path / "elsewhere" / run_id(cfg)
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
-    subprocess.run([sys.executable, "-c", code, str(elsewhere)], env=env, check=True, timeout=300)
+    run_on_lowered_kernels(cfg.to_dict(), elsewhere)
     with pytest.raises(ValueError, match=r"does not repeat the run .*made with cpu_capability=DEFAULT"):
         ensure_checkpoint(elsewhere, 30)
     assert not (elsewhere / "checkpoints").exists() or not any((elsewhere / "checkpoints").iterdir())

@@ -117,8 +117,10 @@ def ensure_checkpoint(run_dir, step, *, data_dir=None):
 
     def keep(state):
         remade = state["record"]["losses"].numpy()
-        if not np.array_equal(remade, stored, equal_nan=True):
-            raise ValueError(_not_repeated(run_dir, step, stored, remade, trace.attrs.get("summary", {})))
+        differ = ~((remade == stored) | (np.isnan(remade) & np.isnan(stored)))
+        if differ.any():
+            raise ValueError(_not_repeated(run_dir, step, int(np.argmax(differ)), stored, remade,
+                                           trace.attrs.get("summary", {})))
         state["config"] = RunConfig.from_dict(parent).to_dict()
         checkpoint.save(run_dir, state)
         raise _Stop
@@ -130,10 +132,9 @@ def ensure_checkpoint(run_dir, step, *, data_dir=None):
     raise ValueError(f"run_dir={str(run_dir)!r}: the run ended (diverged?) before step {step}")
 
 
-def _not_repeated(run_dir, step, stored, remade, summary):
+def _not_repeated(run_dir, step, first, stored, remade, summary):
     import torch
 
-    first = int(np.flatnonzero(~((stored == remade) | (np.isnan(stored) & np.isnan(remade))))[0])
     made = f"cpu_capability={summary.get('cpu_capability', 'not recorded')}, threads={summary.get('threads')}"
     here = f"cpu_capability={torch.backends.cpu.get_cpu_capability()}, threads={torch.get_num_threads()}"
     return (f"run_dir={str(run_dir)!r}: remaking its checkpoint at step {step} does not repeat the run (its loss "
